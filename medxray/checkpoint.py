@@ -1,0 +1,147 @@
+"""medxray checkpoints: a plain state dict plus JSON-able metadata, written atomically.
+
+Layout of a checkpoint file (a ``torch.save`` of a dict, loadable with ``weights_only=True``)::
+
+    {"format": "medxray-checkpoint/1",
+     "state_dict": {...model tensors...},
+     "metadata": {"architecture": "densenet121", "num_classes": 14, "in_chans": 3,
+                  "label_names": [...], "preprocessing": {...}, "thresholds": {...},
+                  "metrics": {...}, "versions": {...}, ...}}
+
+Training-state checkpoints (optimizer, scheduler, RNG) may add more top-level keys; readers that
+only need the model use :func:`load_checkpoint` and ignore them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from medxray.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "medxray-checkpoint/1"
+
+
+def safe_torch_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with one clear error for each way it can fail."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{what} {p} does not exist (check the path)")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses arbitrary Python objects: we never run code from a checkpoint.
+        raise CheckpointError(
+            f"{what} {p} holds Python objects that cannot be loaded safely (weights_only=True): "
+            f"{str(exc).splitlines()[0][:200]}. Re-save it as a plain state dict "
+            f"(torch.save(model.state_dict(), path))"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{what} {p} is not a readable PyTorch file (corrupt or truncated?): {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded medxray checkpoint: model weights, metadata and any extra top-level entries."""
+
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.metadata.get("label_names", []))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` to ``path`` through a temp file + rename, so a kill never leaves half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any],
+    **extra: Any,
+) -> Path:
+    """Save model weights + metadata (+ optional training state) atomically."""
+    for key in ("architecture", "label_names", "preprocessing"):
+        if key not in metadata:
+            raise ValueError(f"checkpoint metadata needs {key!r}")
+    obj = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+           "metadata": dict(metadata)}
+    obj.update(extra)
+    return atomic_torch_save(obj, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a medxray checkpoint (weights_only), or raise a :class:`CheckpointError` saying why not."""
+    obj = safe_torch_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        hint = ""
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            hint = " It looks like a bare state dict: use it as --pretrained PATH to initialise a model instead."
+        raise CheckpointError(f"{path} is not a medxray checkpoint (written by `medxray finetune`).{hint}")
+    meta = obj.get("metadata")
+    sd = obj.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(sd, dict):
+        raise CheckpointError(f"{path} is a damaged medxray checkpoint (no metadata or state_dict)")
+    extra = {k: v for k, v in obj.items() if k not in ("format", "state_dict", "metadata")}
+    return Checkpoint(state_dict=sd, metadata=meta, extra=extra)
+
+
+def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> torch.nn.Module:
+    """Build the checkpoint's architecture, load its weights strictly, return it in eval mode."""
+    from medxray.models import create_model
+
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt)
+    meta = ckpt.metadata
+    arch = meta.get("architecture")
+    try:
+        model = create_model(
+            arch, num_classes=int(meta.get("num_classes", len(ckpt.label_names))),
+            in_chans=int(meta.get("in_chans", 3)),
+        )
+    except Exception as exc:  # unknown architecture name etc.
+        raise CheckpointError(f"checkpoint names architecture {arch!r} which cannot be built: {exc}") from None
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:3]
+        raise CheckpointError(
+            f"checkpoint weights do not fit architecture {arch!r} ({'; '.join(first)[:300]})"
+        ) from None
+    return model.eval()
+
+
+def update_metadata(path: str | os.PathLike, updates: Mapping[str, Any]) -> Checkpoint:
+    """Merge ``updates`` into a checkpoint's metadata and rewrite it atomically (e.g. thresholds)."""
+    ckpt = load_checkpoint(path)
+    ckpt.metadata.update(updates)
+    save_checkpoint(path, ckpt.state_dict, ckpt.metadata, **ckpt.extra)
+    return ckpt

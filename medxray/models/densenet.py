@@ -1,0 +1,197 @@
+"""DenseNet and DenseNet-BC (Huang et al., "Densely Connected Convolutional Networks", CVPR 2017).
+
+Written for this project, with torchvision's module names kept exactly (``features.conv0``,
+``features.denseblock1.denselayer1.norm1``, ``features.transition1.conv``, ``features.norm5``,
+``classifier``) so ImageNet checkpoints load key for key.
+
+Pieces, in the paper's terms:
+
+* composite function H = BN-ReLU-Conv;
+* bottleneck (the "B" in BC): BN-ReLU-1x1 conv to ``bn_size * k`` channels before each 3x3 conv;
+* transition: BN-ReLU-1x1 conv to ``floor(theta * m)`` channels, then 2x2 average pooling
+  (compression theta, the "C" in BC; theta = 1 for plain DenseNet);
+* ImageNet stem: 7x7/2 conv to ``num_init_features``, BN, ReLU, 3x3/2 max pool;
+  CIFAR stem: one 3x3 conv to 16 channels (2k for BC), three equal dense blocks.
+
+Memory-efficient mode recomputes the concat-BN-ReLU-1x1 part in the backward pass
+(``torch.utils.checkpoint``, non-reentrant), so the concatenations are never stored; outputs and
+gradients equal the plain mode's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from medxray.errors import InputShapeError
+
+
+class DenseLayer(nn.Module):
+    """One layer of a dense block: (bottleneck) + 3x3 conv producing ``growth_rate`` maps."""
+
+    def __init__(
+        self, in_channels: int, growth_rate: int, bn_size: int, bottleneck: bool, drop_rate: float,
+        memory_efficient: bool,
+    ) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+        if bottleneck:
+            inter = bn_size * growth_rate
+            self.norm1 = nn.BatchNorm2d(in_channels)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv1 = nn.Conv2d(in_channels, inter, kernel_size=1, stride=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(inter)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(inter, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            # Plain DenseNet layer: H = BN-ReLU-3x3 conv straight from the concatenation.
+            self.norm1 = nn.BatchNorm2d(in_channels)
+            self.relu1 = nn.ReLU(inplace=True)
+            self.conv1 = nn.Conv2d(in_channels, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else x
+
+    def _first(self, *inputs: Tensor) -> Tensor:
+        """concat -> BN -> ReLU -> first conv: the part memory-efficient mode recomputes."""
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        return self._dropout(self.conv1(self.relu1(self.norm1(x))))
+
+    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
+        if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
+            out = checkpoint(self._first, *inputs, use_reentrant=False)
+        else:
+            out = self._first(*inputs)
+        if self.bottleneck:
+            out = self._dropout(self.conv2(self.relu2(self.norm2(out))))
+        return out
+
+
+class DenseBlock(nn.Module):
+    """``num_layers`` dense layers, each seeing the concatenation of all earlier maps."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int, bottleneck: bool,
+                 drop_rate: float, memory_efficient: bool) -> None:
+        super().__init__()
+        self.memory_efficient = memory_efficient
+        for i in range(num_layers):
+            self.add_module(
+                f"denselayer{i + 1}",
+                DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, bottleneck, drop_rate,
+                           memory_efficient),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient:
+            # Keep the pieces separately (O(L) storage); each layer concatenates inside its
+            # checkpointed function, so no concatenation is kept for the backward pass.
+            feats = [x]
+            for layer in self.children():
+                feats.append(layer(feats))
+            return torch.cat(feats, 1)
+        # Running concatenation: one cat per layer, and the block's output is already built.
+        for layer in self.children():
+            x = torch.cat([x, layer([x])], 1)
+        return x
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-1x1 conv (compression) then 2x2 average pooling between dense blocks."""
+
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, bias=False)
+        if drop_rate > 0:
+            self.drop = nn.Dropout(drop_rate)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+class DenseNet(nn.Module):
+    """DenseNet / DenseNet-BC with an ImageNet or a CIFAR stem.
+
+    Use :func:`medxray.models.create_model` rather than building this directly.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int,
+        block_config: Sequence[int],
+        num_init_features: int,
+        *,
+        stem: str = "imagenet",
+        bottleneck: bool = True,
+        compression: float = 0.5,
+        bn_size: int = 4,
+        drop_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < compression <= 1.0:
+            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        features = nn.Sequential()
+        if stem == "imagenet":
+            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 7, stride=2, padding=3, bias=False))
+            features.add_module("norm0", nn.BatchNorm2d(num_init_features))
+            features.add_module("relu0", nn.ReLU(inplace=True))
+            features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        elif stem == "cifar":
+            # The paper's CIFAR nets go straight into the first block (which starts with BN-ReLU).
+            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 3, stride=1, padding=1, bias=False))
+        else:
+            raise ValueError(f"unknown stem {stem!r}")
+
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            features.add_module(
+                f"denseblock{i + 1}",
+                DenseBlock(num_layers, channels, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient),
+            )
+            channels += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                out = int(math.floor(compression * channels))
+                features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
+                channels = out
+        features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.features = features
+        self.num_features = channels
+        self.classifier = nn.Linear(channels, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He init for convs, identity BN, zero bias: the initialisation torchvision uses.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Last feature map after norm5 + ReLU, shape (N, num_features, h, w): the CAM input."""
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise InputShapeError(
+                f"model expects input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"
+            )
+        return F.relu(self.features(x))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Global average pool + linear head on a feature map from :meth:`forward_features`."""
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
