@@ -228,6 +228,9 @@ def test_memory_efficient_same_outputs_and_gradients(name):
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # the backward recomputation must not update BatchNorm running statistics a second time
+    for (ka, a), (kb, b) in zip(plain.state_dict().items(), eff.state_dict().items()):
+        assert ka == kb and torch.allclose(a.float(), b.float(), atol=1e-6), ka
 
 
 def test_memory_efficient_saves_less_for_backward():

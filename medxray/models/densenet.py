@@ -13,9 +13,9 @@ Pieces, in the paper's terms:
 * ImageNet stem: 7x7/2 conv to ``num_init_features``, BN, ReLU, 3x3/2 max pool;
   CIFAR stem: one 3x3 conv to 16 channels (2k for BC), three equal dense blocks.
 
-Memory-efficient mode recomputes the concat-BN-ReLU-1x1 part in the backward pass
-(``torch.utils.checkpoint``, non-reentrant), so the concatenations are never stored; outputs and
-gradients equal the plain mode's.
+Memory-efficient mode recomputes the concat-BN-ReLU-1x1(-BN-ReLU) part in the backward pass
+(``torch.utils.checkpoint``, non-reentrant), so the concatenations are never stored; outputs,
+gradients and BatchNorm running statistics equal the plain mode's.
 """
 
 from __future__ import annotations
@@ -59,18 +59,40 @@ class DenseLayer(nn.Module):
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else x
 
-    def _first(self, *inputs: Tensor) -> Tensor:
-        """concat -> BN -> ReLU -> first conv: the part memory-efficient mode recomputes."""
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        return self._dropout(self.conv1(self.relu1(self.norm1(x))))
+    def _bn(self, norm: nn.BatchNorm2d, x: Tensor, recompute: bool) -> Tensor:
+        """BatchNorm; a checkpoint recomputation normalises alike but must not count the batch twice."""
+        if not recompute:
+            return norm(x)
+        # Same op as the first pass (so checkpoint sees the same saved tensors), with momentum 0
+        # so the running statistics stay as the first pass left them.
+        return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, 0.0, norm.eps)
+
+    def _bottleneck(self, inputs: Sequence[Tensor], recompute: bool = False) -> Tensor:
+        """concat -> BN -> ReLU -> conv1 (-> BN -> ReLU for bottleneck layers).
+
+        This is the part memory-efficient mode recomputes in the backward pass; for bottleneck
+        layers it ends at the 3x3 conv's input, so neither the concatenation nor the 4k-channel
+        BN input is kept.
+        """
+        x = inputs[0] if len(inputs) == 1 else torch.cat(list(inputs), 1)
+        out = self._dropout(self.conv1(self.relu1(self._bn(self.norm1, x, recompute))))
+        if self.bottleneck:
+            out = self.relu2(self._bn(self.norm2, out, recompute))
+        return out
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
-            out = checkpoint(self._first, *inputs, use_reentrant=False)
+            calls = []
+
+            def run(*ins: Tensor) -> Tensor:
+                calls.append(None)  # the first call is the forward pass, later ones recompute
+                return self._bottleneck(ins, recompute=len(calls) > 1)
+
+            out = checkpoint(run, *inputs, use_reentrant=False)
         else:
-            out = self._first(*inputs)
+            out = self._bottleneck(inputs)
         if self.bottleneck:
-            out = self._dropout(self.conv2(self.relu2(self.norm2(out))))
+            out = self._dropout(self.conv2(out))
         return out
 
 
