@@ -19,12 +19,9 @@ from monai.data import PILReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
-    EnsureTyped,
     LoadImaged,
     MapTransform,
-    NormalizeIntensityd,
-    RepeatChanneld,
-    Resized,
+    RandomizableTransform,
 )
 
 # Grayscale scaled to [0, 1] by the stored bit depth (0 = black, i.e. air is dark, after any
@@ -91,20 +88,203 @@ def deterministic_transforms(
         head.append(
             LoadImaged(keys, reader=PILReader(reverse_indexing=False, converter=_to_gray), dtype=None, image_only=True)
         )
-    head += [
+    head += scale_resize_transforms(image_size, keys=keys)
+    head.append(ReplicateNormalized(keys))
+    return head
+
+
+def _plain_float(img: Any) -> torch.Tensor:
+    """A plain (non-MetaTensor) float32 torch tensor view of ``img``."""
+    if isinstance(img, torch.Tensor):
+        return img.as_subclass(torch.Tensor).float()
+    return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+
+
+class AreaResized(MapTransform):
+    """Area (box-filter) resize of a (C, H, W) image to (C, S, S).
+
+    The numbers are those of MONAI's ``Resized(mode="area")``: both call
+    ``torch.nn.functional.interpolate(mode="area")``, and a test checks they are equal. This
+    version skips MONAI's metadata bookkeeping, which costs more than the resize itself for
+    small images read from the preprocessing cache.
+    """
+
+    def __init__(self, keys: Sequence[str], spatial_size: int) -> None:
+        super().__init__(keys)
+        self.size = (int(spatial_size), int(spatial_size))
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = _plain_float(d[key])
+            if tuple(img.shape[1:]) != self.size:
+                img = torch.nn.functional.interpolate(img[None], size=self.size, mode="area")[0]
+            d[key] = img
+        return d
+
+
+class ReplicateNormalized(MapTransform):
+    """(1, H, W) gray in [0, 1] -> (3, H, W) float32 tensor normalised with the ImageNet statistics.
+
+    The result is that of ``RepeatChanneld(3)``, then ``NormalizeIntensityd(channel_wise=True)``
+    with IMAGENET_MEAN/STD, then ``EnsureTyped(float32)``, computed in one broadcast.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys)
+        self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = _plain_float(d[key])
+            if img.ndim != 3 or img.shape[0] != 1:
+                from medxray.errors import InputShapeError
+
+                raise InputShapeError(f"expected a (1, H, W) gray image before normalisation, got {tuple(img.shape)}")
+            d[key] = (img.expand(3, -1, -1) - self.mean) / self.std
+        return d
+
+
+def scale_resize_transforms(image_size: int, *, keys: Sequence[str] = ("image",)) -> list:
+    """The part of the deterministic list that the preprocessing cache stores.
+
+    2-D array -> (1, S, S) float in [0, 1]: channel first, scale by bit depth, area resize.
+    :mod:`medxray.data.cache` quantises its output to uint8, so that cached pixels equal
+    decode + resize by construction.
+    """
+    keys = list(keys)
+    return [
         EnsureChannelFirstd(keys, channel_dim="no_channel"),
         ScaleByBitDepthd(keys),
-        Resized(keys, spatial_size=(image_size, image_size), mode="area"),
-        RepeatChanneld(keys, repeats=3),
-        NormalizeIntensityd(
-            keys,
-            subtrahend=np.asarray(IMAGENET_MEAN, dtype=np.float32),
-            divisor=np.asarray(IMAGENET_STD, dtype=np.float32),
-            channel_wise=True,
-        ),
-        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
+        AreaResized(keys, image_size),
     ]
-    return head
+
+
+def train_transforms(
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    *,
+    from_file: bool = True,
+    keys: Sequence[str] = ("image",),
+    rotate_deg: float = 7.0,
+    scale: float = 0.10,
+    translate: float = 0.05,
+    hflip: bool = True,
+    brightness: float = 0.10,
+    contrast: float = 0.10,
+    prob: float = 0.5,
+) -> list:
+    """The deterministic list followed by the random transforms that training alone uses.
+
+    The defaults are deliberately mild, because a radiograph has a fixed orientation:
+    - a small rotation (``rotate_deg``), scale (``scale``) and translation (``translate``, as a
+      fraction of the side), resampled with border padding so no black wedges appear;
+    - a horizontal flip with probability 0.5 when ``hflip`` is set (CheXNet's only augmentation).
+      Pass ``hflip=False`` to keep laterality;
+    - brightness (an added offset) and contrast (a multiplicative factor), each up to the given
+      fraction. They are applied to the normalised tensor, so they act around the ImageNet mean.
+
+    Each random transform is applied with probability ``prob``. Set an argument to 0 (or
+    ``hflip=False``) to drop that transform. The list's random state is seeded by its user
+    (``Compose.set_random_state``). Nothing here touches the global RNG.
+    """
+    keys = list(keys)
+    out = deterministic_transforms(image_size, from_file=from_file, keys=keys)
+    if rotate_deg or scale or translate:
+        out.append(RandSmallAffined(keys, prob=prob, rotate_deg=rotate_deg, scale=scale, translate=translate))
+    if hflip:
+        out.append(RandHFlipd(keys, prob=0.5))
+    if contrast or brightness:
+        out.append(RandContrastBrightnessd(keys, prob=prob, contrast=contrast, brightness=brightness))
+    return out
+
+
+class RandSmallAffined(RandomizableTransform, MapTransform):
+    """Random rotation about the centre, isotropic zoom and shift, on (C, H, W) tensors.
+
+    With probability ``prob``: angle ~ U(-rotate_deg, rotate_deg), zoom ~ 1 + U(-scale, scale),
+    shift ~ U(-translate, translate) of the side on each axis, bilinear, border padding. This is
+    the subset of MONAI's ``RandAffined`` that training uses. It goes straight to
+    ``affine_grid``/``grid_sample``, which is about 3x cheaper per image than the general
+    transform; that matters once images come from the preprocessing cache. The random state is
+    the transform's own (``set_random_state``), as for every MONAI randomizable transform.
+    """
+
+    def __init__(self, keys: Sequence[str], *, prob: float = 0.5, rotate_deg: float = 7.0, scale: float = 0.1,
+                 translate: float = 0.05) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.rotate = float(np.deg2rad(rotate_deg))
+        self.scale = float(scale)
+        self.translate = float(translate)
+        self._theta = torch.eye(2, 3)
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        a = self.R.uniform(-self.rotate, self.rotate)
+        z = 1.0 + self.R.uniform(-self.scale, self.scale)
+        tx, ty = self.R.uniform(-self.translate, self.translate, size=2) * 2.0  # [-1, 1] grid units
+        c, s = np.cos(a) / z, np.sin(a) / z
+        self._theta = torch.tensor([[c, -s, tx], [s, c, ty]], dtype=torch.float32)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            img = _plain_float(d[key])
+            grid = torch.nn.functional.affine_grid(self._theta[None], [1, *img.shape], align_corners=False)
+            d[key] = torch.nn.functional.grid_sample(img[None], grid, mode="bilinear", padding_mode="border",
+                                                     align_corners=False)[0]
+        return d
+
+
+class RandHFlipd(RandomizableTransform, MapTransform):
+    """Left-right flip of a (C, H, W) tensor with probability ``prob`` (MONAI ``RandFlipd(spatial_axis=1)``).
+
+    Arrays are (C, H, W) with rows as rows, so the last axis (W) is left-right.
+    """
+
+    def __init__(self, keys: Sequence[str], prob: float = 0.5) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = torch.flip(_plain_float(d[key]), dims=[-1])
+        return d
+
+
+class RandContrastBrightnessd(RandomizableTransform, MapTransform):
+    """With probability ``prob`` each: x * (1 + U(-contrast, contrast)), then x + U(-brightness, brightness).
+
+    Applied to the normalised tensor, so contrast acts around the ImageNet mean. This is the
+    same as MONAI's ``RandScaleIntensityd`` followed by ``RandShiftIntensityd``, in one step on
+    plain tensors.
+    """
+
+    def __init__(self, keys: Sequence[str], *, prob: float = 0.5, contrast: float = 0.1, brightness: float = 0.1) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, 1.0)
+        self.p = float(prob)
+        self.contrast = float(contrast)
+        self.brightness = float(brightness)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        gain = 1.0 + self.R.uniform(-self.contrast, self.contrast) if self.R.rand() < self.p else 1.0
+        shift = self.R.uniform(-self.brightness, self.brightness) if self.R.rand() < self.p else 0.0
+        if gain != 1.0 or shift != 0.0:
+            for key in self.key_iterator(d):
+                d[key] = _plain_float(d[key]) * float(gain) + float(shift)
+        return d
 
 
 def _to_gray(img):  # PIL.Image -> PIL.Image

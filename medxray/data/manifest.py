@@ -1,0 +1,138 @@
+"""Shipped dataset manifests: locate them, verify them against ``manifest.yaml``, read them.
+
+The label and split files in ``data_manifests/`` decide which image is in which split. If one of
+them changed without anyone noticing, every number measured on it would change too. So every
+file is checked against the SHA-256 in its ``manifest.yaml`` before use. The check is cached per
+process, keyed on the file's size and mtime, so it stays cheap when many datasets are built.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+import medxray
+from medxray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.yaml"
+
+
+def manifests_root() -> Path:
+    """The ``data_manifests/`` folder next to the package (source checkout or editable install)."""
+    root = Path(medxray.__file__).resolve().parent.parent / "data_manifests"
+    if not root.is_dir():
+        raise DataError(
+            f"the dataset manifests folder {root} is missing; medxray needs the data_manifests/ folder of "
+            f"its source tree (reinstall with `pip install -e .` from a full checkout)"
+        )
+    return root
+
+
+def manifest_spec(dataset: str = "chestxray14") -> dict[str, Any]:
+    """The parsed ``manifest.yaml`` of one shipped dataset."""
+    path = manifests_root() / dataset / MANIFEST_FILE
+    if not path.is_file():
+        raise DataError(f"{path} is missing; restore data_manifests/{dataset}/ from the medxray source tree")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path} is not valid YAML ({exc}); restore it from the medxray source tree") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("files"), dict):
+        raise DataError(f"{path} has no 'files' section; restore it from the medxray source tree")
+    return spec
+
+
+def open_text(path: str | os.PathLike) -> IO[str]:
+    """Open a text file that may be gzip-compressed (NIH files are used both ways)."""
+    p = Path(path)
+    with open(p, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"\x1f\x8b":
+        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8-sig", newline="")
+    return open(p, encoding="utf-8-sig", newline="")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes as stored."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's decompressed content, so a .csv and its .csv.gz hash the same."""
+    return _content_sha256_cached(*_stat_key(path))
+
+
+def _stat_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise DataError(f"cannot read {p}: {exc.strerror}") from None
+    return str(p), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _content_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as raw:
+        is_gzip = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        fh: IO[bytes] = gzip.GzipFile(fileobj=raw) if is_gzip else raw  # type: ignore[assignment]
+        try:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path} is not a readable (gzip) text file: {exc}") from None
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _verified(path: str, size: int, mtime_ns: int, expected: str) -> bool:
+    return file_sha256(path) == expected
+
+
+def shipped_files(dataset: str = "chestxray14") -> dict[str, Path]:
+    """Role -> path of every shipped file of ``dataset``, each verified against its SHA-256.
+
+    Raises :class:`DataError` naming the file if one is missing or was modified.
+    """
+    spec = manifest_spec(dataset)
+    folder = manifests_root() / dataset
+    out: dict[str, Path] = {}
+    for role, entry in spec["files"].items():
+        path = folder / entry["path"]
+        if not path.is_file():
+            raise DataError(f"shipped manifest file {path} is missing; restore data_manifests/{dataset}/ "
+                            f"from the medxray source tree")
+        if not _verified(*_stat_key(path), str(entry["sha256"])):
+            raise DataError(
+                f"shipped manifest file {path} does not match the SHA-256 in {folder / MANIFEST_FILE}; it was "
+                f"modified or corrupted: restore it from the medxray source tree (git checkout -- {path.name})"
+            )
+        out[role] = path
+    return out
+
+
+def known_content_hashes(dataset: str = "chestxray14") -> dict[str, str]:
+    """content_sha256 -> role, to recognise a user's uncompressed copy of a shipped file."""
+    return {str(e.get("content_sha256")): role for role, e in manifest_spec(dataset)["files"].items()}
+
+
+def read_name_list(path: str | os.PathLike) -> list[str]:
+    """One image name per line (the official split lists); blank lines ignored."""
+    with open_text(path) as fh:
+        return [line.strip() for line in fh if line.strip()]

@@ -1,0 +1,107 @@
+"""``medxray data verify``: check shipped manifests, a data root and its cache before a long run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from medxray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def verify_manifests() -> dict[str, Any]:
+    """SHA-256 of every shipped ChestX-ray14 file, plus its counts re-derived from the content."""
+    from medxray.data.chestxray14 import read_box_file, read_label_file
+    from medxray.data.manifest import manifest_spec, read_name_list, shipped_files
+
+    files = shipped_files("chestxray14")  # raises DataError on a changed file
+    spec = manifest_spec("chestxray14")
+    table = read_label_file(files["labels"])
+    boxes, _ = read_box_file(files["boxes"])
+    got = {"images": len(table.names), "patients": len(set(table.patients)),
+           "train_val": len(read_name_list(files["train_val_list"])), "test": len(read_name_list(files["test_list"])),
+           "boxes": sum(len(b) for b in boxes.values()), "boxed_images": len(boxes)}
+    want = {k: int(v) for k, v in spec.get("counts", {}).items()}
+    wrong = {k: (got[k], want[k]) for k in want if k in got and got[k] != want[k]}
+    if wrong:
+        raise DataError(f"shipped manifest counts differ from manifest.yaml: {wrong}; restore data_manifests/")
+    return {"sha256": "ok", **got}
+
+
+def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | None = None, *, decode: int | None = 200,
+                check_cache: bool = True, **options: Any) -> dict[str, Any]:
+    """Report on a data root: label rows, split counts, missing files, a decode check, the cache.
+
+    ``decode``: decode this many images (spread over the data set; None = all) and count
+    unreadable files and unexpected sizes or bit depths. Problems are counted and returned, not
+    raised. Only an unusable root or label file raises :class:`DataError`.
+    """
+    from medxray.data import build_datasets
+    from medxray.data.cache import verify_cache
+    from medxray.data.core import read_image
+
+    report: dict[str, Any] = {"dataset": dataset}
+    if dataset == "chestxray14":
+        report["manifests"] = verify_manifests()
+    if data_root is None:
+        return report
+    options = {k: v for k, v in options.items() if v is not None}
+    options["allow_missing"] = True  # count them here; training decides whether to refuse
+    splits = build_datasets(dataset, data_root, augment=False, **options)
+    s = splits.summary
+    report.update({k: s.get(k) for k in ("data_root", "synthetic", "counts", "patients", "missing_dropped",
+                                         "malformed_rows", "cache", "label_sha256")})
+    report["manifest_hash"] = splits.manifest_hash
+    recs = [ds for ds in (splits.train, splits.val, splits.test) if ds is not None]
+    paths = [p for ds in recs for p in ds.records.paths if p]
+    if decode is None or decode >= len(paths):
+        sample = paths
+    else:
+        sample = [paths[i] for i in np.linspace(0, len(paths) - 1, num=max(decode, 0), dtype=int)] if decode else []
+    bad, sizes, depths = [], Counter(), Counter()
+    for p in sample:
+        try:
+            arr, hw = read_image(p)
+        except DataError as exc:
+            bad.append(str(exc))
+            continue
+        sizes[hw] += 1
+        depths[arr.dtype.itemsize * 8] += 1
+    report["decoded"] = len(sample)
+    report["unreadable"] = len(bad)
+    report["unreadable_first"] = bad[:5]
+    report["sizes"] = {f"{h}x{w}": n for (h, w), n in sizes.most_common(5)}
+    report["bit_depths"] = dict(depths)
+    if dataset == "chestxray14" and not s.get("synthetic"):  # a phantom's boxes are in its own pixels
+        report["unexpected_size"] = sum(n for hw, n in sizes.items() if hw != (1024, 1024))
+    if check_cache:
+        from medxray.data.cache import cache_root
+
+        croot = cache_root(data_root, options.get("cache_dir"))
+        for d in sorted(croot.glob(f"{dataset}_*")) if croot.is_dir() else []:
+            try:
+                report.setdefault("caches", {})[d.name] = verify_cache(d, full=True)
+            except DataError as exc:
+                report.setdefault("caches", {})[d.name] = {"error": str(exc)}
+    problems = []
+    if report.get("missing_dropped"):
+        problems.append(f"{report['missing_dropped']} image(s) missing (training needs --allow-missing)")
+    if bad:
+        problems.append(f"{len(bad)} of {len(sample)} decoded image(s) unreadable")
+    if report.get("unexpected_size"):
+        problems.append(f"{report['unexpected_size']} image(s) not 1024x1024")
+    for name, cc in (report.get("caches") or {}).items():
+        if cc.get("error"):
+            problems.append(f"cache {name}: {cc['error']}")
+        elif cc.get("crc_mismatch"):
+            problems.append(f"cache {name}: {cc['crc_mismatch']} row(s) fail their CRC; delete it and re-run "
+                            f"`medxray data prepare`")
+        elif cc.get("state") != "complete":
+            problems.append(f"cache {name} is unfinished ({cc.get('todo')} to do); re-run `medxray data prepare`")
+    report["problems"] = problems
+    return report
