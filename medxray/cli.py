@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from medxray import __version__
@@ -46,9 +47,322 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="start the clinician-review web app (Streamlit) on this machine")
+    p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (from `medxray finetune`)")
+    p.add_argument("--results", type=Path, default=None, help="a `medxray score-dicom --out` folder for the worklist")
+    p.add_argument("--reviews", type=Path, default=None,
+                   help="folder of the review database (default: ~/.local/share/medxray/reviews)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest accepted upload (default 64)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--browser", action="store_true", help="open a web browser on the app")
+    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                   help="inference backend (default auto: OpenVINO on CPU, torch on CUDA)")
+    p.set_defaults(func=_run_app)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from medxray.appsupport import (APP_ENV_VARS, AppSettings, check_app_settings, default_reviews_dir,
+                                    streamlit_command)
+
+    cfg = AppSettings(checkpoint=args.checkpoint, results=args.results,
+                      reviews=args.reviews or default_reviews_dir(), max_upload_mb=args.max_upload_mb,
+                      backend=args.backend)
+    check_app_settings(cfg)
+    argv, env = streamlit_command(cfg, host=args.host, port=args.port, open_browser=args.browser)
+    print(f"medxray app: http://{args.host}:{args.port}  (reviews in {cfg.reviews}; Ctrl-C stops)", flush=True)
+    # The flags decide: stale MEDXRAY_* app variables of the calling shell do not leak in.
+    full_env = {**{k: v for k, v in os.environ.items() if k not in APP_ENV_VARS}, **env}
+    if os.name == "posix":  # become the server: signals (Ctrl-C, systemd's SIGTERM) reach it directly
+        os.execve(argv[0], argv, full_env)
+    return subprocess.call(argv, env=full_env)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    # Options left out stay out of the namespace (SUPPRESS), so a --config file or a resumed
+    # run's stored config is only overridden by what was typed.
+    p = sub.add_parser("finetune", help="fine-tune a DenseNet on chest X-rays (CheXNet recipe by default)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--dataset", help="chestxray14 (default), chexpert or csv")
+    p.add_argument("--data-root", dest="data_root", help="folder with the dataset's images and label file")
+    p.add_argument("--model", help="architecture (default densenet121; see `medxray models`)")
+    p.add_argument("--pretrained", help="imagenet (default; needs torchvision's file in the torch hub cache), "
+                                        "none, or a path to a torchvision-format state dict")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 10)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per step (default 16)")
+    p.add_argument("--image-size", dest="image_size", type=int, help="square input size in pixels (default 224)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<time>)")
+    p.add_argument("--config", dest="config_file", help="YAML file setting any option by name (see medxray.train.TrainConfig)")
+    p.add_argument("--resume", help="continue the run in this directory after its last completed epoch")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, help="seed of weights init, data order and augmentation (default 0)")
+    p.add_argument("--precision", help="auto (default: bf16 where supported), bf16, fp16 (CUDA) or fp32")
+    p.add_argument("--scheduler", help="plateau (default: lr/10 on val-loss plateau), cosine or none")
+    p.add_argument("--pos-weight", dest="pos_weight", help="none (default) or balanced (negatives/positives per class)")
+    p.add_argument("--early-stopping-patience", dest="early_stopping_patience", type=int,
+                   help="stop after this many epochs without a better val mean AUROC (default 3; 0 = off)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--drop-rate", dest="drop_rate", type=float)
+    p.add_argument("--val-fraction", dest="val_fraction", type=float, help="share of patients for validation (default 0.1)")
+    p.add_argument("--view", help="all (default), PA or AP")
+    p.add_argument("--num-workers", dest="num_workers", type=int, help="DataLoader workers (default: by machine)")
+    p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int)
+    p.add_argument("--allow-missing", dest="allow_missing", action="store_true",
+                   help="drop images missing from the data root instead of stopping")
+    for flag, dest, text in (("compile", "compile", "torch.compile the model"),
+                             ("channels-last", "channels_last", "channels_last memory format (default on)"),
+                             ("memory-efficient", "memory_efficient", "recompute dense-layer concatenations (less memory)"),
+                             ("tensorboard", "tensorboard", "TensorBoard logs in RUN_DIR/tensorboard (if installed)"),
+                             ("progress", "progress", "progress bar (default on)"),
+                             ("deterministic", "deterministic", "deterministic algorithms (slower)")):
+        p.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction, help=text)
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from medxray.train import finetune, make_config
+
+    skip = {"func", "command", "verbose", "quiet", "config_file"}
+    opts = {k: v for k, v in vars(args).items() if k not in skip}
+    res = finetune(make_config(getattr(args, "config_file", None), **opts))
+    print(f"run: {res.run_dir}  ({res.epochs_completed} epochs, {res.stopped_reason})")
+    print(f"best: {res.best_checkpoint}  (epoch {res.best_epoch}, val mean AUROC {res.best_val_auroc:.4f})")
+    print(f"next: medxray evaluate --checkpoint {res.best_checkpoint}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="AUROC with CIs, thresholds, calibration, localisation and a report")
+    p.add_argument("--checkpoint", required=True, help="checkpoint from `medxray finetune` (best.pt)")
+    p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data-root", default=None, help="default: the data root the checkpoint was trained on")
+    p.add_argument("--split", default="test", help="test (default), val or train")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval-<split>)")
+    p.add_argument("--tta", action="store_true", help="TenCrop test-time augmentation (10x slower)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
+    p.add_argument("--threshold-split", default="val",
+                   help="split on which operating thresholds are chosen (default val; 'same' = the evaluated split)")
+    p.add_argument("--write-thresholds", action=argparse.BooleanOptionalAction, default=True,
+                   help="write thresholds and metrics into the checkpoint's metadata (default on)")
+    p.add_argument("--localisation", action=argparse.BooleanOptionalAction, default=True,
+                   help="CAM box localisation on images with ground-truth boxes (default on)")
+    p.add_argument("--cam-threshold", type=float, default=0.5, help="CAM level that makes boxes (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    from medxray.evaluate import evaluate
+
+    res = evaluate(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split, out_dir=args.out,
+                   device=args.device, precision=args.precision, batch_size=args.batch_size, tta=args.tta,
+                   n_bootstrap=args.bootstrap, threshold_split=None if args.threshold_split == "same" else args.threshold_split,
+                   write_thresholds=args.write_thresholds, localisation=args.localisation,
+                   cam_threshold=args.cam_threshold, num_workers=args.num_workers, progress=not args.quiet)
+    print(f"{'finding':<20}{'AUROC':>8}   95% CI")
+    for name in res.label_names:
+        lo, hi = res.auroc_ci[name]
+        a = res.auroc[name]
+        print(f"{name:<20}{a:>8.3f}   {lo:.3f}-{hi:.3f}" if math.isfinite(a) else f"{name:<20}{'n/a':>8}")
+    lo, hi = res.mean_auroc_ci
+    print(f"{'mean':<20}{res.mean_auroc:>8.3f}   {lo:.3f}-{hi:.3f}   ({res.n_images} {res.split} images)")
+    if res.localisation:
+        o = res.localisation["overall"]
+        print(f"localisation: {o['n']} boxes, IoBB>0.5 accuracy {o['iobb_accuracy']['0.5']:.3f}, "
+              f"pointing game {o['pointing_game']:.3f}")
+    print(f"report: {res.report_html}  (and {res.report_md.name}, plots in {res.out_dir})")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="end-to-end demo on synthetic phantom images: train, evaluate, CAMs, score a real DICOM")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--quick", action="store_true", help="a ~1-minute smoke version (tiny data, low AUROC expected)")
+    p.add_argument("--images", type=int, default=None, help="phantom images to synthesise")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from medxray.demo import DemoOptions, run_demo
+
+    opts = DemoOptions.preset("quick" if args.quick else "default", out=args.out, seed=args.seed, device=args.device)
+    for key in ("images", "epochs", "image_size"):
+        if getattr(args, key) is not None:
+            setattr(opts, key, getattr(args, key))
+    # The demo tells its own story; the libraries' step-by-step detail stays available with -v.
+    quiet = [] if args.verbose else [logging.getLogger(n) for n in
+                                     ("medxray.data", "medxray.inference", "medxray.scoring", "medxray.evaluate")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    try:
+        res = run_demo(opts, echo=lambda line: print(line, flush=True))
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    return 0 if res.ok else 1
+
+
+def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score-dicom", help="score a folder of DICOM files: results.csv (one row per file), CAM overlays, optional SR",
+        description="Walks INPUT recursively, decodes in worker processes, scores in batches and appends one row "
+                    "per file to OUT/results.csv as it completes. Killed runs resume when re-run with the same "
+                    "arguments. Exit 0 when the run completes (bad files become error rows), 2 for usage errors "
+                    "or an unusable checkpoint.")
+    p.add_argument("input", metavar="INPUT_DIR", help="folder of DICOM files (searched recursively; any extension)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `medxray finetune`")
+    p.add_argument("--out", required=True, help="output folder (results.csv, cams/, sr/, run.json)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode processes (default: ~40%% of the CPU cores; all but one with CUDA)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cams", choices=("positive", "all", "none"), default="positive",
+                   help="CAM overlay PNGs for positive findings (default), all findings, or none")
+    p.add_argument("--cam-method", choices=("cam", "gradcam"), default="cam")
+    p.add_argument("--overlay-max-side", type=int, default=None,
+                   help="downscale overlays to this many pixels on the long side (default: original size)")
+    p.add_argument("--sr", action="store_true", help="also write a DICOM Comprehensive SR per scored image")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="score only shard K of N (1-based, by a hash of the path); rows go to "
+                        "results.shard-K-of-N.csv, merged into results.csv when all shards finished")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU inference threads (default: the cores the decode workers leave free)")
+    p.add_argument("--modalities", default="CR,DX",
+                   help="comma-separated modality allow-list (default CR,DX; 'any' accepts all)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (default 50 MP)")
+    p.add_argument("--overwrite", action="store_true", help="discard results already in OUT instead of resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_score_dicom)
+
+
+def _run_score_dicom(args: argparse.Namespace) -> int:
+    from medxray.dicom import DEFAULT_MAX_PIXELS
+    from medxray.scoring import ScoreConfig, score_directory
+
+    mods = None if args.modalities.strip().lower() == "any" else [
+        m.strip().upper() for m in args.modalities.split(",") if m.strip()]
+    cfg = ScoreConfig(
+        input_dir=args.input, checkpoint=args.checkpoint, out=args.out, workers=args.workers,
+        batch_size=args.batch_size, cams=args.cams, cam_method=args.cam_method, sr=args.sr, shard=args.shard,
+        device=args.device, backend=args.backend, precision=args.precision, threads=args.threads,
+        allowed_modalities=mods, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        overlay_max_side=args.overlay_max_side, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    summary = score_directory(cfg)
+    print(summary.line())
+    if summary.merged:
+        print(f"all shards finished: merged {summary.merged}")
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare the preprocessing cache, synthesise phantom data, verify a data root")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    datasets = ("chestxray14", "chexpert", "csv")
+
+    pr = dsub.add_parser("prepare", help="decode + resize every image once into a uint8 memmap cache (resumable)")
+    pr.add_argument("--dataset", choices=datasets, default="chestxray14")
+    pr.add_argument("--data-root", required=True, help="folder holding images/ (or images_001/images ...)")
+    pr.add_argument("--size", type=int, default=256, help="cached side length in pixels (>= training size)")
+    pr.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, max 8)")
+    pr.add_argument("--cache-dir", default=None, help="where to write it (default DATA_ROOT/medxray_cache)")
+    pr.add_argument("--allow-missing", action="store_true", help="skip image files that are missing")
+    pr.add_argument("--csv", dest="csv_path", default=None, help="CSV manifest (--dataset csv)")
+    pr.set_defaults(func=_run_data_prepare)
+
+    sy = dsub.add_parser("synth", help="write a SYNTHETIC phantom ChestX-ray14 data root (for demos and tests)")
+    sy.add_argument("--out", required=True, help="new or empty folder to write the data root to")
+    sy.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--workers", type=int, default=None, help="drawing processes (default: CPU count, max 8)")
+    sy.add_argument("--layout", choices=("flat", "nested"), default="flat",
+                    help="images/ (flat) or images_001/images ... (nested)")
+    sy.set_defaults(func=_run_data_synth)
+
+    ve = dsub.add_parser("verify", help="check the shipped manifests and, with --data-root, a data root and its cache")
+    ve.add_argument("--dataset", choices=datasets, default="chestxray14")
+    ve.add_argument("--data-root", default=None)
+    ve.add_argument("--decode", default="200", help="decode this many images to check them, or 'all' (default 200)")
+    ve.add_argument("--cache-dir", default=None)
+    ve.add_argument("--csv", dest="csv_path", default=None, help="CSV manifest (--dataset csv)")
+    ve.set_defaults(func=_run_data_verify)
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    opts = {}
+    if getattr(args, "cache_dir", None):
+        opts["cache_dir"] = args.cache_dir
+    if getattr(args, "csv_path", None):
+        opts["csv_path"] = args.csv_path
+    return opts
+
+
+def _run_data_prepare(args: argparse.Namespace) -> int:
+    from medxray.data.cache import prepare_cache
+
+    r = prepare_cache(args.dataset, args.data_root, args.size, workers=args.workers, allow_missing=args.allow_missing,
+                      progress=not args.quiet, **_data_options(args))
+    print(f"cache {r['path']}: {r['state']}, {r['done']} images done, {r['bad']} unreadable, {r['todo']} to do "
+          f"({r['processed_now']} now in {r['seconds']} s, {r['images_per_s'] or 0} images/s)")
+    return 0 if r["state"] == "complete" else 1
+
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    from medxray.data.synthetic import synthesize
+
+    out = synthesize(args.out, args.images, args.seed, workers=args.workers, layout=args.layout,
+                     progress=not args.quiet)
+    print(f"SYNTHETIC phantom data root (not real radiographs): {out}")
+    return 0
+
+
+def _run_data_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from medxray.data.verify import verify_data
+    from medxray.errors import ConfigError
+
+    if args.decode == "all":
+        decode = None
+    else:
+        try:
+            decode = int(args.decode)
+        except ValueError:
+            raise ConfigError(f"--decode must be a number or 'all', got {args.decode!r}") from None
+    report = verify_data(args.dataset, args.data_root, decode=decode, **_data_options(args))
+    print(json.dumps(report, indent=1, default=str))
+    for problem in report.get("problems", []):
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if report.get("problems") else 0
+
+
 # Every subcommand registers here, in the order `medxray --help` lists them.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
+    _add_app,
+    _add_finetune,
+    _add_evaluate,
+    _add_demo,
+    _add_score_dicom,
+    _add_data,
 ]
 
 
