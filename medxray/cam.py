@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from medxray.fileio import atomic_write_bytes
 
 # ---------------------------------------------------------------------------------------------
 # maps
@@ -187,16 +188,6 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray, *, compress_level: int = 
     """Write an RGB array as PNG through a temp file + rename (a kill never leaves half a PNG)."""
     from PIL import Image
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG", compress_level=compress_level)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # umask permissions, unlike mkstemp
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(buf.getbuffer())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write_bytes(path, buf.getbuffer(), fsync=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from medxray.errors import CheckpointError
+from medxray.fileio import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "medxray-checkpoint/1"
 
@@ -65,21 +65,9 @@ class Checkpoint:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` to ``path`` through a temp file + rename, so a kill never leaves half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getbuffer())
 
 
 def save_checkpoint(

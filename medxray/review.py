@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from medxray.errors import DataError
+from medxray.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -270,11 +271,7 @@ class ReviewStore:
             writer.writerow({k: _csv_safe(v) for k, v in row.items()})
         text = buf.getvalue()
         if path is not None:
-            out = Path(path)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, out)
+            atomic_write_text(path, text)
         return text
 
 

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import stat
-import secrets
 import time
 import zipfile
 import zlib
@@ -44,6 +43,7 @@ import numpy as np
 
 from medxray.dicom import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS
 from medxray.errors import CheckpointError, ConfigError, DataError, DicomError
+from medxray.fileio import atomic_output, atomic_write_text
 from medxray.labels import CHESTXRAY14_FINDINGS
 
 log = logging.getLogger(__name__)
@@ -216,26 +216,6 @@ def output_stem(rel: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    """A sibling temp name; files made with open(..., "x") get the umask's permissions (mkstemp's are 0600,
-    which would hide results from the review app running as another user)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_results(path: str | os.PathLike, columns: Sequence[str] | None = None
                  ) -> tuple[list[str], list[list[str]], int]:
     """Complete rows of a results file: (header, rows, number of damaged/duplicate lines dropped).
@@ -291,9 +271,9 @@ class ResultsJournal:
             self.done = {r[0]: r for r in rows}
             if dropped or not header:
                 log.info("results: dropped %d incomplete or duplicate line(s) left by an interrupted run", dropped)
-                _atomic_write_text(path, _csv_text(self.columns, rows))
+                atomic_write_text(path, _csv_text(self.columns, rows))
         else:
-            _atomic_write_text(path, _csv_text(self.columns, []))
+            atomic_write_text(path, _csv_text(self.columns, []))
         self._fh = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
         self._writer = csv.writer(self._fh, lineterminator="\n")
         self._since_sync = 0
@@ -320,7 +300,7 @@ class ResultsJournal:
         """Close and rewrite sorted by path; returns the rows (optionally only those ``keep`` accepts)."""
         self.close()
         rows = sorted(self.done.values(), key=lambda r: r[0])
-        _atomic_write_text(self.path, _csv_text(self.columns, rows))
+        atomic_write_text(self.path, _csv_text(self.columns, rows))
         return [r for r in rows if keep is None or keep(r[0])]
 
 
@@ -492,16 +472,9 @@ def write_sr(path: str | os.PathLike, *, source: dict[str, str], label_names: Se
         series_description="medxray AI findings - NOT FOR CLINICAL USE", content_qualification="RESEARCH",
         manufacturer_model_name=model_name[:64], software_versions=model_version[:64],
     )
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(p)
-    try:
-        sr.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    with atomic_output(path, "wb") as fh:
+        sr.save_as(fh, enforce_file_format=True)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,7 +685,7 @@ def _score(run: _Run) -> ScoreSummary:
     summary.images_per_s = summary.scored / max(time.perf_counter() - t_work, 1e-9)
     state = {**identity, "complete": True, "columns": columns, "model": predictor.describe(),
              "summary": {k: v for k, v in asdict(summary).items() if k != "merged"}}
-    _atomic_write_text(run_path, json.dumps(state, indent=2) + "\n")
+    atomic_write_text(run_path, json.dumps(state, indent=2) + "\n")
     if shard is not None:
         summary.merged = _merge_shards_if_complete(out, shard[1], identity, columns)
     return summary
@@ -752,7 +725,7 @@ def _check_or_start_run(run_path: Path, results_path: Path, identity: dict[str, 
     elif results_path.exists():
         raise ConfigError(f"{results_path} exists but has no run record ({run_path.name}) from this scorer; "
                           "use a new --out folder or --overwrite")
-    _atomic_write_text(run_path, json.dumps({**identity, "complete": False}, indent=2) + "\n")
+    atomic_write_text(run_path, json.dumps({**identity, "complete": False}, indent=2) + "\n")
 
 
 def _merge_shards_if_complete(out: Path, n: int, identity: dict[str, Any], columns: list[str]) -> str | None:
@@ -777,7 +750,7 @@ def _merge_shards_if_complete(out: Path, n: int, identity: dict[str, Any], colum
         for r in part_rows:
             rows.setdefault(r[0], r)
     merged = out / RESULTS_NAME
-    _atomic_write_text(merged, _csv_text(columns, [rows[k] for k in sorted(rows)]))
+    atomic_write_text(merged, _csv_text(columns, [rows[k] for k in sorted(rows)]))
     return str(merged)
 
 

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medxray.errors import ConfigError, DataError
+from medxray.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ def _names_sha(names: Sequence[str]) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _open_array(path: Path, dtype: Any, shape: tuple[int, ...], mode: str) -> np.memmap:

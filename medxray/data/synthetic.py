@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medxray.fileio import atomic_output
 from medxray.errors import ConfigError, DataError
 from medxray.labels import CHESTXRAY14_FINDINGS
 
@@ -386,9 +387,8 @@ def _render_chunk(chunk: list[tuple[int, str, str, tuple[str, ...]]]) -> list[tu
     results = []
     for idx, folder, name, findings in chunk:
         img, boxes = render_phantom(findings, (seed, idx), size=size)
-        tmp = Path(folder) / f".{name}.tmp"
-        Image.fromarray(img, mode="L").save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, Path(folder) / name)
+        with atomic_output(Path(folder) / name, "wb", fsync=False) as fh:
+            Image.fromarray(img, mode="L").save(fh, format="PNG", compress_level=1)
         results.append((name, boxes))
     return results
 
