@@ -114,6 +114,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int)
     p.add_argument("--allow-missing", dest="allow_missing", action="store_true",
                    help="drop images missing from the data root instead of stopping")
+    p.add_argument("--csv", dest="csv_path", help="--dataset csv: the manifest (image path, patient id, "
+                                                  "optional split, one column per finding)")
+    p.add_argument("--uncertain", choices=("ignore", "ones", "zeros"),
+                   help="--dataset chexpert: uncertain (-1) labels are masked (default), positive or negative")
     for flag, dest, text in (("compile", "compile", "torch.compile the model"),
                              ("channels-last", "channels_last", "channels_last memory format (default on)"),
                              ("memory-efficient", "memory_efficient", "recompute dense-layer concatenations (less memory)"),
@@ -129,6 +133,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     skip = {"func", "command", "verbose", "quiet", "config_file"}
     opts = {k: v for k, v in vars(args).items() if k not in skip}
+    # Dataset-specific flags travel in dataset_options, on top of any the config file sets.
+    ds_flags = {k: opts.pop(k) for k in ("csv_path", "uncertain") if k in opts}
+    if ds_flags:
+        from medxray.train import load_config_file
+
+        file_opts = load_config_file(args.config_file) if getattr(args, "config_file", None) else {}
+        opts["dataset_options"] = {**dict(file_opts.get("dataset_options") or {}), **ds_flags}
     res = finetune(make_config(getattr(args, "config_file", None), **opts))
     print(f"run: {res.run_dir}  ({res.epochs_completed} epochs, {res.stopped_reason})")
     print(f"best: {res.best_checkpoint}  (epoch {res.best_epoch}, val mean AUROC {res.best_val_auroc:.4f})")

@@ -176,9 +176,8 @@ class Predictor:
         self.batch_size = max(1, int(batch_size))
         self.source = source
         self.device = resolve_device(device)
-        if num_threads is not None and self.device.type == "cpu":
-            # torch's intra-op pool is per process; the scorer sets it to leave cores to decoders.
-            torch.set_num_threads(max(1, int(num_threads)))
+        # Only OpenVINO takes a thread count per model; torch's intra-op pool is process-wide, so
+        # the caller that owns the process (the scorer) sets and restores it around its run.
         self._num_threads = num_threads
         self.model = model.eval().to(self.device)
         self._cl_model: torch.nn.Module | None = None

@@ -662,20 +662,26 @@ def _score(run: _Run) -> ScoreSummary:
     engine = _Engine(cfg, image_size, journal, out, workers, len(todo), base_row)
     t_work = time.perf_counter()
     predictor = None
+    import torch
+
+    threads_before = torch.get_num_threads()
     try:
         if todo:
             engine.start(todo, pool)  # workers decode while the model loads / converts
         else:
             pool.shutdown(wait=False, cancel_futures=True)
+        threads = cfg.threads or default_threads(workers)
+        torch.set_num_threads(max(1, int(threads)))  # leave cores to the decoders; restored below
         predictor = Predictor.from_checkpoint(ckpt, device=cfg.device, backend=cfg.backend,
                                               precision=cfg.precision, batch_size=cfg.batch_size,
-                                              num_threads=cfg.threads or default_threads(workers))
+                                              num_threads=threads)
         if list(predictor.label_names) != labels:
             raise CheckpointError("checkpoint label names do not match its model head")
         summary.backend = f"{predictor.backend}/{predictor.precision}/{predictor.device}"
         if todo:
             engine.run(predictor)
     finally:
+        torch.set_num_threads(threads_before)
         engine.close()
         summary.scored = engine.written
         rows = journal.finalize(keep=lambda r: r in scope)

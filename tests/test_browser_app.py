@@ -126,9 +126,11 @@ def test_upload_dicom_see_cam_save_review_and_export(app_server, page):
     images = page.locator('[data-testid="stImage"] img')
     images.first.wait_for()
     assert images.count() >= 3  # original, CAM overlay, probability chart
-    natural = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img'))
-                                      .map(i => [i.naturalWidth, i.naturalHeight, i.complete])""")
-    assert all(w > 0 and h > 0 and done for w, h, done in natural), natural
+    # every image must really decode (not a broken-image icon); the chart may still be loading
+    page.wait_for_function("""() => {
+        const imgs = Array.from(document.querySelectorAll('[data-testid="stImage"] img'));
+        return imgs.length >= 3 && imgs.every(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);
+    }""", timeout=UI_TIMEOUT_MS)
     _no_exception_on_page(page)
 
     # 3. record a review for the most likely finding

@@ -113,3 +113,36 @@ def test_resume_problems(tmp_path, capsys):
     (tmp_path / "half" / "config.yaml").write_text(yaml.safe_dump({"epochs": 2}))
     rc, _, err = run(["finetune", "--resume", tmp_path / "half"], capsys)
     assert_clean_error(rc, err, "no completed epoch")
+
+
+def test_finetune_on_a_csv_manifest_via_flags(tmp_path, capsys):
+    """A hospital's own labels: --dataset csv --csv FILE reaches the data layer and trains."""
+    import numpy as np
+    from PIL import Image
+
+    from medxray.checkpoint import load_checkpoint
+
+    rows = ["image,patient_id,split,Effusion,Pneumothorax"]
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        rel = f"scans/p{i // 2}/img{i}.png"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / rel)
+        split = "test" if i >= 20 else "train"
+        rows.append(f"{rel},P{i // 2},{split},{'' if i % 5 == 0 else i % 2},{(i // 2) % 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    rc, out, err = run([*BASE, "--dataset", "csv", "--data-root", tmp_path, "--csv", "labels.csv",
+                        "--epochs", 1, "--batch-size", 4, "--val-fraction", 0.25, "--out", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt.label_names == ["Effusion", "Pneumothorax"]
+    cfg = yaml.safe_load(next((tmp_path / "run").glob("config*.yaml")).read_text())
+    assert cfg["dataset_options"] == {"csv_path": "labels.csv"}
+
+
+def test_uncertain_policy_flag_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "--dataset", "chexpert", "--uncertain", "maybe", "--data-root", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'maybe'" in err and "Traceback" not in err

@@ -35,6 +35,7 @@ from medxray.data.core import (
     split_hash,
     split_summary,
 )
+from medxray.data.synthetic import PHANTOM_MARKER
 from medxray.data.manifest import content_sha256, known_content_hashes, open_text, read_name_list, shipped_files
 from medxray.errors import DataError
 from medxray.labels import CHESTXRAY14_FINDINGS
@@ -50,7 +51,6 @@ NO_FINDING = "No Finding"
 # The bounding-box file spells one finding differently from the label file.
 BOX_FINDING_ALIASES = {"Infiltrate": "Infiltration"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-PHANTOM_MARKER = "MEDXRAY_PHANTOM.json"
 EXPECTED_IMAGE_SIZE = (1024, 1024)
 
 
