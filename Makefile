@@ -33,8 +33,9 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/medxray demo
 
+# Benchmarks are not tests: each prints its ratio against a peer measured in the same run.
 bench: setup
-	$(PY) bench/model_step.py
+	for b in model_step train_step loader score_dicom; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out
