@@ -82,6 +82,15 @@ def main() -> None:
         _mem_child(args.mem_child, args.mem_batch, args.size)
         return
 
+    # Memory first, each mode in a fresh process, before this process has trained anything:
+    # peak RSS read after a large training step in the parent came out inflated and unsteady.
+    mem = {k: _measure_memory(k, args.mem_batch, args.size) for k in ("plain", "efficient", "torchvision")}
+    for k, m in mem.items():
+        print(f"peak memory {k:<12} step adds {(m['peak'] - m['before']) / 2**20:8.0f} MiB "
+              f"(process peak {m['peak'] / 2**20:6.0f} MiB), bs {args.mem_batch}")
+    added = {k: max(1, m["peak"] - m["before"]) for k, m in mem.items()}
+    print(f"memory ratio efficient / plain = {added['efficient'] / added['plain']:.3f}  (target <= 0.6)")
+    print(f"memory ratio plain / torchvision = {added['plain'] / added['torchvision']:.3f}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32, "
           f"densenet121 bs {args.batch} {args.size}x{args.size}")
     torch.manual_seed(0)
@@ -106,14 +115,6 @@ def main() -> None:
         print(f"train step  {k:<12}{speed[k]:7.2f} img/s wall, {cpu_speed[k]:7.2f} img per CPU-second")
     print(f"speed ratio ours / torchvision = {speed['ours'] / speed['torchvision']:.3f} wall, "
           f"{cpu_speed['ours'] / cpu_speed['torchvision']:.3f} CPU time  (target >= 1.0)")
-
-    mem = {k: _measure_memory(k, args.mem_batch, args.size) for k in ("plain", "efficient", "torchvision")}
-    for k, m in mem.items():
-        print(f"peak memory {k:<12} step adds {(m['peak'] - m['before']) / 2**20:8.0f} MiB "
-              f"(process peak {m['peak'] / 2**20:6.0f} MiB), bs {args.mem_batch}")
-    added = {k: max(1, m["peak"] - m["before"]) for k, m in mem.items()}
-    print(f"memory ratio efficient / plain = {added['efficient'] / added['plain']:.3f}  (target <= 0.6)")
-    print(f"memory ratio plain / torchvision = {added['plain'] / added['torchvision']:.3f}")
 
 
 if __name__ == "__main__":

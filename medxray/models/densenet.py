@@ -111,17 +111,13 @@ class DenseBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.memory_efficient:
-            # Keep the pieces separately (O(L) storage); each layer concatenates inside its
-            # checkpointed function, so no concatenation is kept for the backward pass.
-            feats = [x]
-            for layer in self.children():
-                feats.append(layer(feats))
-            return torch.cat(feats, 1)
-        # Running concatenation: one cat per layer, and the block's output is already built.
+        # Keep the pieces separately; each layer concatenates what it needs. Gradients then
+        # accumulate in place per piece, and in memory-efficient mode (where each layer's
+        # concatenation sits inside its checkpointed function) no concatenation is kept at all.
+        feats = [x]
         for layer in self.children():
-            x = torch.cat([x, layer([x])], 1)
-        return x
+            feats.append(layer(feats))
+        return torch.cat(feats, 1)
 
 
 class Transition(nn.Sequential):
