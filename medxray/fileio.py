@@ -49,3 +49,30 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True)
     with atomic_output(path, "w", fsync=fsync, encoding="utf-8", newline="") as fh:
         fh.write(text)
     return Path(path)
+
+
+def load_yaml_mapping(path: str | os.PathLike, *, what: str = "config file", error: type[Exception] | None = None,
+                      hint: str = "") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (empty file -> ``{}``); one clear ``error`` otherwise.
+
+    ``hint`` is appended to every message and says how to fix the file.
+    """
+    import yaml
+
+    from medxray.errors import ConfigError
+
+    err = error or ConfigError
+    p = Path(path)
+    if not p.is_file():
+        raise err(f"{what} {p} does not exist{hint}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise err(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}{hint}") from None
+    except UnicodeDecodeError:
+        raise err(f"{what} {p} is not a text file{hint}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise err(f"{what} {p} must hold a mapping of key: value, got {type(data).__name__}{hint}")
+    return data

@@ -43,7 +43,7 @@ import numpy as np
 
 from medxray.dicom import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS
 from medxray.errors import CheckpointError, ConfigError, DataError, DicomError
-from medxray.fileio import atomic_output, atomic_write_text
+from medxray.fileio import atomic_output, atomic_write_text, load_yaml_mapping
 from medxray.labels import CHESTXRAY14_FINDINGS
 
 log = logging.getLogger(__name__)
@@ -1020,16 +1020,7 @@ def load_score_config(path: str | os.PathLike | None = None, overrides: Sequence
 
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of option: value")
-        data.update(loaded)
+        data.update(load_yaml_mapping(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")

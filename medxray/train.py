@@ -48,7 +48,7 @@ from medxray import __version__
 from medxray import distributed as mdist
 from medxray.checkpoint import load_checkpoint, save_checkpoint
 from medxray.errors import CheckpointError, ConfigError, DataError, MedxrayError
-from medxray.fileio import atomic_output, atomic_write_text
+from medxray.fileio import atomic_output, atomic_write_text, load_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -196,18 +196,7 @@ def _check_keys(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML config; every key must be a :class:`TrainConfig` field."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {p} must hold a mapping of option: value, got {type(data).__name__}")
-    return _check_keys(data, source=str(p))
+    return _check_keys(load_yaml_mapping(path), source=str(path))
 
 
 def _build_config(values: Mapping[str, Any]) -> TrainConfig:

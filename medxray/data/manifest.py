@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
 
 import medxray
 from medxray.errors import DataError
+from medxray.fileio import load_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,9 @@ def manifests_root() -> Path:
 def manifest_spec(dataset: str = "chestxray14") -> dict[str, Any]:
     """The parsed ``manifest.yaml`` of one shipped dataset."""
     path = manifests_root() / dataset / MANIFEST_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing; restore data_manifests/{dataset}/ from the medxray source tree")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path} is not valid YAML ({exc}); restore it from the medxray source tree") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("files"), dict):
+    spec = load_yaml_mapping(path, what="manifest", error=DataError,
+                             hint=f"; restore data_manifests/{dataset}/ from the medxray source tree")
+    if not isinstance(spec.get("files"), dict):
         raise DataError(f"{path} has no 'files' section; restore it from the medxray source tree")
     return spec
 
