@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     from medxray.models import create_model
-    from medxray.train import TrainConfig, make_optimizer, masked_bce_with_logits, resolve_device, resolve_precision, train_step
+    from medxray.hardware import resolve_device
+    from medxray.train import TrainConfig, make_optimizer, masked_bce_with_logits, resolve_precision, train_step
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

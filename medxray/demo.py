@@ -180,10 +180,6 @@ def _check_scoring_available(opts: DemoOptions) -> None:
     """Fail at the start, not after training, if the RG1 step cannot run."""
     if not opts.score_rg1:
         return
-    try:
-        import medxray.scoring  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"the demo's last step needs medxray.scoring, which cannot be imported ({exc})") from None
     if _rg1_path() is None:
         raise ConfigError("the demo scores the real radiograph RG1_UNCI.dcm from the pydicom-data package, which is "
                           "not installed: pip install pydicom-data (it is in medxray's dev extra)")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medxray.cam import class_activation_maps
 from medxray.data.synthetic import PHANTOM_MARKER
 from medxray.errors import CheckpointError, ConfigError, DataError
 from medxray.fileio import atomic_output, atomic_write_text
@@ -208,15 +209,6 @@ def calibration(probs: np.ndarray, labels: np.ndarray, masks: np.ndarray, n_bins
 
 # --------------------------------------------------------------------------------------------
 # localisation
-
-
-def class_activation_maps(features: torch.Tensor, weight: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-    """CAM_c = sum_k w_ck * f_k for each class in ``classes`` -> (N, len(classes), h, w).
-
-    ``features`` is ``model.forward_features`` output (already ReLU'd), ``weight`` the classifier's.
-    """
-    w = weight[list(classes)].to(features.dtype)
-    return torch.einsum("nkhw,ck->nchw", features, w)
 
 
 def normalise01(cam: np.ndarray) -> np.ndarray:
@@ -402,7 +394,8 @@ def evaluate(
     """
     from medxray.checkpoint import load_checkpoint, model_from_checkpoint, update_metadata
     from medxray.data.transforms import check_preprocessing
-    from medxray.train import default_num_workers, resolve_device, resolve_precision
+    from medxray.hardware import resolve_device
+    from medxray.train import default_num_workers, resolve_precision
 
     ckpt_path = Path(checkpoint)
     if split not in SPLITS:

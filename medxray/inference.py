@@ -38,6 +38,7 @@ import torch
 
 from medxray.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from medxray.errors import CheckpointError, ConfigError, InputShapeError
+from medxray.hardware import cpu_has_native_bf16, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +50,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # ---------------------------------------------------------------------------------------------
 # hardware
 # ---------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 pays off."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            flags = next((ln for ln in fh if ln.startswith("flags")), "")
-        if flags:
-            return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-    except OSError:
-        pass
-    try:  # non-Linux: oneDNN's own check (may include emulated bf16, still faster than fp32)
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda when present, else cpu; an explicit cuda request without CUDA is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
-    return dev
 
 
 @lru_cache(maxsize=8)

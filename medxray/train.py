@@ -49,6 +49,7 @@ from medxray import distributed as mdist
 from medxray.checkpoint import load_checkpoint, save_checkpoint
 from medxray.errors import CheckpointError, ConfigError, DataError, MedxrayError
 from medxray.fileio import atomic_output, atomic_write_text, load_yaml_mapping
+from medxray.hardware import cpu_has_native_bf16, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -240,45 +241,15 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 # devices and precision
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when present (this rank's GPU under torchrun), else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("device cuda was requested but no CUDA device is available; use --device cpu or auto")
-        if name == "cuda":
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        if any(f in flags for f in ("avx512_bf16", "amx_bf16")):
-            return True
-    except OSError:
-        pass
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-        if "AMX" in cap.upper():
-            return True
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                    and platform.machine().lower() in ("arm64", "aarch64"))
-    except Exception:  # private probe, absent on some builds
-        return False
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map ``auto`` to the fastest safe choice: bf16 where the hardware supports it, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_supports_bf16() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 (with GradScaler) needs a CUDA device; on CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning("this CPU has no native bf16: bf16 autocast will be slow; fp32 is the better choice here")
     return precision
 
