@@ -29,9 +29,8 @@ import shutil
 import tempfile
 import threading
 import warnings
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -52,22 +51,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # ---------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=8)
-def _compose(image_size: int) -> Callable[[dict], dict]:
-    """THE deterministic list, composed once per size (composing per call costs ~3x the work)."""
-    from monai.transforms import Compose
-
-    from medxray.data.transforms import deterministic_transforms
-
-    return Compose(deterministic_transforms(image_size, from_file=False))
-
-
 def preprocess(image01: np.ndarray, image_size: int) -> torch.Tensor:
-    """One 2-D [0, 1] array -> normalised (3, S, S) float tensor; same result as ``preprocess_array``."""
-    arr = np.asarray(image01)
-    if arr.ndim != 2:
-        raise InputShapeError(f"expected a 2-D grayscale image, got shape {tuple(arr.shape)}")
-    return _compose(int(image_size))({"image": arr.astype(np.float32, copy=False)})["image"]
+    """:func:`medxray.data.transforms.preprocess_array`, imported on first use (MONAI loads slowly)."""
+    from medxray.data.transforms import preprocess_array
+
+    return preprocess_array(image01, image_size)
 
 
 def openvino_cache_dir() -> Path | None:

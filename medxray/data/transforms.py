@@ -11,6 +11,7 @@ The intensity convention (what a pixel value means before normalisation) is the 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -307,10 +308,17 @@ def check_preprocessing(preprocessing: Mapping[str, Any]) -> int:
     return int(preprocessing.get("image_size", DEFAULT_IMAGE_SIZE))
 
 
+@lru_cache(maxsize=8)
+def _array_pipeline(image_size: int) -> Compose:
+    """The deterministic list for arrays, composed once per size (composing per call costs ~3x the work)."""
+    return Compose(deterministic_transforms(image_size, from_file=False))
+
+
 def preprocess_array(image01: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
     """Deterministic transforms applied to one 2-D [0, 1] array (scorer and app path)."""
-    if image01.ndim != 2:
+    arr = np.asarray(image01)
+    if arr.ndim != 2:
         from medxray.errors import InputShapeError
 
-        raise InputShapeError(f"expected a 2-D grayscale image, got shape {tuple(image01.shape)}")
-    return Compose(deterministic_transforms(image_size, from_file=False))({"image": image01.astype(np.float32)})["image"]
+        raise InputShapeError(f"expected a 2-D grayscale image, got shape {tuple(arr.shape)}")
+    return _array_pipeline(int(image_size))({"image": arr.astype(np.float32, copy=False)})["image"]
