@@ -7,16 +7,22 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser-deps test test-fast demo bench clean
+.PHONY: setup system-deps browser-deps test test-fast demo bench clean
 
 setup: $(STAMP)
 
-# The browser end-to-end test drives Debian's Chromium (never a downloaded browser).
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the browser test"; \
+# Debian packages the tests drive as real parts (never downloaded binaries): chromium for the browser
+# test, orthanc (a PACS) and dcmtk (storescu/findscu) for the DICOM node tests, dicom3tools
+# (dciodvfy) to validate every DICOM object the tests write.
+SYSTEM_TOOLS := chromium:chromium Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+browser-deps: system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,openvino]'
 	touch $(STAMP)
 
-test: setup browser-deps
+test: setup system-deps
 	$(PY) -m pytest -q
 
 test-fast: setup
