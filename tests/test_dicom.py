@@ -218,7 +218,7 @@ def test_pixel_limit_is_checked_before_decoding(dicom_corpus, monkeypatch):
     def boom(ds):
         raise AssertionError("decoded although the header is over the limit")
 
-    monkeypatch.setattr(dicom, "_decode_stored", boom)
+    monkeypatch.setattr(dicom.reader, "decode_stored", boom)
     with pytest.raises(DicomError) as e:
         read_dicom(root / "bad/too_many_pixels.dcm")
     assert e.value.code == "too_large"

@@ -13,7 +13,14 @@ What the scorer and the app both need from a radiograph, decided once here:
   :class:`~medxray.errors.DicomError` whose ``code`` names the case and whose message says why.
 
 Metadata is an allow-list of non-identifying attributes: patient names, IDs and birth dates
-never leave this module.
+never leave this package.
+
+This module holds the reading path (sniffing, loading the bytes with size limits, parsing with
+pydicom, the truncation check, decoding stored values) and :func:`read_dicom`/:class:`DicomImage`.
+Header checks live in :mod:`medxray.dicom.header`, the LUTs and windows in
+:mod:`medxray.dicom.voi`, refusal codes in :mod:`medxray.dicom.codes`. Must not import the
+writers (:mod:`medxray.dicom.sr`) nor anything of medxray outside this package and
+:mod:`medxray.errors`; only :class:`DicomError` may leave it.
 """
 
 from __future__ import annotations
@@ -21,14 +28,33 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping, Union
+from typing import IO, Any, Iterable, Union
 
 import numpy as np
 
+from medxray.dicom.codes import (
+    DECODE_FAILED,
+    LATERAL_WARNING,
+    NOT_DICOM,
+    SHORT_PIXEL_DATA,
+    TOO_LARGE,
+    TRUNCATED,
+    UNREADABLE,
+    UNSUPPORTED,
+    refusal,
+)
+from medxray.dicom.header import check_image, int_attr, is_lateral_view, safe_meta
+from medxray.dicom.voi import (
+    apply_modality_lut,
+    apply_voi_lut_seq,
+    apply_window,
+    modality_lut_params,
+    percentile_window,
+    window_from_file,
+)
 from medxray.errors import DicomError
 
 log = logging.getLogger(__name__)
@@ -42,37 +68,10 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _MAX_FILE_BYTES_PER_PIXEL = 4
 _MAX_HEADER_BYTES = 64 << 20
 
-# Refusal codes (DicomError.code); the reason text starts with the code so a CSV is greppable.
-NOT_DICOM = "not_dicom"
-UNREADABLE = "unreadable"
-TRUNCATED = "truncated"
-NO_PIXEL_DATA = "no_pixel_data"
-SHORT_PIXEL_DATA = "short_pixel_data"
-MULTI_FRAME = "multi_frame"
-COLOUR = "colour"
-MODALITY = "modality"
-TOO_LARGE = "too_large"
-UNSUPPORTED = "unsupported"
-DECODE_FAILED = "decode_failed"
-
-LATERAL_WARNING = (
-    "lateral view: the model was trained on frontal (PA/AP) chest radiographs, predictions on a "
-    "lateral view are unreliable"
-)
-
 _UNDEFINED = 0xFFFFFFFF
 _VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
 )
-_LATERAL_POSITIONS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT"})
-_LATERAL_WORD = re.compile(r"\bLAT(ERAL)?\b", re.IGNORECASE)
-
-
-def refusal(code: str, message: str) -> DicomError:
-    """A :class:`DicomError` carrying a machine-readable ``code`` and a ``code: message`` text."""
-    err = DicomError(f"{code}: {message}")
-    err.code = code  # type: ignore[attr-defined]
-    return err
 
 
 @dataclass
@@ -99,7 +98,7 @@ class DicomImage:
         if self._raw is None:
             if self._stored is None:
                 raise ValueError("this DicomImage was built without its stored values")
-            self._raw = _apply_modality_lut(self._stored, self._modality_lut)
+            self._raw = apply_modality_lut(self._stored, self._modality_lut)
         return self._raw
 
     @property
@@ -253,152 +252,17 @@ def _parse(data: bytes, kind: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# checks before decoding
-# ---------------------------------------------------------------------------------------------
-
-
-def _int(ds: Any, keyword: str, default: int | None = None) -> int | None:
-    """Integer attribute (first value if multi-valued), or ``default`` when absent or invalid."""
-    v = ds.get(keyword, None)
-    if v is None or v == "":
-        return default
-    try:
-        return int(v)
-    except TypeError:
-        try:
-            return int(v[0])
-        except (TypeError, ValueError, IndexError):
-            return default
-    except ValueError:
-        return default
-
-
-def _first_float(v: Any) -> float | None:
-    """First value of a (possibly multi-valued) DS/IS element."""
-    if v is None or v == "":
-        return None
-    try:
-        if isinstance(v, (str, bytes)):
-            return float(v)
-        try:
-            return float(v[0])
-        except TypeError:
-            return float(v)
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _text(ds: Any, keyword: str) -> str:
-    v = ds.get(keyword, None)
-    if v is None:
-        return ""
-    if not isinstance(v, (str, bytes)):
-        try:
-            v = "\\".join(str(x) for x in v)
-        except TypeError:
-            v = str(v)
-    return str(v).strip()
-
-
-def _safe_meta(ds: Any, ts_uid: Any) -> dict[str, Any]:
-    """Allow-listed, non-identifying attributes only (no names, IDs, dates of birth)."""
-    spacing = ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None)
-    try:
-        spacing = [float(x) for x in spacing] if spacing is not None else None
-    except (TypeError, ValueError):
-        spacing = None
-    return {
-        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
-        "study_instance_uid": _text(ds, "StudyInstanceUID"),
-        "series_instance_uid": _text(ds, "SeriesInstanceUID"),
-        "sop_class_uid": _text(ds, "SOPClassUID"),
-        "modality": _text(ds, "Modality").upper(),
-        "view_position": _text(ds, "ViewPosition").upper(),
-        "body_part": _text(ds, "BodyPartExamined").upper(),
-        "image_laterality": _text(ds, "ImageLaterality").upper(),
-        "rows": _int(ds, "Rows"),
-        "columns": _int(ds, "Columns"),
-        "bits_allocated": _int(ds, "BitsAllocated"),
-        "bits_stored": _int(ds, "BitsStored"),
-        "pixel_representation": _int(ds, "PixelRepresentation", 0),
-        "photometric": _text(ds, "PhotometricInterpretation").upper(),
-        "transfer_syntax": str(ts_uid),
-        "transfer_syntax_name": getattr(ts_uid, "name", str(ts_uid)),
-        "pixel_spacing_mm": spacing,
-    }
-
-
-def _lateral(ds: Any, meta: Mapping[str, Any]) -> bool:
-    if meta["view_position"] in _LATERAL_POSITIONS:
-        return True
-    if meta["view_position"]:
-        return False
-    for item in ds.get("ViewCodeSequence", None) or []:
-        meaning = str(item.get("CodeMeaning", "")).lower()
-        if "lateral" in meaning and "decubitus" not in meaning:
-            return True
-    # No view position at all: descriptions are the only hint left (read, never stored).
-    for keyword in ("SeriesDescription", "ProtocolName", "StudyDescription"):
-        if _LATERAL_WORD.search(_text(ds, keyword)):
-            return True
-    return False
-
-
-def _check_image(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int | None) -> None:
-    if "PixelData" not in ds:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise refusal(UNSUPPORTED, "float pixel data (a parametric map), not a radiograph")
-        raise refusal(NO_PIXEL_DATA,
-                      "the file holds no pixel data (a report, structured document or other non-image object)")
-    frames = _int(ds, "NumberOfFrames", 1) or 1
-    if frames > 1:
-        raise refusal(MULTI_FRAME, f"the file holds {frames} frames; only single-frame 2-D radiographs can be scored")
-    spp = _int(ds, "SamplesPerPixel", 1) or 1
-    photometric = _text(ds, "PhotometricInterpretation").upper()
-    if spp != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise refusal(
-            COLOUR,
-            f"colour image ({photometric or 'no photometric interpretation'}, {spp} samples per pixel); "
-            "only grayscale MONOCHROME1/2 radiographs can be scored",
-        )
-    if allowed_modalities is not None:
-        allowed = {m.upper() for m in allowed_modalities}
-        modality = _text(ds, "Modality").upper()
-        if modality not in allowed:
-            raise refusal(
-                MODALITY,
-                f"modality {modality or '(missing)'} is not in the allowed list {sorted(allowed)} "
-                "(change the allow-list to score it anyway)",
-            )
-    rows, cols = _int(ds, "Rows", 0) or 0, _int(ds, "Columns", 0) or 0
-    if rows <= 0 or cols <= 0:
-        raise refusal(UNREADABLE, f"invalid image size {rows}x{cols} in the header")
-    if max_pixels is not None and rows * cols > max_pixels:
-        raise refusal(
-            TOO_LARGE,
-            f"the image is {cols}x{rows} = {rows * cols / 1e6:.1f} MP, above the {max_pixels / 1e6:.1f} MP limit "
-            "(raise max_pixels if this is a real radiograph)",
-        )
-    bits_alloc = _int(ds, "BitsAllocated", 0) or 0
-    if bits_alloc not in (8, 16, 32):
-        raise refusal(UNSUPPORTED, f"{bits_alloc}-bit allocated pixels; only 8, 16 or 32 bits are supported")
-    bits_stored = _int(ds, "BitsStored", bits_alloc) or bits_alloc
-    if not 1 <= bits_stored <= bits_alloc:
-        raise refusal(UNREADABLE, f"BitsStored {bits_stored} does not fit BitsAllocated {bits_alloc}")
-
-
-# ---------------------------------------------------------------------------------------------
 # decoding
 # ---------------------------------------------------------------------------------------------
 
 
-def _decode_stored(ds: Any) -> np.ndarray:
+def decode_stored(ds: Any) -> np.ndarray:
     """Stored pixel values as an integer array, BitsStored/PixelRepresentation honoured."""
     ts = ds.file_meta.TransferSyntaxUID
     rows, cols = int(ds.Rows), int(ds.Columns)
     bits_alloc = int(ds.BitsAllocated)
-    bits_stored = _int(ds, "BitsStored", bits_alloc) or bits_alloc
-    signed = (_int(ds, "PixelRepresentation", 0) or 0) == 1
+    bits_stored = int_attr(ds, "BitsStored", bits_alloc) or bits_alloc
+    signed = (int_attr(ds, "PixelRepresentation", 0) or 0) == 1
     if not ts.is_compressed and not ts.is_deflated:
         # Native pixels: a direct view of the bytes (pydicom's generic path copies several times).
         raw = ds.get_item("PixelData").value
@@ -435,100 +299,6 @@ def _decode_stored(ds: Any) -> np.ndarray:
     return arr
 
 
-def _modality_lut_params(ds: Any) -> Any:
-    """('rescale', slope, intercept) or ('lut', first, table) from the file."""
-    seq = ds.get("ModalityLUTSequence", None)
-    if seq:
-        item = seq[0]
-        desc = [int(x) for x in item.LUTDescriptor]
-        table = _lut_table(item, desc)
-        return ("lut", desc[1], table)
-    slope = _first_float(ds.get("RescaleSlope", None))
-    intercept = _first_float(ds.get("RescaleIntercept", None))
-    return ("rescale", 1.0 if slope in (None, 0.0) else slope, 0.0 if intercept is None else intercept)
-
-
-def _lut_table(item: Any, desc: list[int]) -> np.ndarray:
-    data = item.get("LUTData", None)
-    if data is None:
-        raise refusal(UNREADABLE, "a LUT sequence item has no LUT Data")
-    n = desc[0] or 65536
-    if isinstance(data, (bytes, bytearray)):
-        table = np.frombuffer(data, dtype="<u2" if desc[2] > 8 or len(data) >= 2 * n else "u1")
-    else:
-        table = np.asarray(list(data) if not isinstance(data, int) else [data], dtype=np.float64)
-    return np.asarray(table[:n], dtype=np.float64)
-
-
-def _apply_modality_lut(stored: np.ndarray, params: Any) -> np.ndarray:
-    kind = params[0]
-    if kind == "lut":
-        _, first, table = params
-        idx = np.clip(stored.astype(np.int64) - first, 0, len(table) - 1)
-        return table.astype(np.float32)[idx]
-    _, slope, intercept = params
-    out = stored.astype(np.float32)
-    if slope != 1.0:
-        out *= np.float32(slope)
-    if intercept != 0.0:
-        out += np.float32(intercept)
-    return out
-
-
-def _window_from_file(ds: Any) -> tuple[float, float, str] | None:
-    center = _first_float(ds.get("WindowCenter", None))
-    width = _first_float(ds.get("WindowWidth", None))
-    if center is None or width is None or width <= 0:
-        return None
-    func = _text(ds, "VOILUTFunction").upper() or "LINEAR"
-    if func not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-        func = "LINEAR"
-    return center, width, func
-
-
-def _apply_window(raw: np.ndarray, center: float, width: float, func: str, out: np.ndarray | None = None) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 windowing to [0, 1], float32, in place when ``out`` is given."""
-    y = out if out is not None else np.array(raw, dtype=np.float32, copy=True)
-    if func == "SIGMOID":
-        y -= np.float32(center)
-        y *= np.float32(-4.0 / width)
-        np.exp(y, out=y)
-        y += np.float32(1.0)
-        np.reciprocal(y, out=y)
-        return y
-    if func == "LINEAR_EXACT":
-        lo, scale = center - width / 2.0, 1.0 / width
-    else:  # LINEAR: the standard's (c - 0.5, w - 1) form
-        w1 = max(width - 1.0, 1e-6)
-        lo, scale = center - 0.5 - w1 / 2.0, 1.0 / w1
-    y -= np.float32(lo)
-    y *= np.float32(scale)
-    np.clip(y, 0.0, 1.0, out=y)
-    return y
-
-
-def _percentile_window(raw: np.ndarray) -> tuple[float, float]:
-    """Robust window when the file has none: 0.5-99.5 percentiles of a strided sample."""
-    step = max(1, int(np.sqrt(raw.size / 250_000)))
-    sample = raw[::step, ::step]
-    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
-    if hi <= lo:
-        lo, hi = float(sample.min()), float(sample.max())
-        if hi <= lo:
-            hi = lo + 1.0
-    return (lo + hi) / 2.0, hi - lo
-
-
-def _apply_voi_lut_seq(raw: np.ndarray, item: Any) -> np.ndarray:
-    desc = [int(x) for x in item.LUTDescriptor]
-    table = _lut_table(item, desc)
-    top = float(2 ** desc[2] - 1) if desc[2] > 0 else 1.0
-    if table.size and table.max() > top:  # some writers state the wrong bit depth
-        top = float(table.max())
-    idx = np.clip(np.rint(raw).astype(np.int64) - desc[1], 0, len(table) - 1)
-    return (table / max(top, 1.0)).astype(np.float32)[idx]
-
-
 # ---------------------------------------------------------------------------------------------
 # public entry
 # ---------------------------------------------------------------------------------------------
@@ -556,35 +326,35 @@ def read_dicom(
         raise refusal(NOT_DICOM, "not a DICOM file (no DICM marker and no DICOM data set at the start)")
     ds = _parse(data, kind)
     try:
-        _check_image(ds, allowed_modalities, max_pixels)
+        check_image(ds, allowed_modalities, max_pixels)
         ts = ds.file_meta.TransferSyntaxUID
-        meta = _safe_meta(ds, ts)
-        stored = _decode_stored(ds)
-        mlut = _modality_lut_params(ds)
+        meta = safe_meta(ds, ts)
+        stored = decode_stored(ds)
+        mlut = modality_lut_params(ds)
         voi_seq = ds.get("VOILUTSequence", None)
-        lateral = _lateral(ds, meta)
+        lateral = is_lateral_view(ds, meta)
     except DicomError:
         raise
     except Exception as exc:  # a damaged attribute surfaces lazily in pydicom
         raise refusal(UNREADABLE, f"a header attribute cannot be interpreted ({type(exc).__name__})") from None
     del data
 
-    raw = _apply_modality_lut(stored, mlut)
+    raw = apply_modality_lut(stored, mlut)
     window: tuple[float, float] | None
     if voi_seq:
-        pixels = _apply_voi_lut_seq(raw, voi_seq[0])
+        pixels = apply_voi_lut_seq(raw, voi_seq[0])
         window, meta["window_source"] = None, "voi_lut"
     else:
-        from_file = _window_from_file(ds)
+        from_file = window_from_file(ds)
         if from_file is not None:
             center, width, func = from_file
             meta["window_source"] = "file"
         else:
-            (center, width), func = _percentile_window(raw), "LINEAR_EXACT"
+            (center, width), func = percentile_window(raw), "LINEAR_EXACT"
             meta["window_source"] = "percentile"
         meta["voi_lut_function"] = func
         window = (float(center), float(width))
-        pixels = _apply_window(raw, center, width, func, out=None if keep_raw else raw)
+        pixels = apply_window(raw, center, width, func, out=None if keep_raw else raw)
     if meta["photometric"] == "MONOCHROME1":
         np.subtract(np.float32(1.0), pixels, out=pixels)
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
@@ -601,11 +371,3 @@ def read_dicom(
         _modality_lut=mlut,
         _raw=raw if keep_raw and raw is not pixels else None,
     )
-
-
-def rewindow(image: DicomImage, center: float, width: float, func: str = "LINEAR") -> np.ndarray:
-    """The display image for another window (app sliders): same rules as :func:`read_dicom`."""
-    pixels = _apply_window(image.raw, center, width, func.upper())
-    if image.meta.get("photometric") == "MONOCHROME1":
-        np.subtract(np.float32(1.0), pixels, out=pixels)
-    return pixels

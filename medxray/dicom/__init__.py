@@ -1,0 +1,38 @@
+"""File-level DICOM: reading radiographs and writing result objects (no networking here).
+
+* :mod:`medxray.dicom.codes`: refusal codes (``DicomError.code``), :func:`refusal`, the lateral warning;
+* :mod:`medxray.dicom.header`: attribute readers, the safe-metadata allow-list, checks before decoding;
+* :mod:`medxray.dicom.voi`: modality LUT, VOI LUT / window, percentile window, :func:`rewindow`;
+* :mod:`medxray.dicom.reader`: sniffing, parsing, decoding, :func:`read_dicom` -> :class:`DicomImage`;
+* :mod:`medxray.dicom.sr`: :func:`write_sr` (Comprehensive SR of the AI findings).
+
+This package must not import the scorer, inference, the app or a network node; those import it.
+"""
+
+from medxray.dicom.codes import LATERAL_WARNING, refusal
+from medxray.dicom.reader import (
+    DEFAULT_ALLOWED_MODALITIES,
+    DEFAULT_MAX_PIXELS,
+    DicomImage,
+    DicomSource,
+    is_dicom_file,
+    read_dicom,
+    sniff_dicom,
+)
+from medxray.dicom.sr import NOT_FOR_CLINICAL_USE, write_sr
+from medxray.dicom.voi import rewindow
+
+__all__ = [
+    "DEFAULT_ALLOWED_MODALITIES",
+    "DEFAULT_MAX_PIXELS",
+    "LATERAL_WARNING",
+    "NOT_FOR_CLINICAL_USE",
+    "DicomImage",
+    "DicomSource",
+    "is_dicom_file",
+    "read_dicom",
+    "refusal",
+    "rewindow",
+    "sniff_dicom",
+    "write_sr",
+]
