@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from medxray.data import build_datasets
-from medxray.data.cache import prepare_cache
+from medxray.data.prepare import prepare_cache
 from medxray.data.synthetic import synthesize
 
 

@@ -14,10 +14,7 @@ only need the model use :func:`load_checkpoint` and ignore them.
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,29 +22,9 @@ from typing import Any, Mapping
 import torch
 
 from medxray.errors import CheckpointError
-from medxray.fileio import atomic_write_bytes
+from medxray.torchfile import atomic_torch_save, safe_torch_load
 
 CHECKPOINT_FORMAT = "medxray-checkpoint/1"
-
-
-def safe_torch_load(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with one clear error for each way it can fail."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{what} {p} does not exist (check the path)")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses arbitrary Python objects: we never run code from a checkpoint.
-        raise CheckpointError(
-            f"{what} {p} holds Python objects that cannot be loaded safely (weights_only=True): "
-            f"{str(exc).splitlines()[0][:200]}. Re-save it as a plain state dict "
-            f"(torch.save(model.state_dict(), path))"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{what} {p} is not a readable PyTorch file (corrupt or truncated?): {str(exc).splitlines()[0][:200]}"
-        ) from None
 
 
 @dataclass
@@ -61,13 +38,6 @@ class Checkpoint:
     @property
     def label_names(self) -> list[str]:
         return list(self.metadata.get("label_names", []))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` to ``path`` through a temp file + rename, so a kill never leaves half a file."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getbuffer())
 
 
 def save_checkpoint(
@@ -104,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> torch.nn.Module:
     """Build the checkpoint's architecture, load its weights strictly, return it in eval mode."""
-    from medxray.models import create_model
+    from medxray.models import create_model  # checkpoint -> models -> torchfile: no circle
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)

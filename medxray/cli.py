@@ -327,7 +327,7 @@ def _data_options(args: argparse.Namespace) -> dict:
 
 
 def _run_data_prepare(args: argparse.Namespace) -> int:
-    from medxray.data.cache import prepare_cache
+    from medxray.data.prepare import prepare_cache
 
     r = prepare_cache(args.dataset, args.data_root, args.size, workers=args.workers, allow_missing=args.allow_missing,
                       progress=not args.quiet, **_data_options(args))

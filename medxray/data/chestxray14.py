@@ -35,8 +35,7 @@ from medxray.data.core import (
     split_hash,
     split_summary,
 )
-from medxray.data.synthetic import PHANTOM_MARKER
-from medxray.data.manifest import content_sha256, known_content_hashes, open_text, read_name_list, shipped_files
+from medxray.data.manifest import PHANTOM_MARKER, content_sha256, known_content_hashes, open_text, read_name_list, shipped_files
 from medxray.errors import DataError
 from medxray.labels import CHESTXRAY14_FINDINGS
 

@@ -25,6 +25,9 @@ from medxray.fileio import load_yaml_mapping
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.yaml"
+# A data root that holds this file was drawn by medxray.data.synthetic: its images are phantoms, and every
+# number measured on it is a phantom number. Defined here (not in synthetic) so readers need not import the generator.
+PHANTOM_MARKER = "MEDXRAY_PHANTOM.json"
 
 
 def manifests_root() -> Path:

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import torch
 
-from medxray.checkpoint import safe_torch_load
+from medxray.torchfile import safe_torch_load
 from medxray.errors import WeightsError
-from medxray.models.registry import VARIANTS, get_variant
+from medxray.models.variants import VARIANTS, get_variant
 
 log = logging.getLogger(__name__)
 
