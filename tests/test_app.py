@@ -9,9 +9,10 @@ import pytest
 from app_helpers import APP_ENTRY, make_checkpoint, make_results, png_bytes, rg1_bytes
 from streamlit.testing.v1 import AppTest
 
-from medxray import appsupport as sup
 from medxray.labels import CHESTXRAY14_FINDINGS
 from medxray.review import ReviewStore
+from medxray.review.settings import ENV_BACKEND, ENV_CHECKPOINT, ENV_MAX_UPLOAD_MB, ENV_RESULTS, ENV_REVIEWS
+from medxray.review.store import ImageKey
 
 TIMEOUT = 120  # first run imports torch and loads the model on 2 shared CPU cores
 
@@ -24,11 +25,11 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def env(monkeypatch, tmp_path, checkpoint):
     """A configured app: checkpoint, empty review folder; returns the folder paths."""
-    monkeypatch.setenv(sup.ENV_CHECKPOINT, str(checkpoint))
-    monkeypatch.setenv(sup.ENV_REVIEWS, str(tmp_path / "reviews"))
-    monkeypatch.delenv(sup.ENV_RESULTS, raising=False)
-    monkeypatch.delenv(sup.ENV_MAX_UPLOAD_MB, raising=False)
-    monkeypatch.delenv(sup.ENV_BACKEND, raising=False)
+    monkeypatch.setenv(ENV_CHECKPOINT, str(checkpoint))
+    monkeypatch.setenv(ENV_REVIEWS, str(tmp_path / "reviews"))
+    monkeypatch.delenv(ENV_RESULTS, raising=False)
+    monkeypatch.delenv(ENV_MAX_UPLOAD_MB, raising=False)
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
     return tmp_path
 
 
@@ -64,9 +65,9 @@ def _upload(at: AppTest, name: str, data: bytes, mime: str = "application/octet-
 
 
 def test_without_checkpoint_every_page_explains_how_to_make_one(monkeypatch, tmp_path):
-    monkeypatch.delenv(sup.ENV_CHECKPOINT, raising=False)
-    monkeypatch.delenv(sup.ENV_RESULTS, raising=False)
-    monkeypatch.setenv(sup.ENV_REVIEWS, str(tmp_path / "r"))
+    monkeypatch.delenv(ENV_CHECKPOINT, raising=False)
+    monkeypatch.delenv(ENV_RESULTS, raising=False)
+    monkeypatch.setenv(ENV_REVIEWS, str(tmp_path / "r"))
     at = _app()
     _ok(at)
     assert "make demo" in _texts(at.info) and "medxray finetune" in _texts(at.info)
@@ -81,9 +82,29 @@ def test_without_checkpoint_every_page_explains_how_to_make_one(monkeypatch, tmp
     assert "make demo" in _texts(at.info) and "not for clinical use" in _texts(at.error)
 
 
+def test_pages_are_found_with_a_relative_script_path(monkeypatch, tmp_path):
+    """``AppTest.from_file("app/medxray_app.py")`` typed at a prompt or in ``python -c`` (caller file "<stdin>").
+
+    AppTest then runs the script under a relative path; pages resolved from an unresolved
+    ``Path(__file__).parent`` would be looked up at app/app/app_pages/ and not be found.
+    """
+    monkeypatch.delenv(ENV_CHECKPOINT, raising=False)
+    monkeypatch.delenv(ENV_RESULTS, raising=False)
+    monkeypatch.setenv(ENV_REVIEWS, str(tmp_path / "r"))
+    monkeypatch.chdir(APP_ENTRY.parents[1])
+    scope = {"AppTest": AppTest, "TIMEOUT": TIMEOUT}
+    exec(compile('at = AppTest.from_file("app/medxray_app.py", default_timeout=TIMEOUT)', "<stdin>", "exec"), scope)
+    at = scope["at"].run()
+    _ok(at)
+    assert at.title and at.title[0].value == "Study"
+    at.switch_page("app_pages/model_card.py").run()
+    _ok(at)
+    assert at.title and at.title[0].value == "Model card"
+
+
 def test_missing_checkpoint_file_is_a_message_not_a_traceback(monkeypatch, tmp_path):
-    monkeypatch.setenv(sup.ENV_CHECKPOINT, str(tmp_path / "nope.pt"))
-    monkeypatch.setenv(sup.ENV_REVIEWS, str(tmp_path / "r"))
+    monkeypatch.setenv(ENV_CHECKPOINT, str(tmp_path / "nope.pt"))
+    monkeypatch.setenv(ENV_REVIEWS, str(tmp_path / "r"))
     at = _app()
     _ok(at)
     assert "does not exist" in _texts(at.error)
@@ -151,7 +172,7 @@ def test_lateral_and_ap_views_warn(env, tmp_path):
 
 
 def test_bad_uploads_show_a_message_and_the_app_keeps_working(env, monkeypatch):
-    monkeypatch.setenv(sup.ENV_MAX_UPLOAD_MB, "1")
+    monkeypatch.setenv(ENV_MAX_UPLOAD_MB, "1")
     at = _app()
     _upload(at, "RG1_UNCI.dcm", rg1_bytes())  # 7 MB > 1 MB limit
     _ok(at)
@@ -160,7 +181,7 @@ def test_bad_uploads_show_a_message_and_the_app_keeps_working(env, monkeypatch):
     _ok(at)
     assert "not a DICOM, PNG or JPEG" in _texts(at.error)
     data = rg1_bytes()
-    monkeypatch.setenv(sup.ENV_MAX_UPLOAD_MB, "64")
+    monkeypatch.setenv(ENV_MAX_UPLOAD_MB, "64")
     _upload(at, "cut.dcm", data[:5000])
     _ok(at)
     assert "Cannot open this image" in _texts(at.error)
@@ -209,8 +230,8 @@ def test_save_review_then_export(env):
 
 def test_worklist_filters_shows_review_state_and_opens_study(env, monkeypatch):
     out, uids = make_results(env / "scored")
-    monkeypatch.setenv(sup.ENV_RESULTS, str(out))
-    ReviewStore(env / "reviews").save(sup.ImageKey(uids[1], "sop_instance_uid"), {"Mass": "agree"}, reviewer="Dr B")
+    monkeypatch.setenv(ENV_RESULTS, str(out))
+    ReviewStore(env / "reviews").save(ImageKey(uids[1], "sop_instance_uid"), {"Mass": "agree"}, reviewer="Dr B")
     at = _app()
     at.switch_page("app_pages/worklist.py").run()
     _ok(at)
@@ -269,9 +290,9 @@ def test_worklist_on_a_real_score_dicom_folder_without_a_model(monkeypatch, tmp_
                                           progress=False, overlay_max_side=256, backend="torch",
                                           precision="fp32"))
     assert (summary.ok, summary.error) == (2, 1)
-    monkeypatch.delenv(sup.ENV_CHECKPOINT, raising=False)  # reviewing stored results needs no model
-    monkeypatch.setenv(sup.ENV_RESULTS, str(out))
-    monkeypatch.setenv(sup.ENV_REVIEWS, str(tmp_path / "reviews"))
+    monkeypatch.delenv(ENV_CHECKPOINT, raising=False)  # reviewing stored results needs no model
+    monkeypatch.setenv(ENV_RESULTS, str(out))
+    monkeypatch.setenv(ENV_REVIEWS, str(tmp_path / "reviews"))
     at = _app()
     at.switch_page("app_pages/worklist.py").run()
     _ok(at)

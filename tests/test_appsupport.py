@@ -11,10 +11,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medxray import appsupport as sup
 from medxray.errors import CheckpointError, DataError, MedxrayError
 from medxray.labels import CHESTXRAY14_FINDINGS
 from medxray.review import ImageKey, ReviewStore
+from medxray.review.model_card import metrics_overview, metrics_table, model_card
+from medxray.review.settings import (DEFAULT_MAX_UPLOAD_MB, ENV_CHECKPOINT, ENV_MAX_UPLOAD_MB, ENV_RESULTS,
+                                     AppSettings, check_app_settings, streamlit_command, user_message)
+from medxray.review.study import (DISPLAY_MAX_SIDE, StudyImage, display_image, distribution_warnings,
+                                  findings_table, load_study_bytes, load_study_file, probability_figure,
+                                  safe_metadata_table, sniff_kind, window_range)
+from medxray.review.worklist import (filter_worklist, load_results, resolve_result_path, result_label_names,
+                                     results_input_root, stored_cam_path, worklist_table)
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -39,32 +46,32 @@ def _chest_like(h: int = 300, w: int = 280, seed: int = 0) -> np.ndarray:
 # -- settings and launch -------------------------------------------------------------------------
 
 def test_settings_roundtrip_through_environment(tmp_path):
-    cfg = sup.AppSettings(checkpoint=tmp_path / "c.pt", results=tmp_path / "out", reviews=tmp_path / "rev",
+    cfg = AppSettings(checkpoint=tmp_path / "c.pt", results=tmp_path / "out", reviews=tmp_path / "rev",
                           max_upload_mb=5)
-    again = sup.AppSettings.from_env(cfg.to_env())
+    again = AppSettings.from_env(cfg.to_env())
     assert again == cfg and again.max_upload_bytes == 5 * 2**20
-    empty = sup.AppSettings.from_env({sup.ENV_MAX_UPLOAD_MB: "lots"})
+    empty = AppSettings.from_env({ENV_MAX_UPLOAD_MB: "lots"})
     assert empty.checkpoint is None and empty.results is None
-    assert empty.max_upload_mb == sup.DEFAULT_MAX_UPLOAD_MB
+    assert empty.max_upload_mb == DEFAULT_MAX_UPLOAD_MB
 
 
 def test_streamlit_command_binds_localhost_and_passes_settings(tmp_path):
-    cfg = sup.AppSettings(checkpoint=tmp_path / "c.pt", reviews=tmp_path / "rev", max_upload_mb=10)
-    argv, env = sup.streamlit_command(cfg, port=8765)
+    cfg = AppSettings(checkpoint=tmp_path / "c.pt", reviews=tmp_path / "rev", max_upload_mb=10)
+    argv, env = streamlit_command(cfg, port=8765)
     assert argv[:4] == [sys.executable, "-m", "streamlit", "run"]
     assert argv[4].endswith("app/medxray_app.py")
     opts = dict(zip(argv[5::2], argv[6::2]))
     assert opts["--server.address"] == "127.0.0.1" and opts["--server.port"] == "8765"
     assert opts["--browser.gatherUsageStats"] == "false" and int(opts["--server.maxUploadSize"]) > 10
-    assert env[sup.ENV_CHECKPOINT] == str(tmp_path / "c.pt") and sup.ENV_RESULTS not in env
+    assert env[ENV_CHECKPOINT] == str(tmp_path / "c.pt") and ENV_RESULTS not in env
 
 
 def test_check_app_settings_fails_fast_with_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="make demo"):
-        sup.check_app_settings(sup.AppSettings(checkpoint=tmp_path / "none.pt", reviews=tmp_path / "r"))
+        check_app_settings(AppSettings(checkpoint=tmp_path / "none.pt", reviews=tmp_path / "r"))
     with pytest.raises(DataError, match="score-dicom"):
-        sup.check_app_settings(sup.AppSettings(results=tmp_path / "nope", reviews=tmp_path / "r"))
-    sup.check_app_settings(sup.AppSettings(reviews=tmp_path / "r"))
+        check_app_settings(AppSettings(results=tmp_path / "nope", reviews=tmp_path / "r"))
+    check_app_settings(AppSettings(reviews=tmp_path / "r"))
     assert (tmp_path / "r" / "reviews.sqlite3").is_file()
 
 
@@ -80,22 +87,22 @@ def test_cli_app_refuses_missing_checkpoint_without_traceback(tmp_path, capsys):
 
 def test_png_8bit_and_16bit_scale_by_bit_depth():
     arr8 = _chest_like()
-    s8 = sup.load_study_bytes(_png(arr8), "x.png")
+    s8 = load_study_bytes(_png(arr8), "x.png")
     assert s8.kind == "png" and s8.pixels.dtype == np.float32 and s8.shape == arr8.shape
     np.testing.assert_allclose(s8.pixels, arr8 / 255.0, atol=1e-6)
     assert s8.key.kind == "sha256" and s8.key.value == s8.sha256 and not s8.warnings
     arr16 = (arr8.astype(np.uint16) * 257)
-    s16 = sup.load_study_bytes(_png(arr16), "x16.png")
+    s16 = load_study_bytes(_png(arr16), "x16.png")
     np.testing.assert_allclose(s16.pixels, arr16 / 65535.0, atol=1e-6)
 
 
 def test_jpeg_and_colour_images_become_grayscale_with_a_warning():
     g = _chest_like()
-    sj = sup.load_study_bytes(_jpeg(g), "x.jpg")
+    sj = load_study_bytes(_jpeg(g), "x.jpg")
     assert sj.kind == "jpeg" and sj.pixels.ndim == 2
     assert np.abs(sj.pixels - g / 255.0).mean() < 0.02
     rgb = np.stack([g, g // 2, 255 - g], axis=-1)
-    sc = sup.load_study_bytes(_png(rgb), "colour.png")
+    sc = load_study_bytes(_png(rgb), "colour.png")
     assert sc.pixels.ndim == 2 and any("colour" in w for w in sc.warnings)
 
 
@@ -108,31 +115,31 @@ def test_jpeg_and_colour_images_become_grayscale_with_a_warning():
 )
 def test_bad_uploads_raise_one_clear_error(data, name, match):
     with pytest.raises(DataError, match=match):
-        sup.load_study_bytes(data, name)
+        load_study_bytes(data, name)
 
 
 def test_oversized_upload_is_refused_before_decoding():
     data = _png(_chest_like())
     with pytest.raises(DataError, match="upload limit"):
-        sup.load_study_bytes(data, "big.png", max_bytes=len(data) - 1)
+        load_study_bytes(data, "big.png", max_bytes=len(data) - 1)
 
 
 def test_decompression_bomb_is_refused(monkeypatch):
-    monkeypatch.setattr(sup, "MAX_PIXELS", 1000)
+    monkeypatch.setattr("medxray.review.study.MAX_PIXELS", 1000)
     with pytest.raises(DataError, match="megapixels"):
-        sup.load_study_bytes(_png(_chest_like(50, 40)), "bomb.png")
+        load_study_bytes(_png(_chest_like(50, 40)), "bomb.png")
 
 
 def test_load_study_file_missing_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no longer exists"):
-        sup.load_study_file(tmp_path / "gone.dcm")
+        load_study_file(tmp_path / "gone.dcm")
 
 
 def test_sniffing_uses_content_not_extension():
-    assert sup.sniff_kind(b"\x00" * 128 + b"DICM" + b"\x00" * 10, "noext") == "dicom"
-    assert sup.sniff_kind(_png(_chest_like(8, 8)), "looks.dcm") == "png"
-    assert sup.sniff_kind(b"random", "scan.DCM") == "dicom"  # preamble-less DICOM: read_dicom decides
-    assert sup.sniff_kind(b"random", "scan.bin") is None
+    assert sniff_kind(b"\x00" * 128 + b"DICM" + b"\x00" * 10, "noext") == "dicom"
+    assert sniff_kind(_png(_chest_like(8, 8)), "looks.dcm") == "png"
+    assert sniff_kind(b"random", "scan.DCM") == "dicom"  # preamble-less DICOM: read_dicom decides
+    assert sniff_kind(b"random", "scan.bin") is None
 
 
 # -- windowing and display -----------------------------------------------------------------------
@@ -145,53 +152,53 @@ def rg1_bytes() -> bytes:
 
 
 def test_real_dicom_is_keyed_by_uid_and_shows_no_phi(rg1_bytes):
-    s = sup.load_study_bytes(rg1_bytes, "RG1_UNCI.dcm")
+    s = load_study_bytes(rg1_bytes, "RG1_UNCI.dcm")
     assert s.kind == "dicom" and s.shape == (1955, 1841) and s.pixels.dtype == np.float32
     assert s.key.kind == "sop_instance_uid" and s.key.value.startswith("1.3.6.1.4.1.5962")
     assert s.window is not None and s.raw is not None and s.raw.shape == s.shape
-    table = sup.safe_metadata_table(s)
+    table = safe_metadata_table(s)
     text = table.to_string()
     assert "CompressedSamples" not in text and "RG1" not in text  # the patient name of the test file
     assert dict(zip(table["field"], table["value"]))["modality"] == "CR"
-    assert sup.distribution_warnings(s, image_size=224) == []  # an adult PA chest CR: nothing to warn about
+    assert distribution_warnings(s, image_size=224) == []  # an adult PA chest CR: nothing to warn about
 
 
 def test_dicom_display_rewindows_from_raw_values(rg1_bytes):
-    s = sup.load_study_bytes(rg1_bytes, "RG1_UNCI.dcm")
-    default = sup.display_image(s, None)
-    assert max(default.shape) == sup.DISPLAY_MAX_SIDE
-    same = sup.display_image(s, s.window)
+    s = load_study_bytes(rg1_bytes, "RG1_UNCI.dcm")
+    default = display_image(s, None)
+    assert max(default.shape) == DISPLAY_MAX_SIDE
+    same = display_image(s, s.window)
     assert np.abs(same - default).mean() < 0.01  # the default window reproduces the decoder's image
-    lo, hi = sup.window_range(s)
-    narrow = sup.display_image(s, ((lo + hi) / 2, (hi - lo) / 20))
+    lo, hi = window_range(s)
+    narrow = display_image(s, ((lo + hi) / 2, (hi - lo) / 20))
     assert np.abs(narrow - default).mean() > 0.05
     # MONOCHROME1: higher raw values are darker on screen, so a window above everything is all white
-    assert sup.display_image(s, (hi + 10 * (hi - lo), 1.0)).min() == pytest.approx(1.0)
+    assert display_image(s, (hi + 10 * (hi - lo), 1.0)).min() == pytest.approx(1.0)
 
 
 def test_broken_dicom_is_a_clear_dicom_error(rg1_bytes):
     from medxray.errors import DicomError
 
     with pytest.raises(DicomError):
-        sup.load_study_bytes(rg1_bytes[: len(rg1_bytes) // 2], "cut.dcm")
+        load_study_bytes(rg1_bytes[: len(rg1_bytes) // 2], "cut.dcm")
     with pytest.raises(MedxrayError):
-        sup.load_study_bytes(b"\x00" * 128 + b"DICM" + b"garbage" * 20, "junk.dcm")
+        load_study_bytes(b"\x00" * 128 + b"DICM" + b"garbage" * 20, "junk.dcm")
 
 
 # -- findings ------------------------------------------------------------------------------------
 
 def test_findings_table_follows_thresholds_and_sorts():
     labels = ["A", "B", "C"]
-    t = sup.findings_table(labels, [0.2, 0.9, 0.5], {"A": 0.1, "B": 0.95, "C": 0.5})
+    t = findings_table(labels, [0.2, 0.9, 0.5], {"A": 0.1, "B": 0.95, "C": 0.5})
     assert list(t["finding"]) == ["B", "C", "A"]
     assert dict(zip(t["finding"], t["positive"])) == {"A": True, "B": False, "C": True}
     with pytest.raises(ValueError):
-        sup.findings_table(labels, [0.1], {})
+        findings_table(labels, [0.1], {})
 
 
 def test_probability_figure_marks_every_threshold():
-    t = sup.findings_table(list(CHESTXRAY14_FINDINGS), np.linspace(0, 1, 14), {})
-    fig = sup.probability_figure(t)
+    t = findings_table(list(CHESTXRAY14_FINDINGS), np.linspace(0, 1, 14), {})
+    fig = probability_figure(t)
     ax = fig.axes[0]
     assert len(ax.patches) == 14 and len(ax.lines) == 14
     assert all(line.get_xdata()[0] == pytest.approx(0.5) for line in ax.lines)
@@ -200,22 +207,22 @@ def test_probability_figure_marks_every_threshold():
 # -- warnings ------------------------------------------------------------------------------------
 
 def _study(pixels, **meta):
-    return sup.StudyImage(pixels=pixels.astype(np.float32), kind="dicom", key=ImageKey("1", "sop_instance_uid"),
+    return StudyImage(pixels=pixels.astype(np.float32), kind="dicom", key=ImageKey("1", "sop_instance_uid"),
                           sha256="0" * 64, meta=meta)
 
 
 def test_distribution_warnings():
     rng = np.random.default_rng(0)
     good = rng.uniform(0.2, 0.8, (1024, 1024))
-    assert sup.distribution_warnings(_study(good, modality="CR", view_position="PA", body_part="CHEST"),
+    assert distribution_warnings(_study(good, modality="CR", view_position="PA", body_part="CHEST"),
                                      image_size=224) == []
-    w = sup.distribution_warnings(_study(good, modality="MR", view_position="LL", body_part="KNEE"))
+    w = distribution_warnings(_study(good, modality="MR", view_position="LL", body_part="KNEE"))
     assert any(x.startswith("lateral view") for x in w)
     assert any("modality MR" in x for x in w) and any("body part KNEE" in x for x in w)
-    assert any(x.startswith("AP view") for x in sup.distribution_warnings(_study(good, view_position="AP")))
-    small = sup.distribution_warnings(_study(rng.uniform(0.2, 0.8, (120, 400))))
+    assert any(x.startswith("AP view") for x in distribution_warnings(_study(good, view_position="AP")))
+    small = distribution_warnings(_study(rng.uniform(0.2, 0.8, (120, 400))))
     assert any("small image" in x for x in small) and any("unusual shape" in x for x in small)
-    dark = sup.distribution_warnings(_study(np.full((512, 512), 0.02)))
+    dark = distribution_warnings(_study(np.full((512, 512), 0.02)))
     assert any("brightness" in x for x in dark) and any("low contrast" in x for x in dark)
 
 
@@ -243,12 +250,12 @@ def _results(tmp_path, labels=("Effusion", "Mass", "Nodule")):
 
 def test_worklist_table_review_state_and_filters(tmp_path):
     out = _results(tmp_path)
-    res = sup.load_results(out)
-    assert sup.result_label_names(res) == ["Effusion", "Mass", "Nodule"]
+    res = load_results(out)
+    assert result_label_names(res) == ["Effusion", "Mass", "Nodule"]
     store = ReviewStore(tmp_path / "rev")
     store.save(ImageKey.for_image("1.2.3"), {"Effusion": "agree"}, reviewer="Dr A")
     thr = {"Effusion": 0.5, "Mass": 0.5, "Nodule": 0.5}
-    t = sup.worklist_table(res, out, thr, store.latest_by_image())
+    t = worklist_table(res, out, thr, store.latest_by_image())
     assert list(t["file"]) == ["a.dcm", "b.dcm", "c.png"]
     assert list(t["reviewed"]) == [True, False, False] and t.loc[0, "reviewer"] == "Dr A"
     assert list(t["top_finding"]) == ["Effusion", "", "Mass"]
@@ -256,31 +263,31 @@ def test_worklist_table_review_state_and_filters(tmp_path):
         b"png-bytes").value  # no UID: keyed by file hash, found relative to the results folder's parent
     assert t.loc[0, "review_summary"] == "Effusion: agree"
     # thresholds in use change what is positive
-    t2 = sup.worklist_table(res, out, {**thr, "Nodule": 0.65}, {})
+    t2 = worklist_table(res, out, {**thr, "Nodule": 0.65}, {})
     assert t2.loc[2, "positive_findings"] == "Mass"
 
-    f = sup.filter_worklist(t, statuses=["ok"], reviewed="not reviewed")
+    f = filter_worklist(t, statuses=["ok"], reviewed="not reviewed")
     assert list(f["file"]) == ["c.png"]
-    f = sup.filter_worklist(t, finding="Nodule", sort_by="finding_probability")
+    f = filter_worklist(t, finding="Nodule", sort_by="finding_probability")
     assert list(f["file"][:2]) == ["c.png", "a.dcm"]
-    f = sup.filter_worklist(t, finding="Effusion", positive_only=True)
+    f = filter_worklist(t, finding="Effusion", positive_only=True)
     assert list(f["file"]) == ["a.dcm"]
-    assert list(sup.filter_worklist(t, search="C.P")["file"]) == ["c.png"]
-    assert list(sup.filter_worklist(t, sort_by="file", descending=True)["file"]) == ["c.png", "b.dcm", "a.dcm"]
+    assert list(filter_worklist(t, search="C.P")["file"]) == ["c.png"]
+    assert list(filter_worklist(t, sort_by="file", descending=True)["file"]) == ["c.png", "b.dcm", "a.dcm"]
 
 
 def test_load_results_errors(tmp_path):
     with pytest.raises(DataError, match="score-dicom"):
-        sup.load_results(tmp_path)
+        load_results(tmp_path)
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="path/status"):
-        sup.load_results(tmp_path)
+        load_results(tmp_path)
 
 
 # -- model card ----------------------------------------------------------------------------------
 
 def test_metrics_table_reads_several_layouts():
-    m = sup.metrics_table({
+    m = metrics_table({
         "test": {"auroc": {"Mass": 0.8, "Edema": 0.9}, "auroc_ci": {"Mass": [0.7, 0.88]}, "mean_auroc": 0.85,
                  "mean_auroc_ci": [0.8, 0.9]},
         "val": {"auprc": {"Mass": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}}},
@@ -290,7 +297,7 @@ def test_metrics_table_reads_several_layouts():
     assert rows[("test", "Edema", "auroc")][0] == 0.9 and np.isnan(rows[("test", "Edema", "auroc")][1])
     assert rows[("test", "(overall)", "mean_auroc")] == (0.85, 0.8, 0.9)
     assert rows[("val", "Mass", "auprc")] == (0.4, 0.3, 0.5)
-    overall, per = sup.metrics_overview(m)
+    overall, per = metrics_overview(m)
     assert dict(zip(overall["metric"], overall["value (95% CI)"])) == {"test/mean_auroc": "0.850 (0.800-0.900)"}
     per = per.set_index("finding")
     assert per.loc["Mass", "test/auroc"] == "0.800 (0.700-0.880)" and per.loc["Edema", "test/auroc"] == "0.900"
@@ -303,19 +310,19 @@ def test_model_card_from_metadata():
     meta = {"architecture": "densenet121", "label_names": ["Mass", "Edema"], "pretrained": "imagenet",
             "preprocessing": preprocessing_config(224), "thresholds": {"Mass": 0.3}, "dataset": "chestxray14",
             "metrics": {"test": {"auroc": {"Mass": 0.8}}}, "model_version": "v1", "versions": {"torch": "2.x"}}
-    card = sup.model_card(meta, checkpoint_path="/x/c.pt")
+    card = model_card(meta, checkpoint_path="/x/c.pt")
     s = dict(zip(card.summary["field"], card.summary["value"]))
     assert s["architecture"] == "densenet121" and s["initialisation"] == "imagenet"
     assert dict(zip(card.training["field"], card.training["value"]))["dataset"] == "chestxray14"
     assert dict(zip(card.thresholds["finding"], card.thresholds["threshold"])) == {"Mass": 0.3, "Edema": 0.5}
     assert len(card.metrics) == 1 and "not for clinical use" in card.not_for_clinical_use
-    bare = sup.model_card({"architecture": "x", "label_names": []})
+    bare = model_card({"architecture": "x", "label_names": []})
     assert "records no evaluation metrics" in bare.limitations[0]
 
 
 def test_user_message_never_dumps_a_traceback():
-    assert sup.user_message(DataError("bad file; try another")) == "bad file; try another"
-    msg = sup.user_message(RuntimeError("x\nline two"))
+    assert user_message(DataError("bad file; try another")) == "bad file; try another"
+    msg = user_message(RuntimeError("x\nline two"))
     assert "RuntimeError" in msg and "line two" not in msg
     assert issubclass(DataError, MedxrayError)
 
@@ -327,14 +334,14 @@ def test_results_paths_resolve_against_the_runs_input_folder(tmp_path):
     (inp / "ward").mkdir(parents=True)
     (inp / "ward" / "x.dcm").write_bytes(b"x")
     out.mkdir()
-    assert sup.results_input_root(out) is None
+    assert results_input_root(out) is None
     (out / "run.json").write_text(json.dumps({"input": str(inp), "complete": True}))
-    assert sup.results_input_root(out) == inp
-    assert sup.resolve_result_path(out, "ward/x.dcm") == inp / "ward" / "x.dcm"
-    assert sup.resolve_result_path(out, "/abs/y.dcm") == Path("/abs/y.dcm")
-    assert sup.stored_cam_path(out, {"cam_dir": "cams/ward__x", "path": "ward/x.dcm"}, "Mass") == \
+    assert results_input_root(out) == inp
+    assert resolve_result_path(out, "ward/x.dcm") == inp / "ward" / "x.dcm"
+    assert resolve_result_path(out, "/abs/y.dcm") == Path("/abs/y.dcm")
+    assert stored_cam_path(out, {"cam_dir": "cams/ward__x", "path": "ward/x.dcm"}, "Mass") == \
         out / "cams" / "ward__x" / "Mass.png"
     from medxray.scoring import output_stem
 
-    assert sup.stored_cam_path(out, {"cam_dir": "", "path": "ward/x.dcm"}, "Mass") == \
+    assert stored_cam_path(out, {"cam_dir": "", "path": "ward/x.dcm"}, "Mass") == \
         out / "cams" / output_stem("ward/x.dcm") / "Mass.png"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from app_helpers import make_checkpoint, rg1_path
 
-from medxray import appsupport as sup
+from medxray.review.settings import AppSettings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -60,7 +60,7 @@ def app_server(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)")
     root = tmp_path_factory.mktemp("browser")
-    cfg = sup.AppSettings(checkpoint=make_checkpoint(root / "model.pt"), reviews=root / "reviews", max_upload_mb=32)
+    cfg = AppSettings(checkpoint=make_checkpoint(root / "model.pt"), reviews=root / "reviews", max_upload_mb=32)
     port = _free_port()
     argv = [sys.executable, "-m", "medxray.cli", "app", "--checkpoint", str(cfg.checkpoint),
             "--reviews", str(cfg.reviews), "--max-upload-mb", "32", "--port", str(port)]

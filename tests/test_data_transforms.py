@@ -8,7 +8,7 @@ import torch
 from monai.transforms import Compose
 from PIL import Image
 
-from medxray.data.core import read_image
+from medxray.data.imageio import read_image
 from medxray.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from medxray.errors import DataError, MedxrayError
-from medxray.review import EXPORT_COLUMNS, ImageKey, ReviewError, ReviewStore
+from medxray.review.store import EXPORT_COLUMNS, ImageKey, ReviewError, ReviewStore
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 

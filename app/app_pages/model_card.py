@@ -2,18 +2,19 @@
 
 import streamlit as st
 
-from medxray import appsupport as sup
-from medxray import appui
+from medxray.review import ui
+from medxray.review.model_card import metrics_overview, model_card
+from medxray.review.settings import NOT_FOR_CLINICAL_USE
 
-cfg = appui.settings()
-ms = appui.model_state(cfg)
+cfg = ui.settings()
+ms = ui.model_state(cfg)
 st.title("Model card")
-st.error(sup.NOT_FOR_CLINICAL_USE)
+st.error(NOT_FOR_CLINICAL_USE)
 if ms.predictor is None:
-    appui.show_model_problem(ms)
+    ui.show_model_problem(ms)
     st.stop()
 
-card = sup.model_card(ms.predictor.metadata, checkpoint_path=cfg.checkpoint)
+card = model_card(ms.predictor.metadata, checkpoint_path=cfg.checkpoint)
 st.subheader(card.title)
 st.dataframe(card.summary, hide_index=True, key="card_summary")
 st.subheader("Training data and split")
@@ -23,7 +24,7 @@ else:
     st.info("The checkpoint does not record its training data.")
 st.subheader("Metrics")
 if len(card.metrics):
-    overall, per_finding = sup.metrics_overview(card.metrics)
+    overall, per_finding = metrics_overview(card.metrics)
     if len(overall):
         st.dataframe(overall, hide_index=True)
     if len(per_finding):

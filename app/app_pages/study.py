@@ -2,15 +2,16 @@
 
 import streamlit as st
 
-from medxray import appsupport as sup
-from medxray import appui
+from medxray.review import ui
+from medxray.review.study import (display_image, distribution_warnings, findings_table, probability_figure,
+                                  safe_metadata_table, to_uint8)
 
-cfg = appui.settings()
-ms = appui.model_state(cfg)
+cfg = ui.settings()
+ms = ui.model_state(cfg)
 st.title("Study")
-appui.show_model_problem(ms)
+ui.show_model_problem(ms)
 
-folder, results, _ = appui.current_results(cfg)  # the worklist page explains a broken folder
+folder, results, _ = ui.current_results(cfg)  # the worklist page explains a broken folder
 UPLOAD, FROM_RESULTS = "Upload a file", "From the results folder"
 sources = [UPLOAD] + ([FROM_RESULTS] if results is not None else [])
 request = st.session_state.pop("study_request", None)  # set by the worklist
@@ -21,22 +22,22 @@ if st.session_state.get("study_source") not in sources:
     st.session_state["study_source"] = sources[0]
 source = st.radio("Image source", sources, horizontal=True, key="study_source")
 
-opened = appui.open_study(cfg, source == FROM_RESULTS, folder, results)
+opened = ui.open_study(cfg, source == FROM_RESULTS, folder, results)
 if opened is None:
     st.stop()
 study, row = opened
 
-pred = appui.prediction_for(ms, study, folder, row)
+pred = ui.prediction_for(ms, study, folder, row)
 image_size = getattr(ms.predictor, "image_size", None)
-for warning in sup.distribution_warnings(study, image_size=image_size):
+for warning in distribution_warnings(study, image_size=image_size):
     st.warning(warning)
 
 # -- image, window/level, CAM -------------------------------------------------------------------
-window = appui.window_controls(study)
-display = sup.display_image(study, window)
-_, defaults = appui.label_names_and_defaults(ms, pred.label_names if pred else None)
-thr = appui.thresholds(pred.label_names, defaults) if pred else {}
-table = sup.findings_table(pred.label_names, pred.probabilities, thr) if pred else None
+window = ui.window_controls(study)
+display = display_image(study, window)
+_, defaults = ui.label_names_and_defaults(ms, pred.label_names if pred else None)
+thr = ui.thresholds(pred.label_names, defaults) if pred else {}
+table = findings_table(pred.label_names, pred.probabilities, thr) if pred else None
 
 cam_cols = st.columns([2, 1, 1]) if pred is not None else None
 finding = show_cam = None
@@ -48,10 +49,10 @@ if pred is not None:
     alpha = cam_cols[2].slider("CAM opacity", 0.0, 1.0, 0.4, 0.05, key="cam_alpha")
 
 left, right = st.columns(2)
-left.image(sup.to_uint8(display), caption="Original" + (" (display window)" if window else ""), width="stretch")
+left.image(to_uint8(display), caption="Original" + (" (display window)" if window else ""), width="stretch")
 if pred is not None and show_cam:
     p = pred.as_dict()[finding]
-    overlay = appui.cam_image(study, pred, finding, display, alpha, folder, row)
+    overlay = ui.cam_image(study, pred, finding, display, alpha, folder, row)
     if overlay is not None:
         right.image(overlay, caption=f"CAM: {finding} (p = {p:.3f}, threshold {thr[finding]:.2f})", width="stretch")
     else:
@@ -61,7 +62,7 @@ if pred is not None and show_cam:
 if pred is not None:
     st.subheader("Findings")
     c1, c2 = st.columns([5, 4])
-    c1.pyplot(sup.probability_figure(table), width="stretch")
+    c1.pyplot(probability_figure(table), width="stretch")
     c2.dataframe(table, hide_index=True, height=36 * (len(table) + 1) + 4,
                  column_config={"probability": st.column_config.ProgressColumn("probability", format="%.3f",
                                                                                min_value=0.0, max_value=1.0),
@@ -71,8 +72,8 @@ if pred is not None:
     st.caption(f"Probabilities from the {src}. Positive = probability at or above the operating threshold.")
 
 with st.expander("Image metadata (non-identifying)"):
-    st.dataframe(sup.safe_metadata_table(study), hide_index=True)
+    st.dataframe(safe_metadata_table(study), hide_index=True)
 
 # -- review -------------------------------------------------------------------------------------
 if pred is not None:
-    appui.review_form(cfg, study, pred, table)
+    ui.review_form(cfg, study, pred, table)

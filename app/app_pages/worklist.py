@@ -2,14 +2,14 @@
 
 import streamlit as st
 
-from medxray import appsupport as sup
-from medxray import appui
+from medxray.review import ui
+from medxray.review.worklist import WORKLIST_COLUMNS, filter_worklist, result_label_names, worklist_table
 
-cfg = appui.settings()
-ms = appui.model_state(cfg)
+cfg = ui.settings()
+ms = ui.model_state(cfg)
 st.title("Worklist")
-appui.results_dir_input(cfg)
-folder, results, error = appui.current_results(cfg)
+ui.results_dir_input(cfg)
+folder, results, error = ui.current_results(cfg)
 if folder is None:
     st.info("No results folder configured: score a folder of DICOM files with "
             "`medxray score-dicom INPUT --checkpoint C --out OUT`, then start the app with "
@@ -19,12 +19,12 @@ if error:
     st.error(error)
     st.stop()
 
-store = appui.review_store(cfg)
+store = ui.review_store(cfg)
 reviews = store.latest_by_image() if store is not None else {}
-result_labels = sup.result_label_names(results)
-labels, defaults = appui.label_names_and_defaults(ms, result_labels)
-thr = appui.thresholds(result_labels, defaults)
-table = sup.worklist_table(results, folder, thr, reviews)
+result_labels = result_label_names(results)
+labels, defaults = ui.label_names_and_defaults(ms, result_labels)
+thr = ui.thresholds(result_labels, defaults)
+table = worklist_table(results, folder, thr, reviews)
 
 with st.container(horizontal=True):
     statuses = st.multiselect("Status", sorted(table["status"].unique()), default=sorted(table["status"].unique()),
@@ -36,13 +36,13 @@ with st.container(horizontal=True):
     search = st.text_input("File name contains", key="wl_search")
 positive_only = st.checkbox("Only images positive for the finding (any finding if none chosen)", key="wl_positive")
 
-view = sup.filter_worklist(table, statuses=statuses, finding=None if finding == "(any)" else finding,
+view = filter_worklist(table, statuses=statuses, finding=None if finding == "(any)" else finding,
                            positive_only=positive_only, reviewed=reviewed, search=search, sort_by=sort_by,
                            descending=sort_by not in ("file", "status"))
 n_rev = int(table["reviewed"].sum())
 st.caption(f"{len(view)} of {len(table)} images shown; {n_rev} reviewed; "
            f"{int((table['status'] != 'ok').sum())} failed to score. Choose a row to open it in the Study page.")
-shown = list(sup.WORKLIST_COLUMNS)
+shown = list(WORKLIST_COLUMNS)
 if finding != "(any)":
     shown.insert(3, f"p_{finding}")
 event = st.dataframe(
@@ -57,7 +57,7 @@ if selected:
     row = view.iloc[selected[0]]
     if row["status"] == "ok":
         st.session_state["study_request"] = {"row": int(row["row"])}
-        st.switch_page(appui.STUDY_PAGE)
+        st.switch_page(ui.STUDY_PAGE)
     else:
         st.warning(f"{row['file']} was not scored ({row['reason'] or 'error'}); there is nothing to review.")
-appui.export_button(store, key="export_worklist")
+ui.export_button(store, key="export_worklist")

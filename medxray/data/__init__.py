@@ -14,7 +14,8 @@ import inspect
 import os
 from typing import Any
 
-from medxray.data.core import DatasetSplits, Records, XrayDataset, read_image
+from medxray.data.core import DatasetSplits, Records, XrayDataset
+from medxray.data.imageio import read_image
 from medxray.errors import ConfigError
 
 DATASETS = ("chestxray14", "chexpert", "csv")

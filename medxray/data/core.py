@@ -1,4 +1,4 @@
-"""Pieces shared by every dataset: image decoding, the torch Dataset, splits and summaries.
+"""Pieces shared by every dataset: the torch Dataset, splits and summaries (decoding: imageio).
 
 Each dataset module (ChestX-ray14, CheXpert, generic CSV) turns its own files into a
 :class:`Records` table (image name, path, patient, view, labels, mask). Everything after that
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medxray.data.imageio import read_image
 from medxray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 VIEWS = ("all", "PA", "AP")
-MIN_IMAGE_SIDE = 32
 
 
 @dataclass
@@ -39,54 +39,6 @@ class DatasetSplits:
     manifest_hash: str
     summary: dict[str, Any]
     boxes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------
-# image files
-
-
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one PNG/JPEG radiograph into a 2-D uint8 or uint16 array and its (H, W).
-
-    8-bit and 16-bit grayscale are kept as stored, so :class:`ScaleByBitDepthd` can scale them by
-    their bit depth. Colour or palette files, such as the few RGBA images among the NIH PNGs, are
-    collapsed to 8-bit gray. Anything else is refused with a :class:`DataError` naming the file:
-    a file that is not an image, a truncated image, a float or 32-bit image, or a tiny one.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    try:
-        with Image.open(p) as img:
-            img.load()  # decode now, so a truncated file fails here and not later
-            mode = img.mode
-            if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-                arr = np.array(img, dtype=np.uint16)
-            elif mode == "I":
-                arr32 = np.asarray(img)
-                if arr32.size and (arr32.min() < 0 or arr32.max() > 65535):
-                    raise DataError(f"{p}: 32-bit integer image with values outside 0..65535; "
-                                    f"export it as an 8- or 16-bit grayscale PNG")
-                arr = arr32.astype(np.uint16)
-            elif mode == "L":
-                arr = np.array(img, dtype=np.uint8)
-            elif mode in ("1", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"):
-                arr = np.array(img.convert("L"), dtype=np.uint8)
-            else:
-                raise DataError(f"{p}: unsupported pixel format {mode!r} (expected 8- or 16-bit "
-                                f"grayscale PNG/JPEG); convert the image")
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{p}: file not found") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{p}: not an image file PIL can read (expected PNG or JPEG)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{p}: unreadable or truncated image ({str(exc).splitlines()[0][:120]})") from None
-    if arr.ndim != 2 or min(arr.shape) < MIN_IMAGE_SIDE:
-        raise DataError(f"{p}: image of shape {arr.shape} is not a 2-D radiograph of at least "
-                        f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
-    return arr, (int(arr.shape[0]), int(arr.shape[1]))
 
 
 # --------------------------------------------------------------------------------------------

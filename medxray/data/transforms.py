@@ -16,14 +16,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import PILReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
-    LoadImaged,
     MapTransform,
     RandomizableTransform,
 )
+
+from medxray.data.imageio import read_image
 
 # Grayscale scaled to [0, 1] by the stored bit depth (0 = black, i.e. air is dark, after any
 # MONOCHROME1 inversion), resized to a square, replicated to 3 channels and normalised with the
@@ -85,10 +85,7 @@ def deterministic_transforms(
     keys = list(keys)
     head: list = []
     if from_file:
-        # reverse_indexing=False keeps rows as rows (MONAI's PIL default would transpose).
-        head.append(
-            LoadImaged(keys, reader=PILReader(reverse_indexing=False, converter=_to_gray), dtype=None, image_only=True)
-        )
+        head.append(ReadRadiographd(keys))
     head += scale_resize_transforms(image_size, keys=keys)
     head.append(ReplicateNormalized(keys))
     return head
@@ -288,11 +285,18 @@ class RandContrastBrightnessd(RandomizableTransform, MapTransform):
         return d
 
 
-def _to_gray(img):  # PIL.Image -> PIL.Image
-    """Collapse RGB(A)/palette images to one channel; keep 8/16-bit grayscale as stored."""
-    if img.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
-        return img
-    return img.convert("L")
+class ReadRadiographd(MapTransform):
+    """File path -> 2-D uint8/uint16 array, decoded by :func:`medxray.data.imageio.read_image`.
+
+    The data layer's one decoder (not MONAI's ``LoadImaged``), so a list that starts from a file
+    sees exactly the pixels the datasets, the cache and the app see.
+    """
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = read_image(d[key])[0]
+        return d
 
 
 def check_preprocessing(preprocessing: Mapping[str, Any]) -> int:

@@ -43,7 +43,7 @@ def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | Non
     """
     from medxray.data import build_datasets
     from medxray.data.cache import verify_cache
-    from medxray.data.core import read_image
+    from medxray.data.imageio import read_image
 
     report: dict[str, Any] = {"dataset": dataset}
     if dataset == "chestxray14":

@@ -9,6 +9,9 @@ Images are keyed by their DICOM SOP Instance UID, or by the SHA-256 of the file 
 PNG/JPEG (and DICOM without a UID). Nothing identifying the patient (name, ID, birth date, file
 name) is stored. Each save appends a new review; the latest one per image is its current state,
 earlier ones stay as history and are exported too.
+
+Must not import streamlit, pandas, torch or the other app modules: the store is the app's
+foundation and is usable from scripts alone.
 """
 
 from __future__ import annotations

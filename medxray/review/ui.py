@@ -1,10 +1,13 @@
 """Streamlit glue shared by the app's pages: cached resources, session state, common widgets.
 
-Kept apart from :mod:`medxray.appsupport` (plain logic, unit-tested without Streamlit) so the
-pages in ``app/`` stay thin. The model is loaded once per checkpoint version with
+Kept apart from the plain logic in :mod:`medxray.review` (settings, study, worklist,
+model_card: unit-tested without Streamlit) so the pages in ``app/`` stay thin. The model is loaded once per checkpoint version with
 ``st.cache_resource`` and shared by all sessions: it is in eval mode, CAMs come from features
 and head weights (no hooks) and nothing here mutates it. Per-image work is cached with
 ``st.cache_data`` keyed by the file's SHA-256.
+
+The only module of the package that imports streamlit; nothing in ``medxray`` imports this one
+(only the pages in ``app/`` do).
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from medxray import appsupport as sup
 from medxray.errors import DataError, MedxrayError
 from medxray.review import ReviewStore
+from medxray.review.settings import NO_CHECKPOINT_HELP, AppSettings, file_fingerprint, user_message
+from medxray.review.study import (StudyImage, StudyPrediction, cam_overlay, default_thresholds,
+                                  load_study_bytes, predict_study, window_range)
+from medxray.review.worklist import (RESULTS_FILENAME, load_results, resolve_result_path, result_label_names,
+                                     result_probabilities, stored_cam_path)
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +37,8 @@ MODEL_CARD_PAGE = "app_pages/model_card.py"
 VERDICT_CHOICES = ("—", "agree", "disagree", "unsure")
 
 
-def settings() -> sup.AppSettings:
-    return sup.AppSettings.from_env()
+def settings() -> AppSettings:
+    return AppSettings.from_env()
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
@@ -51,12 +58,12 @@ class ModelState:
     error: str | None  # why there is no predictor (None: no checkpoint configured)
 
 
-def model_state(cfg: sup.AppSettings) -> ModelState:
+def model_state(cfg: AppSettings) -> ModelState:
     """The shared predictor, or the reason there is none (never raises into the page)."""
     if cfg.checkpoint is None:
         return ModelState(None, "", None)
     try:
-        fp = sup.file_fingerprint(cfg.checkpoint)
+        fp = file_fingerprint(cfg.checkpoint)
     except OSError:
         return ModelState(None, "", f"the checkpoint {cfg.checkpoint} does not exist; make one with `make demo` "
                           "or `medxray finetune`, then start the app with `medxray app --checkpoint PATH`")
@@ -66,31 +73,31 @@ def model_state(cfg: sup.AppSettings) -> ModelState:
         return ModelState(None, fp, str(exc))
     except Exception as exc:  # a bug, but the page must stay usable: log it, show one line
         log.exception("loading the checkpoint failed")
-        return ModelState(None, fp, sup.user_message(exc))
+        return ModelState(None, fp, user_message(exc))
 
 
 def show_model_problem(ms: ModelState) -> None:
     if ms.error:
         st.error(f"The model could not be loaded: {ms.error}")
     elif ms.predictor is None:
-        st.info(sup.NO_CHECKPOINT_HELP)
+        st.info(NO_CHECKPOINT_HELP)
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the image...")
-def load_study(sha256: str, _data: bytes, name: str, max_bytes: int) -> sup.StudyImage:
+def load_study(sha256: str, _data: bytes, name: str, max_bytes: int) -> StudyImage:
     """Decode an upload once per file content (``_data`` is identified by ``sha256``)."""
     del sha256
-    return sup.load_study_bytes(_data, name, max_bytes=max_bytes)
+    return load_study_bytes(_data, name, max_bytes=max_bytes)
 
 
 @st.cache_data(max_entries=64, show_spinner="Running the model...")
-def predict(model_fingerprint: str, sha256: str, _predictor: Any, _pixels: np.ndarray) -> sup.StudyPrediction:
+def predict(model_fingerprint: str, sha256: str, _predictor: Any, _pixels: np.ndarray) -> StudyPrediction:
     """Probabilities and CAMs once per (checkpoint version, image content)."""
     del model_fingerprint, sha256
-    return sup.predict_study(_predictor, _pixels)
+    return predict_study(_predictor, _pixels)
 
 
-def review_store(cfg: sup.AppSettings) -> ReviewStore | None:
+def review_store(cfg: AppSettings) -> ReviewStore | None:
     try:
         return ReviewStore(cfg.reviews)
     except MedxrayError as exc:
@@ -98,7 +105,7 @@ def review_store(cfg: sup.AppSettings) -> ReviewStore | None:
         return None
 
 
-def results_dir(cfg: sup.AppSettings) -> Path | None:
+def results_dir(cfg: AppSettings) -> Path | None:
     """Results folder in use: the one typed on the worklist page, else the configured one."""
     typed = str(st.session_state.get("results_dir_override") or "").strip()
     if typed:
@@ -106,7 +113,7 @@ def results_dir(cfg: sup.AppSettings) -> Path | None:
     return cfg.results
 
 
-def results_dir_input(cfg: sup.AppSettings) -> None:
+def results_dir_input(cfg: AppSettings) -> None:
     """Text box for the results folder; kept in a plain session key so it survives page changes."""
     def remember() -> None:
         st.session_state["results_dir_override"] = st.session_state["results_dir_input"]
@@ -126,9 +133,9 @@ def _thr_key(name: str) -> str:
 def label_names_and_defaults(ms: ModelState, results_labels: list[str] | None = None) -> tuple[list[str], dict]:
     if ms.predictor is not None:
         labels = list(ms.predictor.label_names)
-        return labels, sup.default_thresholds(labels, getattr(ms.predictor, "thresholds", None))
+        return labels, default_thresholds(labels, getattr(ms.predictor, "thresholds", None))
     labels = list(results_labels or [])
-    return labels, sup.default_thresholds(labels, None)
+    return labels, default_thresholds(labels, None)
 
 
 def threshold_controls(labels: list[str], defaults: dict[str, float]) -> None:
@@ -166,18 +173,18 @@ def export_button(store: ReviewStore | None, *, key: str, where: Any = None) -> 
 @st.cache_data(max_entries=4, show_spinner=False)
 def _read_results(path: str, fingerprint: str) -> Any:
     del fingerprint  # re-read when results.csv changes (the nightly scorer appends to it)
-    return sup.load_results(path)
+    return load_results(path)
 
 
-def current_results(cfg: sup.AppSettings) -> tuple[Path | None, Any, str | None]:
+def current_results(cfg: AppSettings) -> tuple[Path | None, Any, str | None]:
     """(folder, results DataFrame or None, error message or None) for the folder in use."""
     folder = results_dir(cfg)
     if folder is None:
         return None, None, None
     try:
-        fp = sup.file_fingerprint(folder / sup.RESULTS_FILENAME)
+        fp = file_fingerprint(folder / RESULTS_FILENAME)
     except OSError:
-        return folder, None, (f"{folder} has no {sup.RESULTS_FILENAME}; run `medxray score-dicom INPUT "
+        return folder, None, (f"{folder} has no {RESULTS_FILENAME}; run `medxray score-dicom INPUT "
                               f"--checkpoint C --out {folder}` first")
     try:
         return folder, _read_results(str(folder), fp), None
@@ -185,9 +192,9 @@ def current_results(cfg: sup.AppSettings) -> tuple[Path | None, Any, str | None]
         return folder, None, str(exc)
 
 
-def results_labels(cfg: sup.AppSettings) -> list[str]:
+def results_labels(cfg: AppSettings) -> list[str]:
     _, df, _ = current_results(cfg)
-    return sup.result_label_names(df) if df is not None else []
+    return result_label_names(df) if df is not None else []
 
 
 # -- study page pieces ---------------------------------------------------------------------------
@@ -195,11 +202,11 @@ def results_labels(cfg: sup.AppSettings) -> list[str]:
 def _show_error(exc: BaseException, what: str) -> None:
     if not isinstance(exc, MedxrayError):
         log.exception("%s failed", what)
-    st.error(f"Cannot open this image: {sup.user_message(exc)}")
+    st.error(f"Cannot open this image: {user_message(exc)}")
 
 
-def open_study(cfg: sup.AppSettings, from_results: bool, folder: Path | None,
-               results: Any) -> tuple[sup.StudyImage, dict | None] | None:
+def open_study(cfg: AppSettings, from_results: bool, folder: Path | None,
+               results: Any) -> tuple[StudyImage, dict | None] | None:
     """The chosen image (and its results row), or None after explaining why there is none."""
     if from_results:
         ok = results[results["status"].astype(str) == "ok"]
@@ -212,7 +219,7 @@ def open_study(cfg: sup.AppSettings, from_results: bool, folder: Path | None,
         row_idx = st.selectbox("Scored image", options, key="study_row",
                                format_func=lambda i: Path(str(results.at[i, "path"])).name)
         row = results.loc[row_idx].to_dict()
-        path = sup.resolve_result_path(folder, str(row.get("path", "")))
+        path = resolve_result_path(folder, str(row.get("path", "")))
         try:
             data = path.read_bytes() if path.stat().st_size <= cfg.max_upload_bytes else None
             if data is None:
@@ -241,8 +248,8 @@ def open_study(cfg: sup.AppSettings, from_results: bool, folder: Path | None,
         return None
 
 
-def prediction_for(ms: ModelState, study: sup.StudyImage, folder: Path | None,
-                   row: dict | None) -> sup.StudyPrediction | None:
+def prediction_for(ms: ModelState, study: StudyImage, folder: Path | None,
+                   row: dict | None) -> StudyPrediction | None:
     """Live model output when a model is loaded, else the stored results row, else None."""
     if ms.predictor is not None:
         try:
@@ -250,21 +257,21 @@ def prediction_for(ms: ModelState, study: sup.StudyImage, folder: Path | None,
         except Exception as exc:
             if not isinstance(exc, MedxrayError):
                 log.exception("prediction failed")
-            st.error(f"The model could not score this image: {sup.user_message(exc)}")
+            st.error(f"The model could not score this image: {user_message(exc)}")
             return None
     if row is not None:
         labels = [c[2:] for c in row if str(c).startswith("p_")]
-        probs = sup.result_probabilities(row, labels)
+        probs = result_probabilities(row, labels)
         if probs is not None:
-            return sup.StudyPrediction(labels, probs, None, str(row.get("model_version", "") or ""))
+            return StudyPrediction(labels, probs, None, str(row.get("model_version", "") or ""))
     return None
 
 
-def window_controls(study: sup.StudyImage) -> tuple[float, float] | None:
+def window_controls(study: StudyImage) -> tuple[float, float] | None:
     """Window center/width sliders for DICOM (display only: the model always sees the default window)."""
     if study.kind != "dicom" or study.raw is None:
         return None
-    lo, hi = sup.window_range(study)
+    lo, hi = window_range(study)
     span = hi - lo
     c0, w0 = study.window if study.window is not None else ((lo + hi) / 2, span)
     c0 = float(min(max(c0, lo), hi))
@@ -281,13 +288,13 @@ def window_controls(study: sup.StudyImage) -> tuple[float, float] | None:
     return float(center), float(width)
 
 
-def cam_image(study: sup.StudyImage, pred: sup.StudyPrediction, finding: str, display: np.ndarray,
+def cam_image(study: StudyImage, pred: StudyPrediction, finding: str, display: np.ndarray,
               alpha: float, folder: Path | None, row: dict | None) -> np.ndarray | None:
     """Overlay for one finding: computed from the CAM, or score-dicom's stored PNG without a model."""
     if pred.cams is not None:
-        return sup.cam_overlay(display, pred.cams[pred.label_names.index(finding)], alpha)
+        return cam_overlay(display, pred.cams[pred.label_names.index(finding)], alpha)
     if folder is not None and row is not None:
-        p = sup.stored_cam_path(folder, row, finding)
+        p = stored_cam_path(folder, row, finding)
         if p.is_file():
             from PIL import Image
 
@@ -296,7 +303,7 @@ def cam_image(study: sup.StudyImage, pred: sup.StudyPrediction, finding: str, di
     return None
 
 
-def review_form(cfg: sup.AppSettings, study: sup.StudyImage, pred: sup.StudyPrediction, table: Any) -> None:
+def review_form(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, table: Any) -> None:
     """Per-finding agree/disagree/unsure, a note and the reviewer's name; one transaction per save."""
     store = review_store(cfg)
     if store is None:

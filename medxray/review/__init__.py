@@ -1,0 +1,20 @@
+"""The clinician review app's logic: review storage and everything the Streamlit pages show.
+
+Modules, one concern each:
+
+- :mod:`~medxray.review.store`: :class:`ReviewStore` (SQLite, one transaction per save),
+  :class:`ImageKey`, :class:`Review`, CSV export.
+- :mod:`~medxray.review.settings`: :class:`AppSettings` and its environment variables, the
+  fail-fast check, the ``streamlit run`` command, standing texts.
+- :mod:`~medxray.review.study`: one image (upload or scored file), display, predictions, warnings.
+- :mod:`~medxray.review.worklist`: a ``score-dicom`` results folder as a filterable worklist.
+- :mod:`~medxray.review.model_card`: the model card from checkpoint metadata.
+- :mod:`~medxray.review.ui`: the Streamlit widgets and caches the pages in ``app/`` use.
+
+Only :mod:`~medxray.review.ui` imports streamlit; this package's ``__init__`` imports the store
+alone, so ``from medxray.review import ReviewStore`` stays light.
+"""
+
+from medxray.review.store import EXPORT_COLUMNS, FindingVerdict, ImageKey, Review, ReviewError, ReviewStore
+
+__all__ = ["EXPORT_COLUMNS", "FindingVerdict", "ImageKey", "Review", "ReviewError", "ReviewStore"]

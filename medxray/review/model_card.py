@@ -1,0 +1,203 @@
+"""The model card: what a checkpoint is, how it was trained and evaluated, from its own metadata.
+
+Builds :class:`ModelCard` (summary, training data and split, metrics with confidence intervals,
+operating thresholds, intended use, limitations) and flattens the several metric layouts that
+training and ``medxray evaluate`` write into one table.
+
+Must not import streamlit (only :mod:`medxray.review.ui` does), torch, or the study/worklist
+modules beyond the shared value formatter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from medxray.review.settings import NOT_FOR_CLINICAL_USE
+from medxray.review.study import format_value
+
+# -- model card ----------------------------------------------------------------------------------
+
+@dataclass
+class ModelCard:
+    """What a reviewer should know about the model, from the checkpoint's own metadata."""
+
+    title: str
+    summary: pd.DataFrame  # field / value
+    training: pd.DataFrame  # field / value
+    metrics: pd.DataFrame  # finding, metric, value, ci_low, ci_high (may be empty)
+    thresholds: pd.DataFrame  # finding, threshold, (how chosen)
+    intended_use: str
+    limitations: list[str]
+    not_for_clinical_use: str = NOT_FOR_CLINICAL_USE
+
+
+def _kv(rows: Iterable[tuple[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([(k, format_value(v)) for k, v in rows if v not in (None, "", [], {})],
+                        columns=["field", "value"])
+
+
+def _first(meta: Mapping[str, Any], *keys: str) -> Any:
+    for k in keys:
+        cur: Any = meta
+        for part in k.split("."):
+            if not isinstance(cur, Mapping) or part not in cur:
+                cur = None
+                break
+            cur = cur[part]
+        if cur not in (None, "", [], {}):
+            return cur
+    return None
+
+
+def metrics_table(metrics: Any) -> pd.DataFrame:
+    """Flatten the checkpoint's metrics into rows with confidence intervals where present.
+
+    Accepts ``{"auroc": {finding: v}, "auroc_ci": {finding: [lo, hi]}}``,
+    ``{finding: {"auroc": v, "auroc_ci": [lo, hi]}}``, ``{"auroc": {finding: {"value", "ci_low", "ci_high"}}}``
+    and scalars such as ``{"mean_auroc": v}`` (nested per split, e.g. ``{"val": {...}}``, too).
+    """
+    rows: list[dict[str, Any]] = []
+
+    def ci_of(container: Mapping[str, Any], metric: str, finding: str | None) -> tuple[float | None, float | None]:
+        for ck in (f"{metric}_ci", f"{metric}_ci95", "ci", "ci95"):
+            c = container.get(ck)
+            if isinstance(c, Mapping) and finding is not None:
+                c = c.get(finding)
+            if isinstance(c, (list, tuple)) and len(c) == 2:
+                return _num(c[0]), _num(c[1])
+        return None, None
+
+    def walk(obj: Any, prefix: str) -> None:
+        if not isinstance(obj, Mapping):
+            return
+        for key, val in obj.items():
+            if str(key).endswith(("_ci", "_ci95")) or key in ("ci", "ci95", "epoch", "best_epoch"):
+                continue
+            name = f"{prefix}{key}"
+            if _num(val) is not None:
+                lo, hi = ci_of(obj, str(key), None)
+                rows.append({"scope": prefix.rstrip("/") or "all", "finding": "(overall)", "metric": str(key),
+                             "value": _num(val), "ci_low": lo, "ci_high": hi})
+            elif isinstance(val, Mapping) and val and all(_num(v) is not None or _is_point(v) for v in val.values()):
+                # {metric: {finding: value | {value, ci_low, ci_high}}}
+                for finding, v in val.items():
+                    if _is_point(v):
+                        rows.append({"scope": prefix.rstrip("/") or "all", "finding": finding, "metric": str(key),
+                                     "value": _num(v.get("value", v.get("estimate"))),
+                                     "ci_low": _num(v.get("ci_low", (v.get("ci") or [None, None])[0])),
+                                     "ci_high": _num(v.get("ci_high", (v.get("ci") or [None, None])[1]))})
+                    else:
+                        lo, hi = ci_of(obj, str(key), str(finding))
+                        rows.append({"scope": prefix.rstrip("/") or "all", "finding": finding, "metric": str(key),
+                                     "value": _num(v), "ci_low": lo, "ci_high": hi})
+            elif isinstance(val, Mapping):
+                walk(val, f"{name}/")
+
+    walk(metrics, "")
+    df = pd.DataFrame(rows, columns=["scope", "finding", "metric", "value", "ci_low", "ci_high"])
+    return df.astype({"value": float, "ci_low": float, "ci_high": float})
+
+
+def _with_ci(value: float, lo: float, hi: float) -> str:
+    if not math.isfinite(value):
+        return ""
+    return f"{value:.3f}" + (f" ({lo:.3f}-{hi:.3f})" if math.isfinite(lo) and math.isfinite(hi) else "")
+
+
+def metrics_overview(metrics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(overall metrics, one row per finding x one column per metric), values as "v (lo-hi)" text."""
+    m = metrics.copy()
+    m["metric"] = [f"{s}/{k}" if s != "all" else k for s, k in zip(m["scope"], m["metric"])]
+    m["text"] = [_with_ci(v, lo, hi) for v, lo, hi in zip(m["value"], m["ci_low"], m["ci_high"])]
+    overall = m[m["finding"] == "(overall)"][["metric", "text"]].rename(columns={"text": "value (95% CI)"})
+    per = m[m["finding"] != "(overall)"]
+    if len(per):
+        order = list(dict.fromkeys(per["finding"]))
+        table = per.pivot_table(index="finding", columns="metric", values="text", aggfunc="first")
+        table = table.reindex(order).reset_index()
+        table.columns.name = None
+    else:
+        table = pd.DataFrame(columns=["finding"])
+    return overall.reset_index(drop=True), table
+
+
+def _is_point(v: Any) -> bool:
+    return isinstance(v, Mapping) and ("value" in v or "estimate" in v) and \
+        _num(v.get("value", v.get("estimate"))) is not None
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLike | None = None) -> ModelCard:
+    """Build the model card; every fact comes from the checkpoint, missing ones are said to be missing."""
+    meta = dict(metadata)
+    labels = list(meta.get("label_names") or [])
+    prep = meta.get("preprocessing") or {}
+    arch = meta.get("architecture", "unknown")
+    init = _first(meta, "pretrained", "init", "initialisation", "initialization", "config.pretrained")
+    summary = _kv([
+        ("architecture", arch),
+        ("initialisation", init if init is not None else "not recorded"),
+        ("model version", meta.get("model_version")),
+        ("findings", f"{len(labels)}: " + ", ".join(labels) if labels else None),
+        ("input", f"{prep.get('image_size', '?')}x{prep.get('image_size', '?')}, {prep.get('intensity', '?')}"
+         if prep else None),
+        ("created", _first(meta, "created", "created_at", "saved_at")),
+        ("git commit", _first(meta, "git_commit")),
+        ("checkpoint", str(checkpoint_path) if checkpoint_path else None),
+        ("software versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()) or None),
+    ])
+    training = _kv([
+        ("dataset", _first(meta, "dataset", "data.dataset", "config.dataset")),
+        ("split", _first(meta, "split", "data.split", "split_description", "config.split")),
+        ("split seed", _first(meta, "split_seed", "data.split_seed", "config.split_seed")),
+        ("view filter", _first(meta, "view", "data.view", "config.view")),
+        ("validation fraction", _first(meta, "val_fraction", "config.val_fraction")),
+        ("manifest hash", _first(meta, "data_manifest_hash", "manifest_hash", "data.manifest_hash")),
+        ("counts", _first(meta, "summary", "data.summary", "data_summary")),
+        ("epochs", _first(meta, "epochs", "config.epochs", "train.epochs")),
+        ("checkpoint epoch", _first(meta, "epoch")),
+        ("selected by", _first(meta, "metrics.selected_by")),
+        ("optimiser", _first(meta, "optimizer", "config.optimizer")),
+        ("learning rate", _first(meta, "lr", "config.lr")),
+        ("batch size", _first(meta, "batch_size", "config.batch_size")),
+    ])
+    metrics = metrics_table(meta.get("metrics") or {})
+    thr = meta.get("thresholds") or {}
+    how = _first(meta, "threshold_method", "thresholds_method", "threshold_policy")
+    if how is None and meta.get("threshold_split"):
+        how = f"Youden's J on the {meta['threshold_split']} split (medxray evaluate)"
+    thresholds = pd.DataFrame(
+        [(n, float(thr.get(n, 0.5)), how or ("default 0.5" if n not in thr else "from checkpoint"))
+         for n in labels],
+        columns=["finding", "threshold", "how chosen"])
+    intended = str(meta.get("intended_use") or (
+        "Research and education: helping a radiologist or ML engineer explore what a DenseNet "
+        "fine-tuned on chest radiographs predicts for frontal (PA/AP) adult chest X-rays, and record "
+        "agreement per finding. It is a second look for research, not a device."))
+    limitations = list(meta.get("limitations") or []) + [
+        "Trained on the labels of its training set; ChestX-ray14 labels were mined from reports by NLP "
+        "and are noisy (estimated accuracy around 90%), so the model learns their errors too.",
+        "Frontal views only: lateral views, paediatric films and non-chest images are out of scope.",
+        "Performance depends on the scanner, population and prevalence; validate locally before any use.",
+        "Class activation maps are coarse (feature-map resolution) and show where evidence was found, "
+        "not the outline of a lesion.",
+        "Thresholds trade sensitivity against specificity for the validation set they were chosen on.",
+    ]
+    if not len(metrics):
+        limitations.insert(0, "This checkpoint records no evaluation metrics: run `medxray evaluate` on it.")
+    return ModelCard(title=f"medxray model card: {arch}", summary=summary, training=training, metrics=metrics,
+                     thresholds=thresholds, intended_use=intended, limitations=limitations)

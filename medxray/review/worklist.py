@@ -1,0 +1,194 @@
+"""The worklist: a ``medxray score-dicom`` results folder as a table with review state.
+
+Reads ``OUT/results.csv``, finds where each scored file and its stored CAM overlays are now,
+keys each row for the review store, builds the worklist table (positive findings recomputed with
+the thresholds in use) and filters and sorts it.
+
+Must not import streamlit (only :mod:`medxray.review.ui` does) or the study/model-card modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medxray.errors import DataError
+from medxray.review.store import Review
+
+log = logging.getLogger(__name__)
+
+# -- results folder and worklist -----------------------------------------------------------------
+
+RESULTS_FILENAME = "results.csv"
+
+
+def load_results(out_dir: str | os.PathLike) -> pd.DataFrame:
+    """Read ``OUT/results.csv`` written by ``medxray score-dicom``."""
+    out = Path(out_dir)
+    path = out / RESULTS_FILENAME
+    if not path.is_file():
+        raise DataError(f"{out} has no {RESULTS_FILENAME}; run `medxray score-dicom INPUT --checkpoint C --out {out}` first")
+    try:
+        df = pd.read_csv(path, dtype={"sop_instance_uid": str, "study_instance_uid": str,
+                                      "series_instance_uid": str, "status": str, "reason": str},
+                         keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a readable results table: {str(exc).splitlines()[0][:160]}") from None
+    if "path" not in df.columns or "status" not in df.columns:
+        raise DataError(f"{path} lacks the path/status columns of a score-dicom results table")
+    return df
+
+
+def result_label_names(results: pd.DataFrame) -> list[str]:
+    return [c[2:] for c in results.columns if c.startswith("p_")]
+
+
+def result_probabilities(row: Mapping[str, Any], label_names: Sequence[str]) -> np.ndarray | None:
+    vals = []
+    for n in label_names:
+        v = row.get(f"p_{n}")
+        try:
+            vals.append(float(v))
+        except (TypeError, ValueError):
+            return None
+    arr = np.asarray(vals, dtype=np.float32)
+    return None if not np.all(np.isfinite(arr)) else arr
+
+
+RUN_INFO_FILES: tuple[str, ...] = ("run.json", "manifest.json", "score_run.json")
+_INPUT_KEYS: tuple[str, ...] = ("input_dir", "input_root", "input")
+
+
+def results_input_root(out_dir: str | os.PathLike) -> Path | None:
+    """The INPUT_DIR a results folder was scored from (``path`` in results.csv is relative to it)."""
+    import json
+
+    out = Path(out_dir)
+    for f in [out / n for n in RUN_INFO_FILES] + sorted(out.glob("run.shard-*.json")):
+        try:
+            info = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in _INPUT_KEYS:
+            v = info.get(key) if isinstance(info, dict) else None
+            if isinstance(v, str) and v:
+                return Path(v).expanduser()
+    return None
+
+
+def resolve_result_path(out_dir: str | os.PathLike, path: str) -> Path:
+    """Where a scored file is now: absolute as written, else under the run's INPUT_DIR (or nearby)."""
+    p = Path(str(path)).expanduser()
+    if p.is_absolute():
+        return p
+    out = Path(out_dir)
+    bases = [b for b in (results_input_root(out), out, out.parent, Path.cwd()) if b is not None]
+    for base in bases:
+        if (base / p).exists():
+            return base / p
+    return bases[0] / p
+
+
+def stored_cam_path(out_dir: str | os.PathLike, row: Mapping[str, Any], finding: str) -> Path:
+    """Overlay PNG that score-dicom wrote for one finding: ``OUT/<cam_dir>/<Finding>.png``."""
+    cam_dir = str(row.get("cam_dir") or "").strip()
+    if not cam_dir:
+        from medxray.scoring import CAMS_DIR, output_stem
+
+        cam_dir = f"{CAMS_DIR}/{output_stem(str(row.get('path', '')))}"
+    return Path(out_dir) / cam_dir / f"{finding}.png"
+
+
+def row_image_key(out_dir: str | os.PathLike, row: Mapping[str, Any]) -> str | None:
+    """Review key of a results row: its SOP Instance UID, else the SHA-256 of the file."""
+    uid = str(row.get("sop_instance_uid") or "").strip()
+    if uid and uid.lower() != "nan":
+        return uid
+    p = resolve_result_path(out_dir, str(row.get("path", "")))
+    try:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+WORKLIST_COLUMNS: tuple[str, ...] = (
+    "file", "status", "top_finding", "max_probability", "positive_findings", "n_positive", "modality",
+    "view", "reviewed", "reviewer", "review_summary", "reason",
+)
+
+
+def worklist_table(results: pd.DataFrame, out_dir: str | os.PathLike, thresholds: Mapping[str, float],
+                   reviews: Mapping[str, Review]) -> pd.DataFrame:
+    """One row per scored file with its most likely finding and review state.
+
+    Positive findings are recomputed with the thresholds in use (they may differ from the ones
+    the batch scorer used). Extra columns ``row`` (index into ``results``) and ``image_key`` let
+    the page open the study.
+    """
+    labels = result_label_names(results)
+    rows = []
+    for idx, r in results.iterrows():
+        rd = r.to_dict()
+        probs = result_probabilities(rd, labels) if labels else None
+        key = row_image_key(out_dir, rd) if str(rd.get("status")) == "ok" else None
+        rev = reviews.get(key) if key else None
+        if probs is not None and len(probs):
+            top = int(np.argmax(probs))
+            pos = [n for n, p in zip(labels, probs) if p >= thresholds.get(n, 0.5)]
+            top_name, max_p = labels[top], float(probs[top])
+        else:
+            pos, top_name, max_p = [], "", float("nan")
+        rows.append({
+            "file": Path(str(rd.get("path", ""))).name,
+            "status": str(rd.get("status", "")),
+            "top_finding": top_name,
+            "max_probability": max_p,
+            "positive_findings": "; ".join(pos),
+            "n_positive": len(pos),
+            "modality": str(rd.get("modality", "") or ""),
+            "view": str(rd.get("view_position", "") or ""),
+            "reviewed": rev is not None,
+            "reviewer": rev.reviewer if rev else "",
+            "review_summary": ", ".join(f"{f}: {v}" for f, v in rev.verdicts.items()) if rev else "",
+            "reason": str(rd.get("reason", "") or ""),
+            "row": int(idx),
+            "image_key": key or "",
+        })
+        for n in labels:
+            rows[-1][f"p_{n}"] = float(probs[labels.index(n)]) if probs is not None else float("nan")
+    cols = list(WORKLIST_COLUMNS) + ["row", "image_key"] + [f"p_{n}" for n in labels]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def filter_worklist(table: pd.DataFrame, *, statuses: Iterable[str] | None = None, finding: str | None = None,
+                    positive_only: bool = False, reviewed: str = "all", search: str = "",
+                    sort_by: str = "max_probability", descending: bool = True) -> pd.DataFrame:
+    """Filter and sort the worklist; ``finding`` focuses on one finding's probability."""
+    df = table
+    if statuses is not None:
+        df = df[df["status"].isin(list(statuses))]
+    if reviewed == "reviewed":
+        df = df[df["reviewed"]]
+    elif reviewed == "not reviewed":
+        df = df[~df["reviewed"]]
+    if search.strip():
+        df = df[df["file"].str.contains(search.strip(), case=False, regex=False)]
+    if finding:
+        col = f"p_{finding}"
+        if positive_only:
+            df = df[df["positive_findings"].apply(lambda s: finding in s.split("; "))]
+        if sort_by == "finding_probability" and col in df.columns:
+            sort_by = col
+    elif positive_only:
+        df = df[df["n_positive"] > 0]
+    if sort_by == "finding_probability":
+        sort_by = "max_probability"
+    if sort_by in df.columns:
+        df = df.sort_values(sort_by, ascending=not descending, kind="stable", na_position="last")
+    return df.reset_index(drop=True)
