@@ -173,7 +173,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import math
 
-    from medxray.evaluate import evaluate
+    from medxray.evaluation.run import evaluate
 
     res = evaluate(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split, out_dir=args.out,
                    device=args.device, precision=args.precision, batch_size=args.batch_size, tta=args.tta,
@@ -216,7 +216,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             setattr(opts, key, getattr(args, key))
     # The demo tells its own story; the libraries' step-by-step detail stays available with -v.
     quiet = [] if args.verbose else [logging.getLogger(n) for n in
-                                     ("medxray.data", "medxray.inference", "medxray.scoring", "medxray.evaluate")]
+                                     ("medxray.data", "medxray.inference", "medxray.scoring", "medxray.evaluation")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.WARNING)

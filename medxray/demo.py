@@ -100,7 +100,7 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
     """Run every step and return where the results are; ``echo`` receives the human-readable story."""
     from medxray.data.prepare import prepare_cache
     from medxray.data.synthetic import synthesize
-    from medxray.evaluate import evaluate
+    from medxray.evaluation.run import evaluate
     from medxray.train import finetune, make_config
 
     opts = opts or DemoOptions()

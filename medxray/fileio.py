@@ -1,16 +1,23 @@
-"""Atomic file output: a kill at any moment leaves either the old file or the new one, never half.
+"""File I/O shared across medxray: atomic output, JSON values and lines, YAML mappings.
 
+Atomic output: a kill at any moment leaves either the old file or the new one, never half.
 Every writer of results, checkpoints, overlays and manifests goes through :func:`atomic_output`, so
 re-running after an interruption never reads a torn file.
+
+Must not import any other medxray module except :mod:`medxray.errors`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Mapping
+
+import numpy as np
 
 
 def _sibling_tmp(path: Path) -> Path:
@@ -76,3 +83,40 @@ def load_yaml_mapping(path: str | os.PathLike, *, what: str = "config file", err
     if not isinstance(data, dict):
         raise err(f"{what} {p} must hold a mapping of key: value, got {type(data).__name__}{hint}")
     return data
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain Python values only: mappings -> dict with str keys, tuples -> lists, NumPy scalars ->
+    float/int/bool, paths and str subclasses (such as ``torch.__version__``) -> str.
+
+    Used for checkpoint metadata (checkpoints load with ``weights_only=True``) and JSON lines.
+    Other values pass through unchanged.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (str, Path)):
+        return str(obj)
+    return obj
+
+
+def json_line(obj: Any) -> str:
+    """``obj`` as one line of strict JSON (no newline): :func:`to_jsonable`, and NaN/inf -> null,
+    so every line parses in strict readers too (JSON has no NaN)."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    return json.dumps(fix(to_jsonable(obj)))

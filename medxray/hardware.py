@@ -1,12 +1,24 @@
-"""Device and precision facts shared by training, evaluation and inference."""
+"""Device and precision facts shared by training, evaluation and inference.
+
+Holds device resolution, the native-bf16 check, the precision table and its resolution, the
+autocast context and the default loader worker count. Must not import training, evaluation,
+data or model code: everything that runs a model imports this module, not the other way round.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from functools import lru_cache
 
 import torch
 
 from medxray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 
 
 @lru_cache(maxsize=1)
@@ -42,3 +54,36 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Map ``auto`` to the fastest safe choice: bf16 where the hardware supports it, else fp32.
+
+    On CUDA without bf16, ``auto`` is fp16. fp16 on a non-CUDA device is a :class:`ConfigError`
+    (its GradScaler needs CUDA).
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 (with GradScaler) needs a CUDA device; on CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("this CPU has no native bf16: bf16 autocast will be slow; fp32 is the better choice here")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for forward passes (a no-op for fp32); ``precision`` is a resolved one."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_num_workers(device: torch.device) -> int:
+    """Loader workers that do not starve the training threads on small CPU machines."""
+    cpus = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(8, max(1, cpus - 1))
+    return 0 if cpus <= 4 else min(4, cpus // 4)

@@ -36,7 +36,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -48,13 +48,13 @@ from medxray import __version__
 from medxray import distributed as mdist
 from medxray.checkpoint import load_checkpoint, save_checkpoint
 from medxray.errors import CheckpointError, ConfigError, DataError, MedxrayError
-from medxray.fileio import atomic_output, atomic_write_text, load_yaml_mapping
-from medxray.hardware import cpu_has_native_bf16, resolve_device
+from medxray.data import DATASETS
+from medxray.data.loading import IndexedDataset, make_loader, plain_tensor
+from medxray.fileio import atomic_output, atomic_write_text, json_line, load_yaml_mapping, to_jsonable
+from medxray.hardware import PRECISIONS, autocast, default_num_workers, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("chestxray14", "chexpert", "csv")
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS: tuple[str, ...] = ("plateau", "cosine", "none")
 POS_WEIGHTS: tuple[str, ...] = ("none", "balanced")
 VIEWS: tuple[str, ...] = ("all", "PA", "AP")
@@ -238,94 +238,7 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# devices and precision
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Map ``auto`` to the fastest safe choice: bf16 where the hardware supports it, else fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 (with GradScaler) needs a CUDA device; on CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        log.warning("this CPU has no native bf16: bf16 autocast will be slow; fp32 is the better choice here")
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for forward passes (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def default_num_workers(device: torch.device) -> int:
-    """Loader workers that do not starve the training threads on small CPU machines."""
-    cpus = os.cpu_count() or 1
-    if device.type == "cuda":
-        return min(8, max(1, cpus - 1))
-    return 0 if cpus <= 4 else min(4, cpus // 4)
-
-
-# --------------------------------------------------------------------------------------------
-# data plumbing shared with evaluation
-
-
-class IndexedDataset(Dataset):
-    """A view of ``base`` restricted to ``indices`` whose items also carry their base index."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int] | None = None) -> None:
-        self.base = base
-        self.indices = list(range(len(base))) if indices is None else list(indices)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        j = self.indices[i]
-        item = dict(self.base[j])
-        item["index"] = j
-        return item
-
-
-def _plain(t: Any) -> torch.Tensor:
-    t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MONAI MetaTensor -> Tensor
-    return torch.as_tensor(t)
-
-
-def collate_items(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep names and original sizes as lists (default collate would split tuples)."""
-    image = torch.stack([_plain(it["image"]).float() for it in items])
-    label = torch.stack([_plain(it["label"]).float() for it in items])
-    mask = torch.stack([_plain(it["mask"]).float() if "mask" in it else torch.ones_like(_plain(it["label"]).float())
-                        for it in items])
-    out: dict[str, Any] = {
-        "image": image, "label": label, "mask": mask,
-        "name": [str(it.get("name", "")) for it in items],
-        "orig_size": [tuple(int(v) for v in it["orig_size"]) if "orig_size" in it else None for it in items],
-    }
-    if "index" in items[0]:
-        out["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
-    return out
-
-
-def make_loader(
-    dataset: Dataset, *, batch_size: int, seed: int, sampler: Any = None, drop_last: bool = False,
-    num_workers: int = 0, pin_memory: bool = False,
-) -> torch.utils.data.DataLoader:
-    """A MONAI DataLoader whose random transforms are seeded from ``seed`` (also without workers)."""
-    from monai.data import DataLoader
-
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin_memory, generator=g, collate_fn=collate_items,
-        persistent_workers=False,
-    )
+# data plumbing
 
 
 def epoch_dataset(dataset: Dataset, seed: int) -> Dataset:
@@ -480,37 +393,6 @@ def git_commit() -> str | None:
         return res.stdout.strip() or None if res.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain Python values only (checkpoints load with weights_only=True; JSON lines)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, (str, Path)):
-        return str(obj)  # also str subclasses such as torch.__version__ (TorchVersion)
-    return obj
-
-
-def _json_dump_line(obj: Any) -> str:
-    # NaN is not JSON; write null so every line parses in strict readers too.
-    def fix(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        return v
-
-    return json.dumps(fix(_jsonable(obj)))
 
 
 @contextlib.contextmanager
@@ -789,7 +671,7 @@ class _Run:
         if self.info.is_main:
             # metrics.jsonl may hold a line for an epoch whose last.pt never landed: rewrite it from
             # the history that the checkpoint vouches for.
-            atomic_write_text(self.run_dir / RUN_FILES["metrics"], "".join(_json_dump_line(r) + "\n" for r in self.history))
+            atomic_write_text(self.run_dir / RUN_FILES["metrics"], "".join(json_line(r) + "\n" for r in self.history))
         log.info("resuming %s after epoch %d", self.run_dir, self.start_epoch)
 
     def _tensorboard(self) -> Any:
@@ -808,7 +690,7 @@ class _Run:
         from medxray.data.transforms import preprocessing_config
 
         cfg = self.cfg
-        return _jsonable({
+        return to_jsonable({
             "architecture": cfg.model,
             "num_classes": len(self.label_names),
             "in_chans": 3,
@@ -837,7 +719,7 @@ class _Run:
                 "world_size": self.info.world_size, "num_workers": self.num_workers,
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "command": sys.argv}
-        atomic_write_text(self.run_dir / RUN_FILES["run"], json.dumps(_jsonable(info), indent=2, default=str))
+        atomic_write_text(self.run_dir / RUN_FILES["run"], json.dumps(to_jsonable(info), indent=2, default=str))
 
     # ---- training ------------------------------------------------------------------------
 
@@ -885,7 +767,7 @@ class _Run:
                            pin_memory=self.device.type == "cuda")
 
     def _epoch(self, epoch: int) -> None:
-        from medxray.evaluate import auroc_per_class
+        from medxray.evaluation.metrics import auroc_per_class
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -918,7 +800,7 @@ class _Run:
             "val_images_unique": len(set(val["index"].tolist())), "best": improved,
             "world_size": self.info.world_size,
         }
-        self.history.append(_jsonable(row))
+        self.history.append(to_jsonable(row))
         if cfg.early_stopping_patience and self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 < cfg.epochs:
             self.stopped = f"early stopping: no better val mean AUROC for {self.bad_epochs} epochs"
         if self.info.is_main:
@@ -933,7 +815,7 @@ class _Run:
                             self.metadata(epoch + 1, {**metrics, **best_meta}),
                             training_state=self._training_state(epoch + 1))
             with open(self.run_dir / RUN_FILES["metrics"], "a") as fh:
-                fh.write(_json_dump_line(row) + "\n")
+                fh.write(json_line(row) + "\n")
             if self.tb is not None:
                 for k in ("train_loss", "val_loss", "val_mean_auroc", "lr", "train_images_per_s"):
                     self.tb.add_scalar(k, row[k], epoch + 1)
@@ -994,7 +876,7 @@ class _Run:
         return {
             "epoch": epoch,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": _jsonable(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "scheduler": to_jsonable(self.scheduler.state_dict()) if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "rng": rng_states(self.device),
             "history": self.history,
@@ -1046,6 +928,6 @@ def _label_matrix(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     ys, ms = [], []
     for i in range(len(dataset)):  # type: ignore[arg-type]
         it = dataset[i]
-        ys.append(np.asarray(_plain(it["label"])))
-        ms.append(np.asarray(_plain(it["mask"])) if "mask" in it else np.ones_like(ys[-1]))
+        ys.append(np.asarray(plain_tensor(it["label"])))
+        ms.append(np.asarray(plain_tensor(it["mask"])) if "mask" in it else np.ones_like(ys[-1]))
     return np.stack(ys).astype(np.float32), np.stack(ms).astype(np.float32)

@@ -10,19 +10,17 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from medxray.evaluate import (
+from medxray.cam import class_activation_maps
+from medxray.evaluation.localisation import cam_to_boxes, iobb, localise_one
+from medxray.evaluation.metrics import (
     auroc_per_class,
     bootstrap_auroc,
     calibration,
-    class_activation_maps,
-    cam_to_boxes,
-    iobb,
-    localise_one,
     operating_points,
     sens_spec_at,
-    ten_crop,
     weighted_auroc,
 )
+from medxray.evaluation.run import ten_crop
 
 # ---- metrics ------------------------------------------------------------------------------
 
@@ -172,7 +170,7 @@ def random_checkpoint(tmp_path):
 
 def test_evaluate_writes_report_plots_and_thresholds(phantom_root, random_checkpoint, tmp_path):
     from medxray.checkpoint import load_checkpoint
-    from medxray.evaluate import evaluate
+    from medxray.evaluation.run import evaluate
     from medxray.labels import CHEXNET_AUROC, WANG2017_AUROC
 
     out = tmp_path / "eval"
@@ -203,7 +201,7 @@ def test_evaluate_writes_report_plots_and_thresholds(phantom_root, random_checkp
 
 
 def test_evaluate_tta_changes_scores_not_shapes(phantom_root, random_checkpoint, tmp_path):
-    from medxray.evaluate import evaluate
+    from medxray.evaluation.run import evaluate
 
     kw = dict(data_root=phantom_root, split="val", n_bootstrap=0, precision="fp32", batch_size=16, num_workers=0,
               write_thresholds=False, localisation=False, threshold_split=None)

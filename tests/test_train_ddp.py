@@ -23,7 +23,7 @@ def phantom_root(tmp_path_factory):
 
 def test_two_process_gloo_epoch_scores_each_val_image_once(phantom_root, tmp_path):
     from medxray.data import build_datasets
-    from medxray.evaluate import evaluate
+    from medxray.evaluation.run import evaluate
 
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -1,0 +1,11 @@
+"""Evaluation of a fine-tuned checkpoint, one concern per module.
+
+* :mod:`medxray.evaluation.metrics`: AUROC, bootstrap CIs, AUPRC, operating points, calibration;
+* :mod:`medxray.evaluation.localisation`: CAM boxes, IoBB, pointing game, their summary;
+* :mod:`medxray.evaluation.report`: ROC / PR / reliability plots, Markdown + HTML report;
+* :mod:`medxray.evaluation.result`: :class:`EvalResult`, the record of one evaluation;
+* :mod:`medxray.evaluation.run`: ``evaluate()``, scoring a split (TenCrop TTA), CSV outputs.
+
+``from medxray.evaluate import evaluate`` is the stable entry point. This package must not
+import training code (:mod:`medxray.training`, :mod:`medxray.train`).
+"""

@@ -1,0 +1,257 @@
+"""The evaluation's human-readable outputs: ROC / PR / reliability plots and the Markdown + HTML report.
+
+One list of report blocks is rendered both to Markdown and to HTML. Plots use matplotlib's
+object API (no pyplot global state).
+
+Must not import the evaluation job (:mod:`medxray.evaluation.run`), training, models or data:
+it renders numbers it is given.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from medxray.evaluation.localisation import IOBB_THRESHOLDS
+from medxray.evaluation.result import EvalResult
+from medxray.fileio import atomic_output, atomic_write_text
+
+# --------------------------------------------------------------------------------------------
+# plots (matplotlib's object API: no pyplot global state)
+
+
+def _figure(w: float, h: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    with atomic_output(path, "wb") as fh:
+        fig.savefig(fh, format="png")
+
+
+def write_plots(out: Path, label_names: Sequence[str], P: np.ndarray, Y: np.ndarray, M: np.ndarray,
+           aurocs: Sequence[float], calib: Mapping[str, Any]) -> dict[str, Path]:
+    """Write ``roc.png``, ``pr.png`` and ``reliability.png`` into ``out``; returns their paths by kind.
+
+    ``P``, ``Y``, ``M``: (N, C) probabilities, labels, masks; ``aurocs``: per-class AUROC for the
+    legend; ``calib``: :func:`medxray.evaluation.metrics.calibration`'s result.
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    files: dict[str, Path] = {}
+    colors = [__import__("matplotlib").colormaps["tab20"](i % 20) for i in range(len(label_names))]
+    for kind in ("roc", "pr"):
+        fig = _figure(7.5, 6)
+        ax = fig.add_subplot(1, 1, 1)
+        for c, name in enumerate(label_names):
+            k = M[:, c] > 0.5
+            y = Y[k, c] > 0.5
+            if not 0 < y.sum() < len(y):
+                continue
+            if kind == "roc":
+                fpr, tpr, _ = roc_curve(y, P[k, c])
+                ax.plot(fpr, tpr, color=colors[c], lw=1.3, label=f"{name} ({aurocs[c]:.3f})")
+            else:
+                prec, rec, _ = precision_recall_curve(y, P[k, c])
+                ax.plot(rec, prec, color=colors[c], lw=1.3, label=f"{name} (prev. {y.mean():.2f})")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+            ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity", title="ROC curves (AUROC)")
+        else:
+            ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall curves")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "upper right", ncol=1)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files[kind] = out / f"{kind}.png"
+        _save_figure(fig, files[kind])
+
+    fig = _figure(5.5, 6)
+    ax = fig.add_subplot(2, 1, (1, 1))
+    bins = calib["bins"]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    if bins:
+        ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], "o-", color="tab:blue", label="model")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed frequency", title=f"Reliability (ECE {calib['ece']:.3f})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax2 = fig.add_subplot(2, 1, 2)
+    if bins:
+        ax2.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["count"] for b in bins],
+                width=1.0 / calib["n_bins"] * 0.9, color="tab:grey")
+    ax2.set(xlim=(0, 1), xlabel="predicted probability", ylabel="pairs (image, finding)")
+    ax2.set_yscale("log")
+    fig.tight_layout()
+    files["reliability"] = out / "reliability.png"
+    _save_figure(fig, files["reliability"])
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# report (one structure rendered to Markdown and to HTML)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def write_report(res: EvalResult, meta: Mapping[str, Any], dataset: str, data_root: str,
+                  summary: Mapping[str, Any], note: str | None, at_youden: Sequence[tuple[float, float]],
+                  at_spec90: Sequence[tuple[float, float]], metrics: Mapping[str, Any]) -> None:
+    """Write ``report.md`` and ``report.html`` into ``res.out_dir``: our AUROC beside CheXNet's
+    (Rajpurkar et al. 2017) and Wang et al.'s (2017) for ChestX-ray14, operating points,
+    calibration, curves and localisation, with the split and data the numbers rest on."""
+    from medxray.labels import CHESTXRAY14_FINDINGS, CHEXNET_AUROC, WANG2017_AUROC
+
+    names = res.label_names
+    is_cx14 = list(names) == list(CHESTXRAY14_FINDINGS) and dataset == "chestxray14"
+    blocks: list[tuple] = [("h1", "medxray evaluation report")]
+    if note:
+        blocks.append(("warn", note))
+    pre = meta.get("preprocessing", {})
+    blocks.append(("list", [
+        f"Checkpoint: `{res.checkpoint}` ({meta.get('architecture')}, model version `{meta.get('model_version')}`, "
+        f"{pre.get('image_size')} px, trained from `{meta.get('pretrained', 'n/a')}` initialisation)",
+        f"Data: dataset `{dataset}` at `{data_root}`, split **{res.split}** ({res.n_images} images"
+        + (f", {summary.get('patients', {}).get(res.split)} patients" if summary.get("patients", {}).get(res.split) else "")
+        + f"), data manifest hash `{str(metrics.get('data_manifest_hash') or '')[:16]}`",
+        f"Test-time augmentation: {'TenCrop (10 crops averaged)' if metrics.get('tta') else 'none'}; "
+        f"bootstrap: {metrics.get('n_bootstrap')} resamples of images for 95% intervals",
+        f"Evaluated {metrics.get('evaluated')}",
+    ]))
+    if is_cx14 and res.split == "test":
+        blocks.append(("p", "The test split is ChestX-ray14's official patient-wise test list (test_list.txt, Wang et al. "
+                            "2017). Wang et al.'s numbers are on that same split. CheXNet's come from its own random "
+                            "70/10/20 patient split, which was never released, so they are a guide and not a like-for-like "
+                            "comparison."))
+    elif is_cx14:
+        blocks.append(("p", f"These numbers are on the {res.split} split, not the official test list; the published "
+                            "numbers beside them are test-set numbers."))
+
+    header = ["Finding", "AUROC (95% CI)", "AUPRC", "prevalence"]
+    if is_cx14:
+        header += ["CheXNet 2017", "Wang et al. 2017"]
+    rows = []
+    for n in names:
+        k = [i for i, m in enumerate(names) if m == n][0]
+        lo, hi = res.auroc_ci[n]
+        prev = None
+        if summary.get("prevalence", {}).get(res.split):
+            prev = summary["prevalence"][res.split].get(n)
+        row = [n, f"{_fmt(res.auroc[n])} ({_fmt(lo)}-{_fmt(hi)})", _fmt(res.auprc[n]), _fmt(prev)]
+        if is_cx14:
+            row += [_fmt(CHEXNET_AUROC.get(n, float('nan'))), _fmt(WANG2017_AUROC.get(n, float('nan')))]
+        rows.append(row)
+        del k
+    mean_row = ["**mean**", f"**{_fmt(res.mean_auroc)}** ({_fmt(res.mean_auroc_ci[0])}-{_fmt(res.mean_auroc_ci[1])})",
+                _fmt(float(np.nanmean([v for v in res.auprc.values()])) if any(math.isfinite(v) for v in res.auprc.values()) else None), ""]
+    if is_cx14:
+        mean_row += [_fmt(float(np.mean(list(CHEXNET_AUROC.values())))), _fmt(float(np.mean(list(WANG2017_AUROC.values()))))]
+    rows.append(mean_row)
+    blocks += [("h2", "Per-class AUROC"), ("table", header, rows)]
+
+    op_rows = []
+    spec90 = metrics["thresholds_spec90"]
+    for i, n in enumerate(names):
+        op_rows.append([n, _fmt(res.thresholds[n]), _fmt(at_youden[i][0]), _fmt(at_youden[i][1]),
+                        _fmt(spec90[n]), _fmt(at_spec90[i][0]), _fmt(at_spec90[i][1])])
+    blocks += [("h2", "Operating points"),
+               ("p", f"Thresholds were chosen on the **{res.threshold_split}** split and are applied here to the "
+                     f"{res.split} split (positive = probability >= threshold). The Youden thresholds are written into "
+                     f"the checkpoint's metadata, where the scorer and the viewer read them."),
+               ("table", ["Finding", "Youden threshold", "sensitivity", "specificity", "90%-spec. threshold",
+                          "sensitivity", "specificity"], op_rows)]
+    blocks += [("h2", "Calibration"),
+               ("p", f"Expected calibration error over all (image, finding) pairs with known labels: "
+                     f"**{_fmt(res.calibration['ece'])}** ({res.calibration['n_bins']} equal-width bins)."),
+               ("img", "reliability.png", "reliability diagram"),
+               ("h2", "ROC and precision-recall curves"), ("img", "roc.png", "ROC curves"), ("img", "pr.png", "PR curves")]
+    if res.localisation:
+        loc = res.localisation
+        lrows = []
+        for n, s in list(loc["per_finding"].items()) + [("**all**", loc["overall"])]:
+            lrows.append([n, str(s["n"])] + [_fmt(s["iobb_accuracy"][str(t)]) for t in IOBB_THRESHOLDS]
+                         + [_fmt(s["mean_iobb"]), _fmt(s["pointing_game"])])
+        blocks += [("h2", "Localisation (class activation maps)"),
+                   ("p", "On images with ground-truth boxes: the finding's CAM is normalised to [0, 1], thresholded, and "
+                         "each connected region's bounding box is compared with the ground truth. A box counts as "
+                         "correct when IoBB (intersection over the predicted box's area) exceeds T, as in Wang et al. "
+                         "2017. Pointing game: the CAM's maximum lies inside the ground-truth box."),
+                   ("table", ["Finding", "boxes"] + [f"IoBB>{t}" for t in IOBB_THRESHOLDS] + ["mean IoBB", "pointing game"],
+                    lrows)]
+    atomic_write_text(res.out_dir / "report.md", render_markdown(blocks))
+    atomic_write_text(res.out_dir / "report.html", render_html(blocks))
+
+
+def render_markdown(blocks: Sequence[tuple]) -> str:
+    """Markdown of report blocks: ("h1"|"h2"|"p"|"warn", text), ("list", items),
+    ("table", header, rows), ("img", src, alt)."""
+    out = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h1":
+            out.append(f"# {b[1]}\n")
+        elif kind == "h2":
+            out.append(f"## {b[1]}\n")
+        elif kind == "p":
+            out.append(f"{b[1]}\n")
+        elif kind == "warn":
+            out.append(f"> **Note:** {b[1]}\n")
+        elif kind == "list":
+            out.append("\n".join(f"- {x}" for x in b[1]) + "\n")
+        elif kind == "table":
+            header, rows = b[1], b[2]
+            lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+            out.append("\n".join(lines) + "\n")
+        elif kind == "img":
+            out.append(f"![{b[2]}]({b[1]})\n")
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Escape, then render the two Markdown inline forms the report uses (**bold**, `code`)."""
+    import re
+
+    t = html.escape(str(text))
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def render_html(blocks: Sequence[tuple]) -> str:
+    """A standalone HTML page of the same blocks as :func:`render_markdown` (text escaped)."""
+    body = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{_inline(b[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(b[1])}</p>")
+        elif kind == "warn":
+            body.append(f'<p class="warn"><b>Note:</b> {_inline(b[1])}</p>')
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            body.append(f'<p><img src="{html.escape(b[1])}" alt="{html.escape(b[2])}"></p>')
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}.warn{background:#fff3cd;padding:.6em;border:1px solid #e0c36c}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>medxray evaluation report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
