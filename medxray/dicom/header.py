@@ -6,8 +6,15 @@
   (patient names, IDs and birth dates never do);
 * :func:`is_lateral_view`: view position, view code or (failing both) descriptions;
 * :func:`check_image`: everything refused before any pixel is decoded (no pixel data, frames,
-  colour, modality, size, bit depth), DICOM PS3.3 C.7.6.3 Image Pixel Module.
+  colour, missing photometric interpretation, modality, size, bit depth), DICOM PS3.3 C.7.6.3
+  Image Pixel Module;
+* :func:`transfer_syntax`: the Transfer Syntax UID, refused when it is not one (PS3.5 A);
+* :func:`lut_descriptor`: a LUT Descriptor with its first and third values read unsigned whatever
+  VR the file gave it (PS3.3 C.11.1.1.1, C.11.2.1.1);
+* :func:`padding_range`: Pixel Padding Value / Range Limit in stored units (PS3.3 C.7.5.1.1.2);
+* :func:`scrub_phi`: a message with the file's patient identifiers blanked out.
 
+These readers are public: the scorer's body-part / distribution gate reads headers through them.
 Must not import the reader, the VOI code or anything outside :mod:`medxray.dicom.codes`
 (pydicom data sets are duck-typed here; pydicom itself is not imported).
 """
@@ -15,9 +22,28 @@ Must not import the reader, the VOI code or anything outside :mod:`medxray.dicom
 from __future__ import annotations
 
 import re
+import struct
+from collections.abc import Sequence
 from typing import Any, Iterable, Mapping
 
-from medxray.dicom.codes import COLOUR, MODALITY, MULTI_FRAME, NO_PIXEL_DATA, TOO_LARGE, UNREADABLE, UNSUPPORTED, refusal
+from medxray.dicom.codes import (
+    COLOUR,
+    MISSING_ATTRIBUTE,
+    MODALITY,
+    MULTI_FRAME,
+    NO_PIXEL_DATA,
+    TOO_LARGE,
+    UNREADABLE,
+    UNSUPPORTED,
+    refusal,
+)
+
+_COLOUR_PHOTOMETRICS = frozenset({"RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+                                  "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK", "XYB"})
+# Attributes whose values are blanked out of any message that leaves the reader.
+PHI_KEYWORDS: tuple[str, ...] = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs",
+                                 "OtherPatientNames", "AccessionNumber", "PatientAddress",
+                                 "ReferringPhysicianName", "InstitutionName")
 
 _LATERAL_POSITIONS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT"})
 _LATERAL_WORD = re.compile(r"\bLAT(ERAL)?\b", re.IGNORECASE)
@@ -124,12 +150,20 @@ def check_image(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: i
         raise refusal(MULTI_FRAME, f"the file holds {frames} frames; only single-frame 2-D radiographs can be scored")
     spp = int_attr(ds, "SamplesPerPixel", 1) or 1
     photometric = text_attr(ds, "PhotometricInterpretation").upper()
-    if spp != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if spp != 1 or photometric in _COLOUR_PHOTOMETRICS:
         raise refusal(
             COLOUR,
             f"colour image ({photometric or 'no photometric interpretation'}, {spp} samples per pixel); "
             "only grayscale MONOCHROME1/2 radiographs can be scored",
         )
+    if not photometric:
+        raise refusal(
+            MISSING_ATTRIBUTE,
+            "Photometric Interpretation (0028,0004) is missing: MONOCHROME1 (air bright) and MONOCHROME2 "
+            "(air dark) cannot be told apart; fix the header at the source",
+        )
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise refusal(UNSUPPORTED, f"photometric interpretation {photometric[:32]!r} is not MONOCHROME1/2")
     if allowed_modalities is not None:
         allowed = {m.upper() for m in allowed_modalities}
         modality = text_attr(ds, "Modality").upper()
@@ -154,3 +188,89 @@ def check_image(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: i
     bits_stored = int_attr(ds, "BitsStored", bits_alloc) or bits_alloc
     if not 1 <= bits_stored <= bits_alloc:
         raise refusal(UNREADABLE, f"BitsStored {bits_stored} does not fit BitsAllocated {bits_alloc}")
+    high_bit = int_attr(ds, "HighBit", bits_stored - 1)
+    if high_bit is None or not bits_stored - 1 <= high_bit < bits_alloc:
+        raise refusal(UNREADABLE, f"High Bit {high_bit} does not fit Bits Stored {bits_stored} in "
+                                  f"Bits Allocated {bits_alloc}")
+
+
+def transfer_syntax(ds: Any) -> Any:
+    """The file's Transfer Syntax UID (a pydicom ``UID``), or a refusal when it is not one.
+
+    pydicom raises ValueError/AttributeError lazily for a UID that is not a transfer syntax or a
+    multi-valued one; both are header damage (``unreadable``). PS3.5 Annex A lists the syntaxes.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID", None) if meta is not None else None
+    if ts is None:
+        return None
+    if not isinstance(ts, str):
+        raise refusal(UNREADABLE, f"the Transfer Syntax UID (0002,0010) has {len(ts)} values; it must have one")
+    if not getattr(ts, "is_transfer_syntax", False):
+        raise refusal(UNREADABLE, f"the Transfer Syntax UID {str(ts)[:64]!r} is not a transfer syntax "
+                                  "(a damaged or hand-edited header)")
+    return ts
+
+
+def lut_descriptor(item: Any, signed: bool, little_endian: bool = True) -> tuple[int, int, int]:
+    """(number of entries, first value mapped, bits per entry) of a LUT sequence item.
+
+    PS3.3 C.11.1.1.1 / C.11.2.1.1: the first and third values are always unsigned (0 entries
+    means 65536); only the second follows the pixel representation. In Implicit VR the whole
+    descriptor is read as SS for signed pixels, so 32768 entries arrive as -32768: read back here.
+    """
+    el = item.get("LUTDescriptor", None) if hasattr(item, "get") else None
+    if el is None:
+        raise refusal(UNREADABLE, "a LUT sequence item has no LUT Descriptor")
+    value = item["LUTDescriptor"].value if hasattr(item, "__getitem__") else el
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) < 6:
+            raise refusal(UNREADABLE, f"a LUT Descriptor holds {len(value)} bytes, 6 are needed")
+        fmt = ("<" if little_endian else ">") + ("HhH" if signed else "HHH")
+        values = list(struct.unpack(fmt, bytes(value[:6])))
+    else:
+        try:
+            values = [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise refusal(UNREADABLE, "a LUT Descriptor is not three integers") from None
+    if len(values) != 3:
+        raise refusal(UNREADABLE, f"a LUT Descriptor has {len(values)} values, 3 are needed")
+    entries, first, bits = values[0] & 0xFFFF, values[1], values[2] & 0xFFFF
+    return entries or 65536, first, bits
+
+
+def padding_range(ds: Any) -> tuple[int, int] | None:
+    """Stored values that are padding, (low, high) inclusive, or None (PS3.3 C.7.5.1.1.2).
+
+    Pixel Padding Value alone pads one value; with Pixel Padding Range Limit every stored value
+    between the two (either order) is padding. Both are 'US or SS' like the pixels: a value
+    written with the other sign convention is read back into the pixels' one.
+    """
+    value = int_attr(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = int_attr(ds, "PixelPaddingRangeLimit", value)
+    bits_alloc = int_attr(ds, "BitsAllocated", 16) or 16
+    signed = (int_attr(ds, "PixelRepresentation", 0) or 0) == 1
+    if bits_alloc == 16:
+        fix = (lambda v: v - 65536 if v > 32767 else v) if signed else (lambda v: v + 65536 if v < 0 else v)
+        value, limit = fix(value), fix(limit)
+    return min(value, limit), max(value, limit)
+
+
+def scrub_phi(message: str, ds: Any) -> str:
+    """``message`` with every value of the file's patient identifiers (:data:`PHI_KEYWORDS`) blanked."""
+    for keyword in PHI_KEYWORDS:
+        try:
+            raw = ds.get(keyword, None)
+            if raw is None:
+                continue
+            many = isinstance(raw, Sequence) and not isinstance(raw, (str, bytes))
+            value = "\\".join(str(v) for v in raw) if many else str(raw)
+        except Exception:  # a damaged identifier must not stop the scrub of the others
+            continue
+        for part in {value, *value.replace("^", "\\").split("\\")}:
+            part = part.strip()
+            if len(part) >= 3:
+                message = message.replace(part, "<redacted>")
+    return message

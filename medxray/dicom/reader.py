@@ -6,11 +6,16 @@ What the scorer and the app both need from a radiograph, decided once here:
   data set without preamble starting with group 0002/0008), never by extension;
 * the modality LUT (rescale slope/intercept, or a Modality LUT Sequence) gives ``raw``; the VOI
   LUT Sequence or the window stored in the file (first value when multi-valued, VOI LUT Function
-  honoured) maps it to [0, 1], else a robust 0.5-99.5 percentile window; MONOCHROME1 is inverted
-  so that air is always dark; BitsStored and PixelRepresentation are honoured (overlay bits in
-  the unused high bits are masked, signed values are sign-extended);
+  honoured) maps it to [0, 1]; a window the standard does not define, or none, gives the
+  automatic 0.5-99.5 percentile window over the pixels that are not padding (Pixel Padding
+  Value / Range Limit), and padding is shown black; MONOCHROME1 is inverted so that air is
+  always dark; BitsStored, HighBit and PixelRepresentation are honoured and checked against the
+  decoded values (:mod:`medxray.dicom.bits`);
 * anything that is not a single 2-D grayscale image the model can read is refused with a
-  :class:`~medxray.errors.DicomError` whose ``code`` names the case and whose message says why.
+  :class:`~medxray.errors.DicomError` whose ``code`` names the case and whose message says why;
+  so is an image that comes out with fewer than a handful of grey levels (``flat_image``).
+  Every failure inside, a codec's panic included (a BaseException), becomes such a refusal;
+  only KeyboardInterrupt and SystemExit pass.
 
 Metadata is an allow-list of non-identifying attributes: patient names, IDs and birth dates
 never leave this package.
@@ -35,8 +40,10 @@ from typing import IO, Any, Iterable, Union
 
 import numpy as np
 
+from medxray.dicom.bits import locate_stored_bits
 from medxray.dicom.codes import (
     DECODE_FAILED,
+    FLAT_IMAGE,
     LATERAL_WARNING,
     NOT_DICOM,
     SHORT_PIXEL_DATA,
@@ -44,16 +51,30 @@ from medxray.dicom.codes import (
     TRUNCATED,
     UNREADABLE,
     UNSUPPORTED,
+    one_line,
     refusal,
+    voi_lut_ignored_warning,
+    window_undefined_warning,
 )
-from medxray.dicom.header import check_image, int_attr, is_lateral_view, safe_meta
+from medxray.dicom.header import (
+    check_image,
+    int_attr,
+    is_lateral_view,
+    padding_range,
+    safe_meta,
+    scrub_phi,
+    transfer_syntax,
+)
 from medxray.dicom.voi import (
+    MIN_GREY_LEVELS,
     apply_modality_lut,
     apply_voi_lut_seq,
     apply_window,
+    auto_window,
+    grey_levels,
     modality_lut_params,
-    percentile_window,
     window_from_file,
+    window_problem,
 )
 from medxray.errors import DicomError
 
@@ -204,6 +225,9 @@ def _check_not_truncated(ds: Any, size: int, kind: str) -> None:
     meta = getattr(ds, "file_meta", None)
     if kind == "part10" and meta is not None:
         group_len = meta.get("FileMetaInformationGroupLength")
+        if group_len is not None and not isinstance(group_len, int):
+            raise refusal(UNREADABLE, "the File Meta Information Group Length (0002,0000) is not one number "
+                                      f"(a {type(group_len).__name__}: wrong VR or a damaged header)")
         if group_len is not None and size < 132 + 12 + int(group_len):
             raise refusal(TRUNCATED, "the file ends inside its DICOM header (it was cut short or damaged)")
     if len(ds) == 0:
@@ -233,10 +257,16 @@ def _parse(data: bytes, kind: str) -> Any:
         raise refusal(
             UNREADABLE, f"the file looks like DICOM but its header cannot be parsed ({type(exc).__name__})"
         ) from None
-    meta = ds.file_meta
-    ts = meta.get("TransferSyntaxUID", None)
-    if ts is None or not ts.is_deflated:  # offsets of a deflated body are not file offsets
-        _check_not_truncated(ds, len(data), kind)
+    try:
+        meta = ds.file_meta
+        ts = transfer_syntax(ds)
+        if ts is None or not ts.is_deflated:  # offsets of a deflated body are not file offsets
+            _check_not_truncated(ds, len(data), kind)
+    except DicomError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily: damage surfaces here
+        raise refusal(UNREADABLE, f"the header cannot be interpreted ({type(exc).__name__}: "
+                                  f"{one_line(scrub_phi(str(exc), ds), 160)})") from None
     if "TransferSyntaxUID" not in meta:
         # Raw data sets carry no meta group: the encoding pydicom detected defines the syntax.
         el = ds.get_item("PixelData") if "PixelData" in ds else None
@@ -257,11 +287,16 @@ def _parse(data: bytes, kind: str) -> Any:
 
 
 def decode_stored(ds: Any) -> np.ndarray:
-    """Stored pixel values as an integer array, BitsStored/PixelRepresentation honoured."""
+    """The pixel container values as a 2-D integer array: a view of native bytes, or the codec's output.
+
+    The one place codecs are called (via pydicom). Bits Stored / High Bit are not applied here
+    (:func:`medxray.dicom.bits.locate_stored_bits` does, with evidence). Any codec failure but
+    KeyboardInterrupt/SystemExit, a Rust panic included, becomes ``decode_failed`` with the
+    codec's message on one line, patient identifiers blanked.
+    """
     ts = ds.file_meta.TransferSyntaxUID
     rows, cols = int(ds.Rows), int(ds.Columns)
     bits_alloc = int(ds.BitsAllocated)
-    bits_stored = int_attr(ds, "BitsStored", bits_alloc) or bits_alloc
     signed = (int_attr(ds, "PixelRepresentation", 0) or 0) == 1
     if not ts.is_compressed and not ts.is_deflated:
         # Native pixels: a direct view of the bytes (pydicom's generic path copies several times).
@@ -282,20 +317,20 @@ def decode_stored(ds: Any) -> np.ndarray:
     else:
         try:
             arr = ds.pixel_array
-        except Exception as exc:  # codec errors come in many types
-            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            raise refusal(DECODE_FAILED, f"cannot decode the {ts.name} pixel data ({first})") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except MemoryError:
+            raise refusal(TOO_LARGE, "not enough memory to decode this image") from None
+        except BaseException as exc:  # codec errors come in many types; pyo3 panics are BaseExceptions
+            text = one_line(scrub_phi(str(exc), ds)) or "no message"
+            raise refusal(DECODE_FAILED,
+                          f"cannot decode the {ts.name} pixel data ({type(exc).__name__}: {text})") from None
         if arr.ndim != 2 or arr.shape != (rows, cols):
             raise refusal(UNSUPPORTED, f"decoded pixel array has shape {arr.shape}, expected ({rows}, {cols})")
     if not np.issubdtype(arr.dtype, np.integer):
         raise refusal(UNSUPPORTED, f"decoded pixels are {arr.dtype}, expected integers")
-    if bits_stored < bits_alloc:
-        shift = arr.dtype.itemsize * 8 - bits_stored
-        if signed:
-            # Sign-extend from BitsStored; also drops overlay bits above it.
-            arr = (arr.astype(arr.dtype, copy=True) << shift) >> shift
-        else:
-            arr = arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
+    if signed and arr.dtype.kind == "u":  # a codec that returns the container unsigned
+        arr = arr.view(arr.dtype.str.replace("u", "i"))
     return arr
 
 
@@ -324,33 +359,64 @@ def read_dicom(
     kind = sniff_dicom(data[:132])
     if kind is None:
         raise refusal(NOT_DICOM, "not a DICOM file (no DICM marker and no DICOM data set at the start)")
-    ds = _parse(data, kind)
+    ds = None
     try:
-        check_image(ds, allowed_modalities, max_pixels)
-        ts = ds.file_meta.TransferSyntaxUID
-        meta = safe_meta(ds, ts)
-        stored = decode_stored(ds)
-        mlut = modality_lut_params(ds)
-        voi_seq = ds.get("VOILUTSequence", None)
-        lateral = is_lateral_view(ds, meta)
+        ds = _parse(data, kind)
+        del data
+        return _decode(ds, allowed_modalities, max_pixels, keep_raw)
     except DicomError:
         raise
-    except Exception as exc:  # a damaged attribute surfaces lazily in pydicom
-        raise refusal(UNREADABLE, f"a header attribute cannot be interpreted ({type(exc).__name__})") from None
-    del data
+    except MemoryError:
+        raise refusal(TOO_LARGE, "not enough memory to decode this image") from None
+    except Exception as exc:  # a damaged attribute surfaces lazily in pydicom, in many types
+        text = one_line(scrub_phi(str(exc), ds), 160) if ds is not None else ""
+        raise refusal(UNREADABLE, f"a header attribute cannot be interpreted ({type(exc).__name__}"
+                                  f"{': ' + text if text else ''})") from None
+
+
+def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int | None,
+            keep_raw: bool) -> DicomImage:
+    """Checks, decoding, LUTs and window for a parsed data set (see :func:`read_dicom`)."""
+    check_image(ds, allowed_modalities, max_pixels)
+    ts = ds.file_meta.TransferSyntaxUID
+    meta = safe_meta(ds, ts)
+    warns: list[str] = []
+    bits_alloc = int(ds.BitsAllocated)
+    container = decode_stored(ds)
+    stored, bits_note = locate_stored_bits(
+        container, int_attr(ds, "BitsStored", bits_alloc) or bits_alloc, int_attr(ds, "HighBit"),
+        meta["pixel_representation"] == 1, compressed=bool(ts.is_compressed))
+    if bits_note:
+        warns.append(bits_note)
+    pad = padding_range(ds)
+    pad_mask = ((stored >= pad[0]) & (stored <= pad[1])) if pad is not None else None
+    if pad_mask is not None and not pad_mask.any():
+        pad_mask = None
+    mlut = modality_lut_params(ds)
+    lateral = is_lateral_view(ds, meta)
 
     raw = apply_modality_lut(stored, mlut)
-    window: tuple[float, float] | None
-    if voi_seq:
-        pixels = apply_voi_lut_seq(raw, voi_seq[0])
-        window, meta["window_source"] = None, "voi_lut"
-    else:
+    window: tuple[float, float] | None = None
+    pixels: np.ndarray | None = None
+    if ds.get("VOILUTSequence", None):
+        try:
+            pixels = apply_voi_lut_seq(raw, ds)
+            meta["window_source"] = "voi_lut"
+        except DicomError as exc:
+            warns.append(voi_lut_ignored_warning(str(exc).split(": ", 1)[-1]))
+    if pixels is None:
         from_file = window_from_file(ds)
-        if from_file is not None:
+        problem = window_problem(*from_file) if from_file is not None else None
+        if from_file is not None and problem is None:
             center, width, func = from_file
             meta["window_source"] = "file"
         else:
-            (center, width), func = percentile_window(raw), "LINEAR_EXACT"
+            if from_file is not None:
+                warns.append(window_undefined_warning(*from_file, problem or ""))
+            auto = auto_window(raw, pad_mask)
+            if auto is None:
+                raise refusal(FLAT_IMAGE, "every pixel is padding (Pixel Padding Value / Range Limit): no image left")
+            (center, width), func = auto, "LINEAR_EXACT"
             meta["window_source"] = "percentile"
         meta["voi_lut_function"] = func
         window = (float(center), float(width))
@@ -358,7 +424,14 @@ def read_dicom(
     if meta["photometric"] == "MONOCHROME1":
         np.subtract(np.float32(1.0), pixels, out=pixels)
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-    warns: list[str] = []
+    if pad_mask is not None:
+        pixels[pad_mask] = 0.0  # padding is background: black whatever the photometric interpretation
+        meta["padding_fraction"] = float(pad_mask.mean())
+    levels = grey_levels(pixels, pad_mask)
+    if levels < MIN_GREY_LEVELS:
+        shown = f"window {window[0]:g}/{window[1]:g} {meta['voi_lut_function']}" if window else "the VOI LUT"
+        raise refusal(FLAT_IMAGE, f"after the LUTs and {shown} the image has {levels} grey level(s); "
+                                  f"a radiograph has many: the image is blank or the window hides it")
     if lateral:
         warns.append(LATERAL_WARNING)
     return DicomImage(

@@ -1,0 +1,125 @@
+"""Issue 10 items 1-2: inputs that once escaped the DICOM reader, kept as regression tests.
+
+``tests/data/dicom-faults/`` holds copies of ``../shared/cases/dicom-faults/`` (files found by
+mutation fuzzing; README there); ``tests/data/fuzz-escapes/dicom/`` holds every input `make fuzz`
+ever found escaping (written there by tests/fuzz/). Each must give a refusal with the project's
+own error type and, for the named ones, the reason code that names the cause.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from medxray.dicom import read_dicom
+from medxray.errors import DicomError
+
+DATA = Path(__file__).resolve().parent / "data"
+FAULTS = DATA / "dicom-faults"
+ESCAPES = DATA / "fuzz-escapes" / "dicom"
+SHARED_FAULTS = Path(__file__).resolve().parents[1].parent / "shared" / "cases" / "dicom-faults"
+
+EXPECTED = {
+    "ts_not_a_transfer_syntax.dcm": ("unreadable", "is not a transfer syntax"),
+    "ts_multivalued.dcm": ("unreadable", "has 2 values"),
+    "group_length_vr_US.dcm": ("unreadable", "Group Length"),
+    "group_length_vr_LO.dcm": ("unreadable", "Group Length"),
+    "unknown_vr_fuzzed.dcm": ("unreadable", "Unknown Value Representation"),
+    "rle_panic_CR.dcm": ("decode_failed", "PanicException: index out of bounds"),
+}
+
+
+def _read(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about every oddity it tolerates
+        return read_dicom(path, allowed_modalities=None)
+
+
+def test_copies_are_complete_and_identical_to_shared():
+    assert sorted(p.name for p in FAULTS.glob("*.dcm")) == sorted(EXPECTED)
+    assert SHARED_FAULTS.is_dir(), f"{SHARED_FAULTS} is beside the clone in CI and here"
+    for name in EXPECTED:
+        assert (FAULTS / name).read_bytes() == (SHARED_FAULTS / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_fault_file_gives_its_reason_code(name):
+    code, text = EXPECTED[name]
+    with pytest.raises(DicomError) as e:
+        _read(FAULTS / name)
+    assert e.value.code == code, str(e.value)
+    assert text in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_every_fuzz_escape_is_refused_or_read():
+    paths = sorted(p for p in ESCAPES.glob("*") if p.name != "README.md")
+    for path in paths:
+        try:
+            _read(path)
+        except DicomError as exc:
+            assert exc.code and str(exc).startswith(exc.code + ": "), path.name
+
+
+class _FakePanic(BaseException):
+    """Stands for pyo3_runtime.PanicException: a BaseException, not an Exception."""
+
+
+def _rle_file(tmp_path):
+    from pydicom.uid import RLELossless
+
+    from dicom_corpus import make_dataset
+
+    ds = make_dataset("panic")
+    ds.compress(RLELossless)
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_any_codec_base_exception_becomes_decode_failed(tmp_path, monkeypatch):
+    import pydicom.dataset
+
+    path = _rle_file(tmp_path)
+
+    def panic(self):
+        raise _FakePanic("thread panicked at src/lib.rs:1:1\nsecond line of the message")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(panic))
+    with pytest.raises(DicomError) as e:
+        read_dicom(path)
+    assert e.value.code == "decode_failed"
+    assert "_FakePanic: thread panicked at src/lib.rs:1:1 second line of the message" in str(e.value)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_interrupts_are_not_swallowed(tmp_path, monkeypatch, exc):
+    import pydicom.dataset
+
+    path = _rle_file(tmp_path)
+
+    def interrupt(self):
+        raise exc()
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(interrupt))
+    with pytest.raises(exc):
+        read_dicom(path)
+
+
+def test_codec_message_is_phi_free(tmp_path, monkeypatch):
+    import pydicom.dataset
+
+    from dicom_corpus import PHI_ID, PHI_NAME
+
+    path = _rle_file(tmp_path)
+
+    def leak(self):
+        raise RuntimeError(f"libjpeg -1038 while reading {PHI_NAME} / {PHI_ID}")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(leak))
+    with pytest.raises(DicomError) as e:
+        read_dicom(path)
+    text = str(e.value)
+    assert "libjpeg -1038" in text and PHI_ID not in text and "Zzyzxphi" not in text
