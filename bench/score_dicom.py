@@ -99,15 +99,11 @@ def naive_loop(paths: list[Path], image_size: int) -> float:
 
 def decode_only(paths: list[Path], image_size: int, workers: int) -> float:
     """The scorer's decode stage alone: same pool, same job, results fetched, no model."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     from medxray.dicom import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS
-    from medxray.scoring import _ping, _worker_init, decode_job
+    from medxray.scoring.workers import decode_job, new_decode_pool, ping
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(image_size,)) as pool:
-        for f in [pool.submit(_ping) for _ in range(workers * 2)]:
+    with new_decode_pool(workers, image_size) as pool:
+        for f in [pool.submit(ping) for _ in range(workers * 2)]:
             f.result()  # workers started and warmed up: we time decoding, not interpreter start-up
         t = time.perf_counter()
         futs = [pool.submit(decode_job, str(p), image_size, DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, False)

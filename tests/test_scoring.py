@@ -350,7 +350,7 @@ def test_kill_and_rerun_subprocess(dicom_corpus, scoring_checkpoint, tmp_path):
 
 
 def test_one_writer_per_out_and_overwrite(dicom_corpus, scoring_checkpoint, tmp_path):
-    from medxray.scoring import _lock_out
+    from medxray.scoring.run import lock_out
 
     root, _ = dicom_corpus
     src = tmp_path / "in"
@@ -360,7 +360,7 @@ def test_one_writer_per_out_and_overwrite(dicom_corpus, scoring_checkpoint, tmp_
     out = tmp_path / "out"
     score_directory(ScoreConfig(src, scoring_checkpoint, out, cams="all", **FAST))
     assert len(list((out / "cams").glob("*/*.png"))) == 2 * 14
-    held = _lock_out(out / ".results.csv.lock")  # a scorer already running on this OUT
+    held = lock_out(out / ".results.csv.lock")  # a scorer already running on this OUT
     try:
         with pytest.raises(ConfigError, match="another scorer"):
             score_directory(ScoreConfig(src, scoring_checkpoint, out, cams="all", **FAST))

@@ -1,0 +1,288 @@
+"""The scoring engine: a decode pool feeding batched inference, and post-processing jobs,
+with crash isolation (a file that kills a worker gets an error row, the batch goes on).
+
+:class:`ScoringEngine` takes :class:`WorkItem` s, writes one journal row per item and knows
+nothing about folders, shards or run records (that is :mod:`medxray.scoring.run`).
+
+Must not import :mod:`medxray.scoring.run` (which imports this); torch, tqdm and the CAM code
+are imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medxray.errors import ConfigError
+from medxray.scoring.config import ScoreConfig
+from medxray.scoring.discovery import output_stem
+from medxray.scoring.journal import ResultsJournal
+from medxray.scoring.workers import decode_job, new_decode_pool, ping, post_job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkItem:
+    rel: str
+    path: Path
+    attempts: int = 0
+    decoded: dict[str, Any] | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+    payload: dict[str, Any] | None = None  # the post job, kept until it succeeds
+
+
+class ScoringEngine:
+    """Decode pool + batched inference + post-processing jobs, with crash isolation.
+
+    Normal mode keeps up to ``max_buffer`` files decoding or decoded ahead of inference. When a
+    worker dies (a codec segfault, the OOM killer), every job that was in flight becomes a
+    suspect and the engine enters quarantine: suspects run one at a time, alone, so a file
+    that kills a worker while running alone is the culprit and gets an error row; the others
+    finish normally. Then normal mode resumes.
+    """
+
+    def __init__(self, cfg: ScoreConfig, image_size: int, journal: ResultsJournal, out: Path, workers: int,
+                 total: int, base_row: dict[str, str]) -> None:
+        from tqdm.auto import tqdm
+
+        self.cfg = cfg
+        self.image_size = image_size
+        self.p: Any = None
+        self.journal = journal
+        self.out = out
+        self.workers = workers
+        self.bs = int(cfg.batch_size)
+        self.want_display = cfg.cams != "none"
+        self.decode_fn = cfg.decode_fn or decode_job
+        self.written = 0
+        self.max_buffer = max(2 * self.bs, self.bs + 4 * workers)
+        self.pool: ProcessPoolExecutor | None = None
+        self.queue: list[WorkItem] = []
+        self.inflight: dict[Future, tuple[str, WorkItem]] = {}
+        self.ready: list[WorkItem] = []
+        self.suspects: list[tuple[str, WorkItem]] = []
+        self.quarantine = False
+        self.base_row = dict(base_row)
+        self.bar = tqdm(total=total, unit="file", desc="score-dicom", disable=True if not cfg.progress else None,
+                        dynamic_ncols=True, mininterval=0.5)
+
+    # -- pool ------------------------------------------------------------------------------
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return new_decode_pool(self.workers, self.image_size)
+
+    def _submit(self, kind: str, item: WorkItem) -> None:
+        assert self.pool is not None
+        if kind == "decode":
+            fut = self.pool.submit(self.decode_fn, str(item.path), self.image_size, self.cfg.allowed_modalities,
+                                   self.cfg.max_pixels, self.want_display)
+        else:
+            fut = self.pool.submit(post_job, item.payload)
+        self.inflight[fut] = (kind, item)
+
+    def _launch(self, kind: str, item: WorkItem) -> None:
+        """Submit now, or queue behind the suspects while in quarantine."""
+        if self.quarantine:
+            self.suspects.insert(0, (kind, item))
+        else:
+            self._submit(kind, item)
+
+    def _n_decoding(self) -> int:
+        return sum(1 for k, _ in self.inflight.values() if k == "decode")
+
+    def _top_up(self) -> None:
+        while self.queue and self._n_decoding() + len(self.ready) < self.max_buffer:
+            self._submit("decode", self.queue.pop())
+
+    def start(self, todo: list[WorkItem], pool: ProcessPoolExecutor | None = None) -> None:
+        self.queue = list(reversed(todo))
+        self.pool = pool or self._new_pool()
+        self._top_up()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def _more_decodes_coming(self) -> bool:
+        return bool(self.queue) or self._n_decoding() > 0 or any(k == "decode" for k, _ in self.suspects)
+
+    def run(self, predictor: Any) -> None:
+        self.p = predictor
+        while True:
+            if self.quarantine and not self.inflight:
+                if self.suspects:
+                    kind, item = self.suspects.pop()
+                    self._submit(kind, item)  # alone
+                else:
+                    self.quarantine = False
+            if not self.quarantine:
+                self._top_up()
+            if self.ready and (len(self.ready) >= self.bs or not self._more_decodes_coming()):
+                batch, self.ready = self.ready[: self.bs], self.ready[self.bs:]
+                self._infer(batch)
+                continue
+            if not self.inflight:
+                if self.queue or self.suspects or self.ready:
+                    continue
+                break
+            done, _ = wait(list(self.inflight), return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut in self.inflight:  # a broken pool may already have collected it
+                    self._collect(fut)
+
+    def _collect(self, fut: Future) -> None:
+        kind, item = self.inflight.pop(fut)
+        try:
+            res = fut.result()
+        except BrokenProcessPool:
+            self._pool_broke([(kind, item)])
+            return
+        except Exception as exc:  # the job raised although jobs catch: record, keep going
+            res = ({"status": "error", "reason": f"decode_failed: worker error {type(exc).__name__}"}
+                   if kind == "decode" else {"note": f"outputs failed ({type(exc).__name__})"})
+        self._handle(kind, item, res)
+
+    def _handle(self, kind: str, item: WorkItem, res: dict[str, Any]) -> None:
+        if kind == "decode":
+            if res.get("status") == "ok":
+                item.decoded = res
+                self.ready.append(item)
+            else:
+                self._write({"path": item.rel, "status": "error", "reason": res.get("reason", "error")})
+            return
+        row = item.row
+        row["cam_dir"], row["sr_file"] = res.get("cam_dir", ""), res.get("sr_file", "")
+        if res.get("note"):
+            row["reason"] = res["note"]
+        item.payload = None
+        self._write(row)
+
+    def _pool_broke(self, lost: list[tuple[str, WorkItem]]) -> None:
+        alone = self.quarantine and not self.inflight
+        assert self.pool is not None
+        self.pool.shutdown(wait=True, cancel_futures=True)  # settles every future of the dead pool
+        for fut, (k, it) in list(self.inflight.items()):
+            self.inflight.pop(fut)
+            try:
+                failed = fut.cancelled() or isinstance(fut.exception(timeout=60), BrokenProcessPool)
+            except Exception:  # a future the dead pool never settled
+                failed = True
+            if failed:
+                lost.append((k, it))
+            else:
+                self.inflight[fut] = (k, it)
+                self._collect(fut)
+        self.pool = self._new_pool()
+        if alone:
+            self._check_pool_works()
+        for k, it in lost:
+            it.attempts += 1
+            if alone or it.attempts >= 3:
+                self._crashed(k, it)
+            else:
+                self.suspects.append((k, it))
+        if self.suspects:
+            log.warning("a worker process died; re-running %d job(s) one at a time to find the cause",
+                        len(self.suspects))
+            self.quarantine = True
+
+    def _check_pool_works(self) -> None:
+        """Before blaming a file, prove a fresh worker can run at all (else every file would be blamed)."""
+        assert self.pool is not None
+        try:
+            ok = self.pool.submit(ping).result(timeout=300)
+        except Exception as exc:
+            ok = False
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        else:
+            why = ""
+        if not ok:
+            raise ConfigError(
+                "decode worker processes cannot start or keep dying on any job "
+                f"({why}). When calling score_directory from a script, put the call under "
+                "`if __name__ == '__main__':` (workers are spawned); also check free memory"
+            )
+
+    def _crashed(self, kind: str, item: WorkItem) -> None:
+        if kind == "decode":
+            self._write({"path": item.rel, "status": "error",
+                         "reason": "decode_failed: the decoder process crashed on this file"})
+        else:
+            row = item.row
+            row["reason"] = "outputs failed: the worker process crashed writing CAMs/SR"
+            item.payload = None
+            self._write(row)
+
+    # -- inference and rows ----------------------------------------------------------------
+
+    def _infer(self, batch: list[WorkItem]) -> None:
+        import torch
+
+        x = torch.from_numpy(np.stack([it.decoded["x"] for it in batch]))
+        cams = None
+        if self.cfg.cams == "none":
+            probs = self.p.predict_tensor(x)
+        elif self.cfg.cam_method == "gradcam":
+            from medxray.cam import grad_cam
+
+            logits, cams = grad_cam(self.p.model, x.to(self.p.device))
+            probs = (1.0 / (1.0 + np.exp(-logits.cpu().numpy().astype(np.float64)))).astype(np.float32)
+        else:
+            probs, cams = self.p.predict_tensor_with_cams(x)
+        positives = self.p.positive(probs)
+        names = self.p.label_names
+        for i, it in enumerate(batch):
+            d = it.decoded
+            meta = d["meta"]
+            window = d.get("window")
+            row = {
+                "path": it.rel, "status": "ok", "reason": "",
+                "sop_instance_uid": meta.get("sop_instance_uid", ""),
+                "study_instance_uid": meta.get("study_instance_uid", ""),
+                "series_instance_uid": meta.get("series_instance_uid", ""),
+                "modality": meta.get("modality", ""), "view_position": meta.get("view_position", ""),
+                "positive_findings": ";".join(positives[i]), "warnings": "; ".join(d.get("warnings") or []),
+                "is_lateral": bool(d.get("is_lateral")), "rows": meta.get("rows"), "columns": meta.get("columns"),
+                "window_center": window[0] if window else "", "window_width": window[1] if window else "",
+            }
+            for j, n in enumerate(names):
+                row[f"p_{n}"] = f"{float(probs[i, j]):.4f}"
+            it.row = row
+            classes: list[int] = []
+            if cams is not None:
+                classes = list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives[i]]
+            sr = None
+            if self.cfg.sr:
+                keys = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality")
+                sr = {"source": {k: meta.get(k, "") for k in keys}, "label_names": names,
+                      "probabilities": [float(v) for v in probs[i]], "positives": positives[i],
+                      "model_name": self.p.model_name, "model_version": self.p.model_version,
+                      "thresholds": self.p.thresholds}
+            display = d.get("display")
+            it.decoded = None  # free the decoded pixels of this file
+            if classes or sr is not None:
+                it.payload = {
+                    "out": str(self.out), "stem": output_stem(it.rel), "classes": [names[c] for c in classes],
+                    "class_probs": [float(probs[i, c]) for c in classes],
+                    "cams": cams[i, classes] if classes else None, "display": display if classes else None,
+                    "cam_method": self.cfg.cam_method, "overlay_max_side": self.cfg.overlay_max_side, "sr": sr,
+                }
+                self._launch("post", it)
+            else:
+                self._write(row)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.journal.write({**self.base_row, **row})
+        self.written += 1
+        self.bar.update(1)

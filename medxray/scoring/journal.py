@@ -1,0 +1,143 @@
+"""The results journal: ``results.csv``, its columns, and kill-safe appending.
+
+One row per input file, flushed when the file is complete; a reopened journal drops a
+half-written last line and duplicate rows; :meth:`ResultsJournal.finalize` rewrites the file
+sorted by path. :func:`read_results` reads a (possibly damaged) results file back.
+
+Must not import the engine, the workers, torch or DICOM code: only :mod:`medxray.errors`,
+:mod:`medxray.fileio` and :mod:`medxray.labels`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from medxray.errors import ConfigError
+from medxray.fileio import atomic_write_text
+from medxray.labels import CHESTXRAY14_FINDINGS
+
+log = logging.getLogger(__name__)
+
+RESULTS_NAME = "results.csv"
+
+BASE_COLUMNS: tuple[str, ...] = (
+    "path", "status", "reason", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
+    "modality", "view_position",
+)
+TAIL_COLUMNS: tuple[str, ...] = (
+    "positive_findings", "model", "model_version", "warnings", "is_lateral", "rows", "columns",
+    "window_center", "window_width", "cam_dir", "sr_file",
+)
+
+
+def result_columns(label_names: Sequence[str]) -> list[str]:
+    """The results.csv header for a model with these findings (one ``p_<Finding>`` each)."""
+    return [*BASE_COLUMNS, *(f"p_{n}" for n in label_names), *TAIL_COLUMNS]
+
+
+# The layout for the standard ChestX-ray14 head; a checkpoint with other labels gets its own.
+RESULT_COLUMNS: list[str] = result_columns(CHESTXRAY14_FINDINGS)
+
+
+def read_results(path: str | os.PathLike, columns: Sequence[str] | None = None
+                 ) -> tuple[list[str], list[list[str]], int]:
+    """Complete rows of a results file: (header, rows, number of damaged/duplicate lines dropped).
+
+    Only the last line can be damaged (a kill during a write); it is dropped, as is any row
+    whose path already appeared (first one wins).
+    """
+    text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    end = text.rfind("\n")
+    complete = text[: end + 1] if end >= 0 else ""
+    dropped = 1 if len(text) > len(complete) else 0
+    reader = csv.reader(io.StringIO(complete, newline=""))
+    header = next(reader, None) or []
+    if columns is not None and header and header != list(columns):
+        raise ConfigError(f"{path} has another column layout (another model or medxray version); "
+                          "use a new --out folder or --overwrite")
+    rows: list[list[str]] = []
+    seen: set[str] = set()
+    try:
+        for rec in reader:
+            if len(rec) != len(header) or not rec[0]:
+                dropped += 1
+                continue
+            if rec[0] in seen:
+                dropped += 1
+                continue
+            seen.add(rec[0])
+            rows.append(rec)
+    except csv.Error:
+        dropped += 1
+    return header, rows, dropped
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+class ResultsJournal:
+    """Append-only results.csv: one flushed line per finished file, cleaned up on reopen."""
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.path = path
+        self.columns = list(columns)
+        self.done: dict[str, list[str]] = {}
+        if path.exists() and path.stat().st_size > 0:
+            header, rows, dropped = read_results(path, self.columns)
+            if not header:
+                rows = []
+            self.done = {r[0]: r for r in rows}
+            if dropped or not header:
+                log.info("results: dropped %d incomplete or duplicate line(s) left by an interrupted run", dropped)
+                atomic_write_text(path, csv_text(self.columns, rows))
+        else:
+            atomic_write_text(path, csv_text(self.columns, []))
+        self._fh = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
+        self._writer = csv.writer(self._fh, lineterminator="\n")
+        self._since_sync = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        rec = [cell_text(row.get(c, "")) for c in self.columns]
+        if rec[0] in self.done:
+            return
+        self._writer.writerow(rec)
+        self._fh.flush()  # into the OS: survives a kill of this process
+        self.done[rec[0]] = rec
+        self._since_sync += 1
+        if self._since_sync >= 64:
+            os.fsync(self._fh.fileno())
+            self._since_sync = 0
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+    def finalize(self, keep: Callable[[str], bool] | None = None) -> list[list[str]]:
+        """Close and rewrite sorted by path; returns the rows (optionally only those ``keep`` accepts)."""
+        self.close()
+        rows = sorted(self.done.values(), key=lambda r: r[0])
+        atomic_write_text(self.path, csv_text(self.columns, rows))
+        return [r for r in rows if keep is None or keep(r[0])]
+
+
+def cell_text(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    s = str(v)
+    return s.replace("\r", " ").replace("\n", " ") if ("\n" in s or "\r" in s) else s

@@ -1,0 +1,254 @@
+"""One scoring run over a folder: :func:`score_directory`.
+
+Checks the arguments and the checkpoint, locks the output folder (one writer per results
+file), records the run's identity (a resumed run must use the same arguments), lists the files
+of this shard, skips those already in the journal, drives :class:`~medxray.scoring.engine.ScoringEngine`,
+and merges shard results once every shard is complete.
+
+Must not be imported by the other scoring modules (it is the top of the package).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from medxray.errors import CheckpointError, ConfigError, DataError
+from medxray.fileio import atomic_write_text
+from medxray.scoring.config import ScoreConfig, ScoreSummary, default_threads, validate_config
+from medxray.scoring.discovery import in_shard, iter_input_files, output_stem
+from medxray.scoring.engine import ScoringEngine, WorkItem
+from medxray.scoring.journal import RESULTS_NAME, ResultsJournal, csv_text, read_results, result_columns
+from medxray.scoring.workers import CAMS_DIR, SR_DIR, new_decode_pool, ping
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "run.json"
+
+
+def score_directory(cfg: ScoreConfig) -> ScoreSummary:
+    """Score every file under ``cfg.input_dir``; see :mod:`medxray.scoring` for the guarantees.
+
+    Raises :class:`ConfigError` / :class:`DataError` / :class:`CheckpointError` (exit code 2 at
+    the CLI) for unusable arguments; bad input files only ever become error rows.
+    """
+    t_start = time.perf_counter()
+    workers, shard = validate_config(cfg)
+    in_root = Path(cfg.input_dir)
+    out = Path(cfg.out)
+    if not in_root.exists():
+        raise DataError(f"input {in_root} does not exist; give the folder holding the DICOM files")
+    if not Path(cfg.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist (check the path)")
+    if not zipfile.is_zipfile(cfg.checkpoint):  # not a torch.save file: fail now, with load's own message
+        from medxray.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg.checkpoint)
+    # Start the decode workers first: their imports (torch, MONAI) take seconds and overlap
+    # everything below, including loading the model.
+    pool = new_decode_pool(workers)
+    warm = [pool.submit(ping) for _ in range(workers)]
+    lock = None
+    try:
+        from medxray.checkpoint import load_checkpoint
+        from medxray.data.transforms import check_preprocessing
+        from medxray.inference import checkpoint_identity
+
+        ckpt = load_checkpoint(cfg.checkpoint)  # CheckpointError for a missing / unsafe / foreign file
+        image_size = check_preprocessing(ckpt.metadata.get("preprocessing", {}))
+        labels = list(ckpt.metadata.get("label_names") or [])
+        if not labels:
+            raise CheckpointError(f"checkpoint {cfg.checkpoint} lists no label_names; it cannot name result columns")
+        columns = result_columns(labels)
+        out.mkdir(parents=True, exist_ok=True)
+        identity = run_identity(cfg, checkpoint_identity(cfg.checkpoint), shard)
+        results_path = out / results_name(shard)
+        run_path = out / run_name(shard)
+        lock = lock_out(out / f".{results_path.name}.lock")
+        check_or_start_run(run_path, results_path, identity, cfg.overwrite)
+
+        files = [(r, p) for r, p in iter_input_files(in_root, exclude=[out]) if in_shard(r, shard)]
+        journal = ResultsJournal(results_path, columns)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if lock is not None:
+            lock.close()
+        raise
+    del warm
+    run = ScoringRun(cfg, pool, workers, shard, ckpt, image_size, labels, columns, identity, results_path, run_path,
+               files, journal, out, t_start)
+    try:
+        return run_scoring(run)
+    finally:
+        lock.close()  # the kernel also drops the lock when a killed run's process dies
+
+
+@dataclass
+class ScoringRun:
+    """What :func:`score_directory` prepared before scoring starts."""
+
+    cfg: ScoreConfig
+    pool: ProcessPoolExecutor
+    workers: int
+    shard: tuple[int, int] | None
+    ckpt: Any
+    image_size: int
+    labels: list[str]
+    columns: list[str]
+    identity: dict[str, Any]
+    results_path: Path
+    run_path: Path
+    files: list[tuple[str, Path]]
+    journal: ResultsJournal
+    out: Path
+    t_start: float
+
+
+def run_scoring(run: ScoringRun) -> ScoreSummary:
+    from medxray.inference import Predictor
+
+    cfg, pool, workers, shard, out, journal = run.cfg, run.pool, run.workers, run.shard, run.out, run.journal
+    files, ckpt, labels, columns, identity = run.files, run.ckpt, run.labels, run.columns, run.identity
+    image_size, results_path, run_path, t_start = run.image_size, run.results_path, run.run_path, run.t_start
+
+    scope = {r for r, _ in files}
+    todo = [WorkItem(r, p) for r, p in files if r not in journal.done]
+    if cfg.overwrite:  # outputs of the discarded run must not be mistaken for this run's
+        for it in todo:
+            stem = output_stem(it.rel)
+            shutil.rmtree(out / CAMS_DIR / stem, ignore_errors=True)
+            (out / SR_DIR / f"{stem}.dcm").unlink(missing_ok=True)
+    summary = ScoreSummary(total=len(files), skipped=len(files) - len(todo), results=str(results_path))
+    if summary.skipped:
+        log.info("resuming: %d of %d files already have a row", summary.skipped, len(files))
+    meta = ckpt.metadata
+    base_row = {"model": str(meta.get("model_name") or meta.get("architecture", "")),
+                "model_version": str(meta.get("model_version") or "unversioned")}
+    engine = ScoringEngine(cfg, image_size, journal, out, workers, len(todo), base_row)
+    t_work = time.perf_counter()
+    predictor = None
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        if todo:
+            engine.start(todo, pool)  # workers decode while the model loads / converts
+        else:
+            pool.shutdown(wait=False, cancel_futures=True)
+        threads = cfg.threads or default_threads(workers)
+        torch.set_num_threads(max(1, int(threads)))  # leave cores to the decoders; restored below
+        predictor = Predictor.from_checkpoint(ckpt, device=cfg.device, backend=cfg.backend,
+                                              precision=cfg.precision, batch_size=cfg.batch_size,
+                                              num_threads=threads)
+        if list(predictor.label_names) != labels:
+            raise CheckpointError("checkpoint label names do not match its model head")
+        summary.backend = f"{predictor.backend}/{predictor.precision}/{predictor.device}"
+        if todo:
+            engine.run(predictor)
+    finally:
+        torch.set_num_threads(threads_before)
+        engine.close()
+        summary.scored = engine.written
+        rows = journal.finalize(keep=lambda r: r in scope)
+    summary.ok = sum(1 for r in rows if r[1] == "ok")
+    summary.error = sum(1 for r in rows if r[1] != "ok")
+    summary.seconds = time.perf_counter() - t_start
+    summary.images_per_s = summary.scored / max(time.perf_counter() - t_work, 1e-9)
+    state = {**identity, "complete": True, "columns": columns, "model": predictor.describe(),
+             "summary": {k: v for k, v in asdict(summary).items() if k != "merged"}}
+    atomic_write_text(run_path, json.dumps(state, indent=2) + "\n")
+    if shard is not None:
+        summary.merged = merge_shards_if_complete(out, shard[1], identity, columns)
+    return summary
+
+
+def run_identity(cfg: ScoreConfig, ckpt_id: str, shard: tuple[int, int] | None) -> dict[str, Any]:
+    return {
+        "input": str(Path(cfg.input_dir).resolve()),
+        "checkpoint_sha256_16": ckpt_id,
+        "cams": cfg.cams,
+        "cam_method": cfg.cam_method,
+        "sr": bool(cfg.sr),
+        "shard": list(shard) if shard else None,
+        "allowed_modalities": sorted(m.upper() for m in cfg.allowed_modalities) if cfg.allowed_modalities else None,
+        "max_pixels": cfg.max_pixels,
+        "overlay_max_side": cfg.overlay_max_side,
+    }
+
+
+def results_name(shard: tuple[int, int] | None) -> str:
+    return RESULTS_NAME if shard is None else f"results.shard-{shard[0]}-of-{shard[1]}.csv"
+
+
+def run_name(shard: tuple[int, int] | None) -> str:
+    return RUN_NAME if shard is None else f"run.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def lock_out(path: Path) -> Any:
+    """One writer per results file: a second scorer on the same OUT (and shard) stops with a clear error."""
+    fh = open(path, "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no cross-process lock
+        pass
+    except OSError:
+        fh.close()
+        raise ConfigError(f"another scorer is already writing {path.parent} (lock {path.name}); "
+                          "wait for it, or use another --out / --shard") from None
+    return fh
+
+
+def check_or_start_run(run_path: Path, results_path: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix rows of two different runs in one folder; record this run's identity first."""
+    if overwrite:
+        results_path.unlink(missing_ok=True)
+    elif run_path.exists():
+        try:
+            prev = json.loads(run_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            prev = {}
+        diffs = [k for k, v in identity.items() if prev.get(k) != v]
+        if diffs and results_path.exists():
+            raise ConfigError(
+                f"{results_path.parent} already holds results of a different run ({', '.join(diffs)} differ); "
+                "re-run with the same arguments to resume, or use a new --out folder or --overwrite"
+            )
+    elif results_path.exists():
+        raise ConfigError(f"{results_path} exists but has no run record ({run_path.name}) from this scorer; "
+                          "use a new --out folder or --overwrite")
+    atomic_write_text(run_path, json.dumps({**identity, "complete": False}, indent=2) + "\n")
+
+
+def merge_shards_if_complete(out: Path, n: int, identity: dict[str, Any], columns: list[str]) -> str | None:
+    """When every shard k/n has finished in this folder, write the merged results.csv.
+
+    Each shard marks itself complete before looking at the others, so the last to finish
+    always sees all of them (two finishing together both write the same file, atomically).
+    """
+    parts = []
+    same = {key: v for key, v in identity.items() if key != "shard"}
+    for k in range(1, n + 1):
+        try:
+            state = json.loads((out / run_name((k, n))).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not state.get("complete") or any(state.get(key) != v for key, v in same.items()):
+            return None
+        parts.append(out / results_name((k, n)))
+    rows: dict[str, list[str]] = {}
+    for part in parts:
+        _, part_rows, _ = read_results(part, columns)
+        for r in part_rows:
+            rows.setdefault(r[0], r)
+    merged = out / RESULTS_NAME
+    atomic_write_text(merged, csv_text(columns, [rows[k] for k in sorted(rows)]))
+    return str(merged)

@@ -1,0 +1,113 @@
+"""Jobs that run in the scorer's spawned worker processes (top-level functions, so they pickle).
+
+* :func:`new_decode_pool`: the process pool (spawned, each worker initialised by :func:`worker_init`);
+* :func:`decode_job`: read + preprocess one file; returns an error record instead of raising;
+* :func:`post_job`: write one image's CAM overlays and/or DICOM SR, atomically;
+* :func:`ping`: a no-op used to warm the pool and to prove a fresh worker can run.
+
+Must not import the engine, the run or the journal; DICOM, inference and CAM code is imported
+inside the jobs so the parent process does not pay for it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medxray.dicom import write_sr
+from medxray.errors import DicomError
+
+CAMS_DIR = "cams"
+SR_DIR = "sr"
+
+
+def worker_init(image_size: int | None = None) -> None:
+    """Each decode process: one torch thread (the processes are the parallelism), quiet warnings,
+    and the transforms built up front (importing MONAI takes seconds; it overlaps model loading).
+
+    pydicom warns about every oddity of every odd file; in a worker those would flood the
+    terminal under the progress bar. This runs only inside our own worker processes.
+    """
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    import monai.transforms  # noqa: F401  (the slow import, done before the first file arrives)
+
+    import medxray.dicom  # noqa: F401
+    from medxray.inference import preprocess
+
+    if image_size:
+        preprocess(np.zeros((8, 8), np.float32), image_size)
+
+
+def new_decode_pool(workers: int, image_size: int | None = None) -> ProcessPoolExecutor:
+    """Spawned worker processes (never forked from a process whose thread pools are running)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=worker_init, initargs=(image_size,))
+
+
+def ping() -> bool:
+    return True
+
+
+def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | None, max_pixels: int | None,
+               want_display: bool) -> dict[str, Any]:
+    """Read + preprocess one file; never raises for a bad file (returns an error record)."""
+    from medxray.dicom import read_dicom
+    from medxray.inference import preprocess
+
+    try:
+        img = read_dicom(path, allowed_modalities=allowed_modalities, max_pixels=max_pixels, keep_raw=False)
+    except DicomError as exc:
+        return {"status": "error", "reason": str(exc)}
+    except MemoryError:
+        return {"status": "error", "reason": "too_large: not enough memory to decode this image"}
+    except Exception as exc:  # a bug or a codec failure we did not anticipate: keep the batch going
+        return {"status": "error", "reason": f"decode_failed: unexpected {type(exc).__name__} while decoding"}
+    x = preprocess(img.pixels, image_size).numpy()
+    return {
+        "status": "ok", "meta": img.meta, "window": img.window, "warnings": img.warnings,
+        "is_lateral": img.is_lateral, "x": x, "display": img.display_uint8() if want_display else None,
+    }
+
+
+def post_job(task: dict[str, Any]) -> dict[str, Any]:
+    """Write CAM overlays and/or the SR for one scored image (atomically); report what was written."""
+    out = Path(task["out"])
+    result: dict[str, Any] = {"cam_dir": "", "sr_file": "", "note": ""}
+    notes = []
+    if task.get("cams") is not None and len(task["classes"]):
+        try:
+            from medxray.cam import overlay_with_legend, save_png
+
+            display = task["display"]
+            max_side = task.get("overlay_max_side")
+            if max_side and max(display.shape) > max_side:
+                from PIL import Image
+
+                scale = max_side / max(display.shape)
+                size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
+                display = np.asarray(Image.fromarray(display).resize(size, Image.BILINEAR))
+            cam_dir = Path(CAMS_DIR) / task["stem"]
+            for name, prob, cam in zip(task["classes"], task["class_probs"], task["cams"]):
+                title = f"{name} p={prob:.2f} ({task['cam_method'].upper()})"
+                save_png(out / cam_dir / f"{name}.png", overlay_with_legend(display, cam, title))
+            result["cam_dir"] = cam_dir.as_posix()
+        except Exception as exc:
+            notes.append(f"cam overlays failed ({type(exc).__name__})")
+    if task.get("sr") is not None:
+        try:
+            rel = Path(SR_DIR) / f"{task['stem']}.dcm"
+            write_sr(out / rel, **task["sr"])
+            result["sr_file"] = rel.as_posix()
+        except Exception as exc:
+            notes.append(f"SR failed ({type(exc).__name__}: {str(exc)[:120]})")
+    result["note"] = "; ".join(notes)
+    return result
