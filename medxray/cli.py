@@ -97,7 +97,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", dest="image_size", type=int, help="square input size in pixels (default 224)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<time>)")
-    p.add_argument("--config", dest="config_file", help="YAML file setting any option by name (see medxray.train.TrainConfig)")
+    p.add_argument("--config", dest="config_file", help="YAML file setting any option by name (see medxray.training.config.TrainConfig)")
     p.add_argument("--resume", help="continue the run in this directory after its last completed epoch")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="seed of weights init, data order and augmentation (default 0)")
@@ -129,14 +129,15 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from medxray.train import finetune, make_config
+    from medxray.training.config import make_config
+    from medxray.training.loop import finetune
 
     skip = {"func", "command", "verbose", "quiet", "config_file"}
     opts = {k: v for k, v in vars(args).items() if k not in skip}
     # Dataset-specific flags travel in dataset_options, on top of any the config file sets.
     ds_flags = {k: opts.pop(k) for k in ("csv_path", "uncertain") if k in opts}
     if ds_flags:
-        from medxray.train import load_config_file
+        from medxray.training.config import load_config_file
 
         file_opts = load_config_file(args.config_file) if getattr(args, "config_file", None) else {}
         opts["dataset_options"] = {**dict(file_opts.get("dataset_options") or {}), **ds_flags}
@@ -283,6 +284,45 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pacs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-dicom", help="run the DICOM node: C-STORE SCP in, score by series, results back to a PACS",
+                       description="Receives images by C-STORE, scores each series once it is idle with the "
+                                   "score-dicom engine and C-STOREs an SR (+ CAM Secondary Captures) to the "
+                                   "destination. Stop with Ctrl-C / SIGTERM; restart resumes. See pipelines/node.yaml.")
+    p.add_argument("--config", required=True, help="node YAML (AE title, port, allowed callers, destination, ...)")
+    p.add_argument("--port", type=int, default=None, help="override the config's port")
+    p.set_defaults(func=_run_serve_dicom)
+    p = sub.add_parser("score-pacs", help="pull new CR/DX images from Orthanc, score them, store results back",
+                       description="Reads Orthanc's change log after a cursor kept in --work, downloads new CR/DX "
+                                   "instances, scores them with the score-dicom engine and POSTs the SR (+ SC) "
+                                   "back. Re-run (e.g. from cron) to continue from the cursor.")
+    p.add_argument("--orthanc", required=True, metavar="URL", help="Orthanc REST URL, e.g. http://127.0.0.1:8042")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `medxray finetune`")
+    p.add_argument("--work", required=True, help="state folder (cursor, inbox, results.csv, outbox)")
+    p.add_argument("--deidentified-sr", action="store_true", help="SR/SC with an empty patient module")
+    p.add_argument("--no-sc", action="store_true", help="send the SR only, no CAM Secondary Captures")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_run_score_pacs)
+
+
+def _run_serve_dicom(args: argparse.Namespace) -> int:
+    from medxray.pacs import load_node_config, serve
+
+    serve(load_node_config(args.config, {"port": args.port} if args.port else None))
+    return 0
+
+
+def _run_score_pacs(args: argparse.Namespace) -> int:
+    from medxray.pacs import ResultPolicy, score_pacs
+
+    policy = ResultPolicy(deidentified_sr=args.deidentified_sr, secondary_capture=not args.no_sc,
+                          scoring={"batch_size": args.batch_size, "workers": args.workers})
+    summary = score_pacs(args.orthanc, args.checkpoint, args.work, policy=policy)
+    print(summary.line())
+    return 0 if not summary.queued_left else 1
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare the preprocessing cache, synthesise phantom data, verify a data root")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
@@ -373,6 +413,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_evaluate,
     _add_demo,
     _add_score_dicom,
+    _add_pacs,
     _add_data,
 ]
 
