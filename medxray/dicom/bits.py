@@ -9,9 +9,9 @@ but wrong picture when the header is trusted blindly:
 * the bits above Bits Stored hold overlay planes or junk (old files): those must be masked.
 
 :func:`locate_stored_bits` decides by evidence, on the decoded values: if nothing lies outside
-the header's range the header is right; otherwise the interpretation whose picture is smooth
-(neighbouring pixels differ little relative to the value range) wins, since wrapped values and
-overlay junk both make neighbours jump. When neither is clearly smoother it refuses with
+the header's range the header is right; otherwise the reading with far fewer neighbour jumps
+larger than half the stored range wins (masked wide values wrap into bands, overlay planes or
+junk make the unmasked values jump). When neither reading is clearly smoother it refuses with
 ``bit_depth_mismatch``. A High Bit above ``BitsStored - 1`` moves the stored bits up (shifted
 down here); if the low bits under it are not empty, the values sit low and High Bit is wrong.
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from medxray.dicom.codes import BIT_DEPTH_MISMATCH, bit_depth_warning, high_bit_warning, refusal
 
-# One interpretation must be this many times smoother than the other to be chosen.
-_EVIDENCE_RATIO = 2.0
+# One reading must have this many times fewer jumps than the other to be chosen.
+_EVIDENCE_RATIO = 4.0
 _SAMPLE_PIXELS = 250_000
 
 
@@ -35,15 +35,13 @@ def _sample(arr: np.ndarray) -> np.ndarray:
     return arr[::step, ::step].astype(np.int64)
 
 
-def roughness(values: np.ndarray) -> float:
-    """Mean |horizontal and vertical neighbour difference| over the 1-99 percentile range (2-D int array)."""
+def jump_fraction(values: np.ndarray, jump: int) -> float:
+    """Fraction of horizontal and vertical neighbour pairs of a 2-D int array differing by more than ``jump``."""
     if values.shape[0] < 2 or values.shape[1] < 2:
         return 0.0
-    lo, hi = np.percentile(values, [1.0, 99.0])
-    spread = max(float(hi - lo), 1.0)
-    dx = np.abs(np.diff(values, axis=1)).mean()
-    dy = np.abs(np.diff(values, axis=0)).mean()
-    return float(dx + dy) / (2.0 * spread)
+    dx = np.abs(np.diff(values, axis=1)) > jump
+    dy = np.abs(np.diff(values, axis=0)) > jump
+    return float(dx.sum() + dy.sum()) / float(dx.size + dy.size)
 
 
 def _mask(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -91,13 +89,23 @@ def locate_stored_bits(arr: np.ndarray, bits_stored: int, high_bit: int | None, 
     vmin, vmax = int(arr.min()), int(arr.max())
     if lo <= vmin and vmax <= hi:
         return arr, warning
+    if signed:
+        above = arr >> bits_stored  # 0 or -1 where the bits above are empty or a sign extension
+        if int(above.min()) >= -1 and int(above.max()) <= 0:
+            # PS3.5 8.1.1: bits above High Bit carry nothing; writers that leave them 0 for negative
+            # values are common and conformant: sign-extend from Bits Stored.
+            return _mask(arr, bits_stored, True).astype(arr.dtype, copy=False), warning
     needed = _bits_needed(arr, signed)
     if compressed:
         evidence = f"the codestream decodes to values {vmin}..{vmax}"
         return arr, bit_depth_warning(bits_stored, needed, evidence)
+    # Masking wide values wraps them: neighbours then jump by about 2**BitsStored where the true
+    # image crosses a multiple of it. Overlay planes or junk above the stored bits make the
+    # unmasked values jump instead. Count jumps above half the stored range in both readings.
     sample = _sample(arr)
-    full, masked = roughness(sample), roughness(_mask(sample, bits_stored, signed))
-    if masked * _EVIDENCE_RATIO <= full:  # overlay planes or junk above the stored bits
+    half = 1 << (bits_stored - 1)
+    full, masked = jump_fraction(sample, half), jump_fraction(_mask(sample, bits_stored, signed), half)
+    if masked == 0.0 or masked * _EVIDENCE_RATIO <= full:  # overlay planes or junk: the header is right
         return _mask(arr, bits_stored, signed).astype(arr.dtype, copy=False), warning
     if full * _EVIDENCE_RATIO <= masked:  # the values really are wider than the header says
         evidence = f"values {vmin}..{vmax}; masked to {bits_stored} bits they wrap into bands"

@@ -177,6 +177,7 @@ def apply_window(raw: np.ndarray, center: float, width: float, func: str, out: n
     if func == "SIGMOID":
         y -= np.float32(center)
         y *= np.float32(-4.0 / width)
+        np.clip(y, -80.0, 80.0, out=y)  # exp(80) fits float32; the output is 0 or 1 to 1e-35 there
         np.exp(y, out=y)
         y += np.float32(1.0)
         np.reciprocal(y, out=y)
