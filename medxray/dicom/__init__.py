@@ -3,13 +3,15 @@
 * :mod:`medxray.dicom.codes`: refusal codes (``DicomError.code``), :func:`refusal`, the lateral warning;
 * :mod:`medxray.dicom.header`: attribute readers, the safe-metadata allow-list, checks before decoding;
 * :mod:`medxray.dicom.voi`: modality LUT, VOI LUT / window, percentile window, :func:`rewindow`;
-* :mod:`medxray.dicom.reader`: sniffing, parsing, decoding, :func:`read_dicom` -> :class:`DicomImage`;
+* :mod:`medxray.dicom.source`: sniffing, size-limited loading, parsing, the truncation check;
+* :mod:`medxray.dicom.bits`: where the stored bits are (Bits Stored / High Bit against the values);
+* :mod:`medxray.dicom.reader`: decoding, :func:`read_dicom` -> :class:`DicomImage`;
 * :mod:`medxray.dicom.sr`: :func:`write_sr` (Comprehensive SR of the AI findings).
 
 This package must not import the scorer, inference, the app or a network node; those import it.
 """
 
-from medxray.dicom.codes import LATERAL_WARNING, refusal
+from medxray.dicom.codes import LATERAL_WARNING, REASON_CODES, refusal
 from medxray.dicom.reader import (
     DEFAULT_ALLOWED_MODALITIES,
     DEFAULT_MAX_PIXELS,
@@ -27,6 +29,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "LATERAL_WARNING",
     "NOT_FOR_CLINICAL_USE",
+    "REASON_CODES",
     "DicomImage",
     "DicomSource",
     "is_dicom_file",

@@ -20,9 +20,10 @@ What the scorer and the app both need from a radiograph, decided once here:
 Metadata is an allow-list of non-identifying attributes: patient names, IDs and birth dates
 never leave this package.
 
-This module holds the reading path (sniffing, loading the bytes with size limits, parsing with
-pydicom, the truncation check, decoding stored values) and :func:`read_dicom`/:class:`DicomImage`.
-Header checks live in :mod:`medxray.dicom.header`, the LUTs and windows in
+This module holds the decoding of stored values (:func:`decode_stored`, the one place codecs are
+called) and :func:`read_dicom`/:class:`DicomImage`. Sniffing, size-limited loading and parsing
+live in :mod:`medxray.dicom.source`, where the stored bits are in :mod:`medxray.dicom.bits`,
+header checks in :mod:`medxray.dicom.header`, the LUTs and windows in
 :mod:`medxray.dicom.voi`, refusal codes in :mod:`medxray.dicom.codes`. Must not import the
 writers (:mod:`medxray.dicom.sr`) nor anything of medxray outside this package and
 :mod:`medxray.errors`; only :class:`DicomError` may leave it.
@@ -30,13 +31,9 @@ writers (:mod:`medxray.dicom.sr`) nor anything of medxray outside this package a
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import struct
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any, Iterable, Union
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -48,7 +45,6 @@ from medxray.dicom.codes import (
     NOT_DICOM,
     SHORT_PIXEL_DATA,
     TOO_LARGE,
-    TRUNCATED,
     UNREADABLE,
     UNSUPPORTED,
     one_line,
@@ -63,8 +59,8 @@ from medxray.dicom.header import (
     padding_range,
     safe_meta,
     scrub_phi,
-    transfer_syntax,
 )
+from medxray.dicom.source import DicomSource, is_dicom_file, parse_dataset, read_source, sniff_dicom
 from medxray.dicom.voi import (
     MIN_GREY_LEVELS,
     apply_modality_lut,
@@ -80,7 +76,9 @@ from medxray.errors import DicomError
 
 log = logging.getLogger(__name__)
 
-DicomSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
+__all__ = ["DEFAULT_ALLOWED_MODALITIES", "DEFAULT_MAX_PIXELS", "DicomImage", "DicomSource", "decode_stored",
+           "is_dicom_file", "read_dicom", "sniff_dicom"]
+
 
 DEFAULT_ALLOWED_MODALITIES: tuple[str, ...] = ("CR", "DX")
 # The largest chest detectors are ~4300x4300 (18.5 MP); 50 MP leaves room and bounds memory.
@@ -89,10 +87,6 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _MAX_FILE_BYTES_PER_PIXEL = 4
 _MAX_HEADER_BYTES = 64 << 20
 
-_UNDEFINED = 0xFFFFFFFF
-_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
-)
 
 
 @dataclass
@@ -129,156 +123,6 @@ class DicomImage:
     def display_uint8(self) -> np.ndarray:
         """The display image as 8-bit grayscale (for PNG overlays and thumbnails)."""
         return np.rint(self.pixels * 255.0).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# recognising and reading
-# ---------------------------------------------------------------------------------------------
-
-
-def sniff_dicom(head: bytes) -> str | None:
-    """Tell from the first bytes whether this is DICOM: ``"part10"``, ``"raw"`` (no preamble) or None.
-
-    Raw data sets (older modalities, some archives) start directly with an element of group
-    0002 or 0008; explicit-VR ones have a VR after the tag, implicit ones a small length.
-    """
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "part10"
-    if len(head) < 8:
-        return None
-    for endian in "<>":
-        group, _elem = struct.unpack(endian + "HH", head[:4])
-        if group not in (0x0002, 0x0008):
-            continue
-        if head[4:6] in _VRS:
-            return "raw"
-        (length,) = struct.unpack(endian + "I", head[4:8])
-        if length <= 0x4000:
-            return "raw"
-    return None
-
-
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """Cheap content check (reads 132 bytes); used to tell DICOM from other files in a folder."""
-    try:
-        with open(path, "rb") as fh:
-            return sniff_dicom(fh.read(132)) is not None
-    except OSError:
-        return False
-
-
-def _read_source(source: DicomSource, max_bytes: int) -> tuple[bytes, str]:
-    """Return the file content and a display name (never the patient: the caller's path)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        name = "<bytes>"
-    elif isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        try:
-            size = p.stat().st_size
-        except OSError as exc:
-            raise refusal(UNREADABLE, f"cannot open the file ({exc.strerror or type(exc).__name__})") from None
-        if size > max_bytes:
-            raise refusal(TOO_LARGE, f"the file is {size / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit")
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise refusal(UNREADABLE, f"cannot read the file ({exc.strerror or type(exc).__name__})") from None
-        name = p.name
-    elif hasattr(source, "read"):
-        if hasattr(source, "seek"):
-            try:
-                source.seek(0)
-            except (OSError, ValueError):
-                pass
-        data = source.read(max_bytes + 1)
-        if not isinstance(data, (bytes, bytearray)):
-            raise TypeError("read_dicom needs a binary file object")
-        if len(data) > max_bytes:
-            raise refusal(TOO_LARGE, f"the upload is above the {max_bytes / 2**20:.0f} MiB limit")
-        data = bytes(data)
-        name = str(getattr(source, "name", "<stream>"))
-    else:
-        raise TypeError(f"read_dicom takes a path, bytes or a binary file object, not {type(source).__name__}")
-    if len(data) > max_bytes:
-        raise refusal(TOO_LARGE,
-                      f"the data is {len(data) / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit")
-    return data, name
-
-
-def _element_end(el: Any) -> int | None:
-    """File offset just past a raw element, or None when pydicom no longer knows it."""
-    tell = getattr(el, "value_tell", None)
-    length = getattr(el, "length", None)
-    if tell is None or length is None:
-        return None
-    if length == _UNDEFINED:
-        value = getattr(el, "value", None)
-        if not isinstance(value, (bytes, bytearray)):
-            return None
-        return tell + len(value) + 8  # + the sequence delimitation item
-    return tell + length
-
-
-def _check_not_truncated(ds: Any, size: int, kind: str) -> None:
-    """pydicom reads a cut file silently; find the cut from the element offsets it recorded."""
-    meta = getattr(ds, "file_meta", None)
-    if kind == "part10" and meta is not None:
-        group_len = meta.get("FileMetaInformationGroupLength")
-        if group_len is not None and not isinstance(group_len, int):
-            raise refusal(UNREADABLE, "the File Meta Information Group Length (0002,0000) is not one number "
-                                      f"(a {type(group_len).__name__}: wrong VR or a damaged header)")
-        if group_len is not None and size < 132 + 12 + int(group_len):
-            raise refusal(TRUNCATED, "the file ends inside its DICOM header (it was cut short or damaged)")
-    if len(ds) == 0:
-        raise refusal(TRUNCATED, "the file ends before its data set is complete (cut short or damaged)")
-    ends: dict[Any, int | None] = {}
-    for tag in ds.keys():
-        end = _element_end(ds.get_item(tag))
-        if end is not None and end > size:
-            raise refusal(TRUNCATED, f"the file ends inside element {tag} (it was cut short or damaged)")
-        ends[tag] = end
-    known = [e for e in ends.values() if e is not None]
-    last_tag = max(ends)
-    if known and ends[last_tag] is not None and max(known) < size:
-        # pydicom stops quietly at a partial element header or an unterminated sequence.
-        raise refusal(
-            TRUNCATED, f"the file ends {size - max(known)} bytes into an incomplete element (cut short or damaged)"
-        )
-
-
-def _parse(data: bytes, kind: str) -> Any:
-    import pydicom
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=(kind == "raw"))
-    except Exception as exc:  # pydicom raises many types for damaged headers
-        raise refusal(
-            UNREADABLE, f"the file looks like DICOM but its header cannot be parsed ({type(exc).__name__})"
-        ) from None
-    try:
-        meta = ds.file_meta
-        ts = transfer_syntax(ds)
-        if ts is None or not ts.is_deflated:  # offsets of a deflated body are not file offsets
-            _check_not_truncated(ds, len(data), kind)
-    except DicomError:
-        raise
-    except Exception as exc:  # pydicom converts values lazily: damage surfaces here
-        raise refusal(UNREADABLE, f"the header cannot be interpreted ({type(exc).__name__}: "
-                                  f"{one_line(scrub_phi(str(exc), ds), 160)})") from None
-    if "TransferSyntaxUID" not in meta:
-        # Raw data sets carry no meta group: the encoding pydicom detected defines the syntax.
-        el = ds.get_item("PixelData") if "PixelData" in ds else None
-        if el is not None and getattr(el, "length", 0) == _UNDEFINED:
-            raise refusal(UNSUPPORTED, "compressed pixel data without a transfer syntax; the codec is unknown")
-        implicit, little = getattr(ds, "original_encoding", (True, True))
-        implicit = True if implicit is None else implicit
-        little = True if little is None else little
-        meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-        )
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +197,7 @@ def read_dicom(
     Raises :class:`DicomError` (with ``.code``) for anything it refuses.
     """
     max_bytes = (max_pixels or DEFAULT_MAX_PIXELS) * _MAX_FILE_BYTES_PER_PIXEL + _MAX_HEADER_BYTES
-    data, _name = _read_source(source, max_bytes)
+    data, _name = read_source(source, max_bytes)
     if not data:
         raise refusal(NOT_DICOM, "the file is empty (0 bytes)")
     kind = sniff_dicom(data[:132])
@@ -361,7 +205,7 @@ def read_dicom(
         raise refusal(NOT_DICOM, "not a DICOM file (no DICM marker and no DICOM data set at the start)")
     ds = None
     try:
-        ds = _parse(data, kind)
+        ds = parse_dataset(data, kind)
         del data
         return _decode(ds, allowed_modalities, max_pixels, keep_raw)
     except DicomError:
