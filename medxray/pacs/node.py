@@ -58,6 +58,8 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                 dirty = True
             if dirty:
                 dirty = False
+                if not unscored(spool):  # e.g. a duplicate send of an already scored instance
+                    continue
                 score_inbox(spool, cfg.checkpoint, policy)
                 if queue_results(spool, policy):
                     sender.wake.set()

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from medxray.dicom.sr import MANUFACTURER
 from medxray.errors import ConfigError, DataError
 from medxray.fileio import atomic_write_text
-from medxray.pacs.results import ResultPolicy, queue_results, score_inbox
+from medxray.pacs.results import ResultPolicy, queue_results, score_inbox, unscored
 from medxray.pacs.sender import OrthancRestDestination, OutboxSender
 from medxray.pacs.spool import Spool
 
@@ -147,7 +147,8 @@ def score_pacs(url: str, checkpoint: str | os.PathLike, work_dir: str | os.PathL
 
     modalities = policy.scoring.get("allowed_modalities", DEFAULT_ALLOWED_MODALITIES)
     pull_new_instances(client, spool, modalities, summary)
-    score_inbox(spool, str(checkpoint), policy)
+    if unscored(spool):
+        score_inbox(spool, str(checkpoint), policy)
     queue_results(spool, policy)
     sender = OutboxSender(spool, OrthancRestDestination(client.url), retry_initial_s=1.0, retry_max_s=10.0)
     sender.drain(send_timeout_s)
