@@ -264,7 +264,9 @@ def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
 
     view = str(study.meta.get("view_position") or "").upper()
     if study.is_lateral or view in ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD"):
-        add("lateral view: the model was trained on frontal (PA/AP) radiographs only; predictions are unreliable")
+        from medxray.dicom.codes import LATERAL_WARNING  # the text results.csv carries (one definition)
+
+        add(LATERAL_WARNING)
     elif view == "AP":
         add("AP view: usually a portable or supine film; heart size and effusions look different from PA, "
             "read the predictions with care")
