@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps browser-deps test test-fast demo bench clean
+.PHONY: setup system-deps browser-deps test test-fast demo bench fuzz clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,14 @@ demo: setup
 # Benchmarks are not tests: each prints its ratio against a peer measured in the same run.
 bench: setup
 	for b in model_step train_step loader score_dicom; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+
+# Coverage-guided fuzzing of the DICOM reader and the image decoder (atheris); not part of `make test`.
+# FUZZ_SECONDS is the total budget, split between the two harnesses; escaped inputs land in
+# tests/data/fuzz-escapes/ and are replayed by the tests from then on.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	RUST_BACKTRACE=0 $(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out
