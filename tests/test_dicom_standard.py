@@ -363,3 +363,29 @@ def test_auto_window_ignores_excluded_pixels():
     lo, hi = np.percentile(np.arange(50), [0.5, 99.5])
     assert (c, w) == pytest.approx(((lo + hi) / 2, hi - lo))
     assert auto_window(raw, np.ones_like(mask)) is None
+
+
+def test_readme_lists_every_reason_code():
+    from pathlib import Path
+
+    from medxray.dicom.codes import REASON_CODES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What the DICOM reader supports and refuses", 1)[1].split("\n## ", 1)[0]
+    for code in REASON_CODES:
+        assert f"| `{code}` |" in section, code
+
+
+def test_unusable_voi_lut_falls_back_to_the_window_with_a_warning(reference):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = rg1_dataset()  # keeps RG1's window 15000/30000
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])
+    item.add_new(0x00283006, "US", list(range(100)))  # 100 entries where the descriptor says 4096
+    ds.VOILUTSequence = Sequence([item])
+    img = _read(to_bytes(ds))
+    np.testing.assert_array_equal(img.pixels, reference.pixels)
+    assert img.meta["window_source"] == "file"
+    assert any(w.startswith("VOI LUT not used: a LUT holds 100 entries") for w in img.warnings)
