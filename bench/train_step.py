@@ -1,6 +1,6 @@
 """Training-step throughput: medxray's default CPU configuration vs a plain torchvision fp32 loop.
 
-Ours: the in-repo DenseNet-121 through ``medxray.train.train_step`` exactly as ``finetune`` runs
+Ours: the in-repo DenseNet-121 through ``medxray.training.steps.train_step`` exactly as ``finetune`` runs
 it on this machine (precision "auto" -> bf16 autocast where the CPU supports it, channels_last,
 fused Adam, masked BCE). Peer: ``torchvision.models.densenet121`` in fp32 with the textbook loop
 (``BCEWithLogitsLoss``, ``torch.optim.Adam``). Same batch (16 x 3 x 224 x 224, 14 labels), same
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     from medxray.models import create_model
-    from medxray.hardware import resolve_device
-    from medxray.train import TrainConfig, make_optimizer, masked_bce_with_logits, resolve_precision, train_step
+    from medxray.hardware import resolve_device, resolve_precision
+    from medxray.training.config import TrainConfig
+    from medxray.training.steps import make_optimizer, masked_bce_with_logits, train_step
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

@@ -101,7 +101,8 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
     from medxray.data.prepare import prepare_cache
     from medxray.data.synthetic import synthesize
     from medxray.evaluation.run import evaluate
-    from medxray.train import finetune, make_config
+    from medxray.training.config import make_config
+    from medxray.training.loop import finetune
 
     opts = opts or DemoOptions()
     say = echo or log.info
@@ -200,7 +201,7 @@ def _run_config(cfg: Any, out: Path) -> Any:
     otherwise train into the first free ``out/run``, ``out/run-2``, ..."""
     import dataclasses
 
-    from medxray.train import load_config_file
+    from medxray.training.config import load_config_file
 
     k = 1
     while True:

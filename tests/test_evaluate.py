@@ -211,3 +211,13 @@ def test_evaluate_tta_changes_scores_not_shapes(phantom_root, random_checkpoint,
     pb = np.loadtxt(tmp_path / "b" / "predictions.csv", delimiter=",", skiprows=1, usecols=range(1, 15))
     assert pa.shape == pb.shape and not np.allclose(pa, pb)
     assert a.n_images == b.n_images
+
+
+def test_medxray_evaluate_stays_the_stable_entry_point():
+    """`medxray.evaluate` re-exports the evaluation package's objects (not copies of them)."""
+    import medxray.evaluate as compat
+    from medxray.evaluation import metrics, run
+
+    assert compat.evaluate is run.evaluate
+    assert compat.auroc_per_class is metrics.auroc_per_class
+    assert all(hasattr(compat, name) for name in compat.__all__)

@@ -19,15 +19,11 @@ from torch.utils.data import Dataset
 
 from medxray.checkpoint import load_checkpoint, model_from_checkpoint
 from medxray.errors import ConfigError
-from medxray.train import (
-    TrainConfig,
-    TrainingDivergedError,
-    autocast,
-    finetune,
-    make_config,
-    masked_bce_with_logits,
-    positive_weights,
-)
+from medxray.hardware import autocast
+from medxray.training.config import TrainConfig, make_config
+from medxray.training.data import positive_weights
+from medxray.training.loop import TrainingDivergedError, finetune
+from medxray.training.steps import masked_bce_with_logits
 
 LABELS = ["A", "B", "C"]
 SMALL = dict(model="densenet_40_k12", pretrained="none", image_size=16, batch_size=8, lr=3e-3,
@@ -286,3 +282,16 @@ def test_cuda_mixed_precision_training(tmp_path, precision):
     assert res.best_val_auroc > 0.8
     st = load_checkpoint(res.last_checkpoint).extra["training_state"]
     assert bool(st["scaler"]) == (precision == "fp16")
+
+
+def test_medxray_train_stays_the_stable_entry_point():
+    """`medxray.train` re-exports the training package's objects (not copies of them)."""
+    import medxray.train as compat
+    from medxray.training import config, loop, steps
+
+    assert compat.finetune is loop.finetune
+    assert compat.TrainConfig is config.TrainConfig
+    assert compat.make_config is config.make_config
+    assert compat.load_config_file is config.load_config_file
+    assert compat.train_step is steps.train_step
+    assert all(hasattr(compat, name) for name in compat.__all__)

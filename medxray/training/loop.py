@@ -1,0 +1,414 @@
+"""The fine-tuning run: ``finetune(config) -> FinetuneResult`` and the epoch loop behind it.
+
+Defaults follow CheXNet (Rajpurkar et al. 2017): DenseNet-121 from ImageNet with a new
+14-way head, 224 px, batch 16, Adam(0.9, 0.999) at 1e-3 divided by 10 when the validation loss
+plateaus, best checkpoint by validation mean AUROC. The loss is BCE-with-logits over the known
+labels only (the dataset's mask), optionally with per-class positive weights.
+
+A run never gets lost: every epoch writes ``last.pt`` (model + optimizer + scheduler + scaler +
+RNG states + history) atomically, improvements write ``best.pt`` (model + metadata for
+inference), and ``--resume RUN_DIR`` continues after the last completed epoch. Each epoch's
+data order and augmentation are derived from ``(seed, epoch)`` alone, so an interrupted and
+resumed run ends with the same weights as an uninterrupted one.
+
+The same code runs under ``torchrun`` (DDP; gloo on CPU, NCCL on CUDA): rank 0 writes files,
+and validation is sharded by index and gathered so each image is scored exactly once.
+
+Configuration lives in :mod:`medxray.training.config`, resume/RNG/metadata state in
+:mod:`medxray.training.state`, the run's data in :mod:`medxray.training.data`, the loss, step,
+optimiser and validation pass in :mod:`medxray.training.steps`, DDP helpers in
+:mod:`medxray.training.distributed`. This module must not import evaluation beyond
+:mod:`medxray.evaluation.metrics`, nor the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from medxray.checkpoint import save_checkpoint
+from medxray.data.loading import make_loader
+from medxray.errors import ConfigError, MedxrayError
+from medxray.evaluation.metrics import auroc_per_class
+from medxray.fileio import atomic_output, atomic_write_text, json_line, to_jsonable
+from medxray.hardware import default_num_workers, resolve_device, resolve_precision
+from medxray.training import distributed as mdist
+from medxray.training.config import TrainConfig, make_config, save_config, validate_config
+from medxray.training.data import build_run_splits, check_run_data, epoch_dataset, positive_weights
+from medxray.training.state import (
+    RUN_FILES,
+    checkpoint_metadata,
+    deterministic_algorithms,
+    git_commit,
+    prepare_resume,
+    rng_states,
+    scoped_rng,
+    set_rng_states,
+    versions,
+)
+from medxray.training.steps import make_optimizer, make_scheduler, predict_dataset, train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(MedxrayError):
+    """The loss became NaN/inf: the run stops, and the last good checkpoint is kept."""
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced; ``best_checkpoint`` is the file inference and evaluation use."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    best_val_auroc: float
+    epochs_completed: int
+    stopped_reason: str
+    history: list[dict[str, Any]]
+    label_names: list[str]
+    data_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def finetune(config: TrainConfig | Mapping[str, Any], *, splits: Any = None) -> FinetuneResult:
+    """Fine-tune a DenseNet on a chest X-ray dataset and return where the checkpoints are.
+
+    ``splits`` lets programmatic callers pass an object shaped like
+    :func:`medxray.data.build_datasets`' result instead of building one from the config.
+    """
+    cfg = config if isinstance(config, TrainConfig) else make_config(**dict(config))
+    validate_config(cfg)
+    resume_state: dict[str, Any] | None = None
+    if cfg.resume:
+        cfg, resume_state = prepare_resume(cfg)
+    info = mdist.env_dist_info()
+    device = resolve_device(cfg.device, info.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    info = mdist.init_distributed(device.type)
+    try:
+        with scoped_rng(cfg.seed, device), deterministic_algorithms(cfg.deterministic):
+            run = _Run(cfg, device, precision, info, splits, resume_state)
+            return run.fit()
+    finally:
+        mdist.shutdown(info)
+
+
+class _Run:
+    """State of one fine-tuning run (model, optimiser, data, bookkeeping)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, precision: str, info: mdist.DistInfo,
+                 splits: Any, resume_state: dict[str, Any] | None) -> None:
+        self.cfg, self.device, self.precision, self.info = cfg, device, precision, info
+        self.resume_state = resume_state
+        self.run_dir = self._run_dir()
+        self.splits = splits if splits is not None else build_run_splits(cfg, info)
+        self.label_names = list(self.splits.label_names)
+        self.manifest_hash = str(getattr(self.splits, "manifest_hash", "") or "")
+        check_run_data(cfg, self.splits, info, label_names=self.label_names, manifest_hash=self.manifest_hash,
+                       resume_state=resume_state)
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device)
+        self._build_model()
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.best_score = -math.inf
+        self.best_epoch = 0
+        self.best_auroc = float("nan")
+        self.bad_epochs = 0
+        self.stopped: str | None = None
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.tb = self._tensorboard()
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    def _run_dir(self) -> Path:
+        cfg = self.cfg
+        if cfg.out:
+            path = str(Path(cfg.out).expanduser())
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = str(Path("runs") / f"{cfg.dataset}-{cfg.model}-{stamp}")
+        path = mdist.all_gather_objects(path, self.info)[0]  # rank 0's choice
+        run_dir = Path(path)
+        # Checked on every rank (same answer on a shared file system), so none waits for a
+        # rank that has already given up.
+        if self.resume_state is None and (run_dir / RUN_FILES["last"]).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir} or choose another --out"
+            )
+        if self.info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    def _build_model(self) -> None:
+        from medxray.models import create_model
+
+        cfg = self.cfg
+        pretrained = None if (self.resume_state is not None or cfg.pretrained.lower() in ("none", "")) else cfg.pretrained
+        self.model = create_model(cfg.model, num_classes=len(self.label_names), pretrained=pretrained,
+                                  memory_efficient=cfg.memory_efficient, drop_rate=cfg.drop_rate)
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        net: torch.nn.Module = self.model
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            net = torch.compile(net)  # type: ignore[assignment]
+        self.net = net
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scheduler: Any = make_scheduler(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.pos_weight = self._pos_weight()
+
+    def _pos_weight(self) -> torch.Tensor | None:
+        if self.cfg.pos_weight == "none":
+            return None
+        w = positive_weights(self.splits.train)
+        log.info("positive weights: %s", ", ".join(f"{n}={v:.1f}" for n, v in zip(self.label_names, w)))
+        return torch.tensor(w, dtype=torch.float32, device=self.device)
+
+    def _restore(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model_state"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.scheduler is not None and st.get("scheduler") is not None:
+            self.scheduler.load_state_dict(st["scheduler"])
+        if st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        set_rng_states(st["rng"], self.device)
+        self.start_epoch = int(st["epoch"])
+        self.history = list(st.get("history", []))
+        self.best_score = float(st.get("best_score", -math.inf))
+        self.best_epoch = int(st.get("best_epoch", 0))
+        self.best_auroc = float(st.get("best_auroc", float("nan")))
+        self.bad_epochs = int(st.get("bad_epochs", 0))
+        self.stopped = st.get("stopped")
+        if self.info.is_main:
+            # metrics.jsonl may hold a line for an epoch whose last.pt never landed: rewrite it from
+            # the history that the checkpoint vouches for.
+            atomic_write_text(self.run_dir / RUN_FILES["metrics"], "".join(json_line(r) + "\n" for r in self.history))
+        log.info("resuming %s after epoch %d", self.run_dir, self.start_epoch)
+
+    def _tensorboard(self) -> Any:
+        if not (self.cfg.tensorboard and self.info.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("TensorBoard is not installed (pip install tensorboard); continuing without it")
+            return None
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    # ---- bookkeeping --------------------------------------------------------------------
+
+    def metadata(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return checkpoint_metadata(self.cfg, label_names=self.label_names, manifest_hash=self.manifest_hash,
+                                   run_name=self.run_dir.name, epoch=epoch, metrics=metrics)
+
+    def _write_run_info(self) -> None:
+        if not self.info.is_main:
+            return
+        save_config(self.cfg, self.run_dir / RUN_FILES["config"])
+        summary = getattr(self.splits, "summary", {}) or {}
+        info = {"versions": versions(), "git_commit": git_commit(), "data_manifest_hash": self.manifest_hash,
+                "data_summary": summary, "device": str(self.device), "precision": self.precision,
+                "world_size": self.info.world_size, "num_workers": self.num_workers,
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": sys.argv}
+        atomic_write_text(self.run_dir / RUN_FILES["run"], json.dumps(to_jsonable(info), indent=2, default=str))
+
+    # ---- training ------------------------------------------------------------------------
+
+    def fit(self) -> FinetuneResult:
+        cfg = self.cfg
+        if self.resume_state is None:
+            self._write_run_info()
+        elif self.info.is_main:
+            save_config(cfg, self.run_dir / RUN_FILES["config"])
+        if self.stopped or self.start_epoch >= cfg.epochs:
+            log.info("run %s already finished (%s); nothing to do", self.run_dir, self.stopped or "all epochs done")
+        else:
+            log.info("training %s (%s) on %s, %s, %d train / %d val images, %d epochs, batch %d, %d px -> %s",
+                     cfg.model, f"pretrained={cfg.pretrained}", self.device, self.precision, len(self.splits.train),
+                     len(self.splits.val), cfg.epochs, cfg.batch_size, cfg.image_size, self.run_dir)
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                if self.stopped:
+                    break
+                self._epoch(epoch)
+            if not self.stopped:
+                self.stopped = "completed"
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+        mdist.barrier(self.info)
+        return FinetuneResult(
+            run_dir=self.run_dir, best_checkpoint=self.run_dir / RUN_FILES["best"],
+            last_checkpoint=self.run_dir / RUN_FILES["last"], best_epoch=self.best_epoch,
+            best_val_auroc=self.best_auroc, epochs_completed=len(self.history), stopped_reason=self.stopped or "",
+            history=self.history, label_names=self.label_names,
+            data_summary=dict(getattr(self.splits, "summary", {}) or {}),
+        )
+
+    def _train_loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        from torch.utils.data import DistributedSampler
+
+        cfg = self.cfg
+        sampler = DistributedSampler(self.splits.train, num_replicas=self.info.world_size, rank=self.info.rank,
+                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        seed = cfg.seed * 1_000_003 + epoch
+        return make_loader(epoch_dataset(self.splits.train, seed), batch_size=cfg.batch_size, sampler=sampler,
+                           drop_last=True, seed=seed, num_workers=self.num_workers,
+                           pin_memory=self.device.type == "cuda")
+
+    def _epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        train = self._train_epoch(epoch)
+        t_train = time.perf_counter() - t0
+        # Validate with the plain module: DDP's forward may run collectives, and shards differ in size.
+        mdist.broadcast_buffers(self.model, self.info)
+        val = predict_dataset(self.model, self.splits.val, device=self.device,
+                              precision=self.precision, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                              channels_last=cfg.channels_last, num_workers=self.num_workers, info=self.info)
+        aurocs = auroc_per_class(val["probs"], val["labels"], val["masks"])
+        finite = [a for a in aurocs if math.isfinite(a)]
+        mean_auroc = float(np.mean(finite)) if finite else float("nan")
+        score = mean_auroc if finite else -val["loss"]
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.best_auroc, self.bad_epochs = score, epoch + 1, mean_auroc, 0
+        else:
+            self.bad_epochs += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val["loss"])
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        row = {
+            "epoch": epoch + 1, "train_loss": train["loss"], "val_loss": val["loss"], "val_mean_auroc": mean_auroc,
+            "val_auroc": dict(zip(self.label_names, aurocs)), "lr": lr, "train_images": train["images"],
+            "train_images_per_s": train["images"] / max(t_train, 1e-9), "epoch_time_s": time.perf_counter() - t0,
+            "val_images": len(self.splits.val), "val_images_scored": len(val["names"]),
+            "val_images_unique": len(set(val["index"].tolist())), "best": improved,
+            "world_size": self.info.world_size,
+        }
+        self.history.append(to_jsonable(row))
+        if cfg.early_stopping_patience and self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 < cfg.epochs:
+            self.stopped = f"early stopping: no better val mean AUROC for {self.bad_epochs} epochs"
+        if self.info.is_main:
+            metrics = {"val_mean_auroc": mean_auroc, "val_auroc": row["val_auroc"], "val_loss": val["loss"],
+                       "epoch": epoch + 1, "selected_by": "val_mean_auroc" if finite else "val_loss"}
+            if improved:
+                save_checkpoint(self.run_dir / RUN_FILES["best"], self.model.state_dict(),
+                                self.metadata(epoch + 1, metrics))
+                self._write_val_predictions(val)
+            best_meta = {"val_mean_auroc": self.best_auroc, "best_epoch": self.best_epoch}
+            save_checkpoint(self.run_dir / RUN_FILES["last"], self.model.state_dict(),
+                            self.metadata(epoch + 1, {**metrics, **best_meta}),
+                            training_state=self._training_state(epoch + 1))
+            with open(self.run_dir / RUN_FILES["metrics"], "a") as fh:
+                fh.write(json_line(row) + "\n")
+            if self.tb is not None:
+                for k in ("train_loss", "val_loss", "val_mean_auroc", "lr", "train_images_per_s"):
+                    self.tb.add_scalar(k, row[k], epoch + 1)
+        log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean AUROC %.4f%s  lr %.2g  %.1f img/s  %.0fs",
+                 epoch + 1, cfg.epochs, train["loss"], val["loss"], mean_auroc, " (best)" if improved else "",
+                 lr, row["train_images_per_s"], row["epoch_time_s"])
+        if self.stopped:
+            log.info("%s (best epoch %d)", self.stopped, self.best_epoch)
+        mdist.barrier(self.info)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        loader = self._train_loader(epoch)
+        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        self.net.train()
+        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and self.info.is_main)
+        loss_sum, n_images, t_start = 0.0, 0, time.perf_counter()
+        try:
+            for step, batch in enumerate(loader):
+                if step >= steps:
+                    break
+                x = batch["image"]
+                value = train_step(
+                    self.net, x, batch["label"], batch["mask"], self.optimizer, self.scaler, device=self.device,
+                    precision=self.precision, channels_last=cfg.channels_last, pos_weight=self.pos_weight,
+                    grad_clip_norm=cfg.grad_clip_norm,
+                    check=functools.partial(self._check_loss, epoch, step),
+                )
+                loss_sum += value * x.shape[0]
+                n_images += x.shape[0]
+                if bar is not None:
+                    rate = n_images * self.info.world_size / max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix(loss=f"{loss_sum / n_images:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        # Mean training loss over all ranks' images.
+        parts = mdist.all_gather_objects((loss_sum, n_images), self.info)
+        total_loss, total_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return {"loss": total_loss / max(1, total_n), "images": float(total_n)}
+
+    def _check_loss(self, epoch: int, step: int, value: float) -> None:
+        # Every rank takes the same branch, so none is left waiting in a collective.
+        if not mdist.all_true(math.isfinite(value), self.info):
+            self._diverged(epoch, step, value)
+
+    def _diverged(self, epoch: int, step: int, value: float) -> None:
+        last = self.run_dir / RUN_FILES["last"]
+        kept = (f"the last good checkpoint {last} (epoch {self.start_epoch if not self.history else self.history[-1]['epoch']}) "
+                f"is kept; lower --lr (or use --precision fp32) and resume with --resume {self.run_dir}"
+                if last.exists() else "no epoch had completed, so there is no checkpoint; lower --lr and start again")
+        raise TrainingDivergedError(
+            f"training loss became non-finite ({value}) at epoch {epoch + 1}, batch {step + 1}; the run stopped and {kept}"
+        )
+
+    def _training_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": to_jsonable(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states(self.device),
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_auroc": self.best_auroc,
+            "bad_epochs": self.bad_epochs,
+            "stopped": self.stopped,
+            "config": self.cfg.to_dict(),
+        }
+
+    def _write_val_predictions(self, val: Mapping[str, Any]) -> None:
+        with atomic_output(self.run_dir / RUN_FILES["val_predictions"], "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["index", "name"] + [f"p_{n}" for n in self.label_names] + [f"y_{n}" for n in self.label_names])
+            for i, name, p, y, m in zip(val["index"], val["names"], val["probs"], val["labels"], val["masks"]):
+                ys = ["" if mk == 0 else int(v) for v, mk in zip(y, m)]
+                w.writerow([int(i), name] + [f"{v:.6f}" for v in p] + ys)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,180 @@
+"""Run state on disk and in the process: run-directory layout, resuming, checkpoint metadata, RNG states, versions.
+
+Holds what makes a run reproducible and resumable: the files of a run directory
+(:data:`RUN_FILES`), :func:`prepare_resume` (stored config + allowed overrides + the last epoch's
+training state), the metadata stored in every checkpoint, RNG state capture and restore
+(:func:`rng_states`, :func:`scoped_rng`), deterministic algorithms, and the library versions and
+git commit recorded with each run.
+
+Must not import the training loop (:mod:`medxray.training.loop`), models or evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import platform
+import random
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from medxray import __version__
+from medxray.checkpoint import load_checkpoint
+from medxray.errors import CheckpointError, ConfigError
+from medxray.fileio import to_jsonable
+from medxray.training.config import RESUME_OVERRIDABLE, TrainConfig, build_config, make_config
+
+RUN_FILES = {"config": "config.yaml", "run": "run.json", "metrics": "metrics.jsonl", "last": "last.pt",
+             "best": "best.pt", "val_predictions": "val_predictions.csv"}
+
+
+def versions() -> dict[str, str]:
+    """Library versions stored with every run and checkpoint."""
+    out = {"medxray": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__}
+    for mod in ("torchvision", "monai"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # optional at inference time
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The source tree's commit (None outside a git checkout)."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return res.stdout.strip() or None if res.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@contextlib.contextmanager
+def scoped_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed Python, NumPy and torch for the run, and give the caller's RNG states back afterwards."""
+    saved_py, saved_np, saved_torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    saved_cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved_py)
+        np.random.set_state(saved_np)
+        torch.set_rng_state(saved_torch)
+        if saved_cuda is not None:
+            torch.cuda.set_rng_state_all(saved_cuda)
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    st = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [st[0], torch.from_numpy(np.asarray(st[1], dtype=np.int64)), int(st[2]), int(st[3]), float(st[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+    }
+
+
+def set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
+    """Restore the states captured by :func:`rng_states`."""
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = states["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the block when ``enabled``;
+    the caller's setting is restored afterwards."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """Stored config + allowed overrides, and the training state of the last completed epoch.
+
+    Raises :class:`ConfigError` when the run directory is not a run or a fixed option changed, and
+    :class:`CheckpointError` when ``last.pt`` is missing or holds no training state.
+    """
+    run_dir = Path(cfg.resume).expanduser()  # type: ignore[arg-type]
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run directory")
+    cfg_path, last = run_dir / RUN_FILES["config"], run_dir / RUN_FILES["last"]
+    if not cfg_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: not a medxray run directory (no {RUN_FILES['config']})")
+    if not last.is_file():
+        raise CheckpointError(
+            f"--resume {run_dir}: no completed epoch to resume from ({RUN_FILES['last']} missing); start the run again"
+        )
+    stored = make_config(cfg_path)
+    defaults = TrainConfig()
+    merged = stored.to_dict()
+    for f in dataclasses.fields(TrainConfig):
+        given, default, old = getattr(cfg, f.name), getattr(defaults, f.name), getattr(stored, f.name)
+        if given == default or given == old:
+            continue
+        if f.name not in RESUME_OVERRIDABLE:
+            raise ConfigError(
+                f"--resume {run_dir}: the run was started with {f.name}={old!r}, not {given!r}; a resumed run "
+                f"keeps its config (only {', '.join(sorted(RESUME_OVERRIDABLE - {'resume', 'out'}))} may change). "
+                f"Start a new run with --out to change it"
+            )
+        merged[f.name] = given
+    merged["resume"] = str(run_dir)
+    merged["out"] = str(run_dir)
+    ckpt = load_checkpoint(last)
+    state = ckpt.extra.get("training_state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{last} has no training state; it cannot be resumed")
+    if ckpt.metadata.get("architecture") != stored.model:
+        raise CheckpointError(
+            f"{last} holds a {ckpt.metadata.get('architecture')} but the run config says {stored.model}"
+        )
+    state = dict(state, model_state=ckpt.state_dict, metadata=ckpt.metadata)
+    return build_config(merged), state
+
+
+def checkpoint_metadata(cfg: TrainConfig, *, label_names: Sequence[str], manifest_hash: str, run_name: str,
+                        epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata stored in ``best.pt`` / ``last.pt`` (the checkpoint format's contract:
+    architecture, labels, preprocessing, default thresholds 0.5, metrics, provenance, config)."""
+    from medxray.data.transforms import preprocessing_config
+
+    return to_jsonable({
+        "architecture": cfg.model,
+        "num_classes": len(label_names),
+        "in_chans": 3,
+        "label_names": list(label_names),
+        "preprocessing": preprocessing_config(cfg.image_size),
+        "thresholds": {n: 0.5 for n in label_names},
+        "metrics": dict(metrics),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "data_manifest_hash": manifest_hash,
+        "dataset": cfg.dataset,
+        "pretrained": cfg.pretrained,
+        "model_version": f"{cfg.model}-{run_name}-e{epoch:03d}",
+        "epoch": epoch,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+    })
