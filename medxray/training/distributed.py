@@ -6,6 +6,8 @@ single-process identity, so one code path serves a laptop and a multi-GPU node.
 Validation is sharded by index (rank r scores images r, r + W, r + 2W, ...) instead of with a
 padded ``DistributedSampler``, and the shards are gathered with their indices, so every image is
 scored exactly once and metrics equal a single-process run's.
+
+Must not import any other medxray module: training's data, steps and loop all build on it.
 """
 
 from __future__ import annotations
