@@ -13,11 +13,13 @@ setup: $(STAMP)
 
 # Debian packages the tests drive as real parts (never downloaded binaries): chromium for the browser
 # test, orthanc (a PACS) and dcmtk (storescu/findscu) for the DICOM node tests, dicom3tools
-# (dciodvfy) to validate every DICOM object the tests write.
+# (dciodvfy) to validate every DICOM object the tests write; libopenjp2-7 (OpenJPEG, used through
+# glymur) decodes JPEG 2000 at a reduced resolution level for the scorer.
 SYSTEM_TOOLS := chromium:chromium Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	  /sbin/ldconfig -p 2>/dev/null | grep -q 'libopenjp2\.so\.7' || missing="$$missing libopenjp2-7"; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi

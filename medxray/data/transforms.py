@@ -24,13 +24,12 @@ from monai.transforms import (
 )
 
 from medxray.data.imageio import read_image
+from medxray.modelinput import IMAGENET_MEAN, IMAGENET_STD  # defined torch-free for the decode workers
 
 # Grayscale scaled to [0, 1] by the stored bit depth (0 = black, i.e. air is dark, after any
 # MONOCHROME1 inversion), resized to a square, replicated to 3 channels and normalised with the
 # ImageNet statistics the DenseNet was initialised with.
 INTENSITY_CONVENTION = "gray01-bitdepth/square-area-resize/rgb-replicate/imagenet-norm/v1"
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 
 

@@ -60,6 +60,7 @@ from medxray.dicom.header import (
     safe_meta,
     scrub_phi,
 )
+from medxray.dicom.reduce import area_reduce, can_reduce, decode_j2k_reduced, linear_chain
 from medxray.dicom.source import DicomSource, is_dicom_file, parse_dataset, read_source, sniff_dicom
 from medxray.dicom.voi import (
     MIN_GREY_LEVELS,
@@ -189,11 +190,14 @@ def read_dicom(
     allowed_modalities: Iterable[str] | None = DEFAULT_ALLOWED_MODALITIES,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     keep_raw: bool = True,
+    reduce_to: int | None = None,
 ) -> DicomImage:
     """Read one DICOM radiograph (path, bytes or binary file object) into a :class:`DicomImage`.
 
     ``allowed_modalities=None`` accepts any modality (tests, research use). ``keep_raw=False``
     frees the stored values once the display image exists (the batch scorer never needs ``raw``).
+    ``reduce_to=S`` returns ``pixels`` already area-resized to S x S (images larger than S), decoded
+    the cheap way: a JPEG 2000 resolution level, integer sums before the LUTs (:mod:`medxray.dicom.reduce`).
     Raises :class:`DicomError` (with ``.code``) for anything it refuses.
     """
     max_bytes = (max_pixels or DEFAULT_MAX_PIXELS) * _MAX_FILE_BYTES_PER_PIXEL + _MAX_HEADER_BYTES
@@ -207,7 +211,7 @@ def read_dicom(
     try:
         ds = parse_dataset(data, kind)
         del data
-        return _decode(ds, allowed_modalities, max_pixels, keep_raw)
+        return _decode(ds, allowed_modalities, max_pixels, keep_raw, reduce_to)
     except DicomError:
         raise
     except MemoryError:
@@ -219,14 +223,15 @@ def read_dicom(
 
 
 def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int | None,
-            keep_raw: bool) -> DicomImage:
+            keep_raw: bool, reduce_to: int | None = None) -> DicomImage:
     """Checks, decoding, LUTs and window for a parsed data set (see :func:`read_dicom`)."""
     check_image(ds, allowed_modalities, max_pixels)
     ts = ds.file_meta.TransferSyntaxUID
     meta = safe_meta(ds, ts)
     warns: list[str] = []
     bits_alloc = int(ds.BitsAllocated)
-    container = decode_stored(ds)
+    container = (decode_j2k_reduced(ds, reduce_to) if reduce_to else None)
+    container = decode_stored(ds) if container is None else container
     stored, bits_note = locate_stored_bits(
         container, int_attr(ds, "BitsStored", bits_alloc) or bits_alloc, int_attr(ds, "HighBit"),
         meta["pixel_representation"] == 1, compressed=bool(ts.is_compressed))
@@ -237,6 +242,11 @@ def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int |
     if pad_mask is not None and not pad_mask.any():
         pad_mask = None
     mlut = modality_lut_params(ds)
+    # reduce_to: area-resize the stored integers now when the LUT chain is affine, else the display image below
+    shrink = can_reduce(stored.shape, reduce_to)
+    early = shrink and linear_chain(ds, mlut, pad)
+    if early:
+        stored, pad_mask = area_reduce(stored, reduce_to, pad_mask)  # type: ignore[arg-type]
     lateral = is_lateral_view(ds, meta)
 
     raw = apply_modality_lut(stored, mlut)
@@ -271,6 +281,8 @@ def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int |
     if pad_mask is not None:
         pixels[pad_mask] = 0.0  # padding is background: black whatever the photometric interpretation
         meta["padding_fraction"] = float(pad_mask.mean())
+    if shrink and not early:
+        pixels, pad_mask = area_reduce(pixels, reduce_to, pad_mask)  # type: ignore[arg-type]
     levels = grey_levels(pixels, pad_mask)
     if levels < MIN_GREY_LEVELS:
         shown = f"window {window[0]:g}/{window[1]:g} {meta['voi_lut_function']}" if window else "the VOI LUT"
