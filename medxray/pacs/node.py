@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+from medxray.errors import MedxrayError
 from medxray.pacs.config import NodeConfig
 from medxray.pacs.results import ResultPolicy, queue_results, score_inbox, unscored
 from medxray.pacs.scp import start_scp
@@ -24,6 +25,8 @@ from medxray.pacs.sender import CStoreDestination, OutboxSender
 from medxray.pacs.spool import Spool
 
 log = logging.getLogger(__name__)
+
+ENGINE_RETRY_S = 10.0  # wait before re-running a scoring run that failed for a reason not the input's
 
 
 def policy_of(cfg: NodeConfig) -> ResultPolicy:
@@ -60,7 +63,16 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                 dirty = False
                 if not unscored(spool):  # e.g. a duplicate send of an already scored instance
                     continue
-                score_inbox(spool, cfg.checkpoint, policy)
+                try:
+                    score_inbox(spool, cfg.checkpoint, policy)
+                except MedxrayError:
+                    raise  # unusable checkpoint / config: one message, exit 2
+                except Exception as exc:  # e.g. decode workers killed by the OOM killer: keep the node up
+                    log.error("scoring run failed (%s: %s); the files stay in the inbox, retrying in %.0f s",
+                              type(exc).__name__, exc, ENGINE_RETRY_S)
+                    dirty = True
+                    stop.wait(ENGINE_RETRY_S)
+                    continue
                 if queue_results(spool, policy):
                     sender.wake.set()
                 continue
