@@ -256,8 +256,9 @@ def test_kill_9_during_a_batch_then_restart_loses_and_duplicates_nothing(tmp_pat
     node_port = free_port()
     work = tmp_path / "work"
     with OrthancServer(tmp_path / "orthanc", node_port=node_port) as orthanc:
+        # one image per batch: rows land one at a time, so the kill below falls inside the run
         cfg = write_node_config(tmp_path / "node.yaml", work, scoring_checkpoint, node_port, orthanc.dicom_port,
-                                secondary_capture=False)
+                                secondary_capture=False, scoring={**SCORING, "batch_size": 1})
         node = Node(cfg, node_port, tmp_path / "node.log")
         try:
             node.start()
