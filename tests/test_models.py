@@ -280,3 +280,26 @@ def test_cli_models_lists_counts_and_flops(capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("densenet121 "))
     gmacs = float(line.split()[5])
     assert 2.8 < gmacs < 2.95  # torchvision lists 2.83 GMACs ("GFLOPS") for densenet121
+
+
+def test_cli_models_answers_in_seconds(capsys):
+    """The counts are static (issue 11 item 5): no network is built, so the listing is instant."""
+    import time
+
+    t = time.perf_counter()
+    assert main(["models"]) == 0
+    assert time.perf_counter() - t < 2.0
+    out = capsys.readouterr().out
+    for paper in ("7,978,856", "14,149,480", "20,013,928", "28,681,000"):  # DenseNet paper / torchvision counts
+        assert paper in out
+
+
+@pytest.mark.slow
+def test_analytic_counts_equal_the_built_networks_and_torch_flop_counter():
+    from medxray.models.registry import describe_variants
+
+    fast = describe_variants()
+    measured = describe_variants(measure=True)
+    for f, m in zip(fast, measured):
+        assert f["params"] == m["params"], f["name"]
+        assert f["gmacs"] == pytest.approx(m["gmacs"], rel=1e-12), f["name"]

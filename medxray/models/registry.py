@@ -1,7 +1,7 @@
 """The one builder (``create_model``) over the variant table, and model descriptions (parameters, GMACs).
 
-Imports the table (``variants``), the network (``densenet``) and ImageNet initialisation (``weights``);
-none of those may import this module.
+Imports the table (``variants``), the network (``densenet``), ImageNet initialisation (``weights``)
+and the analytic counts (``complexity``); none of those may import this module.
 """
 
 from __future__ import annotations
@@ -67,18 +67,31 @@ def measure_gmacs(model: torch.nn.Module, input_size: int, in_chans: int = 3) ->
     return counter.get_total_flops() / 2e9  # FlopCounterMode counts 2 FLOPs per multiply-add
 
 
-def describe_variants(with_flops: bool = True) -> list[dict[str, Any]]:
-    """One row per variant for `medxray models`: parameters at the paper's class count, GMACs."""
+def describe_variants(with_flops: bool = True, *, measure: bool = False) -> list[dict[str, Any]]:
+    """One row per variant for `medxray models`: parameters at the paper's class count, GMACs.
+
+    The counts come from the variant table (:func:`medxray.models.complexity.variant_counts`), so
+    the listing takes milliseconds; ``measure=True`` builds each network and counts with torch
+    instead (minutes on a CPU; the slow test that checks the two agree uses it).
+    """
+    from medxray.models.complexity import variant_counts
+
     rows = []
     for name, v in VARIANTS.items():
-        model = create_model(name, num_classes=v.paper_classes)
+        if measure:
+            model = create_model(name, num_classes=v.paper_classes)
+            params = count_parameters(model)
+            gmacs = measure_gmacs(model, v.input_size) if with_flops else None
+        else:
+            params, macs = variant_counts(v)
+            gmacs = macs / 1e9 if with_flops else None
         rows.append({
             "name": name,
             "stem": v.stem,
             "input_size": v.input_size,
             "num_classes": v.paper_classes,
-            "params": count_parameters(model),
-            "gmacs": measure_gmacs(model, v.input_size) if with_flops else None,
+            "params": params,
+            "gmacs": gmacs,
             "imagenet_weights": v.imagenet_file is not None,
         })
     return rows
