@@ -23,6 +23,20 @@ CHESTXRAY14_FINDINGS: tuple[str, ...] = (
     "Hernia",
 )
 
+
+
+def display_name(finding: str) -> str:
+    """A finding's name as people read it: ``"Pleural_Thickening"`` -> ``"Pleural thickening"``.
+
+    Only for what a person sees (tables, headers, labels); files, CSV columns and checkpoints keep
+    the dataset's names. Underscores become spaces and words after the first are lower-cased.
+    """
+    words = str(finding).replace("_", " ").split()
+    if not words:
+        return str(finding)
+    return " ".join([words[0][:1].upper() + words[0][1:]] + [w.lower() if not w.isupper() else w for w in words[1:]])
+
+
 # Published per-class AUROC on ChestX-ray14 that reports compare against.
 CHEXNET_AUROC: dict[str, float] = {
     "Atelectasis": 0.8094, "Cardiomegaly": 0.9248, "Effusion": 0.8638, "Infiltration": 0.7345,

@@ -1,8 +1,11 @@
 """The model card: what a checkpoint is, how it was trained and evaluated, from its own metadata.
 
-Builds :class:`ModelCard` (summary, training data and split, metrics with confidence intervals,
-operating thresholds, intended use, limitations) and flattens the several metric layouts that
-training and ``medxray evaluate`` write into one table.
+Builds :class:`ModelCard` (summary, training data provenance and split, metrics with confidence
+intervals, operating thresholds, intended use, limitations) and flattens the several metric
+layouts that training and ``medxray evaluate`` write into one table. :func:`provenance` reads
+the ``data_provenance`` block fine-tuning records (synthetic or real, data root, manifest hash,
+images per split, images missing from the download); :func:`synthetic_banner` is the warning
+every page shows for a model trained on phantoms.
 
 Must not import streamlit (only :mod:`medxray.review.ui` does), torch, or the study/worklist
 modules beyond the shared value formatter.
@@ -17,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from medxray.labels import display_name
 from medxray.review.settings import NOT_FOR_CLINICAL_USE
 from medxray.review.study import format_value
 
@@ -30,10 +34,64 @@ class ModelCard:
     summary: pd.DataFrame  # field / value
     training: pd.DataFrame  # field / value
     metrics: pd.DataFrame  # finding, metric, value, ci_low, ci_high (may be empty)
+    provenance: pd.DataFrame  # field / value: what the training data was (empty: not recorded)
+    synthetic: bool | None  # trained on synthetic phantoms (None: the checkpoint does not say)
     thresholds: pd.DataFrame  # finding, threshold, (how chosen)
     intended_use: str
     limitations: list[str]
     not_for_clinical_use: str = NOT_FOR_CLINICAL_USE
+
+
+PROVENANCE_KEY = "data_provenance"  # written by medxray.training (checkpoint_metadata)
+
+
+def provenance(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's training-data provenance, or None when it was written without one."""
+    prov = meta.get(PROVENANCE_KEY)
+    return dict(prov) if isinstance(prov, Mapping) else None
+
+
+def is_synthetic(meta: Mapping[str, Any]) -> bool | None:
+    """True: trained on synthetic phantom images; False: on real images; None: not recorded."""
+    prov = provenance(meta)
+    if prov is None or prov.get("synthetic") is None:
+        return None
+    return bool(prov["synthetic"])
+
+
+def synthetic_banner(meta: Mapping[str, Any]) -> str | None:
+    """The warning every page shows when the model learned from phantoms, else None."""
+    if is_synthetic(meta):
+        return ("This model was trained on **synthetic phantom images**, not on radiographs: its "
+                "probabilities and maps say nothing about real patients. Use it to try the app only.")
+    return None
+
+
+def _split_counts(counts: Any) -> str | None:
+    if not isinstance(counts, Mapping) or not counts:
+        return None
+    return ", ".join(f"{k} {int(v):,}" for k, v in counts.items() if _num(v) is not None)
+
+
+def provenance_table(meta: Mapping[str, Any]) -> pd.DataFrame:
+    """field / value rows for the model card's "Training data" section (empty when not recorded)."""
+    prov = provenance(meta)
+    if prov is None:
+        return pd.DataFrame(columns=["field", "value"])
+    synth = prov.get("synthetic")
+    missing = prov.get("missing_by_split") or {}
+    n_missing = sum(int(v) for v in missing.values() if _num(v) is not None) if isinstance(missing, Mapping) else 0
+    return _kv([
+        ("training images", "SYNTHETIC phantom images (not radiographs)" if synth
+         else ("real images" if synth is not None else "not recorded")),
+        ("dataset", prov.get("dataset")),
+        ("data root", prov.get("data_root")),
+        ("manifest hash", prov.get("manifest_hash")),
+        ("images per split", _split_counts(prov.get("counts"))),
+        ("images missing from the download", "none" if n_missing == 0 else
+         f"{n_missing:,} ({_split_counts(missing)}), left out of training and evaluation"),
+        ("official list coverage", prov.get("coverage")),
+    ])
 
 
 def _kv(rows: Iterable[tuple[str, Any]]) -> pd.DataFrame:
@@ -121,6 +179,7 @@ def metrics_overview(metrics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
         table = per.pivot_table(index="finding", columns="metric", values="text", aggfunc="first")
         table = table.reindex(order).reset_index()
         table.columns.name = None
+        table["finding"] = [display_name(n) for n in table["finding"]]
     else:
         table = pd.DataFrame(columns=["finding"])
     return overall.reset_index(drop=True), table
@@ -152,7 +211,7 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
         ("architecture", arch),
         ("initialisation", init if init is not None else "not recorded"),
         ("model version", meta.get("model_version")),
-        ("findings", f"{len(labels)}: " + ", ".join(labels) if labels else None),
+        ("findings", f"{len(labels)}: " + ", ".join(display_name(n) for n in labels) if labels else None),
         ("input", f"{prep.get('image_size', '?')}x{prep.get('image_size', '?')}, {prep.get('intensity', '?')}"
          if prep else None),
         ("created", _first(meta, "created", "created_at", "saved_at")),
@@ -180,8 +239,11 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
     how = _first(meta, "threshold_method", "thresholds_method", "threshold_policy")
     if how is None and meta.get("threshold_split"):
         how = f"Youden's J on the {meta['threshold_split']} split (medxray evaluate)"
+    fallback = set(meta.get("thresholds_fallback") or [])  # medxray evaluate: nothing to choose on
     thresholds = pd.DataFrame(
-        [(n, float(thr.get(n, 0.5)), how or ("default 0.5" if n not in thr else "from checkpoint"))
+        [(display_name(n), float(thr.get(n, 0.5)),
+          f"fallback 0.5: no positive or no negative on the {meta.get('threshold_split') or 'validation'} split"
+          if n in fallback else how or ("default 0.5" if n not in thr else "from checkpoint"))
          for n in labels],
         columns=["finding", "threshold", "how chosen"])
     intended = str(meta.get("intended_use") or (
@@ -199,5 +261,12 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
     ]
     if not len(metrics):
         limitations.insert(0, "This checkpoint records no evaluation metrics: run `medxray evaluate` on it.")
+    synth = is_synthetic(meta)
+    if synth:
+        limitations.insert(0, "Trained and evaluated on synthetic phantom images: its metrics measure the phantom, "
+                              "not performance on radiographs.")
+    elif synth is None:
+        limitations.insert(0, "The checkpoint does not record whether it was trained on real or synthetic images.")
     return ModelCard(title=f"medxray model card: {arch}", summary=summary, training=training, metrics=metrics,
-                     thresholds=thresholds, intended_use=intended, limitations=limitations)
+                     thresholds=thresholds, intended_use=intended, limitations=limitations,
+                     provenance=provenance_table(meta), synthetic=synth)

@@ -154,10 +154,42 @@ def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     return build_config(merged), state
 
 
+def data_provenance(summary: Mapping[str, Any], manifest_hash: str, *, dataset: str = "",
+                    data_root: str | None = None) -> dict[str, Any]:
+    """What the model learned from, for the checkpoint (DESIGN convention 12; shown on the app's model card).
+
+    ``summary`` is :attr:`medxray.data.DatasetSplits.summary`. Returns ``synthetic`` (phantom data
+    marked by ``medxray data synth``; None when the summary does not say), ``data_root`` as an
+    absolute path, ``manifest_hash``, ``counts`` (images per split), ``missing_by_split`` (images
+    listed in the labels but absent from the download, dropped with --allow-missing) and, where
+    known, the official-list coverage.
+    """
+    import os
+
+    root = summary.get("data_root") or data_root
+    synthetic = summary.get("synthetic")
+    out: dict[str, Any] = {
+        "synthetic": None if synthetic is None else bool(synthetic),
+        "dataset": summary.get("dataset") or dataset,
+        "data_root": os.path.abspath(os.path.expanduser(str(root))) if root else None,
+        "manifest_hash": manifest_hash,
+        "counts": {str(k): int(v) for k, v in (summary.get("counts") or {}).items()},
+        "missing_by_split": {str(k): int(v) for k, v in (summary.get("missing_dropped_by_split") or {}).items()},
+    }
+    coverage = {k: summary[k] for k in ("labelled_not_in_lists",) if k in summary}
+    if coverage:
+        out["coverage"] = coverage
+    return out
+
+
 def checkpoint_metadata(cfg: TrainConfig, *, label_names: Sequence[str], manifest_hash: str, run_name: str,
-                        epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+                        epoch: int, metrics: Mapping[str, Any],
+                        data_summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metadata stored in ``best.pt`` / ``last.pt`` (the checkpoint format's contract:
-    architecture, labels, preprocessing, default thresholds 0.5, metrics, provenance, config)."""
+    architecture, labels, preprocessing, default thresholds 0.5, metrics, provenance, config).
+
+    ``data_summary`` (the splits' summary) becomes ``data_provenance`` (:func:`data_provenance`).
+    """
     from medxray.data.transforms import preprocessing_config
 
     return to_jsonable({
@@ -171,6 +203,8 @@ def checkpoint_metadata(cfg: TrainConfig, *, label_names: Sequence[str], manifes
         "versions": versions(),
         "git_commit": git_commit(),
         "data_manifest_hash": manifest_hash,
+        "data_provenance": data_provenance(data_summary or {}, manifest_hash, dataset=cfg.dataset,
+                                           data_root=cfg.data_root),
         "dataset": cfg.dataset,
         "pretrained": cfg.pretrained,
         "model_version": f"{cfg.model}-{run_name}-e{epoch:03d}",
