@@ -57,7 +57,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load a medxray checkpoint (weights_only), or raise a :class:`CheckpointError` saying why not."""
+    """Load a medxray checkpoint (weights_only), or raise a :class:`CheckpointError` saying why not.
+
+    A file that is not a PyTorch file at all (a README, a CSV, a DICOM) is refused by its first
+    bytes, before torch reads it, as "not a medxray checkpoint" rather than with torch's
+    unpickling paragraph.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = None  # missing or unreadable: safe_torch_load says which
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80).
+    if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{path} is not a medxray checkpoint: it is not a PyTorch file at all. Pass the best.pt "
+                              "or last.pt that `medxray finetune` wrote (e.g. runs/NAME/best.pt)")
     obj = safe_torch_load(path)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         hint = ""

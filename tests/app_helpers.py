@@ -13,6 +13,8 @@ import pandas as pd
 from medxray.labels import CHESTXRAY14_FINDINGS
 
 APP_ENTRY = Path(__file__).resolve().parent.parent / "app" / "medxray_app.py"
+# Real NIH ChestX-ray14 PNGs beside the clone (CI has ../shared too); the app never reads it.
+NIH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample" / "images"
 
 
 def rg1_path() -> str:
@@ -26,7 +28,8 @@ def rg1_bytes() -> bytes:
 
 
 def make_checkpoint(path: Path, *, image_size: int = 64, thresholds: Mapping[str, float] | None = None,
-                    metrics: Mapping[str, Any] | None = None, seed: int = 0) -> Path:
+                    metrics: Mapping[str, Any] | None = None, seed: int = 0,
+                    provenance: Mapping[str, Any] | None = None) -> Path:
     """A random densenet121 with 14 ChestX-ray14 heads at a small input size (fast on CPU)."""
     import torch
 
@@ -49,6 +52,8 @@ def make_checkpoint(path: Path, *, image_size: int = 64, thresholds: Mapping[str
         "dataset": "chestxray14", "pretrained": "none", "model_version": "test-random-v1",
         "config": {"split_seed": 0, "val_fraction": 0.1, "epochs": 0, "batch_size": 16, "image_size": image_size},
     }
+    if provenance is not None:
+        meta["data_provenance"] = dict(provenance)
     return save_checkpoint(path, model.state_dict(), meta)
 
 
@@ -108,3 +113,50 @@ def make_results(root: Path, probs: Sequence[Sequence[float]] | None = None) -> 
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     (out / "run.json").write_text(json.dumps({"input_dir": str(inp)}))
     return out, uids
+
+
+PHANTOM_PROVENANCE = {"synthetic": True, "dataset": "chestxray14", "data_root": "/data/phantom",
+                      "manifest_hash": "f" * 64, "counts": {"train": 700, "val": 80, "test": 220},
+                      "missing_by_split": {"train": 0, "val": 0, "test": 0}}
+
+
+def nih_pngs(n: int) -> list[Path]:
+    files = sorted(NIH_SAMPLE.glob("*.png"))
+    assert len(files) >= n, f"the NIH sample at {NIH_SAMPLE} has {len(files)} PNGs, need {n}"
+    return files[:n]
+
+
+def make_review_folder(out: Path, *, n_dicom: int = 4, n_png: int = 8, seed: int = 0) -> tuple[Path, list[dict]]:
+    """A score-dicom-style results folder of real images: RG1 copies (new SOP UIDs), real NIH PNGs, one bad file.
+
+    Probabilities are drawn with a fixed seed (the worklist order is then known). Returns (OUT, rows).
+    """
+    import shutil
+
+    labels = list(CHESTXRAY14_FINDINGS)
+    rng = np.random.default_rng(seed)
+    inp = out / "input"
+    rows: list[dict] = []
+    for i in range(n_dicom):
+        uid = f"1.2.826.0.1.3680043.8.498.{7000 + i}"
+        rel = f"dicom/rg1_copy_{i}.dcm"
+        dicom_copy(inp / rel, sop_uid=uid, view="PA" if i % 2 == 0 else "AP")
+        rows.append({"path": rel, "sop_instance_uid": uid, "modality": "CR", "view_position": "PA" if i % 2 == 0 else "AP"})
+    for f in nih_pngs(n_png):
+        rel = f"png/{f.name}"
+        (inp / "png").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, inp / rel)
+        rows.append({"path": rel, "sop_instance_uid": "", "modality": "", "view_position": ""})
+    for r in rows:
+        p = rng.uniform(0.01, 0.9, len(labels))
+        r.update({"status": "ok", "reason": "", "study_instance_uid": "", "series_instance_uid": "",
+                  **{f"p_{n}": float(v) for n, v in zip(labels, p)},
+                  "positive_findings": ";".join(n for n, v in zip(labels, p) if v >= 0.5),
+                  "model": "densenet121", "model_version": "test-random-v1"})
+    (inp / "notes.dcm").write_bytes(b"this is not an image\n")
+    rows.append({"path": "notes.dcm", "status": "error", "reason": "not_dicom: no DICM marker and no data set",
+                 **{f"p_{n}": "" for n in labels}, "sop_instance_uid": "", "modality": "", "view_position": ""})
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    (out / "run.json").write_text(json.dumps({"input_dir": str(inp)}))
+    return out, rows

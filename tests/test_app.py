@@ -9,7 +9,7 @@ import pytest
 from app_helpers import APP_ENTRY, make_checkpoint, make_results, png_bytes, rg1_bytes
 from streamlit.testing.v1 import AppTest
 
-from medxray.labels import CHESTXRAY14_FINDINGS
+from medxray.labels import CHESTXRAY14_FINDINGS, display_name
 from medxray.review import ReviewStore
 from medxray.review.settings import ENV_BACKEND, ENV_CHECKPOINT, ENV_MAX_UPLOAD_MB, ENV_RESULTS, ENV_REVIEWS
 from medxray.review.store import ImageKey
@@ -57,6 +57,22 @@ def _table(at: AppTest, *columns: str):
 
 def _findings(at: AppTest):
     return _table(at, "finding", "probability", "threshold", "positive")
+
+
+def _by_prefix(widgets, prefix: str):
+    return next(w for w in widgets if str(w.key).startswith(prefix))
+
+
+def _worklist(at: AppTest):
+    return next(d for d in at.dataframe if str(d.key).startswith("worklist_table_")).value
+
+
+def _cam_finding(at: AppTest) -> str:
+    return _by_prefix(at.selectbox, "cam_finding_").value
+
+
+def _cam_caption(at: AppTest) -> str:
+    return next(c for im in at.image for c in im.captions if c.startswith("CAM: "))
 
 
 def _upload(at: AppTest, name: str, data: bytes, mime: str = "application/octet-stream") -> AppTest:
@@ -121,9 +137,8 @@ def test_study_dicom_predictions_thresholds_and_cam(env):
     assert table["probability"].between(0, 1).all()
     # original + CAM overlay + probability chart
     assert len(at.image) == 3
-    cam_caption = " ".join(c for im in at.image for c in im.captions)
     top = table.loc[0, "finding"]
-    assert f"CAM: {top}" in cam_caption
+    assert _cam_caption(at).startswith(f"CAM: {display_name(top)} (p = ") and _cam_finding(at) == top
     # window/level controls come from the file's default window
     wc = next(s for s in at.slider if s.key.startswith("wc_"))
     assert wc.value == pytest.approx(15000.0)
@@ -131,14 +146,14 @@ def test_study_dicom_predictions_thresholds_and_cam(env):
     wc.set_value(12000.0).run()
     _ok(at)
     assert at.image[0].value != before  # the original is re-windowed from the raw values
-    assert "display window" in at.image[0].captions[0]
+    assert "center 12000" in at.image[0].captions[0]
     assert _findings(at)["probability"].tolist() == table["probability"].tolist()  # the model's view is unchanged
     # another finding's CAM, opacity, then switch the overlay off
     other = table.loc[3, "finding"]
-    at.selectbox(key="cam_finding").set_value(other).run()
+    _by_prefix(at.selectbox, "cam_finding_").set_value(other).run()
     at.slider(key="cam_alpha").set_value(0.8).run()
     _ok(at)
-    assert any(f"CAM: {other}" in c for im in at.image for c in im.captions)
+    assert _cam_caption(at).startswith(f"CAM: {display_name(other)}")
     at.toggle(key="cam_on").set_value(False).run()
     _ok(at)
     assert len(at.image) == 2
@@ -182,6 +197,7 @@ def test_bad_uploads_show_a_message_and_the_app_keeps_working(env, monkeypatch):
     assert "not a DICOM, PNG or JPEG" in _texts(at.error)
     data = rg1_bytes()
     monkeypatch.setenv(ENV_MAX_UPLOAD_MB, "64")
+    at = _app()  # a restarted app with a larger limit
     _upload(at, "cut.dcm", data[:5000])
     _ok(at)
     assert "Cannot open this image" in _texts(at.error)
@@ -198,22 +214,22 @@ def test_save_review_then_export(env):
     top, second = table.loc[0, "finding"], table.loc[1, "finding"]
     # saving without a name is refused, nothing is stored
     at.radio(key=next(r.key for r in at.radio if r.key.endswith(f"_{top}"))).set_value("agree")
-    at.form_submit_button[0].click().run()
+    at.button(key="save_review").click().run()
     _ok(at)
     assert "reviewer" in _texts(at.error)
     store = ReviewStore(env / "reviews")
     assert store.count() == 0
-    at.text_input(key=next(t.key for t in at.text_input if t.key.startswith("reviewer_"))).set_value("Dr Test")
+    at.text_input(key="reviewer_name").set_value("Dr Test")
     at.radio(key=next(r.key for r in at.radio if r.key.endswith(f"_{top}"))).set_value("agree")
     at.radio(key=next(r.key for r in at.radio if r.key.endswith(f"_{second}"))).set_value("disagree")
     at.text_area(key=next(t.key for t in at.text_area if t.key.startswith("note_"))).set_value("looks fine")
-    at.form_submit_button[0].click().run()
+    at.button(key="save_review").click().run()
     _ok(at)
     assert "Review saved" in _texts(at.success)
     review = store.latest("1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457")
     assert review is not None and review.reviewer == "Dr Test" and review.note == "looks fine"
     assert review.verdicts == {top: "agree", second: "disagree"}
-    assert review.model_version == "test-random-v1"
+    assert review.model_version == "test-random-v1" and review.file_name == "RG1_UNCI.dcm"
     assert review.findings[top].probability == pytest.approx(float(table.loc[0, "probability"]), abs=1e-6)
     # the form shows the stored review on the next visit (a new session = restart of the browser tab)
     at2 = _app()
@@ -222,7 +238,7 @@ def test_save_review_then_export(env):
     assert next(r for r in at2.radio if r.key.endswith(f"_{top}")).value == "agree"
     # export: the download button serves the store's CSV
     labels = [b.label for b in at2.get("download_button")]
-    assert "Export reviews (CSV)" in labels
+    assert "Export reviews (CSV)" in labels and "Export review history (CSV)" in labels
     rows = list(csv.DictReader(io.StringIO(store.export_csv())))
     assert {(r["finding"], r["verdict"], r["reviewer"]) for r in rows} == {(top, "agree", "Dr Test"),
                                                                             (second, "disagree", "Dr Test")}
@@ -235,20 +251,21 @@ def test_worklist_filters_shows_review_state_and_opens_study(env, monkeypatch):
     at = _app()
     at.switch_page("app_pages/worklist.py").run()
     _ok(at)
-    table = next(d for d in at.dataframe if d.key == "worklist_table").value
+    table = _worklist(at)
     assert list(table["file"]) == ["first.dcm", "second.dcm", "broken.dcm"]  # sorted by max probability
     assert list(table["reviewed"]) == [False, True, False]
     assert table.loc[0, "top_finding"] == "Effusion" and table.loc[2, "status"] == "error"
-    at.selectbox(key="wl_reviewed").set_value("not reviewed").run()
-    table = next(d for d in at.dataframe if d.key == "worklist_table").value
+    _by_prefix(at.selectbox, "wl_reviewed_").set_value("not reviewed").run()
+    table = _worklist(at)
     assert list(table["file"]) == ["first.dcm", "broken.dcm"]
-    at.selectbox(key="wl_reviewed").set_value("all")
-    at.selectbox(key="wl_finding").set_value("Mass")
-    at.selectbox(key="wl_sort").set_value("finding_probability").run()
-    table = next(d for d in at.dataframe if d.key == "worklist_table").value
+    _by_prefix(at.selectbox, "wl_reviewed_").set_value("all")
+    _by_prefix(at.selectbox, "wl_finding_").set_value("Mass")
+    _by_prefix(at.selectbox, "wl_sort_").set_value("finding_probability").run()
+    table = _worklist(at)
     assert list(table["file"][:2]) == ["second.dcm", "first.dcm"] and "p_Mass" in table.columns
     # choosing a row opens it on the Study page
-    at.session_state["worklist_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    key = next(d.key for d in at.dataframe if str(d.key).startswith("worklist_table_"))
+    at.session_state[key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
     at.run()
     _ok(at)
     assert at.radio(key="study_source").value == "From the results folder"
@@ -266,6 +283,7 @@ def test_model_card_from_checkpoint_metadata(env):
     s = dict(zip(summary["field"], summary["value"]))
     assert s["architecture"] == "densenet121" and s["model version"] == "test-random-v1"
     per_finding = _table(at, "finding", "test_auroc", "val_auroc").set_index("finding")
+    assert "Pleural thickening" in per_finding.index
     assert per_finding.loc["Effusion", "test_auroc"] == "0.710 (0.650-0.770)"
     assert per_finding.loc["Mass", "val_auroc"] == "0.604" and len(per_finding) == 14
     overall = _table(at, "metric", "value (95% CI)")
@@ -296,11 +314,12 @@ def test_worklist_on_a_real_score_dicom_folder_without_a_model(monkeypatch, tmp_
     at = _app()
     at.switch_page("app_pages/worklist.py").run()
     _ok(at)
-    table = next(d for d in at.dataframe if d.key == "worklist_table").value
+    table = _worklist(at)
     assert sorted(table["file"]) == ["junk.dcm", "one.dcm", "two.dcm"]
     assert sorted(table["status"]) == ["error", "ok", "ok"] and not table["reviewed"].any()
     row = int(table.index[table["file"] == "two.dcm"][0])
-    at.session_state["worklist_table"] = {"selection": {"rows": [row], "columns": [], "cells": []}}
+    key = next(d.key for d in at.dataframe if str(d.key).startswith("worklist_table_"))
+    at.session_state[key] = {"selection": {"rows": [row], "columns": [], "cells": []}}
     at.run()
     _ok(at)
     assert not at.error, _texts(at.error)
@@ -312,12 +331,12 @@ def test_worklist_on_a_real_score_dicom_folder_without_a_model(monkeypatch, tmp_
     # to the Study URL. Name the page we are on so the next runs stay here, as they would in a browser.
     at.switch_page("app_pages/study.py")
     # a review saved here shows up in the worklist
-    at.text_input(key=next(t.key for t in at.text_input if t.key.startswith("reviewer_"))).set_value("Dr W")
+    at.text_input(key="reviewer_name").set_value("Dr W")
     top = findings.loc[0, "finding"]
     at.radio(key=next(r.key for r in at.radio if r.key.endswith(f"_{top}"))).set_value("unsure")
-    at.form_submit_button[0].click().run()
+    at.button(key="save_review").click().run()
     assert "Review saved" in _texts(at.success)
     at.switch_page("app_pages/worklist.py").run()
-    table = next(d for d in at.dataframe if d.key == "worklist_table").value
+    table = _worklist(at)
     assert table.set_index("file").loc["two.dcm", "reviewed"] and table.set_index("file").loc["two.dcm",
                                                                                               "reviewer"] == "Dr W"

@@ -46,13 +46,14 @@ def _chest_like(h: int = 300, w: int = 280, seed: int = 0) -> np.ndarray:
 # -- settings and launch -------------------------------------------------------------------------
 
 def test_settings_roundtrip_through_environment(tmp_path):
-    cfg = AppSettings(checkpoint=tmp_path / "c.pt", results=tmp_path / "out", reviews=tmp_path / "rev",
-                          max_upload_mb=5)
+    cfg = AppSettings(checkpoint=tmp_path / "c.pt", results=(tmp_path / "out", tmp_path / "b"),
+                      reviews=tmp_path / "rev", max_upload_mb=5, identity_header="X-Forwarded-User")
     again = AppSettings.from_env(cfg.to_env())
-    assert again == cfg and again.max_upload_bytes == 5 * 2**20
+    assert again == cfg and again.max_upload_bytes == 5 * 2**20 and again.results == (tmp_path / "out", tmp_path / "b")
     empty = AppSettings.from_env({ENV_MAX_UPLOAD_MB: "lots"})
-    assert empty.checkpoint is None and empty.results is None
+    assert empty.checkpoint is None and empty.results == ()
     assert empty.max_upload_mb == DEFAULT_MAX_UPLOAD_MB
+    assert AppSettings(max_upload_mb=1.2).max_upload_mb == 2  # whole MB, as the uploader states it
 
 
 def test_streamlit_command_binds_localhost_and_passes_settings(tmp_path):
@@ -62,7 +63,8 @@ def test_streamlit_command_binds_localhost_and_passes_settings(tmp_path):
     assert argv[4].endswith("app/medxray_app.py")
     opts = dict(zip(argv[5::2], argv[6::2]))
     assert opts["--server.address"] == "127.0.0.1" and opts["--server.port"] == "8765"
-    assert opts["--browser.gatherUsageStats"] == "false" and int(opts["--server.maxUploadSize"]) > 10
+    assert opts["--browser.gatherUsageStats"] == "false" and opts["--client.toolbarMode"] == "minimal"
+    assert int(opts["--server.maxUploadSize"]) == 10  # one limit: the uploader states the app's own
     assert env[ENV_CHECKPOINT] == str(tmp_path / "c.pt") and ENV_RESULTS not in env
 
 
@@ -317,7 +319,9 @@ def test_model_card_from_metadata():
     assert dict(zip(card.thresholds["finding"], card.thresholds["threshold"])) == {"Mass": 0.3, "Edema": 0.5}
     assert len(card.metrics) == 1 and "not for clinical use" in card.not_for_clinical_use
     bare = model_card({"architecture": "x", "label_names": []})
-    assert "records no evaluation metrics" in bare.limitations[0]
+    assert any("records no evaluation metrics" in x for x in bare.limitations)
+    names = model_card({"architecture": "x", "label_names": ["Pleural_Thickening"]}).thresholds["finding"]
+    assert list(names) == ["Pleural thickening"]
 
 
 def test_user_message_never_dumps_a_traceback():
@@ -345,3 +349,119 @@ def test_results_paths_resolve_against_the_runs_input_folder(tmp_path):
 
     assert stored_cam_path(out, {"cam_dir": "", "path": "ward/x.dcm"}, "Mass") == \
         out / "cams" / output_stem("ward/x.dcm") / "Mass.png"
+
+
+# -- issue 12: results roots, identity, messages, names, viewing, checkpoint refusal -------------
+
+def test_results_folders_only_inside_the_configured_roots(tmp_path):
+    from medxray.review.settings import allowed_results_folder
+
+    root, other = tmp_path / "results", tmp_path / "private"
+    (root / "night1").mkdir(parents=True)
+    other.mkdir()
+    (root / "escape").symlink_to(other, target_is_directory=True)
+    assert allowed_results_folder("", [root]) == root.resolve()
+    assert allowed_results_folder("night1", [root]) == (root / "night1").resolve()
+    assert allowed_results_folder(str(root / "night1"), [root]) == (root / "night1").resolve()
+    for outside in (str(other), "/etc", str(root / ".." / "private"), str(root / "escape")):
+        with pytest.raises(DataError, match="outside the results folders"):
+            allowed_results_folder(outside, [root])
+    with pytest.raises(DataError, match="does not exist"):
+        allowed_results_folder("night2", [root])
+    with pytest.raises(DataError, match="started without a results folder"):
+        allowed_results_folder(str(root), [])
+
+
+def test_reviewer_identity_from_the_deployment():
+    from medxray.review.settings import IDENTITY_HEADER, IDENTITY_LOGIN, reviewer_identity
+
+    assert reviewer_identity(AppSettings(), headers={"X-Forwarded-User": "mallory"}) is None  # not trusted by default
+    proxy = AppSettings(identity_header="X-Forwarded-User")
+    assert reviewer_identity(proxy, headers={"x-forwarded-user": " dr.a "}) == ("dr.a", IDENTITY_HEADER)
+    assert reviewer_identity(proxy, headers={}) == ("", IDENTITY_HEADER)  # missing: nobody, never a guess
+    login = AppSettings(login=True)
+    assert reviewer_identity(login, user={"is_logged_in": True, "email": "b@x.org"}) == ("b@x.org", IDENTITY_LOGIN)
+    assert reviewer_identity(login, user={"is_logged_in": False, "email": "b@x.org"}) == ("", IDENTITY_LOGIN)
+
+
+def test_refusal_codes_become_sentences():
+    from medxray.dicom import REASON_CODES
+    from medxray.review.settings import REASON_SENTENCES, reason_sentence
+
+    assert set(REASON_SENTENCES) == set(REASON_CODES)  # one sentence per code, kept in step
+    assert reason_sentence("not_dicom: no DICM marker at byte 128") == "Not a DICOM file: no DICM marker at byte 128."
+    assert reason_sentence("") == ""
+    from medxray.dicom import refusal
+
+    assert user_message(refusal("truncated", "ends at byte 10")) == "The file is cut short: ends at byte 10."
+
+
+def test_worklist_shows_names_and_sentences_and_steps(tmp_path):
+    from medxray.review.worklist import next_unreviewed, step_row
+
+    labels = ["Pleural_Thickening", "Mass"]
+    df = pd.DataFrame([
+        {"path": "a.png", "status": "ok", "reason": "", "sop_instance_uid": "1.2.1", "p_Pleural_Thickening": 0.9,
+         "p_Mass": 0.1},
+        {"path": "b.dcm", "status": "error", "reason": "not_dicom: no DICM marker", "sop_instance_uid": "",
+         "p_Pleural_Thickening": "", "p_Mass": ""},
+    ])
+    t = worklist_table(df, tmp_path, {n: 0.5 for n in labels}, {})
+    assert t.loc[0, "top_finding"] == "Pleural thickening" and t.loc[0, "positive_findings"] == "Pleural thickening"
+    assert t.loc[1, "reason"] == "Not a DICOM file: no DICM marker." and t.loc[1, "reason_code"] == "not_dicom"
+    assert len(filter_worklist(t, finding="Pleural_Thickening", positive_only=True)) == 1
+    order = [4, 2, 7, 1]
+    assert step_row(order, 2, 1) == 7 and step_row(order, 2, -1) == 4 and step_row(order, 1, 1) is None
+    assert step_row(order, 99, 1) == 4
+    assert next_unreviewed(order, 2, {7}) == 1 and next_unreviewed(order, 1, {4, 7}) == 2
+    assert next_unreviewed(order, 4, {2, 7, 1}) is None
+
+
+def test_findings_table_names_and_bar_columns():
+    t = findings_table(["Pleural_Thickening", "Mass"], [0.7, 0.2], {"Pleural_Thickening": 0.5, "Mass": 0.5})
+    assert list(t["name"]) == ["Pleural thickening", "Mass"]
+    assert t.loc[0, "above"] == pytest.approx(0.7) and pd.isna(t.loc[0, "below"])
+    assert t.loc[1, "below"] == pytest.approx(0.2) and pd.isna(t.loc[1, "above"])
+
+
+def test_window_presets_invert_zoom_and_spacing(rg1_bytes):
+    from medxray.review.viewing import (PRESETS, ViewState, apply_view, cam_view, crop_box, preset_window,
+                                        spacing_text, window_text)
+
+    study = load_study_bytes(rg1_bytes, "RG1_UNCI.dcm")
+    assert PRESETS == ("File default", "Lung", "Mediastinum", "Bone")
+    assert preset_window(study, "File default") is None
+    lung, bone = preset_window(study, "Lung"), preset_window(study, "Bone")
+    # RG1 is MONOCHROME1: bright on screen = low stored values, so bone sits below lung in stored units
+    assert bone[0] < lung[0]
+    img = display_image(study, lung)
+    assert 0.0 <= img.min() and img.max() <= 1.0 and img.std() > 0.1
+    assert "stored values" in window_text(study, lung)
+    png = load_study_bytes(_png(_chest_like()), "x.png")
+    c, w = preset_window(png, "Lung")
+    assert 0 < c < 1 and "% of the grey range" in window_text(png, (c, w))
+    assert not np.allclose(display_image(png, (c, w)), display_image(png))
+    d = display_image(study)
+    inv = apply_view(d, ViewState(invert=True))
+    assert np.allclose(inv, 1.0 - d)
+    z = apply_view(d, ViewState(zoom=2.0, center_x=0.0, center_y=1.0))
+    assert z.shape == (round(d.shape[0] / 2), round(d.shape[1] / 2))
+    t, b, l, r = crop_box(d.shape, 2.0, 0.0, 1.0)
+    assert l == 0 and b == d.shape[0]  # pan is clamped inside the image
+    cam = np.zeros((4, 4), np.float32)
+    cam[3, 0] = 1.0  # evidence bottom-left: still inside the zoomed bottom-left crop
+    rgb = cam_view(d, cam, ViewState(zoom=2.0, center_x=0.0, center_y=1.0), finding="Mass")
+    assert rgb.shape[0] == z.shape[0] and rgb.shape[1] > z.shape[1]  # image plus its colour bar
+    assert spacing_text([0.0, 0.0]) == "unknown" and spacing_text(None) == "unknown"
+    assert spacing_text([0.139, 0.139]) == "0.139 x 0.139 mm"
+    meta = dict(zip(safe_metadata_table(study)["field"], safe_metadata_table(study)["value"]))
+    assert meta["pixel spacing"] == "unknown"  # RG1 says 0, 0
+
+
+def test_evaluate_on_a_text_file_says_not_a_checkpoint(capsys):
+    from medxray.cli import main
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert main(["evaluate", "--checkpoint", str(readme)]) == 2
+    err = capsys.readouterr().err
+    assert "not a medxray checkpoint" in err and "weights_only" not in err and "Traceback" not in err

@@ -6,6 +6,7 @@ import csv
 import io
 import sqlite3
 import threading
+from contextlib import closing
 
 import pytest
 
@@ -125,3 +126,54 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ReviewError, match="--reviews"):
         ReviewStore(blocker / "sub")
+
+
+def test_export_carries_the_file_name_never_a_folder(tmp_path):
+    store = ReviewStore(tmp_path)
+    store.save(ImageKey.from_bytes(b"png bytes"), {"Mass": "agree"}, reviewer="Dr A",
+               file_name="/ward 7/Smith/00000013_005.png")
+    rows = list(csv.DictReader(io.StringIO(store.export_csv())))
+    assert rows[0]["file_name"] == "00000013_005.png" and rows[0]["key_kind"] == "sha256"
+    assert "Smith" not in store.export_csv() and "ward" not in store.export_csv()
+
+
+def test_history_is_append_only_and_says_who_changed_what(tmp_path):
+    store = ReviewStore(tmp_path)
+    key = ImageKey("1.2.3", "sop_instance_uid")
+    store.save(key, {"Mass": "agree", "Effusion": "unsure"}, reviewer="Dr A", file_name="a.dcm")
+    store.save(key, {"Mass": "disagree", "Effusion": "unsure"}, reviewer="Dr B", note="second look",
+               file_name="a.dcm", identity_source="proxy header")
+    store.save(key, {"Mass": "disagree", "Effusion": "unsure"}, reviewer="Dr B", note="second look")
+    hist = list(store.iter_history_rows("1.2.3"))
+    assert [(h["change"], h["finding"], h["previous"], h["new"], h["reviewer"]) for h in hist] == [
+        ("first review", "Mass", "", "agree", "Dr A"), ("first review", "Effusion", "", "unsure", "Dr A"),
+        ("verdict", "Mass", "agree", "disagree", "Dr B"), ("note", "", "", "second look", "Dr B"),
+        ("unchanged", "", "", "", "Dr B")]
+    assert hist[2]["identity_source"] == "proxy header"
+    exported = list(csv.DictReader(io.StringIO(store.export_csv(history=True))))
+    assert len(exported) == 5 and exported[2]["previous"] == "agree" and exported[2]["file_name"] == "a.dcm"
+    # the database itself refuses to rewrite or delete history
+    with closing(sqlite3.connect(store.path)) as conn:
+        for sql in ("UPDATE reviews SET reviewer = 'x'", "DELETE FROM reviews", "DELETE FROM review_findings",
+                    "UPDATE review_findings SET verdict = 'agree'"):
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                conn.execute(sql)
+    assert store.count() == 3
+
+
+def test_a_version_1_database_gains_the_new_columns_and_keeps_its_reviews(tmp_path):
+    with closing(sqlite3.connect(tmp_path / "reviews.sqlite3")) as conn:
+        conn.executescript("""
+            CREATE TABLE reviews (id INTEGER PRIMARY KEY AUTOINCREMENT, image_key TEXT NOT NULL,
+                key_kind TEXT NOT NULL, reviewer TEXT NOT NULL, note TEXT NOT NULL DEFAULT '',
+                model_version TEXT NOT NULL DEFAULT '', saved_at_utc TEXT NOT NULL);
+            CREATE TABLE review_findings (review_id INTEGER NOT NULL, finding TEXT NOT NULL, verdict TEXT NOT NULL,
+                probability REAL, threshold REAL, PRIMARY KEY (review_id, finding));
+            INSERT INTO reviews VALUES (1, '1.2.3', 'sop_instance_uid', 'Dr Old', '', 'v0', '2024-01-01T00:00:00+00:00');
+            INSERT INTO review_findings VALUES (1, 'Mass', 'agree', 0.7, 0.5);
+            PRAGMA user_version=1;""")
+    store = ReviewStore(tmp_path)
+    old = store.latest("1.2.3")
+    assert old.reviewer == "Dr Old" and old.verdicts == {"Mass": "agree"} and old.file_name == ""
+    store.save(ImageKey("1.2.3", "sop_instance_uid"), {"Mass": "disagree"}, reviewer="Dr New", file_name="x.dcm")
+    assert store.latest("1.2.3").file_name == "x.dcm" and store.count() == 2

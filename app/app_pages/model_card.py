@@ -1,4 +1,4 @@
-"""Model card page: what the checkpoint is, how it was trained and evaluated, and what it is not for."""
+"""Model card page: what the checkpoint is, what it was trained on, how it was evaluated, and what it is not for."""
 
 import streamlit as st
 
@@ -16,25 +16,30 @@ if ms.predictor is None:
 
 card = model_card(ms.predictor.metadata, checkpoint_path=cfg.checkpoint)
 st.subheader(card.title)
-st.dataframe(card.summary, hide_index=True, key="card_summary")
-st.subheader("Training data and split")
-if len(card.training):
-    st.dataframe(card.training, hide_index=True, key="card_training")
+st.dataframe(card.summary, hide_index=True, key="card_summary", height="content")
+st.subheader("Training data")
+if len(card.provenance):
+    st.dataframe(card.provenance, hide_index=True, key="card_provenance", height="content")
 else:
-    st.info("The checkpoint does not record its training data.")
+    st.warning("The checkpoint does not record what it was trained on (real or synthetic images, data root, "
+               "manifest hash, images per split): it was written before medxray recorded provenance.")
+if len(card.training):
+    st.dataframe(card.training, hide_index=True, key="card_training", height="content")
 st.subheader("Metrics")
 if len(card.metrics):
     overall, per_finding = metrics_overview(card.metrics)
+    if card.synthetic:
+        st.caption("Measured on synthetic phantom images, not radiographs.")
     if len(overall):
-        st.dataframe(overall, hide_index=True)
+        st.dataframe(overall, hide_index=True, height="content")
     if len(per_finding):
-        st.dataframe(per_finding, hide_index=True, height=36 * (len(per_finding) + 1) + 4)
+        st.dataframe(per_finding, hide_index=True, height="content")
     st.caption("In brackets: the 95% bootstrap confidence interval recorded by `medxray evaluate` "
                "(none for validation metrics logged during training).")
 else:
     st.warning("No evaluation metrics are stored in this checkpoint; run `medxray evaluate` on it.")
 st.subheader("Operating thresholds")
-st.dataframe(card.thresholds, hide_index=True, key="card_thresholds")
+st.dataframe(card.thresholds, hide_index=True, key="card_thresholds", height="content")
 st.subheader("Intended use")
 st.markdown(card.intended_use)
 st.subheader("Limitations")

@@ -1,20 +1,23 @@
-"""Worklist page: a score-dicom results folder as a filterable table with review state."""
+"""Worklist page: a score-dicom results folder (inside the configured roots) as a filterable table with review state."""
+
+import hashlib
 
 import streamlit as st
 
+from medxray.labels import display_name
 from medxray.review import ui
 from medxray.review.worklist import WORKLIST_COLUMNS, filter_worklist, result_label_names, worklist_table
 
 cfg = ui.settings()
 ms = ui.model_state(cfg)
 st.title("Worklist")
-ui.results_dir_input(cfg)
-folder, results, error = ui.current_results(cfg)
-if folder is None:
+if not cfg.results:
     st.info("No results folder configured: score a folder of DICOM files with "
             "`medxray score-dicom INPUT --checkpoint C --out OUT`, then start the app with "
-            "`medxray app --results OUT` or type the folder above.")
+            "`medxray app --results OUT` (repeat --results to offer several folders).")
     st.stop()
+ui.results_folder_picker(cfg)
+folder, results, error = ui.current_results(cfg)
 if error:
     st.error(error)
     st.stop()
@@ -24,40 +27,61 @@ reviews = store.latest_by_image() if store is not None else {}
 result_labels = result_label_names(results)
 labels, defaults = ui.label_names_and_defaults(ms, result_labels)
 thr = ui.thresholds(result_labels, defaults)
-table = worklist_table(results, folder, thr, reviews)
+table = worklist_table(results, folder, thr, reviews, keys=ui.results_row_keys(folder))
 
+# Filter widgets are keyed per folder and per set of values, so a new folder starts with its own
+# values (all statuses chosen) and the chips always describe the rows below.
+statuses_here = sorted(table["status"].unique())
+fk = hashlib.sha1(f"{folder}|{statuses_here}".encode()).hexdigest()[:10]
+SORTS = {"max_probability": "Highest probability", "finding_probability": "Probability of the chosen finding",
+         "n_positive": "Number of positive findings", "file": "File name", "status": "Status"}
 with st.container(horizontal=True):
-    statuses = st.multiselect("Status", sorted(table["status"].unique()), default=sorted(table["status"].unique()),
-                              key="wl_status")
-    finding = st.selectbox("Finding", ["(any)"] + result_labels, key="wl_finding")
-    reviewed = st.selectbox("Review state", ["all", "not reviewed", "reviewed"], key="wl_reviewed")
-    sort_by = st.selectbox("Sort by", ["max_probability", "finding_probability", "n_positive", "file", "status"],
-                           key="wl_sort")
-    search = st.text_input("File name contains", key="wl_search")
-positive_only = st.checkbox("Only images positive for the finding (any finding if none chosen)", key="wl_positive")
+    statuses = st.multiselect("Status", statuses_here, default=statuses_here, key=f"wl_status_{fk}")
+    finding = st.selectbox("Finding", ["(any)"] + result_labels, key=f"wl_finding_{fk}",
+                           format_func=lambda n: n if n == "(any)" else display_name(n))
+    reviewed = st.selectbox("Review state", ["all", "not reviewed", "reviewed"], key=f"wl_reviewed_{fk}")
+    sort_by = st.selectbox("Sort by", list(SORTS), key=f"wl_sort_{fk}", format_func=SORTS.get)
+    search = st.text_input("File name contains", key=f"wl_search_{fk}")
+positive_only = st.checkbox("Only images positive for the finding (any finding if none chosen)",
+                            key=f"wl_positive_{fk}")
 
 view = filter_worklist(table, statuses=statuses, finding=None if finding == "(any)" else finding,
-                           positive_only=positive_only, reviewed=reviewed, search=search, sort_by=sort_by,
-                           descending=sort_by not in ("file", "status"))
+                       positive_only=positive_only, reviewed=reviewed, search=search, sort_by=sort_by,
+                       descending=sort_by not in ("file", "status"))
+order = [int(r) for r, s in zip(view["row"], view["status"]) if s == "ok"]
+st.session_state.setdefault("wl_order", {})[str(folder)] = order  # the Study page steps in this order
 n_rev = int(table["reviewed"].sum())
 st.caption(f"{len(view)} of {len(table)} images shown; {n_rev} reviewed; "
-           f"{int((table['status'] != 'ok').sum())} failed to score. Choose a row to open it in the Study page.")
+           f"{int((table['status'] != 'ok').sum())} failed to score. Choose a row to open it, or press N "
+           "to open the first unreviewed one.")
+unreviewed = [int(r) for r, done, s in zip(view["row"], view["reviewed"], view["status"]) if s == "ok" and not done]
+if st.button("Review the first unreviewed study", shortcut="N", disabled=not unreviewed, type="primary",
+             icon=":material/play_arrow:", key="wl_start"):
+    st.session_state["study_request"] = {"row": unreviewed[0]}
+    st.switch_page(ui.STUDY_PAGE, query_params={"study": str(results.at[unreviewed[0], "path"])})
 shown = list(WORKLIST_COLUMNS)
 if finding != "(any)":
     shown.insert(3, f"p_{finding}")
+headers = {"file": "File", "status": "Status", "top_finding": "Top finding", "n_positive": "Positives",
+           "positive_findings": "Positive findings", "modality": "Modality", "view": "View",
+           "reviewer": "Reviewer", "review_summary": "Review", "reason": "Why it was not scored"}
 event = st.dataframe(
-    view, hide_index=True, column_order=shown, key="worklist_table", on_select="rerun",
+    view, hide_index=True, column_order=shown, key=f"worklist_table_{fk}", on_select="rerun",
     selection_mode="single-row",
-    column_config={"max_probability": st.column_config.ProgressColumn("max probability", format="%.3f",
-                                                                       min_value=0.0, max_value=1.0),
-                   "reviewed": st.column_config.CheckboxColumn("reviewed")},
+    column_config={**{k: st.column_config.TextColumn(v) for k, v in headers.items()},
+                   **{f"p_{n}": st.column_config.ProgressColumn(display_name(n), format="%.3f", min_value=0.0,
+                                                               max_value=1.0) for n in result_labels},
+                   "max_probability": st.column_config.ProgressColumn("Highest probability", format="%.3f",
+                                                                      min_value=0.0, max_value=1.0),
+                   "reviewed": st.column_config.CheckboxColumn("Reviewed")},
 )
 selected = event.selection.rows if event is not None else []
 if selected:
     row = view.iloc[selected[0]]
     if row["status"] == "ok":
         st.session_state["study_request"] = {"row": int(row["row"])}
-        st.switch_page(ui.STUDY_PAGE)
+        st.switch_page(ui.STUDY_PAGE, query_params={"study": str(results.at[int(row["row"]), "path"])})
     else:
-        st.warning(f"{row['file']} was not scored ({row['reason'] or 'error'}); there is nothing to review.")
-ui.export_button(store, key="export_worklist")
+        st.warning(f"{row['file']} was not scored: {row['reason'] or 'no reason recorded.'} There is nothing "
+                   "to review.")
+ui.export_buttons(store, key="export_worklist")

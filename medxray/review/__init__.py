@@ -7,11 +7,13 @@ Modules, one concern each:
 - :mod:`~medxray.review.settings`: :class:`AppSettings` and its environment variables, the
   fail-fast check, the ``streamlit run`` command, standing texts.
 - :mod:`~medxray.review.study`: one image (upload or scored file), display, predictions, warnings.
+- :mod:`~medxray.review.viewing`: window/level presets, invert, zoom and pan, the CAM overlay view.
 - :mod:`~medxray.review.worklist`: a ``score-dicom`` results folder as a filterable worklist.
 - :mod:`~medxray.review.model_card`: the model card from checkpoint metadata.
-- :mod:`~medxray.review.ui`: the Streamlit widgets and caches the pages in ``app/`` use.
+- :mod:`~medxray.review.ui`: the Streamlit caches, notices, identity and results-folder widgets the
+  pages in ``app/`` use; :mod:`~medxray.review.ui_study`: the Study page's widgets and keyboard flow.
 
-Only :mod:`~medxray.review.ui` imports streamlit; this package's ``__init__`` imports the store
+Only :mod:`~medxray.review.ui` and :mod:`~medxray.review.ui_study` import streamlit; this package's ``__init__`` imports the store
 alone, so ``from medxray.review import ReviewStore`` stays light.
 """
 

@@ -1,9 +1,11 @@
 """What the review app was started with, and how it is started.
 
 Holds :class:`AppSettings` (the ``MEDXRAY_*`` environment variables that carry ``medxray app``'s
-flags into the Streamlit process), the default review folder, the fail-fast settings check, the
-``streamlit run`` command line, the app's standing texts (not for clinical use, how to get a
-checkpoint) and the one-line error summary every page shows.
+flags into the Streamlit process), the default review folder, the results-folder allow-list
+(:func:`allowed_results_folder`: a browser user may open only folders inside the roots the app
+was started with), the fail-fast settings check, the ``streamlit run`` command line, the app's
+standing texts (not for clinical use, how to get a checkpoint) and the one-line error summary
+every page shows.
 
 Must not import streamlit (only :mod:`medxray.review.ui` does), torch or the other app modules
 (study, worklist, model_card): ``medxray app`` imports this before any heavy library.
@@ -14,9 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from medxray.errors import DataError, MedxrayError
 from medxray.review.store import ReviewStore
@@ -30,8 +33,11 @@ ENV_RESULTS = "MEDXRAY_RESULTS"
 ENV_REVIEWS = "MEDXRAY_REVIEWS"
 ENV_MAX_UPLOAD_MB = "MEDXRAY_MAX_UPLOAD_MB"
 ENV_BACKEND = "MEDXRAY_BACKEND"
-APP_ENV_VARS = frozenset({ENV_CHECKPOINT, ENV_RESULTS, ENV_REVIEWS, ENV_MAX_UPLOAD_MB, ENV_BACKEND})
-DEFAULT_MAX_UPLOAD_MB = 64.0
+ENV_IDENTITY_HEADER = "MEDXRAY_IDENTITY_HEADER"  # trusted reverse-proxy header naming the signed-in user
+ENV_LOGIN = "MEDXRAY_LOGIN"  # "1": reviewers sign in with st.login (OIDC configured in secrets.toml)
+APP_ENV_VARS = frozenset({ENV_CHECKPOINT, ENV_RESULTS, ENV_REVIEWS, ENV_MAX_UPLOAD_MB, ENV_BACKEND,
+                          ENV_IDENTITY_HEADER, ENV_LOGIN})
+DEFAULT_MAX_UPLOAD_MB = 64
 NO_CHECKPOINT_HELP = (
     "No model checkpoint is configured, so the app cannot score images. Make one with "
     "`make demo` (trains a small model on phantom data in a few minutes) or "
@@ -42,6 +48,7 @@ NOT_FOR_CLINICAL_USE = (
     "Research software: **not for clinical use**. Predictions are not a diagnosis and must not "
     "be used to make or change decisions about patient care."
 )
+NOT_FOR_CLINICAL_USE_SHORT = "Research software, not for clinical use: predictions are not a diagnosis."
 
 
 def default_reviews_dir() -> Path:
@@ -55,10 +62,21 @@ class AppSettings:
     """What the app was started with (``medxray app`` passes these as environment variables)."""
 
     checkpoint: Path | None = None
-    results: Path | None = None
+    results: tuple[Path, ...] = ()  # roots a reviewer may open results folders in (the first is opened)
     reviews: Path = field(default_factory=default_reviews_dir)
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB  # whole MB: Streamlit's uploader states it in whole MB
     backend: str = "auto"  # Predictor backend: auto | torch | openvino
+    identity_header: str = ""  # e.g. X-Forwarded-User, set only behind a proxy that strips it from clients
+    login: bool = False  # st.login (OIDC) decides who the reviewer is
+
+    def __post_init__(self) -> None:
+        roots = self.results
+        if roots is None:
+            roots = ()
+        elif isinstance(roots, (str, os.PathLike)):
+            roots = (roots,)
+        object.__setattr__(self, "results", tuple(Path(r).expanduser() for r in roots))
+        object.__setattr__(self, "max_upload_mb", max(1, int(math.ceil(float(self.max_upload_mb)))))
 
     @property
     def max_upload_bytes(self) -> int:
@@ -72,34 +90,131 @@ class AppSettings:
             v = (env.get(name) or "").strip()
             return Path(v).expanduser() if v else None
 
-        limit = DEFAULT_MAX_UPLOAD_MB
+        limit: float = DEFAULT_MAX_UPLOAD_MB
         raw = (env.get(ENV_MAX_UPLOAD_MB) or "").strip()
         if raw:
             try:
                 limit = float(raw)
             except ValueError:
                 log.warning("%s=%r is not a number; using %s MB", ENV_MAX_UPLOAD_MB, raw, DEFAULT_MAX_UPLOAD_MB)
-            if not limit > 0:
+            if not (limit > 0 and math.isfinite(limit)):
                 limit = DEFAULT_MAX_UPLOAD_MB
-        return cls(checkpoint=path(ENV_CHECKPOINT), results=path(ENV_RESULTS),
-                   reviews=path(ENV_REVIEWS) or default_reviews_dir(), max_upload_mb=limit,
-                   backend=(env.get(ENV_BACKEND) or "auto").strip() or "auto")
+        roots = tuple(Path(v.strip()).expanduser() for v in (env.get(ENV_RESULTS) or "").split(os.pathsep)
+                      if v.strip())
+        return cls(checkpoint=path(ENV_CHECKPOINT), results=roots,
+                   reviews=path(ENV_REVIEWS) or default_reviews_dir(), max_upload_mb=int(math.ceil(limit)),
+                   backend=(env.get(ENV_BACKEND) or "auto").strip() or "auto",
+                   identity_header=(env.get(ENV_IDENTITY_HEADER) or "").strip(),
+                   login=(env.get(ENV_LOGIN) or "").strip().lower() in ("1", "true", "yes"))
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in the Streamlit process."""
-        env = {ENV_REVIEWS: str(self.reviews), ENV_MAX_UPLOAD_MB: f"{self.max_upload_mb:g}",
+        env = {ENV_REVIEWS: str(self.reviews), ENV_MAX_UPLOAD_MB: str(self.max_upload_mb),
                ENV_BACKEND: self.backend}
         if self.checkpoint is not None:
             env[ENV_CHECKPOINT] = str(self.checkpoint)
-        if self.results is not None:
-            env[ENV_RESULTS] = str(self.results)
+        if self.results:
+            env[ENV_RESULTS] = os.pathsep.join(str(r) for r in self.results)
+        if self.identity_header:
+            env[ENV_IDENTITY_HEADER] = self.identity_header
+        if self.login:
+            env[ENV_LOGIN] = "1"
         return env
+
+
+def allowed_results_folder(typed: str | os.PathLike, roots: tuple[Path, ...] | list[Path]) -> Path:
+    """The results folder a reviewer asked for, if it lies inside one of the configured roots.
+
+    ``typed`` is absolute, or relative to the first root. Symbolic links and ``..`` are resolved
+    before the check, so neither leads outside. Raises :class:`DataError` with a sentence for a
+    reviewer: no roots configured, a folder outside them, or one that does not exist.
+    """
+    text = str(typed).strip()
+    if not roots:
+        raise DataError("this app was started without a results folder, so none can be opened; restart it with "
+                        "`medxray app --results FOLDER` (repeat --results for several)")
+    p = Path(text).expanduser() if text else roots[0]
+    if not p.is_absolute():
+        p = roots[0] / p
+    real = Path(os.path.realpath(p))
+    for root in roots:
+        r = Path(os.path.realpath(root))
+        if real == r or r in real.parents:
+            if not real.exists():
+                raise DataError(f"{p} does not exist; check the folder name")
+            if not real.is_dir():
+                raise DataError(f"{p} is a file, not a folder; choose the folder that holds results.csv")
+            return real
+    allowed = ", ".join(str(r) for r in roots)
+    raise DataError(f"{p} is outside the results folders this app may open ({allowed}); choose a folder inside "
+                    "them, or restart the app with another --results FOLDER")
+
+
+IDENTITY_TYPED, IDENTITY_HEADER, IDENTITY_LOGIN = "typed", "proxy header", "sign-in"
+
+
+def reviewer_identity(cfg: AppSettings, *, headers: Mapping[str, str] | None = None,
+                      user: Mapping[str, Any] | None = None) -> tuple[str, str] | None:
+    """Who the deployment says the reviewer is: ``(name, source)``, or None when the name is typed.
+
+    With ``login`` the signed-in OIDC user (``st.user``: email, else name; "" when not signed in);
+    with ``identity_header`` that request header as set by the trusted reverse proxy ("" when the
+    proxy did not send it: the page then refuses to save rather than guess). Header names are
+    matched case-insensitively (HTTP).
+    """
+    if cfg.login:
+        u = dict(user or {})
+        name = str(u.get("email") or u.get("name") or "").strip() if u.get("is_logged_in") else ""
+        return name, IDENTITY_LOGIN
+    if cfg.identity_header:
+        want = cfg.identity_header.lower()
+        value = next((str(v) for k, v in (headers or {}).items() if str(k).lower() == want), "")
+        return value.strip()[:200], IDENTITY_HEADER
+    return None
+
+
+# What each DICOM refusal code (medxray.dicom.codes.REASON_CODES; a test keeps the keys equal)
+# means, as the start of a sentence for a reviewer. results.csv keeps the codes; pages show these.
+REASON_SENTENCES: dict[str, str] = {
+    "not_dicom": "Not a DICOM file",
+    "unreadable": "The DICOM header is damaged",
+    "truncated": "The file is cut short",
+    "no_pixel_data": "The file holds no image",
+    "short_pixel_data": "The image data is incomplete",
+    "multi_frame": "A multi-frame object, not a single radiograph",
+    "colour": "A colour image, not a grayscale radiograph",
+    "missing_attribute": "A required DICOM attribute is missing",
+    "modality": "Not a modality the scorer accepts",
+    "too_large": "Larger than the size limit",
+    "unsupported": "An image the reader does not handle",
+    "decode_failed": "The compressed image could not be decoded",
+    "bit_depth_mismatch": "The bit depth in the header does not match the pixels",
+    "flat_image": "The image is blank after windowing",
+}
+_CODE_PREFIX = re.compile(r"^([a-z][a-z0-9_]*):\s*(.*)$", re.DOTALL)
+
+
+def reason_sentence(reason: str) -> str:
+    """A ``code: message`` reason (results.csv, :class:`~medxray.errors.DicomError`) as a sentence.
+
+    ``"not_dicom: no DICM marker"`` -> ``"Not a DICOM file: no DICM marker."``; a reason without a
+    known code is returned with its first letter capitalised. Empty stays empty.
+    """
+    text = str(reason or "").strip()
+    if not text:
+        return ""
+    m = _CODE_PREFIX.match(text)
+    if m and (m.group(1) in REASON_SENTENCES or "_" in m.group(1)):
+        head = REASON_SENTENCES.get(m.group(1), m.group(1).replace("_", " ").capitalize())
+        text = f"{head}: {m.group(2)}" if m.group(2) else head
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def user_message(exc: BaseException) -> str:
     """One line for the page: our own errors say what to do; anything else is summarised, not dumped."""
     if isinstance(exc, MedxrayError):
-        return str(exc)
+        return reason_sentence(str(exc)) if getattr(exc, "code", None) else str(exc)
     return (f"Unexpected error ({type(exc).__name__}): {str(exc).splitlines()[0][:200] if str(exc) else ''} "
             "- the details are in the app's log.")
 
@@ -129,18 +244,22 @@ def streamlit_command(cfg: AppSettings, *, host: str = "127.0.0.1", port: int = 
     """argv and extra environment for ``streamlit run`` of the app with these settings.
 
     Settings travel as environment variables (read by :meth:`AppSettings.from_env` in every
-    page); Streamlit's own upload cap is raised above ours so our clearer message is the one
-    a user sees. Usage statistics are off: the app must make no outside connections.
+    page). The safe defaults live in ``app/.streamlit/config.toml`` (Streamlit reads a
+    ``.streamlit/config.toml`` beside the main script, so plain ``streamlit run app/medxray_app.py``
+    gets them too); the flags here repeat the ones that must hold whatever config files a user
+    has (loopback address, no usage statistics, minimal toolbar) and set the upload cap to the
+    app's own limit, so the uploader states one number.
     """
     import sys
 
     argv = [python or sys.executable, "-m", "streamlit", "run", str(app_entry_path()),
             "--server.address", host, "--server.port", str(int(port)),
             "--server.headless", "false" if open_browser else "true",
-            "--server.maxUploadSize", str(int(math.ceil(cfg.max_upload_mb)) + 1),
+            "--server.maxUploadSize", str(cfg.max_upload_mb),
             "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none",
             "--client.toolbarMode", "minimal",
+            "--client.showErrorDetails", "none",
             "--global.showWarningOnDirectExecution", "false"]
     return argv, cfg.to_env()
 
@@ -152,7 +271,8 @@ def check_app_settings(cfg: AppSettings) -> None:
     if cfg.checkpoint is not None and not cfg.checkpoint.is_file():
         raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist; train one with `make demo` or "
                               "`medxray finetune`, or leave out --checkpoint to browse results only")
-    if cfg.results is not None and not cfg.results.is_dir():
-        raise DataError(f"results folder {cfg.results} does not exist; write one with "
-                        f"`medxray score-dicom INPUT --checkpoint C --out {cfg.results}`")
+    for root in cfg.results:
+        if not root.is_dir():
+            raise DataError(f"results folder {root} does not exist; write one with "
+                            f"`medxray score-dicom INPUT --checkpoint C --out {root}`")
     ReviewStore(cfg.reviews)  # creates the folder and database, or says why it cannot

@@ -6,9 +6,11 @@ a crash or a killed app leaves either the whole review or none of it, and reader
 in another browser session) never block a writer.
 
 Images are keyed by their DICOM SOP Instance UID, or by the SHA-256 of the file bytes for
-PNG/JPEG (and DICOM without a UID). Nothing identifying the patient (name, ID, birth date, file
-name) is stored. Each save appends a new review; the latest one per image is its current state,
-earlier ones stay as history and are exported too.
+PNG/JPEG (and DICOM without a UID). Beside the key each review keeps the image's file name
+(the last path component only, never a folder) so an export can be mapped back to files;
+nothing else identifying the patient (name, ID, birth date) is stored. The store is append-only:
+each save adds a new review, triggers refuse UPDATE and DELETE, the latest review per image is
+its current state and :meth:`ReviewStore.iter_history_rows` lists who changed what, when.
 
 Must not import streamlit, pandas, torch or the other app modules: the store is the app's
 foundation and is usable from scripts alone.
@@ -35,10 +37,14 @@ log = logging.getLogger(__name__)
 
 VERDICTS: tuple[str, ...] = ("agree", "disagree", "unsure")
 DB_FILENAME = "reviews.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXPORT_COLUMNS: tuple[str, ...] = (
-    "review_id", "image_key", "key_kind", "saved_at_utc", "reviewer", "model_version",
-    "finding", "verdict", "probability", "threshold", "note",
+    "review_id", "image_key", "key_kind", "file_name", "saved_at_utc", "reviewer", "identity_source",
+    "model_version", "finding", "verdict", "probability", "threshold", "note",
+)
+HISTORY_COLUMNS: tuple[str, ...] = (
+    "review_id", "image_key", "file_name", "saved_at_utc", "reviewer", "identity_source", "change",
+    "finding", "previous", "new",
 )
 _MAX_NOTE_CHARS = 10_000
 _MAX_REVIEWER_CHARS = 200
@@ -51,7 +57,9 @@ CREATE TABLE IF NOT EXISTS reviews (
     reviewer      TEXT NOT NULL,
     note          TEXT NOT NULL DEFAULT '',
     model_version TEXT NOT NULL DEFAULT '',
-    saved_at_utc  TEXT NOT NULL
+    saved_at_utc  TEXT NOT NULL,
+    file_name     TEXT NOT NULL DEFAULT '',
+    identity_source TEXT NOT NULL DEFAULT 'typed'
 );
 CREATE INDEX IF NOT EXISTS reviews_by_image ON reviews (image_key, id);
 CREATE TABLE IF NOT EXISTS review_findings (
@@ -63,6 +71,18 @@ CREATE TABLE IF NOT EXISTS review_findings (
     PRIMARY KEY (review_id, finding)
 );
 """
+# Append-only: a saved review is history; corrections are new reviews.
+_APPEND_ONLY = """
+CREATE TRIGGER IF NOT EXISTS reviews_no_update BEFORE UPDATE ON reviews
+    BEGIN SELECT RAISE(ABORT, 'reviews are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS reviews_no_delete BEFORE DELETE ON reviews
+    BEGIN SELECT RAISE(ABORT, 'reviews are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS findings_no_update BEFORE UPDATE ON review_findings
+    BEGIN SELECT RAISE(ABORT, 'reviews are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS findings_no_delete BEFORE DELETE ON review_findings
+    BEGIN SELECT RAISE(ABORT, 'reviews are append-only'); END;
+"""
+_ADDED_COLUMNS = (("file_name", "TEXT NOT NULL DEFAULT ''"), ("identity_source", "TEXT NOT NULL DEFAULT 'typed'"))
 
 
 class ReviewError(DataError):
@@ -111,6 +131,8 @@ class Review:
     model_version: str
     saved_at_utc: str
     findings: dict[str, FindingVerdict] = field(default_factory=dict)
+    file_name: str = ""
+    identity_source: str = "typed"
 
     @property
     def verdicts(self) -> dict[str, str]:
@@ -146,6 +168,11 @@ class ReviewStore:
                 log.warning("review database %s is in %s mode, not WAL", self.path, mode)
             with conn:
                 conn.executescript(_SCHEMA)
+                have = {r[1] for r in conn.execute("PRAGMA table_info(reviews)")}
+                for name, decl in _ADDED_COLUMNS:  # a version-1 database gains the columns, keeps its rows
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE reviews ADD COLUMN {name} {decl}")
+                conn.executescript(_APPEND_ONLY)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _connect(self) -> sqlite3.Connection:
@@ -168,8 +195,13 @@ class ReviewStore:
         model_version: str = "",
         probabilities: Mapping[str, float] | None = None,
         thresholds: Mapping[str, float] | None = None,
+        file_name: str = "",
+        identity_source: str = "typed",
     ) -> Review:
-        """Append one review in a single transaction and return it as stored."""
+        """Append one review in a single transaction and return it as stored.
+
+        ``file_name`` is reduced to its last path component (folders can name patients or wards).
+        """
         reviewer = (reviewer or "").strip()
         if not reviewer:
             raise ReviewError("enter the reviewer's name before saving a review")
@@ -188,14 +220,16 @@ class ReviewStore:
             raise ReviewError(f"invalid image key {key!r}")
         probabilities = probabilities or {}
         thresholds = thresholds or {}
+        file_name = Path(str(file_name or "").replace("\\", "/")).name[:255]
         saved_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with closing(self._connect()) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 cur = conn.execute(
-                    "INSERT INTO reviews (image_key, key_kind, reviewer, note, model_version, saved_at_utc)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (key.value, key.kind, reviewer, note, model_version or "", saved_at),
+                    "INSERT INTO reviews (image_key, key_kind, reviewer, note, model_version, saved_at_utc,"
+                    " file_name, identity_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key.value, key.kind, reviewer, note, model_version or "", saved_at, file_name,
+                     str(identity_source or "typed")),
                 )
                 review_id = int(cur.lastrowid)
                 conn.executemany(
@@ -218,7 +252,8 @@ class ReviewStore:
     def _reviews(self, where: str = "", params: tuple = ()) -> list[Review]:
         with closing(self._connect()) as conn:
             rows = conn.execute(
-                "SELECT id, image_key, key_kind, reviewer, note, model_version, saved_at_utc FROM reviews "
+                "SELECT id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, "
+                "identity_source FROM reviews "
                 f"{where} ORDER BY id", params,
             ).fetchall()
             ids = [r[0] for r in rows]
@@ -228,7 +263,7 @@ class ReviewStore:
                       "WHERE review_id IN (SELECT id FROM reviews " + where + ") ORDER BY review_id, rowid")
                 for rid, finding, verdict, p, t in conn.execute(fq, params):
                     findings[rid][finding] = FindingVerdict(finding, verdict, p, t)
-        return [Review(r[0], r[1], r[2], r[3], r[4], r[5], r[6], findings[r[0]]) for r in rows]
+        return [Review(r[0], r[1], r[2], r[3], r[4], r[5], r[6], findings[r[0]], r[7], r[8]) for r in rows]
 
     def history(self, image_key: str) -> list[Review]:
         """All reviews of one image, oldest first."""
@@ -258,19 +293,49 @@ class ReviewStore:
             for fv in r.findings.values():
                 yield {
                     "review_id": r.review_id, "image_key": r.image_key, "key_kind": r.key_kind,
-                    "saved_at_utc": r.saved_at_utc, "reviewer": r.reviewer, "model_version": r.model_version,
+                    "file_name": r.file_name, "saved_at_utc": r.saved_at_utc, "reviewer": r.reviewer,
+                    "identity_source": r.identity_source, "model_version": r.model_version,
                     "finding": fv.finding, "verdict": fv.verdict,
                     "probability": "" if fv.probability is None else f"{fv.probability:.6f}",
                     "threshold": "" if fv.threshold is None else f"{fv.threshold:.6f}",
                     "note": r.note,
                 }
 
-    def export_csv(self, path: str | os.PathLike | None = None) -> str:
-        """All reviews as CSV text (also written to ``path`` when given); formulas neutralised."""
+    def iter_history_rows(self, image_key: str | None = None) -> Iterator[dict[str, object]]:
+        """The audit trail: one row per change a save made (who, when, what changed), oldest first.
+
+        ``change`` is ``verdict`` (``finding`` went from ``previous`` to ``new``; "" = not set),
+        ``note`` or ``first review``. A save that changed nothing still gets one ``unchanged`` row.
+        """
+        before: dict[str, Review] = {}
+        reviews = self.history(image_key) if image_key is not None else self._reviews()
+        for r in reviews:
+            prev = before.get(r.image_key)
+            base = {"review_id": r.review_id, "image_key": r.image_key, "file_name": r.file_name,
+                    "saved_at_utc": r.saved_at_utc, "reviewer": r.reviewer, "identity_source": r.identity_source}
+            old = prev.verdicts if prev else {}
+            new = r.verdicts
+            changed = [f for f in list(new) + [f for f in old if f not in new] if old.get(f, "") != new.get(f, "")]
+            kind = "first review" if prev is None else "verdict"
+            for f in changed:
+                yield {**base, "change": kind, "finding": f, "previous": old.get(f, ""), "new": new.get(f, "")}
+            note_changed = (prev.note if prev else "") != r.note
+            if note_changed:
+                yield {**base, "change": "note", "finding": "", "previous": prev.note if prev else "", "new": r.note}
+            if not changed and not note_changed:
+                yield {**base, "change": "unchanged", "finding": "", "previous": "", "new": ""}
+            before[r.image_key] = r
+
+    def export_csv(self, path: str | os.PathLike | None = None, *, history: bool = False) -> str:
+        """All reviews as CSV text (also written to ``path`` when given); formulas neutralised.
+
+        ``history=True`` exports the audit trail (:meth:`iter_history_rows`) instead.
+        """
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
+        columns = HISTORY_COLUMNS if history else EXPORT_COLUMNS
+        writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
-        for row in self.iter_export_rows():
+        for row in (self.iter_history_rows() if history else self.iter_export_rows()):
             writer.writerow({k: _csv_safe(v) for k, v in row.items()})
         text = buf.getvalue()
         if path is not None:

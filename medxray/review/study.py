@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from medxray.errors import DataError
+from medxray.labels import display_name
 from medxray.review.store import ImageKey
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 60_000_000  # refuse decompression bombs before decoding (a 1955x1841 CR is 3.6 MP)
 DISPLAY_MAX_SIDE = 1024  # the browser never needs more than this; keeps overlays fast
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
+POSITIVE_COLOUR, NEGATIVE_COLOUR = "#c0392b", "#7f8c8d"  # chart bars and table bars: at/above vs below threshold
 
 
 # -- loading images ------------------------------------------------------------------------------
@@ -52,6 +54,7 @@ class StudyImage:
     warnings: list[str] = field(default_factory=list)
     dicom: Any = None  # medxray.dicom.DicomImage (raw values for re-windowing), DICOM only
     is_lateral: bool = False
+    name: str = ""  # the file's name (last path component only), stored beside the review key
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,9 +97,9 @@ def load_study_bytes(data: bytes, name: str = "", *, max_bytes: int | None = Non
     digest = hashlib.sha256(data).hexdigest()
     if kind is None:
         raise DataError(f"{label} is not a DICOM, PNG or JPEG image; upload a chest radiograph in one of those formats")
-    if kind == "dicom":
-        return _load_dicom(data, digest)
-    return _load_raster(data, kind, digest, label)
+    study = _load_dicom(data, digest) if kind == "dicom" else _load_raster(data, kind, digest, label)
+    study.name = Path(name).name if name else ""
+    return study
 
 
 def load_study_file(path: str | os.PathLike, *, max_bytes: int | None = None) -> StudyImage:
@@ -161,12 +164,20 @@ def _downsample(img01: np.ndarray, max_side: int) -> np.ndarray:
 
 def display_image(study: StudyImage, window: tuple[float, float] | None = None,
                   *, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
-    """The image as the reviewer sees it: re-windowed from the raw values when a window is given."""
+    """The image as the reviewer sees it: re-windowed from the raw values when a window is given.
+
+    For DICOM ``window`` is (center, width) in the raw (modality-LUT) values; for PNG/JPEG in
+    [0, 1] grey levels. Returns float32 in [0, 1], at most ``max_side`` pixels on a side.
+    """
     if window is not None and study.dicom is not None:
         from medxray.dicom import rewindow
 
         func = str(study.meta.get("voi_lut_function") or "LINEAR")
         img = rewindow(study.dicom, window[0], max(float(window[1]), 1.0), func)
+    elif window is not None:
+        from medxray.review.viewing import apply_gray_window
+
+        img = apply_gray_window(study.pixels, window)
     else:
         img = study.pixels
     return np.clip(_downsample(img, max_side), 0.0, 1.0)
@@ -215,13 +226,21 @@ def default_thresholds(label_names: Sequence[str], thresholds: Mapping[str, floa
 
 def findings_table(label_names: Sequence[str], probabilities: Sequence[float] | np.ndarray,
                    thresholds: Mapping[str, float]) -> pd.DataFrame:
-    """One row per finding, most likely first: probability, operating threshold, positive or not."""
+    """One row per finding, most likely first: probability, operating threshold, positive or not.
+
+    ``finding`` keeps the model's label; ``name`` is how a person reads it ("Pleural thickening");
+    ``above`` / ``below`` hold the probability in the column its bar is drawn in (red / grey,
+    the chart's rule), the other one empty.
+    """
     probs = np.asarray(probabilities, dtype=np.float64).reshape(-1)
     if len(probs) != len(label_names):
         raise ValueError(f"{len(probs)} probabilities for {len(label_names)} findings")
     thr = [float(thresholds.get(n, 0.5)) for n in label_names]
     df = pd.DataFrame({"finding": list(label_names), "probability": probs, "threshold": thr})
     df["positive"] = df["probability"] >= df["threshold"]
+    df.insert(1, "name", [display_name(n) for n in label_names])
+    df["above"] = df["probability"].where(df["positive"])
+    df["below"] = df["probability"].where(~df["positive"])
     return df.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -233,11 +252,11 @@ def probability_figure(table: pd.DataFrame):
     fig = Figure(figsize=(6.0, 0.32 * n + 0.9), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     y = np.arange(n)[::-1]
-    colours = ["#c0392b" if pos else "#7f8c8d" for pos in table["positive"]]
+    colours = [POSITIVE_COLOUR if pos else NEGATIVE_COLOUR for pos in table["positive"]]
     ax.barh(y, table["probability"], color=colours, height=0.7)
     for yi, t in zip(y, table["threshold"]):
         ax.plot([t, t], [yi - 0.45, yi + 0.45], color="black", linewidth=2)
-    ax.set_yticks(y, labels=list(table["finding"]))
+    ax.set_yticks(y, labels=[display_name(n) for n in table["finding"]])
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability (black tick = operating threshold; red = above threshold)")
     ax.tick_params(axis="y", labelsize=9)
@@ -306,7 +325,14 @@ SAFE_META_FIELDS: tuple[str, ...] = (
 
 
 def safe_metadata_table(study: StudyImage) -> pd.DataFrame:
-    rows = [(k, format_value(study.meta[k])) for k in SAFE_META_FIELDS if study.meta.get(k) not in (None, "")]
+    from medxray.review.viewing import spacing_text
+
+    labels = {"pixel_spacing_mm": "pixel spacing", "transfer_syntax_name": "transfer syntax",
+              "sop_instance_uid": "SOP Instance UID", "study_instance_uid": "Study Instance UID",
+              "series_instance_uid": "Series Instance UID", "voi_lut_function": "VOI LUT function"}
+    rows = [(labels.get(k, k.replace("_", " ")),
+             spacing_text(study.meta.get(k)) if k == "pixel_spacing_mm" else format_value(study.meta[k]))
+            for k in SAFE_META_FIELDS if study.meta.get(k) not in (None, "") or k == "pixel_spacing_mm"]
     if study.window is not None:
         rows.append(("default window (center, width)", f"{study.window[0]:g}, {study.window[1]:g}"))
     rows.append(("image key", f"{study.key.kind}: {study.key.value}"))

@@ -2,7 +2,8 @@
 
 Reads ``OUT/results.csv``, finds where each scored file and its stored CAM overlays are now,
 keys each row for the review store, builds the worklist table (positive findings recomputed with
-the thresholds in use) and filters and sorts it.
+the thresholds in use, finding names as people read them, refusal codes as sentences), filters
+and sorts it, and steps through it (:func:`step_row`, :func:`next_unreviewed`: the keyboard flow).
 
 Must not import streamlit (only :mod:`medxray.review.ui` does) or the study/model-card modules.
 """
@@ -19,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from medxray.errors import DataError
+from medxray.labels import display_name
+from medxray.review.settings import reason_sentence
 from medxray.review.store import Review
 
 log = logging.getLogger(__name__)
@@ -123,20 +126,30 @@ WORKLIST_COLUMNS: tuple[str, ...] = (
 )
 
 
+def row_image_keys(results: pd.DataFrame, out_dir: str | os.PathLike) -> list[str | None]:
+    """:func:`row_image_key` of every ``ok`` row (None for the others), in row order."""
+    return [row_image_key(out_dir, r.to_dict()) if str(r.get("status")) == "ok" else None
+            for _, r in results.iterrows()]
+
+
 def worklist_table(results: pd.DataFrame, out_dir: str | os.PathLike, thresholds: Mapping[str, float],
-                   reviews: Mapping[str, Review]) -> pd.DataFrame:
+                   reviews: Mapping[str, Review], keys: Sequence[str | None] | None = None) -> pd.DataFrame:
     """One row per scored file with its most likely finding and review state.
 
     Positive findings are recomputed with the thresholds in use (they may differ from the ones
-    the batch scorer used). Extra columns ``row`` (index into ``results``) and ``image_key`` let
-    the page open the study.
+    the batch scorer used). Finding names are shown as people read them; ``reason`` is a sentence
+    (the code stays in ``reason_code``). Extra columns ``row`` (index into ``results``) and
+    ``image_key`` let the page open the study; ``keys`` (from :func:`row_image_keys`) saves
+    hashing every PNG again.
     """
     labels = result_label_names(results)
+    if keys is None:
+        keys = row_image_keys(results, out_dir)
     rows = []
-    for idx, r in results.iterrows():
+    for pos_i, (idx, r) in enumerate(results.iterrows()):
         rd = r.to_dict()
         probs = result_probabilities(rd, labels) if labels else None
-        key = row_image_key(out_dir, rd) if str(rd.get("status")) == "ok" else None
+        key = keys[pos_i] if str(rd.get("status")) == "ok" else None
         rev = reviews.get(key) if key else None
         if probs is not None and len(probs):
             top = int(np.argmax(probs))
@@ -147,22 +160,23 @@ def worklist_table(results: pd.DataFrame, out_dir: str | os.PathLike, thresholds
         rows.append({
             "file": Path(str(rd.get("path", ""))).name,
             "status": str(rd.get("status", "")),
-            "top_finding": top_name,
+            "top_finding": display_name(top_name) if top_name else "",
             "max_probability": max_p,
-            "positive_findings": "; ".join(pos),
+            "positive_findings": "; ".join(display_name(n) for n in pos),
             "n_positive": len(pos),
             "modality": str(rd.get("modality", "") or ""),
             "view": str(rd.get("view_position", "") or ""),
             "reviewed": rev is not None,
             "reviewer": rev.reviewer if rev else "",
-            "review_summary": ", ".join(f"{f}: {v}" for f, v in rev.verdicts.items()) if rev else "",
-            "reason": str(rd.get("reason", "") or ""),
+            "review_summary": ", ".join(f"{display_name(f)}: {v}" for f, v in rev.verdicts.items()) if rev else "",
+            "reason": reason_sentence(str(rd.get("reason", "") or "")),
+            "reason_code": str(rd.get("reason", "") or "").split(":", 1)[0] if rd.get("reason") else "",
             "row": int(idx),
             "image_key": key or "",
         })
         for n in labels:
             rows[-1][f"p_{n}"] = float(probs[labels.index(n)]) if probs is not None else float("nan")
-    cols = list(WORKLIST_COLUMNS) + ["row", "image_key"] + [f"p_{n}" for n in labels]
+    cols = list(WORKLIST_COLUMNS) + ["reason_code", "row", "image_key"] + [f"p_{n}" for n in labels]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -182,7 +196,7 @@ def filter_worklist(table: pd.DataFrame, *, statuses: Iterable[str] | None = Non
     if finding:
         col = f"p_{finding}"
         if positive_only:
-            df = df[df["positive_findings"].apply(lambda s: finding in s.split("; "))]
+            df = df[df["positive_findings"].apply(lambda s: display_name(finding) in s.split("; "))]
         if sort_by == "finding_probability" and col in df.columns:
             sort_by = col
     elif positive_only:
@@ -192,3 +206,52 @@ def filter_worklist(table: pd.DataFrame, *, statuses: Iterable[str] | None = Non
     if sort_by in df.columns:
         df = df.sort_values(sort_by, ascending=not descending, kind="stable", na_position="last")
     return df.reset_index(drop=True)
+
+
+# -- stepping through the worklist (keyboard flow) -----------------------------------------------
+
+def step_row(order: Sequence[int], current: int | None, step: int) -> int | None:
+    """The row ``step`` places after (or before, when negative) ``current`` in ``order``; None past either end.
+
+    ``order`` is the worklist's row order as shown (``row`` values of the filtered, sorted table);
+    a ``current`` row not in it starts from the first row.
+    """
+    order = list(order)
+    if not order:
+        return None
+    if current not in order:
+        return order[0] if step > 0 else order[-1]
+    i = order.index(current) + step
+    return order[i] if 0 <= i < len(order) else None
+
+
+def next_unreviewed(order: Sequence[int], current: int | None, reviewed: Iterable[int]) -> int | None:
+    """The first unreviewed row after ``current`` in ``order`` (wrapping round), None when all are reviewed."""
+    order = list(order)
+    done = set(reviewed)
+    start = order.index(current) + 1 if current in order else 0
+    for r in order[start:] + order[:start]:
+        if r not in done and r != current:
+            return r
+    return None
+
+
+def find_results_folders(roots: Sequence[Path], *, max_depth: int = 2, limit: int = 200) -> list[Path]:
+    """Each root, then folders up to ``max_depth`` below it that hold a results.csv (sorted, at most ``limit``)."""
+    found: list[Path] = []
+    for root in roots:
+        found.append(Path(root))
+        frontier = [Path(root)]
+        for _ in range(max_depth):
+            nxt: list[Path] = []
+            for d in frontier:
+                try:
+                    subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+                except OSError:
+                    continue
+                nxt.extend(subs)
+                found.extend(p for p in subs if (p / RESULTS_FILENAME).is_file())
+            frontier = nxt
+            if len(found) >= limit:
+                break
+    return list(dict.fromkeys(found))[:limit]
