@@ -44,6 +44,7 @@ from medxray.errors import ConfigError, MedxrayError
 from medxray.evaluation.metrics import auroc_per_class
 from medxray.fileio import atomic_output, atomic_write_text, json_line, to_jsonable
 from medxray.hardware import default_num_workers, resolve_device, resolve_precision
+from medxray.ood import stats_for_run
 from medxray.training import distributed as mdist
 from medxray.training.config import TrainConfig, make_config, save_config, validate_config
 from medxray.training.data import build_run_splits, check_run_data, epoch_dataset, positive_weights
@@ -256,6 +257,9 @@ class _Run:
         finally:
             if self.tb is not None:
                 self.tb.close()
+        if self.info.is_main:  # feature statistics of the best weights: the scorer's OOD check (medxray.ood)
+            stats_for_run(self.run_dir / RUN_FILES["best"], self.splits.train, self.splits.val, device=self.device,
+                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=self.num_workers)
         mdist.barrier(self.info)
         return FinetuneResult(
             run_dir=self.run_dir, best_checkpoint=self.run_dir / RUN_FILES["best"],
