@@ -229,6 +229,35 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def _add_ood_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ood-calibrate", help="add out-of-distribution statistics to a checkpoint (for score-dicom's OOD check)",
+        description="Computes the model's pooled features on the training split, fits their mean and a shrunk "
+                    "covariance, chooses the threshold on the validation split (a percentile of its distances) "
+                    "and stores both in the checkpoint. `medxray finetune` does this at the end of every run; "
+                    "this command adds them to an older checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `medxray finetune` (rewritten in place)")
+    p.add_argument("--data-root", default=None, help="the training data's folder (default: the one the checkpoint records)")
+    p.add_argument("--percentile", type=float, default=99.0,
+                   help="threshold = this percentile of the validation distances (default 99)")
+    p.add_argument("--components", type=int, default=64, help="principal components kept (default 64)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_run_ood_calibrate)
+
+
+def _run_ood_calibrate(args: argparse.Namespace) -> int:
+    from medxray.ood import calibrate_checkpoint
+
+    stats = calibrate_checkpoint(args.checkpoint, data_root=args.data_root, device=args.device,
+                                 batch_size=args.batch_size, n_components=args.components, percentile=args.percentile)
+    info = stats.info
+    print(f"OOD statistics written into {args.checkpoint}: {info['n_train']} training images, "
+          f"{info['n_components']} components, threshold {stats.threshold:.2f} ({info['threshold_rule']}, "
+          f"{info['n_val']} validation images)")
+    return 0
+
+
 def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score-dicom", help="score a folder of DICOM files: results.csv (one row per file), CAM overlays, optional SR",
@@ -259,7 +288,15 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modalities", default="CR,DX",
                    help="comma-separated modality allow-list (default CR,DX; 'any' accepts all)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (default 50 MP)")
-    p.add_argument("--overwrite", action="store_true", help="discard results already in OUT instead of resuming")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the results, CAM overlays and SRs of an earlier run in OUT instead of resuming")
+    p.add_argument("--accept-body-parts", default="CHEST", metavar="PARTS",
+                   help="comma-separated Body Part Examined values scored (default CHEST; 'any' turns the check off); "
+                        "others get status skipped, code not_chest; a file naming none is scored with a warning")
+    p.add_argument("--ood-policy", choices=("warn", "skip"), default="warn",
+                   help="an image the model's features place outside its training images: ok with a warning "
+                        "(default) or skipped with code out_of_distribution (needs OOD statistics in the "
+                        "checkpoint: `medxray ood-calibrate`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_score_dicom)
 
@@ -276,6 +313,7 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         device=args.device, backend=args.backend, precision=args.precision, threads=args.threads,
         allowed_modalities=mods, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         overlay_max_side=args.overlay_max_side, overwrite=args.overwrite, progress=not args.no_progress,
+        accept_body_parts=args.accept_body_parts, ood_policy=args.ood_policy,
     )
     summary = score_directory(cfg)
     print(summary.line())
@@ -411,6 +449,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_app,
     _add_finetune,
     _add_evaluate,
+    _add_ood_calibrate,
     _add_demo,
     _add_score_dicom,
     _add_pacs,

@@ -38,6 +38,7 @@ import torch
 from medxray.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from medxray.errors import CheckpointError, ConfigError, InputShapeError
 from medxray.hardware import cpu_has_native_bf16, resolve_device
+from medxray.ood import OODStats, pooled, stats_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Predictor:
         num_threads: int | None = None,
         verify: bool = True,
         source: str | None = None,
+        ood: OODStats | None = None,
     ) -> None:
         from medxray.data.transforms import check_preprocessing
 
@@ -138,6 +140,7 @@ class Predictor:
         self.model_name = str(self.metadata.get("model_name") or self.architecture)
         self.batch_size = max(1, int(batch_size))
         self.source = source
+        self.ood = ood  # the checkpoint's OOD feature statistics (medxray.ood), or None
         self.device = resolve_device(device)
         # Only OpenVINO takes a thread count per model; torch's intra-op pool is process-wide, so
         # the caller that owns the process (the scorer) sets and restores it around its run.
@@ -165,6 +168,7 @@ class Predictor:
         check_preprocessing(ckpt.metadata.get("preprocessing", {}))  # fail before building the model
         model = model_from_checkpoint(ckpt)
         src = None if isinstance(path, Checkpoint) else str(path)
+        kwargs.setdefault("ood", stats_from_checkpoint(ckpt))
         return cls(model, ckpt.metadata, device=device, backend=backend, source=src, **kwargs)
 
     def _choose(self, backend: str, precision: str) -> tuple[str, str]:
@@ -345,9 +349,22 @@ class Predictor:
             return torch.zeros((0, 3, self.image_size, self.image_size))
         return torch.stack([preprocess(img, self.image_size) for img in images])
 
-    def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
-        """Probabilities (N, C) for an already preprocessed batch (the scorer's path)."""
-        return _sigmoid(self.forward(x)[0])
+    def predict_tensor(self, x: torch.Tensor, with_ood: bool = False) -> Any:
+        """Probabilities (N, C) for an already preprocessed batch (the scorer's path).
+
+        ``with_ood=True`` returns ``(probs, ood)``: ``ood`` the (N,) OOD distances of
+        :meth:`ood_distance` from the same forward pass, or None when the checkpoint has no OOD statistics.
+        """
+        logits, feats = self.forward(x, want_features=with_ood and self.ood is not None)
+        probs = _sigmoid(logits)
+        return (probs, self.ood_distance(feats)) if with_ood else probs
+
+    def ood_distance(self, feats: np.ndarray | None) -> np.ndarray | None:
+        """Mahalanobis distances (N,) of feature maps (N, F, h, w) to the training features
+        (:class:`medxray.ood.OODStats`; compare with ``self.ood.threshold``), or None without statistics."""
+        if self.ood is None or feats is None:
+            return None
+        return self.ood.distance(pooled(feats))
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Probabilities (N, C), float32, one column per ``label_names`` entry."""
@@ -367,22 +384,24 @@ class Predictor:
                 out.append(int(c))
         return out
 
-    def predict_tensor_with_cams(self, x: torch.Tensor, classes: Sequence[int | str] | None = None
-                                 ) -> tuple[np.ndarray, np.ndarray]:
+    def predict_tensor_with_cams(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
+                                 with_ood: bool = False) -> Any:
+        """``with_ood=True`` adds a third value, the OOD distances of :meth:`predict_tensor`."""
         from medxray.cam import class_activation_maps, normalize_cams
 
         logits, feats = self.forward(x, want_features=True)
         weight = self.model.classifier.weight.detach().float().cpu()
         cams = class_activation_maps(torch.from_numpy(feats), weight, self.class_indices(classes))
-        return _sigmoid(logits), normalize_cams(cams)
+        out = (_sigmoid(logits), normalize_cams(cams))
+        return (*out, self.ood_distance(feats)) if with_ood else out
 
-    def predict_with_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
+                          with_ood: bool = False) -> Any:
         """Probabilities (N, C) and CAMs (N, K, h, w) in [0, 1] at feature resolution.
 
         ``classes`` are column indices or finding names (default: all C). One forward pass serves both.
         """
-        return self.predict_tensor_with_cams(self.preprocess(images), classes)
+        return self.predict_tensor_with_cams(self.preprocess(images), classes, with_ood=with_ood)
 
     def grad_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
                   layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -191,7 +191,7 @@ def dataset_features(model: torch.nn.Module, dataset: Any, *, device: torch.devi
                      batch_size: int = 32, num_workers: int = 0, max_items: int | None = None) -> np.ndarray:
     """Pooled features (N, F) of a dataset's items (``item["image"]``: (3, S, S)), fp32, eval mode.
 
-    Items whose mask is all zero (an unreadable image the dataset replaced by a blank) are left out.
+    All-zero inputs (the blank a dataset puts in place of an unreadable image) are left out.
     ``max_items`` takes an evenly spaced subset (keeps a large training set affordable).
     """
     from medxray.data.loading import IndexedDataset, make_loader
@@ -206,9 +206,9 @@ def dataset_features(model: torch.nn.Module, dataset: Any, *, device: torch.devi
     out = []
     try:
         for batch in loader:
-            feats = pooled(model.forward_features(batch["image"].to(dev)))
-            keep = batch["mask"].sum(1).numpy() > 0 if "mask" in batch else np.ones(len(feats), bool)
-            out.append(feats[keep])
+            x = batch["image"]
+            feats = pooled(model.forward_features(x.to(dev)))
+            out.append(feats[(x.flatten(1).abs().amax(1) > 0).numpy()])  # not the blank of an unreadable file
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
@@ -276,8 +276,8 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, *, data_root: str | os.P
     if not root:
         raise ConfigError("--data-root is required: the folder holding the data the checkpoint was trained on")
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data root {root} does not exist or is not a folder; pass the training data's folder")
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist; pass the training data's folder (or its CSV manifest)")
     opts = {k: cfg[k] for k in ("val_fraction", "split_seed", "view", "max_per_patient", "allow_missing", "use_cache")
             if k in cfg}
     splits = build_datasets(dataset=dataset, data_root=root, image_size=image_size, augment=False, **opts,

@@ -62,3 +62,49 @@ def dicom_corpus(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("corpus")
     return root, build_corpus(root)
+
+
+# ---- OOD / body-part gate fixtures (issue 16 item 8) --------------------------------------
+
+NIH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample" / "images"
+
+
+def nih_manifest(folder: Path, n_val: int = 80, limit: int | None = None) -> Path:
+    """A CSV manifest (medxray.data.csv_manifest) of the 240 real NIH sample PNGs (the first ``limit``):
+    patient from the official file name, the last patients' images (up to ``n_val``) as validation."""
+    import csv
+
+    pngs = sorted(NIH_SAMPLE.glob("*.png"))
+    assert len(pngs) == 240, f"the NIH sample must hold 240 PNGs beside the repository, found {len(pngs)} in {NIH_SAMPLE}"
+    pngs = pngs[:limit]
+    patients = sorted({p.name.split("_")[0] for p in pngs})
+    val_patients: set[str] = set()
+    for pid in reversed(patients):
+        if sum(p.name.startswith(pid) for p in pngs) + sum(p.name.split("_")[0] in val_patients for p in pngs) > n_val:
+            break
+        val_patients.add(pid)
+    path = folder / "nih_manifest.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "patient_id", "split", "Finding"])
+        for p in pngs:
+            pid = p.name.split("_")[0]
+            w.writerow([str(p), pid, "val" if pid in val_patients else "train", ""])
+    return path
+
+
+@pytest.fixture(scope="session")
+def ood_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`make_test_checkpoint` with OOD statistics fitted by ``medxray ood-calibrate`` on the real
+    NIH sample PNGs (train split) and a threshold on its validation split."""
+    from medxray.checkpoint import load_checkpoint, save_checkpoint
+    from medxray.ood import calibrate_checkpoint
+
+    folder = tmp_path_factory.mktemp("ood")
+    path = make_test_checkpoint(folder / "ood.pt")
+    ck = load_checkpoint(path)
+    ck.metadata.update(dataset="csv", config={"dataset": "csv", "data_root": str(nih_manifest(folder)),
+                                              "use_cache": False})
+    save_checkpoint(path, ck.state_dict, ck.metadata)
+    calibrate_checkpoint(path, device="cpu", num_workers=0, batch_size=32)
+    return path

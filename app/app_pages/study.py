@@ -53,7 +53,7 @@ if study is None:
 
 pred = us.prediction_for(ms, study, row)
 image_size = getattr(ms.predictor, "image_size", None)
-for warning in distribution_warnings(study, image_size=image_size):
+for warning in distribution_warnings(study, image_size=image_size, prediction=pred):  # OOD warning first
     st.warning(warning)
 
 # -- image, viewing, CAM ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import hashlib
 
 import streamlit as st
 
+from medxray.dicom.codes import WARNING_PREFIXES
 from medxray.labels import display_name
 from medxray.review import ui
 from medxray.review.worklist import WORKLIST_COLUMNS, filter_worklist, result_label_names, worklist_table
@@ -42,12 +43,14 @@ with st.container(horizontal=True):
     reviewed = st.selectbox("Review state", ["all", "not reviewed", "reviewed"], key=f"wl_reviewed_{fk}")
     sort_by = st.selectbox("Sort by", list(SORTS), key=f"wl_sort_{fk}", format_func=SORTS.get)
     search = st.text_input("File name contains", key=f"wl_search_{fk}")
+    warning = st.selectbox("Warnings", ["all", "any", "none", *WARNING_PREFIXES], key=f"wl_warning_{fk}",
+                           help="the warnings column of results.csv (same texts as on the study page)")
 positive_only = st.checkbox("Only images positive for the finding (any finding if none chosen)",
                             key=f"wl_positive_{fk}")
 
 view = filter_worklist(table, statuses=statuses, finding=None if finding == "(any)" else finding,
                        positive_only=positive_only, reviewed=reviewed, search=search, sort_by=sort_by,
-                       descending=sort_by not in ("file", "status"))
+                       descending=sort_by not in ("file", "status"), warning=None if warning == "all" else warning)
 order = [int(r) for r, s in zip(view["row"], view["status"]) if s == "ok"]
 st.session_state.setdefault("wl_order", {})[str(folder)] = order  # the Study page steps in this order
 n_rev = int(table["reviewed"].sum())

@@ -84,10 +84,50 @@ def voi_lut_ignored_warning(why: str) -> str:
     return f"VOI LUT not used: {why}; the file's window or the automatic window was used instead"
 
 
+# -- the scorer's policy gate (medxray.scoring.gate): files read fine but not scored, or scored with a caveat
+
+NOT_CHEST = "not_chest"
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+
+#: Codes of rows with status ``skipped``: the file was readable, the scorer's policy kept it from being
+#: scored (README "Not a frontal chest radiograph").
+SKIP_CODES: dict[str, str] = {
+    NOT_CHEST: "Body Part Examined (or, without it, the Anatomic Region Sequence) names a body part that is "
+               "not in --accept-body-parts (CHEST by default)",
+    OUT_OF_DISTRIBUTION: "--ood-policy skip: the model's own features place the image outside its training "
+                         "images (Mahalanobis distance over the threshold chosen on validation data)",
+}
+
+BODY_PART_MISSING_WARNING = (
+    "body part not stated: the file names no Body Part Examined or anatomic region, scored as a chest "
+    "radiograph (check it is one)"
+)
+
+
+def not_chest_reason(part: str, accepted: "list[str] | tuple[str, ...]", source: str = "Body Part Examined") -> str:
+    """The reason of a ``not_chest`` row (without the code); ``source`` names the attribute read."""
+    return (f"body part {part[:32]} ({source}) is not in the accepted list {list(accepted)}; the model reads "
+            "chest radiographs only (--accept-body-parts adds parts, 'any' turns the check off)")
+
+
+def not_frontal_warning(view: str, what: str) -> str:
+    """A View Position that is neither frontal (PA/AP) nor lateral: oblique or decubitus."""
+    return (f"not a frontal view: View Position {view[:16]} ({what}), the model was trained on frontal (PA/AP) "
+            "chest radiographs and its predictions are unreliable")
+
+
+def out_of_distribution_warning(distance: float, threshold: float) -> str:
+    """The content check (medxray.ood) puts the image over the threshold chosen on validation data."""
+    return (f"out of distribution: this image is unlike the model's training images (feature distance "
+            f"{distance:.1f} > threshold {threshold:.1f}), it may not be a frontal chest radiograph: "
+            "check the image before trusting the scores")
+
+
 #: Every warning text (constants and the stems of the formatted ones): the app and the worklist
 #: filter on these prefixes.
 WARNING_PREFIXES: tuple[str, ...] = ("lateral view", "window not used", "bit depth", "bit position",
-                                     "VOI LUT not used")
+                                     "VOI LUT not used", "body part not stated", "not a frontal view",
+                                     "out of distribution")
 
 _WS = re.compile(r"\s+")
 

@@ -118,7 +118,21 @@ def safe_meta(ds: Any, ts_uid: Any) -> dict[str, Any]:
         "transfer_syntax": str(ts_uid),
         "transfer_syntax_name": getattr(ts_uid, "name", str(ts_uid)),
         "pixel_spacing_mm": spacing,
+        "view_code": code_meaning(ds, "ViewCodeSequence"),
+        "anatomic_region": code_meaning(ds, "AnatomicRegionSequence"),
     }
+
+
+def code_meaning(ds: Any, keyword: str) -> str:
+    """``CodeMeaning`` (else ``CodeValue``) of the first item of a code sequence, upper case; "" when absent."""
+    try:
+        items = ds.get(keyword, None) or []
+        item = items[0] if len(items) else None
+        if item is None:
+            return ""
+        return (text_attr(item, "CodeMeaning") or text_attr(item, "CodeValue")).upper()[:64]
+    except Exception:  # a damaged sequence is no reason to refuse the image
+        return ""
 
 
 def is_lateral_view(ds: Any, meta: Mapping[str, Any]) -> bool:

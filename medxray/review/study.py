@@ -205,6 +205,7 @@ class StudyPrediction:
     probabilities: np.ndarray  # (C,)
     cams: np.ndarray | None  # (C, h, w) in [0, 1], or None when only stored results exist
     model_version: str = ""
+    warnings: list[str] = field(default_factory=list)  # the model's own (out of distribution), codes.py texts
 
     def as_dict(self) -> dict[str, float]:
         return {n: float(p) for n, p in zip(self.label_names, self.probabilities)}
@@ -212,10 +213,16 @@ class StudyPrediction:
 
 def predict_study(predictor: Any, pixels: np.ndarray) -> StudyPrediction:
     """Run the shared predictor on one image (no hooks, no state change)."""
-    probs, cams = predictor.predict_with_cams([pixels])
+    from medxray.scoring.gate import ood_verdict
+
+    probs, cams, ood = predictor.predict_with_cams([pixels], with_ood=True)
+    threshold = getattr(getattr(predictor, "ood", None), "threshold", None)
+    # the scorer's text for the same check (policy "warn": the app never hides a study)
+    _, ood_warning = ood_verdict(None if ood is None else float(ood[0]), threshold, "warn")
     return StudyPrediction(label_names=list(predictor.label_names), probabilities=np.asarray(probs[0], np.float32),
                            cams=np.asarray(cams[0], np.float32),
-                           model_version=str(getattr(predictor, "model_version", "") or ""))
+                           model_version=str(getattr(predictor, "model_version", "") or ""),
+                           warnings=[ood_warning] if ood_warning else [])
 
 
 def default_thresholds(label_names: Sequence[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:
@@ -268,14 +275,16 @@ def probability_figure(table: pd.DataFrame):
 # -- warnings ------------------------------------------------------------------------------------
 
 def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
-                          expected_size: int = 1024) -> list[str]:
+                          expected_size: int = 1024, prediction: StudyPrediction | None = None) -> list[str]:
     """Reasons the model may be less reliable on this image than on its training data.
 
     ChestX-ray14 images are 1024x1024 8-bit frontal (PA/AP) chest radiographs; anything far from
     that (lateral or AP view, not a radiograph, tiny or very elongated, unusual brightness or
-    contrast) is flagged so the reviewer weighs the predictions accordingly.
+    contrast) is flagged so the reviewer weighs the predictions accordingly. The model's own
+    out-of-distribution warning (``prediction.warnings``) comes first; header texts are the
+    scorer's (:func:`medxray.scoring.gate.header_gate`, :mod:`medxray.dicom.codes`).
     """
-    out: list[str] = list(study.warnings)
+    out: list[str] = [*(prediction.warnings if prediction is not None else []), *study.warnings]
 
     def add(msg: str) -> None:
         if not any(msg.split(":")[0].lower() in w.lower() for w in out):
@@ -292,9 +301,12 @@ def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
     modality = str(study.meta.get("modality") or "").upper()
     if study.kind == "dicom" and modality and modality not in RADIOGRAPH_MODALITIES:
         add(f"unexpected modality {modality}: the model was trained on projection radiographs (CR/DX)")
-    body = str(study.meta.get("body_part") or study.meta.get("body_part_examined") or "").upper()
-    if body and "CHEST" not in body and "THORAX" not in body and body not in ("LUNG", "LUNGS"):
-        add(f"body part {body}: the model was trained on chest radiographs only")
+    if study.kind == "dicom":
+        from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, header_gate
+
+        skip, header_warnings = header_gate(study.meta, DEFAULT_ACCEPT_BODY_PARTS)
+        for text in ([skip.split(": ", 1)[1]] if skip else []) + header_warnings:
+            add(text)
     h, w = study.shape
     if min(h, w) < max(256, int(image_size or 0)):
         add(f"small image: {w}x{h} pixels, training images are {expected_size}x{expected_size}; "

@@ -143,7 +143,9 @@ def prediction_for(ms: Any, study: StudyImage, row: dict | None) -> StudyPredict
         labels = [c[2:] for c in row if str(c).startswith("p_")]
         probs = result_probabilities(row, labels)
         if probs is not None:
-            return StudyPrediction(labels, probs, None, str(row.get("model_version", "") or ""))
+            stored = str(row.get("warnings") or "") if not pd.isna(row.get("warnings")) else ""
+            return StudyPrediction(labels, probs, None, str(row.get("model_version", "") or ""),  # scorer's OOD text
+                                   warnings=[w for w in stored.split("; ") if w.startswith("out of distribution")])
     return None
 
 

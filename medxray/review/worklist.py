@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -171,22 +172,38 @@ def worklist_table(results: pd.DataFrame, out_dir: str | os.PathLike, thresholds
             "review_summary": ", ".join(f"{display_name(f)}: {v}" for f, v in rev.verdicts.items()) if rev else "",
             "reason": reason_sentence(str(rd.get("reason", "") or "")),
             "reason_code": str(rd.get("reason", "") or "").split(":", 1)[0] if rd.get("reason") else "",
+            "warnings": "" if pd.isna(rd.get("warnings")) else str(rd.get("warnings") or ""),
             "row": int(idx),
             "image_key": key or "",
         })
         for n in labels:
             rows[-1][f"p_{n}"] = float(probs[labels.index(n)]) if probs is not None else float("nan")
-    cols = list(WORKLIST_COLUMNS) + ["reason_code", "row", "image_key"] + [f"p_{n}" for n in labels]
+    cols = list(WORKLIST_COLUMNS) + ["reason_code", "warnings", "row", "image_key"] + [f"p_{n}" for n in labels]
     return pd.DataFrame(rows, columns=cols)
 
 
 def filter_worklist(table: pd.DataFrame, *, statuses: Iterable[str] | None = None, finding: str | None = None,
                     positive_only: bool = False, reviewed: str = "all", search: str = "",
-                    sort_by: str = "max_probability", descending: bool = True) -> pd.DataFrame:
-    """Filter and sort the worklist; ``finding`` focuses on one finding's probability."""
+                    sort_by: str = "max_probability", descending: bool = True,
+                    warning: str | None = None) -> pd.DataFrame:
+    """Filter and sort the worklist; ``finding`` focuses on one finding's probability.
+
+    ``warning``: keep rows whose results.csv ``warnings`` hold a warning of this kind (a prefix of
+    :data:`medxray.dicom.codes.WARNING_PREFIXES`, e.g. ``"out of distribution"``), ``"any"`` for rows
+    with any warning, ``"none"`` for rows without one.
+    """
     df = table
     if statuses is not None:
         df = df[df["status"].isin(list(statuses))]
+    if warning and "warnings" in df.columns:
+        texts = df["warnings"].fillna("").astype(str)
+        if warning == "any":
+            df = df[texts != ""]
+        elif warning == "none":
+            df = df[texts == ""]
+        else:
+            kind = re.compile(r"(^|; )" + re.escape(warning), re.IGNORECASE)  # texts are joined with "; "
+            df = df[texts.apply(lambda s: bool(kind.search(s)))]
     if reviewed == "reviewed":
         df = df[df["reviewed"]]
     elif reviewed == "not reviewed":

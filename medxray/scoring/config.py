@@ -15,6 +15,7 @@ from medxray.dicom import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS
 from medxray.errors import ConfigError
 from medxray.fileio import load_yaml_mapping
 from medxray.scoring.discovery import parse_shard
+from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
 
 CAM_MODES = ("positive", "all", "none")
 CAM_METHODS = ("cam", "gradcam")
@@ -42,6 +43,10 @@ class ScoreConfig:
     overlay_max_side: int | None = None  # None = overlays at the original image size
     overwrite: bool = False
     progress: bool = True
+    # policy gate (medxray.scoring.gate): Body Part Examined values scored ("any" = no check), and what an
+    # image over the checkpoint's out-of-distribution threshold gets: warn (ok + warning) | skip
+    accept_body_parts: Sequence[str] | str | None = DEFAULT_ACCEPT_BODY_PARTS
+    ood_policy: str = "warn"
     # Test/extension hook: a picklable top-level function replacing the decode step.
     decode_fn: Callable[..., dict] | None = None
 
@@ -53,6 +58,7 @@ class ScoreSummary:
     skipped: int = 0  # rows already present from an earlier (interrupted) run
     ok: int = 0  # ok rows in the final results file (this scope)
     error: int = 0
+    not_scored: int = 0  # rows with status skipped (the policy gate: not_chest, out_of_distribution)
     seconds: float = 0.0
     images_per_s: float = 0.0
     results: str = ""
@@ -60,7 +66,7 @@ class ScoreSummary:
     merged: str | None = None
 
     def line(self) -> str:
-        return (f"{self.total} files: {self.ok} ok, {self.error} error; scored {self.scored} now "
+        return (f"{self.total} files: {self.ok} ok, {self.error} error, {self.not_scored} skipped by policy; scored {self.scored} now "
                 f"({self.skipped} already done) in {self.seconds:.1f} s = {self.images_per_s:.1f} files/s "
                 f"[{self.backend}] -> {self.results}")
 
@@ -101,6 +107,8 @@ def validate_config(cfg: ScoreConfig) -> tuple[int, tuple[int, int] | None]:
         raise ConfigError(f"--cam-method must be one of {', '.join(CAM_METHODS)}, got {cfg.cam_method!r}")
     if int(cfg.batch_size) < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    accepted_body_parts(cfg.accept_body_parts)
+    check_ood_policy(cfg.ood_policy)
     on_gpu = str(cfg.device) == "cuda" or (str(cfg.device) == "auto" and cuda_available())
     workers = default_workers("cuda" if on_gpu else "cpu") if cfg.workers in (None, 0) else int(cfg.workers)
     if workers < 1:

@@ -22,6 +22,7 @@ import numpy as np
 from medxray.errors import ConfigError
 from medxray.scoring.config import ScoreConfig
 from medxray.scoring.discovery import output_stem
+from medxray.scoring.gate import accepted_body_parts, header_gate, ood_verdict
 from medxray.scoring.journal import ResultsJournal
 from medxray.scoring.workers import decode_job, new_decode_pool, ping, post_job
 
@@ -70,6 +71,7 @@ class ScoringEngine:
         self.suspects: list[tuple[str, WorkItem]] = []
         self.quarantine = False
         self.base_row = dict(base_row)
+        self.accept = accepted_body_parts(cfg.accept_body_parts)
         self.bar = tqdm(total=total, unit="file", desc="score-dicom", disable=True if not cfg.progress else None,
                         dynamic_ncols=True, mininterval=0.5)
 
@@ -156,6 +158,11 @@ class ScoringEngine:
     def _handle(self, kind: str, item: WorkItem, res: dict[str, Any]) -> None:
         if kind == "decode":
             if res.get("status") == "ok":
+                skip, warns = header_gate(res.get("meta") or {}, self.accept)
+                if skip is not None:  # not a chest radiograph by its header: not scored
+                    self._write({**meta_columns(item.rel, res), "status": "skipped", "reason": skip})
+                    return
+                res["warnings"] = [*(res.get("warnings") or []), *warns]
                 item.decoded = res
                 self.ready.append(item)
             else:
@@ -231,31 +238,39 @@ class ScoringEngine:
 
         x = torch.from_numpy(np.stack([it.decoded["x"] for it in batch]))
         cams = None
+        ood = None  # OOD distances (medxray.ood) from the same forward pass; None without statistics
         if self.cfg.cams == "none":
-            probs = self.p.predict_tensor(x)
+            probs, ood = self.p.predict_tensor(x, with_ood=True)
         elif self.cfg.cam_method == "gradcam":
             from medxray.cam import grad_cam
 
             logits, cams = grad_cam(self.p.model, x.to(self.p.device))
             probs = (1.0 / (1.0 + np.exp(-logits.cpu().numpy().astype(np.float64)))).astype(np.float32)
+            if getattr(self.p, "ood", None) is not None:  # Grad-CAM runs its own eager pass: one more for OOD
+                ood = self.p.predict_tensor(x, with_ood=True)[1]
         else:
-            probs, cams = self.p.predict_tensor_with_cams(x)
+            probs, cams, ood = self.p.predict_tensor_with_cams(x, with_ood=True)
+        threshold = getattr(getattr(self.p, "ood", None), "threshold", None)
         positives = self.p.positive(probs)
         names = self.p.label_names
         for i, it in enumerate(batch):
             d = it.decoded
             meta = d["meta"]
             window = d.get("window")
+            distance = None if ood is None else float(ood[i])
+            skip, ood_warning = ood_verdict(distance, threshold, self.cfg.ood_policy)
+            warns = [*(d.get("warnings") or []), *([ood_warning] if ood_warning else [])]
             row = {
-                "path": it.rel, "status": "ok", "reason": "",
-                "sop_instance_uid": meta.get("sop_instance_uid", ""),
-                "study_instance_uid": meta.get("study_instance_uid", ""),
-                "series_instance_uid": meta.get("series_instance_uid", ""),
-                "modality": meta.get("modality", ""), "view_position": meta.get("view_position", ""),
-                "positive_findings": ";".join(positives[i]), "warnings": "; ".join(d.get("warnings") or []),
-                "is_lateral": bool(d.get("is_lateral")), "rows": meta.get("rows"), "columns": meta.get("columns"),
+                **meta_columns(it.rel, d), "status": "ok", "reason": "",
+                "positive_findings": ";".join(positives[i]), "warnings": "; ".join(warns),
+                "is_lateral": bool(d.get("is_lateral")),
                 "window_center": window[0] if window else "", "window_width": window[1] if window else "",
+                "ood_distance": "" if distance is None else f"{distance:.2f}",
             }
+            if skip is not None:  # --ood-policy skip: no probabilities, no CAM or SR
+                it.decoded = None
+                self._write({**row, "status": "skipped", "reason": skip, "positive_findings": ""})
+                continue
             for j, n in enumerate(names):
                 row[f"p_{n}"] = f"{float(probs[i, j]):.4f}"
             it.row = row
@@ -286,3 +301,16 @@ class ScoringEngine:
         self.journal.write({**self.base_row, **row})
         self.written += 1
         self.bar.update(1)
+
+
+def meta_columns(rel: str, decoded: dict[str, Any]) -> dict[str, Any]:
+    """The identifying-free header columns of a row (UIDs, modality, view, size, the reader's warnings)."""
+    meta = decoded.get("meta") or {}
+    return {
+        "path": rel, "sop_instance_uid": meta.get("sop_instance_uid", ""),
+        "study_instance_uid": meta.get("study_instance_uid", ""),
+        "series_instance_uid": meta.get("series_instance_uid", ""),
+        "modality": meta.get("modality", ""), "view_position": meta.get("view_position", ""),
+        "warnings": "; ".join(decoded.get("warnings") or []), "is_lateral": bool(decoded.get("is_lateral")),
+        "rows": meta.get("rows"), "columns": meta.get("columns"),
+    }

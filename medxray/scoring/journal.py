@@ -31,7 +31,7 @@ BASE_COLUMNS: tuple[str, ...] = (
 )
 TAIL_COLUMNS: tuple[str, ...] = (
     "positive_findings", "model", "model_version", "warnings", "is_lateral", "rows", "columns",
-    "window_center", "window_width", "cam_dir", "sr_file",
+    "window_center", "window_width", "cam_dir", "sr_file", "ood_distance",
 )
 
 

@@ -25,6 +25,7 @@ from medxray.fileio import atomic_write_text
 from medxray.scoring.config import ScoreConfig, ScoreSummary, default_threads, validate_config
 from medxray.scoring.discovery import in_shard, iter_input_files, output_stem
 from medxray.scoring.engine import ScoringEngine, WorkItem
+from medxray.scoring.gate import accepted_body_parts
 from medxray.scoring.journal import RESULTS_NAME, ResultsJournal, csv_text, read_results, result_columns
 from medxray.scoring.workers import CAMS_DIR, SR_DIR, new_decode_pool, ping
 
@@ -72,6 +73,8 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
         results_path = out / results_name(shard)
         run_path = out / run_name(shard)
         lock = lock_out(out / f".{results_path.name}.lock")
+        if cfg.overwrite:
+            clear_previous_outputs(out, shard, results_path)
         check_or_start_run(run_path, results_path, identity, cfg.overwrite)
 
         files = [(r, p) for r, p in iter_input_files(in_root, exclude=[out]) if in_shard(r, shard)]
@@ -158,7 +161,8 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
         summary.scored = engine.written
         rows = journal.finalize(keep=lambda r: r in scope)
     summary.ok = sum(1 for r in rows if r[1] == "ok")
-    summary.error = sum(1 for r in rows if r[1] != "ok")
+    summary.not_scored = sum(1 for r in rows if r[1] == "skipped")
+    summary.error = sum(1 for r in rows if r[1] not in ("ok", "skipped"))
     summary.seconds = time.perf_counter() - t_start
     summary.images_per_s = summary.scored / max(time.perf_counter() - t_work, 1e-9)
     state = {**identity, "complete": True, "columns": columns, "model": predictor.describe(),
@@ -180,6 +184,8 @@ def run_identity(cfg: ScoreConfig, ckpt_id: str, shard: tuple[int, int] | None) 
         "allowed_modalities": sorted(m.upper() for m in cfg.allowed_modalities) if cfg.allowed_modalities else None,
         "max_pixels": cfg.max_pixels,
         "overlay_max_side": cfg.overlay_max_side,
+        "accept_body_parts": list(accepted_body_parts(cfg.accept_body_parts) or ["ANY"]),
+        "ood_policy": cfg.ood_policy,
     }
 
 
@@ -205,6 +211,49 @@ def lock_out(path: Path) -> Any:
         raise ConfigError(f"another scorer is already writing {path.parent} (lock {path.name}); "
                           "wait for it, or use another --out / --shard") from None
     return fh
+
+
+def clear_previous_outputs(out: Path, shard: tuple[int, int] | None, results_path: Path) -> int:
+    """``--overwrite``: remove what an earlier run wrote into ``out``, and nothing else; returns the count.
+
+    Unsharded: the ``cams/`` and ``sr/`` folders (a symlink is unlinked, never followed) and any shard
+    results / run records. Sharded (other shards share the folders): the overlays and SRs the shard's
+    old rows name, and the merged ``results.csv`` that no longer holds. ``results.csv`` and ``run.json``
+    of this run are replaced by :func:`check_or_start_run`. Files of the user's in ``out`` are kept.
+    """
+    removed = 0
+    if shard is None:
+        for name in (CAMS_DIR, SR_DIR):
+            d = out / name
+            if d.is_symlink() or d.is_file():
+                d.unlink()
+                removed += 1
+            elif d.is_dir():
+                shutil.rmtree(d)
+                removed += 1
+        for p in [*out.glob("results.shard-*-of-*.csv"), *out.glob("run.shard-*-of-*.json")]:
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed
+    if results_path.is_file():
+        header, rows, _ = read_results(results_path)
+        owned = [(out / d).resolve() for d in (CAMS_DIR, SR_DIR)]
+        for rec in rows:
+            row = dict(zip(header, rec))
+            for rel in (row.get("cam_dir", ""), row.get("sr_file", "")):
+                target = (out / rel).resolve() if rel else None
+                if target is None or not any(target.is_relative_to(o) and target != o for o in owned):
+                    continue  # empty, or not inside the run's own folders: never touched
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+                removed += 1
+    merged = out / RESULTS_NAME
+    if merged.is_file():
+        merged.unlink()
+        removed += 1
+    return removed
 
 
 def check_or_start_run(run_path: Path, results_path: Path, identity: dict[str, Any], overwrite: bool) -> None:
