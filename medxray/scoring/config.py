@@ -28,7 +28,7 @@ class ScoreConfig:
     input_dir: str | os.PathLike
     checkpoint: str | os.PathLike
     out: str | os.PathLike
-    workers: int | None = None  # decode processes; None = ~40% of the cores on CPU, all but one with CUDA
+    workers: int | None = None  # decode processes (background priority); None = one per core on CPU, all but one with CUDA
     batch_size: int = 16
     cams: str = "positive"  # positive | all | none
     cam_method: str = "cam"  # cam | gradcam
@@ -37,7 +37,7 @@ class ScoreConfig:
     device: str = "auto"
     backend: str = "auto"
     precision: str = "auto"
-    threads: int | None = None  # CPU inference threads; None = the cores the workers leave free
+    threads: int | None = None  # CPU inference threads; None = every core (decoders yield)
     allowed_modalities: Sequence[str] | None = DEFAULT_ALLOWED_MODALITIES
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     overlay_max_side: int | None = None  # None = overlays at the original image size
@@ -126,18 +126,20 @@ def n_cores() -> int:
 
 
 def default_workers(device: str = "cpu") -> int:
-    """Decode processes. On CPU the cores are split between decoding and inference: measured here
-    for 224x224 DenseNet-121 a core decodes a 2k x 2k uncompressed CR in ~14 ms and runs the
-    bf16 model in ~22 ms, so ~40% of the cores decode. With a GPU, all cores but one decode."""
+    """Decode processes. On CPU one per core: they run at background priority
+    (:func:`medxray.scoring.workers.background_priority`), so inference takes every core while it
+    has a batch and decoding fills the rest; no fixed split can idle a core whichever stage is
+    the slower (issue 14: a fixed 1+1 split left most of a core idle). With a GPU, all cores but one decode."""
     n = n_cores()
     if device != "cpu":
         return max(1, n - 1)
-    return max(1, round(0.4 * n))
+    return n
 
 
 def default_threads(workers: int) -> int:
-    """CPU inference threads: the cores the decode workers leave free (at least 1)."""
-    return max(1, n_cores() - workers)
+    """CPU inference threads: every core (the decode workers yield to inference; ``workers`` is
+    accepted for callers of the old split and not used)."""
+    return n_cores()
 
 
 def cuda_available() -> bool:

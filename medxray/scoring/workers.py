@@ -12,6 +12,7 @@ inside the jobs so the parent process does not pay for it.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,25 +27,43 @@ SR_DIR = "sr"
 
 
 def worker_init(image_size: int | None = None) -> None:
-    """Each decode process: one torch thread (the processes are the parallelism), quiet warnings,
-    and the transforms built up front (importing MONAI takes seconds; it overlaps model loading).
+    """Each decode process: background CPU priority, quiet warnings, and only what decoding needs.
+
+    Decoding imports numpy, pydicom, the codecs and :mod:`medxray.modelinput`, never torch or
+    MONAI (a test checks ``sys.modules``), so a worker is ready in well under a second. The
+    process runs at background priority (:func:`background_priority`): inference in the parent
+    takes every core while it has a batch, decoding fills the time it waits, so neither stage
+    leaves a core idle while the other has work. A CAM/SR job imports torch later, with one
+    thread (``OMP_NUM_THREADS=1``: the processes are the parallelism).
 
     pydicom warns about every oddity of every odd file; in a worker those would flood the
     terminal under the progress bar. This runs only inside our own worker processes.
     """
     import warnings
 
-    import torch
-
-    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # this worker process only; read when a CAM job imports torch
+    background_priority()
     warnings.simplefilter("ignore")
-    import monai.transforms  # noqa: F401  (the slow import, done before the first file arrives)
-
     import medxray.dicom  # noqa: F401
-    from medxray.inference import preprocess
+    from medxray.modelinput import model_input
 
     if image_size:
-        preprocess(np.zeros((8, 8), np.float32), image_size)
+        model_input(np.zeros((8, 8), np.float32), image_size)
+
+
+def background_priority() -> None:
+    """Run this process only on CPU time nobody else wants: Linux SCHED_IDLE, else nice 19.
+
+    Called in decode workers only. Trade-off: on a machine busy with other work the decoders
+    get little CPU; the scorer is a batch job, so it yields.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        try:
+            os.nice(19)
+        except OSError:
+            pass
 
 
 def new_decode_pool(workers: int, image_size: int | None = None) -> ProcessPoolExecutor:
@@ -59,19 +78,25 @@ def ping() -> bool:
 
 def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | None, max_pixels: int | None,
                want_display: bool) -> dict[str, Any]:
-    """Read + preprocess one file; never raises for a bad file (returns an error record)."""
+    """Read + preprocess one file; never raises for a bad file (returns an error record).
+
+    Without CAM overlays to draw, the file is decoded at the model's size (``reduce_to``:
+    :mod:`medxray.dicom.reduce`); the network input is computed with numpy
+    (:func:`medxray.modelinput.model_input`, equal to the MONAI list), so no torch here.
+    """
     from medxray.dicom import read_dicom
-    from medxray.inference import preprocess
+    from medxray.modelinput import model_input
 
     try:
-        img = read_dicom(path, allowed_modalities=allowed_modalities, max_pixels=max_pixels, keep_raw=False)
+        img = read_dicom(path, allowed_modalities=allowed_modalities, max_pixels=max_pixels, keep_raw=False,
+                         reduce_to=None if want_display else image_size)
     except DicomError as exc:
         return {"status": "error", "reason": str(exc)}
     except MemoryError:
         return {"status": "error", "reason": "too_large: not enough memory to decode this image"}
     except Exception as exc:  # a bug or a codec failure we did not anticipate: keep the batch going
         return {"status": "error", "reason": f"decode_failed: unexpected {type(exc).__name__} while decoding"}
-    x = preprocess(img.pixels, image_size).numpy()
+    x = model_input(img.pixels, image_size)
     return {
         "status": "ok", "meta": img.meta, "window": img.window, "warnings": img.warnings,
         "is_lateral": img.is_lateral, "x": x, "display": img.display_uint8() if want_display else None,
