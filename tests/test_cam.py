@@ -1,4 +1,4 @@
-"""medxray.cam: CAM from features x head weights (no hooks), Grad-CAM, upsampling and overlays."""
+"""medxray.cam: THE map definition (compute_maps) and its methods, no hooks, overlays that do not lie."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medxray.cam import (
+    DEFAULT_MAP_METHOD,
+    MAP_METHODS,
     class_activation_maps,
-    compute_cams,
+    compute_maps,
     grad_cam,
+    maps_from_features,
     normalize_cams,
     overlay,
     overlay_with_legend,
@@ -56,16 +60,30 @@ def test_cam_is_features_dot_head_weights(model, batch):
     assert _no_hooks(model)
 
 
-def test_compute_cams_normalised_and_class_subset(model, batch):
-    logits, cams = compute_cams(model, batch)
-    assert cams.shape == (3, 5, 3, 3) and cams.dtype == np.float32
-    assert cams.min() >= 0 and cams.max() <= 1
-    peaks = cams.reshape(3, 5, -1).max(-1)
-    assert np.all((np.isclose(peaks, 1.0)) | (peaks == 0))
-    _, sub = compute_cams(model, batch, classes=[4, 1])
-    np.testing.assert_allclose(sub, cams[:, [4, 1]], atol=1e-6)
+def _definition(raw: torch.Tensor, size) -> np.ndarray:
+    """The documented definition, written out: bilinear upsampling, ReLU, divide by the maximum."""
+    up = F.interpolate(raw.float(), size=size, mode="bilinear", align_corners=False).clamp(min=0)
+    peak = up.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(peak > 1e-6, up / peak.clamp(min=1e-6), torch.zeros_like(up)).detach().numpy()
+
+
+def test_compute_maps_cam_is_the_definition_at_input_resolution(model, batch):
+    res = compute_maps(model, batch, method="cam")
+    assert res.maps.shape == (3, 5, 96, 96) and res.maps.dtype == np.float32 and res.method == "cam"
+    assert res.maps.min() >= 0 and res.maps.max() <= 1
+    peaks = res.maps.reshape(3, 5, -1).max(-1)
+    assert np.all(np.isclose(peaks, 1.0) == res.evidence) and np.all(peaks[~res.evidence] == 0)
     with torch.no_grad():
-        np.testing.assert_allclose(logits.numpy(), model(batch).numpy(), atol=1e-5)
+        feats = model.forward_features(batch)
+        np.testing.assert_allclose(res.logits.numpy(), model(batch).numpy(), atol=1e-5)
+    raw = class_activation_maps(feats, model.classifier.weight)
+    np.testing.assert_allclose(res.maps, _definition(raw, (96, 96)), atol=1e-5)
+    sub = compute_maps(model, batch, classes=[4, 1], method="cam")
+    np.testing.assert_allclose(sub.maps, res.maps[:, [4, 1]], atol=1e-6)
+    # the OpenVINO path's helper is the same arithmetic on given features
+    same, ok = maps_from_features(feats.numpy(), model.classifier.weight, [4, 1], (96, 96))
+    np.testing.assert_allclose(same, sub.maps, atol=1e-6)
+    assert np.array_equal(ok, sub.evidence)
 
 
 def test_normalize_all_negative_map_is_zero():
@@ -75,40 +93,62 @@ def test_normalize_all_negative_map_is_zero():
     np.testing.assert_allclose(c[0, 0], [[0.0, 0.5], [1.0, 0.0]])
 
 
-def test_gradcam_at_last_layer_equals_cam(model, batch):
-    # With a GAP + linear head, d logit_c / d A = W[c] / (h w): Grad-CAM == CAM after normalisation.
-    _, cam = compute_cams(model, batch)
-    logits, gc = grad_cam(model, batch)
-    np.testing.assert_allclose(gc, cam, atol=1e-4)
-    with torch.no_grad():
-        np.testing.assert_allclose(logits.numpy(), model(batch).numpy(), atol=1e-4)
-    assert all(p.grad is None for p in model.parameters()), "Grad-CAM must not write parameter gradients"
+def _stage_output_with_grad(model, x, stage, c):
+    """Reference: run the whole network with a retained intermediate and plain backward()."""
+    m = create_model("densenet121", num_classes=5).eval()
+    m.load_state_dict(model.state_dict())
+    acts = {}
+    h = x.clone()
+    for name, mod in m.features.named_children():
+        h = mod(h)
+        if name == stage:
+            h.retain_grad()
+            acts[name] = h
+    m.forward_head(F.relu(h))[:, c].sum().backward()
+    return acts[stage].detach(), acts[stage].grad
+
+
+@pytest.mark.parametrize("method", ["gradcam-denseblock3", "layercam-denseblock3", "gradcam-denseblock4"])
+def test_gradient_methods_match_the_papers_formulas(model, batch, method):
+    stage = MAP_METHODS[method].stages[0]
+    res = compute_maps(model, batch, classes=[2], method=method)
+    a, g = _stage_output_with_grad(model, batch, stage, 2)
+    if MAP_METHODS[method].kind == "gradcam":  # Selvaraju et al. 2017: weights = spatial mean of the gradient
+        raw = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True)
+    else:  # LayerCAM (Jiang et al. 2021): each position weighted by its own positive gradient
+        raw = (g.clamp(min=0) * a).sum(1, keepdim=True)
+    np.testing.assert_allclose(res.maps, _definition(raw, (96, 96)), atol=1e-4)
+    assert all(p.grad is None for p in model.parameters()), "maps must not write parameter gradients"
     assert _no_hooks(model)
 
 
-def test_gradcam_at_earlier_stage_is_finer(model, batch):
-    _, gc = grad_cam(model, batch, classes=[0, 2], layer="transition3")
-    assert gc.shape == (3, 2, 3, 3)  # transition3 ends in a 2x2 pool: the final grid
-    _, gc2 = grad_cam(model, batch, classes=[0, 2], layer="denseblock3")
-    assert gc2.shape == (3, 2, 6, 6)
-    assert gc2.min() >= 0 and gc2.max() <= 1
-    with pytest.raises(ValueError, match="unknown Grad-CAM layer"):
-        grad_cam(model, batch, layer="nope")
+def test_every_method_runs_and_unknown_names_are_refused(model, batch):
+    assert DEFAULT_MAP_METHOD in MAP_METHODS
+    x = batch[:1]
+    for name in MAP_METHODS:
+        res = compute_maps(model, x, classes=[0, 3], method=name)
+        assert res.maps.shape == (1, 2, 96, 96) and res.maps.min() >= 0 and res.maps.max() <= 1
+        assert res.evidence.shape == (1, 2) and res.method == name
+    _, gc3 = grad_cam(model, x, classes=[0], layer="denseblock3")
+    np.testing.assert_allclose(gc3, compute_maps(model, x, classes=[0], method="gradcam-denseblock3").maps, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        compute_maps(model, x, method="nope")
+    with pytest.raises(ValueError, match="unknown map stage"):
+        grad_cam(model, x, layer="nope")
 
 
-def test_cams_thread_safe_on_shared_model(model):
+def test_maps_thread_safe_on_shared_model(model):
     g = torch.Generator().manual_seed(11)
-    inputs = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(6)]
-    serial = [compute_cams(model, x)[1] for x in inputs]
-    serial_gc = [grad_cam(model, x, classes=[1], layer="denseblock3")[1] for x in inputs]
-    results: dict[int, tuple] = {}
+    inputs = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(4)]
+    methods = ("cam", "gradcam-denseblock3", "layercam")
+    serial = [[compute_maps(model, x, classes=[1], method=m).maps for m in methods] for x in inputs]
+    results: dict[int, list] = {}
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         try:
-            for _ in range(3):
-                results[i] = (compute_cams(model, inputs[i])[1],
-                              grad_cam(model, inputs[i], classes=[1], layer="denseblock3")[1])
+            for _ in range(2):
+                results[i] = [compute_maps(model, inputs[i], classes=[1], method=m).maps for m in methods]
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -119,8 +159,8 @@ def test_cams_thread_safe_on_shared_model(model):
         t.join()
     assert not errors
     for i in range(len(inputs)):
-        np.testing.assert_allclose(results[i][0], serial[i], atol=1e-5)
-        np.testing.assert_allclose(results[i][1], serial_gc[i], atol=1e-4)
+        for got, want in zip(results[i], serial[i]):
+            np.testing.assert_allclose(got, want, atol=1e-4)
     assert _no_hooks(model)
 
 
@@ -134,7 +174,7 @@ def test_upsample_cam_to_original_size():
         upsample_cam(np.zeros((1, 2, 2)), (4, 4))
 
 
-def test_overlay_blend_and_legend(tmp_path):
+def test_overlay_untinted_below_floor_contour_and_legend(tmp_path):
     img = np.tile(np.linspace(0, 1, 80, dtype=np.float32), (60, 1))
     cam = np.zeros((3, 3), np.float32)
     cam[1, 1] = 1.0
@@ -142,13 +182,47 @@ def test_overlay_blend_and_legend(tmp_path):
     assert gray.shape == (60, 80, 3) and gray.dtype == np.uint8
     np.testing.assert_array_equal(gray[..., 0], np.rint(img * 255).astype(np.uint8))
     hot = overlay(img, cam, alpha=1.0, cmap="jet")
-    assert tuple(hot[30, 40]) != tuple(hot[0, 0])  # peak vs background colours differ
-    assert hot[30, 40, 0] > 100 and hot[0, 0, 2] > 100  # jet: red at the peak, blue where 0
-    leg = overlay_with_legend(img, cam, "Effusion p=0.91")
+    assert hot[30, 40, 0] > 100 and hot[30, 40, 2] < 100  # jet: red at the peak
+    plain = np.repeat(np.rint(img * 255).astype(np.uint8)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(hot[0], plain[0])  # map 0 there: the film is untinted, no blue wash
+    up = upsample_cam(cam, (60, 80))
+    below = up < 0.2
+    np.testing.assert_array_equal(hot[below], plain[below])
+    assert (hot[~below] != plain[~below]).any(axis=-1).all()
+    lines = overlay(img, cam, style="contour")
+    changed = (lines != plain).any(axis=-1)
+    assert changed.any() and not changed[30, 40] and changed.sum() < 0.3 * changed.size  # outlines, not a fill
+    with pytest.raises(ValueError, match="style"):
+        overlay(img, cam, style="blur")
+    leg = overlay_with_legend(img, cam, "Effusion p=0.91", mark_peak=True)
     assert leg.shape[0] == 60 and leg.shape[1] > 80 and leg.dtype == np.uint8
+    bar = leg[:, 80:]
+    assert len({tuple(c) for c in bar.reshape(-1, 3)}) > 20  # a colour bar is drawn
     from PIL import Image
 
     p = save_png(tmp_path / "sub" / "x.png", leg)
     with Image.open(p) as im:
         assert im.size == (leg.shape[1], leg.shape[0]) and im.mode == "RGB"
     assert not [f for f in (tmp_path / "sub").iterdir() if f.name.endswith(".tmp")]
+
+
+def test_no_positive_evidence_is_said_in_words(monkeypatch):
+    img = np.full((120, 160), 0.1, np.float32)
+    empty = np.zeros((4, 4), np.float32)
+    assert np.array_equal(overlay(img, empty, alpha=1.0)[..., 0], np.rint(img * 255).astype(np.uint8))
+    said = []
+    from PIL import ImageDraw
+
+    real_text = ImageDraw.ImageDraw.text
+
+    def spy(self, xy, text, *a, **k):
+        said.append(text)
+        return real_text(self, xy, text, *a, **k)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", spy)
+    leg = overlay_with_legend(img, empty, "Effusion p=0.03", finding="Effusion")
+    assert "no positive evidence for Effusion" in said
+    assert (leg[:120, :160] > 200).any()  # the words are on the image
+    said.clear()
+    overlay_with_legend(img, np.ones((4, 4), np.float32), "Effusion", finding="Effusion")
+    assert not [t for t in said if "no positive evidence" in t]
