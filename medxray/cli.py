@@ -26,14 +26,16 @@ class _Parser(argparse.ArgumentParser):
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model variants with parameter counts and GFLOPs")
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure GFLOPs at each variant's input size (default on)")
+                   help="GMACs/GFLOPs at each variant's input size (default on; computed from the architecture)")
+    p.add_argument("--measure", action="store_true",
+                   help="build every network and count with torch instead (minutes on a CPU; same numbers)")
     p.set_defaults(func=_run_models)
 
 
 def _run_models(args: argparse.Namespace) -> int:
     from medxray.models import describe_variants
 
-    rows = describe_variants(with_flops=args.flops)
+    rows = describe_variants(with_flops=args.flops, measure=args.measure)
     header = f"{'name':<22}{'stem':<10}{'input':>7}{'classes':>9}{'params':>14}{'GMACs':>9}{'GFLOPs':>9}  imagenet"
     print(header)
     print("-" * len(header))
@@ -50,15 +52,23 @@ def _run_models(args: argparse.Namespace) -> int:
 def _add_app(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("app", help="start the clinician-review web app (Streamlit) on this machine")
     p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (from `medxray finetune`)")
-    p.add_argument("--results", type=Path, default=None, help="a `medxray score-dicom --out` folder for the worklist")
+    p.add_argument("--results", type=Path, action="append", default=None,
+                   help="a folder of `medxray score-dicom --out` results (or a folder above several) that reviewers "
+                        "may open; repeat for several. Folders outside these are refused")
     p.add_argument("--reviews", type=Path, default=None,
                    help="folder of the review database (default: ~/.local/share/medxray/reviews)")
-    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest accepted upload (default 64)")
+    p.add_argument("--max-upload-mb", type=int, default=64, help="largest accepted upload in whole MB (default 64)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     p.add_argument("--browser", action="store_true", help="open a web browser on the app")
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                    help="inference backend (default auto: OpenVINO on CPU, torch on CUDA)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--identity-header", default="", metavar="HEADER",
+                     help="take the reviewer's name from this request header (e.g. X-Forwarded-User); only behind "
+                          "a reverse proxy that sets it and strips it from clients")
+    who.add_argument("--login", action="store_true",
+                     help="reviewers sign in with Streamlit's st.login (OIDC, configured in .streamlit/secrets.toml)")
     p.set_defaults(func=_run_app)
 
 
@@ -69,9 +79,9 @@ def _run_app(args: argparse.Namespace) -> int:
     from medxray.review.settings import (APP_ENV_VARS, AppSettings, check_app_settings, default_reviews_dir,
                                          streamlit_command)
 
-    cfg = AppSettings(checkpoint=args.checkpoint, results=args.results,
+    cfg = AppSettings(checkpoint=args.checkpoint, results=tuple(args.results or ()),
                       reviews=args.reviews or default_reviews_dir(), max_upload_mb=args.max_upload_mb,
-                      backend=args.backend)
+                      backend=args.backend, identity_header=args.identity_header, login=args.login)
     check_app_settings(cfg)
     argv, env = streamlit_command(cfg, host=args.host, port=args.port, open_browser=args.browser)
     print(f"medxray app: http://{args.host}:{args.port}  (reviews in {cfg.reviews}; Ctrl-C stops)", flush=True)
@@ -149,8 +159,16 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="AUROC with CIs, thresholds, calibration, localisation and a report")
-    p.add_argument("--checkpoint", required=True, help="checkpoint from `medxray finetune` (best.pt)")
+    p = sub.add_parser("evaluate", help="AUROC with CIs, thresholds, calibration, localisation and a report",
+                       description="Evaluate a checkpoint (--checkpoint), an external predictions file "
+                                   "(--predictions: one row per image, a column per finding) or compare two of "
+                                   "either (--compare A B: paired AUROC differences, DeLong's test).")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="checkpoint from `medxray finetune` (best.pt)")
+    what.add_argument("--predictions", metavar="FILE.csv",
+                      help="score this predictions file against the official ChestX-ray14 labels and split")
+    what.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                      help="two checkpoints or two predictions files, compared on the same images")
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-root", default=None, help="default: the data root the checkpoint was trained on")
     p.add_argument("--split", default="test", help="test (default), val or train")
@@ -166,7 +184,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam-threshold", type=float, default=0.5, help="CAM level that makes boxes (default 0.5)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="fp32 (default: exact, hardware-independent numbers), bf16/fp16 (faster, probabilities "
+                        "coarser), auto (bf16 where native); the report names the one used")
     p.add_argument("--num-workers", type=int, default=None)
     p.set_defaults(func=_run_evaluate)
 
@@ -174,25 +194,59 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import math
 
-    from medxray.evaluation.run import evaluate
+    th_split = None if args.threshold_split == "same" else args.threshold_split
+    if args.compare:
+        return _run_compare(args, th_split)
+    if args.predictions:
+        from medxray.evaluation.external import evaluate_predictions
 
-    res = evaluate(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split, out_dir=args.out,
-                   device=args.device, precision=args.precision, batch_size=args.batch_size, tta=args.tta,
-                   n_bootstrap=args.bootstrap, threshold_split=None if args.threshold_split == "same" else args.threshold_split,
-                   write_thresholds=args.write_thresholds, localisation=args.localisation,
-                   cam_threshold=args.cam_threshold, num_workers=args.num_workers, progress=not args.quiet)
+        res = evaluate_predictions(args.predictions, dataset=args.dataset or "chestxray14", data_root=args.data_root,
+                                   split=args.split, out_dir=args.out, threshold_split=th_split,
+                                   n_bootstrap=args.bootstrap)
+    else:
+        from medxray.evaluation.run import evaluate
+
+        res = evaluate(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
+                       out_dir=args.out, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                       tta=args.tta, n_bootstrap=args.bootstrap, threshold_split=th_split,
+                       write_thresholds=args.write_thresholds, localisation=args.localisation,
+                       cam_threshold=args.cam_threshold, num_workers=args.num_workers, progress=not args.quiet)
+    if res.coverage_note:
+        print(res.coverage_note)
     print(f"{'finding':<20}{'AUROC':>8}   95% CI")
     for name in res.label_names:
         lo, hi = res.auroc_ci[name]
         a = res.auroc[name]
         print(f"{name:<20}{a:>8.3f}   {lo:.3f}-{hi:.3f}" if math.isfinite(a) else f"{name:<20}{'n/a':>8}")
     lo, hi = res.mean_auroc_ci
-    print(f"{'mean':<20}{res.mean_auroc:>8.3f}   {lo:.3f}-{hi:.3f}   ({res.n_images} {res.split} images)")
+    print(f"{'mean':<20}{res.mean_auroc:>8.3f}   {lo:.3f}-{hi:.3f}   ({res.n_images} {res.split} images, {res.precision})")
+    if res.thresholds_fallback:
+        print(f"fallback thresholds (0.5; no positive or negative on {res.threshold_split}): "
+              f"{', '.join(res.thresholds_fallback)}")
     if res.localisation:
         o = res.localisation["overall"]
         print(f"localisation: {o['n']} boxes, IoBB>0.5 accuracy {o['iobb_accuracy']['0.5']:.3f}, "
               f"pointing game {o['pointing_game']:.3f}")
     print(f"report: {res.report_html}  (and {res.report_md.name}, plots in {res.out_dir})")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace, th_split: str | None) -> int:
+    from medxray.evaluation.compare import compare_sources
+
+    a, b = args.compare
+    opts = {"dataset": args.dataset, "data_root": args.data_root, "threshold_split": th_split}
+    if not a.lower().endswith(".csv"):
+        opts.update(device=args.device, precision=args.precision, batch_size=args.batch_size, tta=args.tta,
+                    num_workers=args.num_workers)
+    comp, ra, _ = compare_sources(a, b, out_dir=args.out or "comparison", split=args.split,
+                                  n_bootstrap=args.bootstrap, **opts)
+    if ra.coverage_note:
+        print(ra.coverage_note)
+    print(f"A = {a}\nB = {b}\n{comp.n_images} {args.split} images; B - A per finding:")
+    for name, r in comp.rows.items():
+        print(f"{name:<20}{r['verdict']}")
+    print(f"comparison: {comp.files['md']}  (and .csv, .json; each model's report in A/ and B/)")
     return 0
 
 
@@ -379,6 +433,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     sy = dsub.add_parser("synth", help="write a SYNTHETIC phantom ChestX-ray14 data root (for demos and tests)")
     sy.add_argument("--out", required=True, help="new or empty folder to write the data root to")
+    sy.add_argument("--overwrite", action="store_true",
+                    help="replace a phantom data root already in --out that has other parameters")
     sy.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--workers", type=int, default=None, help="drawing processes (default: CPU count, max 8)")
@@ -392,6 +448,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     ve.add_argument("--decode", default="200", help="decode this many images to check them, or 'all' (default 200)")
     ve.add_argument("--cache-dir", default=None)
     ve.add_argument("--csv", dest="csv_path", default=None, help="CSV manifest (--dataset csv)")
+    ve.add_argument("--allow-missing", action="store_true",
+                    help="a partial download: count missing images but do not report them as a problem")
     ve.set_defaults(func=_run_data_verify)
 
 
@@ -418,7 +476,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     from medxray.data.synthetic import synthesize
 
     out = synthesize(args.out, args.images, args.seed, workers=args.workers, layout=args.layout,
-                     progress=not args.quiet)
+                     progress=not args.quiet, overwrite=args.overwrite)
     print(f"SYNTHETIC phantom data root (not real radiographs): {out}")
     return 0
 
@@ -436,7 +494,8 @@ def _run_data_verify(args: argparse.Namespace) -> int:
             decode = int(args.decode)
         except ValueError:
             raise ConfigError(f"--decode must be a number or 'all', got {args.decode!r}") from None
-    report = verify_data(args.dataset, args.data_root, decode=decode, **_data_options(args))
+    report = verify_data(args.dataset, args.data_root, decode=decode, allow_missing=args.allow_missing,
+                         **_data_options(args))
     print(json.dumps(report, indent=1, default=str))
     for problem in report.get("problems", []):
         print(f"problem: {problem}", file=sys.stderr)

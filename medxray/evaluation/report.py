@@ -107,45 +107,56 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def write_report(res: EvalResult, meta: Mapping[str, Any], dataset: str, data_root: str,
-                  summary: Mapping[str, Any], note: str | None, at_youden: Sequence[tuple[float, float]],
-                  at_spec90: Sequence[tuple[float, float]], metrics: Mapping[str, Any]) -> None:
+def write_report(res: EvalResult, metrics: Mapping[str, Any], *, dataset: str, source_lines: Sequence[str],
+                 summary: Mapping[str, Any], note: str | None, at_youden: Sequence[tuple[float, float]],
+                 at_spec90: Sequence[tuple[float, float]], reference_note: str | None = None) -> None:
     """Write ``report.md`` and ``report.html`` into ``res.out_dir``: our AUROC beside CheXNet's
     (Rajpurkar et al. 2017) and Wang et al.'s (2017) for ChestX-ray14, operating points,
-    calibration, curves and localisation, with the split and data the numbers rest on."""
+    calibration, curves and localisation, with the split and data the numbers rest on.
+
+    The first lines say how much of the official test list the numbers cover (``res.coverage_note``);
+    ``reference_note`` (e.g. "not comparable: 75 of 25,596 official test images") labels the
+    reference columns when the evaluated images are not the full official test list.
+    ``source_lines``: what produced the probabilities (checkpoint or predictions file).
+    """
     from medxray.labels import CHESTXRAY14_FINDINGS, CHEXNET_AUROC, WANG2017_AUROC
 
     names = res.label_names
     is_cx14 = list(names) == list(CHESTXRAY14_FINDINGS) and dataset == "chestxray14"
     blocks: list[tuple] = [("h1", "medxray evaluation report")]
+    if res.coverage_note:
+        blocks.append(("p" if reference_note is None else "warn", res.coverage_note))
     if note:
         blocks.append(("warn", note))
-    pre = meta.get("preprocessing", {})
     blocks.append(("list", [
-        f"Checkpoint: `{res.checkpoint}` ({meta.get('architecture')}, model version `{meta.get('model_version')}`, "
-        f"{pre.get('image_size')} px, trained from `{meta.get('pretrained', 'n/a')}` initialisation)",
-        f"Data: dataset `{dataset}` at `{data_root}`, split **{res.split}** ({res.n_images} images"
+        *source_lines,
+        f"Data: dataset `{dataset}`, split **{res.split}** ({res.n_images} images"
         + (f", {summary.get('patients', {}).get(res.split)} patients" if summary.get("patients", {}).get(res.split) else "")
         + f"), data manifest hash `{str(metrics.get('data_manifest_hash') or '')[:16]}`",
-        f"Test-time augmentation: {'TenCrop (10 crops averaged)' if metrics.get('tta') else 'none'}; "
+        f"Numeric precision of the probabilities: **{res.precision}**; test-time augmentation: "
+        f"{'TenCrop (10 crops averaged)' if metrics.get('tta') else 'none'}; "
         f"bootstrap: {metrics.get('n_bootstrap')} resamples of images for 95% intervals",
         f"Evaluated {metrics.get('evaluated')}",
     ]))
-    if is_cx14 and res.split == "test":
+    if is_cx14 and res.split == "test" and reference_note is None:
         blocks.append(("p", "The test split is ChestX-ray14's official patient-wise test list (test_list.txt, Wang et al. "
-                            "2017). Wang et al.'s numbers are on that same split. CheXNet's come from its own random "
+                            "2017), complete. Wang et al.'s numbers are on that same list. CheXNet's come from its own random "
                             "70/10/20 patient split, which was never released, so they are a guide and not a like-for-like "
                             "comparison."))
+    elif is_cx14 and res.split == "test":
+        blocks.append(("p", "These images are part of ChestX-ray14's official test list only. The published numbers beside "
+                            "them are on the full list (Wang et al.) or on CheXNet's own unreleased split: they are shown "
+                            "for orientation and are not comparable with ours."))
     elif is_cx14:
         blocks.append(("p", f"These numbers are on the {res.split} split, not the official test list; the published "
-                            "numbers beside them are test-set numbers."))
+                            "numbers beside them are test-set numbers and are not comparable."))
 
     header = ["Finding", "AUROC (95% CI)", "AUPRC", "prevalence"]
+    ref_suffix = f" ({reference_note})" if reference_note else ""
     if is_cx14:
-        header += ["CheXNet 2017", "Wang et al. 2017"]
+        header += [f"CheXNet 2017{ref_suffix}", f"Wang et al. 2017{ref_suffix}"]
     rows = []
     for n in names:
-        k = [i for i, m in enumerate(names) if m == n][0]
         lo, hi = res.auroc_ci[n]
         prev = None
         if summary.get("prevalence", {}).get(res.split):
@@ -154,7 +165,6 @@ def write_report(res: EvalResult, meta: Mapping[str, Any], dataset: str, data_ro
         if is_cx14:
             row += [_fmt(CHEXNET_AUROC.get(n, float('nan'))), _fmt(WANG2017_AUROC.get(n, float('nan')))]
         rows.append(row)
-        del k
     mean_row = ["**mean**", f"**{_fmt(res.mean_auroc)}** ({_fmt(res.mean_auroc_ci[0])}-{_fmt(res.mean_auroc_ci[1])})",
                 _fmt(float(np.nanmean([v for v in res.auprc.values()])) if any(math.isfinite(v) for v in res.auprc.values()) else None), ""]
     if is_cx14:
@@ -164,14 +174,21 @@ def write_report(res: EvalResult, meta: Mapping[str, Any], dataset: str, data_ro
 
     op_rows = []
     spec90 = metrics["thresholds_spec90"]
+    fallback = set(res.thresholds_fallback)
     for i, n in enumerate(names):
-        op_rows.append([n, _fmt(res.thresholds[n]), _fmt(at_youden[i][0]), _fmt(at_youden[i][1]),
+        th = _fmt(res.thresholds[n]) + (" (fallback)" if n in fallback else "")
+        op_rows.append([n, th, _fmt(at_youden[i][0]), _fmt(at_youden[i][1]),
                         _fmt(spec90[n]), _fmt(at_spec90[i][0]), _fmt(at_spec90[i][1])])
     blocks += [("h2", "Operating points"),
                ("p", f"Thresholds were chosen on the **{res.threshold_split}** split and are applied here to the "
-                     f"{res.split} split (positive = probability >= threshold). The Youden thresholds are written into "
-                     f"the checkpoint's metadata, where the scorer and the viewer read them."),
-               ("table", ["Finding", "Youden threshold", "sensitivity", "specificity", "90%-spec. threshold",
+                     f"{res.split} split (positive = probability >= threshold)."
+                     + (" The Youden thresholds are written into the checkpoint's metadata, where the scorer and the "
+                        "viewer read them." if res.checkpoint else ""))]
+    if fallback:
+        blocks.append(("warn", f"Fallback thresholds (0.5, not chosen on data): {', '.join(res.thresholds_fallback)}. "
+                               f"The {res.threshold_split} split has no positive or no negative for these findings, so "
+                               f"no threshold could be chosen; their operating points mean nothing."))
+    blocks += [("table", ["Finding", "Youden threshold", "sensitivity", "specificity", "90%-spec. threshold",
                           "sensitivity", "specificity"], op_rows)]
     blocks += [("h2", "Calibration"),
                ("p", f"Expected calibration error over all (image, finding) pairs with known labels: "

@@ -17,7 +17,7 @@ class EvalResult:
     """Numbers and files of one evaluation."""
 
     out_dir: Path
-    checkpoint: Path
+    checkpoint: Path | None  # None when the probabilities came from a predictions file
     split: str
     n_images: int
     label_names: list[str]
@@ -34,3 +34,7 @@ class EvalResult:
     report_md: Path
     report_html: Path
     files: dict[str, Path] = field(default_factory=dict)
+    precision: str = "fp32"  # the numeric precision the probabilities were computed in
+    coverage: dict[str, Any] | None = None  # of ChestX-ray14's official test list (evaluation.assess)
+    coverage_note: str | None = None  # the one line saying what the numbers rest on
+    thresholds_fallback: list[str] = field(default_factory=list)  # findings given 0.5: nothing to choose on

@@ -25,11 +25,8 @@ helpers come from :mod:`medxray.hardware`, :mod:`medxray.fileio` and :mod:`medxr
 
 from __future__ import annotations
 
-import csv
-import datetime
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,18 +38,10 @@ from medxray.data import DATASETS, build_datasets
 from medxray.data.loading import IndexedDataset, make_loader
 from medxray.data.manifest import PHANTOM_MARKER
 from medxray.errors import CheckpointError, ConfigError, DataError
-from medxray.evaluation.localisation import localise_image, summarise_localisation
-from medxray.evaluation.metrics import (
-    auprc_per_class,
-    auroc_per_class,
-    bootstrap_auroc,
-    calibration,
-    operating_points,
-    sens_spec_at,
-)
-from medxray.evaluation.report import write_plots, write_report
+from medxray.evaluation.assess import assess
+from medxray.evaluation.localisation import localisation_metadata, localise_batch, summarise_localisation
 from medxray.evaluation.result import EvalResult
-from medxray.fileio import atomic_output, atomic_write_text, json_line
+from medxray.fileio import json_line
 from medxray.hardware import autocast
 
 log = logging.getLogger(__name__)
@@ -79,19 +68,19 @@ def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 def score_split(
     model: torch.nn.Module, dataset: Any, *, device: torch.device, precision: str, batch_size: int, tta: bool = False,
     boxes: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, label_names: Sequence[str] = (),
-    cam_threshold: float = 0.5, num_workers: int = 0, progress: bool = False,
+    cam_threshold: float = 0.5, num_workers: int = 0, progress: bool = False, cam_method: str | None = None,
 ) -> dict[str, Any]:
     """Probabilities for every image of ``dataset``; localisation records for images that have boxes.
 
     Returns ``probs``, ``labels``, ``masks`` as (N, C) arrays in dataset order, ``names``, and
-    ``localisation`` (records of :func:`medxray.evaluation.localisation.localise_image`).
+    ``localisation`` (records of :func:`medxray.evaluation.localisation.localise_batch`, maps by
+    ``cam_method``, None = :data:`medxray.cam.DEFAULT_MAP_METHOD`).
     ``tta``: average the sigmoid over TenCrop's ten crops (:func:`ten_crop`).
     """
     loader = make_loader(IndexedDataset(dataset), batch_size=batch_size, seed=0, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
     model.eval()
     index_of = {n: i for i, n in enumerate(label_names)}
-    weight = model.classifier.weight.detach().float()
     probs, labels, masks, names, loc = [], [], [], [], []
     it: Any = loader
     if progress:
@@ -116,10 +105,9 @@ def score_split(
         names.extend(batch["name"])
         if not boxes:
             continue
-        for i, name in enumerate(batch["name"]):
-            loc.extend(localise_image(feats[i:i + 1], weight, boxes.get(name, []), name=name,
-                                      orig_size=batch["orig_size"][i], size=size, index_of=index_of, probs=p[i],
-                                      cam_threshold=cam_threshold))
+        loc.extend(localise_batch(model, x, [boxes.get(name, []) for name in batch["name"]], names=batch["name"],
+                                  orig_sizes=batch["orig_size"], index_of=index_of, probs=p, method=cam_method,
+                                  cam_threshold=cam_threshold))
     c = len(label_names)
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros((0, c), dtype=np.float32))  # noqa: E731
     return {"probs": cat(probs), "labels": cat(labels), "masks": cat(masks), "names": names, "localisation": loc}
@@ -137,7 +125,7 @@ def evaluate(
     split: str = "test",
     out_dir: str | Path | None = None,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     batch_size: int = 32,
     tta: bool = False,
     n_bootstrap: int = 1000,
@@ -150,13 +138,22 @@ def evaluate(
     data_note: str | None = None,
     splits: Any = None,
     progress: bool = False,
+    cam_method: str | None = None,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` on one split and write metrics, plots and a report to ``out_dir``.
 
     Dataset options (view, validation fraction and seed, ...) default to the ones the checkpoint
     was trained with, so ``split="val"`` is the same validation split training used.
     ``threshold_split``: where operating thresholds are chosen (``None``: on ``split`` itself).
+    ``precision``: fp32 by default, so that the reported numbers do not depend on the hardware; "bf16"
+    or "auto" (bf16 where native) trade exactness for speed, and the report names the one used.
+    ``data_root`` defaults to the absolute path the checkpoint was trained on.
+    ``cam_method``: the map method localisation is scored with (:data:`medxray.cam.MAP_METHODS`;
+    None = the one the checkpoint records, else :data:`medxray.cam.DEFAULT_MAP_METHOD`). It is
+    written into the checkpoint with the per-finding localisation figures, so the app and the
+    scorer show the maps these figures were measured on.
     """
+    from medxray.cam import check_method
     from medxray.checkpoint import load_checkpoint, model_from_checkpoint, update_metadata
     from medxray.data.transforms import check_preprocessing
     from medxray.hardware import default_num_workers, resolve_device, resolve_precision
@@ -192,74 +189,62 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
 
     boxes = getattr(splits, "boxes", None) if localisation else None
+    cam_method = check_method(cam_method or meta.get("cam_method"))
     log.info("scoring %d %s images (%s, %s%s)", len(ds), split, dev, prec, ", TenCrop" if tta else "")
     scored = score_split(model, ds, device=dev, precision=prec, batch_size=batch_size, tta=tta, boxes=boxes,
-                         label_names=label_names, cam_threshold=cam_threshold, num_workers=workers, progress=progress)
+                         label_names=label_names, cam_threshold=cam_threshold, num_workers=workers, progress=progress,
+                         cam_method=cam_method)
     P, Y, M = scored["probs"], scored["labels"], scored["masks"]
-    aurocs = auroc_per_class(P, Y, M)
-    finite = [a for a in aurocs if math.isfinite(a)]
-    mean_auroc = float(np.mean(finite)) if finite else float("nan")
-    boot = bootstrap_auroc(P, Y, M, n_boot=n_bootstrap, seed=seed)
-    auprc = auprc_per_class(P, Y, M)
-    calib = calibration(P, Y, M)
 
     # thresholds: chosen on threshold_split (default val), applied to this split
     th_split = threshold_split if threshold_split and threshold_split != split else split
     if th_split != split and (getattr(splits, th_split, None) is None or len(getattr(splits, th_split)) == 0):
         log.warning("no %s split to choose thresholds on; choosing them on %s itself", th_split, split)
         th_split = split
-    if th_split == split:
-        ops = operating_points(P, Y, M, label_names)
-    else:
+    th_set = None
+    if th_split != split:
         log.info("choosing operating thresholds on the %s split", th_split)
         th = score_split(model, getattr(splits, th_split), device=dev, precision=prec, batch_size=batch_size,
                          tta=tta, label_names=label_names, num_workers=workers)
-        ops = operating_points(th["probs"], th["labels"], th["masks"], label_names)
-    youden = {n: float(ops[n]["youden"]["threshold"]) if ops.get(n) else 0.5 for n in label_names}
-    spec90 = {n: float(ops[n]["spec90"]["threshold"]) if ops.get(n) else 0.5 for n in label_names}
-    at_youden = sens_spec_at(P, Y, M, [youden[n] for n in label_names])
-    at_spec90 = sens_spec_at(P, Y, M, [spec90[n] for n in label_names])
+        th_set = (th["probs"], th["labels"], th["masks"])
     loc = summarise_localisation(scored["localisation"], label_names) if scored["localisation"] else None
-
-    files = _write_outputs(out, label_names, scored, P, Y, M)
-    files.update(write_plots(out, label_names, P, Y, M, aurocs, calib))
-    summary = getattr(splits, "summary", {}) or {}
-    metrics = {
-        "checkpoint": str(ckpt_path), "model_version": meta.get("model_version"), "dataset": dataset,
-        "split": split, "n_images": int(len(P)), "tta": tta, "mean_auroc": mean_auroc,
-        "mean_auroc_ci95": list(boot["mean"]), "n_bootstrap": boot["n_boot"],
-        "auroc": dict(zip(label_names, aurocs)), "auroc_ci95": {n: list(ci) for n, ci in zip(label_names, boot["per_class"])},
-        "auprc": dict(zip(label_names, auprc)), "ece": calib["ece"], "ece_per_class": dict(zip(label_names, calib["per_class"])),
-        "threshold_split": th_split, "thresholds_youden": youden, "thresholds_spec90": spec90,
-        "at_youden": {n: {"sensitivity": s, "specificity": sp} for n, (s, sp) in zip(label_names, at_youden)},
-        "at_spec90": {n: {"sensitivity": s, "specificity": sp} for n, (s, sp) in zip(label_names, at_spec90)},
-        "localisation": loc, "data_manifest_hash": getattr(splits, "manifest_hash", None),
-        "data_summary": summary, "evaluated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    files["metrics"] = out / "metrics.json"
-    atomic_write_text(files["metrics"], json.dumps(json.loads(json_line(metrics)), indent=2))
-    result = EvalResult(
-        out_dir=out, checkpoint=ckpt_path, split=split, n_images=int(len(P)), label_names=label_names,
-        auroc=dict(zip(label_names, aurocs)), auroc_ci=dict(zip(label_names, boot["per_class"])),
-        mean_auroc=mean_auroc, mean_auroc_ci=tuple(boot["mean"]), auprc=dict(zip(label_names, auprc)),
-        thresholds=youden, threshold_split=th_split, operating_points=ops, calibration=calib, localisation=loc,
-        report_md=out / "report.md", report_html=out / "report.html", files=files,
+    root_text = str(data_root or train_cfg.get("data_root") or "")
+    pre = meta.get("preprocessing", {})
+    source_lines = [
+        f"Checkpoint: `{ckpt_path}` ({meta.get('architecture')}, model version `{meta.get('model_version')}`, "
+        f"{pre.get('image_size')} px, trained from `{meta.get('pretrained', 'n/a')}` initialisation)",
+        f"Data root: `{root_text}`",
+    ]
+    result, metrics = assess(
+        out, label_names=label_names, names=scored["names"], probs=P, labels=Y, masks=M, split=split, dataset=dataset,
+        threshold_set=th_set, threshold_split=th_split, n_bootstrap=n_bootstrap, seed=seed, localisation=loc,
+        localisation_records=scored["localisation"], source_lines=source_lines,
+        note=data_note or _data_note(splits, data_root or train_cfg.get("data_root")),
+        summary=getattr(splits, "summary", {}) or {}, checkpoint=ckpt_path, precision=prec,
+        extra={"checkpoint": str(ckpt_path), "model_version": meta.get("model_version"), "tta": tta,
+               "data_root": root_text, "data_manifest_hash": getattr(splits, "manifest_hash", None)},
     )
-    note = data_note or _data_note(splits, data_root or train_cfg.get("data_root"))
-    write_report(result, meta, dataset, str(data_root or train_cfg.get("data_root") or ""), summary, note,
-                  at_youden, at_spec90, metrics)
     if write_thresholds:
         merged_metrics = dict(meta.get("metrics") or {})
-        merged_metrics.update({f"{split}_mean_auroc": mean_auroc, f"{split}_auroc": metrics["auroc"],
-                               f"{split}_auroc_ci95": metrics["auroc_ci95"], f"{split}_ece": calib["ece"]})
+        merged_metrics.update({f"{split}_mean_auroc": result.mean_auroc, f"{split}_auroc": metrics["auroc"],
+                               f"{split}_auroc_ci95": metrics["auroc_ci95"], f"{split}_ece": metrics["ece"],
+                               f"{split}_precision": prec})
         update_metadata(ckpt_path, {
-            "thresholds": youden,
-            "thresholds_spec90": spec90,
-            "operating_points": ops,
+            "thresholds": result.thresholds,
+            "thresholds_spec90": metrics["thresholds_spec90"],
+            "thresholds_fallback": result.thresholds_fallback,
+            "operating_points": result.operating_points,
             "threshold_split": th_split,
             "metrics": json.loads(json_line(merged_metrics)),
+            "cam_method": cam_method,
+            "localisation": localisation_metadata(loc, split=split, method=cam_method,
+                                                  synthetic=_is_phantom(splits, data_root or train_cfg.get("data_root"))),
         })
         log.info("wrote per-class thresholds (Youden J on %s) into %s", th_split, ckpt_path)
+        if result.thresholds_fallback:
+            log.warning("no threshold could be chosen on %s for %s (no positive or no negative there): 0.5 is a "
+                        "fallback, flagged as thresholds_fallback in the checkpoint", th_split,
+                        ", ".join(result.thresholds_fallback))
     return result
 
 
@@ -285,22 +270,8 @@ def _data_note(splits: Any, data_root: Any) -> str | None:
     return None
 
 
-def _write_outputs(out: Path, label_names: Sequence[str], scored: Mapping[str, Any], P: np.ndarray, Y: np.ndarray,
-                   M: np.ndarray) -> dict[str, Path]:
-    path = out / "predictions.csv"
-    with atomic_output(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["name"] + [f"p_{n}" for n in label_names] + [f"y_{n}" for n in label_names])
-        for name, p, y, m in zip(scored["names"], P, Y, M):
-            w.writerow([name] + [f"{v:.6f}" for v in p] + ["" if mk == 0 else int(v) for v, mk in zip(y, m)])
-    files = {"predictions": path}
-    if scored["localisation"]:
-        lp = out / "localisation.csv"
-        with atomic_output(lp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["name", "finding", "prob", "iobb", "pointing_hit", "n_boxes"])
-            for r in scored["localisation"]:
-                w.writerow([r["name"], r["finding"], f"{r['prob']:.6f}", f"{r['iobb']:.4f}", int(r["pointing_hit"]), r["n_boxes"]])
-        files["localisation"] = lp
-    return files
-
+def _is_phantom(splits: Any, data_root: Any) -> bool:
+    """Whether the evaluated data is a SYNTHETIC phantom (its marker file, or the splits say so)."""
+    if (getattr(splits, "summary", None) or {}).get("synthetic"):
+        return True
+    return bool(data_root) and (Path(data_root) / PHANTOM_MARKER).is_file()

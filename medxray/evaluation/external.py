@@ -1,0 +1,164 @@
+"""Evaluate any model's predictions: ``evaluate_predictions(FILE.csv, ...) -> EvalResult``.
+
+A predictions file has one row per image and one column per finding: the first column holds the
+image name as in the ChestX-ray14 label file (``00000003_000.png``; a leading folder is dropped),
+and each finding's column is named by the finding (``Cardiomegaly``) or as medxray's own
+``predictions.csv`` names it (``p_Cardiomegaly``), so our outputs, published models and other tools
+can be scored side by side. Values are probabilities in [0, 1]. Other columns are ignored.
+
+The file is scored against the official labels and split (shipped in ``data_manifests/``; no image
+is needed) with the same metrics, CIs, thresholds and report as a checkpoint
+(:func:`medxray.evaluation.assess.assess`): rows on ``split`` are scored; operating thresholds are
+chosen on the rows of ``threshold_split`` (default val: the seeded patient-disjoint share of
+train_val that ``finetune`` uses) when the file has any, else on ``split`` itself, as the report says.
+
+Must not import torch, models, training or the checkpoint evaluation (:mod:`medxray.evaluation.run`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path, PurePath
+from typing import Any, Sequence
+
+import numpy as np
+
+from medxray.errors import ConfigError, DataError
+from medxray.evaluation.assess import assess
+from medxray.evaluation.result import EvalResult
+
+log = logging.getLogger(__name__)
+
+NAME_COLUMNS = ("name", "image", "image index", "image_index", "path", "filename", "file")
+SPLITS = ("train", "val", "test")
+
+
+def read_predictions(path: str | Path, label_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(image names, (N, C) float64 probabilities in ``label_names`` order) from a predictions CSV.
+
+    Raises :class:`DataError` naming the row or column for: a missing file, no name column, a
+    missing finding column, an empty or non-numeric cell, a value outside [0, 1], a repeated image.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"predictions file {p} does not exist")
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read predictions file {p}: {exc}") from None
+    if not rows:
+        raise DataError(f"predictions file {p} is empty; it needs a header row: name,{','.join(label_names[:2])},...")
+    header = [h.strip() for h in rows[0]]
+    lower = [h.lower() for h in header]
+    name_col = next((lower.index(c) for c in NAME_COLUMNS if c in lower), 0)
+    cols = []
+    for n in label_names:
+        for cand in (n, f"p_{n}"):
+            if cand in header:
+                cols.append(header.index(cand))
+                break
+        else:
+            raise DataError(f"predictions file {p} has no column for {n!r} (nor 'p_{n}'); it needs one column per "
+                            f"finding: {', '.join(label_names)}")
+    names: list[str] = []
+    values = np.empty((len(rows) - 1, len(label_names)), dtype=np.float64)
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows[1:]):
+        line = i + 2
+        if len(row) <= max(cols + [name_col]):
+            raise DataError(f"{p} line {line}: {len(row)} cells, expected {len(header)}")
+        name = PurePath(row[name_col].strip().replace("\\", "/")).name
+        if not name:
+            raise DataError(f"{p} line {line}: empty image name")
+        if name in seen:
+            raise DataError(f"{p} line {line}: image {name} already given on line {seen[name]}; one row per image")
+        seen[name] = line
+        for j, c in enumerate(cols):
+            try:
+                v = float(row[c])
+            except ValueError:
+                raise DataError(f"{p} line {line}, column {header[c]}: {row[c]!r} is not a number") from None
+            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise DataError(f"{p} line {line}, column {header[c]}: {row[c]} is not a probability in [0, 1]; "
+                                f"convert scores first (e.g. the sigmoid of a logit)")
+            values[i, j] = v
+        names.append(name)
+    if not names:
+        raise DataError(f"predictions file {p} has a header but no rows")
+    return names, values
+
+
+def evaluate_predictions(
+    predictions: str | Path, *, dataset: str = "chestxray14", data_root: str | Path | None = None,
+    split: str = "test", out_dir: str | Path | None = None, threshold_split: str | None = "val",
+    n_bootstrap: int = 1000, seed: int = 0, val_fraction: float = 0.1, split_seed: int = 0, view: str = "all",
+) -> EvalResult:
+    """Score an external predictions file on ``split`` of the official ChestX-ray14 labels; write the
+    same files and report as :func:`medxray.evaluation.run.evaluate` into ``out_dir`` (default:
+    ``<file stem>-eval-<split>`` beside the file).
+
+    ``data_root``: use that root's label and list files (when present) instead of the shipped ones.
+    ``val_fraction``, ``split_seed``, ``view``: how the val split is carved out of train_val (the
+    ``finetune`` defaults). Raises :class:`DataError` when no row of the file is on ``split``.
+    """
+    from medxray.data.chestxray14 import split_records
+    from medxray.labels import CHESTXRAY14_FINDINGS
+
+    if dataset != "chestxray14":
+        raise ConfigError(f"--predictions scores ChestX-ray14 predictions against its official labels; "
+                          f"dataset {dataset!r} is not supported")
+    if split not in SPLITS or (threshold_split is not None and threshold_split not in SPLITS):
+        raise ConfigError(f"split and threshold split must be one of {', '.join(SPLITS)}")
+    label_names = list(CHESTXRAY14_FINDINGS)
+    path = Path(predictions).expanduser().resolve()
+    names, probs = read_predictions(path, label_names)
+    parts, info = split_records(data_root, val_fraction=val_fraction, split_seed=split_seed, view=view)
+    row_of = {n: i for i, n in enumerate(names)}
+
+    def take(which: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        rec = parts[which]
+        idx = [(k, row_of[n]) for k, n in enumerate(rec.names) if n in row_of]
+        ks, rs = [k for k, _ in idx], [r for _, r in idx]
+        return ([rec.names[k] for k in ks], probs[rs], rec.labels[ks].astype(np.float32), rec.mask[ks].astype(np.float32))
+
+    ev_names, P, Y, M = take(split)
+    if not ev_names:
+        raise DataError(f"no image of {path.name} is on the {split} split ({len(names)} rows); check the image names "
+                        f"(as in the label file, e.g. 00000003_000.png) or choose another --split")
+    known = {n for rec in parts.values() for n in rec.names}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        log.warning("%d row(s) of %s are not images of the label file's splits and are ignored (first: %s)",
+                    len(unknown), path.name, unknown[0])
+    th_split = threshold_split if threshold_split and threshold_split != split else split
+    th_set = None
+    if th_split != split:
+        th_names, Pt, Yt, Mt = take(th_split)
+        if th_names:
+            th_set = (Pt, Yt, Mt)
+        else:
+            log.warning("%s has no row on the %s split: choosing thresholds on %s itself", path.name, th_split, split)
+            th_split = split
+    out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval-{split}"
+    summary = {"prevalence": {split: {n: float(Y[M[:, c] > 0.5, c].mean()) if (M[:, c] > 0.5).any() else None
+                                      for c, n in enumerate(label_names)}},
+               "patients": {split: len({parts[split].patients[i] for i, n in enumerate(parts[split].names)
+                                        if n in row_of})}}
+    result, _ = assess(
+        out, label_names=label_names, names=ev_names, probs=P, labels=Y, masks=M, split=split, dataset=dataset,
+        threshold_set=th_set, threshold_split=th_split, n_bootstrap=n_bootstrap, seed=seed,
+        source_lines=[f"Predictions file: `{path}` ({len(names)} rows; {len(unknown)} not in the label file)",
+                      f"Labels: {Path(info['files']['labels']).name} (content SHA-256 `{info['label_sha256'][:16]}`); "
+                      f"val = patient-disjoint {val_fraction:g} of train_val, seed {split_seed}"],
+        summary=summary, precision="as given in the file",
+        extra=_extra(path, names, unknown, info),
+    )
+    return result
+
+
+def _extra(path: Path, names: Sequence[str], unknown: Sequence[str], info: dict[str, Any]) -> dict[str, Any]:
+    return {"predictions_file": str(path), "rows": len(names), "rows_not_in_label_file": len(unknown),
+            "data_manifest_hash": info["label_sha256"], "tta": False}
