@@ -34,8 +34,11 @@ def verify_manifests() -> dict[str, Any]:
 
 
 def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | None = None, *, decode: int | None = 200,
-                check_cache: bool = True, **options: Any) -> dict[str, Any]:
+                check_cache: bool = True, allow_missing: bool = False, **options: Any) -> dict[str, Any]:
     """Report on a data root: label rows, split counts, missing files, a decode check, the cache.
+
+    ``allow_missing``: a partial download is expected, so missing images are counted (and shown
+    in ``missing_note``) but are not a problem; otherwise they are one.
 
     ``decode``: decode this many images (spread over the data set; None = all) and count
     unreadable files and unexpected sizes or bit depths. Problems are counted and returned, not
@@ -51,7 +54,7 @@ def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | Non
     if data_root is None:
         return report
     options = {k: v for k, v in options.items() if v is not None}
-    options["allow_missing"] = True  # count them here; training decides whether to refuse
+    options["allow_missing"] = True  # always counted here; whether they are a problem is the caller's flag
     splits = build_datasets(dataset, data_root, augment=False, **options)
     s = splits.summary
     report.update({k: s.get(k) for k in ("data_root", "synthetic", "counts", "patients", "missing_dropped",
@@ -90,7 +93,13 @@ def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | Non
                 report.setdefault("caches", {})[d.name] = {"error": str(exc)}
     problems = []
     if report.get("missing_dropped"):
-        problems.append(f"{report['missing_dropped']} image(s) missing (training needs --allow-missing)")
+        note = (f"{report['missing_dropped']} image(s) of the label file are missing from the data root "
+                f"(per split: {s.get('missing_dropped_by_split')})")
+        if allow_missing:
+            report["missing_note"] = note + "; allowed (--allow-missing): they are left out"
+        else:
+            problems.append(note + "; download them, or for a partial download pass --allow-missing to "
+                                   "`medxray data verify`, `medxray data prepare` and `medxray finetune`")
     if bad:
         problems.append(f"{len(bad)} of {len(sample)} decoded image(s) unreadable")
     if report.get("unexpected_size"):

@@ -171,7 +171,22 @@ def build_config(values: Mapping[str, Any]) -> TrainConfig:
     hints = _hints()
     cfg = TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
     validate_config(cfg)
-    return cfg
+    return absolute_paths(cfg)
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The data root (and a CSV manifest) as absolute paths, so the checkpoint that stores this config can be
+    evaluated from any folder; the working directory the run was started in means nothing later."""
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve())
+
+    changes: dict[str, Any] = {}
+    if cfg.data_root:
+        changes["data_root"] = absolute(cfg.data_root)
+    csv_path = cfg.dataset_options.get("csv_path")
+    if csv_path and Path(str(csv_path)).expanduser().is_file():  # else it is relative to the (absolute) data root
+        changes["dataset_options"] = {**cfg.dataset_options, "csv_path": absolute(str(csv_path))}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def validate_config(cfg: TrainConfig) -> None:

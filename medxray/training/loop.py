@@ -46,7 +46,7 @@ from medxray.fileio import atomic_output, atomic_write_text, json_line, to_jsona
 from medxray.hardware import default_num_workers, resolve_device, resolve_precision
 from medxray.ood import stats_for_run
 from medxray.training import distributed as mdist
-from medxray.training.config import TrainConfig, make_config, save_config, validate_config
+from medxray.training.config import TrainConfig, absolute_paths, make_config, save_config, validate_config
 from medxray.training.data import build_run_splits, check_run_data, epoch_dataset, positive_weights
 from medxray.training.state import (
     RUN_FILES,
@@ -92,6 +92,8 @@ def finetune(config: TrainConfig | Mapping[str, Any], *, splits: Any = None) -> 
     """
     cfg = config if isinstance(config, TrainConfig) else make_config(**dict(config))
     validate_config(cfg)
+    cfg = absolute_paths(cfg)
+    check_before_data(cfg)
     resume_state: dict[str, Any] | None = None
     if cfg.resume:
         cfg, resume_state = prepare_resume(cfg)
@@ -105,6 +107,21 @@ def finetune(config: TrainConfig | Mapping[str, Any], *, splits: Any = None) -> 
             return run.fit()
     finally:
         mdist.shutdown(info)
+
+
+def check_before_data(cfg: TrainConfig) -> None:
+    """Refuse a bad model name or a missing weights file before any data is read or folder made.
+
+    Raises :class:`ConfigError` (unknown ``model``) or :class:`medxray.errors.WeightsError` (a
+    ``pretrained`` path that is not a file).
+    """
+    from medxray.errors import WeightsError
+    from medxray.models.variants import get_variant
+
+    get_variant(cfg.model)
+    p = str(cfg.pretrained)
+    if not cfg.resume and p.lower() not in ("imagenet", "none", "") and not Path(p).expanduser().is_file():
+        raise WeightsError(f"--pretrained {p}: no such file; pass a torchvision-format state dict, imagenet or none")
 
 
 class _Run:
@@ -122,6 +139,8 @@ class _Run:
                        resume_state=resume_state)
         self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device)
         self._build_model()
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best_score = -math.inf
@@ -150,9 +169,7 @@ class _Run:
             raise ConfigError(
                 f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir} or choose another --out"
             )
-        if self.info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
+        return run_dir  # made in __init__ once data and model are ready: a failed start leaves no folder
 
     def _build_model(self) -> None:
         from medxray.models import create_model
@@ -219,7 +236,8 @@ class _Run:
 
     def metadata(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return checkpoint_metadata(self.cfg, label_names=self.label_names, manifest_hash=self.manifest_hash,
-                                   run_name=self.run_dir.name, epoch=epoch, metrics=metrics)
+                                   run_name=self.run_dir.name, epoch=epoch, metrics=metrics,
+                                   data_summary=getattr(self.splits, "summary", None))
 
     def _write_run_info(self) -> None:
         if not self.info.is_main:
