@@ -70,10 +70,14 @@ def make_loader(
     batching with :func:`collate_items`, in order unless ``sampler`` says otherwise."""
     from monai.data import DataLoader
 
+    from medxray.procutil import dataloader_worker_init
+
     g = torch.Generator()
     g.manual_seed(int(seed))
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin_memory, generator=g, collate_fn=collate_items,
         persistent_workers=False,
+        # MONAI's per-worker seeding, plus: a worker dies with the training process (kill -9 included)
+        worker_init_fn=dataloader_worker_init if num_workers > 0 else None,
     )

@@ -30,11 +30,15 @@ _worker_state: dict[str, Any] = {}
 
 
 def _init_worker(pixels_path: str, n: int, size: int, set_threads: bool) -> None:
+    if set_threads:  # a forked pool worker: first of all it dies with the builder (which resumes when re-run)
+        from medxray.procutil import exit_with_parent
+
+        exit_with_parent()
     from monai.transforms import Compose
 
     from medxray.data.transforms import scale_resize_transforms
 
-    if set_threads:  # a forked pool worker: one thread each, the pool supplies the parallelism
+    if set_threads:  # one thread each, the pool supplies the parallelism
         import torch
 
         torch.set_num_threads(1)

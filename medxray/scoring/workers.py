@@ -37,10 +37,15 @@ def worker_init(image_size: int | None = None) -> None:
     thread (``OMP_NUM_THREADS=1``: the processes are the parallelism).
 
     pydicom warns about every oddity of every odd file; in a worker those would flood the
-    terminal under the progress bar. This runs only inside our own worker processes.
+    terminal under the progress bar. This runs only inside our own worker processes. First of
+    all the worker ties its life to the scorer's (a ``kill -9`` of the scorer must not leave it
+    blocked forever under PID 1).
     """
     import warnings
 
+    from medxray.procutil import exit_with_parent
+
+    exit_with_parent()
     os.environ["OMP_NUM_THREADS"] = "1"  # this worker process only; read when a CAM job imports torch
     background_priority()
     warnings.simplefilter("ignore")
