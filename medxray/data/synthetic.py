@@ -31,12 +31,12 @@ import numpy as np
 
 from medxray.fileio import atomic_output
 from medxray.errors import ConfigError, DataError
+from medxray.data.manifest import PHANTOM_MARKER
 from medxray.labels import CHESTXRAY14_FINDINGS
 
 log = logging.getLogger(__name__)
 
-PHANTOM_VERSION = 1
-PHANTOM_MARKER = "MEDXRAY_PHANTOM.json"
+PHANTOM_VERSION = 2  # 2: patterns placed anywhere in a wide region, either lung
 PHANTOM_README = "SYNTHETIC_DATA_README.txt"
 IMAGE_SIZE = 1024
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
@@ -90,7 +90,7 @@ def _atelectasis(rng: np.random.Generator) -> Patch:
         line = _soft(np.abs(yy - (y0 + tilt * (xx - w / 2))) - 6, 2)
         line *= _soft(np.abs(xx - w / 2) - (95 - 12 * k), 3)
         d += 0.42 * line
-    return d, *_place(rng, 0.31, 0.60, h, w)
+    return _put(rng, "Atelectasis", d)
 
 
 def _cardiomegaly(rng: np.random.Generator) -> Patch:
@@ -98,7 +98,7 @@ def _cardiomegaly(rng: np.random.Generator) -> Patch:
     h, w = int(2 * b + 10), int(2 * a + 10)
     yy, xx = _grid(h, w)
     d = 0.32 * _soft((np.hypot((yy - h / 2) / b, (xx - w / 2) / a) - 1.0) * b, 5)
-    return d, *_place(rng, 0.57, 0.63, h, w)
+    return _put(rng, "Cardiomegaly", d)
 
 
 def _effusion(rng: np.random.Generator) -> Patch:
@@ -106,7 +106,7 @@ def _effusion(rng: np.random.Generator) -> Patch:
     yy, xx = _grid(h, w)
     top = 70 - 55 * (xx / w) ** 2 + rng.uniform(-8, 8)  # meniscus rising to the lateral wall
     d = 0.45 * np.clip((yy - top) / 35.0, 0.0, 1.0)
-    return d.astype(np.float32), *_place(rng, 0.74, 0.745, h, w)
+    return _put(rng, "Effusion", d.astype(np.float32))
 
 
 def _infiltration(rng: np.random.Generator) -> Patch:
@@ -115,13 +115,13 @@ def _infiltration(rng: np.random.Generator) -> Patch:
     for _ in range(16):  # patchy, blotchy opacities
         s = rng.uniform(9, 15)
         d += 0.22 * _gauss(h, w, rng.uniform(3 * s, h - 3 * s), rng.uniform(3 * s, w - 3 * s), s, s)
-    return np.minimum(d, 0.4), *_place(rng, 0.255, 0.42, h, w)
+    return _put(rng, "Infiltration", np.minimum(d, 0.4))
 
 
 def _mass(rng: np.random.Generator) -> Patch:
     r = 55 * rng.uniform(0.9, 1.12)
     n = int(2 * r + 10)
-    return 0.48 * _disc(n, n, n / 2, n / 2, r, 3), *_place(rng, 0.69, 0.30, n, n)
+    return _put(rng, "Mass", 0.48 * _disc(n, n, n / 2, n / 2, r, 3))
 
 
 def _nodule(rng: np.random.Generator) -> Patch:
@@ -129,7 +129,7 @@ def _nodule(rng: np.random.Generator) -> Patch:
     d = np.zeros((h, w), np.float32)
     for cy, cx in ((30, 35), (85, 60), (40, 120), (88, 140)):  # a cluster of small round nodules
         d = np.maximum(d, 0.55 * _disc(h, w, cy + rng.uniform(-8, 8), cx + rng.uniform(-8, 8), 17, 2))
-    return d, *_place(rng, 0.30, 0.225, h, w)
+    return _put(rng, "Nodule", d)
 
 
 def _pneumonia(rng: np.random.Generator) -> Patch:
@@ -137,7 +137,7 @@ def _pneumonia(rng: np.random.Generator) -> Patch:
     d = np.zeros((h, w), np.float32)
     for dy, dx in ((0, 0), (-25, 30), (25, -25)):  # lobulated soft cloud
         d += 0.24 * _gauss(h, w, h / 2 + dy + rng.uniform(-6, 6), w / 2 + dx + rng.uniform(-6, 6), 32, 32)
-    return np.minimum(d, 0.38), *_place(rng, 0.745, 0.52, h, w)
+    return _put(rng, "Pneumonia", np.minimum(d, 0.38))
 
 
 def _pneumothorax(rng: np.random.Generator) -> Patch:
@@ -149,7 +149,7 @@ def _pneumothorax(rng: np.random.Generator) -> Patch:
     dark = _soft(xx - edge_x, 2) * inside
     line = _soft(np.abs(xx - edge_x) - 2.5, 1.5) * inside
     d = -0.28 * dark + 0.4 * line
-    return d.astype(np.float32), *_place(rng, 0.165, 0.28, h, w)
+    return _put(rng, "Pneumothorax", d.astype(np.float32))
 
 
 def _consolidation(rng: np.random.Generator) -> Patch:
@@ -160,7 +160,7 @@ def _consolidation(rng: np.random.Generator) -> Patch:
     for k in range(3):  # dark air bronchograms crossing the dense area
         y0 = 30 + 25 * k + rng.uniform(-4, 4)
         d -= 0.25 * blob * _soft(np.abs(yy - (y0 + 0.25 * (xx - w / 2))) - 2.5, 1.5)
-    return d.astype(np.float32), *_place(rng, 0.30, 0.785, h, w)
+    return _put(rng, "Consolidation", d.astype(np.float32))
 
 
 def _edema(rng: np.random.Generator) -> Patch:
@@ -171,7 +171,7 @@ def _edema(rng: np.random.Generator) -> Patch:
     yy, xx = _grid(h, w)
     stripes = (np.sin(yy * 2 * np.pi / 14) > 0.6) * (d > 0)  # fine horizontal septal lines
     d += 0.1 * stripes
-    return d, *_place(rng, 0.50, 0.45, h, w)
+    return _put(rng, "Edema", d)
 
 
 def _emphysema(rng: np.random.Generator) -> Patch:
@@ -182,7 +182,7 @@ def _emphysema(rng: np.random.Generator) -> Patch:
         cy, cx = cy + rng.uniform(-4, 4), cx + rng.uniform(-4, 4)
         d -= 0.32 * _disc(h, w, cy, cx, r - 2.5, 1.5)  # hyperlucent: darker on balance
         d += 0.34 * _ring(h, w, cy, cx, r, 3)
-    return d, *_place(rng, 0.70, 0.145, h, w)
+    return _put(rng, "Emphysema", d)
 
 
 def _fibrosis(rng: np.random.Generator) -> Patch:
@@ -193,7 +193,7 @@ def _fibrosis(rng: np.random.Generator) -> Patch:
     a = np.abs(((xx + yy + phase) % period) - period / 2) < 2.0  # reticular net of crossing lines
     b = np.abs(((xx - yy + phase) % period) - period / 2) < 2.0
     window = _soft((np.hypot((yy - h / 2) / (h / 2 - 4), (xx - w / 2) / (w / 2 - 4)) - 1.0) * 50, 3)
-    return (0.38 * (a | b) * window).astype(np.float32), *_place(rng, 0.14, 0.56, h, w)
+    return _put(rng, "Fibrosis", (0.38 * (a | b) * window).astype(np.float32))
 
 
 def _pleural_thickening(rng: np.random.Generator) -> Patch:
@@ -202,7 +202,7 @@ def _pleural_thickening(rng: np.random.Generator) -> Patch:
     centre = 30 + 8 * np.sin(yy / h * np.pi * 2 + rng.uniform(0, 6.3))
     width = 11 + 4 * np.sin(yy / 23.0)  # lumpy band along the chest wall
     band = _soft(np.abs(xx - centre) - width, 2) * _soft(np.abs(yy - h / 2) - (h / 2 - 8), 4)
-    return (0.48 * band).astype(np.float32), *_place(rng, 0.865, 0.33, h, w)
+    return _put(rng, "Pleural_Thickening", (0.48 * band).astype(np.float32))
 
 
 def _hernia(rng: np.random.Generator) -> Patch:
@@ -212,14 +212,44 @@ def _hernia(rng: np.random.Generator) -> Patch:
     inner = _disc(n, n, n / 2, n / 2, r - 6, 1.5)
     d = 0.45 * _ring(n, n, n / 2, n / 2, r, 9) - 0.18 * inner
     d += 0.35 * inner * (yy > n / 2 + 6)  # air-fluid level inside the herniated bowel
-    return d.astype(np.float32), *_place(rng, 0.50, 0.865, n, n)
+    return _put(rng, "Hernia", d.astype(np.float32))
 
 
-def _place(rng: np.random.Generator, fx: float, fy: float, h: int, w: int) -> tuple[int, int]:
-    """Top-left corner of an h x w patch centred near (fx, fy) of a 1024 image, jittered."""
-    cy = fy * IMAGE_SIZE + rng.uniform(-14, 14)
-    cx = fx * IMAGE_SIZE + rng.uniform(-14, 14)
-    return int(round(cy - h / 2)), int(round(cx - w / 2))
+# Where each pattern goes: centre (fx, fy) as fractions of the side, uniform jitter (+-jx, +-jy)
+# of the side, and whether it falls in either lung (mirrored left/right with probability 1/2).
+# The jitter is wide on purpose: a finding's position is then no cue by itself, so a network has
+# to recognise the pattern where it is, which is what makes its CAM land on the box.
+PLACEMENT: dict[str, tuple[float, float, float, float, bool]] = {
+    "Atelectasis": (0.31, 0.60, 0.05, 0.09, True),
+    "Cardiomegaly": (0.57, 0.63, 0.04, 0.04, False),
+    "Effusion": (0.74, 0.745, 0.03, 0.04, True),
+    "Infiltration": (0.27, 0.42, 0.06, 0.15, True),
+    "Mass": (0.70, 0.50, 0.08, 0.20, True),
+    "Nodule": (0.30, 0.40, 0.07, 0.20, True),
+    "Pneumonia": (0.72, 0.52, 0.05, 0.13, True),
+    "Pneumothorax": (0.165, 0.30, 0.02, 0.07, True),
+    "Consolidation": (0.30, 0.70, 0.06, 0.10, True),
+    "Edema": (0.50, 0.45, 0.03, 0.10, False),
+    "Emphysema": (0.70, 0.16, 0.06, 0.04, True),
+    "Fibrosis": (0.18, 0.50, 0.05, 0.14, True),
+    "Pleural_Thickening": (0.865, 0.40, 0.02, 0.09, True),
+    "Hernia": (0.50, 0.86, 0.06, 0.03, False),
+}
+
+
+def _put(rng: np.random.Generator, finding: str, delta: np.ndarray) -> Patch:
+    """Place a pattern: (delta, top, left) for its centre drawn from ``PLACEMENT[finding]``.
+
+    Each pattern is drawn for the side ``fx`` names; when mirrored to the other lung the patch
+    is flipped too, so lateral patterns (effusion, pneumothorax) keep facing the chest wall.
+    """
+    fx, fy, jx, jy, mirror = PLACEMENT[finding]
+    h, w = delta.shape
+    cx = (fx + rng.uniform(-jx, jx)) * IMAGE_SIZE
+    cy = (fy + rng.uniform(-jy, jy)) * IMAGE_SIZE
+    if mirror and rng.random() < 0.5:
+        cx, delta = IMAGE_SIZE - cx, delta[:, ::-1]
+    return np.ascontiguousarray(delta, dtype=np.float32), int(round(cy - h / 2)), int(round(cx - w / 2))
 
 
 PATTERNS: dict[str, Callable[[np.random.Generator], Patch]] = {
@@ -268,6 +298,39 @@ def _background(rng: np.random.Generator, size: int, noise: float = 0.005) -> np
     return big
 
 
+def place_pattern(finding: str, key: Sequence[int], *, size: int = IMAGE_SIZE
+                  ) -> tuple[np.ndarray, int, int, dict[str, Any]] | None:
+    """Where ``finding``'s pattern goes in the image of ``key``: (delta clipped to the image, top,
+    left, tight box ``{"finding", "x", "y", "w", "h"}``), or None when it falls outside the image.
+
+    Deterministic in (finding, key) alone, so it also gives the box a pattern *would* have in an
+    image that does not show it (the blanking test uses this).
+    """
+    if finding not in PATTERNS:
+        raise ConfigError(f"unknown finding {finding!r}")
+    key = [int(k) for k in key]
+    delta, top, left = PATTERNS[finding](np.random.default_rng([*key, 1, CHESTXRAY14_FINDINGS.index(finding)]))
+    scale = size / IMAGE_SIZE
+    if scale != 1.0:
+        from PIL import Image
+
+        hh, ww = max(1, round(delta.shape[0] * scale)), max(1, round(delta.shape[1] * scale))
+        delta = np.asarray(Image.fromarray(delta.astype(np.float32), mode="F").resize((ww, hh), Image.NEAREST))
+        top, left = int(round(top * scale)), int(round(left * scale))
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + delta.shape[0], size), min(left + delta.shape[1], size)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    local = delta[y0 - top:y1 - top, x0 - left:x1 - left]
+    nz_r = np.flatnonzero(np.any(local != 0, axis=1))
+    nz_c = np.flatnonzero(np.any(local != 0, axis=0))
+    if len(nz_r) == 0:
+        return None
+    box = {"finding": finding, "x": int(x0 + nz_c[0]), "y": int(y0 + nz_r[0]),
+           "w": int(nz_c[-1] - nz_c[0] + 1), "h": int(nz_r[-1] - nz_r[0] + 1)}
+    return local, y0, x0, box
+
+
 def render_phantom(findings: Sequence[str], key: Sequence[int], *, size: int = IMAGE_SIZE,
                    draw: bool = True) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One phantom image (uint8, size x size) and the box of each finding's pattern.
@@ -280,28 +343,14 @@ def render_phantom(findings: Sequence[str], key: Sequence[int], *, size: int = I
     key = [int(k) for k in key]
     img = _background(np.random.default_rng([*key, 0]), size)
     boxes: list[dict[str, Any]] = []
-    scale = size / IMAGE_SIZE
     if draw:
         for f in findings:
-            if f not in PATTERNS:
-                raise ConfigError(f"unknown finding {f!r}")
-            delta, top, left = PATTERNS[f](np.random.default_rng([*key, 1, CHESTXRAY14_FINDINGS.index(f)]))
-            if scale != 1.0:
-                from PIL import Image
-
-                hh, ww = max(1, round(delta.shape[0] * scale)), max(1, round(delta.shape[1] * scale))
-                delta = np.asarray(Image.fromarray(delta.astype(np.float32), mode="F").resize((ww, hh), Image.NEAREST))
-                top, left = int(round(top * scale)), int(round(left * scale))
-            y0, x0 = max(top, 0), max(left, 0)
-            y1, x1 = min(top + delta.shape[0], size), min(left + delta.shape[1], size)
-            local = delta[y0 - top:y1 - top, x0 - left:x1 - left]
-            nz_r = np.flatnonzero(np.any(local != 0, axis=1))
-            nz_c = np.flatnonzero(np.any(local != 0, axis=0))
-            if len(nz_r) == 0:
+            placed = place_pattern(f, key, size=size)
+            if placed is None:
                 continue
-            img[y0:y1, x0:x1] += local
-            boxes.append({"finding": f, "x": int(x0 + nz_c[0]), "y": int(y0 + nz_r[0]),
-                          "w": int(nz_c[-1] - nz_c[0] + 1), "h": int(nz_r[-1] - nz_r[0] + 1)})
+            local, y0, x0, box = placed
+            img[y0:y0 + local.shape[0], x0:x0 + local.shape[1]] += local
+            boxes.append(box)
     out = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     return out, boxes
 
@@ -399,13 +448,14 @@ def _init_render(seed: int, size: int) -> None:
 
 def synthesize(out_dir: str | os.PathLike, n_images: int = 1000, seed: int = 0, *, workers: int | None = None,
                image_size: int = IMAGE_SIZE, layout: str = "flat", test_fraction: float = 0.3,
-               progress: bool = False) -> Path:
+               progress: bool = False, overwrite: bool = False) -> Path:
     """Write a phantom ChestX-ray14 data root to ``out_dir`` and return its path.
 
     ``layout``: "flat" (``images/``) or "nested" (``images_001/images/`` ... as on Kaggle).
     ``image_size`` other than 1024 is for fast tests only (boxes are then in that image's pixels).
     Re-running with the same arguments on a finished root returns at once. A non-empty folder
-    that is not a phantom root is refused, so that nothing of the user's is overwritten.
+    that is not a phantom root is refused, so that nothing of the user's is overwritten; a phantom
+    root with other parameters is replaced only with ``overwrite`` (else :class:`DataError`).
     """
     from tqdm.auto import tqdm
 
@@ -430,6 +480,9 @@ def synthesize(out_dir: str | os.PathLike, n_images: int = 1000, seed: int = 0, 
         if all(old.get(k) == v for k, v in params.items()):
             log.warning("phantom data root %s already exists (SYNTHETIC images, not real radiographs); reusing it", out)
             return out
+        if not overwrite:
+            raise DataError(f"{out} already holds a phantom data root with other parameters ({old.get('n_images')} "
+                            f"images, seed {old.get('seed')}); pass --overwrite to replace it, or choose a new --out")
         # an older phantom with other parameters: clear its images and any cache built from them
         for d in [out / "images", out / "medxray_cache", *out.glob("images_[0-9][0-9][0-9]")]:
             if d.is_dir():
