@@ -43,7 +43,7 @@ demo: setup
 
 # Benchmarks are not tests: each prints its ratio against a peer measured in the same run.
 bench: setup system-deps
-	for b in model_step train_step loader score_dicom pacs_push; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+	for b in model_step train_step loader score_dicom pacs_push localisation; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 # Coverage-guided fuzzing of the DICOM reader and the image decoder (atheris); not part of `make test`.
 # FUZZ_SECONDS is the total budget, split between the two harnesses; escaped inputs land in

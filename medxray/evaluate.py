@@ -11,9 +11,9 @@ from medxray.evaluation.localisation import (
     IOBB_THRESHOLDS,
     cam_to_boxes,
     iobb,
-    localise_image,
+    localisation_metadata,
+    localise_batch,
     localise_one,
-    normalise01,
     summarise_localisation,
 )
 from medxray.evaluation.metrics import (
@@ -30,7 +30,7 @@ from medxray.evaluation.run import SPLITS, evaluate, score_split, ten_crop
 
 __all__ = [
     "FINDING_ALIASES", "IOBB_THRESHOLDS", "SPLITS", "EvalResult", "auprc_per_class", "auroc_per_class",
-    "bootstrap_auroc", "calibration", "cam_to_boxes", "evaluate", "iobb", "localise_image", "localise_one",
-    "normalise01", "operating_points", "score_split", "sens_spec_at", "summarise_localisation", "ten_crop",
+    "bootstrap_auroc", "calibration", "cam_to_boxes", "evaluate", "iobb", "localisation_metadata", "localise_batch",
+    "localise_one", "operating_points", "score_split", "sens_spec_at", "summarise_localisation", "ten_crop",
     "weighted_auroc",
 ]

@@ -1,6 +1,7 @@
 """Localisation scoring of class activation maps against ground-truth boxes.
 
-The finding's CAM, normalised to [0, 1], is thresholded; each connected region's bounding box is
+The finding's map (:func:`medxray.cam.compute_maps`: the map the app and the scorer show, ReLU
+and max-normalised to [0, 1] at the network input) is thresholded; each connected region's bounding box is
 compared with the ground-truth box by IoBB (intersection over the predicted box's area) and
 counted correct above T = 0.1 ... 0.9, as in Wang et al. 2017 (ChestX-ray8, CVPR). The pointing
 game (Zhang et al. 2016) asks whether the CAM's maximum lies inside the box. Boxes are
@@ -15,19 +16,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from medxray.cam import class_activation_maps
+from medxray.cam import compute_maps
 
 IOBB_THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 # ChestX-ray14's box file calls Infiltration "Infiltrate".
 FINDING_ALIASES: dict[str, str] = {"Infiltrate": "Infiltration"}
-
-
-def normalise01(cam: np.ndarray) -> np.ndarray:
-    """Min-max scale a map to [0, 1]; a constant map becomes all zeros."""
-    lo, hi = float(cam.min()), float(cam.max())
-    return (cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)
 
 
 def cam_to_boxes(cam01: np.ndarray, threshold: float = 0.5) -> list[tuple[float, float, float, float]]:
@@ -76,33 +70,60 @@ def summarise_localisation(records: Sequence[Mapping[str, Any]], label_names: Se
 
 
 
-def localise_image(
-    features: torch.Tensor, weight: torch.Tensor, boxes: Sequence[Mapping[str, Any]], *, name: str,
-    orig_size: Sequence[int] | None, size: int, index_of: Mapping[str, int], probs: torch.Tensor,
-    cam_threshold: float,
-) -> list[dict[str, Any]]:
-    """Localisation records of one image: one per ground-truth box of a finding the model predicts.
+def localisation_metadata(summary: Mapping[str, Any] | None, *, split: str, method: str,
+                          synthetic: bool) -> dict[str, Any]:
+    """The per-finding localisation figures a checkpoint carries (JSON-able).
 
-    ``features``: (1, K, h, w) final feature map; ``weight``: (C, K) classifier weights;
-    ``boxes``: the image's ground-truth boxes as ``{"finding", "x", "y", "w", "h"}`` in pixels of
-    the original image of ``orig_size`` (H, W); ``size``: the side of the model's square input,
-    to which CAMs are upsampled and boxes scaled; ``probs``: (C,) the image's probabilities.
-    Each record holds ``iobb``, ``pointing_hit``, ``n_boxes``, ``name``, ``finding``, ``prob``.
-    Images without a usable box or size give no records.
+    ``{"method", "split", "source": "phantom"|"real", "thresholds", "per_finding": {finding:
+    {"n_boxes", "pointing_game", "iobb_accuracy": {T: acc}, "mean_iobb"}}}``; a finding without
+    boxes is absent (shown as "not measured", never as a number). ``summary`` is
+    :func:`summarise_localisation`'s output, or None when no image had boxes.
     """
-    gts = [b for b in boxes if FINDING_ALIASES.get(b["finding"], b["finding"]) in index_of]
-    if not gts or not orig_size or min(orig_size) <= 0:
+    per = {}
+    for finding, s in ((summary or {}).get("per_finding") or {}).items():
+        if s.get("n"):
+            per[finding] = {"n_boxes": int(s["n"]), "pointing_game": float(s["pointing_game"]),
+                            "iobb_accuracy": {k: float(v) for k, v in s["iobb_accuracy"].items()},
+                            "mean_iobb": float(s["mean_iobb"])}
+    return {"method": method, "split": split, "source": "phantom" if synthetic else "real",
+            "thresholds": list(IOBB_THRESHOLDS), "per_finding": per}
+
+
+def localise_batch(
+    model: torch.nn.Module, x: torch.Tensor, boxes: Sequence[Sequence[Mapping[str, Any]]], *, names: Sequence[str],
+    orig_sizes: Sequence[Sequence[int] | None], index_of: Mapping[str, int], probs: np.ndarray | torch.Tensor,
+    method: str | None = None, cam_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Localisation records of a batch: one per ground-truth box of a finding the model predicts.
+
+    The maps are :func:`medxray.cam.compute_maps` (the one map definition the app and the scorer
+    show), computed with ``method`` (None = the default) only for the boxed images and classes.
+    ``x``: the preprocessed batch (N, 3, S, S); ``boxes[i]``: image i's ground-truth boxes as
+    ``{"finding", "x", "y", "w", "h"}`` in pixels of its original image of ``orig_sizes[i]``
+    (H, W), scaled here to the input; ``probs``: (N, C). Each record holds ``iobb``,
+    ``pointing_hit``, ``n_boxes``, ``name``, ``finding``, ``prob``. Images without a usable box
+    or size give no records.
+    """
+    wanted = []
+    for i, bs in enumerate(boxes):
+        gts = [b for b in bs if FINDING_ALIASES.get(b["finding"], b["finding"]) in index_of]
+        size = orig_sizes[i]
+        if gts and size and min(size) > 0:
+            wanted.append((i, gts))
+    if not wanted:
         return []
-    cls = sorted({index_of[FINDING_ALIASES.get(b["finding"], b["finding"])] for b in gts})
-    cams = class_activation_maps(features.float(), weight, cls)
-    cams = F.interpolate(cams, size=(size, size), mode="bilinear", align_corners=False)[0].cpu().numpy()
-    sy, sx = size / orig_size[0], size / orig_size[1]
+    cls = sorted({index_of[FINDING_ALIASES.get(b["finding"], b["finding"])] for _, gts in wanted for b in gts})
+    sel = [i for i, _ in wanted]
+    res = compute_maps(model, x[sel], cls, method=method)
+    side_y, side_x = int(x.shape[-2]), int(x.shape[-1])
     records = []
-    for b in gts:
-        finding = FINDING_ALIASES.get(b["finding"], b["finding"])
-        cam01 = normalise01(cams[cls.index(index_of[finding])])
-        gt = (b["x"] * sx, b["y"] * sy, (b["x"] + b["w"]) * sx, (b["y"] + b["h"]) * sy)
-        rec = localise_one(cam01, gt, cam_threshold)
-        rec.update(name=name, finding=finding, prob=float(probs[index_of[finding]]))
-        records.append(rec)
+    for j, (i, gts) in enumerate(wanted):
+        sy, sx = side_y / orig_sizes[i][0], side_x / orig_sizes[i][1]
+        for b in gts:
+            finding = FINDING_ALIASES.get(b["finding"], b["finding"])
+            c = index_of[finding]
+            gt = (b["x"] * sx, b["y"] * sy, (b["x"] + b["w"]) * sx, (b["y"] + b["h"]) * sy)
+            rec = localise_one(res.maps[j, cls.index(c)], gt, cam_threshold)
+            rec.update(name=names[i], finding=finding, prob=float(probs[i][c]))
+            records.append(rec)
     return records
