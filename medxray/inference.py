@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PROB_TOLERANCE = 0.01
 BACKENDS = ("auto", "torch", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: OpenVINO, only behind the gate of medxray.quantize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Predictor:
         self._ov_key: str | None = None
         self._ov_local = threading.local()
         self.backend, self.precision = self._choose(backend, precision)
-        if verify and not (self.backend == "torch" and self.precision == "fp32"):
+        if verify and self.precision != "int8" and not (self.backend == "torch" and self.precision == "fp32"):
             self._verify_or_fall_back()
         log.info("predictor: %s %s on %s, backend %s (%s)", self.architecture, self.model_version, self.device,
                  self.backend, self.precision)
@@ -176,14 +176,15 @@ class Predictor:
             raise ConfigError("the openvino backend runs on the CPU; use --device cpu or the torch backend")
         if backend == "auto":
             backend = "torch" if self.device.type == "cuda" else "openvino"
-        if precision == "auto":
+        want_int8 = precision in ("auto", "int8")  # int8 is used only where medxray.quantize's gate passed
+        if precision in ("auto", "int8"):
             if self.device.type == "cuda":
                 precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
             else:
                 precision = "bf16" if cpu_has_native_bf16() else "fp32"
         if backend == "openvino":
             try:
-                self._build_openvino(precision)
+                precision = self._build_openvino(precision, want_int8)
             except Exception as exc:  # not installed, or an op it cannot convert
                 log.warning("OpenVINO backend unavailable (%s: %s); using torch", type(exc).__name__,
                             str(exc).splitlines()[0][:200] if str(exc) else "")
@@ -192,11 +193,20 @@ class Predictor:
             self._cl_model = self.model.to(memory_format=torch.channels_last)
         return backend, precision
 
-    def _build_openvino(self, precision: str) -> None:
+    def _build_openvino(self, precision: str, want_int8: bool = False) -> str:
         import openvino as ov
 
         core = ov.Core()
         ov_model = self._load_or_convert_openvino(ov)
+        self.int8_note = ""
+        if want_int8:
+            from medxray.quantize import load_int8
+
+            q_model, self.int8_note = load_int8(str(self._ov_key), openvino_cache_dir())
+            if q_model is not None:
+                ov_model, precision = q_model, "int8"  # compiled with f32 for the rest, as the gate measured it
+            else:
+                log.info("int8 not used (%s); running %s", self.int8_note, precision)
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "PERFORMANCE_HINT": "LATENCY",
@@ -204,6 +214,23 @@ class Predictor:
         if self._num_threads is not None:
             config["INFERENCE_NUM_THREADS"] = max(1, int(self._num_threads))
         self._ov_compiled = core.compile_model(ov_model, "CPU", config)
+        return precision
+
+    @property
+    def weights_key(self) -> str | None:
+        """The weight hash naming this model's cached OpenVINO IRs (None off the OpenVINO backend)."""
+        return self._ov_key if self.backend == "openvino" else None
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """Where this predictor's converted models are cached (:func:`openvino_cache_dir`)."""
+        return openvino_cache_dir()
+
+    def openvino_fp32_model(self) -> Any:
+        """The fp32 OpenVINO model (logits, features) of these weights, from the cache or converted."""
+        import openvino as ov
+
+        return self._load_or_convert_openvino(ov)
 
     def _load_or_convert_openvino(self, ov: Any) -> Any:
         """Convert the model once; cache the fp32 IR by a hash of the weights (conversion takes seconds)."""
