@@ -123,3 +123,19 @@ def test_codec_message_is_phi_free(tmp_path, monkeypatch):
         read_dicom(path)
     text = str(e.value)
     assert "libjpeg -1038" in text and PHI_ID not in text and "Zzyzxphi" not in text
+
+
+def test_codec_message_is_the_same_in_every_run(tmp_path, monkeypatch):
+    import pydicom.dataset
+
+    path = _rle_file(tmp_path)
+    texts = set()
+    for _ in range(2):
+        def fail(self, obj=object()):
+            raise OSError(f"cannot identify image file {obj!r}")
+
+        monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(fail))
+        with pytest.raises(DicomError) as e:
+            read_dicom(path)
+        texts.add(str(e.value))
+    assert len(texts) == 1 and " at 0x" not in texts.pop()

@@ -130,11 +130,13 @@ WARNING_PREFIXES: tuple[str, ...] = ("lateral view", "window not used", "bit dep
                                      "out of distribution")
 
 _WS = re.compile(r"\s+")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def one_line(message: str, limit: int = 300) -> str:
-    """A (codec) message on one line: whitespace collapsed, cut at ``limit`` characters."""
-    text = _WS.sub(" ", str(message)).strip()
+    """A (codec) message on one line: whitespace collapsed, object addresses dropped (the same file
+    must give the same reason in every run), cut at ``limit`` characters."""
+    text = _WS.sub(" ", _ADDRESS.sub("", str(message))).strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
