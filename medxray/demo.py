@@ -120,7 +120,8 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
 
     t = time.perf_counter()
     say(f"[1/6] synthesising {opts.images} phantom images ({opts.phantom_size} px PNG, NIH layout) ...")
-    data_root = synthesize(out / "phantom_data", n_images=opts.images, seed=opts.seed, image_size=opts.phantom_size)
+    data_root = synthesize(out / "phantom_data", n_images=opts.images, seed=opts.seed, image_size=opts.phantom_size,
+                           overwrite=True)  # the demo's own folder: a re-run with other options replaces it
     timings["synthesise"] = time.perf_counter() - t
 
     t = time.perf_counter()
