@@ -55,6 +55,7 @@ from medxray.training.state import (
     git_commit,
     prepare_resume,
     rng_states,
+    save_training_checkpoint,
     scoped_rng,
     set_rng_states,
     versions,
@@ -148,6 +149,7 @@ class _Run:
         self.best_auroc = float("nan")
         self.bad_epochs = 0
         self.stopped: str | None = None
+        self.last_is_good = True  # the last.pt on disk may become last.prev.pt at the next save
         if resume_state is not None:
             self._restore(resume_state)
         self.tb = self._tensorboard()
@@ -165,7 +167,7 @@ class _Run:
         run_dir = Path(path)
         # Checked on every rank (same answer on a shared file system), so none waits for a
         # rank that has already given up.
-        if self.resume_state is None and (run_dir / RUN_FILES["last"]).exists():
+        if self.resume_state is None and any((run_dir / RUN_FILES[k]).exists() for k in ("last", "last_prev")):
             raise ConfigError(
                 f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir} or choose another --out"
             )
@@ -216,6 +218,8 @@ class _Run:
         self.best_auroc = float(st.get("best_auroc", float("nan")))
         self.bad_epochs = int(st.get("bad_epochs", 0))
         self.stopped = st.get("stopped")
+        # resumed from last.prev.pt because last.pt is bad: the next save replaces last.pt, keeps last.prev.pt
+        self.last_is_good = st.get("resumed_from", RUN_FILES["last"]) == RUN_FILES["last"]
         if self.info.is_main:
             # metrics.jsonl may hold a line for an epoch whose last.pt never landed: rewrite it from
             # the history that the checkpoint vouches for.
@@ -342,9 +346,10 @@ class _Run:
                                 self.metadata(epoch + 1, metrics))
                 self._write_val_predictions(val)
             best_meta = {"val_mean_auroc": self.best_auroc, "best_epoch": self.best_epoch}
-            save_checkpoint(self.run_dir / RUN_FILES["last"], self.model.state_dict(),
-                            self.metadata(epoch + 1, {**metrics, **best_meta}),
-                            training_state=self._training_state(epoch + 1))
+            save_training_checkpoint(self.run_dir, self.model.state_dict(),
+                                     self.metadata(epoch + 1, {**metrics, **best_meta}),
+                                     self._training_state(epoch + 1), keep_previous=self.last_is_good)
+            self.last_is_good = True
             with open(self.run_dir / RUN_FILES["metrics"], "a") as fh:
                 fh.write(json_line(row) + "\n")
             if self.tb is not None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
+import os
 import platform
 import random
 import subprocess
@@ -24,13 +26,15 @@ import numpy as np
 import torch
 
 from medxray import __version__
-from medxray.checkpoint import load_checkpoint
+from medxray.checkpoint import load_checkpoint, save_checkpoint
 from medxray.errors import CheckpointError, ConfigError
 from medxray.fileio import to_jsonable
 from medxray.training.config import RESUME_OVERRIDABLE, TrainConfig, build_config, make_config
 
+log = logging.getLogger(__name__)
+
 RUN_FILES = {"config": "config.yaml", "run": "run.json", "metrics": "metrics.jsonl", "last": "last.pt",
-             "best": "best.pt", "val_predictions": "val_predictions.csv"}
+             "last_prev": "last.prev.pt", "best": "best.pt", "val_predictions": "val_predictions.csv"}
 
 
 def versions() -> dict[str, str]:
@@ -113,8 +117,10 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """Stored config + allowed overrides, and the training state of the last completed epoch.
 
-    Raises :class:`ConfigError` when the run directory is not a run or a fixed option changed, and
-    :class:`CheckpointError` when ``last.pt`` is missing or holds no training state.
+    The state comes from ``last.pt``, or, when that is missing, truncated or otherwise unusable,
+    from ``last.prev.pt`` (the epoch before; a warning says so). ``state["resumed_from"]`` names
+    the file used. Raises :class:`ConfigError` when the run directory is not a run or a fixed
+    option changed, and :class:`CheckpointError` when neither file holds a usable training state.
     """
     run_dir = Path(cfg.resume).expanduser()  # type: ignore[arg-type]
     if not run_dir.is_dir():
@@ -122,7 +128,7 @@ def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     cfg_path, last = run_dir / RUN_FILES["config"], run_dir / RUN_FILES["last"]
     if not cfg_path.is_file():
         raise ConfigError(f"--resume {run_dir}: not a medxray run directory (no {RUN_FILES['config']})")
-    if not last.is_file():
+    if not last.is_file() and not (run_dir / RUN_FILES["last_prev"]).is_file():
         raise CheckpointError(
             f"--resume {run_dir}: no completed epoch to resume from ({RUN_FILES['last']} missing); start the run again"
         )
@@ -142,16 +148,52 @@ def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
         merged[f.name] = given
     merged["resume"] = str(run_dir)
     merged["out"] = str(run_dir)
-    ckpt = load_checkpoint(last)
+    problems = []
+    for name in (RUN_FILES["last"], RUN_FILES["last_prev"]):
+        try:
+            state = load_training_state(run_dir / name, stored.model)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning("%s; resuming from %s instead (the epoch before, epoch %s): one epoch is trained again",
+                        problems[0], name, state.get("epoch"))
+        return build_config(merged), dict(state, resumed_from=name)
+    raise CheckpointError(f"--resume {run_dir}: no usable training state ({'; '.join(problems)}); "
+                          "start the run again with another --out")
+
+
+def load_training_state(path: Path, architecture: str) -> dict[str, Any]:
+    """The training state in one ``last.pt`` / ``last.prev.pt``, verified: a readable checkpoint
+    (not truncated, weights_only), with a training state, for ``architecture``. Raises
+    :class:`CheckpointError` saying which of these failed."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    ckpt = load_checkpoint(path)
     state = ckpt.extra.get("training_state")
     if not isinstance(state, dict):
-        raise CheckpointError(f"{last} has no training state; it cannot be resumed")
-    if ckpt.metadata.get("architecture") != stored.model:
-        raise CheckpointError(
-            f"{last} holds a {ckpt.metadata.get('architecture')} but the run config says {stored.model}"
-        )
-    state = dict(state, model_state=ckpt.state_dict, metadata=ckpt.metadata)
-    return build_config(merged), state
+        raise CheckpointError(f"{path} has no training state; it cannot be resumed")
+    if ckpt.metadata.get("architecture") != architecture:
+        raise CheckpointError(f"{path} holds a {ckpt.metadata.get('architecture')} but the run config says {architecture}")
+    return dict(state, model_state=ckpt.state_dict, metadata=ckpt.metadata)
+
+
+def save_training_checkpoint(run_dir: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+                             training_state: Mapping[str, Any], *, keep_previous: bool = True) -> Path:
+    """Write ``last.pt`` and keep the one it replaces as ``last.prev.pt``.
+
+    The new file is written completely (atomically, beside) before the renames, so a kill at any
+    moment leaves a loadable ``last.pt`` or ``last.prev.pt``. ``keep_previous=False`` when the
+    current ``last.pt`` is known bad (a resume fell back to ``last.prev.pt``): it is replaced and
+    the good previous state stays.
+    """
+    last, prev = run_dir / RUN_FILES["last"], run_dir / RUN_FILES["last_prev"]
+    new = run_dir / f".{RUN_FILES['last']}.new"
+    save_checkpoint(new, state_dict, metadata, training_state=dict(training_state))
+    if keep_previous and last.exists():
+        os.replace(last, prev)
+    os.replace(new, last)
+    return last
 
 
 def data_provenance(summary: Mapping[str, Any], manifest_hash: str, *, dataset: str = "",
