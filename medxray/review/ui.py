@@ -266,7 +266,7 @@ def current_results(cfg: AppSettings) -> tuple[Path | None, Any, str | None]:
     """
     if not cfg.results:
         return None, None, None
-    asked = str(st.session_state.get("results_dir") or cfg.results[0])
+    asked = str(st.session_state.get("results_dir") or _candidates(tuple(str(r) for r in cfg.results))[0])
     try:
         folder = allowed_results_folder(asked, cfg.results)
     except MedxrayError as exc:

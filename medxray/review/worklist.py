@@ -254,10 +254,12 @@ def next_unreviewed(order: Sequence[int], current: int | None, reviewed: Iterabl
 
 
 def find_results_folders(roots: Sequence[Path], *, max_depth: int = 2, limit: int = 200) -> list[Path]:
-    """Each root, then folders up to ``max_depth`` below it that hold a results.csv (sorted, at most ``limit``)."""
+    """Folders holding a results.csv: each root that does, then those up to ``max_depth`` below it
+    (sorted, at most ``limit``); the roots themselves when none does."""
     found: list[Path] = []
     for root in roots:
-        found.append(Path(root))
+        if (Path(root) / RESULTS_FILENAME).is_file():
+            found.append(Path(root))
         frontier = [Path(root)]
         for _ in range(max_depth):
             nxt: list[Path] = []
@@ -271,4 +273,4 @@ def find_results_folders(roots: Sequence[Path], *, max_depth: int = 2, limit: in
             frontier = nxt
             if len(found) >= limit:
                 break
-    return list(dict.fromkeys(found))[:limit]
+    return list(dict.fromkeys(found))[:limit] or [Path(r) for r in roots]
