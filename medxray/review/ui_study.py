@@ -219,11 +219,11 @@ def findings_dataframe(table: pd.DataFrame) -> None:
     st.dataframe(
         table, hide_index=True, height="content", column_order=["name", "above", "below", "threshold"],
         column_config={
-            "name": st.column_config.TextColumn("Finding", width="medium"),
+            "name": st.column_config.TextColumn("Finding"),
             "above": st.column_config.ProgressColumn("At/above threshold", format="%.3f", min_value=0.0,
-                                                     max_value=1.0, color=POSITIVE_COLOUR, width="small"),
+                                                     max_value=1.0, color=POSITIVE_COLOUR),
             "below": st.column_config.ProgressColumn("Below threshold", format="%.3f", min_value=0.0,
-                                                     max_value=1.0, color=NEGATIVE_COLOUR, width="small"),
+                                                     max_value=1.0, color=NEGATIVE_COLOUR),
             "threshold": st.column_config.NumberColumn("Threshold", format="%.2f", width="small"),
         })
 
