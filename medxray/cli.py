@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from medxray import __version__
-from medxray.errors import MedxrayError
+from medxray.errors import MedxrayError, output_error
 
 log = logging.getLogger("medxray")
 
@@ -373,6 +373,11 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
     print(summary.line())
     if summary.merged:
         print(f"all shards finished: merged {summary.merged}")
+    if summary.outputs_failed:  # an output that failed to write is a failure of the run
+        print(f"medxray score-dicom: error: the CAM overlays / SR of {summary.outputs_failed} scored file(s) could "
+              f"not be written to {cfg.out} (see the warnings); free space or fix the folder, then re-run the same "
+              "command to write them", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -547,6 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedxrayError as exc:
         print(f"medxray {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full or read-only disk met where no library call expected it: still one line
+        where = Path(exc.filename).parent if exc.filename else "the output folder"
+        err = output_error(exc, where)
+        if err is None:
+            raise
+        print(f"medxray {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"medxray {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,9 @@ showing a traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class MedxrayError(Exception):
     """Base class of errors caused by input, configuration or environment (exit code 2)."""
@@ -36,3 +39,28 @@ class DicomError(MedxrayError):
 
 class InputShapeError(MedxrayError, ValueError):
     """A tensor fed to a model with the wrong number of dimensions or channels."""
+
+
+class OutputError(MedxrayError):
+    """An output folder that cannot be written: read-only, full, or not ours to write."""
+
+
+# errno values that say the place written to is the problem (not the data, not a bug)
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+NOT_WRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def output_error(exc: OSError, folder: str | os.PathLike) -> OutputError | None:
+    """The one-line :class:`OutputError` for a failed write into ``folder``, or None when ``exc``
+    is not about the place written to (then it stays what it is).
+
+    ENOSPC / EDQUOT / EFBIG: "no space left on FOLDER: free space and re-run the same command";
+    EROFS / EACCES / EPERM: "output folder FOLDER is not writable (...)".
+    """
+    why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    if exc.errno in NO_SPACE_ERRNOS:
+        return OutputError(f"no space left on {folder}: free space and re-run the same command ({why})")
+    if exc.errno in NOT_WRITABLE_ERRNOS:
+        return OutputError(f"output folder {folder} is not writable ({why}); make it writable or choose another "
+                           "output folder, then re-run the same command")
+    return None

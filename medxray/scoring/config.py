@@ -64,11 +64,15 @@ class ScoreSummary:
     results: str = ""
     backend: str = ""
     merged: str | None = None
+    outputs_failed: int = 0  # scored now, but CAM overlays / SR not written (a re-run writes them)
+    outputs_redone: int = 0  # rows of an earlier run redone because their CAM overlays / SR were missing
 
     def line(self) -> str:
         return (f"{self.total} files: {self.ok} ok, {self.error} error, {self.not_scored} skipped by policy; scored {self.scored} now "
                 f"({self.skipped} already done) in {self.seconds:.1f} s = {self.images_per_s:.1f} files/s "
-                f"[{self.backend}] -> {self.results}")
+                f"[{self.backend}] -> {self.results}"
+                + (f"; {self.outputs_redone} redone for missing CAM/SR outputs" if self.outputs_redone else "")
+                + (f"; CAM/SR outputs of {self.outputs_failed} file(s) NOT written" if self.outputs_failed else ""))
 
 
 def load_score_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),

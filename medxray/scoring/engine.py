@@ -63,6 +63,7 @@ class ScoringEngine:
         self.want_display = cfg.cams != "none"
         self.decode_fn = cfg.decode_fn or decode_job
         self.written = 0
+        self.outputs_failed = 0  # scored files whose CAM overlays / SR could not be written
         self.max_buffer = max(2 * self.bs, self.bs + 4 * workers)
         self.pool: ProcessPoolExecutor | None = None
         self.queue: list[WorkItem] = []
@@ -152,7 +153,7 @@ class ScoringEngine:
             return
         except Exception as exc:  # the job raised although jobs catch: record, keep going
             res = ({"status": "error", "reason": f"decode_failed: worker error {type(exc).__name__}"}
-                   if kind == "decode" else {"note": f"outputs failed ({type(exc).__name__})"})
+                   if kind == "decode" else {"note": f"outputs failed ({type(exc).__name__})", "failed": ["outputs"]})
         self._handle(kind, item, res)
 
     def _handle(self, kind: str, item: WorkItem, res: dict[str, Any]) -> None:
@@ -174,6 +175,14 @@ class ScoringEngine:
             row["reason"] = res["note"]
         item.payload = None
         self._write(row)
+        if res.get("failed"):
+            self._output_failed(item.rel, res.get("note", ""))
+
+    def _output_failed(self, rel: str, why: str) -> None:
+        """A scored file whose CAM overlays / SR were not written: a failure of the run (the row
+        stays; a re-run of the same command writes the missing outputs)."""
+        self.outputs_failed += 1
+        log.warning("%s: %s; re-run the same command to write the missing outputs", rel, why or "outputs failed")
 
     def _pool_broke(self, lost: list[tuple[str, WorkItem]]) -> None:
         alone = self.quarantine and not self.inflight
@@ -230,6 +239,7 @@ class ScoringEngine:
             row["reason"] = "outputs failed: the worker process crashed writing CAMs/SR"
             item.payload = None
             self._write(row)
+            self._output_failed(item.rel, row["reason"])
 
     # -- inference and rows ----------------------------------------------------------------
 

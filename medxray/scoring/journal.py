@@ -1,8 +1,10 @@
 """The results journal: ``results.csv``, its columns, and kill-safe appending.
 
-One row per input file, flushed when the file is complete; a reopened journal drops a
-half-written last line and duplicate rows; :meth:`ResultsJournal.finalize` rewrites the file
-sorted by path. :func:`read_results` reads a (possibly damaged) results file back.
+One row per input file, flushed when the file is complete; an append is all-or-nothing (a
+write that fails, e.g. on a full disk, is cut back to the previous length and raises
+:class:`~medxray.errors.OutputError`); a reopened journal drops a half-written last line (a kill)
+and duplicate rows; :meth:`ResultsJournal.forget` drops rows to redo; :meth:`ResultsJournal.finalize`
+rewrites the file sorted by path. :func:`read_results` reads a (possibly damaged) results file back.
 
 Must not import the engine, the workers, torch or DICOM code: only :mod:`medxray.errors`,
 :mod:`medxray.fileio` and :mod:`medxray.labels`.
@@ -17,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from medxray.errors import ConfigError
+from medxray.errors import ConfigError, output_error
 from medxray.fileio import atomic_write_text
 from medxray.labels import CHESTXRAY14_FINDINGS
 
@@ -77,21 +79,35 @@ def read_results(path: str | os.PathLike, columns: Sequence[str] | None = None
     return header, rows, dropped
 
 
-def csv_text(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+def csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[str]]) -> str:
+    """CSV text with ``\\n`` line ends: the header (unless None), then the rows."""
     buf = io.StringIO(newline="")
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
+    if header is not None:
+        w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
 
 
 class ResultsJournal:
-    """Append-only results.csv: one flushed line per finished file, cleaned up on reopen."""
+    """Append-only results.csv: one flushed line per finished file, cleaned up on reopen.
+
+    Raises :class:`~medxray.errors.OutputError` (one line, exit 2) when the folder is read-only or
+    full; the file then holds only whole rows.
+    """
 
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
         self.path = path
         self.columns = list(columns)
         self.done: dict[str, list[str]] = {}
+        try:
+            self._open()
+        except OSError as exc:
+            raise (output_error(exc, path.parent) or exc) from None
+        self._since_sync = 0
+
+    def _open(self) -> None:
+        path = self.path
         if path.exists() and path.stat().st_size > 0:
             header, rows, dropped = read_results(path, self.columns)
             if not header:
@@ -102,33 +118,70 @@ class ResultsJournal:
                 atomic_write_text(path, csv_text(self.columns, rows))
         else:
             atomic_write_text(path, csv_text(self.columns, []))
-        self._fh = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
-        self._writer = csv.writer(self._fh, lineterminator="\n")
-        self._since_sync = 0
+        # unbuffered: each row goes to the OS in one piece (survives a kill of this process)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row, all or nothing: on a failed write the file is cut back to its length
+        before, and :class:`~medxray.errors.OutputError` (full or read-only folder) is raised."""
         rec = [cell_text(row.get(c, "")) for c in self.columns]
         if rec[0] in self.done:
             return
-        self._writer.writerow(rec)
-        self._fh.flush()  # into the OS: survives a kill of this process
+        assert self._fd is not None, "journal is closed"
+        data = memoryview(csv_text(None, [rec]).encode("utf-8", errors="surrogateescape"))
+        before = os.fstat(self._fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            self._since_sync += 1
+            if self._since_sync >= 64:
+                os.fsync(self._fd)
+                self._since_sync = 0
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, before)  # never half a row (frees the space it took)
+            except OSError:
+                pass  # a reopened journal drops the damaged last line anyway
+            raise (output_error(exc, self.path.parent) or exc) from None
         self.done[rec[0]] = rec
-        self._since_sync += 1
-        if self._since_sync >= 64:
-            os.fsync(self._fh.fileno())
-            self._since_sync = 0
+
+    def forget(self, paths: Iterable[str]) -> int:
+        """Drop the rows of ``paths`` (to be redone), rewriting the file atomically; returns how many."""
+        drop = {p for p in paths if p in self.done}
+        if drop:
+            for p in drop:
+                del self.done[p]
+            self._rewrite(sorted(self.done.values(), key=lambda r: r[0]))
+            if self._fd is not None:  # the rewrite replaced the file: append to the new one
+                os.close(self._fd)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        return len(drop)
+
+    def _rewrite(self, rows: list[list[str]]) -> None:
+        try:
+            atomic_write_text(self.path, csv_text(self.columns, rows))
+        except OSError as exc:
+            raise (output_error(exc, self.path.parent) or exc) from None
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass  # every row already reached the OS; a full disk here must not hide the real error
+            finally:
+                os.close(fd)
 
     def finalize(self, keep: Callable[[str], bool] | None = None) -> list[list[str]]:
-        """Close and rewrite sorted by path; returns the rows (optionally only those ``keep`` accepts)."""
+        """Close and rewrite sorted by path; returns the rows (optionally only those ``keep`` accepts).
+
+        The sorted rewrite needs room for a second copy: on a full or read-only folder the
+        unsorted file (whole rows) stays and :class:`~medxray.errors.OutputError` is raised.
+        """
         self.close()
         rows = sorted(self.done.values(), key=lambda r: r[0])
-        atomic_write_text(self.path, csv_text(self.columns, rows))
+        self._rewrite(rows)
         return [r for r in rows if keep is None or keep(r[0])]
 
 

@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from medxray.errors import CheckpointError, ConfigError, DataError
+from medxray.errors import CheckpointError, ConfigError, DataError, output_error
 from medxray.fileio import atomic_write_text
 from medxray.scoring.config import ScoreConfig, ScoreSummary, default_threads, validate_config
 from medxray.scoring.discovery import in_shard, iter_input_files, output_stem
 from medxray.scoring.engine import ScoringEngine, WorkItem
 from medxray.scoring.gate import accepted_body_parts
 from medxray.scoring.journal import RESULTS_NAME, ResultsJournal, csv_text, read_results, result_columns
-from medxray.scoring.workers import CAMS_DIR, SR_DIR, new_decode_pool, ping
+from medxray.scoring.workers import CAMS_DIR, SR_DIR, new_decode_pool, outputs_missing, ping
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,12 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
 
         files = [(r, p) for r, p in iter_input_files(in_root, exclude=[out]) if in_shard(r, shard)]
         journal = ResultsJournal(results_path, columns)
-    except BaseException:
+    except BaseException as exc:
         pool.shutdown(wait=False, cancel_futures=True)
         if lock is not None:
             lock.close()
+        if isinstance(exc, OSError) and writing_to(exc, out):  # read-only / full OUT: one line, exit 2
+            raise (output_error(exc, out) or exc) from None
         raise
     del warm
     run = ScoringRun(cfg, pool, workers, shard, ckpt, image_size, labels, columns, identity, results_path, run_path,
@@ -122,13 +124,20 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
     image_size, results_path, run_path, t_start = run.image_size, run.results_path, run.run_path, run.t_start
 
     scope = {r for r, _ in files}
+    # rows whose CAM overlays / SR never got written (a full disk): scored again, outputs and all
+    redo = [r for r, _ in files if r in journal.done
+            and outputs_missing(dict(zip(columns, journal.done[r])), out, cfg.cams, bool(cfg.sr))]
+    if redo:
+        journal.forget(redo)
+        log.info("redoing %d file(s) whose CAM overlays or SR are missing", len(redo))
     todo = [WorkItem(r, p) for r, p in files if r not in journal.done]
     if cfg.overwrite:  # outputs of the discarded run must not be mistaken for this run's
         for it in todo:
             stem = output_stem(it.rel)
             shutil.rmtree(out / CAMS_DIR / stem, ignore_errors=True)
             (out / SR_DIR / f"{stem}.dcm").unlink(missing_ok=True)
-    summary = ScoreSummary(total=len(files), skipped=len(files) - len(todo), results=str(results_path))
+    summary = ScoreSummary(total=len(files), skipped=len(files) - len(todo), results=str(results_path),
+                           outputs_redone=len(redo))
     if summary.skipped:
         log.info("resuming: %d of %d files already have a row", summary.skipped, len(files))
     meta = ckpt.metadata
@@ -159,6 +168,7 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
         torch.set_num_threads(threads_before)
         engine.close()
         summary.scored = engine.written
+        summary.outputs_failed = engine.outputs_failed
         rows = journal.finalize(keep=lambda r: r in scope)
     summary.ok = sum(1 for r in rows if r[1] == "ok")
     summary.not_scored = sum(1 for r in rows if r[1] == "skipped")
@@ -171,6 +181,21 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
     if shard is not None:
         summary.merged = merge_shards_if_complete(out, shard[1], identity, columns)
     return summary
+
+
+def writing_to(exc: OSError, out: Path) -> bool:
+    """Whether a failed call was a write into ``out`` (the setup only writes there; reading the
+    input can also fail with EACCES, which is not OUT's fault)."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    if exc.filename is None:
+        return False
+    try:
+        return Path(exc.filename).resolve().is_relative_to(out.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def run_identity(cfg: ScoreConfig, ckpt_id: str, shard: tuple[int, int] | None) -> dict[str, Any]:

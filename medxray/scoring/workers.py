@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -109,9 +109,13 @@ def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | N
 
 
 def post_job(task: dict[str, Any]) -> dict[str, Any]:
-    """Write CAM overlays and/or the SR for one scored image (atomically); report what was written."""
+    """Write CAM overlays and/or the SR for one scored image (atomically); report what was written.
+
+    Returns ``cam_dir`` / ``sr_file`` (relative to OUT, empty when not written), ``failed`` (the
+    outputs that could not be written, e.g. on a full disk) and ``note`` (why, one line).
+    """
     out = Path(task["out"])
-    result: dict[str, Any] = {"cam_dir": "", "sr_file": "", "note": ""}
+    result: dict[str, Any] = {"cam_dir": "", "sr_file": "", "note": "", "failed": []}
     notes = []
     if task.get("cams") is not None and len(task["classes"]):
         try:
@@ -131,13 +135,40 @@ def post_job(task: dict[str, Any]) -> dict[str, Any]:
                 save_png(out / cam_dir / f"{name}.png", overlay_with_legend(display, cam, title))
             result["cam_dir"] = cam_dir.as_posix()
         except Exception as exc:
-            notes.append(f"cam overlays failed ({type(exc).__name__})")
+            notes.append(f"cam overlays failed ({failure_text(exc)})")
+            result["failed"].append("cams")
     if task.get("sr") is not None:
         try:
             rel = Path(SR_DIR) / f"{task['stem']}.dcm"
             write_sr(out / rel, **task["sr"])
             result["sr_file"] = rel.as_posix()
         except Exception as exc:
-            notes.append(f"SR failed ({type(exc).__name__}: {str(exc)[:120]})")
+            notes.append(f"SR failed ({failure_text(exc)})")
+            result["failed"].append("sr")
     result["note"] = "; ".join(notes)
     return result
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line for a failed write: the OS's words for an OSError (no path: paths may name patients)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{type(exc).__name__}: {os.strerror(exc.errno)}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+
+
+def outputs_missing(row: Mapping[str, str], out: Path, cams: str, sr: bool) -> list[str]:
+    """Which outputs an ``ok`` results row should have but OUT lacks: ``"cams"`` (an overlay PNG
+    per class that ``cams`` selects: every ``p_*`` column for "all", the positive findings for
+    "positive") and/or ``"sr"``. A re-run redoes rows with missing outputs."""
+    if row.get("status") != "ok":
+        return []
+    missing = []
+    if cams != "none":
+        names = ([c[2:] for c in row if c.startswith("p_")] if cams == "all"
+                 else [n for n in (row.get("positive_findings") or "").split(";") if n])
+        cam_dir = row.get("cam_dir") or ""
+        if names and (not cam_dir or not all((out / cam_dir / f"{n}.png").is_file() for n in names)):
+            missing.append("cams")
+    if sr and not (row.get("sr_file") and (out / row["sr_file"]).is_file()):
+        missing.append("sr")
+    return missing
