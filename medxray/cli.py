@@ -341,7 +341,8 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
                    help="CPU inference threads (default: the cores the decode workers leave free)")
     p.add_argument("--modalities", default="CR,DX",
                    help="comma-separated modality allow-list (default CR,DX; 'any' accepts all)")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (default 50 MP)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images with more pixels (default: $MEDXRAY_MAX_PIXELS, else 60 MP)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard the results, CAM overlays and SRs of an earlier run in OUT instead of resuming")
     p.add_argument("--accept-body-parts", default="CHEST", metavar="PARTS",
@@ -356,7 +357,7 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_score_dicom(args: argparse.Namespace) -> int:
-    from medxray.dicom import DEFAULT_MAX_PIXELS
+    from medxray.limits import pixel_limit
     from medxray.scoring import ScoreConfig, score_directory
 
     mods = None if args.modalities.strip().lower() == "any" else [
@@ -365,7 +366,7 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         input_dir=args.input, checkpoint=args.checkpoint, out=args.out, workers=args.workers,
         batch_size=args.batch_size, cams=args.cams, cam_method=args.cam_method, sr=args.sr, shard=args.shard,
         device=args.device, backend=args.backend, precision=args.precision, threads=args.threads,
-        allowed_modalities=mods, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        allowed_modalities=mods, max_pixels=pixel_limit(args.max_pixels),
         overlay_max_side=args.overlay_max_side, overwrite=args.overwrite, progress=not args.no_progress,
         accept_body_parts=args.accept_body_parts, ood_policy=args.ood_policy,
     )

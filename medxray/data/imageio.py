@@ -17,8 +17,9 @@ Edge behaviour, the same for every caller:
   agreed scale for them; export an 8- or 16-bit grayscale PNG.
 - Colour, palette and bilevel images are collapsed to 8-bit gray; :attr:`DecodedImage.colour`
   says whether the channels really differed (a radiograph saved as RGB does not count).
-- Images larger than ``max_pixels`` are refused before their pixels are decoded
-  (decompression bombs); images smaller than ``min_side`` on a side, non-images and truncated
+- Images larger than the pixel limit (:func:`medxray.limits.pixel_limit`: ``max_pixels``, else
+  ``$MEDXRAY_MAX_PIXELS``, else 60 MP, the same default as the DICOM reader) are refused from
+  their header, before their pixels are decoded (decompression bombs); images smaller than ``min_side`` on a side, non-images and truncated
   files are refused. Every refusal is a :class:`medxray.errors.DataError` naming the file.
 
 Must not import torch, MONAI, Streamlit, pandas or other medxray.data modules: it is the leaf the
@@ -35,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from medxray.errors import DataError
+from medxray.limits import DEFAULT_MAX_PIXELS, pixel_limit
 
 MIN_IMAGE_SIDE = 32
-MAX_PIXELS = 60_000_000  # refuse before decoding; a 1955x1841 CR is 3.6 MP, a NIH PNG 1 MP
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # the shared default (medxray.limits); $MEDXRAY_MAX_PIXELS overrides it
 COLOUR_TOLERANCE = 8  # channel difference (of 255) below which an RGB file is gray saved as colour
 
 _GRAY16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -74,25 +76,27 @@ def to_float01(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32) / np.float32(top)
 
 
-def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None, max_pixels: int | None = MAX_PIXELS,
+def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None, max_pixels: int | None = None,
                  min_side: int = MIN_IMAGE_SIDE, exif_transpose: bool = False) -> DecodedImage:
     """Decode a PNG/JPEG (or other PIL-readable) radiograph from a path or from bytes.
 
     ``name`` labels the file in error messages (default: the path, or "the image" for bytes).
+    ``max_pixels``: the largest width x height accepted (None: :func:`medxray.limits.pixel_limit`).
     ``exif_transpose`` applies a JPEG's EXIF orientation (photos of films taken by phones); off by
     default so the training data are read as stored. Raises :class:`DataError` for every refusal
     listed in the module docstring.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    limit = pixel_limit(max_pixels)
     is_bytes = isinstance(source, (bytes, bytearray, memoryview))
     label = name or ("the image" if is_bytes else str(source))
     try:
         with Image.open(io.BytesIO(bytes(source)) if is_bytes else Path(source)) as img:
             w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise DataError(f"{label} is {w}x{h} pixels, more than the {max_pixels / 1e6:g} megapixels "
-                                "accepted; downscale it first")
+            if w * h > limit:  # from the header: Image.open has decoded no pixel yet
+                raise DataError(f"{label} is {w}x{h} pixels, more than the {limit / 1e6:g} megapixels "
+                                "accepted; downscale it first (or raise MEDXRAY_MAX_PIXELS)")
             fmt = str(img.format or "")
             img.load()  # decode now, so a truncated file fails here and not later
             if exif_transpose:
@@ -105,7 +109,10 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None, 
     except UnidentifiedImageError:
         raise DataError(f"{label} cannot be decoded: not an image file PIL can read (damaged, or not a "
                         "PNG/JPEG?)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:  # Pillow's own ceiling (2 x Image.MAX_IMAGE_PIXELS), met in Image.open
+        raise DataError(f"{label} has more pixels than Pillow will open and than the {limit / 1e6:g} megapixels "
+                        "accepted; downscale it first") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise DataError(f"{label} cannot be decoded: unreadable or truncated image ({first})") from None
     if pixels.ndim != 2 or min(pixels.shape) < min_side:

@@ -74,6 +74,8 @@ from medxray.dicom.voi import (
     window_problem,
 )
 from medxray.errors import DicomError
+from medxray.limits import DEFAULT_MAX_PIXELS as SHARED_DEFAULT_MAX_PIXELS
+from medxray.limits import pixel_limit
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,10 @@ __all__ = ["DEFAULT_ALLOWED_MODALITIES", "DEFAULT_MAX_PIXELS", "DicomImage", "Di
 
 
 DEFAULT_ALLOWED_MODALITIES: tuple[str, ...] = ("CR", "DX")
-# The largest chest detectors are ~4300x4300 (18.5 MP); 50 MP leaves room and bounds memory.
-DEFAULT_MAX_PIXELS = 50_000_000
-# File-size guard checked before anything is read into memory (uncompressed 50 MP x 4 bytes + header).
+# The pixel limit is shared with the PNG/JPEG decoder (medxray.limits: 60 MP unless $MEDXRAY_MAX_PIXELS
+# says otherwise); the largest chest detectors are ~4300x4300 (18.5 MP).
+DEFAULT_MAX_PIXELS = SHARED_DEFAULT_MAX_PIXELS
+# File-size guard checked before anything is read into memory (uncompressed limit x 4 bytes + header).
 _MAX_FILE_BYTES_PER_PIXEL = 4
 _MAX_HEADER_BYTES = 64 << 20
 
@@ -188,19 +191,21 @@ def read_dicom(
     source: DicomSource,
     *,
     allowed_modalities: Iterable[str] | None = DEFAULT_ALLOWED_MODALITIES,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     keep_raw: bool = True,
     reduce_to: int | None = None,
 ) -> DicomImage:
     """Read one DICOM radiograph (path, bytes or binary file object) into a :class:`DicomImage`.
 
-    ``allowed_modalities=None`` accepts any modality (tests, research use). ``keep_raw=False``
+    ``allowed_modalities=None`` accepts any modality (tests, research use). ``max_pixels``: the
+    largest Rows x Columns accepted (None: :func:`medxray.limits.pixel_limit`). ``keep_raw=False``
     frees the stored values once the display image exists (the batch scorer never needs ``raw``).
     ``reduce_to=S`` returns ``pixels`` already area-resized to S x S (images larger than S), decoded
     the cheap way: a JPEG 2000 resolution level, integer sums before the LUTs (:mod:`medxray.dicom.reduce`).
     Raises :class:`DicomError` (with ``.code``) for anything it refuses.
     """
-    max_bytes = (max_pixels or DEFAULT_MAX_PIXELS) * _MAX_FILE_BYTES_PER_PIXEL + _MAX_HEADER_BYTES
+    max_pixels = pixel_limit(max_pixels)
+    max_bytes = max_pixels * _MAX_FILE_BYTES_PER_PIXEL + _MAX_HEADER_BYTES
     data, _name = read_source(source, max_bytes)
     if not data:
         raise refusal(NOT_DICOM, "the file is empty (0 bytes)")

@@ -29,7 +29,7 @@ from medxray.review.store import ImageKey
 
 log = logging.getLogger(__name__)
 
-MAX_PIXELS = 60_000_000  # refuse decompression bombs before decoding (a 1955x1841 CR is 3.6 MP)
+MAX_PIXELS: int | None = None  # None: the shared limit (medxray.limits: $MEDXRAY_MAX_PIXELS or 60 MP)
 DISPLAY_MAX_SIDE = 1024  # the browser never needs more than this; keeps overlays fast
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "#c0392b", "#7f8c8d"  # chart bars and table bars: at/above vs below threshold

@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
-from medxray.dicom import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS
+from medxray.dicom import DEFAULT_ALLOWED_MODALITIES
 from medxray.errors import ConfigError
 from medxray.fileio import load_yaml_mapping
+from medxray.limits import pixel_limit
 from medxray.scoring.discovery import parse_shard
 from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
 
@@ -39,7 +40,7 @@ class ScoreConfig:
     precision: str = "auto"
     threads: int | None = None  # CPU inference threads; None = every core (decoders yield)
     allowed_modalities: Sequence[str] | None = DEFAULT_ALLOWED_MODALITIES
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_pixels: int | None = None  # None: medxray.limits.pixel_limit() ($MEDXRAY_MAX_PIXELS or 60 MP)
     overlay_max_side: int | None = None  # None = overlays at the original image size
     overwrite: bool = False
     progress: bool = True
@@ -117,8 +118,7 @@ def validate_config(cfg: ScoreConfig) -> tuple[int, tuple[int, int] | None]:
     workers = default_workers("cuda" if on_gpu else "cpu") if cfg.workers in (None, 0) else int(cfg.workers)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {cfg.workers}")
-    if cfg.max_pixels is not None and int(cfg.max_pixels) < 1:
-        raise ConfigError(f"max_pixels must be >= 1, got {cfg.max_pixels}")
+    pixel_limit(cfg.max_pixels)  # ConfigError for a value (or $MEDXRAY_MAX_PIXELS) that is not a pixel count
     if cfg.overlay_max_side is not None and int(cfg.overlay_max_side) < 16:
         raise ConfigError(
             f"overlay_max_side must be >= 16 (or unset for the original size), got {cfg.overlay_max_side}")
