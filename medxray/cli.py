@@ -317,8 +317,9 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
         "score-dicom", help="score a folder of DICOM files: results.csv (one row per file), CAM overlays, optional SR",
         description="Walks INPUT recursively, decodes in worker processes, scores in batches and appends one row "
                     "per file to OUT/results.csv as it completes. Killed runs resume when re-run with the same "
-                    "arguments. Exit 0 when the run completes (bad files become error rows), 2 for usage errors "
-                    "or an unusable checkpoint.")
+                    "arguments. Exit 0 when the run completes (bad files become error rows), 1 when CAM overlays / "
+                    "SRs could not be written (a re-run writes them), 2 for usage errors, an unusable checkpoint "
+                    "or a read-only / full output folder.")
     p.add_argument("input", metavar="INPUT_DIR", help="folder of DICOM files (searched recursively; any extension)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by `medxray finetune`")
     p.add_argument("--out", required=True, help="output folder (results.csv, cams/, sr/, run.json)")

@@ -97,6 +97,7 @@ def error_lines(stderr: str) -> list[str]:
 
 # ---- 4. read-only OUT ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_read_only_out_is_one_line_and_exit_2(small_crs, scoring_checkpoint, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -180,6 +181,7 @@ def test_journal_append_is_all_or_nothing(tmp_path, monkeypatch):
     assert [r[0] for r in rows] == ["a.dcm", "c.dcm"] and dropped == 0
 
 
+@pytest.mark.slow
 def test_disk_full_while_appending_results(small_crs, scoring_checkpoint, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -243,6 +245,7 @@ def _full_after(monkeypatch, name: str, rows: int) -> None:
 
 # ---- 6. CAM overlays and SRs that cannot be written ----------------------------------------
 
+@pytest.mark.slow
 def test_unwritten_cams_and_srs_fail_the_run_and_are_redone(small_crs, scoring_checkpoint, tmp_path):
     out = tmp_path / "out"
     (out / "cams").mkdir(parents=True)

@@ -22,7 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 5.0
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find processes")
+pytestmark = [pytest.mark.slow,  # each waits out its 5 s grace period
+              pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find processes")]
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:

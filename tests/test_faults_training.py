@@ -31,6 +31,7 @@ def _truncate(path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+@pytest.mark.slow
 def test_truncated_last_pt_resumes_from_the_previous_epoch(tmp_path, caplog):
     run = tmp_path / "b"
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies in epoch 3
