@@ -2,7 +2,7 @@
 
 * :mod:`medxray.dicom.codes`: refusal codes (``DicomError.code``), :func:`refusal`, the lateral warning;
 * :mod:`medxray.dicom.header`: attribute readers, the safe-metadata allow-list, checks before decoding;
-* :mod:`medxray.dicom.voi`: modality LUT, VOI LUT / window, percentile window, :func:`rewindow`;
+* :mod:`medxray.dicom.voi`: modality LUT, VOI LUT / window, automatic window, :func:`rewindow`;
 * :mod:`medxray.dicom.source`: sniffing, size-limited loading, parsing, the truncation check;
 * :mod:`medxray.dicom.bits`: where the stored bits are (Bits Stored / High Bit against the values);
 * :mod:`medxray.dicom.reader`: decoding, :func:`read_dicom` -> :class:`DicomImage`;

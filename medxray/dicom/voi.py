@@ -220,9 +220,6 @@ def auto_window(raw: np.ndarray, exclude: np.ndarray | None = None) -> tuple[flo
     return (lo + hi) / 2.0, hi - lo
 
 
-#: The percentile window, kept under its old name for callers of the split package.
-percentile_window = auto_window
-
 
 def grey_levels(pixels: np.ndarray, exclude: np.ndarray | None = None) -> int:
     """8-bit grey levels that each hold >= 1/10000 of the (non-excluded) pixels of a [0, 1] image."""
