@@ -139,3 +139,32 @@ def test_codec_message_is_the_same_in_every_run(tmp_path, monkeypatch):
             read_dicom(path)
         texts.add(str(e.value))
     assert len(texts) == 1 and " at 0x" not in texts.pop()
+
+
+def test_codestream_bomb_is_refused_before_decoding(monkeypatch):
+    """make fuzz found it: a 512x512 header over a JPEG 2000 codestream declaring 2818560x512 (the
+    decoder asked for > 4 GB). The size is read from the SIZ marker and the frame never decoded."""
+    import pydicom.dataset
+
+    def never(self):
+        raise AssertionError("decoded a codestream larger than the header")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(never))
+    with pytest.raises(DicomError) as e:
+        _read(ESCAPES / "oom-d2e1dfc3b7267e21181e36438e78b3f42dfd888e.bin")
+    assert e.value.code == "decode_failed" and "declares 2818560x512x1 samples" in str(e.value)
+
+
+def test_codestream_sizes_of_real_files():
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import generate_frames
+
+    import pydicom
+    from medxray.dicom.codestream import declared_size
+
+    for name, size in {"JPEG2000.dcm": (256, 1024, 1), "JPEG-LL.dcm": (256, 1024, 1),
+                       "JPEGLSNearLossless_16.dcm": (10, 50, 1), "SC_rgb_jpeg_dcmtk.dcm": (100, 100, 3),
+                       "RG1_J2KR.dcm": (1841, 1955, 1)}.items():
+        ds = pydicom.dcmread(get_testdata_file(name))
+        assert declared_size(next(generate_frames(ds.PixelData, number_of_frames=1))) == size, name
+    assert declared_size(b"not a codestream") is None

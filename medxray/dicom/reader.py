@@ -38,6 +38,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from medxray.dicom.bits import locate_stored_bits
+from medxray.dicom.codestream import declared_size
 from medxray.dicom.codes import (
     DECODE_FAILED,
     FLAT_IMAGE,
@@ -163,6 +164,7 @@ def decode_stored(ds: Any) -> np.ndarray:
         arr = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
         arr = arr.astype(dtype.newbyteorder("="), copy=False)
     else:
+        check_codestream_size(ds, rows, cols)
         try:
             arr = ds.pixel_array
         except (KeyboardInterrupt, SystemExit):
@@ -180,6 +182,30 @@ def decode_stored(ds: Any) -> np.ndarray:
     if signed and arr.dtype.kind == "u":  # a codec that returns the container unsigned
         arr = arr.view(arr.dtype.str.replace("u", "i"))
     return arr
+
+
+def check_codestream_size(ds: Any, rows: int, cols: int) -> None:
+    """Refuse a compressed frame whose codestream declares more samples than the header's image.
+
+    A codec allocates what the codestream declares (:mod:`medxray.dicom.codestream`); a frame
+    larger than Rows x Columns x Samples per Pixel would make it ask for gigabytes.
+    """
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # damaged encapsulation: the decoder reports it with its own message
+        return
+    size = declared_size(frame)
+    spp = int_attr(ds, "SamplesPerPixel", 1) or 1
+    if size is not None and size[0] * max(size[1], 1) * max(size[2], 1) > cols * rows * spp:
+        raise refusal(DECODE_FAILED, f"the {ds.file_meta.TransferSyntaxUID.name} codestream declares "
+                                     f"{size[0]}x{size[1]}x{size[2]} samples but the header says "
+                                     f"{cols}x{rows}x{spp}; not decoded (the codec would allocate for the larger)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 MAX_SEED = 64 * 1024
 
 
@@ -129,7 +130,16 @@ def run_harness(target: str, seconds: int, workdir: Path) -> tuple[int, int]:
     runs = re.findall(r"Done (\d+) runs", text) or re.findall(r"stat::number_of_executed_units:\s*(\d+)", text)
     execs = int(runs[-1]) if runs else 0
     escapes = len(set(re.findall(r"^ESCAPE \S+ ([0-9a-f]{40})", text, re.M)))
-    crashed = rc != 0 and not runs  # a timeout, an out-of-memory or a hard crash of the process
+    # libFuzzer stops at an input that runs out of memory or time, or crashes the process: keep it
+    # as a regression test too (the harness already saved the exceptions that escaped).
+    artifacts = sorted(workdir.glob(f"{target}-oom-*")) + sorted(workdir.glob(f"{target}-timeout-*")) \
+        + sorted(workdir.glob(f"{target}-crash-*"))
+    for art in artifacts:
+        dest = REPO / "tests" / "data" / "fuzz-escapes" / target / (art.name[len(target) + 1:] + ".bin")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(art.read_bytes())
+        print(f"   {target}: {art.name} kept as {dest.relative_to(REPO)}")
+    crashed = rc != 0
     print(f"   {target}: {execs} executions in {time.time() - t0:.0f} s, {escapes} escapes, exit {rc}"
           + (" (libFuzzer stopped early: see the log and the artifact files)" if crashed else ""), flush=True)
     return execs, escapes + (1 if crashed else 0)
