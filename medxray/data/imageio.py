@@ -112,7 +112,9 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None, 
     except Image.DecompressionBombError:  # Pillow's own ceiling (2 x Image.MAX_IMAGE_PIXELS), met in Image.open
         raise DataError(f"{label} has more pixels than Pillow will open and than the {limit / 1e6:g} megapixels "
                         "accepted; downscale it first") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise DataError(f"{label}: not enough memory to decode this image") from None
+    except Exception as exc:  # Pillow's plugins raise many types on damaged files (make fuzz: TypeError in TIFF)
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise DataError(f"{label} cannot be decoded: unreadable or truncated image ({first})") from None
     if pixels.ndim != 2 or min(pixels.shape) < min_side:

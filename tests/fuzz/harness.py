@@ -26,6 +26,16 @@ REPO = Path(__file__).resolve().parents[2]
 ESCAPES = REPO / "tests" / "data" / "fuzz-escapes"
 
 with atheris.instrument_imports(include=["medxray", "pydicom", "PIL"]):
+    # The readers import pydicom and PIL lazily: import them here so they are instrumented too.
+    import PIL.BmpImagePlugin  # noqa: F401
+    import PIL.Image  # noqa: F401
+    import PIL.ImageOps  # noqa: F401
+    import PIL.JpegImagePlugin  # noqa: F401
+    import PIL.PngImagePlugin  # noqa: F401
+    import PIL.TiffImagePlugin  # noqa: F401
+    import pydicom  # noqa: F401
+    import pydicom.encaps  # noqa: F401
+    import pydicom.pixels  # noqa: F401
     from medxray.data.imageio import decode_image
     from medxray.dicom import read_dicom
     from medxray.errors import DataError, DicomError
