@@ -30,7 +30,7 @@ output with ``requires_grad``, continue the forward pass from it, and take
 parameters' ``.grad``). Which method is the default was measured (``bench/localisation.py``);
 checkpoints record the method their localisation figures were measured with.
 
-This module imports only torch, numpy, matplotlib/PIL (display) and medxray.fileio.
+This module imports only torch, numpy, matplotlib/PIL (display), medxray.errors and medxray.fileio.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medxray.errors import ConfigError
 from medxray.fileio import atomic_write_bytes
 
 # ---------------------------------------------------------------------------------------------
@@ -94,10 +95,11 @@ class MapResult:
 
 
 def check_method(method: str | None) -> str:
-    """The method name, or :data:`DEFAULT_MAP_METHOD` for None; ValueError for an unknown one."""
+    """The method name, or :data:`DEFAULT_MAP_METHOD` for None; ConfigError (a ValueError) for an
+    unknown one."""
     name = DEFAULT_MAP_METHOD if method in (None, "", "default") else str(method)
     if name not in MAP_METHODS:
-        raise ValueError(f"unknown CAM method {name!r}; choose one of {', '.join(MAP_METHODS)}")
+        raise ConfigError(f"unknown CAM method {name!r}; choose one of {', '.join(MAP_METHODS)}")
     return name
 
 
@@ -161,9 +163,10 @@ def compute_maps(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int]
     n_classes = int(model.classifier.out_features)
     cls = list(range(n_classes)) if classes is None else [int(c) for c in classes]
     size = (int(x.shape[-2]), int(x.shape[-1]))
+    x = x.float().contiguous()  # one layout: the same image gives the same map whatever the caller's layout
     if spec.kind == "cam":
         with torch.inference_mode():
-            feats = model.forward_features(x.float())
+            feats = model.forward_features(x)
             logits = model.forward_head(feats).float()
             raw = class_activation_maps(feats, model.classifier.weight, cls)
         maps, ok = _finish(raw, size)
@@ -190,7 +193,7 @@ def _gradient_maps(model: torch.nn.Module, x: torch.Tensor, cls: list[int],
     names = feature_stages(model)
     for s in spec.stages:
         if s not in names:
-            raise ValueError(f"unknown map stage {s!r}; this model's stages are {names}")
+            raise ConfigError(f"unknown map stage {s!r}; this model's stages are {names}")
     children = list(model.features.named_children())
     first = min(names.index(s) for s in spec.stages)
     with torch.enable_grad(), torch.inference_mode(False):

@@ -182,6 +182,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--localisation", action=argparse.BooleanOptionalAction, default=True,
                    help="CAM box localisation on images with ground-truth boxes (default on)")
     p.add_argument("--cam-threshold", type=float, default=0.5, help="CAM level that makes boxes (default 0.5)")
+    p.add_argument("--cam-method", default=None,
+                   help="map method scored and recorded in the checkpoint: cam, gradcam-denseblock4, "
+                        "gradcam-denseblock3, layercam-denseblock3 or layercam (default: the checkpoint's "
+                        "recorded method, else the measured best; see bench/localisation.py)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
@@ -210,7 +214,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                        out_dir=args.out, device=args.device, precision=args.precision, batch_size=args.batch_size,
                        tta=args.tta, n_bootstrap=args.bootstrap, threshold_split=th_split,
                        write_thresholds=args.write_thresholds, localisation=args.localisation,
-                       cam_threshold=args.cam_threshold, num_workers=args.num_workers, progress=not args.quiet)
+                       cam_threshold=args.cam_threshold, cam_method=args.cam_method, num_workers=args.num_workers,
+                       progress=not args.quiet)
     if res.coverage_note:
         print(res.coverage_note)
     print(f"{'finding':<20}{'AUROC':>8}   95% CI")
@@ -328,7 +333,9 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cams", choices=("positive", "all", "none"), default="positive",
                    help="CAM overlay PNGs for positive findings (default), all findings, or none")
-    p.add_argument("--cam-method", choices=("cam", "gradcam"), default="cam")
+    p.add_argument("--cam-method", default="checkpoint",
+                   help="map method: 'checkpoint' (default: the method its localisation figures were measured "
+                        "with) or one of those `medxray evaluate --help` lists")
     p.add_argument("--overlay-max-side", type=int, default=None,
                    help="downscale overlays to this many pixels on the long side (default: original size)")
     p.add_argument("--sr", action="store_true", help="also write a DICOM Comprehensive SR per scored image")

@@ -256,8 +256,9 @@ def render_cam_examples(checkpoint: Path, data_root: Path, out_dir: Path, *, n: 
         small = np.asarray(Image.fromarray((img01 * 255).astype(np.uint8)).resize((W, H), Image.BILINEAR),
                            dtype=np.float32) / 255.0
         cam = upsample_cam(cams[0, 0], (H, W))
-        title = f"{box['finding']} p={probs[0, c]:.2f} (SYNTHETIC phantom)"
-        rgb = overlay_with_legend(small, cam, title=title, footer="green: ground-truth box; not for clinical use")
+        title = f"{box['finding']} p={probs[0, c]:.2f} {predictor.cam_method} (SYNTHETIC phantom)"
+        rgb = overlay_with_legend(small, cam, title=title, finding=box["finding"], mark_peak=True,
+                                  footer="green: ground-truth box; white cross: map peak; not for clinical use")
         canvas = Image.fromarray(rgb)
         draw = ImageDraw.Draw(canvas)
         x0, y0 = box["x"] * scale, box["y"] * scale

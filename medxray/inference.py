@@ -138,6 +138,11 @@ class Predictor:
         self.thresholds: dict[str, float] = {n: float(th.get(n, 0.5)) for n in names}
         self.model_version = str(self.metadata.get("model_version") or "unversioned")
         self.model_name = str(self.metadata.get("model_name") or self.architecture)
+        from medxray.cam import DEFAULT_MAP_METHOD, MAP_METHODS
+
+        # the map method the checkpoint's localisation figures were measured with (evaluate writes it)
+        stored = self.metadata.get("cam_method")
+        self.cam_method = stored if stored in MAP_METHODS else DEFAULT_MAP_METHOD
         self.batch_size = max(1, int(batch_size))
         self.source = source
         self.ood = ood  # the checkpoint's OOD feature statistics (medxray.ood), or None
@@ -411,28 +416,54 @@ class Predictor:
                 out.append(int(c))
         return out
 
-    def predict_tensor_with_cams(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
-                                 with_ood: bool = False) -> Any:
-        """``with_ood=True`` adds a third value, the OOD distances of :meth:`predict_tensor`."""
-        from medxray.cam import class_activation_maps, normalize_cams
+    def maps_tensor(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
+                    method: str | None = None) -> np.ndarray:
+        """Maps (N, K, S, S) float32 in [0, 1] for a preprocessed batch (N, 3, S, S).
 
-        logits, feats = self.forward(x, want_features=True)
-        weight = self.model.classifier.weight.detach().float().cpu()
-        cams = class_activation_maps(torch.from_numpy(feats), weight, self.class_indices(classes))
-        out = (_sigmoid(logits), normalize_cams(cams))
-        return (*out, self.ood_distance(feats)) if with_ood else out
+        These are :func:`medxray.cam.compute_maps` (THE map definition: the arrays evaluation
+        scores); ``method`` defaults to the checkpoint's ``cam_method``. Gradient methods run in
+        fp32 eager torch whatever the backend (OpenVINO gives no gradients); ``cam`` on an
+        OpenVINO backend uses its feature map with the same arithmetic. An all-zero map means no
+        positive evidence (:func:`medxray.cam.no_evidence_text`). Raises ConfigError for an
+        unknown finding, ValueError for an unknown method.
+        """
+        from medxray.cam import check_method, compute_maps, maps_from_features
+
+        name = check_method(method or self.cam_method)
+        cls = self.class_indices(classes)
+        cls = list(range(len(self.label_names))) if cls is None else cls
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        if not cls or x.shape[0] == 0:
+            return np.zeros((int(x.shape[0]), len(cls), *size), np.float32)
+        if name == "cam" and self.backend == "openvino":
+            _, feats = self.forward(x, want_features=True)
+            weight = self.model.classifier.weight.detach().float().cpu()
+            return maps_from_features(feats, weight, cls, size)[0]
+        parts = [compute_maps(self.model, x[i: i + self.batch_size].to(self.device), cls, method=name).maps
+                 for i in range(0, x.shape[0], self.batch_size)]
+        return np.concatenate(parts)
+
+    def predict_tensor_with_cams(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
+                                 method: str | None = None, with_ood: bool = False) -> Any:
+        """Probabilities (N, C) from this predictor's backend (as :meth:`predict_tensor`) and the
+        maps (N, K, S, S) of :meth:`maps_tensor`. ``with_ood=True`` adds a third value, the OOD
+        distances of :meth:`predict_tensor`."""
+        probs, ood = self.predict_tensor(x, with_ood=True)
+        maps = self.maps_tensor(x, classes, method)
+        return (probs, maps, ood) if with_ood else (probs, maps)
 
     def predict_with_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
-                          with_ood: bool = False) -> Any:
-        """Probabilities (N, C) and CAMs (N, K, h, w) in [0, 1] at feature resolution.
+                          method: str | None = None, with_ood: bool = False) -> Any:
+        """Probabilities (N, C) and maps (N, K, S, S) in [0, 1] at the network input size S.
 
-        ``classes`` are column indices or finding names (default: all C). One forward pass serves both.
+        ``classes`` are column indices or finding names (default: all C); see
+        :meth:`predict_tensor_with_cams`.
         """
-        return self.predict_tensor_with_cams(self.preprocess(images), classes, with_ood=with_ood)
+        return self.predict_tensor_with_cams(self.preprocess(images), classes, method, with_ood=with_ood)
 
     def grad_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
                   layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and Grad-CAMs (fp32 eager torch: gradients are not taken in OpenVINO)."""
+        """Probabilities and Grad-CAMs (N, K, S, S) at stage ``layer`` (fp32 eager torch)."""
         from medxray.cam import grad_cam
 
         x = self.preprocess(images).to(self.device)

@@ -291,6 +291,9 @@ def test_model_card_from_checkpoint_metadata(env):
     thr = _table(at, "finding", "threshold", "how chosen")
     assert len(thr) == 14 and (thr["threshold"] == 0.5).all()
     assert "Intended use" in _texts(at.subheader) and "Limitations" in _texts(at.subheader)
+    # no boxes were ever scored for this checkpoint: localisation says so in words, never a number
+    loc = _table(at, "finding", "pointing game", "boxes", "data")
+    assert len(loc) == 14 and (loc["pointing game"] == "not measured").all() and (loc["boxes"] == "0").all()
 
 
 def test_worklist_on_a_real_score_dicom_folder_without_a_model(monkeypatch, tmp_path, checkpoint):

@@ -324,6 +324,27 @@ def test_model_card_from_metadata():
     assert list(names) == ["Pleural thickening"]
 
 
+def test_model_card_localisation_per_finding_or_not_measured():
+    from medxray.review.model_card import NOT_MEASURED, localisation_table
+
+    meta = {"label_names": ["Mass", "Edema", "Pleural_Thickening"],
+            "metrics": {"test_auroc": {"Mass": 0.91, "Edema": 0.8}},
+            "localisation": {"method": "gradcam-denseblock3", "split": "test", "source": "real",
+                             "per_finding": {"Mass": {"n_boxes": 85, "pointing_game": 0.42, "mean_iobb": 0.3,
+                                                      "iobb_accuracy": {"0.1": 0.7, "0.25": 0.5, "0.5": 0.2}}}}}
+    table, note = localisation_table(meta)
+    rows = table.set_index("finding")
+    assert rows.loc["Mass"].to_dict() == {"AUROC": "0.910", "pointing game": "0.42", "IoBB>0.1": "0.70",
+                                          "IoBB>0.25": "0.50", "IoBB>0.5": "0.20", "boxes": "85", "data": "real"}
+    assert rows.loc["Edema", "AUROC"] == "0.800" and rows.loc["Edema", "pointing game"] == NOT_MEASURED
+    assert rows.loc["Pleural thickening", "AUROC"] == "not evaluated"
+    assert "gradcam-denseblock3" in note and "test" in note
+    _, none_note = localisation_table({"label_names": ["Mass"]})
+    assert "not measured" in none_note.lower()
+    phantom = {**meta, "localisation": {**meta["localisation"], "source": "phantom"}}
+    assert "phantom" in localisation_table(phantom)[1] and localisation_table(phantom)[0]["data"][0] == "phantom"
+
+
 def test_user_message_never_dumps_a_traceback():
     assert user_message(DataError("bad file; try another")) == "bad file; try another"
     msg = user_message(RuntimeError("x\nline two"))

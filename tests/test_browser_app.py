@@ -179,6 +179,8 @@ def _save_timings() -> None:
 
 
 def test_upload_two_images_map_follows_and_reviewer_is_remembered(app_server, page):
+    from playwright.sync_api import expect
+
     url = app_server["url"]
     page.goto(url, wait_until="domcontentloaded")
     page.get_by_role("heading", name="Study").wait_for()
@@ -233,7 +235,8 @@ def test_upload_two_images_map_follows_and_reviewer_is_remembered(app_server, pa
     uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
     uploader.set_input_files(str(png))
     _cam_caption(page)
-    assert page.get_by_role("textbox", name="Reviewer name").input_value() == "Dr Browser"
+    # the page may still be re-rendering after the upload: wait (up to 30 s) for the remembered name
+    expect(page.get_by_role("textbox", name="Reviewer name")).to_have_value("Dr Browser", timeout=30_000)
     _no_exception_on_page(page)
     _save_timings()
 

@@ -198,6 +198,27 @@ def test_evaluate_writes_report_plots_and_thresholds(phantom_root, random_checkp
     assert meta["metrics"]["val_mean_auroc"] == 0.5  # earlier metrics kept
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_images"] == res.n_images
+    # localisation travels with the model (issue 9 item 4): per finding in the checkpoint, on the model card
+    from medxray.labels import display_name
+    from medxray.review.model_card import NOT_MEASURED, model_card
+
+    loc = meta["localisation"]
+    assert meta["cam_method"] == loc["method"] and loc["source"] == "phantom" and loc["split"] == "test"
+    per = loc["per_finding"]
+    assert per and all(v["n_boxes"] > 0 for v in per.values())
+    assert sum(v["n_boxes"] for v in per.values()) == res.localisation["overall"]["n"]
+    card = model_card(meta).localisation.set_index("finding")
+    assert len(card) == 14
+    for name in meta["label_names"]:
+        row = card.loc[display_name(name)]
+        if name in per:
+            assert row["boxes"] == str(per[name]["n_boxes"]) and row["data"] == "phantom"
+            assert row["pointing game"] == f"{per[name]['pointing_game']:.2f}"
+            assert row["IoBB>0.25"] == f"{per[name]['iobb_accuracy']['0.25']:.2f}"
+        else:  # no boxes for this finding: words, never a number
+            assert row["pointing game"] == row["IoBB>0.5"] == NOT_MEASURED and row["boxes"] == "0"
+    assert card.loc["Mass", "AUROC"] == (f"{res.auroc['Mass']:.3f}" if np.isfinite(res.auroc["Mass"])
+                                         else "not evaluated")
 
 
 def test_evaluate_tta_changes_scores_not_shapes(phantom_root, random_checkpoint, tmp_path):
@@ -221,3 +242,54 @@ def test_medxray_evaluate_stays_the_stable_entry_point():
     assert compat.evaluate is run.evaluate
     assert compat.auroc_per_class is metrics.auroc_per_class
     assert all(hasattr(compat, name) for name in compat.__all__)
+
+
+def test_evaluation_scores_the_very_maps_the_app_and_scorer_show(phantom_root, random_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """Issue 9 item 1: the map evaluation's localisation scores for an image is, array for array,
+    the map the Predictor (app, scorer, SR overlays) returns for that image file."""
+    from medxray.evaluation import localisation
+
+    seen = []
+    real = localisation.compute_maps
+
+    def spy(model, x, classes=None, method=None):
+        res = real(model, x, classes, method=method)
+        seen.append((x.detach().cpu().clone(), list(res.classes), res.maps.copy(), res.method))
+        return res
+
+    monkeypatch.setattr(localisation, "compute_maps", spy)
+    # one intra-op thread: multi-threaded CPU convolution backward sums in a varying order (~1e-7
+    # apart from run to run of the SAME call); with one thread the same call is bit-identical
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _compare_evaluation_and_display_maps(phantom_root, random_checkpoint, tmp_path, seen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_evaluation_and_display_maps(phantom_root, random_checkpoint, tmp_path, seen):
+    from medxray.data import build_datasets, read_image
+    from medxray.evaluation.run import evaluate
+    from medxray.inference import Predictor
+
+    evaluate(random_checkpoint, data_root=phantom_root, split="test", out_dir=tmp_path / "e", n_bootstrap=0,
+             precision="fp32", batch_size=1, num_workers=0, write_thresholds=False, threshold_split=None)
+    assert seen, "evaluation scored no map"
+    pred = Predictor.from_checkpoint(random_checkpoint, device="cpu", backend="torch", precision="fp32")
+    splits = build_datasets("chestxray14", phantom_root, image_size=pred.image_size, augment=False)
+    files = [p for nm, p in zip(splits.test.names, splits.test.records.paths) if nm in splits.boxes]
+    checked = 0
+    for path in files[:6]:
+        pixels, _ = read_image(path)
+        img01 = pixels.astype(np.float32) / float(np.iinfo(pixels.dtype).max)
+        x = pred.preprocess([img01])
+        match = [s for s in seen if torch.equal(s[0].contiguous(), x)]
+        assert match, f"evaluation's input for {path.name} differs from the Predictor's"
+        x_eval, classes, maps_eval, method = match[0]
+        assert method == pred.cam_method
+        probs, maps_shown = pred.predict_with_cams([img01], classes=classes)
+        np.testing.assert_array_equal(maps_shown, maps_eval)
+        checked += 1
+    assert checked >= 3

@@ -38,6 +38,9 @@ if len(card.metrics):
                "(none for validation metrics logged during training).")
 else:
     st.warning("No evaluation metrics are stored in this checkpoint; run `medxray evaluate` on it.")
+st.subheader("Localisation of the maps")
+st.caption(card.localisation_note)
+st.dataframe(card.localisation, hide_index=True, key="card_localisation", height="content")
 st.subheader("Operating thresholds")
 st.dataframe(card.thresholds, hide_index=True, key="card_thresholds", height="content")
 st.subheader("Intended use")

@@ -88,7 +88,8 @@ def score_split(
 
         it = tqdm(loader, desc="scoring", unit="batch", leave=False)
     for batch in it:
-        x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        fmt = torch.contiguous_format if precision == "fp32" else torch.channels_last
+        x = batch["image"].to(device).contiguous(memory_format=fmt)
         size = x.shape[-1]
         with autocast(device, precision):
             feats = model.forward_features(x)
@@ -96,7 +97,7 @@ def score_split(
             if tta:
                 # one forward per crop position keeps memory at one batch's worth
                 crops = ten_crop(x, size).reshape(x.shape[0], 10, *x.shape[1:])
-                p = torch.stack([torch.sigmoid(model(crops[:, k].contiguous(memory_format=torch.channels_last)).float())
+                p = torch.stack([torch.sigmoid(model(crops[:, k].contiguous(memory_format=fmt)).float())
                                  for k in range(10)]).mean(0)
         p = p if tta else torch.sigmoid(logits.float())
         probs.append(p.cpu().numpy())
@@ -183,7 +184,9 @@ def evaluate(
         raise DataError(f"the {dataset} data has no {split} split here; choose another with --split")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    model.to(dev).to(memory_format=torch.channels_last)
+    model.to(dev)
+    if prec != "fp32":  # channels_last pays off under bf16/fp16; fp32 keeps the layout the Predictor's fp32 maps use
+        model.to(memory_format=torch.channels_last)
     workers = default_num_workers(dev) if num_workers is None else num_workers
     out = Path(out_dir) if out_dir else ckpt_path.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)

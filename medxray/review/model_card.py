@@ -37,6 +37,8 @@ class ModelCard:
     provenance: pd.DataFrame  # field / value: what the training data was (empty: not recorded)
     synthetic: bool | None  # trained on synthetic phantoms (None: the checkpoint does not say)
     thresholds: pd.DataFrame  # finding, threshold, (how chosen)
+    localisation: pd.DataFrame  # per finding: AUROC, pointing game, IoBB accuracy, boxes, data ("not measured")
+    localisation_note: str  # what the localisation figures rest on (method, split, phantom or real)
     intended_use: str
     limitations: list[str]
     not_for_clinical_use: str = NOT_FOR_CLINICAL_USE
@@ -185,6 +187,58 @@ def metrics_overview(metrics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
     return overall.reset_index(drop=True), table
 
 
+NOT_MEASURED = "not measured"
+LOCALISATION_T = ("0.1", "0.25", "0.5")  # IoBB thresholds the card shows (Wang et al. 2017 report 0.1-0.7)
+
+
+def localisation_table(meta: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
+    """One row per finding: AUROC beside the map's localisation on ground-truth boxes.
+
+    Columns: finding, AUROC (of the split localisation was measured on, else the latest evaluated
+    split), pointing game, IoBB>T accuracy for T in :data:`LOCALISATION_T`, boxes (how many the
+    figures rest on), data ("phantom" / "real"). A finding without boxes reads "not measured" in
+    every localisation column, never a number. Returns (table, a sentence on what it rests on).
+    ``meta["localisation"]`` is written by ``medxray evaluate``
+    (:func:`medxray.evaluation.localisation.localisation_metadata`).
+    """
+    loc = meta.get("localisation") if isinstance(meta.get("localisation"), Mapping) else {}
+    per = loc.get("per_finding") if isinstance(loc.get("per_finding"), Mapping) else {}
+    split = str(loc.get("split") or "")
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), Mapping) else {}
+    auroc = metrics.get(f"{split}_auroc") if split else None
+    if not isinstance(auroc, Mapping):
+        auroc = next((v for k, v in metrics.items() if k.endswith("_auroc") and isinstance(v, Mapping)), {})
+    source = str(loc.get("source") or "")
+    rows = []
+    for name in meta.get("label_names") or []:
+        f = per.get(name) if isinstance(per.get(name), Mapping) else None
+        a = _num(auroc.get(name))
+        row = {"finding": display_name(name), "AUROC": f"{a:.3f}" if a is not None else "not evaluated"}
+        if f and int(f.get("n_boxes") or 0) > 0:
+            acc = f.get("iobb_accuracy") or {}
+            row["pointing game"] = f"{float(f['pointing_game']):.2f}"
+            for t in LOCALISATION_T:
+                v = _num(acc.get(t))
+                row[f"IoBB>{t}"] = f"{v:.2f}" if v is not None else NOT_MEASURED
+            row["boxes"] = str(int(f["n_boxes"]))
+            row["data"] = source or "not recorded"
+        else:
+            row.update({"pointing game": NOT_MEASURED, **{f"IoBB>{t}": NOT_MEASURED for t in LOCALISATION_T},
+                        "boxes": "0", "data": NOT_MEASURED})
+        rows.append(row)
+    cols = ["finding", "AUROC", "pointing game", *(f"IoBB>{t}" for t in LOCALISATION_T), "boxes", "data"]
+    table = pd.DataFrame(rows, columns=cols)
+    if not per:
+        note = ("Localisation not measured: `medxray evaluate` found no ground-truth boxes for this model's "
+                "findings (or was run with --no-localisation).")
+    else:
+        what = "synthetic phantom images (not radiographs)" if source == "phantom" else f"{source or 'unrecorded'} images"
+        note = (f"Map method {loc.get('method', '?')}, scored against the ground-truth boxes of the {split or '?'} "
+                f"split on {what}: pointing game = share of boxes containing the map's peak; IoBB>T = share "
+                "whose best map region has intersection over its own area above T (Wang et al. 2017).")
+    return table, note
+
+
 def _is_point(v: Any) -> bool:
     return isinstance(v, Mapping) and ("value" in v or "estimate" in v) and \
         _num(v.get("value", v.get("estimate"))) is not None
@@ -255,8 +309,8 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
         "and are noisy (estimated accuracy around 90%), so the model learns their errors too.",
         "Frontal views only: lateral views, paediatric films and non-chest images are out of scope.",
         "Performance depends on the scanner, population and prevalence; validate locally before any use.",
-        "Class activation maps are coarse (feature-map resolution) and show where evidence was found, "
-        "not the outline of a lesion.",
+        "Class activation maps are coarse (computed at a stage 8-16x coarser than the input, then "
+        "upsampled) and show where evidence was found, not the outline of a lesion.",
         "Thresholds trade sensitivity against specificity for the validation set they were chosen on.",
     ]
     if not len(metrics):
@@ -267,6 +321,7 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
                               "not performance on radiographs.")
     elif synth is None:
         limitations.insert(0, "The checkpoint does not record whether it was trained on real or synthetic images.")
+    loc_table, loc_note = localisation_table(meta)
     return ModelCard(title=f"medxray model card: {arch}", summary=summary, training=training, metrics=metrics,
-                     thresholds=thresholds, intended_use=intended, limitations=limitations,
+                     thresholds=thresholds, localisation=loc_table, localisation_note=loc_note, intended_use=intended, limitations=limitations,
                      provenance=provenance_table(meta), synthetic=synth)

@@ -188,7 +188,8 @@ def to_uint8(img01: np.ndarray) -> np.ndarray:
 
 
 def cam_overlay(display01: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """CAM (feature resolution, [0, 1]) upsampled onto the displayed image, as uint8 RGB."""
+    """A map (any resolution, [0, 1]; the Predictor gives it at the network input size) upsampled
+    onto the displayed image, as uint8 RGB."""
     from medxray.cam import overlay, upsample_cam
 
     cam_full = upsample_cam(np.asarray(cam, dtype=np.float32), display01.shape)
@@ -203,7 +204,7 @@ class StudyPrediction:
 
     label_names: list[str]
     probabilities: np.ndarray  # (C,)
-    cams: np.ndarray | None  # (C, h, w) in [0, 1], or None when only stored results exist
+    cams: np.ndarray | None  # (C, S, S) in [0, 1] at the network input size S, or None (stored results only)
     model_version: str = ""
     warnings: list[str] = field(default_factory=list)  # the model's own (out of distribution), codes.py texts
 

@@ -19,7 +19,10 @@ from medxray.scoring.discovery import parse_shard
 from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
 
 CAM_MODES = ("positive", "all", "none")
-CAM_METHODS = ("cam", "gradcam")
+# "checkpoint" = the method the checkpoint's localisation figures were measured with (evaluate records
+# it); the others are medxray.cam.MAP_METHODS keys, plus "gradcam" as the older name of gradcam-denseblock4
+CAM_METHODS = ("checkpoint", "cam", "gradcam", "gradcam-denseblock4", "gradcam-denseblock3",
+               "layercam-denseblock3", "layercam")
 
 
 @dataclass
@@ -32,7 +35,7 @@ class ScoreConfig:
     workers: int | None = None  # decode processes (background priority); None = one per core on CPU, all but one with CUDA
     batch_size: int = 16
     cams: str = "positive"  # positive | all | none
-    cam_method: str = "cam"  # cam | gradcam
+    cam_method: str = "checkpoint"  # a CAM_METHODS entry
     sr: bool = False
     shard: str | tuple[int, int] | None = None  # "k/n", 1-based
     device: str = "auto"

@@ -122,6 +122,7 @@ class ScoringEngine:
 
     def run(self, predictor: Any) -> None:
         self.p = predictor
+        self.cam_method = map_method_name(self.cfg.cam_method, predictor.cam_method)
         while True:
             if self.quarantine and not self.inflight:
                 if self.suspects:
@@ -247,22 +248,19 @@ class ScoringEngine:
         import torch
 
         x = torch.from_numpy(np.stack([it.decoded["x"] for it in batch]))
-        cams = None
-        ood = None  # OOD distances (medxray.ood) from the same forward pass; None without statistics
-        if self.cfg.cams == "none":
-            probs, ood = self.p.predict_tensor(x, with_ood=True)
-        elif self.cfg.cam_method == "gradcam":
-            from medxray.cam import grad_cam
-
-            logits, cams = grad_cam(self.p.model, x.to(self.p.device))
-            probs = (1.0 / (1.0 + np.exp(-logits.cpu().numpy().astype(np.float64)))).astype(np.float32)
-            if getattr(self.p, "ood", None) is not None:  # Grad-CAM runs its own eager pass: one more for OOD
-                ood = self.p.predict_tensor(x, with_ood=True)[1]
-        else:
-            probs, cams, ood = self.p.predict_tensor_with_cams(x, with_ood=True)
+        # probabilities and OOD distances from one forward pass on the predictor's backend
+        probs, ood = self.p.predict_tensor(x, with_ood=True)
         threshold = getattr(getattr(self.p, "ood", None), "threshold", None)
         positives = self.p.positive(probs)
         names = self.p.label_names
+        # maps (THE map definition, medxray.cam.compute_maps) for the classes any image of the batch needs
+        cams = None
+        if self.cfg.cams != "none":
+            wanted = (list(range(len(names))) if self.cfg.cams == "all"
+                      else sorted({names.index(n) for row in positives for n in row}))
+            if wanted:
+                col = {c: k for k, c in enumerate(wanted)}
+                cams = (self.p.maps_tensor(x, wanted, method=self.cam_method), col)
         for i, it in enumerate(batch):
             d = it.decoded
             meta = d["meta"]
@@ -300,8 +298,9 @@ class ScoringEngine:
                 it.payload = {
                     "out": str(self.out), "stem": output_stem(it.rel), "classes": [names[c] for c in classes],
                     "class_probs": [float(probs[i, c]) for c in classes],
-                    "cams": cams[i, classes] if classes else None, "display": display if classes else None,
-                    "cam_method": self.cfg.cam_method, "overlay_max_side": self.cfg.overlay_max_side, "sr": sr,
+                    "cams": cams[0][i, [cams[1][c] for c in classes]] if classes else None,
+                    "display": display if classes else None, "cam_method": self.cam_method,
+                    "overlay_max_side": self.cfg.overlay_max_side, "sr": sr,
                 }
                 self._launch("post", it)
             else:
@@ -311,6 +310,12 @@ class ScoringEngine:
         self.journal.write({**self.base_row, **row})
         self.written += 1
         self.bar.update(1)
+
+
+def map_method_name(configured: str, checkpoint_method: str) -> str:
+    """The :data:`medxray.cam.MAP_METHODS` key a scoring run uses: the checkpoint's for
+    "checkpoint", gradcam-denseblock4 for the older name "gradcam", else the configured one."""
+    return {"checkpoint": checkpoint_method, "gradcam": "gradcam-denseblock4"}.get(configured, configured)
 
 
 def meta_columns(rel: str, decoded: dict[str, Any]) -> dict[str, Any]:

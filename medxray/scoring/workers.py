@@ -132,7 +132,7 @@ def post_job(task: dict[str, Any]) -> dict[str, Any]:
             cam_dir = Path(CAMS_DIR) / task["stem"]
             for name, prob, cam in zip(task["classes"], task["class_probs"], task["cams"]):
                 title = f"{name} p={prob:.2f} ({task['cam_method'].upper()})"
-                save_png(out / cam_dir / f"{name}.png", overlay_with_legend(display, cam, title))
+                save_png(out / cam_dir / f"{name}.png", overlay_with_legend(display, cam, title, finding=name))
             result["cam_dir"] = cam_dir.as_posix()
         except Exception as exc:
             notes.append(f"cam overlays failed ({failure_text(exc)})")
