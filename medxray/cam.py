@@ -69,6 +69,7 @@ MAP_METHODS: dict[str, MapMethod] = {
     "cam": MapMethod("cam", (), "CAM on the last feature map (Zhou et al. 2016)"),
     "gradcam-denseblock4": MapMethod("gradcam", ("denseblock4",), "Grad-CAM at denseblock4 (Selvaraju et al. 2017)"),
     "gradcam-denseblock3": MapMethod("gradcam", ("denseblock3",), "Grad-CAM at denseblock3, 2x finer"),
+    "gradcam-denseblock2": MapMethod("gradcam", ("denseblock2",), "Grad-CAM at denseblock2, 4x finer"),
     "layercam-denseblock3": MapMethod("layercam", ("denseblock3",), "LayerCAM at denseblock3 (Jiang et al. 2021)"),
     "layercam": MapMethod("layercam", ("denseblock2", "denseblock3", "denseblock4"),
                           "LayerCAM fused over denseblock2-4 (Jiang et al. 2021)"),

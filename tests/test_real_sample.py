@@ -125,3 +125,65 @@ def test_predict_and_cam_on_real_anatomy(trained, partial_root):
     assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     assert np.array_equal(probs[0], probs[2]) and np.array_equal(maps[0], maps[2])  # RGBA == its luminance
     assert not np.allclose(probs[0], probs[1])  # two different chests, two different answers
+
+
+def test_map_geometry_follows_the_image(trained, partial_root):
+    """Issue 9 item 6: on real radiographs the map a user sees is in the image's frame.
+
+    A CNN is not flip-equivariant, so the check makes it so: every convolution kernel is replaced
+    by the mean of itself and its mirror image. Such a network, fed a horizontally flipped image,
+    must give the flipped map (up to the half-pixel shifts of stride-2 stages), unless something
+    between the file and the overlay (reading, preprocessing, the map stage, upsampling)
+    transposes, flips or shifts the map. The overlay must have the image's shape and orientation.
+    """
+    import torch
+
+    from medxray.cam import overlay, overlay_with_legend, upsample_cam
+    from medxray.data.imageio import read_image
+    from medxray.inference import Predictor
+
+    pred = Predictor.from_checkpoint(trained["finetune"].best_checkpoint, device="cpu", backend="torch",
+                                     precision="fp32")
+    with torch.no_grad():
+        for m in pred.model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_((m.weight + m.weight.flip(-1)) / 2)
+    files = sorted((partial_root / "images").iterdir())[::60][:4]
+    imgs = [read_image(p)[0].astype(np.float32) / 255.0 for p in files]
+    for method in ("gradcam-denseblock2", "gradcam-denseblock3"):
+        _, maps = pred.predict_with_cams(imgs, method=method)
+        _, maps_flipped = pred.predict_with_cams([a[:, ::-1].copy() for a in imgs], method=method)
+        back, same, n = [], [], 0
+        for i in range(len(imgs)):
+            for k in range(maps.shape[1]):
+                a, b = maps[i, k], maps_flipped[i, k]
+                if a.max() == 0 or b.max() == 0 or a.std() < 0.05:
+                    continue  # no evidence, or a flat map: nothing to locate
+                back.append(np.corrcoef(b.ravel(), a[:, ::-1].ravel())[0, 1])
+                same.append(np.corrcoef(b.ravel(), a.ravel())[0, 1])
+                n += 1
+        assert n >= 10, (method, n)
+        # the flipped image's map is the flipped map (stride-2 stages shift it by up to a cell at 64 px) ...
+        assert np.median(back) >= 0.8, (method, np.median(back), np.median(same))
+        # ... and clearly more like it than like the unflipped map
+        assert np.median(back) > np.median(same) + 0.1, (method, np.median(back), np.median(same))
+
+    # the overlay is in the image's frame: a non-square crop, a map hot only in its top-left quarter
+    crop = imgs[0][100:900, 50:650]
+    hot = np.zeros((16, 16), np.float32)
+    hot[:8, :8] = 1.0
+    rgb = overlay(crop, hot)
+    assert rgb.shape == (800, 600, 3)
+    gray = np.rint(crop * 255).astype(np.uint8)
+    tinted = np.any(rgb != gray[..., None], axis=2)
+    assert tinted[:380, :280].mean() > 0.95 and not tinted[420:, :].any() and not tinted[:, 320:].any()
+    # the real map of the image, upsampled to the full image, drawn with its legend: same height, image untouched
+    # where the map is below the display floor
+    full = upsample_cam(maps[0, int(np.argmax(maps[0].max(axis=(1, 2))))], imgs[0].shape)
+    legend = overlay_with_legend(imgs[0], full, "geometry")
+    assert legend.shape[0] == imgs[0].shape[0] and legend.shape[1] > imgs[0].shape[1]
+    body = legend[:, : imgs[0].shape[1]]
+    below = full < 0.2
+    g0 = np.rint(imgs[0] * 255).astype(np.uint8)
+    rows = slice(imgs[0].shape[0] // 10, imgs[0].shape[0] * 9 // 10)  # away from the title and footer text
+    assert np.array_equal(body[rows][below[rows]][:, 0], g0[rows][below[rows]])
