@@ -211,6 +211,7 @@ def int8_rate(ckpt: Path, n: int, batch: int, threads: int) -> tuple[float | Non
         import openvino as ov
     except ImportError as exc:
         return None, f"nncf/openvino missing ({exc})"
+    from medxray.hardware import openvino_core
     from medxray.inference import Predictor
 
     ref = Predictor.from_checkpoint(ckpt, device="cpu", backend="openvino", precision="fp32", batch_size=batch)
@@ -218,7 +219,7 @@ def int8_rate(ckpt: Path, n: int, batch: int, threads: int) -> tuple[float | Non
     calib = np.random.default_rng(0).standard_normal((32, 1, 3, s, s)).astype(np.float32)
     q = nncf.quantize(ref.openvino_fp32_model(), nncf.Dataset(list(calib)), subset_size=32,
                       target_device=nncf.TargetDevice.CPU)
-    compiled = ov.Core().compile_model(q, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    compiled = openvino_core().compile_model(q, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
     req = compiled.create_infer_request()
     x = np.random.default_rng(1).standard_normal((batch, 3, s, s)).astype(np.float32)
     req.infer({0: x})

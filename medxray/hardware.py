@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -35,6 +36,22 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+@lru_cache(maxsize=1)
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core`` (created on first use, kept until exit).
+
+    One Core, never two: OpenVINO's CPU plugin points the calling thread's signal alternate
+    stack (``sigaltstack(2)``) at its own buffer when a Core first compiles a model and puts the
+    previous one back when that Core is destroyed. Two Cores destroyed out of order leave the
+    thread's alternate stack pointing at freed memory, and the next signal handled on it (a
+    Python handler for SIGCHLD, SIGTERM, SIGALRM...) kills the process with SIGSEGV. Raises
+    ImportError when OpenVINO is not installed.
+    """
+    import openvino as ov
+
+    return ov.Core()
 
 
 def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:

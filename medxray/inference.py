@@ -37,7 +37,7 @@ import torch
 
 from medxray.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from medxray.errors import CheckpointError, ConfigError, InputShapeError
-from medxray.hardware import cpu_has_native_bf16, resolve_device
+from medxray.hardware import cpu_has_native_bf16, openvino_core, resolve_device
 from medxray.ood import OODStats, pooled, stats_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class Predictor:
     def _build_openvino(self, precision: str, want_int8: bool = False) -> str:
         import openvino as ov
 
-        core = ov.Core()
+        core = openvino_core()
         ov_model = self._load_or_convert_openvino(ov)
         self.int8_note = ""
         if want_int8:
@@ -247,7 +247,7 @@ class Predictor:
             xml = cache / f"{self._ov_key}.xml"
             if xml.is_file() and xml.with_suffix(".bin").is_file():
                 try:
-                    return ov.Core().read_model(str(xml))
+                    return openvino_core().read_model(str(xml))
                 except Exception as exc:  # a damaged cache entry: convert again
                     log.debug("ignoring OpenVINO cache entry %s: %s", xml.name, exc)
         wrapper = _FeatureHead(self.model).eval()

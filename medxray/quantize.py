@@ -103,6 +103,7 @@ def quantize_predictor(predictor: Any, calibration: np.ndarray, val_x: np.ndarra
     :class:`~medxray.errors.ConfigError` when the predictor is not on OpenVINO or nncf is missing.
     """
     from medxray.errors import ConfigError
+    from medxray.hardware import openvino_core
 
     if predictor.backend != "openvino" or predictor.weights_key is None:
         raise ConfigError("int8 quantisation needs the OpenVINO backend (pip install 'medxray[openvino]')")
@@ -116,7 +117,7 @@ def quantize_predictor(predictor: Any, calibration: np.ndarray, val_x: np.ndarra
     data = nncf.Dataset([np.ascontiguousarray(c[None], np.float32) for c in calibration])
     q_model = nncf.quantize(fp32, data, subset_size=min(subset_size, len(calibration)),
                             target_device=nncf.TargetDevice.CPU)
-    core = ov.Core()
+    core = openvino_core()
     cfg = {"INFERENCE_PRECISION_HINT": "f32"}
     ref_c, q_c = core.compile_model(fp32, "CPU", cfg), core.compile_model(q_model, "CPU", cfg)
     result = accuracy_gate(predictor.label_names, _probs(ref_c, val_x), _probs(q_c, val_x), np.asarray(val_y),
@@ -156,8 +157,8 @@ def load_int8(key: str, cache: Path | None) -> tuple[Any | None, str]:
     if not rec.get("passed"):
         return None, f"int8 refused at conversion: {rec.get('reason', 'gate failed')}"
     try:
-        import openvino as ov
+        from medxray.hardware import openvino_core
 
-        return ov.Core().read_model(str(xml)), ""
+        return openvino_core().read_model(str(xml)), ""
     except Exception as exc:  # missing/damaged IR next to a passed record
         return None, f"int8 model unreadable ({type(exc).__name__})"

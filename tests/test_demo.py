@@ -19,6 +19,12 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
     assert "SYNTHETIC" in text and "not radiographs" in text
     assert "--pretrained none" in text and "ImageNet" in text
     assert "mean AUROC" in text
+    # localisation printed beside the AUROC, labelled as phantom numbers, with the measured method
+    from medxray.cam import DEFAULT_MAP_METHOD
+
+    loc_line = next(ln for ln in text.splitlines() if ln.startswith("PHANTOM CAM localisation"))
+    assert f"({DEFAULT_MAP_METHOD})" in loc_line and "pointing game" in loc_line and "IoBB>0.25" in loc_line
+    assert "phantom boxes" in loc_line
     assert f"medxray app --checkpoint {out.resolve()}" in text
 
     summary = json.loads((out / "demo_summary.json").read_text())
@@ -27,6 +33,7 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
     for key in ("checkpoint", "report_html", "report_md"):
         assert Path(summary[key]).is_file(), key
     assert len(summary["cam_files"]) >= 1
+    assert summary["localisation"]["method"] == DEFAULT_MAP_METHOD and summary["localisation"]["overall"]["n"] > 0
     for f in summary["cam_files"]:
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "synthetic" in (out / "evaluation" / "report.md").read_text().lower()

@@ -80,3 +80,48 @@ def test_gate_logic():
     assert not accuracy_gate(["a", "b"], ref, ref, y, ref[:10], ref[:10] + 0.03).passed
     one_class = np.zeros_like(y)
     assert not accuracy_gate(["a", "b"], ref, ref, one_class, ref[:10], ref[:10]).passed
+
+
+def _alternate_stack_is_mapped() -> bool:
+    """Whether this thread's signal alternate stack (if any) lies in mapped memory (Linux)."""
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    cur = StackT()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(cur)) == 0
+    if cur.ss_flags & 2 or not cur.ss_sp:  # SS_DISABLE: no alternate stack
+        return True
+    with open("/proc/self/maps") as fh:
+        spans = [[int(v, 16) for v in line.split()[0].split("-")] for line in fh]
+    return any(lo <= cur.ss_sp and cur.ss_sp + cur.ss_size <= hi for lo, hi in spans)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_openvino_leaves_signal_handling_intact(tmp_path, real_inputs):
+    """Two OpenVINO Cores destroyed out of order left the main thread's sigaltstack pointing at freed
+    memory, and the next Python-handled signal (here SIGCHLD) killed the whole process with SIGSEGV.
+    medxray keeps one Core per process (medxray.hardware.openvino_core)."""
+    import gc
+    import signal
+    import subprocess
+    import sys
+
+    p = _predictor(tmp_path, seed=2)
+    calib, val, y, check = _split(p, real_inputs)
+    quantize_predictor(p, calib, val, y, check)
+    q = _predictor(tmp_path, seed=2, precision="auto")
+    q.predict(real_inputs[:4])
+    del p, q
+    gc.collect()
+    assert _alternate_stack_is_mapped()
+    # and a Python-handled signal really arrives on this thread (with a dangling stack: SIGSEGV here)
+    before = signal.getsignal(signal.SIGCHLD)
+    hits = []
+    signal.signal(signal.SIGCHLD, lambda s, f: hits.append(s))
+    try:
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    assert hits

@@ -202,7 +202,9 @@ def write_report(res: EvalResult, metrics: Mapping[str, Any], *, dataset: str, s
             lrows.append([n, str(s["n"])] + [_fmt(s["iobb_accuracy"][str(t)]) for t in IOBB_THRESHOLDS]
                          + [_fmt(s["mean_iobb"]), _fmt(s["pointing_game"])])
         blocks += [("h2", "Localisation (class activation maps)"),
-                   ("p", "On images with ground-truth boxes: the finding's CAM is normalised to [0, 1], thresholded, and "
+                   ("p", f"Map method: **{loc.get('method', 'not recorded')}** (medxray.cam.compute_maps, the maps "
+                         "the app and the scorer show). "
+                         "On images with ground-truth boxes: the finding's map is normalised to [0, 1], thresholded, and "
                          "each connected region's bounding box is compared with the ground truth. A box counts as "
                          "correct when IoBB (intersection over the predicted box's area) exceeds T, as in Wang et al. "
                          "2017. Pointing game: the CAM's maximum lies inside the ground-truth box."),

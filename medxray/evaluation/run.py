@@ -211,6 +211,8 @@ def evaluate(
                          tta=tta, label_names=label_names, num_workers=workers)
         th_set = (th["probs"], th["labels"], th["masks"])
     loc = summarise_localisation(scored["localisation"], label_names) if scored["localisation"] else None
+    if loc is not None:
+        loc["method"] = cam_method
     root_text = str(data_root or train_cfg.get("data_root") or "")
     pre = meta.get("preprocessing", {})
     source_lines = [
