@@ -226,3 +226,9 @@ def test_no_positive_evidence_is_said_in_words(monkeypatch):
     said.clear()
     overlay_with_legend(img, np.ones((4, 4), np.float32), "Effusion", finding="Effusion")
     assert not [t for t in said if "no positive evidence" in t]
+
+
+def test_the_scorers_method_names_are_the_map_table():
+    from medxray.scoring import CAM_METHODS
+
+    assert CAM_METHODS[:2] == ("checkpoint", "gradcam") and set(CAM_METHODS[2:]) == set(MAP_METHODS)

@@ -99,10 +99,11 @@ def test_fast_backends_agree_with_fp32_within_tolerance(scoring_checkpoint, imag
     _, cams_ref = fp32.predict_with_cams(images)
     S = SCORING_IMAGE_SIZE
     assert cams.shape == cams_ref.shape == (len(images), 14, S, S)
-    # the gradient methods always run fp32 eager torch: the fast backend changes no map (only the
-    # batch split, 4 here, moves float sums by ~1e-5)
+    # the gradient methods always run in fp32 eager torch, whatever the backend; what moves the
+    # float sums is the batch split (4 here) and, for torch bf16, the channels_last weight layout
     assert p.cam_method == fp32.cam_method != "cam"
-    np.testing.assert_allclose(cams, cams_ref, atol=1e-4)
+    np.testing.assert_allclose(cams, cams_ref, atol=0.01)
+    assert np.abs(cams - cams_ref).mean() < 1e-4
     # CAM on the backend's own feature map: the same definition, close to fp32
     _, cam_fast = p.predict_with_cams(images, method="cam")
     _, cam_ref = fp32.predict_with_cams(images, method="cam")

@@ -21,8 +21,8 @@ from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts,
 CAM_MODES = ("positive", "all", "none")
 # "checkpoint" = the method the checkpoint's localisation figures were measured with (evaluate records
 # it); the others are medxray.cam.MAP_METHODS keys, plus "gradcam" as the older name of gradcam-denseblock4
-CAM_METHODS = ("checkpoint", "cam", "gradcam", "gradcam-denseblock4", "gradcam-denseblock3",
-               "layercam-denseblock3", "layercam")
+CAM_METHODS = ("checkpoint", "gradcam", "cam", "gradcam-denseblock4", "gradcam-denseblock3",
+               "gradcam-denseblock2", "layercam-denseblock3", "layercam")  # tests/test_cam.py keeps it in step
 
 
 @dataclass
