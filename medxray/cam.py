@@ -19,10 +19,12 @@ one model can serve many threads, as in the Streamlit app):
 * ``gradcam-denseblock4``: Grad-CAM (Selvaraju et al., ICCV 2017) at the last dense block's
   output (before norm5): channel weights = spatial mean of d logit_c / d A.
 * ``gradcam-denseblock3``: Grad-CAM at the third dense block's output, 14x14 at 224 px.
-* ``gradcam-denseblock2``: Grad-CAM at the second dense block's output, 28x28 at 224 px (the
-  default: best pointing game and IoBB on the phantom, see the README's table).
+* ``gradcam-denseblock2``: Grad-CAM at the second dense block's output, 28x28 at 224 px.
 * ``layercam-denseblock3``: LayerCAM (Jiang et al., IEEE TIP 2021) at denseblock3: every position
   weighted by its own positive gradient, ``relu(sum_k relu(dY_c/dA_k(i,j)) A_k(i,j))``.
+* ``layercam-denseblock2`` / ``layercam-denseblock1``: LayerCAM at denseblock2 (28x28 at 224 px)
+  and denseblock1 (56x56), the shallow layers the paper finds localise finest. ``layercam-denseblock1``
+  is the default: best pointing game and IoBB on the phantom (README, bench/localisation.py).
 * ``layercam``: LayerCAM fused over denseblock2 (28x28 at 224 px), denseblock3 and denseblock4:
   shallow maps scaled by ``tanh(2 M / max M)`` as in the paper, fused by element-wise maximum.
 
@@ -72,11 +74,13 @@ MAP_METHODS: dict[str, MapMethod] = {
     "gradcam-denseblock4": MapMethod("gradcam", ("denseblock4",), "Grad-CAM at denseblock4 (Selvaraju et al. 2017)"),
     "gradcam-denseblock3": MapMethod("gradcam", ("denseblock3",), "Grad-CAM at denseblock3, 2x finer"),
     "gradcam-denseblock2": MapMethod("gradcam", ("denseblock2",), "Grad-CAM at denseblock2, 4x finer"),
+    "layercam-denseblock2": MapMethod("layercam", ("denseblock2",), "LayerCAM at denseblock2, 4x finer"),
+    "layercam-denseblock1": MapMethod("layercam", ("denseblock1",), "LayerCAM at denseblock1, 8x finer"),
     "layercam-denseblock3": MapMethod("layercam", ("denseblock3",), "LayerCAM at denseblock3 (Jiang et al. 2021)"),
     "layercam": MapMethod("layercam", ("denseblock2", "denseblock3", "denseblock4"),
                           "LayerCAM fused over denseblock2-4 (Jiang et al. 2021)"),
 }
-DEFAULT_MAP_METHOD = "gradcam-denseblock2"  # measured best on the phantom: see bench/localisation.py, README
+DEFAULT_MAP_METHOD = "layercam-denseblock1"  # measured best on the phantom: see bench/localisation.py, README
 LAYERCAM_GAMMA = 2.0  # tanh scaling of shallow-layer maps before fusion (Jiang et al. 2021, Sec. III-C)
 EVIDENCE_EPS = 1e-6   # a map whose maximum (in raw units) is below this has no positive evidence
 

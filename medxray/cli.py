@@ -184,7 +184,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam-threshold", type=float, default=0.5, help="CAM level that makes boxes (default 0.5)")
     p.add_argument("--cam-method", default=None,
                    help="map method scored and recorded in the checkpoint: cam, gradcam-denseblock4, "
-                        "gradcam-denseblock3, gradcam-denseblock2, layercam-denseblock3 or layercam (default: the checkpoint's "
+                        "gradcam-denseblock3, gradcam-denseblock2, layercam-denseblock3, layercam-denseblock2, "
+                        "layercam-denseblock1 or layercam (default: the checkpoint's "
                         "recorded method, else the measured best; see bench/localisation.py)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")

@@ -22,7 +22,8 @@ CAM_MODES = ("positive", "all", "none")
 # "checkpoint" = the method the checkpoint's localisation figures were measured with (evaluate records
 # it); the others are medxray.cam.MAP_METHODS keys, plus "gradcam" as the older name of gradcam-denseblock4
 CAM_METHODS = ("checkpoint", "gradcam", "cam", "gradcam-denseblock4", "gradcam-denseblock3",
-               "gradcam-denseblock2", "layercam-denseblock3", "layercam")  # tests/test_cam.py keeps it in step
+               "gradcam-denseblock2", "layercam-denseblock3", "layercam-denseblock2", "layercam-denseblock1",
+               "layercam")  # tests/test_cam.py keeps it in step
 
 
 @dataclass
