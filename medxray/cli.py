@@ -330,7 +330,7 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint written by `medxray finetune`")
     p.add_argument("--out", required=True, help="output folder (results.csv, cams/, sr/, run.json)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode processes (default: ~40%% of the CPU cores; all but one with CUDA)")
+                   help="decode processes (default: one per CPU core at background priority; all but one with CUDA)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cams", choices=("positive", "all", "none"), default="positive",
                    help="CAM overlay PNGs for positive findings (default), all findings, or none")
