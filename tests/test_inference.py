@@ -206,3 +206,16 @@ def test_cuda_path_matches_cpu(scoring_checkpoint, images):
     p = Predictor.from_checkpoint(scoring_checkpoint)  # auto -> cuda, torch, bf16 autocast
     assert p.device.type == "cuda" and p.backend == "torch"
     assert np.abs(p.predict(images) - ref).max() < PROB_TOLERANCE
+
+
+def test_app_prediction_is_one_forward_and_maps_come_per_finding(fp32, images):
+    """The app scores an image with one forward pass and computes a finding's map only when shown
+    (a gradient map costs a backward pass per finding); that map is the Predictor's, array for array."""
+    from medxray.review.study import finding_map, predict_study
+
+    pred = predict_study(fp32, images[0])
+    assert pred.live and pred.cams is None
+    np.testing.assert_allclose(pred.probabilities, fp32.predict(images[:1])[0], atol=1e-6)
+    m = finding_map(fp32, images[0], "Effusion")
+    assert m.shape == (SCORING_IMAGE_SIZE, SCORING_IMAGE_SIZE)
+    np.testing.assert_allclose(m, fp32.predict_with_cams(images[:1], classes=["Effusion"])[1][0, 0], atol=1e-6)

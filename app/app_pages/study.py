@@ -76,8 +76,9 @@ extras = (", inverted" if view.invert else "") + (f", zoom {view.zoom:g}x" if vi
 left.image(to_uint8(apply_view(display, view)), caption=f"Original ({window_caption}{extras})", width="stretch")
 if pred is not None and show_cam:
     label = f"CAM: {display_name(finding)} (p = {pred.as_dict()[finding]:.3f}, threshold {thr[finding]:.2f})"
-    if pred.cams is not None:
-        cam = pred.cams[pred.label_names.index(finding)]
+    if pred.live or pred.cams is not None:
+        cam = (pred.cams[pred.label_names.index(finding)] if pred.cams is not None
+               else ui.finding_map(ms.fingerprint, study.sha256, finding, ms.predictor, study.pixels))
         right.image(cam_view(display, cam, view, alpha=alpha, style=style, finding=display_name(finding)),
                     caption=label, width="stretch")
         if not (cam > 0).any():
@@ -96,7 +97,7 @@ if pred is not None:
     c1.pyplot(probability_figure(table), width="stretch")
     with c2:
         us.findings_dataframe(table)
-    src = "model" if pred.cams is not None else "stored results of `medxray score-dicom` (no model loaded)"
+    src = "model" if pred.live or pred.cams is not None else "stored results of `medxray score-dicom` (no model loaded)"
     st.caption(f"Probabilities from the {src}. Red: at or above the operating threshold; grey: below it.")
 
 with st.expander("Image details (no patient information)"):

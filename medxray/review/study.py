@@ -200,30 +200,38 @@ def cam_overlay(display01: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> n
 
 @dataclass
 class StudyPrediction:
-    """Model output for one image: probability per finding and a CAM per finding."""
+    """Model output for one image: probability per finding; maps come per finding (:func:`finding_map`)."""
 
     label_names: list[str]
     probabilities: np.ndarray  # (C,)
-    cams: np.ndarray | None  # (C, S, S) in [0, 1] at the network input size S, or None (stored results only)
+    cams: np.ndarray | None  # precomputed (C, S, S) maps in [0, 1], or None (live: ask finding_map; stored: none)
     model_version: str = ""
     warnings: list[str] = field(default_factory=list)  # the model's own (out of distribution), codes.py texts
+    live: bool = False  # from a loaded model (maps on demand), not from a results.csv row
 
     def as_dict(self) -> dict[str, float]:
         return {n: float(p) for n, p in zip(self.label_names, self.probabilities)}
 
 
 def predict_study(predictor: Any, pixels: np.ndarray) -> StudyPrediction:
-    """Run the shared predictor on one image (no hooks, no state change)."""
+    """Run the shared predictor on one image (no hooks, no state change): probabilities and the
+    OOD check from one forward pass. Maps are computed per finding when shown (:func:`finding_map`):
+    the gradient methods cost one backward pass per finding."""
     from medxray.scoring.gate import ood_verdict
 
-    probs, cams, ood = predictor.predict_with_cams([pixels], with_ood=True)
+    probs, ood = predictor.predict_tensor(predictor.preprocess([pixels]), with_ood=True)
     threshold = getattr(getattr(predictor, "ood", None), "threshold", None)
     # the scorer's text for the same check (policy "warn": the app never hides a study)
     _, ood_warning = ood_verdict(None if ood is None else float(ood[0]), threshold, "warn")
     return StudyPrediction(label_names=list(predictor.label_names), probabilities=np.asarray(probs[0], np.float32),
-                           cams=np.asarray(cams[0], np.float32),
-                           model_version=str(getattr(predictor, "model_version", "") or ""),
-                           warnings=[ood_warning] if ood_warning else [])
+                           cams=None, model_version=str(getattr(predictor, "model_version", "") or ""),
+                           warnings=[ood_warning] if ood_warning else [], live=True)
+
+
+def finding_map(predictor: Any, pixels: np.ndarray, finding: str) -> np.ndarray:
+    """The map (S, S) in [0, 1] the app shows for ``finding``: :meth:`Predictor.predict_with_cams`
+    (medxray.cam.compute_maps with the checkpoint's method), the arrays evaluation scores."""
+    return np.asarray(predictor.predict_with_cams([pixels], classes=[finding])[1][0, 0], np.float32)
 
 
 def default_thresholds(label_names: Sequence[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:

@@ -30,6 +30,7 @@ from medxray.review.model_card import synthetic_banner
 from medxray.review.settings import (IDENTITY_TYPED, NO_CHECKPOINT_HELP, NOT_FOR_CLINICAL_USE_SHORT, AppSettings,
                                      allowed_results_folder, file_fingerprint, reviewer_identity, user_message)
 from medxray.review.study import StudyImage, StudyPrediction, default_thresholds, load_study_bytes, predict_study
+from medxray.review.study import finding_map as study_finding_map
 from medxray.review.worklist import (RESULTS_FILENAME, find_results_folders, load_results, result_label_names,
                                      row_image_keys)
 
@@ -121,6 +122,13 @@ def predict(model_fingerprint: str, sha256: str, _predictor: Any, _pixels: np.nd
     """Probabilities and CAMs once per (checkpoint version, image content)."""
     del model_fingerprint, sha256
     return predict_study(_predictor, _pixels)
+
+
+@st.cache_data(max_entries=256, show_spinner="Computing the map...")
+def finding_map(model_fingerprint: str, sha256: str, finding: str, _predictor: Any, _pixels: np.ndarray) -> np.ndarray:
+    """The finding's map once per (checkpoint version, image content, finding)."""
+    del model_fingerprint, sha256
+    return study_finding_map(_predictor, _pixels, finding)
 
 
 def review_store(cfg: AppSettings) -> ReviewStore | None:
