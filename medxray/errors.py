@@ -33,6 +33,10 @@ class DataError(MedxrayError):
     """A data root, manifest, label file or image that cannot be used."""
 
 
+class ImageValueError(DataError, ValueError):
+    """An image array whose dtype or value range is not a grayscale radiograph's (:mod:`medxray.modelinput`)."""
+
+
 class DicomError(MedxrayError):
     """A DICOM file that cannot be turned into a 2-D grayscale image (the reason says why)."""
 
