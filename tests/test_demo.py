@@ -7,9 +7,12 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from medxray.cli import main
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_step(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["-q", "demo", "--quick", "--out", str(out)])

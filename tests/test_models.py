@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zlib
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def _legacy(state):
 @pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
 @pytest.mark.parametrize("style", ["current", "legacy"])
 def test_imagenet_parity_with_torchvision(name, style, tmp_path):
-    tv = _torchvision_with_stats(name, seed=hash(name) % 1000)
+    tv = _torchvision_with_stats(name, seed=zlib.crc32(name.encode()) % 1000)  # stable across processes (hash() is salted)
     state = tv.state_dict()
     if style == "legacy":
         state = _legacy(state)
@@ -282,13 +283,16 @@ def test_cli_models_lists_counts_and_flops(capsys):
     assert 2.8 < gmacs < 2.95  # torchvision lists 2.83 GMACs ("GFLOPS") for densenet121
 
 
-def test_cli_models_answers_in_seconds(capsys):
-    """The counts are static (issue 11 item 5): no network is built, so the listing is instant."""
-    import time
+def test_cli_models_builds_no_network(capsys, monkeypatch):
+    """The counts are static: no network is built, so the listing is instant on any machine."""
+    import medxray.models as models_pkg
 
-    t = time.perf_counter()
+    def no_build(*a, **k):
+        raise AssertionError("`medxray models` built a network")
+
+    monkeypatch.setattr(models_pkg, "create_model", no_build)
+    monkeypatch.setattr(torch.nn.Module, "__init__", no_build)
     assert main(["models"]) == 0
-    assert time.perf_counter() - t < 2.0
     out = capsys.readouterr().out
     for paper in ("7,978,856", "14,149,480", "20,013,928", "28,681,000"):  # DenseNet paper / torchvision counts
         assert paper in out

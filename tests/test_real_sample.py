@@ -26,6 +26,8 @@ SIZE = 64  # 2x2 CAMs: enough to exercise the map path; keeps the module under 2
 
 
 def sample_pngs() -> list[Path]:
+    if not (SAMPLE / "images").is_dir():
+        pytest.skip(f"the NIH sample is not beside this clone ({SAMPLE}); CI has ../shared")
     pngs = sorted((SAMPLE / "images").glob("*.png"))
     assert len(pngs) == 240, f"expected the 240 real NIH PNGs under {SAMPLE} (CI has ../shared beside the clone)"
     return pngs
