@@ -38,6 +38,7 @@ import torch
 from medxray.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from medxray.errors import CheckpointError, ConfigError, InputShapeError
 from medxray.hardware import cpu_has_native_bf16, openvino_core, resolve_device
+from medxray.modelinput import model_input
 from medxray.ood import OODStats, pooled, stats_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: OpenVINO, only behind the
 # ---------------------------------------------------------------------------------------------
 
 
-def preprocess(image01: np.ndarray, image_size: int) -> torch.Tensor:
-    """:func:`medxray.data.transforms.preprocess_array`, imported on first use (MONAI loads slowly)."""
-    from medxray.data.transforms import preprocess_array
-
-    return preprocess_array(image01, image_size)
+def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """(3, S, S) float32 network input for one 2-D image: the input contract
+    :func:`medxray.modelinput.model_input` as a tensor (uint8 / uint16 scaled by bit depth, float
+    in [0, 1]; raises :class:`medxray.errors.ImageValueError` / ``InputShapeError`` otherwise)."""
+    return torch.from_numpy(model_input(image, image_size))
 
 
 def openvino_cache_dir() -> Path | None:
@@ -376,7 +377,11 @@ class Predictor:
     # -- public API --------------------------------------------------------------------------
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """List of 2-D [0, 1] arrays -> (N, 3, S, S) batch through the deterministic transforms."""
+        """List of 2-D images -> (N, 3, S, S) float32 batch (:func:`medxray.modelinput.model_input` each).
+
+        Each image is uint8 / uint16 (scaled by its bit depth) or float in [0, 1]; anything else
+        raises :class:`medxray.errors.ImageValueError` (a float image in [0, 255]: divide by 255).
+        """
         if not len(images):
             return torch.zeros((0, 3, self.image_size, self.image_size))
         return torch.stack([preprocess(img, self.image_size) for img in images])

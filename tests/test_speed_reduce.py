@@ -134,12 +134,15 @@ def test_area_reduce_and_area_resize_equal_torch_area(shape):
 
 
 def test_numpy_model_input_equals_the_monai_list():
-    from medxray.data.transforms import preprocess_array
+    from monai.transforms import Compose
 
+    from medxray.data.transforms import deterministic_transforms
+
+    monai_list = Compose(deterministic_transforms(SIZE, from_file=False))
     img = read_dicom(get_testdata_file("RG1_UNCR.dcm"), keep_raw=False).pixels
     rng = np.random.default_rng(1)
-    for arr in (img, rng.random((300, 257), dtype=np.float32) * 1.2 - 0.1, np.full((224, 224), 0.3, np.float32)):
-        ref = preprocess_array(arr, SIZE).numpy()
+    for arr in (img, rng.random((300, 257), dtype=np.float32), np.full((224, 224), 0.3, np.float32)):
+        ref = monai_list({"image": arr})["image"].numpy()
         got = model_input(arr, SIZE)
         assert got.shape == (3, SIZE, SIZE) and got.dtype == np.float32
         assert np.abs(ref - got).max() <= 1e-5

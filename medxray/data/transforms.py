@@ -1,7 +1,12 @@
 """MONAI dictionary transforms, defined once for every consumer.
 
-One deterministic list turns an image into the network's input; validation, test, the DICOM
-scorer and the app all use it, so a checkpoint scores an image the same way everywhere.
+The network input is defined once, by the input contract :func:`medxray.modelinput.model_input`
+(dtype and range checked, area resize, 3 channels, ImageNet normalisation). The deterministic
+list here is its MONAI dictionary form for datasets (training, validation, test, the
+preprocessing cache): :class:`ScaleByBitDepthd` wraps the contract's :func:`unit_range`, and the
+resize and normalisation compute the contract's numbers with torch (tests/test_input_contract.py
+proves the list and the function agree for every accepted dtype and refuse the same inputs).
+The scorer, the app and the Predictor call the function itself (:func:`preprocess_array`).
 Training appends random transforms to that list and never changes the deterministic part.
 
 The intensity convention (what a pixel value means before normalisation) is the named constant
@@ -11,20 +16,23 @@ The intensity convention (what a pixel value means before normalisation) is the 
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.transforms import (
-    Compose,
     EnsureChannelFirstd,
     MapTransform,
     RandomizableTransform,
 )
 
 from medxray.data.imageio import read_image
-from medxray.modelinput import IMAGENET_MEAN, IMAGENET_STD  # defined torch-free for the decode workers
+from medxray.modelinput import (  # the input contract, torch-free for the decode workers
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    model_input,
+    unit_range,
+)
 
 # Grayscale scaled to [0, 1] by the stored bit depth (0 = black, i.e. air is dark, after any
 # MONOCHROME1 inversion), resized to a square, replicated to 3 channels and normalised with the
@@ -45,30 +53,30 @@ def preprocessing_config(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Any]
 
 
 class ScaleByBitDepthd(MapTransform):
-    """Map integer pixels to [0, 1] by the range of their stored type (8 or 16 bit).
+    """Dictionary wrapper of :func:`medxray.modelinput.unit_range`: pixels to float32 [0, 1] by bit depth.
 
-    A fixed, data-independent scale keeps the convention identical for every image; float
-    input is taken to be in [0, 1] already (the DICOM decoder produces that) and clipped.
+    MONAI's array / dictionary pattern: the rule (uint8 / 255, wider integers / (2**bits - 1),
+    floats checked to lie in [0, 1], other dtypes refused with
+    :class:`medxray.errors.ImageValueError`) is the input contract's one function; this class only
+    applies it under each key. A torch tensor comes back as a float32 tensor, an array as an array.
+    ``bits_stored`` is the stored bit depth of integer input when the source knows it (else 8 for
+    1-byte types, 16 for wider ones).
     """
+
+    def __init__(self, keys: Sequence[str] | str, bits_stored: int | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.bits_stored = bits_stored
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            arr_dtype = img.dtype
             if isinstance(img, torch.Tensor):
-                is_int = not torch.is_floating_point(img)
-                top = float(torch.iinfo(arr_dtype).max) if is_int else 1.0
-                img = img.float()
+                d[key] = torch.from_numpy(unit_range(img.detach().cpu().as_subclass(torch.Tensor).numpy(),
+                                                     bits_stored=self.bits_stored))
             else:
-                is_int = np.issubdtype(arr_dtype, np.integer)
-                top = float(np.iinfo(arr_dtype).max) if is_int else 1.0
-                img = np.asarray(img, dtype=np.float32)
-            if is_int:
-                if arr_dtype in (np.int32, torch.int32) and float(img.max()) <= 65535:
-                    top = 65535.0  # 16-bit PNGs arrive as int32 from PIL
-                img = img / top
-            d[key] = img.clip(0.0, 1.0)
+                d[key] = unit_range(img, bits_stored=self.bits_stored)
         return d
 
 
@@ -78,7 +86,8 @@ def deterministic_transforms(
     """The one deterministic list.
 
     ``from_file=True`` starts from a path (PNG/JPEG as ChestX-ray14 ships them);
-    ``from_file=False`` starts from a 2-D float array already in [0, 1] (DICOM decoder, app).
+    ``from_file=False`` starts from a 2-D array the input contract accepts (uint8 / uint16 scaled
+    by bit depth, float in [0, 1]; :func:`medxray.modelinput.unit_range`).
     The result under each key is a float tensor of shape (3, image_size, image_size).
     """
     keys = list(keys)
@@ -311,17 +320,13 @@ def check_preprocessing(preprocessing: Mapping[str, Any]) -> int:
     return int(preprocessing.get("image_size", DEFAULT_IMAGE_SIZE))
 
 
-@lru_cache(maxsize=8)
-def _array_pipeline(image_size: int) -> Compose:
-    """The deterministic list for arrays, composed once per size (composing per call costs ~3x the work)."""
-    return Compose(deterministic_transforms(image_size, from_file=False))
+def preprocess_array(image: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
+    """The network input (3, S, S) float32 tensor for one 2-D image (Predictor, app, scorer path).
 
-
-def preprocess_array(image01: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
-    """Deterministic transforms applied to one 2-D [0, 1] array (scorer and app path)."""
-    arr = np.asarray(image01)
-    if arr.ndim != 2:
-        from medxray.errors import InputShapeError
-
-        raise InputShapeError(f"expected a 2-D grayscale image, got shape {tuple(arr.shape)}")
-    return _array_pipeline(int(image_size))({"image": arr.astype(np.float32, copy=False)})["image"]
+    :func:`medxray.modelinput.model_input` as a tensor: the input contract's one array-level
+    function, so the Predictor and the scorer's decode workers compute the same numbers. Accepts
+    uint8 / uint16 (scaled by bit depth) and float [0, 1]; raises
+    :class:`medxray.errors.InputShapeError` for a non-2-D array and
+    :class:`medxray.errors.ImageValueError` for a refused dtype or range.
+    """
+    return torch.from_numpy(model_input(image, int(image_size)))
