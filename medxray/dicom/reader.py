@@ -147,8 +147,9 @@ def decode_stored(ds: Any) -> np.ndarray:
     rows, cols = int(ds.Rows), int(ds.Columns)
     bits_alloc = int(ds.BitsAllocated)
     signed = (int_attr(ds, "PixelRepresentation", 0) or 0) == 1
-    if not ts.is_compressed and not ts.is_deflated:
-        # Native pixels: a direct view of the bytes (pydicom's generic path copies several times).
+    if not ts.is_compressed:
+        # Native pixels (a deflated body is already inflated by the parse): a direct view of the bytes
+        # (pydicom's generic path copies several times).
         raw = ds.get_item("PixelData").value
         if raw is None:
             raw = ds.PixelData
@@ -240,7 +241,7 @@ def read_dicom(
         raise refusal(NOT_DICOM, "not a DICOM file (no DICM marker and no DICOM data set at the start)")
     ds = None
     try:
-        ds = parse_dataset(data, kind)
+        ds = parse_dataset(data, kind, max_pixels)
         del data
         return _decode(ds, allowed_modalities, max_pixels, keep_raw, reduce_to)
     except DicomError:

@@ -6,13 +6,18 @@
 * :func:`parse_dataset`: pydicom's parse inside the refusal net, the Transfer Syntax UID checked,
   a file cut short found from the element offsets pydicom recorded (:func:`check_not_truncated`).
 
+* a Deflated Explicit VR Little Endian body is inflated under a ceiling first
+  (:mod:`medxray.dicom.inflate`), never by pydicom.
+
 Must not import the reader, the VOI code or the writers; only :mod:`medxray.dicom.codes`,
-:mod:`medxray.dicom.header` and :mod:`medxray.errors` of medxray.
+:mod:`medxray.dicom.header`, :mod:`medxray.dicom.inflate`, :mod:`medxray.limits` and
+:mod:`medxray.errors` of medxray.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 from pathlib import Path
@@ -21,6 +26,8 @@ from typing import IO, Any, Union
 from medxray.dicom.codes import TOO_LARGE, TRUNCATED, UNREADABLE, UNSUPPORTED, one_line, refusal
 from medxray.dicom.header import scrub_phi, transfer_syntax
 from medxray.errors import DicomError
+
+log = logging.getLogger(__name__)
 
 DicomSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
 
@@ -144,22 +151,35 @@ def check_not_truncated(ds: Any, size: int, kind: str) -> None:
         )
 
 
-def parse_dataset(data: bytes, kind: str) -> Any:
-    """Parse ``data`` (sniffed as ``kind``) with pydicom; header damage and truncation are refusals."""
+def parse_dataset(data: bytes, kind: str, max_pixels: int | None = None) -> Any:
+    """Parse ``data`` (sniffed as ``kind``) with pydicom; header damage and truncation are refusals.
+
+    A Deflated Explicit VR Little Endian data set (PS3.5 A.5) is inflated here under the ceiling
+    of :func:`medxray.dicom.inflate.inflate_deflated` (``max_pixels``: the pixel limit, None for
+    :data:`medxray.limits.DEFAULT_MAX_PIXELS`) before pydicom sees it: pydicom's own reading
+    inflates the whole stream first, whatever it holds.
+    """
     import pydicom
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    body_size = len(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=(kind == "raw"))
+        deflated = _read_deflated(data, kind, max_pixels)
+        if deflated is not None:
+            ds, body_size = deflated
+        else:
+            ds = pydicom.dcmread(io.BytesIO(data), force=(kind == "raw"))
+    except DicomError:
+        raise
     except Exception as exc:  # pydicom raises many types for damaged headers
         raise refusal(
             UNREADABLE, f"the file looks like DICOM but its header cannot be parsed ({type(exc).__name__})"
         ) from None
     try:
         meta = ds.file_meta
-        ts = transfer_syntax(ds)
-        if ts is None or not ts.is_deflated:  # offsets of a deflated body are not file offsets
-            check_not_truncated(ds, len(data), kind)
+        transfer_syntax(ds)
+        # a deflated body's offsets are offsets into the inflated bytes: checked against their length
+        check_not_truncated(ds, body_size, "raw" if deflated is not None else kind)
     except DicomError:
         raise
     except Exception as exc:  # pydicom converts values lazily: damage surfaces here
@@ -180,3 +200,33 @@ def parse_dataset(data: bytes, kind: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _read_deflated(data: bytes, kind: str, max_pixels: int | None) -> tuple[Any, int] | None:
+    """(data set, inflated body size) for a Deflated Explicit VR Little Endian file, else None.
+
+    The File Meta group is read the way ``dcmread`` reads it (pydicom's ``read_preamble`` and
+    ``_read_file_meta_info``: the same decision on what the transfer syntax is), the body is
+    inflated by :func:`~medxray.dicom.inflate.inflate_deflated` and parsed from memory.
+    """
+    from pydicom.dataset import FileDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+
+    from medxray.dicom.inflate import DEFLATED_TS, inflate_deflated
+    from medxray.limits import pixel_limit
+
+    fp = DicomBytesIO(data)
+    preamble = read_preamble(fp, kind == "raw")
+    file_meta = _read_file_meta_info(fp)
+    ts = file_meta.get("TransferSyntaxUID", None)
+    if not isinstance(ts, str) or ts.strip("\x00 ") != DEFLATED_TS:
+        return None
+    body, report = inflate_deflated(memoryview(data)[fp.tell():], pixel_limit(max_pixels))
+    log.debug("deflated data set: %d bytes inflated to %d (ceiling %d)", report.compressed_bytes,
+              report.inflated_bytes, report.ceiling_bytes)
+    dataset = read_dataset(DicomBytesIO(body), is_implicit_VR=False, is_little_endian=True)
+    ds = FileDataset("", dataset, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
+                     is_little_endian=True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds, len(body)
