@@ -11,21 +11,30 @@ window (app sliders). :func:`grey_levels` counts what survives the window.
 Which stage is pydicom's and which is ours, and why (each "why" is a test in
 tests/test_dicom_standard.py that fails on pydicom's function):
 
-* Modality LUT Sequence: ``pydicom.pixels.apply_modality_lut``, fed the descriptor read by
-  :func:`medxray.dicom.header.lut_descriptor` (pydicom's own reading of an Implicit VR descriptor
-  with 32768 entries and signed pixels is -32768 and its function raises IndexError);
+* Modality LUT Sequence: ours (:func:`lut_table` + a clipped index, as PS3.3 C.11.1.1.1 says).
+  pydicom's ``apply_modality_lut`` reads its own descriptor (an Implicit VR descriptor with 32768
+  entries and signed pixels is -32768: IndexError) and builds the table as ``uint{bits}``, so a
+  descriptor that says 12 bits (TypeError) or 8 bits over 16-bit words (OverflowError) fails;
 * rescale slope/intercept: ours, float32 in place (pydicom's is float64 and ignores a slope
   without intercept); a test proves equal values;
 * VOI LUT Sequence: ours. ``pydicom.pixels.apply_voi`` indexes with the LUT's entry type, so an
-  8-bit LUT with more than 256 entries wraps, and it fails on the Implicit VR descriptor;
+  8-bit LUT with more than 256 entries wraps, and it fails on the Implicit VR descriptor; and it
+  scales by the descriptor's bits, so a table of 12-bit entries under a descriptor saying 16 (an
+  Agfa CR habit) comes out washed out (the ``lut_range`` tests);
+
+LUT entries whose range disagrees with the descriptor (its third value), one rule for the family:
+the LUT Data's length says how the entries are stored (16-bit words when it holds two bytes per
+entry, else bytes), whatever the descriptor's bits; the VOI LUT's output is scaled by
+:func:`lut_output_max`, ``2**n - 1`` for the ``n`` bits its largest entry really uses (as
+Cornerstone, Horos and dicom-rs do); the Modality LUT's entries are modality values and are used
+as they are (only their storage is read as above).
 * windows: ours, float32 in place and usable without a data set (:func:`rewindow`); a test proves
   equal values to ``pydicom.pixels.apply_windowing`` for every function the standard defines.
 
 All arrays are 2-D; outputs are float32 (the window maps to [0, 1]). MONOCHROME1 inversion is
 applied by the reader and by :func:`rewindow`, not by the window functions.
 
-Must not import the reader (:mod:`medxray.dicom.reader` imports this); pydicom is imported
-lazily, only for the Modality LUT Sequence.
+Must not import the reader (:mod:`medxray.dicom.reader` imports this) nor pydicom.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from medxray.dicom.codes import UNREADABLE, UNSUPPORTED, one_line, refusal
+from medxray.dicom.codes import UNREADABLE, UNSUPPORTED, refusal
 from medxray.dicom.header import first_float, int_attr, lut_descriptor, text_attr
 
 #: An image with fewer 8-bit grey levels than this ("a handful"; each on >= 1/10000 of the pixels) is flat.
@@ -60,25 +69,18 @@ def _signed(ds: Any) -> bool:
 
 
 def modality_lut_params(ds: Any) -> Any:
-    """('rescale', slope, intercept) or ('lut', data set for pydicom) from the file (PS3.3 C.11.1)."""
+    """('rescale', slope, intercept) or ('lut', first value mapped, table) from the file (PS3.3 C.11.1).
+
+    The table is float64, as many entries as the descriptor says, read by :func:`lut_table`.
+    Raises ``DicomError`` (``unreadable``/``unsupported``) for a LUT that cannot be read.
+    """
     seq = ds.get("ModalityLUTSequence", None)
     if seq:
-        from pydicom.dataset import Dataset, FileMetaDataset
-
         item = seq[0]
         entries, first, bits = lut_descriptor(item, _signed(ds), _little_endian(ds))
-        if bits not in (8, 16):
-            raise refusal(UNSUPPORTED, f"a Modality LUT with {bits}-bit entries (PS3.3 C.11.1.1.1 allows 8 or 16)")
-        if "LUTData" not in item:
-            raise refusal(UNREADABLE, "the Modality LUT Sequence item has no LUT Data")
-        fixed = Dataset()
-        fixed.add_new(0x00283002, "SS" if first < 0 else "US", [entries % 65536, first, bits])
-        fixed.add(item["LUTData"])
-        holder = Dataset()
-        holder.file_meta = FileMetaDataset()
-        holder.file_meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
-        holder.ModalityLUTSequence = [fixed]
-        return ("lut", holder)
+        if not 1 <= bits <= 16:
+            raise refusal(UNSUPPORTED, f"a Modality LUT with {bits}-bit entries (PS3.3 C.11.1.1.1: 8 or 16)")
+        return ("lut", first, lut_table(item, entries, bits, _little_endian(ds)))
     slope = first_float(ds.get("RescaleSlope", None))
     intercept = first_float(ds.get("RescaleIntercept", None))
     ok = slope is not None and math.isfinite(slope) and slope != 0.0
@@ -87,15 +89,14 @@ def modality_lut_params(ds: Any) -> Any:
 
 
 def apply_modality_lut(stored: np.ndarray, params: Any) -> np.ndarray:
-    """Stored integer values -> modality values (float32), with :func:`modality_lut_params`' result."""
-    if params[0] == "lut":
-        from pydicom.pixels import apply_modality_lut as pydicom_modality_lut
+    """Stored integer values -> modality values (float32, same shape), with :func:`modality_lut_params`' result.
 
-        try:
-            return np.asarray(pydicom_modality_lut(stored, params[1]), dtype=np.float32)
-        except Exception as exc:  # LUT Data shorter than its descriptor, wrong VR, ...
-            raise refusal(UNREADABLE, f"the Modality LUT cannot be applied ({type(exc).__name__}: "
-                                      f"{one_line(str(exc), 160)})") from None
+    A LUT maps stored value ``v`` to entry ``v - first`` (clipped to the table: PS3.3 C.11.1.1.1);
+    a rescale is ``slope * v + intercept``.
+    """
+    if params[0] == "lut":
+        _, first, table = params
+        return _lookup(stored, first, table.astype(np.float32))
     _, slope, intercept = params
     out = stored.astype(np.float32)
     if slope != 1.0:
@@ -105,13 +106,28 @@ def apply_modality_lut(stored: np.ndarray, params: Any) -> np.ndarray:
     return out
 
 
+def _lookup(values: np.ndarray, first: int, table: np.ndarray) -> np.ndarray:
+    """``table[clip(values - first, 0, len - 1)]`` (values below the first mapped take the first entry)."""
+    idx = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
+    idx -= first
+    np.clip(idx, 0, table.size - 1, out=idx)
+    return table[idx]
+
+
 def lut_table(item: Any, entries: int, bits: int, little_endian: bool = True) -> np.ndarray:
-    """The LUT Data of a LUT sequence item as float64, ``entries`` long (PS3.3 C.11.2.1.1)."""
+    """The LUT Data of a LUT sequence item as float64, ``entries`` long (PS3.3 C.11.1.1.1, C.11.2.1.1).
+
+    Bytes (OW/OB) are read as 16-bit words when they hold two bytes per entry and as bytes when
+    they hold one, whatever ``bits`` says (writers put 12 or 16 there for either storage); a US
+    value is used as is. Raises ``DicomError`` ``unreadable`` when there is no LUT Data or it is
+    shorter than ``entries``.
+    """
     data = item.get("LUTData", None)
     if data is None:
         raise refusal(UNREADABLE, "a LUT sequence item has no LUT Data")
     if isinstance(data, (bytes, bytearray)):
-        wide = bits > 8 or len(data) >= 2 * entries
+        # one byte per entry (+ the even-length pad) is bytes; anything longer under a wide descriptor is words
+        wide = len(data) >= 2 * entries or (bits > 8 and len(data) > entries + 1)
         table = np.frombuffer(bytes(data[: len(data) // 2 * 2]) if wide else bytes(data),
                               dtype=("<u2" if little_endian else ">u2") if wide else "u1")
     else:
@@ -121,23 +137,32 @@ def lut_table(item: Any, entries: int, bits: int, little_endian: bool = True) ->
     return np.asarray(table[:entries], dtype=np.float64)
 
 
+def lut_output_max(table: np.ndarray) -> float:
+    """What a VOI LUT's output is divided by to reach [0, 1]: ``2**n - 1``, ``n`` the bit length of its largest entry.
+
+    Equal to the descriptor's ``2**bits - 1`` when the entries use the bits it declares; when
+    they do not (12-bit entries under a descriptor saying 16: Agfa CR; wider entries than
+    declared), the entries' real range wins, as in Cornerstone ("we don't trust numBitsPerEntry"),
+    Horos and dicom-rs (PR 825). A table of zeros gives 1.
+    """
+    top = int(table.max()) if table.size else 0
+    return float(2 ** max(top.bit_length(), 1) - 1)
+
+
 def apply_voi_lut_seq(raw: np.ndarray, ds: Any) -> np.ndarray:
-    """Apply the first VOI LUT Sequence item (PS3.3 C.11.2.1.1) -> float32 in [0, 1].
+    """Apply the first VOI LUT Sequence item (PS3.3 C.11.2.1.1) -> float32 in [0, 1], ``raw``'s shape.
 
     Inputs below the first mapped value take the first entry, above the last the last entry.
-    The output is scaled by the entries' bit depth (by the table's maximum when a writer stated
-    too few bits). Raises ``DicomError`` when the LUT is unusable (the reader then falls back).
+    The output is scaled by :func:`lut_output_max` (the entries' real bit range, which is the
+    descriptor's when they agree). Raises ``DicomError`` when the LUT is unusable (the reader
+    then falls back to the window).
     """
     item = ds.VOILUTSequence[0]
     entries, first, bits = lut_descriptor(item, _signed(ds), _little_endian(ds))
     if not 1 <= bits <= 16:
         raise refusal(UNSUPPORTED, f"a VOI LUT with {bits}-bit entries")
     table = lut_table(item, entries, bits, _little_endian(ds))
-    top = max(float(2**bits - 1), float(table.max()) if table.size else 1.0, 1.0)
-    idx = np.rint(raw).astype(np.int64)
-    idx -= first
-    np.clip(idx, 0, entries - 1, out=idx)
-    return (table / top).astype(np.float32)[idx]
+    return _lookup(raw, first, (table / lut_output_max(table)).astype(np.float32))
 
 
 def window_from_file(ds: Any) -> tuple[float, float, str] | None:
