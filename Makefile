@@ -13,9 +13,9 @@ setup: $(STAMP)
 
 # Debian packages the tests drive as real parts (never downloaded binaries): chromium for the browser
 # test, orthanc (a PACS) and dcmtk (storescu/findscu) for the DICOM node tests, dicom3tools
-# (dciodvfy) to validate every DICOM object the tests write; libopenjp2-7 (OpenJPEG, used through
+# (dciodvfy) to validate every DICOM object the tests write, openssl (test certificates for DICOM TLS); libopenjp2-7 (OpenJPEG, used through
 # glymur) decodes JPEG 2000 at a reduced resolution level for the scorer.
-SYSTEM_TOOLS := chromium:chromium Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools
+SYSTEM_TOOLS := chromium:chromium Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools openssl:openssl
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \

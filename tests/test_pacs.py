@@ -7,14 +7,12 @@ dciodvfy, pydicom-data's real RG1 chest CR (copies with new SOP Instance UIDs), 
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -23,7 +21,7 @@ import yaml
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from pacs_fixtures import OrthancServer, dciodvfy_errors, free_port, storescu
+from pacs_fixtures import STORESCU, Node, OrthancServer, csv_rows, dciodvfy_errors, free_port, storescu, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -31,7 +29,7 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SCORING = {"workers": 1, "batch_size": 2, "backend": "torch", "precision": "fp32", "threads": 1,
            "overlay_max_side": 256}
 
-pytestmark = pytest.mark.skipif(not all(os.path.exists(p) for p in ("/usr/sbin/Orthanc", "/usr/bin/storescu")),
+pytestmark = pytest.mark.skipif(not (os.path.exists("/usr/sbin/Orthanc") and STORESCU),
                                 reason="needs Debian orthanc + dcmtk: run `make system-deps` (make test does)")
 
 
@@ -68,65 +66,6 @@ def write_node_config(path: Path, work: Path, checkpoint: Path, port: int, dest_
            "retry_initial_s": 0.5, "retry_max_s": 2.0, "scoring": dict(SCORING), **extra}
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-class Node:
-    """``medxray serve-dicom`` as a child process in its own process group."""
-
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log = config, port, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120) -> "Node":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "medxray.cli", "-v", "serve-dicom", "--config",
-                                          str(self.config)], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                         cwd=REPO, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError("serve-dicom did not start listening:\n" + self.log.read_text()[-3000:])
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=60)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        if sig != signal.SIGKILL:
-            try:  # engine workers of a cleanly stopped node must be gone too
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc = None
-
-
-def wait_for(cond, timeout: float, what: str, log: Path | None = None, every: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-3000:]}" if log else ""))
-
-
-def csv_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def results_by_sop(work: Path) -> dict[str, dict[str, str]]:

@@ -1,7 +1,9 @@
 """Sending result objects from the on-disk outbox to the PACS, with retry and exponential back-off.
 
-Holds the two destinations (:class:`CStoreDestination`, a pynetdicom C-STORE SCU, PS3.4 B.2;
-:class:`OrthancRestDestination`, Orthanc's ``POST /instances``) and :class:`OutboxSender`.
+Holds the two destinations (:class:`CStoreDestination`, a pynetdicom C-STORE SCU, PS3.4 B.2,
+over DICOM TLS with mutual authentication when ``destination.tls`` is set (PS3.15 B.9,
+:mod:`medxray.pacs.tls`; a PACS whose certificate does not chain to the configured CA, or does
+not match ``peer_subject``, is treated as down and logged); :class:`OrthancRestDestination`, Orthanc's ``POST /instances``) and :class:`OutboxSender`.
 An object leaves the outbox only after the destination confirmed it (C-STORE status Success or
 Warning; Orthanc "Success"/"AlreadyStored"): first its SOP Instance UID goes into ``sent.log``,
 then the file is removed, so a kill between the two re-sends nothing. A destination that is
@@ -23,6 +25,7 @@ from typing import Any, Iterator
 
 from medxray.pacs.config import Destination
 from medxray.pacs.spool import Spool
+from medxray.pacs.tls import client_context, describe_peer, peer_matches
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +70,20 @@ class CStoreDestination:
             return
         for cls, syntaxes in contexts.items():
             ae.add_requested_context(cls, sorted(syntaxes))
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        tls = self.dest.tls
+        tls_args = (client_context(tls), None) if tls else None
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             raise DestinationDown(f"association with {self.describe()} "
-                                  f"{'rejected' if assoc.is_rejected else 'failed'}")
+                                  f"{'rejected' if assoc.is_rejected else 'failed'}"
+                                  + (" (TLS: check certificates and CA)" if tls and not assoc.is_rejected else ""))
+        if tls and tls.peer_subject is not None:
+            sock = getattr(assoc.dul.socket, "socket", None)
+            cert = sock.getpeercert() if sock is not None else None
+            if not peer_matches(cert, tls.peer_subject):
+                assoc.abort()
+                raise DestinationDown(f"{self.describe()} presented a certificate for {describe_peer(cert)}, "
+                                      "which does not match destination.tls.peer_subject")
         try:
             for p, ds in files:
                 try:
