@@ -13,8 +13,8 @@ setup: $(STAMP)
 
 # Debian packages the tests drive as real parts (never downloaded binaries): chromium for the browser
 # test, orthanc (a PACS) and dcmtk (storescu/findscu) for the DICOM node tests, dicom3tools
-# (dciodvfy) to validate every DICOM object the tests write, openssl (test certificates for DICOM TLS); libopenjp2-7 (OpenJPEG, used through
-# glymur) decodes JPEG 2000 at a reduced resolution level for the scorer.
+# (dciodvfy) to validate every DICOM object the tests write, openssl (the DICOM TLS tests' certificates);
+# libopenjp2-7 (OpenJPEG, used through glymur) decodes JPEG 2000 at a reduced resolution level for the scorer.
 SYSTEM_TOOLS := chromium:chromium Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools openssl:openssl
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
