@@ -52,7 +52,7 @@ def test_sr_validates_and_files_under_the_source_study(tmp_path, copy_patient):
     assert dciodvfy_errors(path) == []
     sr = pydicom.dcmread(path)
     assert sr.StudyInstanceUID == src.StudyInstanceUID
-    assert sr.SOPInstanceUID == result_uid(src.SOPInstanceUID, "test", "sr")
+    assert sr.SOPInstanceUID == result_uid(source_of(src), "test", "sr")
     if copy_patient:
         for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                    "StudyDate", "StudyTime", "StudyDescription"):

@@ -62,14 +62,15 @@ def write_cam_sc(path: str | os.PathLike, *, overlay_rgb: np.ndarray, source: di
     ``source`` holds the scored image's UIDs (``sop_class_uid``, ``sop_instance_uid``,
     ``study_instance_uid``, ``series_instance_uid``); ``source_dataset`` its header (Patient and
     General Study modules are copied; None = de-identified, empty patient module). The SOP
-    Instance UID is :func:`medxray.dicom.sr.result_uid` (source, model version, finding), so a
-    re-send is stored once. Raises :class:`~medxray.errors.DicomError` (``invalid_uid``) when the
+    Instance UID is :func:`medxray.dicom.sr.result_uid` (the source's study + series + SOP UIDs and,
+    for a changed re-send, its content hash; model version; finding), so a re-send is stored once
+    and two studies sharing a SOP Instance UID get two objects. Raises :class:`~medxray.errors.DicomError` (``invalid_uid``) when the
     source's UIDs are unusable, ValueError for an array that is not (H, W, 3) uint8-compatible.
     """
     import highdicom as hd
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
     check_source_uids(source)
     rgb = np.asarray(overlay_rgb)
@@ -88,9 +89,12 @@ def write_cam_sc(path: str | os.PathLike, *, overlay_rgb: np.ndarray, source: di
     sc = hd.sc.SCImage(
         pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         study_instance_uid=study_uid,
-        series_instance_uid=generate_uid(entropy_srcs=[source["series_instance_uid"], model_version, "medxray-sc"]),
+        # one overlay series per source series and model (the source SOP UID is left out on purpose)
+        series_instance_uid=result_uid({"study_instance_uid": study_uid,
+                                        "series_instance_uid": source["series_instance_uid"]},
+                                       model_version, "sc-series"),
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=result_uid(source["sop_instance_uid"], model_version, f"sc:{finding}"),
+        sop_instance_uid=result_uid(source, model_version, f"sc:{finding}"),
         instance_number=int(instance_number), manufacturer=MANUFACTURER,
         patient_orientation=orientation or ("L", "F"),  # placeholder, emptied below when the source has none
         transfer_syntax_uid=ExplicitVRLittleEndian,

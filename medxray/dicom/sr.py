@@ -16,7 +16,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from medxray.dicom.codes import refusal
 from medxray.fileio import atomic_output
@@ -88,14 +88,29 @@ def coding_scheme_identification() -> Any:
     return DicomSequence([item])
 
 
-def result_uid(source_sop_instance_uid: str, model_version: str, kind: str) -> str:
-    """The deterministic SOP Instance UID of a result object (``kind`` "sr", or "sc:<finding>"):
-    re-scoring the same image with the same model gives the same UID, so a PACS stores it once."""
+def result_uid(source: Mapping[str, str], model_version: str, kind: str) -> str:
+    """The deterministic SOP Instance UID of a result object (``kind`` "sr", "sr-series", "sc-series"
+    or "sc:<finding>") for the source image ``source`` describes.
+
+    The identity covers the study and series the source belongs to, not its SOP Instance UID
+    alone: SOP Instance UIDs are supposed to be unique (PS3.5 9.1) but re-used UIDs from broken
+    modality software and merged archives exist, and two patients' images that share one must get
+    two results, not one. ``source["content_sha256"]``, when present and not empty, is the source
+    data set's content hash of a *changed re-send* (same Study/Series/SOP UIDs, different data set,
+    :mod:`medxray.pacs.spool`): that version gets its own result objects; the first version of an
+    instance, and every image scored from a folder, carries none, so the node and ``score-dicom``
+    give the same image the same result UIDs. Re-scoring the same image with the same model gives
+    the same UID, so a PACS stores it once. Returns a "2.25." UID (PS3.5 B.2) from a SHA-512 of the
+    inputs (pydicom's ``generate_uid(entropy_srcs=...)``).
+    """
     from pydicom.uid import generate_uid
 
-    if kind == "sr":  # the entropy of the first release, kept so SR UIDs do not change
-        return generate_uid(entropy_srcs=[source_sop_instance_uid, model_version, "medxray-sr"])
-    return generate_uid(entropy_srcs=[source_sop_instance_uid, model_version, f"medxray-{kind}"])
+    parts = [str(source.get("study_instance_uid", "")), str(source.get("series_instance_uid", "")),
+             str(source.get("sop_instance_uid", ""))]
+    content = str(source.get("content_sha256", "") or "")
+    if content:
+        parts.append(f"sha256:{content}")
+    return generate_uid(entropy_srcs=["medxray-result-v2", *parts, model_version, kind])
 
 
 def write_sr(path: str | os.PathLike, *, source: dict[str, str], label_names: Sequence[str],
@@ -116,7 +131,6 @@ def write_sr(path: str | os.PathLike, *, source: dict[str, str], label_names: Se
     import highdicom as hd
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     check_source_uids(source)
     ref = Dataset()
@@ -156,9 +170,9 @@ def write_sr(path: str | os.PathLike, *, source: dict[str, str], label_names: Se
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
         evidence=[ref], content=root,
-        series_instance_uid=generate_uid(entropy_srcs=[source["sop_instance_uid"], "medxray-sr-series"]),
+        series_instance_uid=result_uid(source, model_version, "sr-series"),
         series_number=9901,
-        sop_instance_uid=result_uid(source["sop_instance_uid"], model_version, "sr"),
+        sop_instance_uid=result_uid(source, model_version, "sr"),
         instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
         series_description="medxray AI findings - NOT FOR CLINICAL USE", content_qualification="RESEARCH",
         manufacturer_model_name=model_name[:64], software_versions=model_version[:64],

@@ -6,6 +6,10 @@ after a kill) and :func:`queue_results` (for each new ``ok`` row: the Comprehens
 CAM Secondary Captures, written by :mod:`medxray.dicom.sr` / :mod:`medxray.dicom.sc`, moved
 into the outbox). A row is marked in ``queued.log`` only after all its objects are in the
 outbox; result UIDs are deterministic, so redoing a half-queued row cannot duplicate anything.
+A result's identity is the scored file's: its Study + Series + SOP Instance UIDs and, for a
+changed re-send (a ``<sop>.v<digest16>.dcm`` file, :mod:`medxray.pacs.spool`), its data set's
+SHA-256 (:func:`medxray.dicom.sr.result_uid`): two studies sharing a SOP Instance UID get two SRs,
+and a new version gets its own SR / SCs describing its own pixels.
 Error rows produce no object. Must not import pynetdicom.
 """
 
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medxray.errors import DicomError
-from medxray.pacs.spool import Spool
+from medxray.pacs.spool import Spool, is_version_name
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +109,15 @@ def _queue_row(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> int:
               "study_instance_uid": str(header.get("StudyInstanceUID", "")),
               "series_instance_uid": str(header.get("SeriesInstanceUID", "")),
               "modality": str(header.get("Modality", ""))}
+    if is_version_name(src_path.name):  # a changed re-send: its own result objects, named by its content
+        source["content_sha256"] = spool.content_digest(row["path"])
     keep = None if policy.deidentified_sr else header
     labels = [c[2:] for c in row if c.startswith("p_")]
     probs = [float(row[f"p_{n}"]) for n in labels]
     positives = [p for p in row.get("positive_findings", "").split(";") if p]
     model, version = row.get("model", ""), row.get("model_version", "")
     n = 0
-    sr_uid = result_uid(source["sop_instance_uid"], version, "sr")
+    sr_uid = result_uid(source, version, "sr")
     if sr_uid not in spool.sent:
         tmp = spool.tmp_path(f"{uuid.uuid4().hex}.dcm")
         write_sr(tmp, source=source, label_names=labels, probabilities=probs, positives=positives,
@@ -123,7 +129,7 @@ def _queue_row(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> int:
         top = sorted(positives, key=lambda f: -probs[labels.index(f)])[: policy.sc_max_findings]
         for i, finding in enumerate(top, start=1):
             png = spool.scored / row["cam_dir"] / f"{finding}.png"
-            uid = result_uid(source["sop_instance_uid"], version, f"sc:{finding}")
+            uid = result_uid(source, version, f"sc:{finding}")
             if uid in spool.sent or not png.is_file():
                 continue
             with Image.open(png) as im:
