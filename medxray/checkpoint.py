@@ -6,7 +6,10 @@ Layout of a checkpoint file (a ``torch.save`` of a dict, loadable with ``weights
      "state_dict": {...model tensors...},
      "metadata": {"architecture": "densenet121", "num_classes": 14, "in_chans": 3,
                   "label_names": [...], "preprocessing": {...}, "thresholds": {...},
-                  "metrics": {...}, "versions": {...}, ...}}
+                  "metrics": {...}, "versions": {...}, ..., "meta_schema": 1}}
+
+The metadata's keys and types are those of :class:`medxray.checkpoint_meta.CheckpointMeta`
+(``Checkpoint.meta``): read them as attributes, not with ``.get()`` and a default of your own.
 
 Training-state checkpoints (optimizer, scheduler, RNG) may add more top-level keys; readers that
 only need the model use :func:`load_checkpoint` and ignore them.
@@ -21,6 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
+from medxray.checkpoint_meta import CheckpointMeta
 from medxray.errors import CheckpointError
 from medxray.torchfile import atomic_torch_save, safe_torch_load
 
@@ -29,29 +33,44 @@ CHECKPOINT_FORMAT = "medxray-checkpoint/1"
 
 @dataclass
 class Checkpoint:
-    """A loaded medxray checkpoint: model weights, metadata and any extra top-level entries."""
+    """A loaded medxray checkpoint: model weights, metadata and any extra top-level entries.
+
+    ``metadata`` is the stored dict; :attr:`meta` is its typed form (:class:`CheckpointMeta`).
+    """
 
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def meta(self) -> CheckpointMeta:
+        """The metadata, typed (parsed from :attr:`metadata` on each access, so it follows edits of the dict)."""
+        return CheckpointMeta.from_dict(self.metadata)
+
+    @property
     def label_names(self) -> list[str]:
-        return list(self.metadata.get("label_names", []))
+        return list(self.meta.label_names)
 
 
 def save_checkpoint(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, Any],
+    metadata: Mapping[str, Any] | CheckpointMeta,
     **extra: Any,
 ) -> Path:
-    """Save model weights + metadata (+ optional training state) atomically."""
+    """Save model weights + metadata (+ optional training state) atomically.
+
+    ``metadata`` (a dict or a :class:`CheckpointMeta`) is type-checked and stored as
+    :meth:`CheckpointMeta.to_dict` (unknown keys kept, the schema version added). Raises
+    ValueError when architecture, label_names or preprocessing is missing and
+    :class:`CheckpointError` for a key of the wrong type.
+    """
+    meta = CheckpointMeta.from_dict(metadata)
     for key in ("architecture", "label_names", "preprocessing"):
-        if key not in metadata:
+        if key not in meta.present:
             raise ValueError(f"checkpoint metadata needs {key!r}")
     obj = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-           "metadata": dict(metadata)}
+           "metadata": meta.to_dict()}
     obj.update(extra)
     return atomic_torch_save(obj, path)
 
@@ -82,6 +101,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     sd = obj.get("state_dict")
     if not isinstance(meta, dict) or not isinstance(sd, dict):
         raise CheckpointError(f"{path} is a damaged medxray checkpoint (no metadata or state_dict)")
+    try:
+        CheckpointMeta.from_dict(meta)  # types and schema version checked once, at load
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     extra = {k: v for k, v in obj.items() if k not in ("format", "state_dict", "metadata")}
     return Checkpoint(state_dict=sd, metadata=meta, extra=extra)
 
@@ -92,13 +115,10 @@ def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> torch.nn.Modu
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
-    meta = ckpt.metadata
-    arch = meta.get("architecture")
+    meta = ckpt.meta
+    arch = meta.architecture
     try:
-        model = create_model(
-            arch, num_classes=int(meta.get("num_classes", len(ckpt.label_names))),
-            in_chans=int(meta.get("in_chans", 3)),
-        )
+        model = create_model(arch, num_classes=meta.n_classes, in_chans=meta.in_chans)
     except Exception as exc:  # unknown architecture name etc.
         raise CheckpointError(f"checkpoint names architecture {arch!r} which cannot be built: {exc}") from None
     try:
@@ -114,6 +134,6 @@ def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> torch.nn.Modu
 def update_metadata(path: str | os.PathLike, updates: Mapping[str, Any]) -> Checkpoint:
     """Merge ``updates`` into a checkpoint's metadata and rewrite it atomically (e.g. thresholds)."""
     ckpt = load_checkpoint(path)
-    ckpt.metadata.update(updates)
+    ckpt.metadata = ckpt.meta.updated(updates).to_dict()
     save_checkpoint(path, ckpt.state_dict, ckpt.metadata, **ckpt.extra)
     return ckpt

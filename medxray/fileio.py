@@ -1,4 +1,4 @@
-"""File I/O shared across medxray: atomic output, JSON values and lines, YAML mappings.
+"""File I/O shared across medxray: atomic output, JSON values and lines, YAML mappings, file hashes.
 
 Atomic output: a kill at any moment leaves either the old file or the new one, never half.
 Every writer of results, checkpoints, overlays and manifests goes through :func:`atomic_output`, so
@@ -9,6 +9,7 @@ Must not import any other medxray module except :mod:`medxray.errors`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,15 @@ def _sibling_tmp(path: Path) -> Path:
     # A unique sibling (same filesystem, so the rename is atomic). Created with open(..., "x"), it
     # gets the umask's permissions; mkstemp's 0600 would hide results from a reviewer's account.
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes as stored, read ``chunk`` bytes at a time. Raises OSError."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextmanager

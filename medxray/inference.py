@@ -30,13 +30,15 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from medxray.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
+from medxray.checkpoint_meta import CheckpointMeta
 from medxray.errors import CheckpointError, ConfigError, InputShapeError
+from medxray.fileio import file_sha256
 from medxray.hardware import cpu_has_native_bf16, openvino_core, resolve_device
 from medxray.modelinput import model_input
 from medxray.ood import OODStats, pooled, stats_from_checkpoint
@@ -77,14 +79,6 @@ def openvino_cache_dir() -> Path | None:
     return d if os.access(d, os.W_OK) else None
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _FeatureHead(torch.nn.Module):
     """Wrapper exported to OpenVINO: one graph with both logits and the CAM feature map."""
 
@@ -108,7 +102,7 @@ class Predictor:
     def __init__(
         self,
         model: torch.nn.Module,
-        metadata: dict[str, Any],
+        metadata: Mapping[str, Any] | CheckpointMeta,
         *,
         device: str | torch.device = "auto",
         backend: str = "auto",
@@ -125,24 +119,24 @@ class Predictor:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        self.metadata = dict(metadata)
-        self.image_size = check_preprocessing(self.metadata.get("preprocessing", {}))
-        self.architecture = str(self.metadata.get("architecture", "unknown"))
-        names = list(self.metadata.get("label_names") or [])
+        self.meta = CheckpointMeta.from_dict(metadata)
+        self.metadata = self.meta.to_dict()
+        self.image_size = check_preprocessing(self.meta.preprocessing)
+        self.architecture = self.meta.architecture or "unknown"
+        names = list(self.meta.label_names)
         n_out = int(model.classifier.out_features)
         if not names:
             names = [f"class_{i}" for i in range(n_out)]
         if len(names) != n_out:
             raise CheckpointError(f"checkpoint lists {len(names)} label names but the model has {n_out} outputs")
         self.label_names: list[str] = names
-        th = self.metadata.get("thresholds") or {}
-        self.thresholds: dict[str, float] = {n: float(th.get(n, 0.5)) for n in names}
-        self.model_version = str(self.metadata.get("model_version") or "unversioned")
-        self.model_name = str(self.metadata.get("model_name") or self.architecture)
+        self.thresholds: dict[str, float] = {n: self.meta.threshold(n) for n in names}
+        self.model_version = self.meta.version_label
+        self.model_name = self.meta.display_name
         from medxray.cam import DEFAULT_MAP_METHOD, MAP_METHODS
 
         # the map method the checkpoint's localisation figures were measured with (evaluate writes it)
-        stored = self.metadata.get("cam_method")
+        stored = self.meta.cam_method
         self.cam_method = stored if stored in MAP_METHODS else DEFAULT_MAP_METHOD
         self.batch_size = max(1, int(batch_size))
         self.source = source
@@ -171,7 +165,7 @@ class Predictor:
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
         from medxray.data.transforms import check_preprocessing
 
-        check_preprocessing(ckpt.metadata.get("preprocessing", {}))  # fail before building the model
+        check_preprocessing(ckpt.meta.preprocessing)  # fail before building the model
         model = model_from_checkpoint(ckpt)
         src = None if isinstance(path, Checkpoint) else str(path)
         kwargs.setdefault("ood", stats_from_checkpoint(ckpt))
@@ -295,9 +289,8 @@ class Predictor:
         if diff is None:
             x = self._synthetic_batch()
             with torch.inference_mode():
-                ref = torch.sigmoid(self.model(x.to(self.device)).float()).cpu().numpy()
-            got = self.forward(x)[0]
-            got = 1.0 / (1.0 + np.exp(-got))
+                ref = _sigmoid(self.model(x.to(self.device)).float().cpu().numpy())
+            got = _sigmoid(self.forward(x)[0])
             diff = float(np.abs(got - ref).max())
             if record is not None:
                 try:

@@ -217,12 +217,16 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("medxray.dicom.voi", ("medxray.dicom.reader",), "the reader imports it"),
     ("medxray.dicom.bits", ("medxray.dicom.reader", "medxray.dicom.voi", "pydicom"), "the reader imports it"),
     ("medxray.dicom.header", ("medxray.dicom.reader", "medxray.dicom.voi", "pydicom"), "duck-typed data sets"),
+    ("medxray.modelinput", ("torch", "monai"), "the input contract runs in the torch-free decode workers"),
+    ("medxray.checkpoint_meta", ("torch",), "typed metadata, readable without torch"),
 ]
 
 # Modules that may import nothing of medxray but the listed modules (and their own package, where named).
 ONLY: list[tuple[str, tuple[str, ...]]] = [
     ("medxray.limits", ("medxray.errors",)),
     ("medxray.fileio", ("medxray.errors",)),
+    ("medxray.modelinput", ("medxray.errors",)),
+    ("medxray.checkpoint_meta", ("medxray.errors",)),
     ("medxray.dicom.reader", ("medxray.dicom", "medxray.errors", "medxray.limits")),
     ("medxray.dicom.bits", ("medxray.dicom.codes",)),
     ("medxray.dicom.header", ("medxray.dicom.codes",)),

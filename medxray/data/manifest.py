@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import medxray
 from medxray.errors import DataError
-from medxray.fileio import load_yaml_mapping
+from medxray.fileio import file_sha256, load_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,6 @@ def open_text(path: str | os.PathLike) -> IO[str]:
     if magic == b"\x1f\x8b":
         return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8-sig", newline="")
     return open(p, encoding="utf-8-sig", newline="")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes as stored."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_sha256(path: str | os.PathLike) -> str:
