@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from medxray import __version__
 from medxray.errors import MedxrayError, output_error
+from medxray.site.cli import add_site_parser
 
 log = logging.getLogger("medxray")
 
@@ -66,9 +67,12 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     who = p.add_mutually_exclusive_group()
     who.add_argument("--identity-header", default="", metavar="HEADER",
                      help="take the reviewer's name from this request header (e.g. X-Forwarded-User); only behind "
-                          "a reverse proxy that sets it and strips it from clients")
+                          "a reverse proxy that overwrites it; needs --proxy-secret-file")
     who.add_argument("--login", action="store_true",
                      help="reviewers sign in with Streamlit's st.login (OIDC, configured in .streamlit/secrets.toml)")
+    p.add_argument("--proxy-secret-file", type=Path, default=None, metavar="FILE",
+                   help="with --identity-header: file (chmod 600) holding the secret the proxy sends in the "
+                        "X-Medxray-Proxy-Secret header; requests without it are refused")
     p.set_defaults(func=_run_app)
 
 
@@ -81,7 +85,8 @@ def _run_app(args: argparse.Namespace) -> int:
 
     cfg = AppSettings(checkpoint=args.checkpoint, results=tuple(args.results or ()),
                       reviews=args.reviews or default_reviews_dir(), max_upload_mb=args.max_upload_mb,
-                      backend=args.backend, identity_header=args.identity_header, login=args.login)
+                      backend=args.backend, identity_header=args.identity_header, login=args.login,
+                      proxy_secret_file=args.proxy_secret_file)
     check_app_settings(cfg)
     argv, env = streamlit_command(cfg, host=args.host, port=args.port, open_browser=args.browser)
     print(f"medxray app: http://{args.host}:{args.port}  (reviews in {cfg.reviews}; Ctrl-C stops)", flush=True)
@@ -326,9 +331,10 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
                     "arguments. Exit 0 when the run completes (bad files become error rows), 1 when CAM overlays / "
                     "SRs could not be written (a re-run writes them), 2 for usage errors, an unusable checkpoint "
                     "or a read-only / full output folder.")
-    p.add_argument("input", metavar="INPUT_DIR", help="folder of DICOM files (searched recursively; any extension)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by `medxray finetune`")
-    p.add_argument("--out", required=True, help="output folder (results.csv, cams/, sr/, run.json)")
+    p.add_argument("input", metavar="INPUT_DIR", nargs="?",
+                   help="folder of DICOM files (searched recursively; any extension)")
+    p.add_argument("--checkpoint", help="checkpoint written by `medxray finetune` (required to score)")
+    p.add_argument("--out", help="output folder (results.csv, cams/, sr/, run.json) (required to score)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode processes (default: one per CPU core at background priority; all but one with CUDA)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -340,9 +346,19 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay-max-side", type=int, default=None,
                    help="downscale overlays to this many pixels on the long side (default: original size)")
     p.add_argument("--sr", action="store_true", help="also write a DICOM Comprehensive SR per scored image")
-    p.add_argument("--shard", default=None, metavar="K/N",
+    p.add_argument("--shard", default=None, metavar="K/N|auto",
                    help="score only shard K of N (1-based, by a hash of the path); rows go to "
-                        "results.shard-K-of-N.csv, merged into results.csv when all shards finished")
+                        "results.shard-K-of-N.csv, merged into results.csv when all shards finished. 'auto': "
+                        "K and N from a SLURM job array (SLURM_ARRAY_TASK_ID/_COUNT) or a Kubernetes Indexed "
+                        "Job (JOB_COMPLETION_INDEX with $MEDXRAY_SHARD_COUNT or --shard-count)")
+    p.add_argument("--shard-count", type=int, default=None, metavar="N",
+                   help="with --shard auto in a Kubernetes Indexed Job: the Job's completions")
+    p.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="if another scorer is writing the same OUT and shard (a requeued task while the old one "
+                        "dies), wait this long for it before giving up (default 0: refuse at once)")
+    p.add_argument("--merge", metavar="OUT", default=None,
+                   help="only merge the finished shards in OUT into OUT/results.csv (idempotent; refuses an "
+                        "incomplete run, naming the missing shards); for a job that runs after the array")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -366,9 +382,19 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_score_dicom(args: argparse.Namespace) -> int:
+    from medxray.errors import ConfigError
     from medxray.limits import pixel_limit
     from medxray.scoring import ScoreConfig, score_directory
 
+    if args.merge:
+        from medxray.scoring.run import merge_run
+
+        print(merge_run(args.merge).line())
+        return 0
+    missing = [name for name, v in (("INPUT_DIR", args.input), ("--checkpoint", args.checkpoint),
+                                    ("--out", args.out)) if not v]
+    if missing:
+        raise ConfigError(f"score-dicom needs {', '.join(missing)} (or --merge OUT to merge a sharded run)")
     mods = None if args.modalities.strip().lower() == "any" else [
         m.strip().upper() for m in args.modalities.split(",") if m.strip()]
     cfg = ScoreConfig(
@@ -378,6 +404,7 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         allowed_modalities=mods, max_pixels=pixel_limit(args.max_pixels),
         overlay_max_side=args.overlay_max_side, overwrite=args.overwrite, progress=not args.no_progress,
         accept_body_parts=args.accept_body_parts, ood_policy=args.ood_policy,
+        shard_count=args.shard_count, lock_wait=args.lock_wait,
     )
     summary = score_directory(cfg)
     print(summary.line())
@@ -528,6 +555,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_score_dicom,
     _add_pacs,
     _add_data,
+    add_site_parser,
 ]
 
 

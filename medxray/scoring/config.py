@@ -15,7 +15,7 @@ from medxray.dicom import DEFAULT_ALLOWED_MODALITIES
 from medxray.errors import ConfigError
 from medxray.fileio import load_yaml_mapping
 from medxray.limits import pixel_limit
-from medxray.scoring.discovery import parse_shard
+from medxray.scoring.scheduler import resolve_shard
 from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
 
 CAM_MODES = ("positive", "all", "none")
@@ -38,7 +38,9 @@ class ScoreConfig:
     cams: str = "positive"  # positive | all | none
     cam_method: str = "checkpoint"  # a CAM_METHODS entry
     sr: bool = False
-    shard: str | tuple[int, int] | None = None  # "k/n", 1-based
+    shard: str | tuple[int, int] | None = None  # "k/n", 1-based, or "auto" (from SLURM / Kubernetes: scheduler.py)
+    shard_count: int | None = None  # with shard="auto" under a Kubernetes Indexed Job: its completions
+    lock_wait: float = 0.0  # seconds to wait for another scorer holding this OUT / shard (0 = refuse at once)
     device: str = "auto"
     backend: str = "auto"
     precision: str = "auto"
@@ -126,7 +128,9 @@ def validate_config(cfg: ScoreConfig) -> tuple[int, tuple[int, int] | None]:
     if cfg.overlay_max_side is not None and int(cfg.overlay_max_side) < 16:
         raise ConfigError(
             f"overlay_max_side must be >= 16 (or unset for the original size), got {cfg.overlay_max_side}")
-    return workers, parse_shard(cfg.shard)
+    if cfg.lock_wait is None or float(cfg.lock_wait) < 0:
+        raise ConfigError(f"--lock-wait must be >= 0 seconds, got {cfg.lock_wait}")
+    return workers, resolve_shard(cfg.shard, count=cfg.shard_count)
 
 
 def n_cores() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 import zipfile
@@ -72,7 +73,7 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
         identity = run_identity(cfg, checkpoint_identity(cfg.checkpoint), shard)
         results_path = out / results_name(shard)
         run_path = out / run_name(shard)
-        lock = lock_out(out / f".{results_path.name}.lock")
+        lock = lock_out(out / lock_name(shard), cfg.lock_wait)
         if cfg.overwrite:
             clear_previous_outputs(out, shard, results_path)
         check_or_start_run(run_path, results_path, identity, cfg.overwrite)
@@ -222,20 +223,40 @@ def run_name(shard: tuple[int, int] | None) -> str:
     return RUN_NAME if shard is None else f"run.shard-{shard[0]}-of-{shard[1]}.json"
 
 
-def lock_out(path: Path) -> Any:
-    """One writer per results file: a second scorer on the same OUT (and shard) stops with a clear error."""
+def lock_name(shard: tuple[int, int] | None) -> str:
+    return f".{results_name(shard)}.lock"
+
+
+def lock_out(path: Path, wait_s: float = 0.0) -> Any:
+    """One writer per results file (an advisory ``flock`` on ``path``, held until the returned file is
+    closed or the process dies): a second scorer on the same OUT and shard waits up to ``wait_s``
+    seconds for the first to finish, then stops with :class:`ConfigError`.
+
+    Under a scheduler this is what keeps a requeued task off the journal while the killed one is still
+    dying. The lock is only as good as the file system's ``flock``: local disks and NFS (v4, or v3 with
+    lockd) honour it across machines; Lustre needs the ``flock`` mount option.
+    """
     fh = open(path, "a+")
     try:
         import fcntl
-
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # no fcntl (Windows): no cross-process lock
-        pass
-    except OSError:
-        fh.close()
-        raise ConfigError(f"another scorer is already writing {path.parent} (lock {path.name}); "
-                          "wait for it, or use another --out / --shard") from None
-    return fh
+        return fh
+    deadline = time.monotonic() + max(0.0, float(wait_s))
+    said = False
+    while True:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except OSError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                waited = f" after waiting {float(wait_s):.0f} s" if wait_s else ""
+                raise ConfigError(f"another scorer is already writing {path.parent} (lock {path.name}){waited}; "
+                                  "wait for it (--lock-wait SECONDS), or use another --out / --shard") from None
+            if not said:
+                log.warning("another scorer holds %s; waiting up to %.0f s for it to finish", path.name, wait_s)
+                said = True
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def clear_previous_outputs(out: Path, shard: tuple[int, int] | None, results_path: Path) -> int:
@@ -318,6 +339,11 @@ def merge_shards_if_complete(out: Path, n: int, identity: dict[str, Any], column
         if not state.get("complete") or any(state.get(key) != v for key, v in same.items()):
             return None
         parts.append(out / results_name((k, n)))
+    return str(write_merged(out, parts, columns)[0])
+
+
+def write_merged(out: Path, parts: list[Path], columns: list[str]) -> tuple[Path, set[str]]:
+    """Write ``out/results.csv`` from the shard journals (sorted by path, atomically); returns it and its paths."""
     rows: dict[str, list[str]] = {}
     for part in parts:
         _, part_rows, _ = read_results(part, columns)
@@ -325,4 +351,98 @@ def merge_shards_if_complete(out: Path, n: int, identity: dict[str, Any], column
             rows.setdefault(r[0], r)
     merged = out / RESULTS_NAME
     atomic_write_text(merged, csv_text(columns, [rows[k] for k in sorted(rows)]))
-    return str(merged)
+    return merged, set(rows)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_run` wrote: the merged file, its shard count and row count, and the input files
+    that have no row because they appeared after their shard had listed the folder (re-run those shards)."""
+
+    results: str
+    shards: int
+    rows: int
+    unlisted: int
+    rerun_shards: tuple[int, ...]
+
+    def line(self) -> str:
+        text = f"merged {self.shards} shards: {self.rows} rows -> {self.results}"
+        if self.unlisted:
+            text += (f"; {self.unlisted} file(s) under the input have no row (added after their shard listed the "
+                     f"folder): re-run shard(s) {', '.join(f'{k}/{self.shards}' for k in self.rerun_shards)} "
+                     "with the same arguments, then merge again")
+        return text
+
+
+_SHARD_RUN = re.compile(r"run\.shard-(\d+)-of-(\d+)\.json")
+_NOT_IDENTITY = {"shard", "complete", "summary", "model"}
+
+
+def merge_run(out: str | Path, check_input: bool = True) -> MergeResult:
+    """The merge step of a sharded run (``score-dicom --merge OUT``): ``OUT/results.csv`` from every
+    ``results.shard-K-of-N.csv``, one row per file, sorted by path. Idempotent: merging again
+    rewrites the same file, atomically.
+
+    Refuses (:class:`ConfigError`, nothing written) when any shard 1..N has not completed (no run
+    record, or marked incomplete: killed, failed, or still running; a running shard is also detected
+    by its lock), when OUT mixes shard counts, or when the shards were run with different arguments.
+    With ``check_input`` the input folder is listed again and files without a row are counted (a
+    warning, not an error: they were added after their shard listed the folder).
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise DataError(f"--merge {out}: no such folder; give the --out folder of the sharded run")
+    found: dict[int, set[int]] = {}
+    for p in out.iterdir():
+        m = _SHARD_RUN.fullmatch(p.name)
+        if m:
+            found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if not found:
+        raise ConfigError(f"--merge {out}: no shard run records (run.shard-K-of-N.json) there; "
+                          "score with --shard first, or point --merge at the shards' --out folder")
+    if len(found) > 1:
+        raise ConfigError(f"--merge {out}: the folder mixes shard counts {sorted(found)}; "
+                          "keep one sharded run per --out folder")
+    n = next(iter(found))
+    locks: list[Any] = []
+    try:
+        states: dict[int, dict[str, Any]] = {}
+        missing: list[str] = []
+        for k in range(1, n + 1):
+            try:
+                locks.append(lock_out(out / lock_name((k, n))))
+            except ConfigError:
+                missing.append(f"{k}/{n} (still running)")
+                continue
+            try:
+                state = json.loads((out / run_name((k, n))).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                missing.append(f"{k}/{n} (never started)")
+                continue
+            if not state.get("complete"):
+                missing.append(f"{k}/{n} (not finished: killed or failed)")
+                continue
+            states[k] = state
+        if missing:
+            raise ConfigError(f"--merge {out}: the run is incomplete; missing shard(s) {', '.join(missing)}. "
+                              "Re-run those shards with the same arguments (they resume), then merge again")
+        first = states[1]
+        for k, state in states.items():
+            diffs = sorted(key for key in (set(first) | set(state)) - _NOT_IDENTITY
+                           if state.get(key) != first.get(key))
+            if diffs:
+                raise ConfigError(f"--merge {out}: shard {k}/{n} was run with different arguments than shard 1/{n} "
+                                  f"({', '.join(diffs)} differ); re-run it with the same arguments")
+        columns = list(first.get("columns") or [])
+        merged, rels = write_merged(out, [out / results_name((k, n)) for k in range(1, n + 1)], columns)
+    finally:
+        for fh in locks:
+            fh.close()
+    unlisted: list[str] = []
+    input_dir = Path(str(first.get("input", "")))
+    if check_input and input_dir.exists():
+        unlisted = [r for r, _ in iter_input_files(input_dir, exclude=[out]) if r not in rels]
+    rerun = tuple(sorted({k for k in range(1, n + 1) for r in unlisted if in_shard(r, (k, n))}))
+    if unlisted:
+        log.warning("%d file(s) under the input have no row: added after their shard listed the folder", len(unlisted))
+    return MergeResult(str(merged), n, len(rels), len(unlisted), rerun)
