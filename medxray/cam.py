@@ -31,7 +31,17 @@ one model can serve many threads, as in the Streamlit app):
 Gradient methods run ``model.features`` stage by stage, detach the earliest wanted stage's
 output with ``requires_grad``, continue the forward pass from it, and take
 ``torch.autograd.grad`` with respect to those activations only (nothing is written into
-parameters' ``.grad``). Which method is the default was measured (``bench/localisation.py``);
+parameters' ``.grad``). One forward pass serves every map of a batch: all the wanted
+(image, class) pairs' vector-Jacobian products are taken together as batched gradients
+(``is_grads_batched=True``, a ``vmap`` over the backward pass): slot m of image i is image i's
+m-th wanted class, so each image is differentiated only for the classes it needs (``wanted``),
+and at most :data:`MAX_GRAD_ROWS` (image, class) rows of gradients are held at once.
+
+Precision (``precision=``): ``"fp32"`` (the default, and what evaluation scores) or ``"bf16"``:
+bf16 autocast with channels_last activations, for CPUs with native bf16 (AVX512-BF16 / AMX) and
+GPUs, about 2x faster; the map is still formed (products, sums, upsampling, normalisation) in
+float32. The Predictor uses bf16 maps where it runs its model in bf16; measured difference to
+fp32 in tests/test_cam_batched.py and the README. Which method is the default was measured (``bench/localisation.py``);
 checkpoints record the method their localisation figures were measured with.
 
 This module imports only torch, numpy, matplotlib/PIL (display), medxray.errors and medxray.fileio.
@@ -83,6 +93,10 @@ MAP_METHODS: dict[str, MapMethod] = {
 DEFAULT_MAP_METHOD = "layercam-denseblock1"  # measured best on the phantom: see bench/localisation.py, README
 LAYERCAM_GAMMA = 2.0  # tanh scaling of shallow-layer maps before fusion (Jiang et al. 2021, Sec. III-C)
 EVIDENCE_EPS = 1e-6   # a map whose maximum (in raw units) is below this has no positive evidence
+MAP_PRECISIONS = ("fp32", "bf16")
+# (image, class) rows of batched gradients held at once. Bounds memory: one row of denseblock1
+# gradients at 224 px is 256 x 56 x 56 floats (3.2 MB fp32), so 64 rows hold ~0.2 GB per tensor.
+MAX_GRAD_ROWS = 64
 
 
 @dataclass
@@ -90,8 +104,10 @@ class MapResult:
     """What :func:`compute_maps` returns.
 
     ``logits`` (N, num_classes) float32 tensor; ``maps`` (N, K, H, W) float32 numpy in [0, 1];
-    ``evidence`` (N, K) bool: False where the map had no positive value (then it is all 0);
-    ``classes`` the K class indices; ``method`` the method name.
+    ``evidence`` (N, K) bool: False where the map had no positive value (then it is all 0), or
+    where the pair was not wanted (not computed: all 0); ``classes`` the K class indices;
+    ``method`` the method name; ``features`` the last feature map (N, F, h, w) float32 of the
+    same forward pass (after norm5 + ReLU: what OOD statistics pool), ``precision`` fp32 / bf16.
     """
 
     logits: torch.Tensor
@@ -99,6 +115,8 @@ class MapResult:
     evidence: np.ndarray
     classes: list[int]
     method: str
+    features: torch.Tensor | None = None
+    precision: str = "fp32"
 
 
 def check_method(method: str | None) -> str:
@@ -156,32 +174,44 @@ def feature_stages(model: torch.nn.Module) -> list[str]:
 
 
 def compute_maps(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int] | None = None,
-                 method: str | None = None) -> MapResult:
+                 method: str | None = None, *, wanted: np.ndarray | torch.Tensor | None = None,
+                 precision: str = "fp32") -> MapResult:
     """THE class-activation maps of this project (see the module docstring for the definition).
 
     ``model``: a medxray DenseNet (``features`` stages, ``forward_head``, ``classifier``), in
     eval mode; it is only read. ``x``: a preprocessed batch (N, 3, H, W) on the model's device.
     ``classes``: class indices (default all). ``method``: a key of :data:`MAP_METHODS` (None =
-    :data:`DEFAULT_MAP_METHOD`). Computed in float32. Returns a :class:`MapResult` with maps at
-    the input resolution (N, K, H, W). Raises ValueError for an unknown method or stage.
+    :data:`DEFAULT_MAP_METHOD`). ``wanted``: optional (N, K) bool, which (image, class) maps to
+    compute (default all); the others are returned all 0 with ``evidence=False``. Gradient
+    methods take one forward pass and one batched backward pass per :data:`MAX_GRAD_ROWS` rows.
+    ``precision``: "fp32" (default; evaluation) or "bf16" (autocast + channels_last; the map
+    arithmetic stays float32). Returns a :class:`MapResult` with maps at the input resolution
+    (N, K, H, W). Raises ConfigError (a ValueError) for an unknown method, stage, precision or
+    a ``wanted`` of the wrong shape.
     """
     name = check_method(method)
+    if precision not in MAP_PRECISIONS:
+        raise ConfigError(f"unknown map precision {precision!r}; choose one of {', '.join(MAP_PRECISIONS)}")
     spec = MAP_METHODS[name]
     n_classes = int(model.classifier.out_features)
     cls = list(range(n_classes)) if classes is None else [int(c) for c in classes]
+    want = _wanted_mask(wanted, int(x.shape[0]), len(cls))
     size = (int(x.shape[-2]), int(x.shape[-1]))
-    x = x.float().contiguous()  # one layout: the same image gives the same map whatever the caller's layout
+    bf16 = precision == "bf16"
+    # one layout per precision: the same image gives the same map whatever the caller's layout
+    x = x.float().contiguous(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
     if spec.kind == "cam":
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            feats = model.forward_features(x).float()
         with torch.inference_mode():
-            feats = model.forward_features(x)
             logits = model.forward_head(feats).float()
             raw = class_activation_maps(feats, model.classifier.weight, cls)
         maps, ok = _finish(raw, size)
-        return MapResult(logits.detach(), maps, ok, cls, name)
-    logits, per_stage = _gradient_maps(model, x, cls, spec)
+        return _masked(MapResult(logits.detach(), maps, ok, cls, name, feats.detach(), precision), want)
+    logits, feats, per_stage = _gradient_maps(model, x, cls, spec, want, bf16)
     if len(per_stage) == 1:
         maps, ok = _finish(per_stage[0], size)
-        return MapResult(logits, maps, ok, cls, name)
+        return _masked(MapResult(logits, maps, ok, cls, name, feats, precision), want)
     # LayerCAM fusion: each stage normalised at the input size; shallow stages scaled by tanh(gamma * M)
     fused = None
     for k, raw in enumerate(per_stage):
@@ -191,20 +221,51 @@ def compute_maps(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int]
             m = torch.tanh(LAYERCAM_GAMMA * m) / math.tanh(LAYERCAM_GAMMA)
         fused = m if fused is None else torch.maximum(fused, m)
     maps, ok = _finish(fused, size)
-    return MapResult(logits, maps, ok, cls, name)
+    return _masked(MapResult(logits, maps, ok, cls, name, feats, precision), want)
 
 
-def _gradient_maps(model: torch.nn.Module, x: torch.Tensor, cls: list[int],
-                   spec: MapMethod) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits and one raw map (N, K, h_s, w_s) per stage of ``spec`` (gradcam / layercam)."""
+def _wanted_mask(wanted: np.ndarray | torch.Tensor | None, n: int, k: int) -> torch.Tensor | None:
+    """``wanted`` as an (N, K) bool tensor on the CPU, or None for "every pair"."""
+    if wanted is None:
+        return None
+    w = torch.as_tensor(np.asarray(wanted.cpu() if isinstance(wanted, torch.Tensor) else wanted, dtype=bool))
+    if tuple(w.shape) != (n, k):
+        raise ConfigError(f"wanted must be (images, classes) = ({n}, {k}), got {tuple(w.shape)}")
+    return w
+
+
+def _masked(res: MapResult, want: torch.Tensor | None) -> MapResult:
+    """Unwanted pairs: all 0, no evidence (the CAM method computes every pair at once)."""
+    if want is not None and not bool(want.all()):
+        keep = want.numpy()
+        res.maps[~keep] = 0.0
+        res.evidence = res.evidence & keep
+    return res
+
+
+def _gradient_maps(model: torch.nn.Module, x: torch.Tensor, cls: list[int], spec: MapMethod,
+                   want: torch.Tensor | None = None,
+                   bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Logits (N, C), the last feature map (N, F, h, w) and one raw map (N, K, h_s, w_s) per
+    stage of ``spec`` (gradcam / layercam), from one forward pass and batched backward passes.
+
+    Slot m of image i holds image i's m-th wanted class; the gradient outputs of slot m are
+    one-hot at (i, that class), so one batched backward row per slot and image gives every
+    wanted (image, class) pair (images in eval mode do not interact). Unwanted pairs stay 0.
+    """
     names = feature_stages(model)
     for s in spec.stages:
         if s not in names:
             raise ConfigError(f"unknown map stage {s!r}; this model's stages are {names}")
     children = list(model.features.named_children())
     first = min(names.index(s) for s in spec.stages)
-    with torch.enable_grad(), torch.inference_mode(False):
-        h = x.detach().float().clone()
+    n, k = int(x.shape[0]), len(cls)
+    slots = [list(range(k)) if want is None else torch.nonzero(want[i]).flatten().tolist() for i in range(n)]
+    n_slots = max((len(s) for s in slots), default=0)
+    dev = x.device
+    with torch.enable_grad(), torch.inference_mode(False), \
+            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        h = x.detach().clone()
         with torch.no_grad():
             for _, mod in children[: first + 1]:
                 h = mod(h)
@@ -214,18 +275,29 @@ def _gradient_maps(model: torch.nn.Module, x: torch.Tensor, cls: list[int],
             h = mod(h)
             if nm in spec.stages:
                 acts[nm] = h
-        logits = model.forward_head(F.relu(h))
+        feats = F.relu(h)
+        logits = model.forward_head(feats)
         taps = [acts[s] for s in spec.stages]
-        maps: list[list[torch.Tensor]] = [[] for _ in taps]
-        for j, c in enumerate(cls):
-            grads = torch.autograd.grad(logits[:, c].sum(), taps, retain_graph=j < len(cls) - 1)
-            for k, (a, g) in enumerate(zip(taps, grads)):
+        raw = [torch.zeros((n, k, *a.shape[-2:]), dtype=torch.float32, device=dev) for a in taps]
+        per_call = max(1, MAX_GRAD_ROWS // max(1, n))  # slots per batched backward call
+        for m0 in range(0, n_slots, per_call):
+            m1 = min(n_slots, m0 + per_call)
+            onehot = torch.zeros((m1 - m0, *logits.shape), dtype=logits.dtype, device=dev)
+            pairs = [(m, i, s[m]) for i, s in enumerate(slots) for m in range(m0, min(m1, len(s)))]
+            for m, i, j in pairs:
+                onehot[m - m0, i, cls[j]] = 1
+            grads = torch.autograd.grad(logits, taps, grad_outputs=onehot, is_grads_batched=True,
+                                        retain_graph=m1 < n_slots)
+            for t, (a, g) in enumerate(zip(taps, grads)):
+                a32, g32 = a.detach().float(), g.float()  # (N, C_s, h, w), (slots, N, C_s, h, w)
                 if spec.kind == "gradcam":
-                    m = (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1)
+                    m_all = (g32.mean(dim=(3, 4), keepdim=True) * a32).sum(dim=2)
                 else:  # layercam: per-position positive gradients
-                    m = (g.clamp(min=0) * a).sum(dim=1)
-                maps[k].append(m.detach())
-    return logits.detach().float(), [torch.stack(m, dim=1) for m in maps]
+                    m_all = (g32.clamp(min=0) * a32).sum(dim=2)
+                for m, i, j in pairs:
+                    raw[t][i, j] = m_all[m - m0, i]
+            del grads  # free this call's gradients before the next one
+    return logits.detach().float(), feats.detach().float(), raw
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int] | None = None,
@@ -237,7 +309,7 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int] | N
     """
     stage = layer or "denseblock4"
     cls = list(range(int(model.classifier.out_features))) if classes is None else [int(c) for c in classes]
-    logits, per_stage = _gradient_maps(model, x, cls, MapMethod("gradcam", (stage,)))
+    logits, _, per_stage = _gradient_maps(model, x.float().contiguous(), cls, MapMethod("gradcam", (stage,)))
     maps, _ = _finish(per_stage[0], (int(x.shape[-2]), int(x.shape[-1])))
     return logits, maps
 

@@ -414,40 +414,87 @@ class Predictor:
                 out.append(int(c))
         return out
 
+    @property
+    def map_precision(self) -> str:
+        """Precision of this predictor's maps (:func:`medxray.cam.compute_maps`): "bf16" (autocast +
+        channels_last) where the predictor runs its model in bf16 or int8 on hardware with native
+        bf16 (AVX512-BF16 / AMX CPUs, bf16 GPUs), else "fp32". Evaluation scores fp32 maps."""
+        if self.precision not in ("bf16", "int8"):
+            return "fp32"
+        if self.device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+
     def maps_tensor(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
-                    method: str | None = None) -> np.ndarray:
+                    method: str | None = None, *, wanted: np.ndarray | None = None) -> np.ndarray:
         """Maps (N, K, S, S) float32 in [0, 1] for a preprocessed batch (N, 3, S, S).
 
-        These are :func:`medxray.cam.compute_maps` (THE map definition: the arrays evaluation
-        scores); ``method`` defaults to the checkpoint's ``cam_method``. Gradient methods run in
-        fp32 eager torch whatever the backend (OpenVINO gives no gradients); ``cam`` on an
-        OpenVINO backend uses its feature map with the same arithmetic. An all-zero map means no
-        positive evidence (:func:`medxray.cam.no_evidence_text`). Raises ConfigError for an
-        unknown finding, ValueError for an unknown method.
+        These are :func:`medxray.cam.compute_maps` (THE map definition), in :attr:`map_precision`;
+        ``method`` defaults to the checkpoint's ``cam_method``. Gradient methods run in eager torch
+        whatever the backend (OpenVINO gives no gradients): one forward pass and batched backward
+        passes per ``batch_size`` images; ``cam`` on an OpenVINO backend uses its feature map
+        with the same arithmetic. ``wanted`` (N, K) bool limits which (image, class) maps are
+        computed (the others are all 0). An all-zero wanted map means no positive evidence
+        (:func:`medxray.cam.no_evidence_text`). Raises ConfigError for an unknown finding or method.
         """
+        return self._map_pass(x, classes, method, wanted, want_features=False)[2]
+
+    def _map_pass(self, x: torch.Tensor, classes: Sequence[int | str] | None, method: str | None,
+                  wanted: np.ndarray | None, want_features: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Logits (N, C), the last feature map (N, F, h, w) when ``want_features`` (else None) and
+        the maps (N, K, S, S), all from ONE forward pass per chunk of ``batch_size`` images."""
         from medxray.cam import check_method, compute_maps, maps_from_features
 
         name = check_method(method or self.cam_method)
         cls = self.class_indices(classes)
         cls = list(range(len(self.label_names))) if cls is None else cls
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        if not cls or x.shape[0] == 0:
-            return np.zeros((int(x.shape[0]), len(cls), *size), np.float32)
+        n, size = int(x.shape[0]), (int(x.shape[-2]), int(x.shape[-1]))
+        want = None if wanted is None else np.asarray(wanted, dtype=bool)
+        if want is not None and want.shape != (n, len(cls)):
+            raise ConfigError(f"wanted must be (images, classes) = ({n}, {len(cls)}), got {want.shape}")
+        if n == 0 or not cls:
+            logits, feats = self.forward(x, want_features=want_features) if n else (
+                np.zeros((0, len(self.label_names)), np.float32), None)
+            return logits, feats, np.zeros((n, len(cls), *size), np.float32)
         if name == "cam" and self.backend == "openvino":
-            _, feats = self.forward(x, want_features=True)
+            logits, feats = self.forward(x, want_features=True)
             weight = self.model.classifier.weight.detach().float().cpu()
-            return maps_from_features(feats, weight, cls, size)[0]
-        parts = [compute_maps(self.model, x[i: i + self.batch_size].to(self.device), cls, method=name).maps
-                 for i in range(0, x.shape[0], self.batch_size)]
-        return np.concatenate(parts)
+            maps = maps_from_features(feats, weight, cls, size)[0]
+            if want is not None:
+                maps[~want] = 0.0
+            return logits, feats if want_features else None, maps
+        logits_p, feats_p, maps_p = [], [], []
+        for i in range(0, n, self.batch_size):
+            sub = None if want is None else want[i: i + self.batch_size]
+            res = compute_maps(self.model, x[i: i + self.batch_size].to(self.device), cls, method=name, wanted=sub,
+                               precision=self.map_precision)
+            logits_p.append(res.logits.cpu().numpy())
+            if want_features and res.features is not None:
+                feats_p.append(res.features.cpu().numpy())
+            maps_p.append(res.maps)
+        feats = np.concatenate(feats_p) if want_features and feats_p else None
+        return np.concatenate(logits_p), feats, np.concatenate(maps_p)
 
     def predict_tensor_with_cams(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
                                  method: str | None = None, with_ood: bool = False) -> Any:
-        """Probabilities (N, C) from this predictor's backend (as :meth:`predict_tensor`) and the
-        maps (N, K, S, S) of :meth:`maps_tensor`. ``with_ood=True`` adds a third value, the OOD
-        distances of :meth:`predict_tensor`."""
-        probs, ood = self.predict_tensor(x, with_ood=True)
-        maps = self.maps_tensor(x, classes, method)
+        """Probabilities (N, C) and the maps (N, K, S, S) of :meth:`maps_tensor`; ``with_ood=True``
+        adds a third value, the OOD distances of :meth:`predict_tensor`.
+
+        One forward pass per chunk: on the torch backend, and for ``cam`` on any backend, the
+        probabilities, OOD features and maps all come from the map pass. On OpenVINO with a
+        gradient method the probabilities come from OpenVINO (the numbers the scorer writes,
+        a few ms per image) and the maps from the torch pass, since OpenVINO has no gradients.
+        """
+        from medxray.cam import check_method
+
+        name = check_method(method or self.cam_method)
+        need_feats = with_ood and self.ood is not None
+        if self.backend == "torch" or name == "cam":
+            logits, feats, maps = self._map_pass(x, classes, name, None, want_features=need_feats)
+            probs, ood = _sigmoid(logits), self.ood_distance(feats)
+        else:
+            probs, ood = self.predict_tensor(x, with_ood=True)
+            maps = self.maps_tensor(x, classes, name)
         return (probs, maps, ood) if with_ood else (probs, maps)
 
     def predict_with_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,

@@ -99,11 +99,17 @@ def test_fast_backends_agree_with_fp32_within_tolerance(scoring_checkpoint, imag
     _, cams_ref = fp32.predict_with_cams(images)
     S = SCORING_IMAGE_SIZE
     assert cams.shape == cams_ref.shape == (len(images), 14, S, S)
-    # the gradient methods always run in fp32 eager torch, whatever the backend; what moves the
-    # float sums is the batch split (4 here) and, for torch bf16, the channels_last weight layout
+    # the gradient methods run in eager torch whatever the backend, in bf16 (autocast +
+    # channels_last) where the predictor runs bf16 on native-bf16 hardware, else fp32 (where
+    # only the batch split, 4 here, moves the float sums). Evaluation scores fp32 maps.
     assert p.cam_method == fp32.cam_method != "cam"
-    np.testing.assert_allclose(cams, cams_ref, atol=0.01)
-    assert np.abs(cams - cams_ref).mean() < 1e-4
+    if p.map_precision == "bf16":  # measured here: mean |diff| 0.017, correlation >= 0.98
+        assert np.abs(cams - cams_ref).mean() < 0.03
+        flat, flat_ref = cams.reshape(-1, S * S), cams_ref.reshape(-1, S * S)
+        assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(flat, flat_ref)) > 0.95
+    else:
+        np.testing.assert_allclose(cams, cams_ref, atol=0.01)
+        assert np.abs(cams - cams_ref).mean() < 1e-4
     # CAM on the backend's own feature map: the same definition, close to fp32
     _, cam_fast = p.predict_with_cams(images, method="cam")
     _, cam_ref = fp32.predict_with_cams(images, method="cam")
