@@ -14,19 +14,23 @@ from medxray.errors import DataError, MedxrayError
 from medxray.review.store import EXPORT_COLUMNS, ImageKey, ReviewError, ReviewStore
 
 UID = "1.2.826.0.1.3680043.8.498.1"
+KEY = ImageKey.from_uids("1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3", UID)  # study + series + SOP
 
 
 def test_save_and_reload_survives_a_new_store(tmp_path):
     store = ReviewStore(tmp_path / "rev")
-    key = ImageKey.for_image(UID)
+    key = ImageKey.for_image(UID, study_instance_uid=KEY.value.split("/")[0],
+                             series_instance_uid=KEY.value.split("/")[1])
+    assert key == KEY
     saved = store.save(key, {"Effusion": "agree", "Mass": "disagree", "Nodule": ""}, reviewer="Dr A",
                        note="small left effusion", model_version="m1",
                        probabilities={"Effusion": 0.81, "Mass": 0.6}, thresholds={"Effusion": 0.5, "Mass": 0.4})
     assert saved.verdicts == {"Effusion": "agree", "Mass": "disagree"}  # empty choice = not reviewed
     # A fresh store object on the same folder (= app restart) sees the same review.
-    again = ReviewStore(tmp_path / "rev").latest(UID)
+    again = ReviewStore(tmp_path / "rev").latest(KEY.value)
     assert again is not None
-    assert again.reviewer == "Dr A" and again.note == "small left effusion" and again.key_kind == "sop_instance_uid"
+    assert again.reviewer == "Dr A" and again.note == "small left effusion" and again.key_kind == "study_series_sop"
+    assert ReviewStore(tmp_path / "rev").latest(UID) is None  # the SOP UID alone is not a key
     assert again.findings["Effusion"].probability == pytest.approx(0.81)
     assert again.findings["Mass"].threshold == pytest.approx(0.4)
 
@@ -54,7 +58,7 @@ def test_database_is_wal_and_latest_review_wins(tmp_path):
 def test_invalid_reviews_are_refused_with_a_clear_error(tmp_path, verdicts, reviewer, msg):
     store = ReviewStore(tmp_path)
     with pytest.raises(ReviewError, match=msg) as info:
-        store.save(ImageKey.for_image(UID), verdicts, reviewer=reviewer)
+        store.save(KEY, verdicts, reviewer=reviewer)
     assert isinstance(info.value, DataError) and isinstance(info.value, MedxrayError)
     assert store.count() == 0
 
@@ -62,7 +66,7 @@ def test_invalid_reviews_are_refused_with_a_clear_error(tmp_path, verdicts, revi
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     """One transaction per save: a failure half way (after the review row) rolls back the whole save."""
     store = ReviewStore(tmp_path)
-    store.save(ImageKey.for_image(UID), {"Mass": "agree"}, reviewer="A")
+    store.save(KEY, {"Mass": "agree"}, reviewer="A")
 
     real_connect = store._connect
 
@@ -76,10 +80,10 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "_connect", connect)
     with pytest.raises(sqlite3.OperationalError):
-        store.save(ImageKey.for_image(UID), {"Mass": "disagree"}, reviewer="B")
+        store.save(KEY, {"Mass": "disagree"}, reviewer="B")
     monkeypatch.setattr(store, "_connect", real_connect)
     assert store.count() == 1
-    assert store.latest(UID).verdicts == {"Mass": "agree"}
+    assert store.latest(KEY.value).verdicts == {"Mass": "agree"}
 
 
 def test_concurrent_saves_from_threads_all_land(tmp_path):
@@ -106,7 +110,7 @@ def test_concurrent_saves_from_threads_all_land(tmp_path):
 
 def test_export_csv_has_every_review_and_neutralises_formulas(tmp_path):
     store = ReviewStore(tmp_path)
-    store.save(ImageKey.for_image(UID), {"Mass": "agree", "Edema": "disagree"}, reviewer="=cmd|' /C calc'!A0",
+    store.save(KEY, {"Mass": "agree", "Edema": "disagree"}, reviewer="=cmd|' /C calc'!A0",
                note="+SUM(1)\nsecond line, with comma", probabilities={"Mass": 0.7})
     store.save(ImageKey.from_bytes(b"x"), {"Hernia": "unsure"}, reviewer="B")
     out = tmp_path / "export" / "reviews.csv"
@@ -139,12 +143,12 @@ def test_export_carries_the_file_name_never_a_folder(tmp_path):
 
 def test_history_is_append_only_and_says_who_changed_what(tmp_path):
     store = ReviewStore(tmp_path)
-    key = ImageKey("1.2.3", "sop_instance_uid")
+    key = ImageKey.from_uids("1.1", "1.2", "1.2.3")
     store.save(key, {"Mass": "agree", "Effusion": "unsure"}, reviewer="Dr A", file_name="a.dcm")
     store.save(key, {"Mass": "disagree", "Effusion": "unsure"}, reviewer="Dr B", note="second look",
                file_name="a.dcm", identity_source="proxy header")
     store.save(key, {"Mass": "disagree", "Effusion": "unsure"}, reviewer="Dr B", note="second look")
-    hist = list(store.iter_history_rows("1.2.3"))
+    hist = list(store.iter_history_rows(key.value))
     assert [(h["change"], h["finding"], h["previous"], h["new"], h["reviewer"]) for h in hist] == [
         ("first review", "Mass", "", "agree", "Dr A"), ("first review", "Effusion", "", "unsure", "Dr A"),
         ("verdict", "Mass", "agree", "disagree", "Dr B"), ("note", "", "", "second look", "Dr B"),
@@ -175,5 +179,7 @@ def test_a_version_1_database_gains_the_new_columns_and_keeps_its_reviews(tmp_pa
     store = ReviewStore(tmp_path)
     old = store.latest("1.2.3")
     assert old.reviewer == "Dr Old" and old.verdicts == {"Mass": "agree"} and old.file_name == ""
-    store.save(ImageKey("1.2.3", "sop_instance_uid"), {"Mass": "disagree"}, reviewer="Dr New", file_name="x.dcm")
-    assert store.latest("1.2.3").file_name == "x.dcm" and store.count() == 2
+    assert store.adopt_legacy(["1.1/1.2/1.2.3"]) == 1  # version-1/2 keys: the SOP UID alone, adopted
+    store.save(ImageKey.from_uids("1.1", "1.2", "1.2.3"), {"Mass": "disagree"}, reviewer="Dr New", file_name="x.dcm")
+    assert store.latest("1.1/1.2/1.2.3").file_name == "x.dcm" and store.count() == 2
+    assert [r.reviewer for r in store.history("1.1/1.2/1.2.3")] == ["Dr Old", "Dr New"]

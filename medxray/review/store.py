@@ -5,8 +5,22 @@ transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) on a WAL-mode database with ``s
 a crash or a killed app leaves either the whole review or none of it, and readers (the worklist
 in another browser session) never block a writer.
 
-Images are keyed by their DICOM SOP Instance UID, or by the SHA-256 of the file bytes for
-PNG/JPEG (and DICOM without a UID). Beside the key each review keeps the image's file name
+Images are keyed by something two patients cannot share: a DICOM image by its Study + Series +
+SOP Instance UIDs together (``study_series_sop``: re-used SOP Instance UIDs exist, from broken
+modality software and merged archives, and two patients' images sharing one must not share
+reviews), a PNG/JPEG (and a DICOM without valid UIDs) by the SHA-256 of the file bytes.
+
+Schema version 3 (this release) migrates older databases in place when opened: the ``reviews``
+table is rebuilt to accept the new key kind (rows, ids and the append-only triggers kept), and a
+``key_aliases`` table is added. A version-2 review is keyed by the SOP Instance UID alone
+(``sop_instance_uid``), which does not say which study it belongs to; the app *adopts* it when it
+meets the image (:meth:`ReviewStore.adopt_legacy`, called with the keys of a results folder): a
+legacy key whose SOP Instance UID belongs to exactly one of the offered keys, and to no review
+already saved under another study's key, gets an alias row (append-only, with the time), and
+from then on its reviews read under the new key. A SOP UID offered with two studies is left
+unadopted (a warning names how many), so two patients' reviews are never merged.
+
+Beside the key each review keeps the image's file name
 (the last path component only, never a folder) so an export can be mapped back to files;
 nothing else identifying the patient (name, ID, birth date) is stored. The store is append-only:
 each save adds a new review, triggers refuse UPDATE and DELETE, the latest review per image is
@@ -23,12 +37,13 @@ import hashlib
 import io
 import logging
 import os
+import re
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from medxray.errors import DataError
 from medxray.fileio import atomic_write_text
@@ -37,7 +52,9 @@ log = logging.getLogger(__name__)
 
 VERDICTS: tuple[str, ...] = ("agree", "disagree", "unsure")
 DB_FILENAME = "reviews.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+KEY_KINDS: tuple[str, ...] = ("study_series_sop", "sha256", "sop_instance_uid")  # the last: version 2, legacy
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1
 EXPORT_COLUMNS: tuple[str, ...] = (
     "review_id", "image_key", "key_kind", "file_name", "saved_at_utc", "reviewer", "identity_source",
     "model_version", "finding", "verdict", "probability", "threshold", "note",
@@ -53,7 +70,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviews (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     image_key     TEXT NOT NULL,
-    key_kind      TEXT NOT NULL CHECK (key_kind IN ('sop_instance_uid', 'sha256')),
+    key_kind      TEXT NOT NULL CHECK (key_kind IN ('study_series_sop', 'sha256', 'sop_instance_uid')),
     reviewer      TEXT NOT NULL,
     note          TEXT NOT NULL DEFAULT '',
     model_version TEXT NOT NULL DEFAULT '',
@@ -81,7 +98,30 @@ CREATE TRIGGER IF NOT EXISTS findings_no_update BEFORE UPDATE ON review_findings
     BEGIN SELECT RAISE(ABORT, 'reviews are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS findings_no_delete BEFORE DELETE ON review_findings
     BEGIN SELECT RAISE(ABORT, 'reviews are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS aliases_no_update BEFORE UPDATE ON key_aliases
+    BEGIN SELECT RAISE(ABORT, 'key aliases are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS aliases_no_delete BEFORE DELETE ON key_aliases
+    BEGIN SELECT RAISE(ABORT, 'key aliases are append-only'); END;
 """
+# Version 3: a version-2 key (SOP Instance UID alone) adopted under its study + series + SOP key,
+# and the reviews as read: every query goes through reviews_keyed, so an adopted review reads
+# under its new key while the row itself stays as it was saved (append-only).
+_ALIASES = """
+CREATE TABLE IF NOT EXISTS key_aliases (
+    legacy_key     TEXT PRIMARY KEY,
+    image_key      TEXT NOT NULL,
+    key_kind       TEXT NOT NULL CHECK (key_kind IN ('study_series_sop', 'sha256')),
+    adopted_at_utc TEXT NOT NULL
+);
+CREATE VIEW IF NOT EXISTS reviews_keyed AS
+    SELECT r.id AS id, COALESCE(a.image_key, r.image_key) AS image_key,
+           COALESCE(a.key_kind, r.key_kind) AS key_kind, r.reviewer AS reviewer, r.note AS note,
+           r.model_version AS model_version, r.saved_at_utc AS saved_at_utc, r.file_name AS file_name,
+           r.identity_source AS identity_source
+    FROM reviews r LEFT JOIN key_aliases a ON r.key_kind = 'sop_instance_uid' AND a.legacy_key = r.image_key;
+"""
+_REVIEWS_COLUMNS = ("id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, "
+                    "identity_source")
 _ADDED_COLUMNS = (("file_name", "TEXT NOT NULL DEFAULT ''"), ("identity_source", "TEXT NOT NULL DEFAULT 'typed'"))
 
 
@@ -91,24 +131,56 @@ class ReviewError(DataError):
 
 @dataclass(frozen=True)
 class ImageKey:
-    """How a review refers to an image: never by anything that names the patient."""
+    """How a review refers to an image: never by anything that names the patient, and never by
+    anything two patients can share.
+
+    ``kind`` "study_series_sop": ``value`` is ``<Study Instance UID>/<Series Instance UID>/<SOP
+    Instance UID>`` (valid UIDs, PS3.5 9.1, hold no "/"); "sha256": the hex SHA-256 of the file
+    bytes; "sop_instance_uid": a version-2 key, read only (never saved any more).
+    """
 
     value: str
-    kind: str  # "sop_instance_uid" | "sha256"
+    kind: str  # one of KEY_KINDS
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ImageKey":
         return cls(hashlib.sha256(data).hexdigest(), "sha256")
 
     @classmethod
-    def for_image(cls, sop_instance_uid: str | None, data: bytes | None = None) -> "ImageKey":
-        """SOP Instance UID when there is one (stable across re-exports), else the file hash."""
-        uid = (sop_instance_uid or "").strip()
-        if uid:
-            return cls(uid, "sop_instance_uid")
+    def from_uids(cls, study_instance_uid: object, series_instance_uid: object,
+                  sop_instance_uid: object) -> "ImageKey | None":
+        """The study + series + SOP key, or None when one of the three is missing or not a valid UID."""
+        uids = [str(u if u is not None else "").strip() for u in (study_instance_uid, series_instance_uid,
+                                                                 sop_instance_uid)]
+        if not all(0 < len(u) <= 64 and _UID_RE.fullmatch(u) for u in uids):
+            return None
+        return cls("/".join(uids), "study_series_sop")
+
+    @classmethod
+    def for_image(cls, sop_instance_uid: str | None, data: bytes | None = None, *,
+                  study_instance_uid: str | None = None, series_instance_uid: str | None = None) -> "ImageKey":
+        """Study + Series + SOP Instance UID when all three are valid (stable across re-exports),
+        else the SHA-256 of the file bytes. Raises ReviewError when neither is available."""
+        key = cls.from_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
+        if key is not None:
+            return key
         if data is None:
-            raise ReviewError("an image needs a SOP Instance UID or its bytes to be reviewed")
+            raise ReviewError("an image needs its Study, Series and SOP Instance UIDs or its bytes to be reviewed")
         return cls.from_bytes(data)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """The SOP Instance UID part of a study + series + SOP key ("" for other kinds)."""
+        return self.value.rsplit("/", 1)[-1] if self.kind == "study_series_sop" else ""
+
+
+def key_of(value: str) -> ImageKey:
+    """The :class:`ImageKey` a key value stands for (study + series + SOP keys hold two "/")."""
+    if value.count("/") == 2 and ImageKey.from_uids(*value.split("/")) is not None:
+        return ImageKey(value, "study_series_sop")
+    if re.fullmatch(r"[0-9a-f]{64}", value):
+        return ImageKey(value, "sha256")
+    return ImageKey(value, "sop_instance_uid")
 
 
 @dataclass(frozen=True)
@@ -166,14 +238,30 @@ class ReviewStore:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":  # e.g. a network file system without shared memory
                 log.warning("review database %s is in %s mode, not WAL", self.path, mode)
-            with conn:
-                conn.executescript(_SCHEMA)
+            conn.execute("PRAGMA foreign_keys=OFF")  # the version-3 rebuild drops and renames `reviews`
+            try:
+                conn.execute("BEGIN IMMEDIATE")  # one app process migrates; the others wait, then see v3
+                _run_script(conn, _SCHEMA)
                 have = {r[1] for r in conn.execute("PRAGMA table_info(reviews)")}
                 for name, decl in _ADDED_COLUMNS:  # a version-1 database gains the columns, keeps its rows
                     if name not in have:
                         conn.execute(f"ALTER TABLE reviews ADD COLUMN {name} {decl}")
-                conn.executescript(_APPEND_ONLY)
+                before = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if _needs_key_rebuild(conn):
+                    _rebuild_reviews_table(conn)
+                    log.info("review database %s migrated from schema version %d to %d (study + series + SOP "
+                             "keys)", self.path, before, SCHEMA_VERSION)
+                _run_script(conn, _ALIASES)
+                _run_script(conn, _APPEND_ONLY)
+                if conn.execute("PRAGMA foreign_key_check").fetchall():
+                    raise ReviewError(f"the review database {self.path} has findings without a review; "
+                                      "restore it from a backup")
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -216,8 +304,9 @@ class ReviewStore:
         bad = sorted({v for v in chosen.values() if v not in VERDICTS})
         if bad:
             raise ReviewError(f"unknown verdict(s) {bad}; use one of {list(VERDICTS)}")
-        if key.kind not in ("sop_instance_uid", "sha256") or not key.value:
-            raise ReviewError(f"invalid image key {key!r}")
+        if key.kind not in ("study_series_sop", "sha256") or not key.value or key_of(key.value) != key:
+            raise ReviewError(f"invalid image key {key!r} (a review is saved under study + series + SOP "
+                              "Instance UIDs or a SHA-256)")
         probabilities = probabilities or {}
         thresholds = thresholds or {}
         file_name = Path(str(file_name or "").replace("\\", "/")).name[:255]
@@ -253,14 +342,14 @@ class ReviewStore:
         with closing(self._connect()) as conn:
             rows = conn.execute(
                 "SELECT id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, "
-                "identity_source FROM reviews "
+                "identity_source FROM reviews_keyed "
                 f"{where} ORDER BY id", params,
             ).fetchall()
             ids = [r[0] for r in rows]
             findings: dict[int, dict[str, FindingVerdict]] = {i: {} for i in ids}
             if ids:
                 fq = ("SELECT review_id, finding, verdict, probability, threshold FROM review_findings "
-                      "WHERE review_id IN (SELECT id FROM reviews " + where + ") ORDER BY review_id, rowid")
+                      "WHERE review_id IN (SELECT id FROM reviews_keyed " + where + ") ORDER BY review_id, rowid")
                 for rid, finding, verdict, p, t in conn.execute(fq, params):
                     findings[rid][finding] = FindingVerdict(finding, verdict, p, t)
         return [Review(r[0], r[1], r[2], r[3], r[4], r[5], r[6], findings[r[0]], r[7], r[8]) for r in rows]
@@ -272,15 +361,75 @@ class ReviewStore:
     def latest(self, image_key: str) -> Review | None:
         """The current review of one image (the most recent save), or None."""
         with closing(self._connect()) as conn:
-            row = conn.execute("SELECT MAX(id) FROM reviews WHERE image_key = ?", (image_key,)).fetchone()
+            row = conn.execute("SELECT MAX(id) FROM reviews_keyed WHERE image_key = ?", (image_key,)).fetchone()
         if row is None or row[0] is None:
             return None
         return self._reviews("WHERE id = ?", (int(row[0]),))[0]
 
-    def latest_by_image(self) -> dict[str, Review]:
-        """Current review of every reviewed image (for the worklist's review column)."""
-        reviews = self._reviews("WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY image_key)")
+    def latest_by_image(self, adopt: Iterable[str | None] | None = None) -> dict[str, Review]:
+        """Current review of every reviewed image (for the worklist's review column).
+
+        ``adopt``: the image keys the caller is about to look up (a results folder's rows); version-2
+        reviews of their images are adopted first (:meth:`adopt_legacy`).
+        """
+        if adopt is not None:
+            self.adopt_legacy(adopt)
+        reviews = self._reviews("WHERE id IN (SELECT MAX(id) FROM reviews_keyed GROUP BY image_key)")
         return {r.image_key: r for r in reviews}
+
+    def adopt_legacy(self, keys: Iterable[str | ImageKey | None]) -> int:
+        """Give version-2 reviews (keyed by the SOP Instance UID alone) the study + series + SOP key
+        of the image they belong to; returns how many legacy keys were adopted.
+
+        ``keys``: the keys of images the caller has (e.g. every row of a results folder; None and
+        non-DICOM keys are ignored). A legacy key is adopted only when its SOP Instance UID belongs
+        to exactly one study + series among ``keys`` and among the keys reviews were already saved
+        under; otherwise it is left as it is and a warning says how many were ambiguous (two
+        patients' reviews are never merged). Each adoption is an append-only ``key_aliases`` row.
+        """
+        offered: dict[str, set[str]] = {}
+        for k in keys:
+            key = k if isinstance(k, ImageKey) else key_of(str(k)) if k else None
+            if key is not None and key.kind == "study_series_sop":
+                offered.setdefault(key.sop_instance_uid, set()).add(key.value)
+        if not offered:
+            return 0
+        adopted = ambiguous = 0
+        with closing(self._connect()) as conn:
+            legacy = {r[0] for r in conn.execute(
+                "SELECT DISTINCT r.image_key FROM reviews r LEFT JOIN key_aliases a ON a.legacy_key = r.image_key "
+                "WHERE r.key_kind = 'sop_instance_uid' AND a.legacy_key IS NULL")}
+            wanted = [sop for sop in offered if sop in legacy]
+            if not wanted:
+                return 0
+            saved: dict[str, set[str]] = {}
+            for (value,) in conn.execute("SELECT DISTINCT image_key FROM reviews_keyed "
+                                         "WHERE key_kind = 'study_series_sop'"):
+                saved.setdefault(value.rsplit("/", 1)[-1], set()).add(value)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for sop in wanted:
+                    candidates = offered[sop] | saved.get(sop, set())
+                    if len(candidates) != 1:
+                        ambiguous += 1
+                        continue
+                    cur = conn.execute("INSERT OR IGNORE INTO key_aliases (legacy_key, image_key, key_kind, "
+                                       "adopted_at_utc) VALUES (?, ?, 'study_series_sop', ?)",
+                                       (sop, next(iter(candidates)), now))
+                    adopted += cur.rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        if adopted:
+            log.info("review keys: %d review key(s) of schema version 2 now read under study + series + SOP UIDs",
+                     adopted)
+        if ambiguous:
+            log.warning("review keys: %d review key(s) of schema version 2 name a SOP Instance UID that more than "
+                        "one study/series uses; left unadopted so two patients' reviews are not merged", ambiguous)
+        return adopted
 
     def count(self) -> int:
         with closing(self._connect()) as conn:
@@ -341,6 +490,40 @@ class ReviewStore:
         if path is not None:
             atomic_write_text(path, text)
         return text
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run a DDL script statement by statement inside the open transaction (``executescript``
+    would COMMIT it first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            conn.execute(pending)
+            pending = ""
+    if pending.strip():
+        raise ValueError("incomplete SQL statement in a schema script")
+
+
+def _needs_key_rebuild(conn: sqlite3.Connection) -> bool:
+    """True while ``reviews`` still has the version-2 CHECK that refuses study + series + SOP keys."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'reviews'").fetchone()
+    return row is not None and "study_series_sop" not in str(row[0])
+
+
+def _rebuild_reviews_table(conn: sqlite3.Connection) -> None:
+    """SQLite's way to change a CHECK constraint (https://www.sqlite.org/lang_altertable.html, "making
+    other kinds of table schema changes"): create the new table, copy every row with its id, drop
+    the old one (its triggers and index go with it), rename; inside the caller's transaction, with
+    foreign keys off (review_findings keeps pointing at ``reviews`` by name). The rows are copied
+    as they are: version-2 keys keep their kind ``sop_instance_uid``."""
+    conn.execute("DROP VIEW IF EXISTS reviews_keyed")
+    new_table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS reviews ("):_SCHEMA.index(");") + 2]
+    conn.execute(new_table.replace("IF NOT EXISTS reviews (", "reviews_v3 ("))
+    conn.execute(f"INSERT INTO reviews_v3 ({_REVIEWS_COLUMNS}) SELECT {_REVIEWS_COLUMNS} FROM reviews")
+    conn.execute("DROP TABLE reviews")
+    conn.execute("ALTER TABLE reviews_v3 RENAME TO reviews")
+    conn.execute("CREATE INDEX IF NOT EXISTS reviews_by_image ON reviews (image_key, id)")
 
 
 def _opt_float(v: object) -> float | None:
