@@ -32,7 +32,7 @@ source = st.radio("Image source", sources, horizontal=True, key="study_source")
 row = advance_to = None
 if source == FROM_RESULTS:
     store = ui.review_store(cfg)
-    reviews = store.latest_by_image() if store is not None else {}
+    reviews = store.latest_by_image(adopt=ui.results_row_keys(folder)) if store is not None else {}
     table_all = worklist_table(results, folder, {}, reviews, keys=ui.results_row_keys(folder))
     ok = table_all[table_all["status"] == "ok"]
     order = [r for r in st.session_state.get("wl_order", {}).get(str(folder), []) if r in set(ok["row"])] or \

@@ -24,7 +24,7 @@ if error:
     st.stop()
 
 store = ui.review_store(cfg)
-reviews = store.latest_by_image() if store is not None else {}
+reviews = store.latest_by_image(adopt=ui.results_row_keys(folder)) if store is not None else {}
 result_labels = result_label_names(results)
 labels, defaults = ui.label_names_and_defaults(ms, result_labels)
 thr = ui.thresholds(result_labels, defaults)

@@ -123,7 +123,8 @@ def _load_dicom(data: bytes, digest: str) -> StudyImage:
     # Any modality is opened: the reviewer gets a warning for an unexpected one instead of nothing.
     dimg = read_dicom(data, allowed_modalities=None)  # raises DicomError with the reason
     meta = dict(dimg.meta or {})
-    key = ImageKey.for_image(meta.get("sop_instance_uid"), data)
+    key = ImageKey.for_image(meta.get("sop_instance_uid"), data, study_instance_uid=meta.get("study_instance_uid"),
+                             series_instance_uid=meta.get("series_instance_uid"))  # two patients cannot share it
     return StudyImage(pixels=np.asarray(dimg.pixels, dtype=np.float32), kind="dicom", key=key, sha256=digest,
                       meta=meta, warnings=list(dimg.warnings or []), dicom=dimg, is_lateral=bool(dimg.is_lateral))
 

@@ -23,7 +23,7 @@ import pandas as pd
 from medxray.errors import DataError
 from medxray.labels import display_name
 from medxray.review.settings import reason_sentence
-from medxray.review.store import Review
+from medxray.review.store import ImageKey, Review
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,12 @@ def stored_cam_path(out_dir: str | os.PathLike, row: Mapping[str, Any], finding:
 
 
 def row_image_key(out_dir: str | os.PathLike, row: Mapping[str, Any]) -> str | None:
-    """Review key of a results row: its SOP Instance UID, else the SHA-256 of the file."""
-    uid = str(row.get("sop_instance_uid") or "").strip()
-    if uid and uid.lower() != "nan":
-        return uid
+    """Review key of a results row: its Study + Series + SOP Instance UIDs (:meth:`ImageKey.from_uids`:
+    two patients cannot share it), else the SHA-256 of the file."""
+    key = ImageKey.from_uids(row.get("study_instance_uid"), row.get("series_instance_uid"),
+                             row.get("sop_instance_uid"))
+    if key is not None:
+        return key.value
     p = resolve_result_path(out_dir, str(row.get("path", "")))
     try:
         return hashlib.sha256(p.read_bytes()).hexdigest()
