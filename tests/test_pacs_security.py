@@ -276,7 +276,7 @@ def test_300_mb_cstore_is_refused_with_bounded_memory_and_disk(plain_node):
     ds.Rows = ds.Columns = 7000
     ds.NumberOfFrames = 3
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.full((3, 7000, 7000), 7, np.uint16).tobytes()
+    ds.add_new(0x7FE00010, "OW", np.full((3, 7000, 7000), 7, np.uint16).tobytes())
     ds.save_as(big, enforce_file_format=True)
     del ds
     assert big.stat().st_size > 290e6
@@ -302,7 +302,7 @@ def test_300_mb_cstore_is_refused_with_bounded_memory_and_disk(plain_node):
     growth_mb = (max(peak["rss"], after["VmRSS"]) - base["VmRSS"]) * 1024 / 1e6
     hwm_growth_mb = (after["VmHWM"] - base["VmHWM"]) * 1024 / 1e6
     print(f"\n300 MB C-STORE: RSS {base['VmRSS'] / 1024:.0f} MiB before, peak growth {growth_mb:.1f} MB, "
-          f"VmHWM growth {hwm_growth_mb:.1f} MB; storescu: {[ln for ln in out.splitlines() if 'status' in ln][:2]}")
+          f"VmHWM growth {hwm_growth_mb:.1f} MB; storescu: {[ln for ln in out.splitlines() if 'response' in ln][:2]}")
     assert growth_mb < 300 and hwm_growth_mb < 300
     rows = [x for x in refused_rows(work) if x["reason"].startswith("too_large: the data set is over")]
     assert rows, csv_rows(work / "node.csv")
