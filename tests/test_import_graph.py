@@ -231,7 +231,8 @@ ONLY: list[tuple[str, tuple[str, ...]]] = [
     ("medxray.dicom.bits", ("medxray.dicom.codes",)),
     ("medxray.dicom.header", ("medxray.dicom.codes",)),
     ("medxray.dicom.source", ("medxray.dicom.codes", "medxray.dicom.header", "medxray.dicom.codestream",
-                              "medxray.errors", "medxray.limits")),
+                              "medxray.dicom.inflate", "medxray.errors", "medxray.limits")),
+    ("medxray.dicom.inflate", ("medxray.dicom.codes",)),
 ]
 
 

@@ -48,3 +48,15 @@ def declared_size(frame: bytes) -> tuple[int, int, int] | None:
             return None
         pos += 2 + length
     return None
+
+
+def j2k_signed(frame: bytes) -> bool | None:
+    """Whether a JPEG 2000 codestream's first component is signed (SIZ Ssiz bit 7, ISO/IEC 15444-1 A.5.1).
+
+    None when the frame has no SIZ marker segment at its start.
+    """
+    head = bytes(frame[:_SEARCH_BYTES])
+    at = head.find(_J2K_SOC_SIZ)
+    if at < 0 or len(head) < at + 43:
+        return None
+    return bool(head[at + 42] & 0x80)

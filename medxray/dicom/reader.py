@@ -61,7 +61,7 @@ from medxray.dicom.header import (
     safe_meta,
     scrub_phi,
 )
-from medxray.dicom.reduce import area_reduce, can_reduce, decode_j2k_reduced, linear_chain
+from medxray.dicom.reduce import affine_window, area_reduce, area_reduce_clipped, can_reduce, decode_j2k_reduced
 from medxray.dicom.source import DicomSource, is_dicom_file, parse_dataset, read_source, sniff_dicom
 from medxray.dicom.voi import (
     MIN_GREY_LEVELS,
@@ -262,23 +262,37 @@ def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int |
     meta = safe_meta(ds, ts)
     warns: list[str] = []
     bits_alloc = int(ds.BitsAllocated)
-    container = (decode_j2k_reduced(ds, reduce_to) if reduce_to else None)
-    container = decode_stored(ds) if container is None else container
-    stored, bits_note = locate_stored_bits(
-        container, int_attr(ds, "BitsStored", bits_alloc) or bits_alloc, int_attr(ds, "HighBit"),
-        meta["pixel_representation"] == 1, compressed=bool(ts.is_compressed))
+    pad = padding_range(ds)
+    mlut = modality_lut_params(ds)
+    # reduce_to: the stored values' range over which the LUT chain is affine (None: not affine)
+    affine = affine_window(ds, mlut, pad) if reduce_to else None
+
+    def stored_values(reduced: bool) -> tuple[np.ndarray, str | None]:
+        container = decode_j2k_reduced(ds, reduce_to) if reduced else None  # type: ignore[arg-type]
+        container = decode_stored(ds) if container is None else container
+        return locate_stored_bits(
+            container, int_attr(ds, "BitsStored", bits_alloc) or bits_alloc, int_attr(ds, "HighBit"),
+            meta["pixel_representation"] == 1, compressed=bool(ts.is_compressed))
+
+    # A JPEG 2000 resolution level averages the stored values before the LUTs: the same picture only
+    # when the chain is affine and the window clips nothing (the clipped cases decode in full).
+    stored, bits_note = stored_values(affine is not None)
+    if affine is not None and stored.shape != (int(ds.Rows), int(ds.Columns)) and (
+            int(stored.min()) < affine[0] or int(stored.max()) > affine[1]):
+        stored, bits_note = stored_values(False)
     if bits_note:
         warns.append(bits_note)
-    pad = padding_range(ds)
     pad_mask = ((stored >= pad[0]) & (stored <= pad[1])) if pad is not None else None
     if pad_mask is not None and not pad_mask.any():
         pad_mask = None
-    mlut = modality_lut_params(ds)
-    # reduce_to: area-resize the stored integers now when the LUT chain is affine, else the display image below
+    # reduce_to: area-resize the stored integers now (clipped to the window's affine part, which is exact)
+    # when the LUT chain is affine, else the display image below
     shrink = can_reduce(stored.shape, reduce_to)
-    early = shrink and linear_chain(ds, mlut, pad)
-    if early:
-        stored, pad_mask = area_reduce(stored, reduce_to, pad_mask)  # type: ignore[arg-type]
+    early = False
+    if shrink and affine is not None:
+        small = area_reduce_clipped(stored, reduce_to, *affine)  # type: ignore[arg-type]
+        if small is not None:
+            stored, early = small, True
     lateral = is_lateral_view(ds, meta)
 
     raw = apply_modality_lut(stored, mlut)
