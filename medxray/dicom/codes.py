@@ -45,7 +45,8 @@ REASON_CODES: dict[str, str] = {
     MISSING_ATTRIBUTE: "a required attribute is absent (e.g. Photometric Interpretation: MONOCHROME1 "
                        "and MONOCHROME2 cannot be told apart)",
     MODALITY: "the modality is not in the allow-list (CR, DX by default)",
-    TOO_LARGE: "above the pixel or file-size limit (checked before decoding)",
+    TOO_LARGE: "above the pixel or file-size limit (checked before decoding), or a deflated data set that "
+               "inflates past its header's image size + 8 MiB of other elements (a decompression bomb)",
     UNSUPPORTED: "a valid image the reader does not handle (bits allocated not 8/16/32, float pixels, "
                  "an unknown photometric interpretation, a LUT with an unusable bit depth)",
     DECODE_FAILED: "the codec could not decode the compressed pixel data; the reason keeps its message",
