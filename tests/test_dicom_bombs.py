@@ -168,6 +168,26 @@ def test_cut_and_corrupt_deflate_streams_are_refused_with_their_reason():
         read_dicom(meta + b"\xff" * 4096)
 
 
+def test_rle_segments_that_expand_past_the_header_are_refused_within_the_bound():
+    """RLE has no size field: 2 bytes (a replicate run) decode to 128. Segments that would decode to
+    2 x 128 MiB under a 64 x 64 header are refused; the decoder writes into the header's buffer only."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    from dicom_corpus import make_dataset
+
+    ds = make_dataset("rlebomb", transfer_syntax=RLELossless)
+    seg = bytes([0x81, 0x00]) * (1 << 21)  # 4 MiB -> 256 MiB decoded, per segment
+    header = struct.pack("<16I", 2, 64, 64 + len(seg), *([0] * 13))
+    ds.PixelData = encapsulate([header + seg + seg])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    code, peak = _refusal(buf.getvalue())
+    assert code == "decode_failed"
+    assert peak < 4 * len(buf.getvalue()) + (16 << 20), f"{peak / 2**20:.0f} MiB"  # the file and its copies, no more
+
+
 WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 
