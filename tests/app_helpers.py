@@ -71,6 +71,14 @@ def dicom_copy(dest: Path, *, sop_uid: str, view: str = "PA", modality: str = "C
     return dest
 
 
+def rg1_study_series() -> tuple[str, str]:
+    """RG1's Study and Series Instance UIDs: what score-dicom writes in a copy's results row."""
+    import pydicom
+
+    ds = pydicom.dcmread(rg1_path(), stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
 def png_bytes(h: int = 320, w: int = 300, seed: int = 0) -> bytes:
     from PIL import Image
 
@@ -99,9 +107,10 @@ def make_results(root: Path, probs: Sequence[Sequence[float]] | None = None) -> 
         probs[0][labels.index("Effusion")] = 0.93
         probs[1][labels.index("Mass")] = 0.71
     rows = []
+    study, series = rg1_study_series()  # as in the files: the review key is study + series + SOP UID
     for rel, uid, p, view in (("a/first.dcm", uids[0], probs[0], "PA"), ("second.dcm", uids[1], probs[1], "AP")):
-        rows.append({"path": rel, "status": "ok", "reason": "", "sop_instance_uid": uid, "study_instance_uid": "1.2",
-                     "series_instance_uid": "1.3", "modality": "CR", "view_position": view,
+        rows.append({"path": rel, "status": "ok", "reason": "", "sop_instance_uid": uid, "study_instance_uid": study,
+                     "series_instance_uid": series, "modality": "CR", "view_position": view,
                      **{f"p_{n}": v for n, v in zip(labels, p)},
                      "positive_findings": ";".join(n for n, v in zip(labels, p) if v >= 0.5),
                      "model": "densenet121", "model_version": "test-random-v1"})
@@ -141,7 +150,8 @@ def make_review_folder(out: Path, *, n_dicom: int = 4, n_png: int = 8, seed: int
         uid = f"1.2.826.0.1.3680043.8.498.{7000 + i}"
         rel = f"dicom/rg1_copy_{i}.dcm"
         dicom_copy(inp / rel, sop_uid=uid, view="PA" if i % 2 == 0 else "AP")
-        rows.append({"path": rel, "sop_instance_uid": uid, "modality": "CR", "view_position": "PA" if i % 2 == 0 else "AP"})
+        rows.append({"path": rel, "sop_instance_uid": uid, "modality": "CR", "view_position": "PA" if i % 2 == 0 else "AP",
+                     **dict(zip(("study_instance_uid", "series_instance_uid"), rg1_study_series()))})
     for f in nih_pngs(n_png):
         rel = f"png/{f.name}"
         (inp / "png").mkdir(parents=True, exist_ok=True)
@@ -149,8 +159,8 @@ def make_review_folder(out: Path, *, n_dicom: int = 4, n_png: int = 8, seed: int
         rows.append({"path": rel, "sop_instance_uid": "", "modality": "", "view_position": ""})
     for r in rows:
         p = rng.uniform(0.01, 0.9, len(labels))
-        r.update({"status": "ok", "reason": "", "study_instance_uid": "", "series_instance_uid": "",
-                  **{f"p_{n}": float(v) for n, v in zip(labels, p)},
+        r.update({"status": "ok", "reason": "", "study_instance_uid": r.get("study_instance_uid", ""),
+                  "series_instance_uid": r.get("series_instance_uid", ""), **{f"p_{n}": float(v) for n, v in zip(labels, p)},
                   "positive_findings": ";".join(n for n, v in zip(labels, p) if v >= 0.5),
                   "model": "densenet121", "model_version": "test-random-v1"})
     (inp / "notes.dcm").write_bytes(b"this is not an image\n")
