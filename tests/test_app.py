@@ -6,7 +6,7 @@ import csv
 import io
 
 import pytest
-from app_helpers import APP_ENTRY, make_checkpoint, make_results, png_bytes, rg1_bytes
+from app_helpers import APP_ENTRY, make_checkpoint, make_results, png_bytes, rg1_bytes, rg1_study_series
 from streamlit.testing.v1 import AppTest
 
 from medxray.labels import CHESTXRAY14_FINDINGS, display_name
@@ -226,7 +226,7 @@ def test_save_review_then_export(env):
     at.button(key="save_review").click().run()
     _ok(at)
     assert "Review saved" in _texts(at.success)
-    review = store.latest("1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457")
+    review = store.latest("/".join((*rg1_study_series(), "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457")))
     assert review is not None and review.reviewer == "Dr Test" and review.note == "looks fine"
     assert review.verdicts == {top: "agree", second: "disagree"}
     assert review.model_version == "test-random-v1" and review.file_name == "RG1_UNCI.dcm"
@@ -247,7 +247,8 @@ def test_save_review_then_export(env):
 def test_worklist_filters_shows_review_state_and_opens_study(env, monkeypatch):
     out, uids = make_results(env / "scored")
     monkeypatch.setenv(ENV_RESULTS, str(out))
-    ReviewStore(env / "reviews").save(ImageKey(uids[1], "sop_instance_uid"), {"Mass": "agree"}, reviewer="Dr B")
+    ReviewStore(env / "reviews").save(ImageKey.from_uids(*rg1_study_series(), uids[1]), {"Mass": "agree"},
+                                      reviewer="Dr B")
     at = _app()
     at.switch_page("app_pages/worklist.py").run()
     _ok(at)

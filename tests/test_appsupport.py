@@ -156,7 +156,8 @@ def rg1_bytes() -> bytes:
 def test_real_dicom_is_keyed_by_uid_and_shows_no_phi(rg1_bytes):
     s = load_study_bytes(rg1_bytes, "RG1_UNCI.dcm")
     assert s.kind == "dicom" and s.shape == (1955, 1841) and s.pixels.dtype == np.float32
-    assert s.key.kind == "sop_instance_uid" and s.key.value.startswith("1.3.6.1.4.1.5962")
+    assert s.key.kind == "study_series_sop" and s.key.value.startswith("1.3.6.1.4.1.5962")
+    assert s.key.value.endswith("/" + s.meta["sop_instance_uid"])
     assert s.window is not None and s.raw is not None and s.raw.shape == s.shape
     table = safe_metadata_table(s)
     text = table.to_string()
@@ -240,6 +241,7 @@ def _results(tmp_path, labels=("Effusion", "Mass", "Nodule")):
     out.mkdir()
     rows = [
         {"path": str(imgs / "a.dcm"), "status": "ok", "reason": "", "sop_instance_uid": "1.2.3",
+         "study_instance_uid": "1.2", "series_instance_uid": "1.2.1",
          "modality": "CR", "view_position": "PA", **{f"p_{n}": p for n, p in zip(labels, (0.9, 0.1, 0.3))}},
         {"path": str(imgs / "b.dcm"), "status": "error", "reason": "not a DICOM file", "sop_instance_uid": "",
          "modality": "", "view_position": "", **{f"p_{n}": "" for n in labels}},
@@ -255,7 +257,7 @@ def test_worklist_table_review_state_and_filters(tmp_path):
     res = load_results(out)
     assert result_label_names(res) == ["Effusion", "Mass", "Nodule"]
     store = ReviewStore(tmp_path / "rev")
-    store.save(ImageKey.for_image("1.2.3"), {"Effusion": "agree"}, reviewer="Dr A")
+    store.save(ImageKey.from_uids("1.2", "1.2.1", "1.2.3"), {"Effusion": "agree"}, reviewer="Dr A")
     thr = {"Effusion": 0.5, "Mass": 0.5, "Nodule": 0.5}
     t = worklist_table(res, out, thr, store.latest_by_image())
     assert list(t["file"]) == ["a.dcm", "b.dcm", "c.png"]
