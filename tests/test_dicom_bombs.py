@@ -188,6 +188,26 @@ def test_rle_segments_that_expand_past_the_header_are_refused_within_the_bound()
     assert peak < 4 * len(buf.getvalue()) + (16 << 20), f"{peak / 2**20:.0f} MiB"  # the file and its copies, no more
 
 
+def test_header_reading_for_other_entry_points_is_bounded_too(tmp_path):
+    """read_header_bounded: what the DICOM node can use instead of dcmread for its checks at receipt."""
+    from medxray.dicom.source import read_header_bounded
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(deflate_bomb("pixel_length"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DicomError, match="^too_large: "):
+            read_header_bounded(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < ALLOC_BOUND
+    rg1 = tmp_path / "rg1.dcm"
+    rg1.write_bytes(deflated_rg1())
+    assert (read_header_bounded(rg1).Rows, read_header_bounded(get_testdata_file("RG1_UNCR.dcm"), defer_size=4096).Rows
+            ) == (1955, 1955)
+
+
 WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 

@@ -230,3 +230,44 @@ def _read_deflated(data: bytes, kind: str, max_pixels: int | None) -> tuple[Any,
                      is_little_endian=True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds, len(body)
+
+
+def read_header_bounded(path: str | os.PathLike, max_pixels: int | None = None,
+                        defer_size: int | None = None) -> Any:
+    """A file's pydicom data set for header checks, with a deflated body inflated under the reader's ceiling.
+
+    For code outside the reader that needs a header from an untrusted file (the DICOM node checks
+    Rows/Columns at receipt): ``pydicom.dcmread(path, defer_size=defer_size)`` for every transfer
+    syntax but Deflated Explicit VR Little Endian, whose body ``dcmread`` would inflate whole; that
+    one is inflated by :func:`medxray.dicom.inflate.inflate_deflated` (``max_pixels``: the pixel
+    limit, None for :func:`medxray.limits.pixel_limit`). Raises :class:`DicomError` (``too_large``,
+    ``truncated``, ``unreadable``) for a deflated body past its ceiling or damaged; pydicom's own
+    exceptions otherwise, as ``dcmread`` does.
+    """
+    import pydicom
+
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+        kind = sniff_dicom(head) or "part10"
+        fh.seek(0)
+        if not _meta_says_deflated(fh, kind):
+            return pydicom.dcmread(path, defer_size=defer_size, force=(kind == "raw"))
+    data = Path(path).read_bytes()
+    deflated = _read_deflated(data, kind, max_pixels)
+    if deflated is None:  # the meta changed between the two reads: parse what is there now
+        return pydicom.dcmread(io.BytesIO(data), force=(kind == "raw"))
+    return deflated[0]
+
+
+def _meta_says_deflated(fh: IO[bytes], kind: str) -> bool:
+    """Whether the File Meta group at the start of ``fh`` names Deflated Explicit VR Little Endian."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    from medxray.dicom.inflate import DEFLATED_TS
+
+    try:
+        read_preamble(fh, kind == "raw")
+        ts = _read_file_meta_info(fh).get("TransferSyntaxUID", None)
+    except Exception:  # no meta group we can read: dcmread decides (and finds no deflate either)
+        return False
+    return isinstance(ts, str) and ts.strip("\x00 ") == DEFLATED_TS
