@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from medxray.review import ui
+from medxray.review.safe import md_escape
 
 HERE = Path(__file__).resolve().parent  # absolute: pages are found whatever the working directory
 
@@ -30,8 +31,8 @@ ms = ui.model_state(cfg)
 ui.model_banner(ms)
 labels, defaults = ui.label_names_and_defaults(ms, ui.results_labels(cfg))
 if ms.predictor is not None:
-    st.sidebar.caption(f"Model: {ms.predictor.architecture}, "
-                       f"version {ms.predictor.metadata.get('model_version', '?')}")
+    st.sidebar.caption(f"Model: {md_escape(ms.predictor.architecture)}, "  # checkpoint text: shown as text
+                       f"version {md_escape(ms.predictor.metadata.get('model_version', '?'))}")
 ui.threshold_controls(labels, defaults)
 ui.export_buttons(ui.review_store(cfg), key="export_sidebar", where=st.sidebar)
 nav.run()

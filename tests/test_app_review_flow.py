@@ -46,7 +46,8 @@ def _ok(at: AppTest) -> None:
 
 
 def _texts(elements) -> str:
-    return " | ".join(str(e.value) for e in elements)
+    """The texts as a reader sees them: md_escape's backslashes and word joiners (issue 19) removed."""
+    return " | ".join(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", str(e.value)).replace("\u2060", "") for e in elements)
 
 
 def _key(widgets, prefix: str):

@@ -245,10 +245,11 @@ def _results(tmp_path, labels=("Effusion", "Mass", "Nodule")):
          "modality": "CR", "view_position": "PA", **{f"p_{n}": p for n, p in zip(labels, (0.9, 0.1, 0.3))}},
         {"path": str(imgs / "b.dcm"), "status": "error", "reason": "not a DICOM file", "sop_instance_uid": "",
          "modality": "", "view_position": "", **{f"p_{n}": "" for n in labels}},
-        {"path": "in/c.png", "status": "ok", "reason": "", "sop_instance_uid": "",
+        {"path": "c.png", "status": "ok", "reason": "", "sop_instance_uid": "",
          "modality": "", "view_position": "AP", **{f"p_{n}": p for n, p in zip(labels, (0.2, 0.7, 0.6))}},
     ]
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    (out / "run.json").write_text(f'{{"input": "{imgs}"}}')  # rows name files under the run's INPUT_DIR (or OUT)
     return out
 
 
@@ -264,7 +265,7 @@ def test_worklist_table_review_state_and_filters(tmp_path):
     assert list(t["reviewed"]) == [True, False, False] and t.loc[0, "reviewer"] == "Dr A"
     assert list(t["top_finding"]) == ["Effusion", "", "Mass"]
     assert t.loc[2, "positive_findings"] == "Mass; Nodule" and t.loc[2, "image_key"] == ImageKey.from_bytes(
-        b"png-bytes").value  # no UID: keyed by file hash, found relative to the results folder's parent
+        b"png-bytes").value  # no UID: keyed by file hash, found under the run's INPUT_DIR
     assert t.loc[0, "review_summary"] == "Effusion: agree"
     # thresholds in use change what is positive
     t2 = worklist_table(res, out, {**thr, "Nodule": 0.65}, {})
@@ -364,14 +365,15 @@ def test_results_paths_resolve_against_the_runs_input_folder(tmp_path):
     assert results_input_root(out) is None
     (out / "run.json").write_text(json.dumps({"input": str(inp), "complete": True}))
     assert results_input_root(out) == inp
-    assert resolve_result_path(out, "ward/x.dcm") == inp / "ward" / "x.dcm"
-    assert resolve_result_path(out, "/abs/y.dcm") == Path("/abs/y.dcm")
+    assert resolve_result_path(out, "ward/x.dcm") == (inp / "ward" / "x.dcm").resolve()
+    with pytest.raises(DataError, match="outside"):  # issue 19 item 7: paths from results.csv stay under their roots
+        resolve_result_path(out, "/abs/y.dcm")
     assert stored_cam_path(out, {"cam_dir": "cams/ward__x", "path": "ward/x.dcm"}, "Mass") == \
-        out / "cams" / "ward__x" / "Mass.png"
+        (out / "cams" / "ward__x" / "Mass.png").resolve()
     from medxray.scoring import output_stem
 
     assert stored_cam_path(out, {"cam_dir": "", "path": "ward/x.dcm"}, "Mass") == \
-        out / "cams" / output_stem("ward/x.dcm") / "Mass.png"
+        (out / "cams" / output_stem("ward/x.dcm") / "Mass.png").resolve()
 
 
 # -- issue 12: results roots, identity, messages, names, viewing, checkpoint refusal -------------
@@ -400,11 +402,16 @@ def test_reviewer_identity_from_the_deployment():
 
     assert reviewer_identity(AppSettings(), headers={"X-Forwarded-User": "mallory"}) is None  # not trusted by default
     proxy = AppSettings(identity_header="X-Forwarded-User")
-    assert reviewer_identity(proxy, headers={"x-forwarded-user": " dr.a "}) == ("dr.a", IDENTITY_HEADER)
-    assert reviewer_identity(proxy, headers={}) == ("", IDENTITY_HEADER)  # missing: nobody, never a guess
+    secret = "s" * 32  # issue 19 item 6: the header is believed only with the proxy's secret (tests/test_app_security.py)
+    ok = reviewer_identity(proxy, headers={"x-forwarded-user": " dr.a ", "X-Medxray-Proxy-Secret": secret},
+                           proxy_secret=secret)
+    assert (ok.name, ok.source, ok.problem) == ("dr.a", IDENTITY_HEADER, "")
+    missing = reviewer_identity(proxy, headers={"X-Medxray-Proxy-Secret": secret}, proxy_secret=secret)
+    assert (missing.name, missing.source) == ("", IDENTITY_HEADER) and missing.problem  # nobody, never a guess
     login = AppSettings(login=True)
-    assert reviewer_identity(login, user={"is_logged_in": True, "email": "b@x.org"}) == ("b@x.org", IDENTITY_LOGIN)
-    assert reviewer_identity(login, user={"is_logged_in": False, "email": "b@x.org"}) == ("", IDENTITY_LOGIN)
+    assert reviewer_identity(login, user={"is_logged_in": True, "email": "b@x.org"}).name == "b@x.org"
+    out = reviewer_identity(login, user={"is_logged_in": False, "email": "b@x.org"})
+    assert (out.name, out.source) == ("", IDENTITY_LOGIN)
 
 
 def test_refusal_codes_become_sentences():

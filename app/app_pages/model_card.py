@@ -3,6 +3,7 @@
 import streamlit as st
 
 from medxray.review import ui
+from medxray.review.safe import md_escape
 from medxray.review.model_card import metrics_overview, model_card
 from medxray.review.settings import NOT_FOR_CLINICAL_USE
 
@@ -15,7 +16,7 @@ if ms.predictor is None:
     st.stop()
 
 card = model_card(ms.predictor.metadata, checkpoint_path=cfg.checkpoint)
-st.subheader(card.title)
+st.subheader(md_escape(card.title))
 st.dataframe(card.summary, hide_index=True, key="card_summary", height="content")
 st.subheader("Training data")
 if len(card.provenance):
@@ -39,7 +40,7 @@ if len(card.metrics):
 else:
     st.warning("No evaluation metrics are stored in this checkpoint; run `medxray evaluate` on it.")
 st.subheader("Localisation of the maps")
-st.caption(card.localisation_note)
+st.caption(md_escape(card.localisation_note))  # holds checkpoint text
 st.dataframe(card.localisation, hide_index=True, key="card_localisation", height="content")
 st.subheader("Operating thresholds")
 st.dataframe(card.thresholds, hide_index=True, key="card_thresholds", height="content")

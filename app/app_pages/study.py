@@ -6,6 +6,7 @@ from medxray.cam import no_evidence_text
 from medxray.labels import display_name
 from medxray.review import ui
 from medxray.review import ui_study as us
+from medxray.review.safe import md_escape
 from medxray.review.study import (display_image, distribution_warnings, findings_table, probability_figure,
                                   safe_metadata_table, to_uint8)
 from medxray.review.viewing import apply_view, cam_view
@@ -54,7 +55,7 @@ if study is None:
 pred = us.prediction_for(ms, study, row)
 image_size = getattr(ms.predictor, "image_size", None)
 for warning in distribution_warnings(study, image_size=image_size, prediction=pred):  # OOD warning first
-    st.warning(warning)
+    st.warning(md_escape(warning))  # file text (DICOM attributes, results.csv): shown as text
 
 # -- image, viewing, CAM ---------------------------------------------------------------------------
 view, window_caption = us.view_controls(study)
@@ -75,14 +76,14 @@ left, right = st.columns(2)
 extras = (", inverted" if view.invert else "") + (f", zoom {view.zoom:g}x" if view.zoom > 1 else "")
 left.image(to_uint8(apply_view(display, view)), caption=f"Original ({window_caption}{extras})", width="stretch")
 if pred is not None and show_cam:
-    label = f"CAM: {display_name(finding)} (p = {pred.as_dict()[finding]:.3f}, threshold {thr[finding]:.2f})"
+    label = f"CAM: {md_escape(display_name(finding))} (p = {pred.as_dict()[finding]:.3f}, threshold {thr[finding]:.2f})"
     if pred.live or pred.cams is not None:
         cam = (pred.cams[pred.label_names.index(finding)] if pred.cams is not None
                else ui.finding_map(ms.fingerprint, study.sha256, finding, ms.predictor, study.pixels))
         right.image(cam_view(display, cam, view, alpha=alpha, style=style, finding=display_name(finding)),
                     caption=label, width="stretch")
         if not (cam > 0).any():
-            right.caption(no_evidence_text(display_name(finding)))
+            right.caption(md_escape(no_evidence_text(display_name(finding))))
     else:
         overlay = us.stored_overlay(folder, row, finding)
         if overlay is not None:

@@ -7,6 +7,7 @@ import streamlit as st
 from medxray.dicom.codes import WARNING_PREFIXES
 from medxray.labels import display_name
 from medxray.review import ui
+from medxray.review.safe import md_escape
 from medxray.review.worklist import WORKLIST_COLUMNS, filter_worklist, result_label_names, worklist_table
 
 cfg = ui.settings()
@@ -20,7 +21,7 @@ if not cfg.results:
 ui.results_folder_picker(cfg)
 folder, results, error = ui.current_results(cfg)
 if error:
-    st.error(error)
+    st.error(md_escape(error))
     st.stop()
 
 store = ui.review_store(cfg)
@@ -85,6 +86,6 @@ if selected:
         st.session_state["study_request"] = {"row": int(row["row"])}
         st.switch_page(ui.STUDY_PAGE, query_params={"study": str(results.at[int(row["row"]), "path"])})
     else:
-        st.warning(f"{row['file']} was not scored: {row['reason'] or 'no reason recorded.'} There is nothing "
-                   "to review.")
+        st.warning(f"{md_escape(row['file'])} was not scored: {md_escape(row['reason'] or 'no reason recorded.')} "
+                   "There is nothing to review.")
 ui.export_buttons(store, key="export_worklist")

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from medxray.labels import display_name
+from medxray.review.safe import md_escape
 from medxray.review.settings import NOT_FOR_CLINICAL_USE
 from medxray.review.study import format_value
 
@@ -300,11 +301,12 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
           if n in fallback else how or ("default 0.5" if n not in thr else "from checkpoint"))
          for n in labels],
         columns=["finding", "threshold", "how chosen"])
-    intended = str(meta.get("intended_use") or (
+    # intended_use and limitations are Markdown on the page: text from the checkpoint is escaped (shown as text)
+    intended = md_escape(meta.get("intended_use")) if meta.get("intended_use") else str((
         "Research and education: helping a radiologist or ML engineer explore what a DenseNet "
         "fine-tuned on chest radiographs predicts for frontal (PA/AP) adult chest X-rays, and record "
         "agreement per finding. It is a second look for research, not a device."))
-    limitations = list(meta.get("limitations") or []) + [
+    limitations = [md_escape(x) for x in (meta.get("limitations") or [])] + [
         "Trained on the labels of its training set; ChestX-ray14 labels were mined from reports by NLP "
         "and are noisy (estimated accuracy around 90%), so the model learns their errors too.",
         "Frontal views only: lateral views, paediatric films and non-chest images are out of scope.",

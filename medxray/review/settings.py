@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from medxray.errors import DataError, MedxrayError
+from medxray.errors import ConfigError, DataError, MedxrayError
 from medxray.review.store import ReviewStore
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,14 @@ ENV_REVIEWS = "MEDXRAY_REVIEWS"
 ENV_MAX_UPLOAD_MB = "MEDXRAY_MAX_UPLOAD_MB"
 ENV_BACKEND = "MEDXRAY_BACKEND"
 ENV_IDENTITY_HEADER = "MEDXRAY_IDENTITY_HEADER"  # trusted reverse-proxy header naming the signed-in user
+ENV_PROXY_SECRET_FILE = "MEDXRAY_PROXY_SECRET_FILE"  # file holding the secret the proxy adds to every request
 ENV_LOGIN = "MEDXRAY_LOGIN"  # "1": reviewers sign in with st.login (OIDC configured in secrets.toml)
 APP_ENV_VARS = frozenset({ENV_CHECKPOINT, ENV_RESULTS, ENV_REVIEWS, ENV_MAX_UPLOAD_MB, ENV_BACKEND,
-                          ENV_IDENTITY_HEADER, ENV_LOGIN})
+                          ENV_IDENTITY_HEADER, ENV_PROXY_SECRET_FILE, ENV_LOGIN})
+# The header the trusted reverse proxy adds (overwriting any a client sent) with the shared secret of
+# --proxy-secret-file; the identity header is believed only on a request that carries it exactly once.
+PROXY_SECRET_HEADER = "X-Medxray-Proxy-Secret"
+MIN_PROXY_SECRET_CHARS = 16
 DEFAULT_MAX_UPLOAD_MB = 64
 NO_CHECKPOINT_HELP = (
     "No model checkpoint is configured, so the app cannot score images. Make one with "
@@ -66,7 +71,8 @@ class AppSettings:
     reviews: Path = field(default_factory=default_reviews_dir)
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB  # whole MB: Streamlit's uploader states it in whole MB
     backend: str = "auto"  # Predictor backend: auto | torch | openvino
-    identity_header: str = ""  # e.g. X-Forwarded-User, set only behind a proxy that strips it from clients
+    identity_header: str = ""  # e.g. X-Forwarded-User, set only behind a proxy that overwrites it
+    proxy_secret_file: Path | None = None  # the secret the proxy sends in PROXY_SECRET_HEADER (needed with the above)
     login: bool = False  # st.login (OIDC) decides who the reviewer is
 
     def __post_init__(self) -> None:
@@ -105,6 +111,7 @@ class AppSettings:
                    reviews=path(ENV_REVIEWS) or default_reviews_dir(), max_upload_mb=int(math.ceil(limit)),
                    backend=(env.get(ENV_BACKEND) or "auto").strip() or "auto",
                    identity_header=(env.get(ENV_IDENTITY_HEADER) or "").strip(),
+                   proxy_secret_file=path(ENV_PROXY_SECRET_FILE),
                    login=(env.get(ENV_LOGIN) or "").strip().lower() in ("1", "true", "yes"))
 
     def to_env(self) -> dict[str, str]:
@@ -117,6 +124,8 @@ class AppSettings:
             env[ENV_RESULTS] = os.pathsep.join(str(r) for r in self.results)
         if self.identity_header:
             env[ENV_IDENTITY_HEADER] = self.identity_header
+        if self.proxy_secret_file is not None:
+            env[ENV_PROXY_SECRET_FILE] = str(self.proxy_secret_file)
         if self.login:
             env[ENV_LOGIN] = "1"
         return env
@@ -151,26 +160,113 @@ def allowed_results_folder(typed: str | os.PathLike, roots: tuple[Path, ...] | l
 
 
 IDENTITY_TYPED, IDENTITY_HEADER, IDENTITY_LOGIN = "typed", "proxy header", "sign-in"
+MAX_REVIEWER_NAME_CHARS = 200
 
 
-def reviewer_identity(cfg: AppSettings, *, headers: Mapping[str, str] | None = None,
-                      user: Mapping[str, Any] | None = None) -> tuple[str, str] | None:
-    """Who the deployment says the reviewer is: ``(name, source)``, or None when the name is typed.
+@dataclass(frozen=True)
+class DeployedIdentity:
+    """Who the deployment says the reviewer is.
 
-    With ``login`` the signed-in OIDC user (``st.user``: email, else name; "" when not signed in);
-    with ``identity_header`` that request header as set by the trusted reverse proxy ("" when the
-    proxy did not send it: the page then refuses to save rather than guess). Header names are
-    matched case-insensitively (HTTP).
+    ``name`` is "" when nobody can be named; ``problem`` then says why in a sentence for the page
+    (the request did not come through the trusted proxy, the header was repeated or missing, the
+    user is not signed in), and no review can be saved.
     """
+
+    name: str
+    source: str  # IDENTITY_HEADER | IDENTITY_LOGIN
+    problem: str = ""
+
+
+def read_proxy_secret(path: str | os.PathLike) -> str:
+    """The shared secret in ``path`` (surrounding whitespace removed).
+
+    Raises :class:`~medxray.errors.ConfigError` when the file is missing or unreadable, holds
+    fewer than :data:`MIN_PROXY_SECRET_CHARS` characters, or is readable by every local user (a
+    local process could then read it and pose as the proxy: ``chmod 600`` it).
+    """
+    from medxray.errors import ConfigError
+
+    p = Path(path)
+    try:
+        info = p.stat()
+        secret = p.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the proxy secret file {p}: {getattr(exc, 'strerror', None) or exc}; "
+                          "create it with `openssl rand -hex 32 > FILE && chmod 600 FILE`") from None
+    if info.st_mode & 0o004:
+        raise ConfigError(f"the proxy secret file {p} is readable by every user of this machine, who could then "
+                          f"pose as the proxy; run `chmod 600 {p}`")
+    if len(secret) < MIN_PROXY_SECRET_CHARS:
+        raise ConfigError(f"the proxy secret in {p} is shorter than {MIN_PROXY_SECRET_CHARS} characters; make one "
+                          "with `openssl rand -hex 32`")
+    return secret
+
+
+def _values(headers: Any, name: str) -> list[str]:
+    """Every value of header ``name`` (case-insensitive), repeats kept.
+
+    ``headers``: Streamlit's ``st.context.headers`` (``get_all``), or a mapping of name to a value
+    or a list of values.
+    """
+    if headers is None:
+        return []
+    get_all = getattr(headers, "get_all", None)
+    if callable(get_all):
+        return [str(v) for v in get_all(name)]
+    out: list[str] = []
+    for k, v in headers.items():
+        if str(k).lower() == name.lower():
+            out.extend(str(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return out
+
+
+def reviewer_identity(cfg: AppSettings, *, headers: Any = None, user: Mapping[str, Any] | None = None,
+                      proxy_secret: str | None = None) -> DeployedIdentity | None:
+    """Who the deployment says the reviewer is, or None when the name is typed (no deployment identity).
+
+    With ``login``: the signed-in OIDC user (``st.user``: email, else name).
+    With ``identity_header``: that request header, believed only when (1) the request carries
+    :data:`PROXY_SECRET_HEADER` exactly once and its value equals ``proxy_secret`` (compared
+    with :func:`hmac.compare_digest`, so the time taken says nothing about the secret) and
+    (2) the identity header appears exactly once (a client that sends its own copy before a proxy
+    that appends one gets refused, not trusted). Anything else gives ``name=""`` and a
+    ``problem``; nothing is guessed. Header names are matched case-insensitively (RFC 9110
+    section 5.1). ``headers`` is ``st.context.headers`` or a mapping (values: str or list of str).
+    """
+    import hmac
+
     if cfg.login:
         u = dict(user or {})
         name = str(u.get("email") or u.get("name") or "").strip() if u.get("is_logged_in") else ""
-        return name, IDENTITY_LOGIN
-    if cfg.identity_header:
-        want = cfg.identity_header.lower()
-        value = next((str(v) for k, v in (headers or {}).items() if str(k).lower() == want), "")
-        return value.strip()[:200], IDENTITY_HEADER
-    return None
+        return DeployedIdentity(name, IDENTITY_LOGIN, "" if name else "not signed in")
+    if not cfg.identity_header:
+        return None
+    untrusted = (f"this request did not come through the trusted reverse proxy (it lacks the proxy's "
+                 f"{PROXY_SECRET_HEADER} header, or carries a wrong or repeated one), so the "
+                 f"{cfg.identity_header} header is not believed and reviews cannot be saved; open the app through "
+                 "the proxy's address")
+    if not proxy_secret:
+        return DeployedIdentity("", IDENTITY_HEADER, f"the app was started with --identity-header but without a "
+                                f"usable --proxy-secret-file, so no request can be trusted; restart it with both")
+    secrets = _values(headers, PROXY_SECRET_HEADER)
+    if len(secrets) != 1 or not hmac.compare_digest(secrets[0].strip().encode("utf-8"),
+                                                    proxy_secret.encode("utf-8")):
+        return DeployedIdentity("", IDENTITY_HEADER, untrusted)
+    names = _values(headers, cfg.identity_header)
+    if not names or not names[0].strip():
+        return DeployedIdentity("", IDENTITY_HEADER, f"the reverse proxy did not send the {cfg.identity_header} "
+                                "header, so the reviewer is unknown and reviews cannot be saved; ask IT to check "
+                                "the proxy")
+    if len(names) > 1:
+        return DeployedIdentity("", IDENTITY_HEADER, f"the {cfg.identity_header} header appears {len(names)} times "
+                                "in this request (a client may have sent its own), so the reviewer is unknown and "
+                                "reviews cannot be saved; the proxy must overwrite the header, not add to it")
+    name = names[0].strip()
+    if len(name) > MAX_REVIEWER_NAME_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return DeployedIdentity("", IDENTITY_HEADER, f"the {cfg.identity_header} header is not a usable name (longer "
+                                f"than {MAX_REVIEWER_NAME_CHARS} characters or with control characters); reviews "
+                                "cannot be saved")
+    return DeployedIdentity(name, IDENTITY_HEADER)
 
 
 # What each DICOM refusal code (medxray.dicom.codes.REASON_CODES; a test keeps the keys equal)
@@ -275,4 +371,13 @@ def check_app_settings(cfg: AppSettings) -> None:
         if not root.is_dir():
             raise DataError(f"results folder {root} does not exist; write one with "
                             f"`medxray score-dicom INPUT --checkpoint C --out {root}`")
+    if cfg.identity_header and cfg.proxy_secret_file is None:
+        raise ConfigError(f"--identity-header {cfg.identity_header} needs --proxy-secret-file FILE: the app believes "
+                          f"the header only on requests that also carry the proxy's secret in {PROXY_SECRET_HEADER}; "
+                          "make one with `openssl rand -hex 32 > FILE && chmod 600 FILE` and set the same value in "
+                          "the proxy")
+    if cfg.proxy_secret_file is not None:
+        if not cfg.identity_header:
+            raise ConfigError("--proxy-secret-file is used only with --identity-header; give both or neither")
+        read_proxy_secret(cfg.proxy_secret_file)
     ReviewStore(cfg.reviews)  # creates the folder and database, or says why it cannot

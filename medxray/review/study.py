@@ -273,7 +273,8 @@ def probability_figure(table: pd.DataFrame):
     ax.barh(y, table["probability"], color=colours, height=0.7)
     for yi, t in zip(y, table["threshold"]):
         ax.plot([t, t], [yi - 0.45, yi + 0.45], color="black", linewidth=2)
-    ax.set_yticks(y, labels=[display_name(n) for n in table["finding"]])
+    # "$" would start matplotlib mathtext: names (from a checkpoint or results.csv) are drawn as text
+    ax.set_yticks(y, labels=[display_name(n).replace("$", r"\$") for n in table["finding"]])
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability (black tick = operating threshold; red = above threshold)")
     ax.tick_params(axis="y", labelsize=9)

@@ -27,8 +27,10 @@ from medxray.errors import MedxrayError
 from medxray.labels import display_name
 from medxray.review import ReviewStore
 from medxray.review.model_card import synthetic_banner
+from medxray.review.safe import md_escape
 from medxray.review.settings import (IDENTITY_TYPED, NO_CHECKPOINT_HELP, NOT_FOR_CLINICAL_USE_SHORT, AppSettings,
-                                     allowed_results_folder, file_fingerprint, reviewer_identity, user_message)
+                                     allowed_results_folder, file_fingerprint, read_proxy_secret, reviewer_identity,
+                                     user_message)
 from medxray.review.study import StudyImage, StudyPrediction, default_thresholds, load_study_bytes, predict_study
 from medxray.review.study import finding_map as study_finding_map
 from medxray.review.worklist import (RESULTS_FILENAME, find_results_folders, load_results, result_label_names,
@@ -101,7 +103,7 @@ def model_state(cfg: AppSettings) -> ModelState:
 
 def show_model_problem(ms: ModelState) -> None:
     if ms.error:
-        st.error(f"The model could not be loaded: {ms.error}")
+        st.error(f"The model could not be loaded: {md_escape(ms.error)}")
     elif ms.predictor is None:
         st.info(NO_CHECKPOINT_HELP)
 
@@ -135,37 +137,48 @@ def review_store(cfg: AppSettings) -> ReviewStore | None:
     try:
         return ReviewStore(cfg.reviews)
     except MedxrayError as exc:
-        st.error(str(exc))
+        st.error(md_escape(exc))
         return None
 
 
 # -- reviewer identity ---------------------------------------------------------------------------
 
+def _proxy_secret(cfg: AppSettings) -> str | None:
+    if cfg.proxy_secret_file is None:
+        return None
+    try:
+        return read_proxy_secret(cfg.proxy_secret_file)
+    except MedxrayError as exc:
+        log.error("proxy secret unusable: %s", exc)
+        return None
+
+
 def reviewer(cfg: AppSettings) -> tuple[str, str]:
     """(name, source) of the person reviewing; draws the name box when the name is typed.
 
     The deployment decides when it can (``--login``: Streamlit's st.login/OIDC; ``--identity-header``:
-    a trusted reverse proxy's header); otherwise the typed name, remembered for this browser
-    session in a session cookie (so a reload keeps it).
+    a trusted reverse proxy's header, believed only with the proxy's secret and only when it appears
+    once, :func:`~medxray.review.settings.reviewer_identity`); otherwise the typed name, remembered
+    for this browser session in a session cookie (so a reload keeps it). A name of "" means no
+    review can be saved; the page says why.
     """
     user = None
     if cfg.login:
         try:
             user = {"is_logged_in": bool(st.user.is_logged_in), **st.user.to_dict()}
         except Exception as exc:  # auth not configured in secrets.toml
-            st.error(f"Sign-in is switched on (--login) but not configured: {user_message(exc)}")
+            st.error(f"Sign-in is switched on (--login) but not configured: {md_escape(user_message(exc))}")
             return "", "sign-in"
-    deployed = reviewer_identity(cfg, headers=dict(st.context.headers or {}), user=user)
+    # st.context.headers keeps repeated headers (get_all): the check needs every value, not the first
+    deployed = reviewer_identity(cfg, headers=st.context.headers, user=user, proxy_secret=_proxy_secret(cfg))
     if deployed is not None:
-        name, source = deployed
-        if not name and cfg.login:
+        if not deployed.name and cfg.login:
             st.button("Sign in to review", on_click=st.login, key="sign_in")
-        elif not name:
-            st.error(f"The reverse proxy did not send the {cfg.identity_header} header, so the reviewer is "
-                     "unknown and reviews cannot be saved; ask IT to check the proxy.")
+        elif not deployed.name:
+            st.error(f"Reviewer refused: {md_escape(deployed.problem)}.", icon=":material/gpp_bad:")
         else:
-            st.caption(f"Reviewer: **{name}** (from the {source})")
-        return name, source
+            st.caption(f"Reviewer: **{md_escape(deployed.name)}** (from the {deployed.source})")
+        return deployed.name, deployed.source
     if "reviewer_name" not in st.session_state:
         st.session_state["reviewer_name"] = unquote(str((st.context.cookies or {}).get(REVIEWER_COOKIE, "")))[:200]
     name = st.text_input("Reviewer name", key="reviewer_name",
@@ -210,7 +223,7 @@ def threshold_controls(labels: list[str], defaults: dict[str, float]) -> None:
             key = _thr_key(n)
             if key not in st.session_state:
                 st.session_state[key] = float(defaults[n])
-            st.slider(display_name(n), min_value=0.0, max_value=1.0, step=0.01, key=key)
+            st.slider(md_escape(display_name(n)), min_value=0.0, max_value=1.0, step=0.01, key=key)
 
 
 def thresholds(labels: list[str], defaults: dict[str, float]) -> dict[str, float]:

@@ -27,11 +27,12 @@ import streamlit as st
 from medxray.errors import DataError, MedxrayError
 from medxray.labels import display_name
 from medxray.review import ReviewStore
+from medxray.review.safe import md_escape
 from medxray.review.settings import AppSettings, user_message
 from medxray.review.study import NEGATIVE_COLOUR, POSITIVE_COLOUR, StudyImage, StudyPrediction, window_range
 from medxray.review.ui import load_study_data, predict, review_store, reviewer
 from medxray.review.viewing import PRESET_DEFAULT, PRESETS, ZOOM_LEVELS, ViewState, preset_window, window_text
-from medxray.review.worklist import next_unreviewed, resolve_result_path, result_probabilities, step_row
+from medxray.review.worklist import next_unreviewed, read_result_file, result_probabilities, step_row
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def choose_results_study(results: pd.DataFrame, order: list[int], reviewed_rows:
         if hit:
             st.session_state["study_row"] = hit[0]
         else:
-            st.warning(f"The link names {wanted}, which is not in this results folder.")
+            st.warning(f"The link names {md_escape(wanted)}, which is not in this results folder.")
     if not order:
         st.info("The results folder has no successfully scored images.")
         return None
@@ -92,13 +93,11 @@ def choose_results_study(results: pd.DataFrame, order: list[int], reviewed_rows:
 
 
 def open_results_study(cfg: AppSettings, folder: Path, row: dict) -> StudyImage | None:
-    path = resolve_result_path(folder, str(row.get("path", "")))
+    """The row's scored file, read only when it is a regular file inside the results folder's roots
+    (:func:`medxray.review.worklist.read_result_file`); a refusal is one plain-text message."""
     try:
-        if path.stat().st_size > cfg.max_upload_bytes:
-            raise DataError(f"{path.name} is larger than this app's limit of {cfg.max_upload_mb} MB")
-        return load_study_data(path.read_bytes(), path.name, cfg)
-    except FileNotFoundError:
-        st.error(f"{path} no longer exists; the stored results are shown in the worklist only.")
+        path, data = read_result_file(folder, str(row.get("path", "")), max_bytes=cfg.max_upload_bytes)
+        return load_study_data(data, path.name, cfg)
     except Exception as exc:
         _show_error(exc, "opening a results image")
     return None
@@ -126,7 +125,7 @@ def open_upload(cfg: AppSettings) -> StudyImage | None:
 def _show_error(exc: BaseException, what: str) -> None:
     if not isinstance(exc, MedxrayError):
         log.exception("%s failed", what)
-    st.error(f"Cannot open this image: {user_message(exc)}")
+    st.error(f"Cannot open this image: {md_escape(user_message(exc))}")
 
 
 def prediction_for(ms: Any, study: StudyImage, row: dict | None) -> StudyPrediction | None:
@@ -137,7 +136,7 @@ def prediction_for(ms: Any, study: StudyImage, row: dict | None) -> StudyPredict
         except Exception as exc:
             if not isinstance(exc, MedxrayError):
                 log.exception("prediction failed")
-            st.error(f"The model could not score this image: {user_message(exc)}")
+            st.error(f"The model could not score this image: {md_escape(user_message(exc))}")
             return None
     if row is not None:
         labels = [c[2:] for c in row if str(c).startswith("p_")]
@@ -258,16 +257,20 @@ def _save(cfg: AppSettings, store: ReviewStore, study: StudyImage, pred: StudyPr
     verdicts = {n: st.session_state.get(f"verdict_{suffix}_{n}") for n in names}
     verdicts = {n: v for n, v in verdicts.items() if v in ("agree", "disagree", "unsure")}
     name = st.session_state.get("reviewer_name", "") if who[1] == "typed" else who[0]
+    if who[1] != "typed" and not name:  # the deployment could not name the reviewer: never fall back to a guess
+        st.session_state["review_flash"] = ("error", "Review not saved: the reviewer is unknown (see the message "
+                                            "above the review).")
+        return
     try:
         saved = store.save(study.key, verdicts, reviewer=name, note=st.session_state.get(f"note_{suffix}", ""),
                            model_version=pred.model_version, probabilities=pred.as_dict(),
                            thresholds=dict(zip(table["finding"], table["threshold"])), file_name=study.name,
                            identity_source=who[1])
     except MedxrayError as exc:
-        st.session_state["review_flash"] = ("error", f"Review not saved: {exc}")
+        st.session_state["review_flash"] = ("error", f"Review not saved: {md_escape(exc)}")
         return
     n = len(saved.findings)
-    msg = f"Review saved for {study.name or 'this image'} ({n} finding{'s' if n != 1 else ''}, review #{saved.review_id})."
+    msg = f"Review saved for {md_escape(study.name or 'this image')} ({n} finding{'s' if n != 1 else ''}, review #{saved.review_id})."
     if advance_to is not None and st.session_state.get("auto_advance", True):
         st.session_state["study_row"] = int(advance_to)
         msg += " Opened the next unreviewed study."
@@ -290,7 +293,7 @@ def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, tab
     who = reviewer(cfg)
     latest = store.latest(study.key.value)
     if latest is not None:
-        st.caption(f"Last reviewed by {latest.reviewer} at {latest.saved_at_utc} (UTC); "
+        st.caption(f"Last reviewed by {md_escape(latest.reviewer)} at {md_escape(latest.saved_at_utc)} (UTC); "
                    "saving again adds a new review, the latest one counts, the history keeps every change.")
     suffix = study.sha256[:16]
     names = list(table["finding"])
@@ -310,12 +313,13 @@ def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, tab
         if key not in st.session_state:
             st.session_state[key] = previous.get(n) if previous.get(n) in VERDICT_CHOICES else VERDICT_CHOICES[0]
         mark = "positive" if r["positive"] else "negative"
-        label = f"{display_name(n)}: p = {r['probability']:.3f} ({mark} at {r['threshold']:.2f})"
+        label = f"{md_escape(display_name(n))}: p = {r['probability']:.3f} ({mark} at {r['threshold']:.2f})"
         st.radio(("▶ " if n == current else "") + label, VERDICT_CHOICES, horizontal=True, key=key)
     st.text_area("Note", value=latest.note if latest else "", key=f"note_{suffix}",
                  help="Do not type patient names or identifiers here.")
     with st.container(horizontal=True, vertical_alignment="center"):
         st.button("Save review", shortcut="Ctrl+Enter", type="primary", key="save_review", on_click=_save,
+                  disabled=who[1] != "typed" and not who[0],
                   args=(cfg, store, study, pred, table, who, advance_to if in_worklist else None))
         if in_worklist:
             st.checkbox("Then open the next unreviewed study", value=True, key="auto_advance")
@@ -329,15 +333,33 @@ def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, tab
 
 
 def stored_overlay(folder: Path | None, row: dict | None, finding: str) -> np.ndarray | None:
-    """score-dicom's stored overlay PNG for a finding (no model loaded)."""
+    """score-dicom's stored overlay PNG for a finding (no model loaded); only from inside the results folder."""
+    import io
+
+    from medxray.review.safe import read_contained_bytes
     from medxray.review.worklist import stored_cam_path
 
     if folder is None or row is None:
         return None
-    p = stored_cam_path(folder, row, finding)
-    if not p.is_file():
+    try:
+        p = stored_cam_path(folder, row, finding)
+        if not p.is_file():
+            return None
+        _, data = read_contained_bytes(str(p), [folder], max_bytes=MAX_OVERLAY_BYTES, what="stored map")
+    except MedxrayError as exc:
+        st.error(f"The stored map is not shown: {md_escape(exc)}")
         return None
     from PIL import Image
 
-    with Image.open(p) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_OVERLAY_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} pixels")
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # a damaged or oversized PNG: say so, keep the page
+        st.error(f"The stored map {md_escape(p.name)} cannot be shown: {md_escape(exc)}")
+        return None
+
+
+MAX_OVERLAY_BYTES = 64 * 2**20
+MAX_OVERLAY_PIXELS = 16_000_000

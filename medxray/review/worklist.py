@@ -86,41 +86,69 @@ def results_input_root(out_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def result_roots(out_dir: str | os.PathLike) -> list[Path]:
+    """The folders a results folder's rows may name files in: the run's INPUT_DIR (from run.json), then OUT.
+
+    Paths in ``results.csv`` (``path``: the scored file; ``cam_dir``: the stored maps) are
+    resolved against these and must stay inside them (:func:`medxray.review.safe.contained_path`).
+    """
+    from medxray.review.safe import existing_roots
+
+    return existing_roots([results_input_root(out_dir), Path(out_dir)])
+
+
 def resolve_result_path(out_dir: str | os.PathLike, path: str) -> Path:
-    """Where a scored file is now: absolute as written, else under the run's INPUT_DIR (or nearby)."""
-    p = Path(str(path)).expanduser()
-    if p.is_absolute():
-        return p
-    out = Path(out_dir)
-    bases = [b for b in (results_input_root(out), out, out.parent, Path.cwd()) if b is not None]
-    for base in bases:
-        if (base / p).exists():
-            return base / p
-    return bases[0] / p
+    """Where a scored file is now: ``path`` (relative to INPUT_DIR or OUT, or absolute) resolved inside them.
+
+    Raises :class:`medxray.review.safe.PathRefused` (a :class:`DataError`) when it leads outside
+    both (``..``, an absolute path elsewhere, a symbolic link pointing out); nothing is read.
+    """
+    from medxray.review.safe import contained_path
+
+    return contained_path(str(path), result_roots(out_dir), what="scored image")
+
+
+def read_result_file(out_dir: str | os.PathLike, path: str, *, max_bytes: int) -> tuple[Path, bytes]:
+    """(resolved path, bytes) of a row's scored file: contained (:func:`resolve_result_path`), a regular
+    file, at most ``max_bytes``; raises :class:`DataError` (:class:`~medxray.review.safe.PathRefused`) otherwise."""
+    from medxray.review.safe import read_contained_bytes
+
+    return read_contained_bytes(str(path), result_roots(out_dir), max_bytes=max_bytes, what="scored image")
 
 
 def stored_cam_path(out_dir: str | os.PathLike, row: Mapping[str, Any], finding: str) -> Path:
-    """Overlay PNG that score-dicom wrote for one finding: ``OUT/<cam_dir>/<Finding>.png``."""
+    """Overlay PNG that score-dicom wrote for one finding: ``OUT/<cam_dir>/<Finding>.png``, inside OUT.
+
+    Raises :class:`medxray.review.safe.PathRefused` when ``cam_dir`` or the finding name (both read
+    from results.csv) lead outside OUT.
+    """
+    from medxray.review.safe import contained_path
+
     cam_dir = str(row.get("cam_dir") or "").strip()
     if not cam_dir:
         from medxray.scoring import CAMS_DIR, output_stem
 
         cam_dir = f"{CAMS_DIR}/{output_stem(str(row.get('path', '')))}"
-    return Path(out_dir) / cam_dir / f"{finding}.png"
+    return contained_path(f"{cam_dir}/{finding}.png", [Path(out_dir)], what="stored map")
+
+
+MAX_KEY_BYTES = 512 * 2**20  # largest file hashed for a review key (a bound on what a row can make us read)
 
 
 def row_image_key(out_dir: str | os.PathLike, row: Mapping[str, Any]) -> str | None:
     """Review key of a results row: its Study + Series + SOP Instance UIDs (:meth:`ImageKey.from_uids`:
-    two patients cannot share it), else the SHA-256 of the file."""
+    two patients cannot share it), else the SHA-256 of the file (None when the file is missing,
+    unreadable or outside the results folder's roots)."""
     key = ImageKey.from_uids(row.get("study_instance_uid"), row.get("series_instance_uid"),
                              row.get("sop_instance_uid"))
     if key is not None:
         return key.value
-    p = resolve_result_path(out_dir, str(row.get("path", "")))
     try:
-        return hashlib.sha256(p.read_bytes()).hexdigest()
-    except OSError:
+        _, data = read_result_file(out_dir, str(row.get("path", "")), max_bytes=MAX_KEY_BYTES)
+    except (DataError, OSError) as exc:
+        log.warning("no review key for a results row: %s", exc)
         return None
+    return hashlib.sha256(data).hexdigest()
 
 
 WORKLIST_COLUMNS: tuple[str, ...] = (
