@@ -45,7 +45,8 @@ demo: setup
 bench: setup system-deps
 	for b in model_step train_step loader score_dicom pacs_push localisation; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
-# Coverage-guided fuzzing of the DICOM reader and the image decoder (atheris); not part of `make test`.
+# Coverage-guided fuzzing of the DICOM reader and the image decoder (atheris), and mutation fuzzing of
+# the DICOM node's network path (malformed associations/PDUs sent to a running serve-dicom); not part of `make test`.
 # FUZZ_SECONDS is the total budget, split between the two harnesses; escaped inputs land in
 # tests/data/fuzz-escapes/ and are replayed by the tests from then on.
 FUZZ_SECONDS ?= 600

@@ -80,8 +80,11 @@ def tls_node(tmp_path_factory, pki, scoring_checkpoint):
     port = free_port()
     tls = {"certificate": str(pki["node.crt"]), "private_key": str(pki["node.key"]),
            "ca_certificates": str(pki["ca"]), "peer_subject": r"(client|orthanc)\.medxray\.test"}
+    callers = ["STORESCU", {"ae_title": "NETPEER", "hosts": ["10.0.0.0/8"]},
+               {"ae_title": "LOOPNET", "hosts": ["10.0.0.0/8", "127.0.0.0/30"]}]
     cfg = node_config(root / "node.yaml", root / "work", scoring_checkpoint, port, free_port(), tls=tls,
-                      acse_timeout=3, network_timeout=3, max_associations=2, idle_seconds=3600)
+                      allowed_calling_aes=callers, acse_timeout=3, network_timeout=3, max_associations=2,
+                      idle_seconds=3600)
     node = Node(cfg, port, root / "node.log")
     try:
         node.start()
@@ -90,9 +93,11 @@ def tls_node(tmp_path_factory, pki, scoring_checkpoint):
         node.kill()
 
 
-def test_tls_peer_with_a_certificate_from_the_ca_is_accepted(tls_node, pki):
-    f = rg1_copy(tls_node["root"] / "send", "tls-ok")
-    r = storescu(tls_node["port"], [f], tls=client_tls(pki))
+@pytest.mark.parametrize("calling", ["STORESCU", "LOOPNET"])
+def test_tls_peer_with_a_certificate_from_the_ca_is_accepted(tls_node, pki, calling):
+    """STORESCU: a bare AE title (loopback only); LOOPNET: allowed from 127.0.0.0/30 by CIDR."""
+    f = rg1_copy(tls_node["root"] / "send", f"tls-ok-{calling}")
+    r = storescu(tls_node["port"], [f], calling_aet=calling, tls=client_tls(pki))
     assert r.returncode == 0, r.stdout + r.stderr
     uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
     assert uid in received(tls_node["work"])
@@ -346,3 +351,19 @@ def test_orthanc_sends_to_the_node_and_receives_its_results_over_tls(tmp_path, p
             assert "(TLS)" in log  # the destination is described as TLS in the node's log
         finally:
             node.kill()
+
+
+@pytest.mark.slow
+def test_network_fuzz_of_the_running_node_finds_nothing(tmp_path):
+    """`make fuzz`'s network harness for 25 s: malformed associations and PDUs against the real node:
+    it keeps running, answers a C-ECHO, its RSS stays within 300 MB and no thread is left behind."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medxray_network_fuzz",
+                                                  Path(__file__).resolve().parent / "fuzz" / "network.py")
+    network = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(network)
+    r = network.fuzz(25, tmp_path, rss_bound_mb=300, seed=19)
+    print(f"\nnetwork fuzz: {r}")
+    assert r["executions"] >= 20
+    assert r["escapes"] == [] and r["echo_after"], r

@@ -296,6 +296,16 @@ def _server_classes() -> tuple[type, type]:
     from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
     class NodeRequestHandler(RequestHandler):
+        def handle(self) -> None:
+            """As pynetdicom's, then wait for the association to end in this (the connection's own)
+            thread, so the server's connection count covers the association's whole life."""
+            from pynetdicom import evt
+
+            assoc = self._create_association()
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+
         def _create_association(self) -> Any:
             assoc = super()._create_association()
             cfg: NodeConfig = self.server.node_cfg  # type: ignore[attr-defined]

@@ -2,8 +2,9 @@
 
     python tests/fuzz/run.py [--seconds 600] [--workdir /tmp/medxray-fuzz]
 
-The time budget is split evenly between the DICOM reader and the image decoder, run one after
-the other (one core each). Seeds: pydicom's and pydicom-data's test files up to 64 KiB, a 64x64
+The time budget is split evenly between the DICOM reader, the image decoder and the DICOM node's
+network path (tests/fuzz/network.py: malformed associations and PDUs sent to a running
+``serve-dicom``; 0 crashes, RSS bounded, C-ECHO answered afterwards), run one after the other. Seeds: pydicom's and pydicom-data's test files up to 64 KiB, a 64x64
 crop of RG1 in several transfer syntaxes with LUTs and padding (DICOM); PNG/JPEG/TIFF/BMP
 renderings of pydicom's images in 8/16-bit gray, RGB, RGBA and palette (image decoder).
 Prints each harness's execution count and escapes; exits 1 when any input escaped (the inputs
@@ -149,13 +150,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=600, help="total time budget, split between the two harnesses")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "medxray-fuzz")
-    ap.add_argument("--only", choices=("dicom", "image"), help="run one harness with the whole budget")
+    ap.add_argument("--only", choices=("dicom", "image", "network"), help="run one harness with the whole budget")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    targets = [args.only] if args.only else ["dicom", "image"]
+    targets = [args.only] if args.only else ["dicom", "image", "network"]
     per = max(10, args.seconds // len(targets))
     total_execs = total_escapes = 0
     for target in targets:
+        if target == "network":
+            import network
+
+            print(f"== network: {per} s against a running serve-dicom", flush=True)
+            r = network.fuzz(per, args.workdir / "network")
+            print(f"   network: {r['executions']} sessions, escapes {r['escapes']}, node RSS growth "
+                  f"{r['rss_growth_mb']:.1f} MiB, threads {r['threads'][0]} -> {r['threads'][1]}, pynetdicom Sta13 "
+                  f"races {r['upstream_races']}, C-ECHO after: {r['echo_after']}", flush=True)
+            total_execs += r["executions"]
+            total_escapes += len(r["escapes"])
+            continue
         execs, escapes = run_harness(target, per, args.workdir)
         total_execs += execs
         total_escapes += escapes
