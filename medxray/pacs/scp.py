@@ -211,8 +211,9 @@ def make_store_handler(spool: Spool, max_dataset_bytes: int | None = None, max_p
             log.info("skipped %s (%s)", path_name(sop), reason.split(":", 1)[0])
             return STATUS_SUCCESS
         try:
-            data = Path(path).read_bytes() if path is not None else event.encoded_dataset(include_meta=True)
-            spool.store(data, study, series, sop)
+            # the received file is hashed and copied by the spool in chunks, never held in memory
+            spool.store(Path(path) if path is not None else event.encoded_dataset(include_meta=True),
+                        study, series, sop)
         except OSError as exc:
             log.error("cannot store an instance: %s", exc.strerror or exc)
             return STATUS_OUT_OF_RESOURCES
