@@ -196,6 +196,24 @@ def test_promotion_never_overwrites_a_scored_file_left_by_an_older_release(tmp_p
     assert len(spool.inbox_files()) == 2 and [r["status"] for r in node_rows(spool.work)] == ["new_version"]
 
 
+def test_a_kill_before_the_flag_was_written_is_recovered_at_restart(tmp_path, instances):
+    """kill -9 between storing a file and its node.csv row: the restarted node writes the row, once."""
+    spool = Spool(tmp_path / "work")
+    spool.store(instances["a"], *uids(instances["a"]))
+    spool.promote_idle(0.0)
+    v2 = spool.store(instances["a2"], *uids(instances["a2"]))
+    pb = spool.store(instances["b"], *uids(instances["b"]))
+    expected = sorted([("duplicate_sop_uid", pb.relative_to(spool.incoming).as_posix()),
+                       ("new_version", v2.relative_to(spool.incoming).as_posix())])
+    assert sorted((r["status"], r["path"]) for r in node_rows(spool.work)) == expected
+    for name in (NODE_CSV, "node.keys"):  # as if the process died before writing them
+        (spool.work / name).unlink()
+    Spool(tmp_path / "work")
+    assert sorted((r["status"], r["path"]) for r in node_rows(spool.work)) == expected
+    Spool(tmp_path / "work")
+    assert len(node_rows(spool.work)) == 2
+
+
 # ---- the result objects' identity --------------------------------------------------------
 
 def test_result_uids_cover_study_series_sop_and_a_new_versions_content(tmp_path, instances):

@@ -182,10 +182,35 @@ class Spool:
                                              for p in self.incoming.glob("*/*") if p.is_dir()}
         # SOP name -> the <study>/<series> folders holding an instance with it (duplicate detection)
         self._where: dict[str, set[Path]] = {}
-        for root in (self.incoming, self.inbox):
-            for f in root.glob("*/*/*.dcm"):
-                self._where.setdefault(sop_name_of(f.name), set()).add(f.parent.relative_to(root))
+        files = [(root, f) for root in (self.incoming, self.inbox) for f in root.glob("*/*/*.dcm")]
+        for root, f in files:
+            self._where.setdefault(sop_name_of(f.name), set()).add(f.parent.relative_to(root))
         self._digests: dict[Path, str] = {}  # spool file -> dataset_sha256, filled on demand
+        self._recover_flags(files)
+
+    def _recover_flags(self, files: list[tuple[Path, Path]]) -> None:
+        """Write the node.csv rows a kill between storing a file and recording it left out (record()
+        skips rows already there): a new version per versioned file, ``duplicate_sop_uid`` for every
+        study/series folder of a shared SOP UID but the one whose file arrived first (by mtime)."""
+        first_seen: dict[str, dict[Path, tuple[float, Path]]] = {}
+        for root, f in files:
+            rel_file = f.relative_to(root)
+            if is_version_name(f.name) and f"{STATUS_NEW_VERSION}:{rel_file.as_posix()}" not in self._recorded:
+                study, series = rel_file.parts[0], rel_file.parts[1]
+                self._record_new_version(root, f, self._digest_of(f), study, series, sop_name_of(f.name))
+            sop = sop_name_of(f.name)
+            if len(self._where.get(sop, ())) > 1:
+                try:
+                    mtime = f.stat().st_mtime
+                except OSError:
+                    continue
+                folders = first_seen.setdefault(sop, {})
+                rel = rel_file.parent
+                if rel not in folders or mtime < folders[rel][0]:
+                    folders[rel] = (mtime, rel_file)
+        for sop, folders in first_seen.items():
+            for _, rel_file in sorted(folders.values())[1:]:
+                self._record_duplicate(rel_file, rel_file.parts[0], rel_file.parts[1], sop, len(folders) - 1)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -237,26 +262,31 @@ class Spool:
         if committed:
             self._record_new_version(root, dest, digest, study_uid, series_uid, sop_uid)
         if others:
-            self.record({
-                "path": (rel / name).as_posix(), "status": STATUS_DUPLICATE_SOP_UID,
-                "reason": f"{STATUS_DUPLICATE_SOP_UID}: this SOP Instance UID was already received under "
-                          f"{len(others)} other study/series folder(s); stored, scored and answered on its own "
-                          "(results are identified by study + series + SOP Instance UID)",
-                **_uid_columns(study_uid, series_uid, sop_uid),
-            })
-            log.warning("%s: SOP Instance UID already used by %d other study/series; kept apart and scored "
-                        "on its own (node.csv: %s)", (rel / name).as_posix(), len(others), STATUS_DUPLICATE_SOP_UID)
+            self._record_duplicate(rel / name, study_uid, series_uid, sop_uid, len(others))
         return dest
+
+    def _record_duplicate(self, rel_file: Path, study_uid: object, series_uid: object, sop_uid: object,
+                          n_others: int) -> None:
+        if self.record({
+            "path": rel_file.as_posix(), "status": STATUS_DUPLICATE_SOP_UID,
+            "reason": f"{STATUS_DUPLICATE_SOP_UID}: this SOP Instance UID was already received under "
+                      f"{n_others} other study/series folder(s); stored, scored and answered on its own "
+                      "(results are identified by study + series + SOP Instance UID)",
+            **_uid_columns(study_uid, series_uid, sop_uid),
+        }):
+            log.warning("%s: SOP Instance UID already used by %d other study/series; kept apart and scored "
+                        "on its own (node.csv: %s)", rel_file.as_posix(), n_others, STATUS_DUPLICATE_SOP_UID)
 
     def _record_new_version(self, root: Path, dest: Path, digest: str, study_uid: object, series_uid: object,
                             sop_uid: object) -> None:
         rel_file = dest.relative_to(root).as_posix()
-        self.record({
+        if not self.record({
             "path": rel_file, "status": STATUS_NEW_VERSION,
             "reason": f"content_changed: same Study/Series/SOP Instance UIDs as an instance already scored, "
                       f"different data set (sha256 {digest}); scored as a new version with its own results",
             **_uid_columns(study_uid, series_uid, sop_uid),
-        })
+        }):
+            return
         log.warning("%s: changed re-send of an instance already scored; kept as a new version (node.csv: %s)",
                     rel_file, STATUS_NEW_VERSION)
 
