@@ -282,8 +282,3 @@ def affine_window(ds: Any, modality_lut: Any, padding: tuple[int, int] | None) -
     _, slope, intercept = modality_lut
     a, b = (r0 - intercept) / slope, (r1 - intercept) / slope
     return (a, b) if a <= b else (b, a)
-
-
-def linear_chain(ds: Any, modality_lut: Any, padding: tuple[int, int] | None) -> bool:
-    """True when the LUT chain is affine up to the window's clip points (see :func:`affine_window`)."""
-    return affine_window(ds, modality_lut, padding) is not None
