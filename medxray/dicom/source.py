@@ -156,8 +156,8 @@ def parse_dataset(data: bytes, kind: str, max_pixels: int | None = None) -> Any:
 
     A Deflated Explicit VR Little Endian data set (PS3.5 A.5) is inflated here under the ceiling
     of :func:`medxray.dicom.inflate.inflate_deflated` (``max_pixels``: the pixel limit, None for
-    :data:`medxray.limits.DEFAULT_MAX_PIXELS`) before pydicom sees it: pydicom's own reading
-    inflates the whole stream first, whatever it holds.
+    :func:`medxray.limits.pixel_limit`) before pydicom sees it: pydicom's own reading inflates the
+    whole stream first, whatever it holds.
     """
     import pydicom
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
