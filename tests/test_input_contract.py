@@ -105,11 +105,15 @@ def test_every_entry_point_gives_the_same_network_input_for_every_accepted_dtype
     ref = reference_input(radiograph)
     assert ref.min() < -1.0 and ref.max() > 1.0  # a real spread: the normalised radiograph, not a saturated one
     for form, arr in accepted_forms(radiograph).items():
+        one = model_input(arr, SIZE)
         for name, fn in entry_points(predictor).items():
             got = fn(arr)
             assert got.shape == (3, SIZE, SIZE) and got.dtype == np.float32, (form, name)
             err = float(np.abs(got - ref).max())
             assert err <= ATOL, f"{name} on {form}: max |diff| {err}"
+            # one definition: the same arithmetic on every path, so evaluation, the app and the scorer agree bit
+            # for bit (what evaluation scores is what the app shows)
+            assert np.array_equal(got, one), f"{name} on {form} is not the input contract's own result"
 
 
 def test_every_entry_point_refuses_the_same_inputs_with_the_same_message(radiograph, predictor):

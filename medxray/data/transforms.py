@@ -30,7 +30,9 @@ from medxray.data.imageio import read_image
 from medxray.modelinput import (  # the input contract, torch-free for the decode workers
     IMAGENET_MEAN,
     IMAGENET_STD,
+    area_resize,
     model_input,
+    normalise,
     unit_range,
 )
 
@@ -107,12 +109,12 @@ def _plain_float(img: Any) -> torch.Tensor:
 
 
 class AreaResized(MapTransform):
-    """Area (box-filter) resize of a (C, H, W) image to (C, S, S).
+    """Area (box-filter) resize of a (C, H, W) image to (C, S, S): :func:`medxray.modelinput.area_resize`.
 
-    The numbers are those of MONAI's ``Resized(mode="area")``: both call
-    ``torch.nn.functional.interpolate(mode="area")``, and a test checks they are equal. This
-    version skips MONAI's metadata bookkeeping, which costs more than the resize itself for
-    small images read from the preprocessing cache.
+    The input contract's own resize (adaptive average pooling), so the list gives the very numbers
+    of :func:`preprocess_array` and the decode workers; they equal MONAI's ``Resized(mode="area")``
+    (``torch.nn.functional.interpolate(mode="area")``) to float32 rounding, which a test checks.
+    An image already S x S (the preprocessing cache) is passed through untouched.
     """
 
     def __init__(self, keys: Sequence[str], spatial_size: int) -> None:
@@ -124,7 +126,8 @@ class AreaResized(MapTransform):
         for key in self.key_iterator(d):
             img = _plain_float(d[key])
             if tuple(img.shape[1:]) != self.size:
-                img = torch.nn.functional.interpolate(img[None], size=self.size, mode="area")[0]
+                arr = img.numpy()
+                img = torch.from_numpy(np.stack([area_resize(c, self.size[0]) for c in arr]))
             d[key] = img
         return d
 
@@ -132,14 +135,10 @@ class AreaResized(MapTransform):
 class ReplicateNormalized(MapTransform):
     """(1, H, W) gray in [0, 1] -> (3, H, W) float32 tensor normalised with the ImageNet statistics.
 
-    The result is that of ``RepeatChanneld(3)``, then ``NormalizeIntensityd(channel_wise=True)``
-    with IMAGENET_MEAN/STD, then ``EnsureTyped(float32)``, computed in one broadcast.
+    :func:`medxray.modelinput.normalise` (the input contract's last step); the result is that of
+    ``RepeatChanneld(3)``, then ``NormalizeIntensityd(channel_wise=True)`` with IMAGENET_MEAN/STD,
+    then ``EnsureTyped(float32)``.
     """
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        super().__init__(keys)
-        self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
@@ -149,7 +148,7 @@ class ReplicateNormalized(MapTransform):
                 from medxray.errors import InputShapeError
 
                 raise InputShapeError(f"expected a (1, H, W) gray image before normalisation, got {tuple(img.shape)}")
-            d[key] = (img.expand(3, -1, -1) - self.mean) / self.std
+            d[key] = torch.from_numpy(normalise(img[0].numpy()))
         return d
 
 

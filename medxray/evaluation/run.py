@@ -165,11 +165,11 @@ def evaluate(
     if threshold_split is not None and threshold_split not in SPLITS:
         raise ConfigError(f"threshold split must be one of {', '.join(SPLITS)}, got {threshold_split!r}")
     ckpt = load_checkpoint(ckpt_path)
-    meta = ckpt.metadata
-    image_size = check_preprocessing(meta.get("preprocessing", {}))
+    meta = ckpt.meta
+    image_size = check_preprocessing(meta.preprocessing)
     model = model_from_checkpoint(ckpt)
-    train_cfg = dict(meta.get("config") or {})
-    dataset = dataset or meta.get("dataset") or train_cfg.get("dataset") or "chestxray14"
+    train_cfg = dict(meta.config)
+    dataset = dataset or meta.training_dataset
     if splits is None:
         splits = _build_eval_splits(dataset, data_root or train_cfg.get("data_root"), image_size, train_cfg)
     label_names = list(ckpt.label_names)
@@ -192,7 +192,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
 
     boxes = getattr(splits, "boxes", None) if localisation else None
-    cam_method = check_method(cam_method or meta.get("cam_method"))
+    cam_method = check_method(cam_method or meta.cam_method)
     log.info("scoring %d %s images (%s, %s%s)", len(ds), split, dev, prec, ", TenCrop" if tta else "")
     scored = score_split(model, ds, device=dev, precision=prec, batch_size=batch_size, tta=tta, boxes=boxes,
                          label_names=label_names, cam_threshold=cam_threshold, num_workers=workers, progress=progress,
@@ -214,10 +214,9 @@ def evaluate(
     if loc is not None:
         loc["method"] = cam_method
     root_text = str(data_root or train_cfg.get("data_root") or "")
-    pre = meta.get("preprocessing", {})
     source_lines = [
-        f"Checkpoint: `{ckpt_path}` ({meta.get('architecture')}, model version `{meta.get('model_version')}`, "
-        f"{pre.get('image_size')} px, trained from `{meta.get('pretrained', 'n/a')}` initialisation)",
+        f"Checkpoint: `{ckpt_path}` ({meta.architecture}, model version `{meta.model_version}`, "
+        f"{image_size} px, trained from `{meta.pretrained or 'n/a'}` initialisation)",
         f"Data root: `{root_text}`",
     ]
     result, metrics = assess(
@@ -226,11 +225,11 @@ def evaluate(
         localisation_records=scored["localisation"], source_lines=source_lines,
         note=data_note or _data_note(splits, data_root or train_cfg.get("data_root")),
         summary=getattr(splits, "summary", {}) or {}, checkpoint=ckpt_path, precision=prec,
-        extra={"checkpoint": str(ckpt_path), "model_version": meta.get("model_version"), "tta": tta,
+        extra={"checkpoint": str(ckpt_path), "model_version": meta.model_version, "tta": tta,
                "data_root": root_text, "data_manifest_hash": getattr(splits, "manifest_hash", None)},
     )
     if write_thresholds:
-        merged_metrics = dict(meta.get("metrics") or {})
+        merged_metrics = dict(meta.metrics)
         merged_metrics.update({f"{split}_mean_auroc": result.mean_auroc, f"{split}_auroc": metrics["auroc"],
                                f"{split}_auroc_ci95": metrics["auroc_ci95"], f"{split}_ece": metrics["ece"],
                                f"{split}_precision": prec})
