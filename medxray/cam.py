@@ -44,7 +44,8 @@ float32. The Predictor uses bf16 maps where it runs its model in bf16; measured 
 fp32 in tests/test_cam_batched.py and the README. Which method is the default was measured (``bench/localisation.py``);
 checkpoints record the method their localisation figures were measured with.
 
-This module imports only torch, numpy, matplotlib/PIL (display), medxray.errors and medxray.fileio.
+This module imports only torch, numpy, matplotlib/PIL (display), medxray.display, medxray.errors and
+medxray.fileio.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medxray.display import DISPLAY_LONG_SIDE, fit_display  # noqa: F401  (re-exported: the display size)
 from medxray.errors import ConfigError
 from medxray.fileio import atomic_write_bytes
 

@@ -343,8 +343,8 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam-method", default="checkpoint",
                    help="map method: 'checkpoint' (default: the method its localisation figures were measured "
                         "with) or one of those `medxray evaluate --help` lists")
-    p.add_argument("--overlay-max-side", type=int, default=None,
-                   help="downscale overlays to this many pixels on the long side (default: original size)")
+    p.add_argument("--overlay-max-side", type=int, default=1024,
+                   help="long side of CAM overlays in pixels (default 1024, a display's size; 0 = original size)")
     p.add_argument("--sr", action="store_true", help="also write a DICOM Comprehensive SR per scored image")
     p.add_argument("--shard", default=None, metavar="K/N|auto",
                    help="score only shard K of N (1-based, by a hash of the path); rows go to "
@@ -402,7 +402,7 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, cams=args.cams, cam_method=args.cam_method, sr=args.sr, shard=args.shard,
         device=args.device, backend=args.backend, precision=args.precision, threads=args.threads,
         allowed_modalities=mods, max_pixels=pixel_limit(args.max_pixels),
-        overlay_max_side=args.overlay_max_side, overwrite=args.overwrite, progress=not args.no_progress,
+        overlay_max_side=args.overlay_max_side or None, overwrite=args.overwrite, progress=not args.no_progress,
         accept_body_parts=args.accept_body_parts, ood_policy=args.ood_policy,
         shard_count=args.shard_count, lock_wait=args.lock_wait,
     )

@@ -47,7 +47,7 @@ class ScoreConfig:
     threads: int | None = None  # CPU inference threads; None = every core (decoders yield)
     allowed_modalities: Sequence[str] | None = DEFAULT_ALLOWED_MODALITIES
     max_pixels: int | None = None  # None: medxray.limits.pixel_limit() ($MEDXRAY_MAX_PIXELS or 60 MP)
-    overlay_max_side: int | None = None  # None = overlays at the original image size
+    overlay_max_side: int | None = 1024  # overlays' long side (medxray.display.DISPLAY_LONG_SIDE); None = original size
     overwrite: bool = False
     progress: bool = True
     # policy gate (medxray.scoring.gate): Body Part Examined values scored ("any" = no check), and what an

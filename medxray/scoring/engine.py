@@ -60,7 +60,10 @@ class ScoringEngine:
         self.out = out
         self.workers = workers
         self.bs = int(cfg.batch_size)
-        self.want_display = cfg.cams != "none"
+        # what decode_job returns for overlays: False (no overlays), True (full size) or the
+        # display long side, shrunk in the worker (only a display-sized image crosses processes)
+        self.want_display: bool | int = (int(cfg.overlay_max_side) if cfg.overlay_max_side else True) \
+            if cfg.cams != "none" else False
         self.decode_fn = cfg.decode_fn or decode_job
         self.written = 0
         self.outputs_failed = 0  # scored files whose CAM overlays / SR could not be written
@@ -253,14 +256,11 @@ class ScoringEngine:
         threshold = getattr(getattr(self.p, "ood", None), "threshold", None)
         positives = self.p.positive(probs)
         names = self.p.label_names
-        # maps (THE map definition, medxray.cam.compute_maps) for the classes any image of the batch needs
+        # maps (THE map definition, medxray.cam.compute_maps): only for the images that need one,
+        # each only for its own classes (one forward pass, batched backward passes)
         cams = None
         if self.cfg.cams != "none":
-            wanted = (list(range(len(names))) if self.cfg.cams == "all"
-                      else sorted({names.index(n) for row in positives for n in row}))
-            if wanted:
-                col = {c: k for k, c in enumerate(wanted)}
-                cams = (self.p.maps_tensor(x, wanted, method=self.cam_method), col)
+            cams = self._maps(x, positives, names)
         for i, it in enumerate(batch):
             d = it.decoded
             meta = d["meta"]
@@ -284,7 +284,7 @@ class ScoringEngine:
             it.row = row
             classes: list[int] = []
             if cams is not None:
-                classes = list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives[i]]
+                classes = self._classes_for(positives[i], names)
             sr = None
             if self.cfg.sr:
                 keys = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality")
@@ -298,13 +298,33 @@ class ScoringEngine:
                 it.payload = {
                     "out": str(self.out), "stem": output_stem(it.rel), "classes": [names[c] for c in classes],
                     "class_probs": [float(probs[i, c]) for c in classes],
-                    "cams": cams[0][i, [cams[1][c] for c in classes]] if classes else None,
+                    "cams": cams[0][cams[2][i], [cams[1][c] for c in classes]] if classes else None,
                     "display": display if classes else None, "cam_method": self.cam_method,
                     "overlay_max_side": self.cfg.overlay_max_side, "sr": sr,
                 }
                 self._launch("post", it)
             else:
                 self._write(row)
+
+    def _classes_for(self, positives: list[str], names: list[str]) -> list[int]:
+        """The class indices image's maps are drawn for: every class (``--cams all``) or its positives."""
+        return list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives]
+
+    def _maps(self, x: Any, positives: list[list[str]], names: list[str]) -> tuple[np.ndarray, dict[int, int],
+                                                                               dict[int, int]] | None:
+        """Maps (M, K, S, S) for the M images of the batch that need one, only for the (image,
+        class) pairs they need; with the column of each class and the row of each image."""
+        per_image = [self._classes_for(pos, names) for pos in positives]
+        rows = [i for i, c in enumerate(per_image) if c]
+        if not rows:
+            return None
+        wanted = sorted({c for i in rows for c in per_image[i]})
+        col = {c: k for k, c in enumerate(wanted)}
+        mask = np.zeros((len(rows), len(wanted)), dtype=bool)
+        for r, i in enumerate(rows):
+            mask[r, [col[c] for c in per_image[i]]] = True
+        maps = self.p.maps_tensor(x[rows], wanted, method=self.cam_method, wanted=mask)
+        return maps, col, {i: r for r, i in enumerate(rows)}
 
     def _write(self, row: dict[str, Any]) -> None:
         self.journal.write({**self.base_row, **row})

@@ -82,12 +82,15 @@ def ping() -> bool:
 
 
 def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | None, max_pixels: int | None,
-               want_display: bool) -> dict[str, Any]:
+               want_display: bool | int) -> dict[str, Any]:
     """Read + preprocess one file; never raises for a bad file (returns an error record).
 
     Without CAM overlays to draw, the file is decoded at the model's size (``reduce_to``:
     :mod:`medxray.dicom.reduce`); the network input is computed with numpy
     (:func:`medxray.modelinput.model_input`, equal to the MONAI list), so no torch here.
+    ``want_display``: False, True (the display image at full size) or the display's long side
+    in pixels: the image an overlay is drawn on is shrunk here, in the worker, so only a
+    display-sized array travels to the scorer and back to :func:`post_job`.
     """
     from medxray.dicom import read_dicom
     from medxray.modelinput import model_input
@@ -104,8 +107,18 @@ def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | N
     x = model_input(img.pixels, image_size)
     return {
         "status": "ok", "meta": img.meta, "window": img.window, "warnings": img.warnings,
-        "is_lateral": img.is_lateral, "x": x, "display": img.display_uint8() if want_display else None,
+        "is_lateral": img.is_lateral, "x": x, "display": display_for(img, want_display),
     }
+
+
+def display_for(img: Any, want_display: bool | int) -> np.ndarray | None:
+    """The uint8 display image of a read DICOM at ``want_display``'s long side (see :func:`decode_job`)."""
+    if not want_display:
+        return None
+    from medxray.display import fit_display
+
+    display = img.display_uint8()
+    return display if want_display is True else fit_display(display, int(want_display))
 
 
 def post_job(task: dict[str, Any]) -> dict[str, Any]:
@@ -121,14 +134,9 @@ def post_job(task: dict[str, Any]) -> dict[str, Any]:
         try:
             from medxray.cam import overlay_with_legend, save_png
 
-            display = task["display"]
-            max_side = task.get("overlay_max_side")
-            if max_side and max(display.shape) > max_side:
-                from PIL import Image
+            from medxray.display import fit_display
 
-                scale = max_side / max(display.shape)
-                size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
-                display = np.asarray(Image.fromarray(display).resize(size, Image.BILINEAR))
+            display = fit_display(task["display"], task.get("overlay_max_side"))  # already done by decode_job
             cam_dir = Path(CAMS_DIR) / task["stem"]
             for name, prob, cam in zip(task["classes"], task["class_probs"], task["cams"]):
                 title = f"{name} p={prob:.2f} ({task['cam_method'].upper()})"

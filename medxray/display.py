@@ -1,0 +1,29 @@
+"""The display size of map overlays, and shrinking an image to it; torch-free (decode workers use it).
+
+Overlays (:func:`medxray.cam.overlay_with_legend`, the one renderer of the scorer's PNGs, the
+node's Secondary Captures and the app) are drawn at a display size, not at the detector's
+2-3k pixels: :data:`DISPLAY_LONG_SIDE` on the long side by default. Imports only numpy and PIL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Long side (pixels) overlays are drawn at: a screen's worth of a 2-3k px detector image. The
+# scorer's default --overlay-max-side; the node's SC (NODE_OVERLAY_MAX_SIDE) and the app's
+# display (DISPLAY_MAX_SIDE) use the same 1024.
+DISPLAY_LONG_SIDE = 1024
+
+
+def fit_display(gray_u8: np.ndarray, max_side: int | None = DISPLAY_LONG_SIDE) -> np.ndarray:
+    """A uint8 (H, W) display image shrunk (area average, PIL BOX) so its long side is at most
+    ``max_side`` pixels, aspect ratio kept; returned unchanged when already small enough or
+    ``max_side`` is None / 0."""
+    img = np.asarray(gray_u8)
+    if not max_side or max(img.shape[:2]) <= int(max_side):
+        return img
+    from PIL import Image
+
+    scale = int(max_side) / max(img.shape[:2])
+    size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.BOX))
