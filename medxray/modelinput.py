@@ -3,9 +3,9 @@
 :func:`model_input` is the network input for a 2-D array, for every caller: the scorer's decode
 workers, :meth:`medxray.inference.Predictor.preprocess` (through
 :func:`medxray.data.transforms.preprocess_array`) and the app. The MONAI dictionary list of
-:mod:`medxray.data.transforms` (training, evaluation, the preprocessing cache) wraps the same
-steps as ``MapTransform`` s (MONAI's array / dictionary pattern), its range step being
-:func:`unit_range` itself. The steps, in order:
+:mod:`medxray.data.transforms` (training, evaluation, the preprocessing cache) wraps the same three
+step functions as ``MapTransform`` s (MONAI's array / dictionary pattern), so every path computes
+bit-identical inputs. The steps, in order:
 
 1. :func:`unit_range`: dtype and range checked, pixels mapped to float32 [0, 1] with a fixed,
    data-independent scale (0 = black, i.e. air is dark):

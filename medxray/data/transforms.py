@@ -3,9 +3,10 @@
 The network input is defined once, by the input contract :func:`medxray.modelinput.model_input`
 (dtype and range checked, area resize, 3 channels, ImageNet normalisation). The deterministic
 list here is its MONAI dictionary form for datasets (training, validation, test, the
-preprocessing cache): :class:`ScaleByBitDepthd` wraps the contract's :func:`unit_range`, and the
-resize and normalisation compute the contract's numbers with torch (tests/test_input_contract.py
-proves the list and the function agree for every accepted dtype and refuse the same inputs).
+preprocessing cache): :class:`ScaleByBitDepthd`, :class:`AreaResized` and :class:`ReplicateNormalized`
+are thin wrappers of the contract's ``unit_range``, ``area_resize`` and ``normalise``
+(tests/test_input_contract.py proves the list and the function give bit-identical inputs for every
+accepted dtype and refuse the same inputs).
 The scorer, the app and the Predictor call the function itself (:func:`preprocess_array`).
 Training appends random transforms to that list and never changes the deterministic part.
 
