@@ -208,6 +208,39 @@ def test_header_reading_for_other_entry_points_is_bounded_too(tmp_path):
             ) == (1955, 1955)
 
 
+_J2K_BOMB = REPO / "tests/data/fuzz-escapes/dicom/oom-d2e1dfc3b7267e21181e36438e78b3f42dfd888e.bin"
+_J2K_BOMB_CHILD = """
+import io, resource, sys
+import pydicom
+from medxray.dicom import read_dicom
+from medxray.errors import DicomError
+ds = pydicom.dcmread(io.BytesIO(open(sys.argv[1], "rb").read()), force=True)
+del ds.PixelPaddingValue  # rescale + LINEAR window, no padding: the chain the reduced level is taken for
+buf = io.BytesIO()
+ds.save_as(buf)
+size = None if sys.argv[2] == "none" else int(sys.argv[2])
+try:
+    read_dicom(buf.getvalue(), allowed_modalities=None, keep_raw=False, reduce_to=size)
+    print("READ")
+except DicomError as exc:
+    print(str(exc)[:160])
+print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.parametrize("reduce_to", ["none", "224"])
+def test_oversized_jpeg_2000_codestream_is_refused_on_the_reduced_route_too(reduce_to):
+    """make fuzz's codestream bomb (a 512x512 header over a codestream declaring 2818560x512), given a
+    window so the reduced JPEG 2000 route is taken: its declared size is checked before glymur runs, as
+    on the full route before its codec (without the check glymur decoded it: 12.6 s, peak RSS 1,495 MB)."""
+    r = subprocess.run([sys.executable, "-c", _J2K_BOMB_CHILD, str(_J2K_BOMB), reduce_to], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].startswith("decode_failed: ") and "declares 2818560x512x1" in lines[0], r
+    rss_mb = int(lines[-1].split()[1]) / 1024
+    assert rss_mb < 500, f"peak RSS {rss_mb:.0f} MB"
+
+
 WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from medxray.dicom.codestream import j2k_signed
+from medxray.dicom.codestream import declared_size, j2k_signed
 from medxray.dicom.voi import window_from_file, window_problem
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def decode_j2k_reduced(ds: Any, min_side: int) -> np.ndarray | None:
         from pydicom.encaps import get_frame
 
         frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+        size = declared_size(frame)
+        if size is None or size[0] * size[1] * max(size[2], 1) > rows * cols:
+            return None  # a codestream larger than the header: the full route refuses it before decoding
         signed = j2k_signed(frame)
         if signed is not None and signed != (int(ds.get("PixelRepresentation", 0) or 0) == 1):
             # the full decode reinterprets the samples by Pixel Representation (pydicom); a low-pass
