@@ -128,6 +128,37 @@ def test_allowed_ae_from_a_host_not_allowed_is_rejected(tls_node, pki):
     assert echoscu(tls_node["port"], tls=client_tls(pki)).returncode == 0
 
 
+def test_associations_over_max_associations_are_rejected(tls_node, pki):
+    """max_associations = 2: a third concurrent association gets A-ASSOCIATE-RJ; once one is released,
+    a new one is accepted."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(pki["client.crt"]), str(pki["client.key"]))
+    ae = AE(ae_title="STORESCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(Verification)
+    held = []
+    try:
+        for _ in range(2):
+            a = ae.associate("127.0.0.1", tls_node["port"], ae_title="MEDXRAY", tls_args=(ctx, None))
+            assert a.is_established
+            held.append(a)
+        third = ae.associate("127.0.0.1", tls_node["port"], ae_title="MEDXRAY", tls_args=(ctx, None))
+        assert third.is_rejected and not third.is_established
+        held.pop().release()
+        time.sleep(1.0)
+        again = ae.associate("127.0.0.1", tls_node["port"], ae_title="MEDXRAY", tls_args=(ctx, None))
+        assert again.is_established
+        assert int(again.send_c_echo().Status) == 0
+        again.release()
+    finally:
+        for a in held:
+            a.release()
+
+
 def _closed_within(sock: socket.socket, seconds: float) -> float | None:
     """Seconds until the peer (the node) closed ``sock``, or None if still open after ``seconds``."""
     t0 = time.monotonic()
@@ -209,6 +240,39 @@ def test_non_loopback_listener_needs_tls_or_explicit_insecure_plaintext(tmp_path
         node_config(cfg, tmp_path / "work", scoring_checkpoint, free_port(), 4242, **bad)
         with pytest.raises(ConfigError, match=needle):
             load_node_config(cfg)
+
+
+def test_sender_verifies_the_destination_certificate(tmp_path, pki, scoring_checkpoint):
+    """The result sender (C-STORE SCU) over TLS to a real TLS SCP (a second node's listener, in this
+    process): sent when the destination's certificate chains to the CA and matches peer_subject;
+    "destination down" (nothing sent) for a name that does not match or our certificate from another CA."""
+    from medxray.pacs import load_node_config
+    from medxray.pacs.config import Destination
+    from medxray.pacs.scp import start_scp
+    from medxray.pacs.sender import SENT, CStoreDestination, DestinationDown
+    from medxray.pacs.spool import Spool
+    from medxray.pacs.tls import TlsConfig
+
+    port = free_port()
+    tls = {"certificate": str(pki["node.crt"]), "private_key": str(pki["node.key"]), "ca_certificates": str(pki["ca"])}
+    cfg = load_node_config(node_config(tmp_path / "dest.yaml", tmp_path / "dest", scoring_checkpoint, port, 4242,
+                                       tls=tls, allowed_calling_aes=["SENDER"]))
+    server = start_scp(cfg, Spool(tmp_path / "dest"))
+    f = rg1_copy(tmp_path / "send", "sender-tls")
+    try:
+        def attempt(name: str, subject: str | None) -> list:
+            mine = TlsConfig(str(pki[f"{name}.crt"]), str(pki[f"{name}.key"]), str(pki["ca"]), subject)
+            return list(CStoreDestination(Destination("MEDXRAY", "127.0.0.1", port, mine), "SENDER").send([f]))
+
+        with pytest.raises(DestinationDown, match="does not match destination.tls.peer_subject"):
+            attempt("client", r"orthanc\.medxray\.test")
+        with pytest.raises(DestinationDown, match="TLS"):
+            attempt("outsider", None)
+        assert not received(tmp_path / "dest")
+        assert [o for _, o, _ in attempt("client", r"node\.medxray\.test")] == [SENT]
+        assert pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID in received(tmp_path / "dest")
+    finally:
+        server.shutdown()
 
 
 # ---- bounds on a plain loopback node ---------------------------------------------------------------
@@ -355,7 +419,7 @@ def test_orthanc_sends_to_the_node_and_receives_its_results_over_tls(tmp_path, p
 
 @pytest.mark.slow
 def test_network_fuzz_of_the_running_node_finds_nothing(tmp_path):
-    """`make fuzz`'s network harness for 25 s: malformed associations and PDUs against the real node:
+    """`make fuzz`'s network harness for 15 s: malformed associations and PDUs against the real node:
     it keeps running, answers a C-ECHO, its RSS stays within 300 MB and no thread is left behind."""
     import importlib.util
 
@@ -363,7 +427,7 @@ def test_network_fuzz_of_the_running_node_finds_nothing(tmp_path):
                                                   Path(__file__).resolve().parent / "fuzz" / "network.py")
     network = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(network)
-    r = network.fuzz(25, tmp_path, rss_bound_mb=300, seed=19)
+    r = network.fuzz(15, tmp_path, rss_bound_mb=300, seed=19)
     print(f"\nnetwork fuzz: {r}")
     assert r["executions"] >= 20
     assert r["escapes"] == [] and r["echo_after"], r

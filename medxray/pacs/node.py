@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from medxray.errors import MedxrayError
-from medxray.pacs.config import NodeConfig
+from medxray.pacs.config import NodeConfig, is_loopback_host
 from medxray.pacs.results import ResultPolicy, queue_results, score_inbox, unscored
 from medxray.pacs.scp import start_scp
 from medxray.pacs.sender import CStoreDestination, OutboxSender
@@ -48,6 +48,9 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                           cfg.retry_max_s)
     thread = sender.start()
     restore = _install_signal_handlers(stop)
+    if cfg.destination.tls is None and not is_loopback_host(cfg.destination.host):
+        log.warning("results go to %s over plain TCP (patient data unencrypted on the network); add "
+                    "destination.tls", cfg.destination.describe())
     log.info("node %s ready: results go to %s; series are scored after %.0f s idle", cfg.ae_title,
              cfg.destination.describe(), cfg.idle_seconds)
     try:

@@ -279,15 +279,18 @@ class _PduGuard:
             return bytearray()
         deadline = time.monotonic() + self.timeout
         out = bytearray()
-        while len(out) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"a PDU did not arrive within {self.timeout:g} s")
-            raw.settimeout(left)
-            chunk = raw.recv(min(65536, n - len(out)))
-            if not chunk:
-                break
-            out += chunk
+        try:
+            while len(out) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"a PDU did not arrive within {self.timeout:g} s")
+                raw.settimeout(left)
+                chunk = raw.recv(min(65536, n - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+        finally:
+            raw.settimeout(self.timeout)  # sends keep the full network_timeout
         return out
 
 
