@@ -4,6 +4,7 @@
 * :mod:`medxray.dicom.header`: attribute readers, the safe-metadata allow-list, checks before decoding;
 * :mod:`medxray.dicom.voi`: modality LUT, VOI LUT / window, automatic window, :func:`rewindow`;
 * :mod:`medxray.dicom.source`: sniffing, size-limited loading, parsing, the truncation check;
+* :mod:`medxray.dicom.inflate`: Deflated Explicit VR Little Endian bodies inflated under a ceiling;
 * :mod:`medxray.dicom.bits`: where the stored bits are (Bits Stored / High Bit against the values);
 * :mod:`medxray.dicom.reader`: decoding, :func:`read_dicom` -> :class:`DicomImage`;
 * :mod:`medxray.dicom.sr`: :func:`write_sr` (Comprehensive SR of the AI findings).
