@@ -325,17 +325,76 @@ def test_pdu_longer_than_the_limit_closes_the_connection(plain_node):
     assert echoscu(plain_node["port"]).returncode == 0
 
 
+def warm_up(node_info: dict) -> None:
+    """Send one RG1 image and wait until it is scored (idle_seconds 1): the node has loaded its model."""
+    node, work = node_info["node"], node_info["work"]
+    if csv_rows(work / "scored" / "results.csv"):
+        return
+    first = rg1_copy(node_info["root"] / "send", "warmup")
+    assert storescu(node_info["port"], [first]).returncode == 0
+    wait_for(lambda: len(csv_rows(work / "scored" / "results.csv")) >= 1, 240, "the first image scored", node.log)
+    time.sleep(2)
+
+
+def watch_rss(pid: int, done: threading.Event, peak: dict) -> None:
+    while not done.is_set():
+        try:
+            peak["rss"] = max(peak.get("rss", 0), rss_kib(pid)["VmRSS"])
+        except (OSError, KeyError):
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_1_mb_deflate_bomb_over_the_network_is_refused_with_bounded_memory(plain_node):
+    """A 1 MB C-STORE in Deflated Explicit VR Little Endian whose body inflates to 1 GiB (sent as is,
+    pynetdicom SCU with chunked sending): refused 0xA700 too_large at receipt, node RSS < +300 MB."""
+    from pynetdicom import AE, _config
+    from test_dicom_bombs import deflate_bomb
+
+    node, work = plain_node["node"], plain_node["work"]
+    warm_up(plain_node)
+    bomb = plain_node["root"] / "bomb.dcm"
+    bomb.write_bytes(deflate_bomb("pixel_length"))
+    assert bomb.stat().st_size < 1.5e6
+    ds = pydicom.dcmread(bomb, stop_before_pixels=True)
+    base = rss_kib(node.proc.pid)
+    peak: dict = {}
+    done = threading.Event()
+    t = threading.Thread(target=watch_rss, args=(node.proc.pid, done, peak))
+    t.start()
+    was = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are (no inflating here)
+    try:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", plain_node["port"], ae_title="MEDXRAY")
+        assert assoc.is_established
+        status = assoc.send_c_store(bomb)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = was
+        done.set()
+        t.join()
+    after = rss_kib(node.proc.pid)
+    growth_mb = (max(peak.get("rss", 0), after["VmRSS"]) - base["VmRSS"]) * 1024 / 1e6
+    print(f"\n1 MB deflate bomb: RSS {base['VmRSS'] / 1024:.0f} MiB before, peak growth {growth_mb:.1f} MB, "
+          f"VmHWM growth {(after['VmHWM'] - base['VmHWM']) * 1024 / 1e6:.1f} MB, status 0x{int(status.Status):04X}")
+    assert int(status.Status) == 0xA700
+    assert growth_mb < 300 and (after["VmHWM"] - base["VmHWM"]) * 1024 / 1e6 < 300
+    rows = [x for x in refused_rows(work) if x["sop_instance_uid"] == str(ds.SOPInstanceUID)]
+    assert rows and rows[0]["reason"].startswith("too_large"), csv_rows(work / "node.csv")
+    assert str(ds.SOPInstanceUID) not in received(work)
+    assert not list(plain_node["tmp"].glob("*"))
+
+
 @pytest.mark.slow
 def test_300_mb_cstore_is_refused_with_bounded_memory_and_disk(plain_node):
     """After a first image has loaded the model: a 294 MB C-STORE (3 frames of 7000x7000 16-bit, each
     under the pixel limit; the data set is over max_dataset_bytes = 256 MiB) is answered 0xA700,
     leaves no file behind, and the node's RSS grows by < 300 MB (measured: README)."""
     node, work = plain_node["node"], plain_node["work"]
-    first = rg1_copy(plain_node["root"] / "send", "warmup")
-    assert storescu(plain_node["port"], [first]).returncode == 0
-    # idle_seconds 1: the series goes to the inbox and is scored: the model is loaded
-    wait_for(lambda: len(csv_rows(work / "scored" / "results.csv")) >= 1, 240, "the first image scored", node.log)
-    time.sleep(2)
+    warm_up(plain_node)
     base = rss_kib(node.proc.pid)
     big = plain_node["root"] / "big.dcm"
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
@@ -351,13 +410,7 @@ def test_300_mb_cstore_is_refused_with_bounded_memory_and_disk(plain_node):
     assert big.stat().st_size > 290e6
     peak = {"rss": 0}
     done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            peak["rss"] = max(peak["rss"], rss_kib(node.proc.pid)["VmRSS"])
-            time.sleep(0.05)
-
-    t = threading.Thread(target=watch)
+    t = threading.Thread(target=watch_rss, args=(node.proc.pid, done, peak))
     t.start()
     try:
         r = storescu(plain_node["port"], [big], timeout=300, extra=["-v"])

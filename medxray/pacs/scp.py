@@ -22,7 +22,8 @@ Resource bounds (each a node config key, README "Security of the DICOM node"):
   PS3.4 B.2.3) and the file removed. (pynetdicom cannot answer before the message ends; the
   rest of an over-limit message is read and discarded, so memory and disk stay bounded.)
 * Images whose Rows x Columns exceed the reader's pixel limit (:func:`medxray.limits.pixel_limit`)
-  are refused at receipt (0xA700), read from the header only.
+  are refused at receipt (0xA700), read from the header only; a Deflated body is inflated for that
+  under the reader's ceiling (a deflate bomb: ``too_large``, 0xA700), never whole.
 * ``max_associations`` (more: A-ASSOCIATE-RJ local-limit-exceeded) and at most twice that many
   open TCP/TLS connections; ``acse_timeout``, ``dimse_timeout``, ``network_timeout``.
 
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from medxray.dicom.sr import MANUFACTURER
-from medxray.errors import ConfigError
+from medxray.errors import ConfigError, DicomError
 from medxray.limits import pixel_limit
 from medxray.pacs.config import NodeConfig, is_loopback_host
 from medxray.pacs.spool import Spool, path_name
@@ -139,12 +140,15 @@ def _remove_partial_dataset(event: Any) -> None:
         pass
 
 
-def read_header(path: Path) -> Any:
+def read_header(path: Path, max_pixels: int | None = None) -> Any:
     """The data set at ``path`` with every value longer than 4 KiB left on disk (pydicom's
-    ``defer_size``): enough for UIDs, Rows/Columns and whether pixel data is present."""
-    from pydicom import dcmread
+    ``defer_size``): enough for UIDs, Rows/Columns and whether pixel data is present. A Deflated
+    Explicit VR Little Endian body is inflated under the reader's ceiling
+    (:func:`medxray.dicom.source.read_header_bounded`; DicomError ``too_large`` past it), never
+    whole: a 1 MB deflate bomb must not become 1 GiB in the node."""
+    from medxray.dicom.source import read_header_bounded
 
-    return dcmread(path, defer_size=HEADER_DEFER_BYTES)
+    return read_header_bounded(path, max_pixels=max_pixels, defer_size=HEADER_DEFER_BYTES)
 
 
 def _int(ds: Any, keyword: str, default: int) -> int:
@@ -190,7 +194,13 @@ def make_store_handler(spool: Spool, max_dataset_bytes: int | None = None, max_p
                                  f"({max_dataset_bytes or f.limit} bytes)", req_sop)
         path = getattr(event.request, "_dataset_path", None)
         try:
-            ds = read_header(Path(path)) if path is not None else event.dataset
+            ds = read_header(Path(path), max_pixels) if path is not None else event.dataset
+        except DicomError as exc:  # a deflated body past the reader's ceiling, or damaged
+            code = getattr(exc, "code", "unreadable")
+            if code == "too_large":
+                return refuse(event, str(exc)[:300], req_sop)
+            log.warning("C-STORE from %s: %s", event.assoc.requestor.ae_title, str(exc)[:200])
+            return STATUS_CANNOT_UNDERSTAND
         except Exception as exc:  # the peer sent something pydicom cannot parse at all
             log.warning("C-STORE from %s: undecodable dataset (%s)", event.assoc.requestor.ae_title,
                         type(exc).__name__)
