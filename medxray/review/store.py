@@ -354,14 +354,20 @@ class ReviewStore:
                     findings[rid][finding] = FindingVerdict(finding, verdict, p, t)
         return [Review(r[0], r[1], r[2], r[3], r[4], r[5], r[6], findings[r[0]], r[7], r[8]) for r in rows]
 
+    # the rows of one image: saved under its key, or under a legacy key adopted as it (index lookups)
+    _BY_KEY = ("id IN (SELECT id FROM reviews WHERE image_key = ? AND (key_kind != 'sop_instance_uid' OR "
+               "image_key NOT IN (SELECT legacy_key FROM key_aliases)) UNION ALL SELECT r.id FROM key_aliases a "
+               "JOIN reviews r ON r.image_key = a.legacy_key AND r.key_kind = 'sop_instance_uid' "
+               "WHERE a.image_key = ?)")
+
     def history(self, image_key: str) -> list[Review]:
         """All reviews of one image, oldest first."""
-        return self._reviews("WHERE image_key = ?", (image_key,))
+        return self._reviews(f"WHERE {self._BY_KEY}", (image_key, image_key))
 
     def latest(self, image_key: str) -> Review | None:
         """The current review of one image (the most recent save), or None."""
         with closing(self._connect()) as conn:
-            row = conn.execute("SELECT MAX(id) FROM reviews_keyed WHERE image_key = ?", (image_key,)).fetchone()
+            row = conn.execute(f"SELECT MAX(id) FROM reviews WHERE {self._BY_KEY}", (image_key, image_key)).fetchone()
         if row is None or row[0] is None:
             return None
         return self._reviews("WHERE id = ?", (int(row[0]),))[0]
