@@ -64,8 +64,8 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
         from medxray.inference import checkpoint_identity
 
         ckpt = load_checkpoint(cfg.checkpoint)  # CheckpointError for a missing / unsafe / foreign file
-        image_size = check_preprocessing(ckpt.metadata.get("preprocessing", {}))
-        labels = list(ckpt.metadata.get("label_names") or [])
+        image_size = check_preprocessing(ckpt.meta.preprocessing)
+        labels = list(ckpt.meta.label_names)
         if not labels:
             raise CheckpointError(f"checkpoint {cfg.checkpoint} lists no label_names; it cannot name result columns")
         columns = result_columns(labels)
@@ -141,9 +141,7 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
                            outputs_redone=len(redo))
     if summary.skipped:
         log.info("resuming: %d of %d files already have a row", summary.skipped, len(files))
-    meta = ckpt.metadata
-    base_row = {"model": str(meta.get("model_name") or meta.get("architecture", "")),
-                "model_version": str(meta.get("model_version") or "unversioned")}
+    base_row = {"model": ckpt.meta.display_name, "model_version": ckpt.meta.version_label}
     engine = ScoringEngine(cfg, image_size, journal, out, workers, len(todo), base_row)
     t_work = time.perf_counter()
     predictor = None
