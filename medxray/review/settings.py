@@ -3,7 +3,9 @@
 Holds :class:`AppSettings` (the ``MEDXRAY_*`` environment variables that carry ``medxray app``'s
 flags into the Streamlit process), the default review folder, the results-folder allow-list
 (:func:`allowed_results_folder`: a browser user may open only folders inside the roots the app
-was started with), the fail-fast settings check, the ``streamlit run`` command line, the app's
+was started with), the reviewer identity a deployment vouches for (:func:`reviewer_identity`: a
+proxy header believed only with the proxy's shared secret and only once; st.login), the
+fail-fast settings check, the ``streamlit run`` command line, the app's
 standing texts (not for clinical use, how to get a checkpoint) and the one-line error summary
 every page shows.
 
