@@ -82,7 +82,7 @@ class DenseLayer(nn.Module):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
-            calls = []
+            calls: list[None] = []
 
             def run(*ins: Tensor) -> Tensor:
                 calls.append(None)  # the first call is the forward pass, later ones recompute

@@ -11,13 +11,16 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from medxray.torchfile import safe_torch_load
 from medxray.errors import WeightsError
 from medxray.models.variants import VARIANTS, get_variant
+
+if TYPE_CHECKING:
+    from medxray.models.densenet import DenseNet
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ def adapt_input_channels(conv0_weight: torch.Tensor, in_chans: int) -> torch.Ten
     return w * (conv0_weight.shape[1] / in_chans)
 
 
-def load_pretrained(model: torch.nn.Module, name: str, pretrained: str | os.PathLike) -> None:
+def load_pretrained(model: DenseNet, name: str, pretrained: str | os.PathLike) -> None:
     """Initialise ``model`` (built as variant ``name``) from ImageNet weights or a local file."""
     if str(pretrained).lower() == "imagenet":
         path = imagenet_weights_path(name)
