@@ -359,6 +359,18 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", metavar="OUT", default=None,
                    help="only merge the finished shards in OUT into OUT/results.csv (idempotent; refuses an "
                         "incomplete run, naming the missing shards); for a job that runs after the array")
+    p.add_argument("--emit", choices=("slurm", "k8s"), default=None,
+                   help="write scheduler recipes for this run instead of scoring: a SLURM array + dependent merge "
+                        "job, or a Kubernetes Indexed Job + merge Job, one shard per task (--shard-count N)")
+    p.add_argument("--emit-dir", default=None, help="where --emit writes (default ./medxray-ENGINE)")
+    p.add_argument("--cpus-per-task", type=int, default=4, help="--emit: CPUs per task (workers and threads)")
+    p.add_argument("--mem-gb", type=int, default=8, help="--emit: memory per task, GB")
+    p.add_argument("--gpus-per-task", type=int, default=0, help="--emit: GPUs per task")
+    p.add_argument("--partition", default=None, help="--emit slurm: the partition")
+    p.add_argument("--image", default="registry.example.org/medxray:latest", help="--emit k8s: the container image")
+    p.add_argument("--k8s-mount", default="/data",
+                   help="--emit k8s: where the shared ReadWriteMany volume (PVC medxray-data) holding INPUT_DIR and "
+                        "OUT is mounted; the checkpoint's folder comes read-only from PVC medxray-models")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -378,7 +390,7 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
                         "(default) or skipped with code out_of_distribution (needs OOD statistics in the "
                         "checkpoint: `medxray ood-calibrate`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_score_dicom)
+    p.set_defaults(func=_run_score_dicom, score_parser=p)
 
 
 def _run_score_dicom(args: argparse.Namespace) -> int:
@@ -395,6 +407,8 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
                                     ("--out", args.out)) if not v]
     if missing:
         raise ConfigError(f"score-dicom needs {', '.join(missing)} (or --merge OUT to merge a sharded run)")
+    if args.emit:
+        return _emit_recipes(args)
     mods = None if args.modalities.strip().lower() == "any" else [
         m.strip().upper() for m in args.modalities.split(",") if m.strip()]
     cfg = ScoreConfig(
@@ -415,6 +429,45 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
               f"not be written to {cfg.out} (see the warnings); free space or fix the folder, then re-run the same "
               "command to write them", file=sys.stderr)
         return 1
+    return 0
+
+
+# score-dicom options a recipe passes through when the user changed them from their defaults
+_EMIT_PASS = (("batch_size", "--batch-size"), ("cams", "--cams"), ("cam_method", "--cam-method"),
+              ("overlay_max_side", "--overlay-max-side"), ("sr", "--sr"), ("device", "--device"), ("backend", "--backend"),
+              ("precision", "--precision"), ("modalities", "--modalities"), ("max_pixels", "--max-pixels"),
+              ("accept_body_parts", "--accept-body-parts"), ("ood_policy", "--ood-policy"))
+
+
+def _medxray_executable() -> str:
+    """This installation's ``medxray`` (a venv's bin/medxray on a shared file system), else plain ``medxray``."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "medxray"
+    return str(beside) if beside.is_file() else (shutil.which("medxray") or "medxray")
+
+
+def _emit_recipes(args: argparse.Namespace) -> int:
+    import os
+
+    from medxray.errors import ConfigError
+    from medxray.scoring.scheduler import RecipeArgs, write_recipes
+
+    if not args.shard_count:
+        raise ConfigError("--emit needs --shard-count N (the number of shards: array tasks / completions)")
+    passed: list[str] = []
+    for attr, flag in _EMIT_PASS:
+        v = getattr(args, attr)
+        if v != args.score_parser.get_default(attr):
+            passed += [flag] if v is True else [flag, str(v)]
+    k8s = args.emit == "k8s"
+    path = (lambda p: str(p)) if k8s else os.path.abspath  # pods see their own paths; SLURM nodes share ours
+    rec = RecipeArgs(input_dir=path(args.input), checkpoint=path(args.checkpoint), out=path(args.out),
+                     shards=args.shard_count, cpus=args.cpus_per_task, memory_gb=args.mem_gb, gpus=args.gpus_per_task,
+                     partition=args.partition, image=args.image, mount_path=args.k8s_mount, score_args=tuple(passed),
+                     command="medxray" if k8s else _medxray_executable())
+    for p in write_recipes(args.emit, rec, args.emit_dir or f"medxray-{args.emit}"):
+        print(f"wrote {p}")
     return 0
 
 
