@@ -308,10 +308,10 @@ def make_pki(folder: Path) -> dict[str, Path]:
 
 
 def rss_kib(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM (KiB) of a process from /proc/<pid>/status."""
+    """VmRSS / VmHWM and the RSS parts RssAnon / RssFile / RssShmem (KiB) of a process, /proc/<pid>/status."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
+        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
             out[k] = int(v.split()[0])
     return out

@@ -337,11 +337,14 @@ def warm_up(node_info: dict) -> None:
 
 
 def watch_rss(pid: int, done: threading.Event, peak: dict) -> None:
+    """Peak VmRSS (``rss``) and, at that moment, its parts (``parts``), sampled every 50 ms."""
     while not done.is_set():
         try:
-            peak["rss"] = max(peak.get("rss", 0), rss_kib(pid)["VmRSS"])
+            now = rss_kib(pid)
         except (OSError, KeyError):
             return
+        if now["VmRSS"] > peak.get("rss", 0):
+            peak["rss"], peak["parts"] = now["VmRSS"], now
         time.sleep(0.05)
 
 
@@ -423,6 +426,7 @@ def test_300_mb_cstore_is_refused_with_bounded_memory_and_disk(plain_node):
     after = rss_kib(node.proc.pid)
     growth_mb = (max(peak["rss"], after["VmRSS"]) - base["VmRSS"]) * 1024 / 1e6
     hwm_growth_mb = (after["VmHWM"] - base["VmHWM"]) * 1024 / 1e6
+    print(f"\nbefore {base}, at the peak {peak.get('parts')}")
     print(f"\n300 MB C-STORE: RSS {base['VmRSS'] / 1024:.0f} MiB before, peak growth {growth_mb:.1f} MB, "
           f"VmHWM growth {hwm_growth_mb:.1f} MB; storescu: {[ln for ln in out.splitlines() if 'response' in ln][:2]}")
     assert growth_mb < 300 and hwm_growth_mb < 300
