@@ -15,7 +15,9 @@ setup: $(STAMP)
 # test, orthanc (a PACS) and dcmtk (storescu/findscu) for the DICOM node tests, dicom3tools
 # (dciodvfy) to validate every DICOM object the tests write, openssl (the DICOM TLS tests' certificates);
 # libopenjp2-7 (OpenJPEG, used through glymur) decodes JPEG 2000 at a reduced resolution level for the scorer.
-SYSTEM_TOOLS := chromium:chromium Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools openssl:openssl
+# slurm-wlm (slurmctld, slurmd, sbatch...) and munge (munged): tests/test_slurm.py runs a one-machine SLURM
+# cluster in a temporary folder to test the scheduler recipes (no system service is started or needed).
+SYSTEM_TOOLS := chromium:chromium Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools openssl:openssl slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-wlm munged:munge
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
