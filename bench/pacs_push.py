@@ -13,8 +13,8 @@ Same files, same machine, same run:
   series-idle wait (``--idle-seconds``), the engine's start, SR + CAM Secondary Capture writing
   and the C-STORE back.
 
-Prints images/s of both, the ratio push / folder, and the load average before and after (the
-machine may be shared: compare ratios, not absolute numbers). Needs orthanc and dcmtk.
+Prints images/s of both, the ratio push / folder, the load average before and after, and the
+quiet-machine verdict (:mod:`quiet`: other processes' CPU sampled before each timed phase). Needs orthanc and dcmtk.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the Orthanc launcher the tests use
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pacs_fixtures import OrthancServer, free_port, storescu  # noqa: E402
+from quiet import sample, verdict  # noqa: E402
 from score_dicom import make_checkpoint, make_files  # noqa: E402
 
 
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         files = make_files(root / "in", args.files, "RG1_UNCI.dcm")
         ckpt = make_checkpoint(root / "model.pt", args.image_size)
+        samples = [sample("folder")]
+        print(samples[-1].line(), flush=True)
         t_folder = folder_run(root / "in", ckpt, root / "folder_out", args)
+        samples.append(sample("push"))
+        print(samples[-1].line(), flush=True)
         t_push = push_run(files, ckpt, root / "push", args)
     n = args.files
     print(f"{n} RG1 copies, densenet121 at {args.image_size} px, CAMs for positives + SR (+ SC on the push path)")
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(includes {args.idle_seconds:.0f} s series-idle wait)")
     print(f"ratio push / folder: {t_folder / t_push:.2f}")
     print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(verdict(samples))
     return 0
 
 
