@@ -205,3 +205,75 @@ def test_second_process_on_a_shard_refuses_or_waits(scoring_checkpoint, tmp_path
     assert f"scored 0 now ({n1} already done)" in out2  # the second found every row written: no duplicates
     rows = read_rows(out / "results.shard-1-of-2.csv")
     assert len(rows) == n1
+
+
+# ---- recipes (issue 23 item 3) ----------------------------------------------------------------
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def test_shipped_recipes_are_what_emit_writes():
+    """pipelines/slurm and pipelines/k8s are `--emit` output for EXAMPLE_RECIPE: one definition, kept in step."""
+    from medxray.scoring.scheduler import EXAMPLE_RECIPE, render_recipes
+
+    for engine, folder in (("slurm", "slurm"), ("k8s", "k8s")):
+        for name, text in render_recipes(engine, EXAMPLE_RECIPE).items():
+            assert (PIPELINES / folder / name).read_text() == text, f"regenerate pipelines/{folder}/{name}"
+    for script in (PIPELINES / "slurm").glob("*.sbatch"):
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert r.returncode == 0, (script.name, r.stderr)
+
+
+def test_emitted_kubernetes_manifests_validate_against_the_schema(tmp_path):
+    """The Kubernetes 1.37 OpenAPI schema, strict (unknown fields refused), offline via kubernetes-validate."""
+    import yaml
+
+    kv = pytest.importorskip("kubernetes_validate", reason="dev extra: kubernetes-validate")
+    from medxray.cli import main
+
+    assert main(["score-dicom", "/data/in", "--checkpoint", "/models/m.pt", "--out", "/data/out", "--emit", "k8s",
+                 "--shard-count", "8", "--cpus-per-task", "6", "--mem-gb", "12", "--gpus-per-task", "1", "--sr",
+                 "--cams", "none", "--emit-dir", str(tmp_path)]) == 0
+    score = yaml.safe_load((tmp_path / "score-indexed-job.yaml").read_text())
+    merge = yaml.safe_load((tmp_path / "merge-job.yaml").read_text())
+    for doc in (score, merge):
+        kv.validate(doc, "1.37.0", strict=True)
+    spec = score["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 8, 8)
+    assert spec["backoffLimitPerIndex"] == 3 and spec["template"]["spec"]["restartPolicy"] == "Never"
+    c = spec["template"]["spec"]["containers"][0]
+    assert c["command"][:2] == ["medxray", "score-dicom"] and "--sr" in c["command"]
+    assert c["command"][c["command"].index("--shard") + 1] == "auto"
+    assert {"name": "MEDXRAY_SHARD_COUNT", "value": "8"} in c["env"]  # Kubernetes does not export completions
+    assert c["resources"]["requests"] == {"cpu": "6", "memory": "12Gi", "nvidia.com/gpu": "1"}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/models"].get("readOnly") is True and not mounts["/data"].get("readOnly")
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}) for v in spec["template"]["spec"]["volumes"]}
+    assert claims["models"].get("readOnly") is True
+    assert merge["spec"]["template"]["spec"]["containers"][0]["command"] == \
+        ["medxray", "score-dicom", "--merge", "/data/out"]
+    # the validator is not vacuous: a misspelt or mistyped field is refused
+    bad = json.loads(json.dumps(score))
+    bad["spec"]["backoffLimitPerIndx"] = 3
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, "1.37.0", strict=True)
+    bad = json.loads(json.dumps(score))
+    bad["spec"]["completions"] = "eight"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, "1.37.0", strict=True)
+
+
+def test_emit_refuses_what_a_recipe_cannot_express(tmp_path, capsys):
+    from medxray.cli import main
+
+    base = ["score-dicom", "/data/in", "--checkpoint", "/models/m.pt", "--out", "/data/out", "--emit-dir",
+            str(tmp_path)]
+    assert main([*base, "--emit", "slurm"]) == 2
+    assert "--shard-count" in capsys.readouterr().err
+    assert main(["score-dicom", "/elsewhere/in", *base[2:], "--emit", "k8s", "--shard-count", "2"]) == 2
+    assert "not under the shared volume" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main([*base, "--emit", "slurm", "--shard-count", "3", "--partition", "gpu", "--gpus-per-task", "1"]) == 0
+    text = (tmp_path / "score_array.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in text and "#SBATCH --partition=gpu" in text and "--gpus-per-task=1" in text
+    assert "--shard auto" in text and "--dependency=afterany" in text
