@@ -65,10 +65,10 @@ def md_escape(text: object, *, max_chars: int = MAX_SHOWN_CHARS) -> str:
         The escaped string: each ASCII punctuation character preceded by a backslash
         (CommonMark 0.31, section 2.4), line breaks and tabs as spaces, other C0 control
         characters removed, a U+2060 WORD JOINER after each ``:`` and ``@`` and inside ``www.``
-        (so GFM autolink literals and Streamlit shortcodes cannot form). Letters, digits, spaces and non-ASCII characters are unchanged, so
-        the rendered text reads as the original. Use it for every piece of file-derived text
-        put into a Markdown-rendering Streamlit call; never escape a whole message that has
-        our own Markdown in it.
+        (so GFM autolink literals and Streamlit shortcodes cannot form). Letters, digits,
+        spaces and other non-ASCII characters are unchanged, so the rendered text reads as the
+        original. Use it for every piece of file-derived text put into a Markdown-rendering
+        Streamlit call; never escape a whole message that has our own Markdown in it.
     """
     s = "" if text is None else str(text)
     if len(s) > max_chars:
