@@ -199,3 +199,54 @@ def test_real_images_sharing_a_sop_uid_get_two_keys_in_the_study_view_and_the_wo
     store.save(keys[0], {"Mass": "agree"}, reviewer="Dr A")
     store.save(keys[1], {"Mass": "disagree"}, reviewer="Dr B")
     assert store.latest(keys[0].value).reviewer == "Dr A" and store.latest(keys[1].value).reviewer == "Dr B"
+
+
+# ---- the app: a review says when the file under its key has changed ------------------------
+
+@pytest.mark.slow
+def test_study_page_warns_when_the_file_changed_since_its_review(tmp_path, monkeypatch):
+    """Real Streamlit page (AppTest): a review saved on RG1, then a changed re-send with RG1's UIDs."""
+    import hashlib
+    import re
+
+    from app_helpers import APP_ENTRY, make_checkpoint, rg1_bytes
+    from streamlit.testing.v1 import AppTest
+
+    from medxray.review.settings import ENV_BACKEND, ENV_CHECKPOINT, ENV_MAX_UPLOAD_MB, ENV_RESULTS, ENV_REVIEWS
+    from medxray.review.ui_study import CHANGED_SINCE_REVIEW
+
+    monkeypatch.setenv(ENV_CHECKPOINT, str(make_checkpoint(tmp_path / "model.pt")))
+    monkeypatch.setenv(ENV_REVIEWS, str(tmp_path / "reviews"))
+    for name in (ENV_RESULTS, ENV_MAX_UPLOAD_MB, ENV_BACKEND):
+        monkeypatch.delenv(name, raising=False)
+
+    def texts(elements) -> str:  # as a reader sees them (md_escape's backslashes removed)
+        return " | ".join(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", str(e.value)).replace("\u2060", "") for e in elements)
+
+    def open_file(data: bytes) -> AppTest:
+        at = AppTest.from_file(str(APP_ENTRY), default_timeout=120).run()
+        at.file_uploader(key="upload").set_value(("RG1_UNCI.dcm", data, "application/octet-stream"))
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    original = rg1_bytes()
+    at = open_file(original)
+    at.text_input(key="reviewer_name").set_value("Dr Test")
+    at.radio(key=next(r.key for r in at.radio if r.key.startswith("verdict_"))).set_value("agree")
+    at.button(key="save_review").click().run()
+    assert "Review saved" in texts(at.success)
+    store = ReviewStore(tmp_path / "reviews")
+    (saved,) = store.latest_by_image().values()
+    assert saved.content_sha256 == hashlib.sha256(original).hexdigest()
+    assert saved.key_kind == "study_series_sop"
+    assert CHANGED_SINCE_REVIEW not in texts(open_file(original).warning)  # the same file: no warning
+
+    ds = pydicom.dcmread(io.BytesIO(original))  # a changed re-send: same UIDs, cropped pixels
+    arr = ds.pixel_array[:1500, :1400].copy()
+    ds.Rows, ds.Columns, ds.PixelData = 1500, 1400, arr.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    at = open_file(buf.getvalue())
+    assert "Last reviewed by Dr Test" in texts(at.caption)  # the same image key ...
+    assert CHANGED_SINCE_REVIEW in texts(at.warning)  # ... and the page says the file is not the one reviewed

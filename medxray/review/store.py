@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS reviews (
     model_version TEXT NOT NULL DEFAULT '',
     saved_at_utc  TEXT NOT NULL,
     file_name     TEXT NOT NULL DEFAULT '',
-    identity_source TEXT NOT NULL DEFAULT 'typed'
+    identity_source TEXT NOT NULL DEFAULT 'typed',
+    content_sha256 TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS reviews_by_image ON reviews (image_key, id);
 CREATE TABLE IF NOT EXISTS review_findings (
@@ -117,12 +118,14 @@ CREATE VIEW IF NOT EXISTS reviews_keyed AS
     SELECT r.id AS id, COALESCE(a.image_key, r.image_key) AS image_key,
            COALESCE(a.key_kind, r.key_kind) AS key_kind, r.reviewer AS reviewer, r.note AS note,
            r.model_version AS model_version, r.saved_at_utc AS saved_at_utc, r.file_name AS file_name,
-           r.identity_source AS identity_source
+           r.identity_source AS identity_source, r.content_sha256 AS content_sha256
     FROM reviews r LEFT JOIN key_aliases a ON r.key_kind = 'sop_instance_uid' AND a.legacy_key = r.image_key;
 """
 _REVIEWS_COLUMNS = ("id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, "
-                    "identity_source")
-_ADDED_COLUMNS = (("file_name", "TEXT NOT NULL DEFAULT ''"), ("identity_source", "TEXT NOT NULL DEFAULT 'typed'"))
+                    "identity_source, content_sha256")
+# columns later versions added: an older database gains them (empty) and keeps its rows
+_ADDED_COLUMNS = (("file_name", "TEXT NOT NULL DEFAULT ''"), ("identity_source", "TEXT NOT NULL DEFAULT 'typed'"),
+                  ("content_sha256", "TEXT NOT NULL DEFAULT ''"))
 
 
 class ReviewError(DataError):
@@ -205,6 +208,7 @@ class Review:
     findings: dict[str, FindingVerdict] = field(default_factory=dict)
     file_name: str = ""
     identity_source: str = "typed"
+    content_sha256: str = ""  # SHA-256 of the file reviewed ("" before schema version 3)
 
     @property
     def verdicts(self) -> dict[str, str]:
@@ -251,6 +255,7 @@ class ReviewStore:
                     _rebuild_reviews_table(conn)
                     log.info("review database %s migrated from schema version %d to %d (study + series + SOP "
                              "keys)", self.path, before, SCHEMA_VERSION)
+                conn.execute("DROP VIEW IF EXISTS reviews_keyed")  # re-created with today's columns
                 _run_script(conn, _ALIASES)
                 _run_script(conn, _APPEND_ONLY)
                 if conn.execute("PRAGMA foreign_key_check").fetchall():
@@ -285,10 +290,13 @@ class ReviewStore:
         thresholds: Mapping[str, float] | None = None,
         file_name: str = "",
         identity_source: str = "typed",
+        content_sha256: str = "",
     ) -> Review:
         """Append one review in a single transaction and return it as stored.
 
         ``file_name`` is reduced to its last path component (folders can name patients or wards).
+        ``content_sha256``: the SHA-256 of the file reviewed, so a later look at the same image key
+        can tell when the file changed since (a changed re-send keeps its UIDs).
         """
         reviewer = (reviewer or "").strip()
         if not reviewer:
@@ -316,9 +324,9 @@ class ReviewStore:
                 conn.execute("BEGIN IMMEDIATE")
                 cur = conn.execute(
                     "INSERT INTO reviews (image_key, key_kind, reviewer, note, model_version, saved_at_utc,"
-                    " file_name, identity_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " file_name, identity_source, content_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (key.value, key.kind, reviewer, note, model_version or "", saved_at, file_name,
-                     str(identity_source or "typed")),
+                     str(identity_source or "typed"), str(content_sha256 or "")[:64]),
                 )
                 review_id = int(cur.lastrowid)
                 conn.executemany(
@@ -342,7 +350,7 @@ class ReviewStore:
         with closing(self._connect()) as conn:
             rows = conn.execute(
                 "SELECT id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, "
-                "identity_source FROM reviews_keyed "
+                "identity_source, content_sha256 FROM reviews_keyed "
                 f"{where} ORDER BY id", params,
             ).fetchall()
             ids = [r[0] for r in rows]
@@ -352,7 +360,7 @@ class ReviewStore:
                       "WHERE review_id IN (SELECT id FROM reviews_keyed " + where + ") ORDER BY review_id, rowid")
                 for rid, finding, verdict, p, t in conn.execute(fq, params):
                     findings[rid][finding] = FindingVerdict(finding, verdict, p, t)
-        return [Review(r[0], r[1], r[2], r[3], r[4], r[5], r[6], findings[r[0]], r[7], r[8]) for r in rows]
+        return [Review(r[0], r[1], r[2], r[3], r[4], r[5], r[6], findings[r[0]], r[7], r[8], r[9]) for r in rows]
 
     # the rows of one image: saved under its key, or under a legacy key adopted as it (index lookups)
     _BY_KEY = ("id IN (SELECT id FROM reviews WHERE image_key = ? AND (key_kind != 'sop_instance_uid' OR "

@@ -250,6 +250,10 @@ def _set_verdict(suffix: str, names: list[str], verdict: str) -> None:
     _step_finding(key, names, 1)
 
 
+CHANGED_SINCE_REVIEW = ("The last review was saved on a different file with the same Study, Series and SOP "
+                        "Instance UIDs (a changed re-send or a re-export): check the image and review it again.")
+
+
 def _save(cfg: AppSettings, store: ReviewStore, study: StudyImage, pred: StudyPrediction, table: pd.DataFrame,
           who: tuple[str, str], advance_to: int | None) -> None:
     suffix = study.sha256[:16]
@@ -265,7 +269,7 @@ def _save(cfg: AppSettings, store: ReviewStore, study: StudyImage, pred: StudyPr
         saved = store.save(study.key, verdicts, reviewer=name, note=st.session_state.get(f"note_{suffix}", ""),
                            model_version=pred.model_version, probabilities=pred.as_dict(),
                            thresholds=dict(zip(table["finding"], table["threshold"])), file_name=study.name,
-                           identity_source=who[1])
+                           identity_source=who[1], content_sha256=study.sha256)
     except MedxrayError as exc:
         st.session_state["review_flash"] = ("error", f"Review not saved: {md_escape(exc)}")
         return
@@ -295,6 +299,8 @@ def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, tab
     if latest is not None:
         st.caption(f"Last reviewed by {md_escape(latest.reviewer)} at {md_escape(latest.saved_at_utc)} (UTC); "
                    "saving again adds a new review, the latest one counts, the history keeps every change.")
+        if latest.content_sha256 and latest.content_sha256 != study.sha256:  # same UIDs, another file
+            st.warning(CHANGED_SINCE_REVIEW)
     suffix = study.sha256[:16]
     names = list(table["finding"])
     previous = latest.verdicts if latest else {}
