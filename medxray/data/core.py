@@ -307,6 +307,17 @@ class XrayDataset(Dataset):
         path = self.records.paths[index]
         if not path:
             raise DataError(f"{self.records.names[index]}: image file not available")
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix in (".dcm", ".dicom") or (suffix not in (".png", ".jpg", ".jpeg") and _has_dicom_marker(path)):
+            # a DICOM row (site labels): the scorer's reader and display pipeline, so training sees what scoring sees
+            from medxray.dicom.reader import read_dicom
+            from medxray.errors import DicomError
+
+            try:
+                pixels = read_dicom(path, keep_raw=False).pixels  # float32 [0, 1], as the scorer sees it
+            except DicomError as exc:
+                raise DataError(f"{self.records.names[index]}: {exc}") from None
+            return pixels, tuple(pixels.shape)  # type: ignore[return-value]
         return read_image(path)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -325,6 +336,15 @@ class XrayDataset(Dataset):
             orig = (0, 0)
         return {"image": image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else torch.as_tensor(image),
                 "label": self._labels[index].clone(), "mask": mask.clone(), "name": name, "orig_size": orig}
+
+
+def _has_dicom_marker(path: str) -> bool:
+    """True for a DICOM Part 10 file (``DICM`` at byte 128, PS3.10 section 7.1)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def make_splits(dataset: str, root: Path, label_names: Sequence[str], label_identity: str, pool: Records,

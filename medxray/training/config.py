@@ -57,6 +57,9 @@ class TrainConfig:
     pretrained: str = "imagenet"  # "imagenet" | "none" | path to a torchvision-format state dict
     drop_rate: float = 0.0
     memory_efficient: bool = False
+    init_from: str | None = None  # start from this medxray checkpoint (site fine-tuning): its architecture and weights
+    freeze_blocks: int = 0  # keep the stem and the first N dense blocks (with their transitions) fixed, 0-4
+    freeze_bn: bool = False  # keep every BatchNorm layer's running statistics and affine parameters fixed
     # optimisation
     epochs: int = 10
     batch_size: int = 16
@@ -183,6 +186,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     changes: dict[str, Any] = {}
     if cfg.data_root:
         changes["data_root"] = absolute(cfg.data_root)
+    if cfg.init_from:
+        changes["init_from"] = absolute(cfg.init_from)
     csv_path = cfg.dataset_options.get("csv_path")
     if csv_path and Path(str(csv_path)).expanduser().is_file():  # else it is relative to the (absolute) data root
         changes["dataset_options"] = {**cfg.dataset_options, "csv_path": absolute(str(csv_path))}
@@ -208,6 +213,7 @@ def validate_config(cfg: TrainConfig) -> None:
     need(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), f"betas must be two numbers in [0, 1), got {cfg.betas}")
     need(0 < cfg.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {cfg.plateau_factor}")
     need(cfg.early_stopping_patience >= 0, "early_stopping_patience must be >= 0 (0 = off)")
+    need(0 <= cfg.freeze_blocks <= 4, "freeze_blocks must be 0-4 (dense blocks kept fixed, counted from the stem)")
     need(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers must be >= 0")
     need(cfg.max_steps_per_epoch is None or cfg.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1")
     dev = cfg.device

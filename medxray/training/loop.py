@@ -42,6 +42,7 @@ from medxray.checkpoint import save_checkpoint
 from medxray.data.loading import make_loader
 from medxray.errors import ConfigError, MedxrayError
 from medxray.evaluation.metrics import auroc_per_class
+from medxray.training.init_from import bn_eval, check_site_lock, freeze, init_config, load_init_weights
 from medxray.fileio import atomic_output, atomic_write_text, json_line, to_jsonable
 from medxray.hardware import default_num_workers, resolve_device, resolve_precision
 from medxray.ood import stats_for_run
@@ -94,6 +95,8 @@ def finetune(config: TrainConfig | Mapping[str, Any], *, splits: Any = None) -> 
     cfg = config if isinstance(config, TrainConfig) else make_config(**dict(config))
     validate_config(cfg)
     cfg = absolute_paths(cfg)
+    if cfg.init_from and not cfg.resume:
+        cfg = init_config(cfg)
     check_before_data(cfg)
     resume_state: dict[str, Any] | None = None
     if cfg.resume:
@@ -138,6 +141,7 @@ class _Run:
         self.manifest_hash = str(getattr(self.splits, "manifest_hash", "") or "")
         check_run_data(cfg, self.splits, info, label_names=self.label_names, manifest_hash=self.manifest_hash,
                        resume_state=resume_state)
+        check_site_lock(cfg, self.splits)
         self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device)
         self._build_model()
         if self.info.is_main:
@@ -180,6 +184,12 @@ class _Run:
         pretrained = None if (self.resume_state is not None or cfg.pretrained.lower() in ("none", "")) else cfg.pretrained
         self.model = create_model(cfg.model, num_classes=len(self.label_names), pretrained=pretrained,
                                   memory_efficient=cfg.memory_efficient, drop_rate=cfg.drop_rate)
+        if cfg.init_from and self.resume_state is None:
+            load_init_weights(self.model, cfg.init_from, self.label_names)
+        if cfg.freeze_blocks or cfg.freeze_bn:
+            log.info("frozen: %d parameters (stem + %d dense block(s)%s)", freeze(self.model, cfg.freeze_blocks,
+                                                                               cfg.freeze_bn),
+                     cfg.freeze_blocks, ", BatchNorm" if cfg.freeze_bn else "")
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -367,6 +377,8 @@ class _Run:
         loader = self._train_loader(epoch)
         steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
         self.net.train()
+        if cfg.freeze_bn:
+            bn_eval(self.model)
         bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and self.info.is_main)
         loss_sum, n_images, t_start = 0.0, 0, time.perf_counter()
         try:

@@ -1,0 +1,163 @@
+"""Recalibration on the site's labels: ``medxray site calibrate``.
+
+Thresholds are re-derived per finding on the site's labelled images that are *not* in the locked
+test set (:func:`medxray.site.lockset.check_unlocked` refuses a manifest that would leak them), for
+a stated operating point:
+
+* ``youden``: the threshold maximising sensitivity + specificity - 1 (Youden 1950);
+* ``sensitivity=X``: the highest threshold whose site sensitivity is at least X (a screening
+  operating point: miss at most 1 - X of the positives).
+
+Each new threshold comes with a 95% percentile-bootstrap interval (images resampled, the rule
+re-applied) and the site sensitivity/specificity at it with Wilson intervals. A finding with
+fewer than ``min_positives`` positives (or negatives) keeps its old threshold and says so.
+
+The output is a new model version: the same weights (and OOD statistics), new thresholds, and
+provenance (``site_calibration``: site, number of studies and images, date, operating point,
+source checkpoint and labels hashes, lock hash). The checkpoint's validation reference is embedded
+(:mod:`medxray.site.reference`) so later reports still have it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medxray.errors import ConfigError, DataError
+from medxray.fileio import atomic_write_text, to_jsonable
+from medxray.site.stats import wilson
+
+log = logging.getLogger(__name__)
+
+MIN_POSITIVES = 10
+
+
+def parse_operating_point(text: str) -> tuple[str, float | None]:
+    """``youden`` -> ("youden", None); ``sensitivity=0.9`` -> ("sensitivity", 0.9); else ConfigError."""
+    t = (text or "youden").strip().lower()
+    if t == "youden":
+        return "youden", None
+    m = re.fullmatch(r"sensitivity\s*=\s*(0?\.\d+|1(\.0+)?)", t)
+    if m:
+        return "sensitivity", float(m.group(1))
+    raise ConfigError(f"--operating-point must be youden or sensitivity=X (0 < X <= 1), got {text!r}")
+
+
+def choose_threshold(p: np.ndarray, y: np.ndarray, rule: str, target: float | None) -> float:
+    """The threshold (positive = p >= t) of ``rule`` on scores ``p`` and 0/1 labels ``y``."""
+    y = np.asarray(y) > 0.5
+    cand = np.unique(p)[::-1]  # high to low: each candidate admits one more score level
+    pos, neg = max(1, int(y.sum())), max(1, int((~y).sum()))
+    order = np.argsort(-p, kind="mergesort")
+    ps, ys = p[order], y[order]
+    tp = np.cumsum(ys)
+    fp = np.cumsum(~ys)
+    last = np.r_[ps[1:] != ps[:-1], True]  # end of each run of equal scores
+    thr, sens, spec = ps[last], tp[last] / pos, 1 - fp[last] / neg
+    if rule == "youden":
+        return float(thr[int(np.argmax(sens + spec - 1))])
+    ok = np.flatnonzero(sens >= float(target) - 1e-12)
+    return float(thr[int(ok[0])]) if len(ok) else float(cand[-1])
+
+
+def _sha(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def calibrate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out: str | os.PathLike, *,
+                   operating_point: str = "youden", site: str = "site", min_positives: int = MIN_POSITIVES,
+                   lock_path: str | os.PathLike | None = None, n_boot: int = 200, device: str = "cpu",
+                   seed: int = 0) -> dict[str, Any]:
+    """Write the recalibrated version to ``out``; returns the per-finding record (also in ``<out>.calibration.json``)."""
+    from medxray.checkpoint import load_checkpoint, save_checkpoint
+    from medxray.site.images import score_paths
+    from medxray.site.labels import read_manifest, side_paths
+    from medxray.site.lockset import check_unlocked, default_lock_path, load_lock
+    from medxray.site.reference import embed, validation_reference
+
+    rule, target = parse_operating_point(operating_point)
+    out = Path(out).expanduser()
+    if out.resolve() == Path(checkpoint).expanduser().resolve():
+        raise ConfigError("--out must be a new file: a calibrated version never overwrites the checkpoint it came from")
+    ckpt = load_checkpoint(checkpoint)
+    names, rows = read_manifest(labels)
+    lock = load_lock(lock_path or default_lock_path(labels))
+    use = [r for r in rows if r.split != "test"]
+    check_unlocked(((r.patient_id, r.image) for r in use), lock, what="threshold fitting")
+    if not use:
+        raise DataError(f"{labels} has no train/val rows outside the locked test set to calibrate on")
+    scored = score_paths(checkpoint, [r.image for r in use], device=device)
+    col = {n: i for i, n in enumerate(scored.label_names)}
+    ok = np.array([i not in scored.failed for i in range(len(use))])
+    old = {n: float((ckpt.metadata.get("thresholds") or {}).get(n, 0.5)) for n in scored.label_names}
+    new = dict(old)
+    record: dict[str, Any] = {}
+    rng = np.random.default_rng(seed)
+    for n in names:
+        if n not in col:
+            continue
+        y = np.array([r.labels[names.index(n)] for r in use])[ok]
+        m = np.array([r.mask[names.index(n)] for r in use])[ok] > 0.5
+        p, y = scored.probs[ok, col[n]][m], y[m]
+        npos, nneg = int((y > 0.5).sum()), int((y < 0.5).sum())
+        if npos < min_positives or nneg < min_positives:
+            record[n] = {"threshold": old[n], "kept": True, "positives": npos, "negatives": nneg,
+                         "reason": f"kept the old threshold {old[n]:.3f}: {npos} positive(s) and {nneg} negative(s) "
+                                   f"at the site, fewer than {min_positives} needed"}
+            continue
+        t = choose_threshold(p, y, rule, target)
+        boots = []
+        for _ in range(n_boot):
+            i = rng.integers(0, len(p), len(p))
+            if 0 < (y[i] > 0.5).sum() < len(i):
+                boots.append(choose_threshold(p[i], y[i], rule, target))
+        pred, yy = p >= t, y > 0.5
+        tp, tn = int((pred & yy).sum()), int((~pred & ~yy).sum())
+        new[n] = t
+        record[n] = {"threshold": t, "old_threshold": old[n], "kept": False, "positives": npos, "negatives": nneg,
+                     "threshold_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+                     if boots else [math.nan, math.nan],
+                     "sensitivity": tp / npos, "sensitivity_ci95": list(wilson(tp, npos)),
+                     "specificity": tn / nneg, "specificity_ci95": list(wilson(tn, nneg))}
+    studies = set()
+    keys = side_paths(labels)["keys"]
+    if keys.is_file():
+        with open(keys, newline="") as fh:
+            by_image = {r["image"]: r.get("study_instance_uid", "") for r in csv.DictReader(fh)}
+        studies = {by_image.get(r.image) or r.image for r in use}
+    today = datetime.now(timezone.utc).date().isoformat()
+    prov = {"site": site, "date": today, "operating_point": operating_point, "n_images": int(ok.sum()),
+            "n_studies": len(studies) or int(ok.sum()), "n_patients": len({r.patient_id for r in use}),
+            "source_checkpoint": str(Path(checkpoint).resolve()), "source_sha256": _sha(checkpoint),
+            "labels_sha256": _sha(labels), "lock_sha256": lock.sha256 if lock else None,
+            "locked_images_excluded": sum(1 for r in rows if r.split == "test"), "findings": record}
+    meta = dict(ckpt.metadata)
+    ref = validation_reference(checkpoint, meta)
+    if ref is not None and "validation_reference" not in meta:
+        meta["validation_reference"] = embed(ref)
+    meta["thresholds"] = new
+    meta["threshold_source"] = f"site calibration at {site} ({operating_point}, {today})"
+    old_version = str(meta.get("model_version") or "unversioned")
+    meta["model_version"] = f"{old_version}+{re.sub(r'[^A-Za-z0-9._-]+', '-', site)}-cal-{today}"
+    meta["parent_version"] = old_version
+    meta["site_calibration"] = to_jsonable(prov)
+    save_checkpoint(out, ckpt.state_dict, meta, **ckpt.extra)
+    atomic_write_text(Path(f"{out}.calibration.json"), json.dumps(to_jsonable(prov), indent=1) + "\n")
+    kept = [n for n, r in record.items() if r["kept"]]
+    if kept:
+        log.warning("kept the old threshold for %d finding(s) with too few site positives: %s", len(kept), ", ".join(kept))
+    return prov

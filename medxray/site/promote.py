@@ -1,0 +1,166 @@
+"""The promotion gate: ``medxray site promote`` / ``medxray site rollback``.
+
+A candidate B replaces the deployed model A only after a paired comparison on the same images:
+
+1. the locked site test set (:mod:`medxray.site.lockset`), which no training or threshold fitting saw;
+2. the deployed model's original validation data, when its data root is still readable (a guard
+   against forgetting what it learnt there), via :func:`medxray.evaluation.compare.compare_sources`.
+
+Each comparison is DeLong's test with a paired bootstrap CI of the AUROC difference B - A and Holm's
+adjustment (:mod:`medxray.evaluation.compare`). The rule, for every finding with at least
+``min_positives`` positives and negatives on a set: the lower end of the 95% CI of B - A must not
+fall below ``-margin`` (non-inferiority, margin 0.02 AUROC by default); and the mean AUROC of B over
+those findings on the locked set must exceed A's. Otherwise the promotion is refused, naming each
+failing finding and by how much. A promotion copies B into the registry, switches ``current``
+atomically and appends a record (approver, time, figures) to the registry history.
+
+What the gate cannot promise: it compares discrimination (AUROC) on a finite locked set; a finding
+with too few positives is not tested (it is listed as untested, not passed); calibration at the
+new thresholds is reported by ``site validate``, not gated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medxray.errors import ConfigError, DataError
+from medxray.fileio import atomic_write_text, to_jsonable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MARGIN = 0.02
+MIN_POSITIVES = 10
+
+
+@dataclass
+class GateResult:
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)
+    untested: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] | None = None
+
+
+def judge(comparison: Any, *, margin: float, min_positives: int, set_name: str, reasons: list[str],
+          untested: list[str]) -> dict[str, Any]:
+    """Apply the non-inferiority rule to one :class:`~medxray.evaluation.compare.Comparison`; returns its figures."""
+    rows, tested = {}, []
+    for name, r in comparison.rows.items():
+        npos, nneg = int(r["positives"]), int(r["n"] - r["positives"])
+        lo, hi = r["diff_ci95"]
+        rows[name] = {"auc_a": r["auc_a"], "auc_b": r["auc_b"], "diff": r["diff"], "diff_ci95": [lo, hi],
+                      "p": r["p"], "p_holm": r.get("p_holm"), "positives": npos, "n": r["n"]}
+        if npos < min_positives or nneg < min_positives or not math.isfinite(lo):
+            untested.append(f"{name} on {set_name} ({npos} positives)")
+            continue
+        tested.append(name)
+        if lo < -margin:
+            reasons.append(f"{name} on {set_name}: AUROC {r['auc_b']:.3f} vs deployed {r['auc_a']:.3f}, difference "
+                           f"{r['diff']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}); the lower bound is "
+                           f"{-margin - lo:.3f} below the non-inferiority margin -{margin:g}")
+    mean_a = float(np.mean([rows[n]["auc_a"] for n in tested])) if tested else float("nan")
+    mean_b = float(np.mean([rows[n]["auc_b"] for n in tested])) if tested else float("nan")
+    return {"images": comparison.n_images, "findings": rows, "tested": tested, "mean_auc_a": mean_a,
+            "mean_auc_b": mean_b}
+
+
+def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: str | os.PathLike,
+            registry: str | os.PathLike, *, margin: float = DEFAULT_MARGIN, min_positives: int = MIN_POSITIVES,
+            lock_path: str | os.PathLike | None = None, approver: str | None = None, original_data: bool = True,
+            out_dir: str | os.PathLike | None = None, n_boot: int = 1000, device: str = "cpu",
+            dry_run: bool = False) -> GateResult:
+    """Run the gate (module docstring); promote into ``registry`` when it passes (unless ``dry_run``)."""
+    from medxray.checkpoint import load_checkpoint
+    from medxray.evaluation.compare import compare_arrays, write_comparison
+    from medxray.site import registry as reg
+    from medxray.site.images import score_paths
+    from medxray.site.labels import read_manifest
+    from medxray.site.lockset import default_lock_path, load_lock
+
+    if not 0 <= margin < 0.5:
+        raise ConfigError(f"--margin must be in [0, 0.5) (an AUROC difference), got {margin}")
+    a_path, b_path = Path(reg.current_checkpoint(deployed)), Path(candidate).expanduser()
+    meta_a, meta_b = load_checkpoint(a_path).metadata, load_checkpoint(b_path).metadata
+    if list(meta_a.get("label_names", [])) != list(meta_b.get("label_names", [])):
+        raise ConfigError("the candidate and the deployed model predict different findings; the gate compares "
+                          "models of one label set")
+    lock = load_lock(lock_path or default_lock_path(labels))
+    if lock is None:
+        raise ConfigError("there is no locked site test set yet; `medxray site labels` freezes one once enough "
+                          "patients are labelled (--lock-min-patients). The gate never compares on unlocked data")
+    names, rows = read_manifest(labels)
+    locked = [r for r in rows if lock.holds(r.patient_id, r.image)]
+    if not locked:
+        raise DataError(f"none of the labelled images of {labels} is in the locked set")
+    out = Path(out_dir) if out_dir else Path(registry).expanduser() / "gate" / b_path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    sa = score_paths(a_path, [r.image for r in locked], device=device)
+    sb = score_paths(b_path, [r.image for r in locked], device=device)
+    ok = np.array([i not in sa.failed and i not in sb.failed for i in range(len(locked))])
+    common = [n for n in names if n in sa.label_names]
+    ca, cb = [sa.label_names.index(n) for n in common], [sb.label_names.index(n) for n in common]
+    Y = np.array([[r.labels[names.index(n)] for n in common] for r in locked])[ok]
+    M = np.array([[r.mask[names.index(n)] for n in common] for r in locked])[ok]
+    comp = compare_arrays(common, Y, M, sa.probs[ok][:, ca], sb.probs[ok][:, cb], a=str(a_path), b=str(b_path),
+                          n_boot=n_boot)
+    write_comparison(comp, out / "locked", note=f"locked site test set ({int(ok.sum())} images, lock "
+                                                f"{lock.sha256[:12]})")
+    res = GateResult(promoted=False)
+    res.figures["margin"] = margin
+    res.figures["locked"] = judge(comp, margin=margin, min_positives=min_positives, set_name="the locked site set",
+                                  reasons=res.reasons, untested=res.untested)
+    res.figures["lock_sha256"] = lock.sha256
+    if original_data:
+        res.figures["original_validation"] = _original(a_path, b_path, meta_a, out, n_boot, margin, min_positives, res)
+    lk = res.figures["locked"]
+    if not lk["tested"]:
+        res.reasons.append(f"no finding has {min_positives} positives and negatives in the locked set: nothing "
+                           "could be compared, so nothing is promoted")
+    elif not lk["mean_auc_b"] > lk["mean_auc_a"]:
+        res.reasons.append(f"mean AUROC on the locked set does not improve: {lk['mean_auc_b']:.3f} vs deployed "
+                           f"{lk['mean_auc_a']:.3f} ({lk['mean_auc_b'] - lk['mean_auc_a']:+.3f})")
+    res.promoted = not res.reasons
+    atomic_write_text(out / "gate.json", json.dumps(to_jsonable({
+        "promoted": res.promoted, "reasons": res.reasons, "untested": res.untested, "figures": res.figures,
+        "candidate": str(b_path), "deployed": str(a_path)}), indent=1) + "\n")
+    if res.promoted and not dry_run:
+        cur = reg.current_version(registry)
+        if cur is None:  # first use: the deployed model becomes the registry's first version
+            cur = reg.register(registry, a_path)
+            reg.set_current(registry, cur)
+            reg.record(registry, "initial", to=cur, frm=None, approver=approver)
+        new = reg.register(registry, b_path)
+        reg.set_current(registry, new)
+        res.record = reg.record(registry, "promote", to=new, frm=cur, approver=approver,
+                                figures={"gate": str(out / "gate.json"), **res.figures})
+    return res
+
+
+def _original(a_path: Path, b_path: Path, meta_a: dict[str, Any], out: Path, n_boot: int, margin: float,
+              min_positives: int, res: GateResult) -> dict[str, Any]:
+    from medxray.errors import MedxrayError
+    from medxray.evaluation.compare import compare_sources
+
+    cfg = meta_a.get("config") or {}
+    root = cfg.get("data_root")
+    if not root or not Path(str(root)).exists():
+        res.untested.append("the deployed model's original validation data (its data root is not available here)")
+        return {"available": False, "reason": "data root not available"}
+    try:
+        comp, _, _ = compare_sources(a_path, b_path, out_dir=out / "original", split="val", n_bootstrap=n_boot,
+                                     dataset=cfg.get("dataset"), data_root=root)
+    except MedxrayError as exc:
+        res.untested.append(f"the deployed model's original validation data ({exc})")
+        return {"available": False, "reason": str(exc)}
+    fig = judge(comp, margin=margin, min_positives=min_positives, set_name="the original validation data",
+                reasons=res.reasons, untested=res.untested)
+    fig["available"] = True
+    return fig
