@@ -129,6 +129,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int)
     p.add_argument("--allow-missing", dest="allow_missing", action="store_true",
                    help="drop images missing from the data root instead of stopping")
+    p.add_argument("--init-from", dest="init_from", help="start from this medxray checkpoint (its architecture and "
+                                                        "weights; head rows matched by finding): site fine-tuning")
+    p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int,
+                   help="keep the stem and the first N dense blocks fixed (0-4; default 0)")
+    p.add_argument("--freeze-bn", dest="freeze_bn", action="store_true",
+                   help="keep BatchNorm statistics and parameters fixed (small local sets)")
     p.add_argument("--csv", dest="csv_path", help="--dataset csv: the manifest (image path, patient id, "
                                                   "optional split, one column per finding)")
     p.add_argument("--uncertain", choices=("ignore", "ones", "zeros"),
