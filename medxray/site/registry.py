@@ -118,6 +118,9 @@ def register(registry: str | os.PathLike, checkpoint: str | os.PathLike) -> Vers
     tmp = d / f".{MODEL}.tmp"
     shutil.copyfile(src, tmp)
     os.replace(tmp, d / MODEL)
+    ref = src.parent / "val_predictions.csv"  # the run's validation predictions: the monitor's reference
+    if ref.is_file():
+        shutil.copyfile(ref, d / ref.name)
     atomic_write_text(d / "version.json", json.dumps({"model_version": mv, "sha256": digest, "source": str(src.resolve()),
                                                       "added_utc": _now()}, indent=1) + "\n")
     return Version(name, d / MODEL, mv, digest)
