@@ -59,7 +59,7 @@ def check_ae_title(value: Any, key: str) -> str:
     return s
 
 
-@dataclass
+@dataclass(frozen=True)
 class Destination:
     """Where results are C-STOREd (a PACS, e.g. Orthanc); ``tls``: DICOM TLS to it (None: plain TCP)."""
 
@@ -105,7 +105,7 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything ``serve-dicom`` depends on; ``pipelines/node.yaml`` is a commented example.
 
