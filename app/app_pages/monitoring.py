@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from medxray.errors import MedxrayError
+from medxray.review.safe import md_escape
 from medxray.site.monitor import monitor_view, read_monitor
 
 st.title("Monitoring")
@@ -22,14 +23,14 @@ if not folder:
 try:
     view = monitor_view(read_monitor(folder))
 except (MedxrayError, ValueError, OSError) as exc:
-    st.error(str(exc))
+    st.error(md_escape(exc))  # text from a file is shown as text (issue 19)
     st.stop()
 
-st.caption(f"Model version {view['model_version']}; monitor last ran {view['generated_utc']} (UTC); "
-           f"latest day with images: {view['latest'] or 'none'}.")
+st.caption(f"Model version {md_escape(view['model_version'])}; monitor last ran {md_escape(view['generated_utc'])} "
+           f"(UTC); latest day with images: {md_escape(view['latest'] or 'none')}.")
 if view["alerts"]:
     for a in view["alerts"]:
-        (st.error if a["level"] == "alert" else st.warning)(a["message"])
+        (st.error if a["level"] == "alert" else st.warning)(md_escape(a["message"]))
 else:
     st.success("No alert on the latest day.")
 
