@@ -154,6 +154,24 @@ def test_results_rows_resolve_under_input_and_out_only(tmp_path):
         with pytest.raises(PathRefused):
             read_result_file(out, bad, max_bytes=10**9)
         assert row_image_key(out, {"path": bad, "sop_instance_uid": ""}) is None  # no key, nothing hashed
+    # nothing was opened: Python's audit hook sees every open()/os.open() (PEP 578); none named the outside file
+    opened: list[str] = []
+    watching = [True]
+
+    def hook(event, args):
+        if watching[0] and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)  # cannot be removed; ``watching`` switches it off below
+    try:
+        for bad in ("../private/secret.dcm", str(secret), "ward/out.dcm"):
+            with pytest.raises(PathRefused):
+                read_result_file(out, bad, max_bytes=10**9)
+        read_result_file(out, "ward/x.png", max_bytes=100)
+    finally:
+        watching[0] = False
+    assert not [o for o in opened if "private" in o or o.endswith("out.dcm")], opened
+    assert any(o.endswith("x.png") for o in opened), opened  # the hook does see the app's opens
     assert stored_cam_path(out, {"cam_dir": "cams/x"}, "Mass") == (out / "cams" / "x" / "Mass.png").resolve()
     for cam_dir, finding in (("../../private", "secret"), ("/etc", "passwd"), ("cams/x", "../../../private/s")):
         with pytest.raises(PathRefused):
