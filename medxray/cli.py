@@ -400,7 +400,6 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_score_dicom(args: argparse.Namespace) -> int:
-    from medxray.errors import ConfigError
     from medxray.limits import pixel_limit
     from medxray.scoring import ScoreConfig, score_directory
 
@@ -411,8 +410,9 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         return 0
     missing = [name for name, v in (("INPUT_DIR", args.input), ("--checkpoint", args.checkpoint),
                                     ("--out", args.out)) if not v]
-    if missing:
-        raise ConfigError(f"score-dicom needs {', '.join(missing)} (or --merge OUT to merge a sharded run)")
+    if missing:  # an argparse usage error (exit 2), as when these were required arguments
+        args.score_parser.error(f"the following arguments are required: {', '.join(missing)} "
+                                "(or --merge OUT to merge a sharded run)")
     if args.emit:
         return _emit_recipes(args)
     mods = None if args.modalities.strip().lower() == "any" else [
