@@ -232,6 +232,8 @@ def test_proxy_secret_file_is_required_private_and_long_enough(tmp_path):
     with pytest.raises(ConfigError, match="only with --identity-header"):
         check_app_settings(AppSettings(proxy_secret_file=f, **base))
     check_app_settings(AppSettings(identity_header="X-Forwarded-User", proxy_secret_file=f, **base))
+    with pytest.raises(ConfigError, match="carries the proxy's secret"):  # the secret is never a user name
+        check_app_settings(AppSettings(identity_header=PROXY_SECRET_HEADER.lower(), proxy_secret_file=f, **base))
     f.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         read_proxy_secret(f)

@@ -247,7 +247,7 @@ def reviewer_identity(cfg: AppSettings, *, headers: Any = None, user: Mapping[st
                  f"{PROXY_SECRET_HEADER} header, or carries a wrong or repeated one), so the "
                  f"{cfg.identity_header} header is not believed and reviews cannot be saved; open the app through "
                  "the proxy's address")
-    if not proxy_secret:
+    if not proxy_secret or cfg.identity_header.strip().lower() == PROXY_SECRET_HEADER.lower():
         return DeployedIdentity("", IDENTITY_HEADER, f"the app was started with --identity-header but without a "
                                 f"usable --proxy-secret-file, so no request can be trusted; restart it with both")
     secrets = _values(headers, PROXY_SECRET_HEADER)
@@ -378,6 +378,9 @@ def check_app_settings(cfg: AppSettings) -> None:
                           f"the header only on requests that also carry the proxy's secret in {PROXY_SECRET_HEADER}; "
                           "make one with `openssl rand -hex 32 > FILE && chmod 600 FILE` and set the same value in "
                           "the proxy")
+    if cfg.identity_header.strip().lower() == PROXY_SECRET_HEADER.lower():
+        raise ConfigError(f"--identity-header cannot be {PROXY_SECRET_HEADER}: that header carries the proxy's secret; "
+                          "name the header that carries the user (e.g. X-Forwarded-User)")
     if cfg.proxy_secret_file is not None:
         if not cfg.identity_header:
             raise ConfigError("--proxy-secret-file is used only with --identity-header; give both or neither")
