@@ -333,7 +333,10 @@ def warm_up(node_info: dict) -> None:
     first = rg1_copy(node_info["root"] / "send", "warmup")
     assert storescu(node_info["port"], [first]).returncode == 0
     wait_for(lambda: len(csv_rows(work / "scored" / "results.csv")) >= 1, 240, "the first image scored", node.log)
-    time.sleep(2)
+    # ... and its SR/SC made (they wait in the outbox: the destination is down), so the node is at rest
+    wait_for(lambda: list((work / "outbox").glob("*.dcm")) and not list((work / "tmp").glob("*")), 240,
+             "the result objects in the outbox", node.log)
+    time.sleep(5)
 
 
 def watch_rss(pid: int, done: threading.Event, peak: dict) -> None:
