@@ -20,11 +20,13 @@ and SR documents are built from an allow-listed reference with an empty patient 
 Modules (each imports only those above it):
 
 * :mod:`~medxray.scoring.discovery`: walking the input, ``k/n`` shards, per-file output names;
+* :mod:`~medxray.scoring.scheduler`: ``--shard auto`` from SLURM / Kubernetes, the job recipes (``--emit``);
 * :mod:`~medxray.scoring.journal`: results.csv columns, :class:`ResultsJournal`, :func:`read_results`;
 * :mod:`~medxray.scoring.config`: :class:`ScoreConfig`, :func:`load_score_config`, :class:`ScoreSummary`;
 * :mod:`~medxray.scoring.workers`: the decode pool and the jobs run in it (decode, CAM/SR outputs);
 * :mod:`~medxray.scoring.engine`: :class:`ScoringEngine`, pool + batched inference + crash isolation;
-* :mod:`~medxray.scoring.run`: :func:`score_directory`, one locked, resumable, shardable run.
+* :mod:`~medxray.scoring.run`: :func:`score_directory`, one locked, resumable, shardable run, and
+  :func:`~medxray.scoring.run.merge_run`, the merge step of a sharded run (``score-dicom --merge``).
 
 This package must not import the app, the review store or a network node (they import it).
 """
