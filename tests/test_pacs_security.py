@@ -351,6 +351,39 @@ def watch_rss(pid: int, done: threading.Event, peak: dict) -> None:
         time.sleep(0.05)
 
 
+def test_p_data_pdu_over_max_pdu_size_closes_the_association(plain_node):
+    """After a real A-ASSOCIATE (recorded from pynetdicom's SCU), a P-DATA-TF PDU declaring 100 MB
+    (max_pdu_size is 64 KiB) closes the connection before the node reads it; RSS stays flat."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medxray_network_fuzz",
+                                                  Path(__file__).resolve().parent / "fuzz" / "network.py")
+    network = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(network)
+    echo_session = network.record_sessions(plain_node["port"], "STORESCU")[0]
+    assert echo_session[0][0] == 0x01 and echo_session[1][0] == 0x04
+    before = rss_kib(plain_node["node"].proc.pid)["VmRSS"]
+    s = socket.create_connection(("127.0.0.1", plain_node["port"]))
+    s.sendall(echo_session[0])  # A-ASSOCIATE-RQ
+    s.settimeout(10)
+    assert s.recv(65536)[:1] == b"\x02", "A-ASSOCIATE-AC expected"
+    s.sendall(b"\x04\x00" + struct.pack(">L", 100_000_000))
+    sent, closed = 0, False
+    try:
+        while sent < 100_000_000:
+            s.sendall(bytes(65536))
+            sent += 65536
+    except OSError:
+        closed = True
+    if not closed:
+        closed = _closed_within(s, 10) is not None
+    s.close()
+    assert closed and sent < 50_000_000, f"the node read {sent} bytes of an oversized PDU"
+    assert rss_kib(plain_node["node"].proc.pid)["VmRSS"] - before < 50 * 1024
+    assert "sent a PDU of type 0x04 declaring 100000000 bytes" in plain_node["node"].log.read_text()
+    assert echoscu(plain_node["port"]).returncode == 0
+
+
 @pytest.mark.slow
 def test_1_mb_deflate_bomb_over_the_network_is_refused_with_bounded_memory(plain_node):
     """A 1 MB C-STORE in Deflated Explicit VR Little Endian whose body inflates to 1 GiB (sent as is,
