@@ -384,6 +384,42 @@ def test_p_data_pdu_over_max_pdu_size_closes_the_association(plain_node):
     assert echoscu(plain_node["port"]).returncode == 0
 
 
+def test_c_store_cut_off_mid_data_set_leaves_no_file(plain_node):
+    """A peer that sends a C-STORE command and part of its data set, then disconnects: the partial
+    data set file pynetdicom was writing is removed, nothing is spooled."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medxray_network_fuzz",
+                                                  Path(__file__).resolve().parent / "fuzz" / "network.py")
+    network = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(network)
+    store_session = network.record_sessions(plain_node["port"], "STORESCU")[1]
+    before = received(plain_node["work"])
+    command = None
+    for pdu in store_session[1:]:
+        # P-DATA-TF: PDV items of (length, context ID, message control header, fragment); PS3.8 9.3.5
+        # Command Field (0000,0100) US 0001H = C-STORE-RQ, implicit VR little endian (PS3.7 E.1)
+        if pdu[0] == 0x04 and pdu[11] & 0x01 and b"\x00\x00\x00\x01\x02\x00\x00\x00\x01\x00" in pdu:
+            command = pdu
+            break
+    assert command is not None, "no C-STORE command in the recorded session"
+    context_id = command[10]
+    fragment = bytes([0x00]) + bytes(20000)  # data set fragment, not the last
+    pdata = struct.pack(">L", len(fragment) + 1) + bytes([context_id]) + fragment
+    s = socket.create_connection(("127.0.0.1", plain_node["port"]))
+    s.settimeout(10)
+    s.sendall(store_session[0])
+    assert s.recv(65536)[:1] == b"\x02"
+    s.sendall(command + b"\x04\x00" + struct.pack(">L", len(pdata)) + pdata)
+    time.sleep(1.0)
+    s.close()
+    wait_for(lambda: "removed the partial data set" in plain_node["node"].log.read_text(), 20,
+             "the partial file removed", plain_node["node"].log)
+    time.sleep(0.5)
+    assert not list(plain_node["tmp"].glob("*")), list(plain_node["tmp"].glob("*"))
+    assert received(plain_node["work"]) == before
+
+
 @pytest.mark.slow
 def test_1_mb_deflate_bomb_over_the_network_is_refused_with_bounded_memory(plain_node):
     """A 1 MB C-STORE in Deflated Explicit VR Little Endian whose body inflates to 1 GiB (sent as is,
