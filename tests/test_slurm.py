@@ -116,3 +116,57 @@ def test_array_with_a_killed_and_requeued_task_then_dependent_merge(scoring_chec
         np.testing.assert_allclose([float(got[c]) for c in probs], [float(row[c]) for c in probs], atol=1.5e-4)
         assert {c: v for c, v in got.items() if not c.startswith("p_")} == \
                {c: v for c, v in row.items() if not c.startswith("p_")}, rel
+
+
+def test_two_task_ddp_finetune_under_srun_matches_torchrun(tmp_path):
+    """pipelines/slurm/train_multinode.sbatch on the one-machine cluster: 2 srun tasks stand in for 2 nodes,
+    each runs torchrun (c10d rendezvous on the first node, one process each, gloo on CPU); the weights equal
+    a plain `torchrun --standalone --nproc-per-node 2` run of the same fine-tune (tests/test_train_ddp.py's)."""
+    import os
+    import subprocess
+    import sys
+
+    import json
+
+    import torch
+
+    from medxray.data.synthetic import synthesize
+    from slurm_cluster import free_port
+
+    root = synthesize(tmp_path / "phantom", n_images=90, seed=1, image_size=64, workers=1)
+    args = ("--model densenet121 --pretrained none --image-size 32 --batch-size 8 --epochs 1 --precision fp32 "
+            "--num-workers 0")
+    ref = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "medxray.cli", "-q", "finetune", "--data-root", str(root), "--out", str(ref), "--no-progress",
+           *args.split()]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    recipe = (Path(__file__).resolve().parents[1] / "pipelines" / "slurm" / "train_multinode.sbatch").read_text()
+    script = tmp_path / "train.sbatch"  # one machine, no GPUs: drop the GPU request, keep everything else
+    script.write_text("\n".join(line for line in recipe.splitlines() if "--gpus-per-node" not in line) + "\n")
+    out = tmp_path / "slurm-run"
+    with SlurmCluster(tmp_path / "slurm", cpus=2) as cluster:
+        env = {"DATA_ROOT": str(root), "OUT": str(out), "MEDXRAY_PYTHON": sys.executable,
+               "FINETUNE_ARGS": args, "RDZV_PORT": str(free_port())}
+        job = cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          "--mem=1G", f"--output={tmp_path / 'train.log'}", f"--chdir={tmp_path}",
+                          "--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()), str(script)).stdout.strip()
+        wait_for("the training job", lambda: cluster.job_states(job).get(job) in
+                 ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600, cluster, poll=1)
+        state = cluster.job_states(job)[job]
+    log = (tmp_path / "train.log").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["world_size"] == 2  # rank 0 alone wrote, two processes trained
+    from medxray.checkpoint import load_checkpoint
+
+    sa, sb = load_checkpoint(out / "last.pt").state_dict, load_checkpoint(ref / "last.pt").state_dict
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if sa[k].is_floating_point():
+            # parameters: the averaged gradient is the same whichever agent became rank 0; BatchNorm
+            # running statistics are rank 0's, which may be the other half of each step's batch
+            tol = 1e-6 if "running" not in k else 0.25
+            torch.testing.assert_close(sa[k], sb[k], atol=tol, rtol=0, msg=k)
