@@ -166,7 +166,8 @@ def test_two_task_ddp_finetune_under_srun_matches_torchrun(tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         if sa[k].is_floating_point():
-            # parameters: the averaged gradient is the same whichever agent became rank 0; BatchNorm
-            # running statistics are rank 0's, which may be the other half of each step's batch
-            tol = 1e-6 if "running" not in k else 0.25
+            # parameters: the averaged gradient of two ranks is the same sum whichever agent became rank 0
+            # (bit-identical here); BatchNorm running statistics are rank 0's, which under the c10d
+            # rendezvous may be the other half of each step's batch (they were identical when measured)
+            tol = 0.0 if "running" not in k else 0.25
             torch.testing.assert_close(sa[k], sb[k], atol=tol, rtol=0, msg=k)
