@@ -182,7 +182,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                       help="two checkpoints or two predictions files, compared on the same images")
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-root", default=None, help="default: the data root the checkpoint was trained on")
-    p.add_argument("--split", default="test", help="test (default), val or train")
+    p.add_argument("--split", default="test",
+                   help="test (default), val or train; with --predictions also 'file': exactly the images the file names")
+    p.add_argument("--columns", default=None, metavar="FINDING=COLUMN,...",
+                   help="--predictions: which column holds which finding, when the names are not X, p_X, prob_X "
+                        "or the display / torchxrayvision name")
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval-<split>)")
     p.add_argument("--tta", action="store_true", help="TenCrop test-time augmentation (10x slower)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
@@ -214,11 +218,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.compare:
         return _run_compare(args, th_split)
     if args.predictions:
-        from medxray.evaluation.external import evaluate_predictions
+        from medxray.evaluation.external import evaluate_predictions, parse_columns
 
         res = evaluate_predictions(args.predictions, dataset=args.dataset or "chestxray14", data_root=args.data_root,
                                    split=args.split, out_dir=args.out, threshold_split=th_split,
-                                   n_bootstrap=args.bootstrap)
+                                   n_bootstrap=args.bootstrap, columns=parse_columns(args.columns))
     else:
         from medxray.evaluation.run import evaluate
 
