@@ -21,7 +21,7 @@ import csv
 import logging
 import math
 from pathlib import Path, PurePath
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -33,13 +33,72 @@ log = logging.getLogger(__name__)
 
 NAME_COLUMNS = ("name", "image", "image index", "image_index", "path", "filename", "file")
 SPLITS = ("train", "val", "test")
+FILE_SPLIT = "file"  # score exactly the images the file names, whatever their official split
 
 
-def read_predictions(path: str | Path, label_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+PREFIXES = ("", "p_", "prob_", "pred_", "score_", "probability_")
+
+
+def _norm(text: str) -> str:
+    """A column or finding name without case, spaces, underscores or hyphens ("Pleural thickening" ==
+    "Pleural_Thickening" == "pleural-thickening")."""
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def finding_columns(header: Sequence[str], label_names: Sequence[str],
+                    columns: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Index of each finding's column in ``header``.
+
+    An explicit ``columns`` mapping (finding -> column) wins. Otherwise, per finding, the first
+    match of: the exact name (``Atelectasis``), ``p_X`` (medxray), ``prob_X`` (jrzech/reproduce-chexnet's
+    ``preds.csv``), ``pred_X``, ``score_X``, ``probability_X``, then the same compared without case,
+    spaces, underscores and hyphens (display names such as ``Pleural thickening``, torchxrayvision's
+    ``Pleural_Thickening``). Raises :class:`DataError` naming the missing finding and the header.
+    """
+    out: dict[str, int] = {}
+    columns = dict(columns or {})
+    unknown = [f for f in columns if f not in label_names]
+    if unknown:
+        raise ConfigError(f"--columns names unknown finding(s) {unknown}; findings: {', '.join(label_names)}")
+    normed = [_norm(h) for h in header]
+    for n in label_names:
+        if n in columns:
+            if columns[n] not in header:
+                raise DataError(f"--columns maps {n} to {columns[n]!r}, which is not a column of the file "
+                                f"({', '.join(header[:8])}...)")
+            out[n] = header.index(columns[n])
+            continue
+        idx = next((header.index(pre + n) for pre in PREFIXES if pre + n in header), None)
+        if idx is None:
+            idx = next((normed.index(_norm(pre + n)) for pre in PREFIXES if _norm(pre + n) in normed), None)
+        if idx is None:
+            raise DataError(f"no column for {n!r} (tried {n}, p_{n}, prob_{n}, pred_{n}, score_{n} and the same "
+                            f"without case/spaces/underscores) among {', '.join(header[:12])}; name it with "
+                            f"--columns {n}=COLUMN")
+        out[n] = idx
+    return out
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """``--columns "Atelectasis=atel,Effusion=pleural effusion"`` -> {finding: column}."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise ConfigError(f"--columns takes FINDING=COLUMN pairs separated by commas, got {part!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def read_predictions(path: str | Path, label_names: Sequence[str],
+                     columns: Mapping[str, str] | None = None) -> tuple[list[str], np.ndarray]:
     """(image names, (N, C) float64 probabilities in ``label_names`` order) from a predictions CSV.
 
-    Raises :class:`DataError` naming the row or column for: a missing file, no name column, a
-    missing finding column, an empty or non-numeric cell, a value outside [0, 1], a repeated image.
+    Finding columns are found by :func:`finding_columns`. Raises :class:`DataError` naming the row
+    or column for: a missing file, a missing finding column, an empty or non-numeric cell, a value
+    outside [0, 1], a repeated image.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -54,15 +113,11 @@ def read_predictions(path: str | Path, label_names: Sequence[str]) -> tuple[list
     header = [h.strip() for h in rows[0]]
     lower = [h.lower() for h in header]
     name_col = next((lower.index(c) for c in NAME_COLUMNS if c in lower), 0)
-    cols = []
-    for n in label_names:
-        for cand in (n, f"p_{n}"):
-            if cand in header:
-                cols.append(header.index(cand))
-                break
-        else:
-            raise DataError(f"predictions file {p} has no column for {n!r} (nor 'p_{n}'); it needs one column per "
-                            f"finding: {', '.join(label_names)}")
+    try:
+        found = finding_columns(header, label_names, columns)
+    except DataError as exc:
+        raise DataError(f"predictions file {p}: {exc}") from None
+    cols = [found[n] for n in label_names]
     names: list[str] = []
     values = np.empty((len(rows) - 1, len(label_names)), dtype=np.float64)
     seen: dict[str, int] = {}
@@ -95,6 +150,7 @@ def evaluate_predictions(
     predictions: str | Path, *, dataset: str = "chestxray14", data_root: str | Path | None = None,
     split: str = "test", out_dir: str | Path | None = None, threshold_split: str | None = "val",
     n_bootstrap: int = 1000, seed: int = 0, val_fraction: float = 0.1, split_seed: int = 0, view: str = "all",
+    columns: Mapping[str, str] | None = None,
 ) -> EvalResult:
     """Score an external predictions file on ``split`` of the official ChestX-ray14 labels; write the
     same files and report as :func:`medxray.evaluation.run.evaluate` into ``out_dir`` (default:
@@ -102,7 +158,10 @@ def evaluate_predictions(
 
     ``data_root``: use that root's label and list files (when present) instead of the shipped ones.
     ``val_fraction``, ``split_seed``, ``view``: how the val split is carved out of train_val (the
-    ``finetune`` defaults). Raises :class:`DataError` when no row of the file is on ``split``.
+    ``finetune`` defaults). ``split="file"`` scores exactly the images the file names (any official
+    split; thresholds then chosen on the same rows), so a table published on another split can be
+    reproduced. ``columns``: an explicit finding -> column mapping (:func:`finding_columns`).
+    Raises :class:`DataError` when no row of the file is on ``split``.
     """
     from medxray.data.chestxray14 import split_records
     from medxray.labels import CHESTXRAY14_FINDINGS
@@ -110,13 +169,23 @@ def evaluate_predictions(
     if dataset != "chestxray14":
         raise ConfigError(f"--predictions scores ChestX-ray14 predictions against its official labels; "
                           f"dataset {dataset!r} is not supported")
-    if split not in SPLITS or (threshold_split is not None and threshold_split not in SPLITS):
-        raise ConfigError(f"split and threshold split must be one of {', '.join(SPLITS)}")
+    if split not in (*SPLITS, FILE_SPLIT) or (threshold_split is not None and threshold_split not in SPLITS):
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)} or file, threshold split one of {', '.join(SPLITS)}")
+    if split == FILE_SPLIT:
+        threshold_split = None
     label_names = list(CHESTXRAY14_FINDINGS)
     path = Path(predictions).expanduser().resolve()
-    names, probs = read_predictions(path, label_names)
+    names, probs = read_predictions(path, label_names, columns)
     parts, info = split_records(data_root, val_fraction=val_fraction, split_seed=split_seed, view=view)
     row_of = {n: i for i, n in enumerate(names)}
+
+    if split == FILE_SPLIT:  # every official split, restricted below to the file's images
+        from types import SimpleNamespace
+
+        recs = [parts[k] for k in SPLITS if parts.get(k) is not None]
+        parts = {**parts, FILE_SPLIT: SimpleNamespace(
+            names=[n for r in recs for n in r.names], patients=[x for r in recs for x in r.patients],
+            labels=np.concatenate([r.labels for r in recs]), mask=np.concatenate([r.mask for r in recs]))}
 
     def take(which: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         rec = parts[which]
