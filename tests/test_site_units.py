@@ -254,3 +254,24 @@ def test_monitor_alerts_on_the_drifted_day_and_writes_prometheus_text(tmp_path):
     view = monitor_view(read_monitor(tmp_path / "mon"))
     assert view["latest"] == "2026-03-03" and any(a["kind"] == "ood_rate" for a in view["alerts"])
     assert (tmp_path / "mon" / "psi.png").stat().st_size > 1000
+
+
+# ---- recalibration rules -------------------------------------------------------------------------
+
+def test_threshold_rules():
+    from sklearn.metrics import roc_curve
+
+    from medxray.site.calibrate import choose_threshold, parse_operating_point
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.3).astype(int)
+    p = np.round(np.clip(0.35 * y + rng.random(400) * 0.65, 0, 1), 3)
+    fpr, tpr, thr = roc_curve(y, p)
+    assert choose_threshold(p, y, "youden", None) == pytest.approx(thr[np.argmax(tpr - fpr)])
+    t = choose_threshold(p, y, "sensitivity", 0.9)
+    sens = ((p >= t) & (y == 1)).sum() / y.sum()
+    assert sens >= 0.9 and ((p > t) & (y == 1)).sum() / y.sum() < 0.9  # the highest threshold reaching 90%
+    assert parse_operating_point("sensitivity=0.95") == ("sensitivity", 0.95)
+    assert parse_operating_point("Youden") == ("youden", None)
+    with pytest.raises(ConfigError, match="operating-point"):
+        parse_operating_point("spec=0.9")

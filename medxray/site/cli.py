@@ -138,6 +138,7 @@ def _promote(args: argparse.Namespace) -> int:
           f"{lk['mean_auc_a']:.3f}, candidate {lk['mean_auc_b']:.3f}")
     for u in r.untested:
         print(f"not tested: {u}")
+    print(f"gate report: {r.figures['report_dir']}/gate.json (comparison tables in locked/ and original/)")
     if not r.promoted:
         for reason in r.reasons:
             print(f"REFUSED: {reason}", file=sys.stderr)

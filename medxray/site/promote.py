@@ -4,7 +4,8 @@ A candidate B replaces the deployed model A only after a paired comparison on th
 
 1. the locked site test set (:mod:`medxray.site.lockset`), which no training or threshold fitting saw;
 2. the deployed model's original validation data, when its data root is still readable (a guard
-   against forgetting what it learnt there), via :func:`medxray.evaluation.compare.compare_sources`.
+   against forgetting what it learnt there): its validation split rebuilt from its stored config, both
+   models scored on it with :func:`medxray.evaluation.run.score_split`.
 
 Each comparison is DeLong's test with a paired bootstrap CI of the AUROC difference B - A and Holm's
 adjustment (:mod:`medxray.evaluation.compare`). The rule, for every finding with at least
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,8 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
     locked = [r for r in rows if lock.holds(r.patient_id, r.image)]
     if not locked:
         raise DataError(f"none of the labelled images of {labels} is in the locked set")
-    out = Path(out_dir) if out_dir else Path(registry).expanduser() / "gate" / b_path.stem
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(out_dir) if out_dir else Path(registry).expanduser() / "gate" / f"{stamp}-{b_path.parent.name}-{b_path.stem}"
     out.mkdir(parents=True, exist_ok=True)
     sa = score_paths(a_path, [r.image for r in locked], device=device)
     sb = score_paths(b_path, [r.image for r in locked], device=device)
@@ -115,6 +118,7 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
                                                 f"{lock.sha256[:12]})")
     res = GateResult(promoted=False)
     res.figures["margin"] = margin
+    res.figures["report_dir"] = str(out)
     res.figures["locked"] = judge(comp, margin=margin, min_positives=min_positives, set_name="the locked site set",
                                   reasons=res.reasons, untested=res.untested)
     res.figures["lock_sha256"] = lock.sha256
@@ -146,20 +150,40 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
 
 def _original(a_path: Path, b_path: Path, meta_a: dict[str, Any], out: Path, n_boot: int, margin: float,
               min_positives: int, res: GateResult) -> dict[str, Any]:
+    """Both models on the deployed model's own validation split (rebuilt from its stored config), when readable."""
+    import torch
+
+    from medxray.checkpoint import load_checkpoint, model_from_checkpoint
+    from medxray.data import build_datasets
     from medxray.errors import MedxrayError
-    from medxray.evaluation.compare import compare_sources
+    from medxray.evaluation.compare import compare_arrays, write_comparison
+    from medxray.evaluation.run import score_split
 
     cfg = meta_a.get("config") or {}
     root = cfg.get("data_root")
     if not root or not Path(str(root)).exists():
         res.untested.append("the deployed model's original validation data (its data root is not available here)")
         return {"available": False, "reason": "data root not available"}
+    ck_b = load_checkpoint(b_path)
+    size = int((meta_a.get("preprocessing") or {}).get("image_size", 224))
+    if int((ck_b.metadata.get("preprocessing") or {}).get("image_size", 224)) != size:
+        res.untested.append("the original validation data (the candidate takes another input size)")
+        return {"available": False, "reason": "input sizes differ"}
+    opts = {k: cfg[k] for k in ("val_fraction", "split_seed", "view", "max_per_patient", "allow_missing") if k in cfg}
     try:
-        comp, _, _ = compare_sources(a_path, b_path, out_dir=out / "original", split="val", n_bootstrap=n_boot,
-                                     dataset=cfg.get("dataset"), data_root=root)
+        splits = build_datasets(str(cfg.get("dataset")), root, image_size=size, augment=False, use_cache=False, **opts,
+                                **dict(cfg.get("dataset_options") or {}))
+        names = list(meta_a.get("label_names") or [])
+        kw = dict(device=torch.device("cpu"), precision="fp32", batch_size=32, label_names=names)
+        sa = score_split(model_from_checkpoint(a_path), splits.val, **kw)
+        sb = score_split(model_from_checkpoint(ck_b), splits.val, **kw)
     except MedxrayError as exc:
         res.untested.append(f"the deployed model's original validation data ({exc})")
         return {"available": False, "reason": str(exc)}
+    comp = compare_arrays(names, sa["labels"], sa["masks"], sa["probs"], sb["probs"], a=str(a_path), b=str(b_path),
+                          n_boot=n_boot)
+    write_comparison(comp, out / "original", note=f"the deployed model's validation split ({len(splits.val)} images, "
+                                                  f"{cfg.get('dataset')} at {root})")
     fig = judge(comp, margin=margin, min_positives=min_positives, set_name="the original validation data",
                 reasons=res.reasons, untested=res.untested)
     fig["available"] = True
