@@ -20,19 +20,23 @@ HERE = Path(__file__).resolve().parent  # absolute: pages are found whatever the
 st.set_page_config(page_title="medxray review", page_icon=str(HERE / "assets" / "medxray_icon.png"), layout="wide")
 ui.clinical_use_notice()  # first, so it is on screen while the model loads
 
-nav = st.navigation([
-    st.Page(HERE / ui.STUDY_PAGE, title="Study", icon=":material/radiology:", default=True),
-    st.Page(HERE / ui.WORKLIST_PAGE, title="Worklist", icon=":material/list_alt:"),
-    st.Page(HERE / ui.MODEL_CARD_PAGE, title="Model card", icon=":material/description:"),
-])
+nav = st.navigation(
+    [
+        st.Page(HERE / ui.STUDY_PAGE, title="Study", icon=":material/radiology:", default=True),
+        st.Page(HERE / ui.WORKLIST_PAGE, title="Worklist", icon=":material/list_alt:"),
+        st.Page(HERE / ui.MODEL_CARD_PAGE, title="Model card", icon=":material/description:"),
+    ]
+)
 
 cfg = ui.settings()
 ms = ui.model_state(cfg)
 ui.model_banner(ms)
 labels, defaults = ui.label_names_and_defaults(ms, ui.results_labels(cfg))
 if ms.predictor is not None:
-    st.sidebar.caption(f"Model: {md_escape(ms.predictor.architecture)}, "  # checkpoint text: shown as text
-                       f"version {md_escape(ms.predictor.metadata.get('model_version', '?'))}")
+    st.sidebar.caption(
+        f"Model: {md_escape(ms.predictor.architecture)}, "  # checkpoint text: shown as text
+        f"version {md_escape(ms.predictor.metadata.get('model_version', '?'))}"
+    )
 ui.threshold_controls(labels, defaults)
 ui.export_buttons(ui.review_store(cfg), key="export_sidebar", where=st.sidebar)
 nav.run()

@@ -69,8 +69,11 @@ def save_checkpoint(
     for key in ("architecture", "label_names", "preprocessing"):
         if key not in meta.present:
             raise ValueError(f"checkpoint metadata needs {key!r}")
-    obj = {"format": CHECKPOINT_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-           "metadata": meta.to_dict()}
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "metadata": meta.to_dict(),
+    }
     obj.update(extra)
     return atomic_torch_save(obj, path)
 
@@ -89,8 +92,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         head = None  # missing or unreadable: safe_torch_load says which
     # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80).
     if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise CheckpointError(f"{path} is not a medxray checkpoint: it is not a PyTorch file at all. Pass the best.pt "
-                              "or last.pt that `medxray finetune` wrote (e.g. runs/NAME/best.pt)")
+        raise CheckpointError(
+            f"{path} is not a medxray checkpoint: it is not a PyTorch file at all. Pass the best.pt "
+            "or last.pt that `medxray finetune` wrote (e.g. runs/NAME/best.pt)"
+        )
     obj = safe_torch_load(path)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         hint = ""

@@ -42,13 +42,37 @@ UNVERSIONED = "unversioned"
 
 # field name -> the kind of value it holds; checked by from_dict (None is allowed for every optional key)
 _KINDS: dict[str, str] = {
-    "architecture": "str", "num_classes": "int", "in_chans": "int", "label_names": "strs",
-    "preprocessing": "map", "thresholds": "floats", "thresholds_spec90": "map", "thresholds_fallback": "strs",
-    "operating_points": "any", "threshold_split": "str", "threshold_source": "str", "metrics": "map",
-    "versions": "map", "git_commit": "str", "data_manifest_hash": "str", "data_provenance": "map",
-    "dataset": "str", "pretrained": "str", "model_version": "str", "model_name": "str", "parent_version": "str",
-    "epoch": "int", "created": "str", "config": "map", "cam_method": "str", "localisation": "map", "ood": "map",
-    "validation_reference": "any", "site_calibration": "any", "intended_use": "str", "limitations": "strs",
+    "architecture": "str",
+    "num_classes": "int",
+    "in_chans": "int",
+    "label_names": "strs",
+    "preprocessing": "map",
+    "thresholds": "floats",
+    "thresholds_spec90": "map",
+    "thresholds_fallback": "strs",
+    "operating_points": "any",
+    "threshold_split": "str",
+    "threshold_source": "str",
+    "metrics": "map",
+    "versions": "map",
+    "git_commit": "str",
+    "data_manifest_hash": "str",
+    "data_provenance": "map",
+    "dataset": "str",
+    "pretrained": "str",
+    "model_version": "str",
+    "model_name": "str",
+    "parent_version": "str",
+    "epoch": "int",
+    "created": "str",
+    "config": "map",
+    "cam_method": "str",
+    "localisation": "map",
+    "ood": "map",
+    "validation_reference": "any",
+    "site_calibration": "any",
+    "intended_use": "str",
+    "limitations": "strs",
 }
 
 
@@ -56,9 +80,11 @@ def _check(name: str, kind: str, value: Any) -> Any:
     """``value`` converted to ``kind``'s Python form, or a CheckpointError naming the key."""
     if value is None or kind == "any":
         return value
-    bad = CheckpointError(f"checkpoint metadata {name!r} should be {_WHAT[kind]}, found {type(value).__name__} "
-                          f"{str(value)[:60]!r}; the checkpoint is damaged or was edited by hand: re-write it with "
-                          "`medxray finetune` / `medxray evaluate`")
+    bad = CheckpointError(
+        f"checkpoint metadata {name!r} should be {_WHAT[kind]}, found {type(value).__name__} "
+        f"{str(value)[:60]!r}; the checkpoint is damaged or was edited by hand: re-write it with "
+        "`medxray finetune` / `medxray evaluate`"
+    )
     if kind == "str":
         if not isinstance(value, str):
             raise bad
@@ -68,8 +94,11 @@ def _check(name: str, kind: str, value: Any) -> Any:
             raise bad
         return value
     if kind == "strs":
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or \
-                not all(isinstance(v, str) for v in value):
+        if (
+            isinstance(value, (str, bytes))
+            or not isinstance(value, (list, tuple))
+            or not all(isinstance(v, str) for v in value)
+        ):
             raise bad
         return tuple(value)
     if kind == "map":
@@ -86,8 +115,13 @@ def _check(name: str, kind: str, value: Any) -> Any:
     raise AssertionError(kind)
 
 
-_WHAT = {"str": "a string", "int": "an integer", "strs": "a list of strings", "map": "a mapping",
-         "floats": "a mapping of finding name to number"}
+_WHAT = {
+    "str": "a string",
+    "int": "an integer",
+    "strs": "a list of strings",
+    "map": "a mapping",
+    "floats": "a mapping of finding name to number",
+}
 
 
 @dataclass(frozen=True)
@@ -153,8 +187,10 @@ class CheckpointMeta:
         if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
             raise CheckpointError(f"checkpoint metadata {SCHEMA_KEY!r} is {schema!r}, not a schema version")
         if schema > META_SCHEMA_VERSION:
-            raise CheckpointError(f"checkpoint metadata has schema {schema}, this medxray reads up to "
-                                  f"{META_SCHEMA_VERSION}: upgrade medxray to use this checkpoint")
+            raise CheckpointError(
+                f"checkpoint metadata has schema {schema}, this medxray reads up to "
+                f"{META_SCHEMA_VERSION}: upgrade medxray to use this checkpoint"
+            )
         known = {k: _check(k, kind, metadata[k]) for k, kind in _KINDS.items() if k in metadata}
         given = frozenset(known)
         nones = frozenset(k for k, v in known.items() if v is None and _default(k) is not None)

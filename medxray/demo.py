@@ -34,8 +34,10 @@ from medxray.fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 RG1_FILE = "RG1_UNCI.dcm"
-SYNTHETIC_NOTE = ("The training and test images are SYNTHETIC phantoms (drawn patterns on real ChestX-ray14 "
-                  "manifest rows), not radiographs: the AUROC shows the pipeline learns, not clinical performance.")
+SYNTHETIC_NOTE = (
+    "The training and test images are SYNTHETIC phantoms (drawn patterns on real ChestX-ray14 "
+    "manifest rows), not radiographs: the AUROC shows the pipeline learns, not clinical performance."
+)
 
 
 @dataclass
@@ -43,15 +45,15 @@ class DemoOptions:
     """Sizes of the demo; ``preset("default")`` fits 15 minutes on a 2-core CPU with margin."""
 
     out: str = "demo_out"
-    images: int = 1000            # phantom images (train_val + test)
-    phantom_size: int = 1024      # side of the phantom PNGs (NIH's size)
-    image_size: int = 128         # network input
-    epochs: int = 8              # AUROC needs 3; the maps need 8 to point at the findings (pointing game >= 0.80)
+    images: int = 1000  # phantom images (train_val + test)
+    phantom_size: int = 1024  # side of the phantom PNGs (NIH's size)
+    image_size: int = 128  # network input
+    epochs: int = 8  # AUROC needs 3; the maps need 8 to point at the findings (pointing game >= 0.80)
     batch_size: int = 16
     lr: float = 1e-3
     model: str = "densenet121"
     val_fraction: float = 0.15
-    augment: bool = False         # the phantoms need no augmentation, and it costs more CPU than the network here
+    augment: bool = False  # the phantoms need no augmentation, and it costs more CPU than the network here
     seed: int = 0
     device: str = "auto"
     bootstrap: int = 500
@@ -71,8 +73,16 @@ class DemoOptions:
         elif name == "quick":
             # The whole path in about a minute: tiny phantom, tiny input, one epoch. Its AUROC is
             # not expected to reach the target.
-            opts = cls(images=120, phantom_size=256, image_size=64, epochs=1, bootstrap=50, cam_images=2,
-                       val_fraction=0.2, quick=True)
+            opts = cls(
+                images=120,
+                phantom_size=256,
+                image_size=64,
+                epochs=1,
+                bootstrap=50,
+                cam_images=2,
+                val_fraction=0.2,
+                quick=True,
+            )
         else:
             raise ConfigError(f"unknown demo preset {name!r}; use 'default' or 'quick'")
         for k, v in overrides.items():
@@ -118,14 +128,17 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
 
     say("medxray demo" + (" (quick smoke version)" if opts.quick else ""))
     say(f"NOTE: {SYNTHETIC_NOTE}")
-    say("NOTE: the network starts from random weights (--pretrained none): ImageNet weights cannot be "
+    say(
+        "NOTE: the network starts from random weights (--pretrained none): ImageNet weights cannot be "
         "downloaded on this machine. With the weights in the torch hub cache, `medxray finetune` uses them "
-        "by default.")
+        "by default."
+    )
 
     t = time.perf_counter()
     say(f"[1/6] synthesising {opts.images} phantom images ({opts.phantom_size} px PNG, NIH layout) ...")
-    data_root = synthesize(out / "phantom_data", n_images=opts.images, seed=opts.seed, image_size=opts.phantom_size,
-                           overwrite=True)  # the demo's own folder: a re-run with other options replaces it
+    data_root = synthesize(
+        out / "phantom_data", n_images=opts.images, seed=opts.seed, image_size=opts.phantom_size, overwrite=True
+    )  # the demo's own folder: a re-run with other options replaces it
     timings["synthesise"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -135,30 +148,52 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
 
     t = time.perf_counter()
     cfg = make_config(
-        dataset="chestxray14", data_root=str(data_root), model=opts.model, pretrained="none",
-        image_size=opts.image_size, epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr,
-        val_fraction=opts.val_fraction, seed=opts.seed, device=opts.device, early_stopping_patience=0,
+        dataset="chestxray14",
+        data_root=str(data_root),
+        model=opts.model,
+        pretrained="none",
+        image_size=opts.image_size,
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        val_fraction=opts.val_fraction,
+        seed=opts.seed,
+        device=opts.device,
+        early_stopping_patience=0,
         augment=opts.augment,
-        scheduler="cosine", progress=True,
+        scheduler="cosine",
+        progress=True,
     )
     cfg = _run_config(cfg, out)
-    say(f"[3/6] fine-tuning {opts.model} for {opts.epochs} epochs at {opts.image_size} px on the phantom train split "
-        f"-> {cfg.out or cfg.resume}")
+    say(
+        f"[3/6] fine-tuning {opts.model} for {opts.epochs} epochs at {opts.image_size} px on the phantom train split "
+        f"-> {cfg.out or cfg.resume}"
+    )
     res = finetune(cfg)
     timings["finetune"] = time.perf_counter() - t
-    say(f"      best epoch {res.best_epoch}: validation mean AUROC {res.best_val_auroc:.3f} "
-        f"({timings['finetune'] / 60:.1f} min)")
+    say(
+        f"      best epoch {res.best_epoch}: validation mean AUROC {res.best_val_auroc:.3f} "
+        f"({timings['finetune'] / 60:.1f} min)"
+    )
 
     t = time.perf_counter()
     say("[4/6] evaluating on the phantom test split (bootstrap CIs, thresholds, calibration, CAM localisation) ...")
-    ev = evaluate(res.best_checkpoint, data_root=data_root, split="test", out_dir=out / "evaluation",
-                  n_bootstrap=opts.bootstrap, device=opts.device, batch_size=32)
+    ev = evaluate(
+        res.best_checkpoint,
+        data_root=data_root,
+        split="test",
+        out_dir=out / "evaluation",
+        n_bootstrap=opts.bootstrap,
+        device=opts.device,
+        batch_size=32,
+    )
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say(f"[5/6] CAM overlays for {opts.cam_images} test images with ground-truth boxes ...")
-    cams = render_cam_examples(res.best_checkpoint, data_root, out / "cam_examples", n=opts.cam_images,
-                               device=opts.device)
+    cams = render_cam_examples(
+        res.best_checkpoint, data_root, out / "cam_examples", n=opts.cam_images, device=opts.device
+    )
     timings["cams"] = time.perf_counter() - t
 
     rg1: dict[str, Any] = {}
@@ -171,12 +206,26 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
         timings["score_rg1"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
-    ok = opts.quick or (math.isfinite(ev.mean_auroc) and ev.mean_auroc >= opts.target_auroc
-                        and localisation_reached(ev.localisation, opts))
+    ok = opts.quick or (
+        math.isfinite(ev.mean_auroc)
+        and ev.mean_auroc >= opts.target_auroc
+        and localisation_reached(ev.localisation, opts)
+    )
     result = DemoResult(
-        ok=ok, mean_auroc=ev.mean_auroc, target_auroc=opts.target_auroc, out=out, data_root=data_root,
-        run_dir=res.run_dir, checkpoint=res.best_checkpoint, report_html=ev.report_html, report_md=ev.report_md,
-        cam_files=cams, scoring_dir=scoring_dir, rg1=rg1, timings=timings, localisation=ev.localisation,
+        ok=ok,
+        mean_auroc=ev.mean_auroc,
+        target_auroc=opts.target_auroc,
+        out=out,
+        data_root=data_root,
+        run_dir=res.run_dir,
+        checkpoint=res.best_checkpoint,
+        report_html=ev.report_html,
+        report_md=ev.report_md,
+        cam_files=cams,
+        scoring_dir=scoring_dir,
+        rg1=rg1,
+        timings=timings,
+        localisation=ev.localisation,
     )
     _write_summary(result, opts)
     _tell(result, opts, ev, say)
@@ -196,8 +245,10 @@ def _check_scoring_available(opts: DemoOptions) -> None:
     if not opts.score_rg1:
         return
     if _rg1_path() is None:
-        raise ConfigError("the demo scores the real radiograph RG1_UNCI.dcm from the pydicom-data package, which is "
-                          "not installed: pip install pydicom-data (it is in medxray's dev extra)")
+        raise ConfigError(
+            "the demo scores the real radiograph RG1_UNCI.dcm from the pydicom-data package, which is "
+            "not installed: pip install pydicom-data (it is in medxray's dev extra)"
+        )
 
 
 def _rg1_path() -> Path | None:
@@ -233,8 +284,9 @@ def _run_config(cfg: Any, out: Path) -> Any:
         k += 1
 
 
-def render_cam_examples(checkpoint: Path, data_root: Path, out_dir: Path, *, n: int = 4, device: str = "auto",
-                        max_side: int = 512) -> list[Path]:
+def render_cam_examples(
+    checkpoint: Path, data_root: Path, out_dir: Path, *, n: int = 4, device: str = "auto", max_side: int = 512
+) -> list[Path]:
     """CAM overlays (with the ground-truth box drawn) for up to ``n`` phantom test images that have boxes."""
     from PIL import Image, ImageDraw
 
@@ -266,12 +318,20 @@ def render_cam_examples(checkpoint: Path, data_root: Path, out_dir: Path, *, n: 
         probs, cams = predictor.predict_with_cams([img01], classes=[c])
         scale = min(1.0, max_side / max(h, w))
         H, W = int(round(h * scale)), int(round(w * scale))
-        small = np.asarray(Image.fromarray((img01 * 255).astype(np.uint8)).resize((W, H), Image.BILINEAR),
-                           dtype=np.float32) / 255.0
+        small = (
+            np.asarray(Image.fromarray((img01 * 255).astype(np.uint8)).resize((W, H), Image.BILINEAR), dtype=np.float32)
+            / 255.0
+        )
         cam = upsample_cam(cams[0, 0], (H, W))
         title = f"{box['finding']} p={probs[0, c]:.2f} {predictor.cam_method} (SYNTHETIC phantom)"
-        rgb = overlay_with_legend(small, cam, title=title, finding=box["finding"], mark_peak=True,
-                                  footer="green: ground-truth box; white cross: map peak; not for clinical use")
+        rgb = overlay_with_legend(
+            small,
+            cam,
+            title=title,
+            finding=box["finding"],
+            mark_peak=True,
+            footer="green: ground-truth box; white cross: map peak; not for clinical use",
+        )
         canvas = Image.fromarray(rgb)
         draw = ImageDraw.Draw(canvas)
         x0, y0 = box["x"] * scale, box["y"] * scale
@@ -291,8 +351,18 @@ def score_rg1(checkpoint: Path, input_dir: Path, out_dir: Path, *, device: str =
     dst = input_dir / RG1_FILE
     if not dst.is_file():
         shutil.copyfile(src, dst)
-    summary = score_directory(ScoreConfig(input_dir=input_dir, checkpoint=checkpoint, out=out_dir, device=device,
-                                          workers=1, cams="all", progress=False, overwrite=True))
+    summary = score_directory(
+        ScoreConfig(
+            input_dir=input_dir,
+            checkpoint=checkpoint,
+            out=out_dir,
+            device=device,
+            workers=1,
+            cams="all",
+            progress=False,
+            overwrite=True,
+        )
+    )
     results = Path(summary.results or out_dir / "results.csv")
     with open(results, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -301,19 +371,39 @@ def score_rg1(checkpoint: Path, input_dir: Path, out_dir: Path, *, device: str =
     row = rows[0]
     probs = {k[2:]: float(v) for k, v in row.items() if k.startswith("p_") and v not in ("", None)}
     top = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
-    return {"status": row.get("status"), "reason": row.get("reason", ""), "top": top,
-            "positive_findings": row.get("positive_findings", ""), "results": str(results),
-            "cam_dir": row.get("cam_dir", ""), "view_position": row.get("view_position", "")}
+    return {
+        "status": row.get("status"),
+        "reason": row.get("reason", ""),
+        "top": top,
+        "positive_findings": row.get("positive_findings", ""),
+        "results": str(results),
+        "cam_dir": row.get("cam_dir", ""),
+        "view_position": row.get("view_position", ""),
+    }
 
 
 def _write_summary(res: DemoResult, opts: DemoOptions) -> None:
-    data = {"ok": res.ok, "mean_auroc": res.mean_auroc, "target_auroc": res.target_auroc, "options": asdict(opts),
-            "checkpoint": str(res.checkpoint), "report_html": str(res.report_html), "report_md": str(res.report_md),
-            "cam_files": [str(p) for p in res.cam_files], "scoring_dir": str(res.scoring_dir or ""), "rg1": res.rg1,
-            "timings_s": res.timings, "synthetic": True, "note": SYNTHETIC_NOTE,
-            "localisation": res.localisation,
-            "targets": {"auroc": opts.target_auroc, "pointing_game": opts.target_pointing,
-                        "iobb_accuracy_0.25": opts.target_iobb25}}
+    data = {
+        "ok": res.ok,
+        "mean_auroc": res.mean_auroc,
+        "target_auroc": res.target_auroc,
+        "options": asdict(opts),
+        "checkpoint": str(res.checkpoint),
+        "report_html": str(res.report_html),
+        "report_md": str(res.report_md),
+        "cam_files": [str(p) for p in res.cam_files],
+        "scoring_dir": str(res.scoring_dir or ""),
+        "rg1": res.rg1,
+        "timings_s": res.timings,
+        "synthetic": True,
+        "note": SYNTHETIC_NOTE,
+        "localisation": res.localisation,
+        "targets": {
+            "auroc": opts.target_auroc,
+            "pointing_game": opts.target_pointing,
+            "iobb_accuracy_0.25": opts.target_iobb25,
+        },
+    }
     atomic_write_text(res.out / "demo_summary.json", json.dumps(data, indent=2, default=str))
 
 
@@ -321,26 +411,37 @@ def _tell(res: DemoResult, opts: DemoOptions, ev: Any, say: Callable[[str], None
     lo, hi = ev.mean_auroc_ci
     say("")
     say("=" * 78)
-    say(f"phantom test split: mean AUROC {res.mean_auroc:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {ev.n_images} images"
-        + ("" if opts.quick else f"; target >= {opts.target_auroc:.2f}: {'reached' if res.ok else 'NOT reached'}"))
+    say(
+        f"phantom test split: mean AUROC {res.mean_auroc:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {ev.n_images} images"
+        + ("" if opts.quick else f"; target >= {opts.target_auroc:.2f}: {'reached' if res.ok else 'NOT reached'}")
+    )
     if opts.quick:
         say("(quick smoke version: one short epoch on a tiny phantom set; its AUROC is not meant to reach the target)")
     if res.localisation and res.localisation["overall"].get("n"):
         o = res.localisation["overall"]
         acc = o["iobb_accuracy"]
         reached = localisation_reached(res.localisation, opts)
-        say(f"PHANTOM CAM localisation ({res.localisation.get('method', '?')}) on {o['n']} phantom boxes: pointing game "
+        say(
+            f"PHANTOM CAM localisation ({res.localisation.get('method', '?')}) on {o['n']} phantom boxes: "
+            f"pointing game "
             f"{o['pointing_game']:.2f}, IoBB>0.25 accuracy {acc['0.25']:.2f} (IoBB>0.1 {acc['0.1']:.2f}, "
             f">0.5 {acc['0.5']:.2f}, mean IoBB {o['mean_iobb']:.2f})"
-            + ("" if opts.quick else f"; targets >= {opts.target_pointing:.2f} / >= {opts.target_iobb25:.2f}: "
-               f"{'reached' if reached else 'NOT reached'}"))
+            + (
+                ""
+                if opts.quick
+                else f"; targets >= {opts.target_pointing:.2f} / >= {opts.target_iobb25:.2f}: "
+                f"{'reached' if reached else 'NOT reached'}"
+            )
+        )
         say("      (phantom numbers: drawn patterns in known boxes, not radiologists' boxes on radiographs)")
     say(f"SYNTHETIC DATA: {SYNTHETIC_NOTE}")
     if res.rg1:
         if res.rg1.get("status") == "ok":
             tops = ", ".join(f"{n} {p:.2f}" for n, p in res.rg1.get("top", []))
-            say(f"real radiograph RG1_UNCI.dcm scored: top findings {tops}. These numbers come from a model trained on "
-                f"phantoms and mean nothing clinically; they show the DICOM path works end to end.")
+            say(
+                f"real radiograph RG1_UNCI.dcm scored: top findings {tops}. These numbers come from a model trained on "
+                f"phantoms and mean nothing clinically; they show the DICOM path works end to end."
+            )
         else:
             say(f"real radiograph RG1_UNCI.dcm: {res.rg1.get('status')} ({res.rg1.get('reason')})")
     say(f"report:       {res.report_html}  (Markdown: {res.report_md})")
@@ -349,6 +450,9 @@ def _tell(res: DemoResult, opts: DemoOptions, ev: Any, say: Callable[[str], None
     say(f"checkpoint:   {res.checkpoint}")
     if res.scoring_dir:
         say(f"DICOM scores: {res.scoring_dir}/results.csv")
-    say(f"viewer:       medxray app --checkpoint {res.checkpoint}"
-        + (f" --results {res.scoring_dir}" if res.scoring_dir else "") + "   (then open http://127.0.0.1:8501)")
+    say(
+        f"viewer:       medxray app --checkpoint {res.checkpoint}"
+        + (f" --results {res.scoring_dir}" if res.scoring_dir else "")
+        + "   (then open http://127.0.0.1:8501)"
+    )
     say("time:         " + ", ".join(f"{k} {v:.0f}s" for k, v in res.timings.items()))

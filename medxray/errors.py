@@ -65,6 +65,8 @@ def output_error(exc: OSError, folder: str | os.PathLike) -> OutputError | None:
     if exc.errno in NO_SPACE_ERRNOS:
         return OutputError(f"no space left on {folder}: free space and re-run the same command ({why})")
     if exc.errno in NOT_WRITABLE_ERRNOS:
-        return OutputError(f"output folder {folder} is not writable ({why}); make it writable or choose another "
-                           "output folder, then re-run the same command")
+        return OutputError(
+            f"output folder {folder} is not writable ({why}); make it writable or choose another "
+            "output folder, then re-run the same command"
+        )
     return None

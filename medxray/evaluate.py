@@ -29,8 +29,24 @@ from medxray.evaluation.result import EvalResult
 from medxray.evaluation.run import SPLITS, evaluate, score_split, ten_crop
 
 __all__ = [
-    "FINDING_ALIASES", "IOBB_THRESHOLDS", "SPLITS", "EvalResult", "auprc_per_class", "auroc_per_class",
-    "bootstrap_auroc", "calibration", "cam_to_boxes", "evaluate", "iobb", "localisation_metadata", "localise_batch",
-    "localise_one", "operating_points", "score_split", "sens_spec_at", "summarise_localisation", "ten_crop",
+    "FINDING_ALIASES",
+    "IOBB_THRESHOLDS",
+    "SPLITS",
+    "EvalResult",
+    "auprc_per_class",
+    "auroc_per_class",
+    "bootstrap_auroc",
+    "calibration",
+    "cam_to_boxes",
+    "evaluate",
+    "iobb",
+    "localisation_metadata",
+    "localise_batch",
+    "localise_one",
+    "operating_points",
+    "score_split",
+    "sens_spec_at",
+    "summarise_localisation",
+    "ten_crop",
     "weighted_auroc",
 ]

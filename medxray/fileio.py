@@ -68,8 +68,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True)
     return Path(path)
 
 
-def load_yaml_mapping(path: str | os.PathLike, *, what: str = "config file", error: type[Exception] | None = None,
-                      hint: str = "") -> dict[str, Any]:
+def load_yaml_mapping(
+    path: str | os.PathLike, *, what: str = "config file", error: type[Exception] | None = None, hint: str = ""
+) -> dict[str, Any]:
     """A YAML file that must hold a mapping (empty file -> ``{}``); one clear ``error`` otherwise.
 
     ``hint`` is appended to every message and says how to fix the file.
@@ -120,6 +121,7 @@ def to_jsonable(obj: Any) -> Any:
 def json_line(obj: Any) -> str:
     """``obj`` as one line of strict JSON (no newline): :func:`to_jsonable`, and NaN/inf -> null,
     so every line parses in strict readers too (JSON has no NaN)."""
+
     def fix(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None

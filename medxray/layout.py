@@ -41,6 +41,7 @@ def subpackages(pkg: Path) -> list[Path]:
 
 def layout_lines(root: Path = PACKAGE) -> list[str]:
     """The lines of the layout block for the package at ``root`` (default: medxray itself)."""
+
     def entry(name: str, text: str) -> list[str]:
         head = f"  {name:<{INDENT - 2}}"
         body = textwrap.wrap(text, WIDTH - INDENT) or [""]

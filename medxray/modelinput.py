@@ -66,8 +66,10 @@ def integer_scale(dtype: np.dtype, bits_stored: int | None = None) -> float:
     else:
         bits = int(bits_stored)
         if not 1 <= bits <= min(width, 16):
-            raise ImageValueError(f"bits_stored={bits_stored} does not fit a {np.dtype(dtype).name} image "
-                                  f"(expected 1..{min(width, 16)}); pass the BitsStored of the image's source")
+            raise ImageValueError(
+                f"bits_stored={bits_stored} does not fit a {np.dtype(dtype).name} image "
+                f"(expected 1..{min(width, 16)}); pass the BitsStored of the image's source"
+            )
     return float(2**bits - 1)
 
 
@@ -83,8 +85,10 @@ def unit_range(image: np.ndarray, *, bits_stored: int | None = None) -> np.ndarr
     kind = arr.dtype.kind
     if kind not in "uif":
         what = {"b": "a boolean array (a mask?)", "c": "complex"}.get(kind, f"of dtype {arr.dtype}")
-        raise ImageValueError(f"image is {what}, not a grayscale image; pass the decoded pixels as an unsigned "
-                              "integer array (8 or 16 bit) or a float array in [0, 1]")
+        raise ImageValueError(
+            f"image is {what}, not a grayscale image; pass the decoded pixels as an unsigned "
+            "integer array (8 or 16 bit) or a float array in [0, 1]"
+        )
     if arr.size == 0:
         raise ImageValueError(f"image is empty (shape {arr.shape}); pass the decoded pixels")
     lo, hi = float(arr.min()), float(arr.max())
@@ -95,7 +99,8 @@ def unit_range(image: np.ndarray, *, bits_stored: int | None = None) -> np.ndarr
             raise ImageValueError(
                 f"float image has values in [{lo:g}, {hi:g}], medxray takes float images in [0, 1]: divide "
                 "8-bit values by 255 (16-bit by 65535), or pass the integer array itself (it is scaled by "
-                "its bit depth)")
+                "its bit depth)"
+            )
         out = arr.astype(np.float32, copy=False)
         if lo < 0.0 or hi > 1.0:
             out = np.clip(out, 0.0, 1.0)
@@ -105,7 +110,8 @@ def unit_range(image: np.ndarray, *, bits_stored: int | None = None) -> np.ndarr
         bits = int(round(np.log2(top + 1)))
         raise ImageValueError(
             f"integer image ({arr.dtype}) has values in [{lo:g}, {hi:g}], outside 0..{top:g} of {bits}-bit gray; "
-            "pass unsigned 8- or 16-bit pixels (or the stored bit depth as bits_stored), or a float image in [0, 1]")
+            "pass unsigned 8- or 16-bit pixels (or the stored bit depth as bits_stored), or a float image in [0, 1]"
+        )
     return (arr.astype(np.float32) / np.float32(top)).astype(np.float32, copy=False)
 
 
@@ -129,16 +135,23 @@ def area_resize(image: np.ndarray, size: int) -> np.ndarray:
     return _pool_matrix(h, size) @ img @ _pool_matrix(w, size).T
 
 
-def normalise(gray01: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def normalise(
+    gray01: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """(H, W) gray in [0, 1] -> (3, H, W) float32: replicated to 3 channels, minus ``mean``, over ``std``."""
     m = np.asarray(mean, np.float32).reshape(3, 1, 1)
     s = np.asarray(std, np.float32).reshape(3, 1, 1)
     return np.ascontiguousarray((np.asarray(gray01, np.float32)[None] - m) / s, dtype=np.float32)
 
 
-def model_input(image: np.ndarray, size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD, *, bits_stored: int | None = None) -> np.ndarray:
+def model_input(
+    image: np.ndarray,
+    size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    bits_stored: int | None = None,
+) -> np.ndarray:
     """2-D grayscale image (H, W), any size and dtype the contract accepts -> (3, size, size) float32.
 
     :func:`unit_range` (dtype and range checked), :func:`area_resize`, :func:`normalise`.
@@ -147,6 +160,7 @@ def model_input(image: np.ndarray, size: int, mean: Sequence[float] = IMAGENET_M
     """
     arr = np.asarray(image)
     if arr.ndim != 2:
-        raise InputShapeError(f"expected a 2-D grayscale image (H, W), got shape {tuple(arr.shape)}; convert a "
-                              "colour image to gray first")
+        raise InputShapeError(
+            f"expected a 2-D grayscale image (H, W), got shape {tuple(arr.shape)}; convert a colour image to gray first"
+        )
     return normalise(area_resize(unit_range(arr, bits_stored=bits_stored), int(size)), mean, std)

@@ -94,12 +94,22 @@ class OODStats:
         residual_var = float((resid**2).sum() / (n * dims_left))
         # a floor keeps the residual term finite when the training features fill the subspace
         residual_var = max(residual_var, 1e-6 * float(np.trace(lw.covariance_)) / k, 1e-12)
-        info = {"format": OOD_FORMAT, "n_train": int(n), "feature_dim": int(f), "n_components": int(k),
-                "shrinkage": float(lw.shrinkage_),
-                "method": "Mahalanobis distance of pooled forward_features to the training set "
-                          "(top-k PCA + Ledoit-Wolf, isotropic residual)"}
-        return cls(mean=mean.astype(np.float32), components=comps.astype(np.float32),
-                   precision=np.asarray(lw.precision_, dtype=np.float32), residual_var=residual_var, info=info)
+        info = {
+            "format": OOD_FORMAT,
+            "n_train": int(n),
+            "feature_dim": int(f),
+            "n_components": int(k),
+            "shrinkage": float(lw.shrinkage_),
+            "method": "Mahalanobis distance of pooled forward_features to the training set "
+            "(top-k PCA + Ledoit-Wolf, isotropic residual)",
+        }
+        return cls(
+            mean=mean.astype(np.float32),
+            components=comps.astype(np.float32),
+            precision=np.asarray(lw.precision_, dtype=np.float32),
+            residual_var=residual_var,
+            info=info,
+        )
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distances (N,) of pooled features (N, F); NaN rows give NaN."""
@@ -124,9 +134,15 @@ class OODStats:
         if d.size == 0:
             raise DataError("OOD calibration: no validation features to choose a threshold on")
         self.threshold = float(np.percentile(d, percentile))
-        self.info.update({"n_val": int(d.size), "percentile": float(percentile),
-                          "val_distance_median": float(np.median(d)), "val_distance_max": float(d.max()),
-                          "threshold_rule": f"{percentile:g}th percentile of the validation distances"})
+        self.info.update(
+            {
+                "n_val": int(d.size),
+                "percentile": float(percentile),
+                "val_distance_median": float(np.median(d)),
+                "val_distance_max": float(d.max()),
+                "threshold_rule": f"{percentile:g}th percentile of the validation distances",
+            }
+        )
         return self.threshold
 
     def flags(self, distances: np.ndarray) -> np.ndarray:
@@ -140,10 +156,15 @@ class OODStats:
 
     def to_entry(self) -> dict[str, Any]:
         """The checkpoint entry: tensors and plain numbers only (weights_only-loadable)."""
-        return {"format": OOD_FORMAT, "mean": torch.from_numpy(self.mean.copy()),
-                "components": torch.from_numpy(self.components.copy()),
-                "precision": torch.from_numpy(self.precision.copy()), "residual_var": float(self.residual_var),
-                "threshold": None if self.threshold is None else float(self.threshold), "info": dict(self.info)}
+        return {
+            "format": OOD_FORMAT,
+            "mean": torch.from_numpy(self.mean.copy()),
+            "components": torch.from_numpy(self.components.copy()),
+            "precision": torch.from_numpy(self.precision.copy()),
+            "residual_var": float(self.residual_var),
+            "threshold": None if self.threshold is None else float(self.threshold),
+            "info": dict(self.info),
+        }
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any]) -> "OODStats":
@@ -158,11 +179,18 @@ class OODStats:
             if mean.shape != (f,) or prec.shape != (k, k):
                 raise ValueError(f"shapes mean {mean.shape}, components {comps.shape}, precision {prec.shape}")
             th = entry.get("threshold")
-            return cls(mean=mean, components=comps, precision=prec, residual_var=float(entry["residual_var"]),
-                       threshold=None if th is None else float(th), info=dict(entry.get("info") or {}))
+            return cls(
+                mean=mean,
+                components=comps,
+                precision=prec,
+                residual_var=float(entry["residual_var"]),
+                threshold=None if th is None else float(th),
+                info=dict(entry.get("info") or {}),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"the checkpoint's OOD statistics are damaged ({exc}); "
-                                  "recompute them with `medxray ood-calibrate`") from None
+            raise CheckpointError(
+                f"the checkpoint's OOD statistics are damaged ({exc}); recompute them with `medxray ood-calibrate`"
+            ) from None
 
 
 def stats_from_checkpoint(ckpt: Any) -> OODStats | None:
@@ -187,8 +215,15 @@ def pooled(features: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def dataset_features(model: torch.nn.Module, dataset: Any, *, device: torch.device | str = "cpu",
-                     batch_size: int = 32, num_workers: int = 0, max_items: int | None = None) -> np.ndarray:
+def dataset_features(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    max_items: int | None = None,
+) -> np.ndarray:
     """Pooled features (N, F) of a dataset's items (``item["image"]``: (3, S, S)), fp32, eval mode.
 
     All-zero inputs (the blank a dataset puts in place of an unreadable image) are left out.
@@ -198,8 +233,9 @@ def dataset_features(model: torch.nn.Module, dataset: Any, *, device: torch.devi
 
     n = len(dataset)
     idx = np.arange(n) if not max_items or n <= max_items else np.linspace(0, n - 1, max_items).round().astype(int)
-    loader = make_loader(IndexedDataset(dataset, [int(i) for i in idx]), batch_size=batch_size, seed=0,
-                         num_workers=num_workers)
+    loader = make_loader(
+        IndexedDataset(dataset, [int(i) for i in idx]), batch_size=batch_size, seed=0, num_workers=num_workers
+    )
     dev = torch.device(device)
     was_training = model.training
     model.eval()
@@ -225,17 +261,33 @@ def unaugmented(dataset: Any) -> Any:
     return dataset
 
 
-def compute_stats(model: torch.nn.Module, train: Any, val: Any, *, device: torch.device | str = "cpu",
-                  batch_size: int = 32, num_workers: int = 0, n_components: int = DEFAULT_COMPONENTS,
-                  percentile: float = DEFAULT_PERCENTILE, max_train: int | None = 20000) -> OODStats:
+def compute_stats(
+    model: torch.nn.Module,
+    train: Any,
+    val: Any,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    n_components: int = DEFAULT_COMPONENTS,
+    percentile: float = DEFAULT_PERCENTILE,
+    max_train: int | None = 20000,
+) -> OODStats:
     """Fit on ``train`` (unaugmented), choose the threshold on ``val``."""
-    tr = dataset_features(model, unaugmented(train), device=device, batch_size=batch_size, num_workers=num_workers,
-                          max_items=max_train)
+    tr = dataset_features(
+        model, unaugmented(train), device=device, batch_size=batch_size, num_workers=num_workers, max_items=max_train
+    )
     va = dataset_features(model, unaugmented(val), device=device, batch_size=batch_size, num_workers=num_workers)
     stats = OODStats.fit(tr, n_components)
     stats.calibrate(va, percentile)
-    log.info("OOD statistics: %d train / %d val images, k=%d, threshold %.2f (%s)", stats.info["n_train"],
-             stats.info["n_val"], stats.info["n_components"], stats.threshold, stats.info["threshold_rule"])
+    log.info(
+        "OOD statistics: %d train / %d val images, k=%d, threshold %.2f (%s)",
+        stats.info["n_train"],
+        stats.info["n_val"],
+        stats.info["n_components"],
+        stats.threshold,
+        stats.info["threshold_rule"],
+    )
     return stats
 
 
@@ -249,10 +301,17 @@ def add_ood_stats(path: str | os.PathLike, stats: OODStats) -> None:
     save_checkpoint(path, ckpt.state_dict, meta, **extra)
 
 
-def calibrate_checkpoint(checkpoint: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
-                         device: str = "auto", batch_size: int = 32, num_workers: int | None = None,
-                         n_components: int = DEFAULT_COMPONENTS, percentile: float = DEFAULT_PERCENTILE,
-                         max_train: int | None = 20000) -> OODStats:
+def calibrate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    data_root: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    n_components: int = DEFAULT_COMPONENTS,
+    percentile: float = DEFAULT_PERCENTILE,
+    max_train: int | None = 20000,
+) -> OODStats:
     """Add OOD statistics to an existing checkpoint (``medxray ood-calibrate``).
 
     The train and validation splits are rebuilt with the options the checkpoint was trained with
@@ -278,23 +337,47 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, *, data_root: str | os.P
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data root {root} does not exist; pass the training data's folder (or its CSV manifest)")
-    opts = {k: cfg[k] for k in ("val_fraction", "split_seed", "view", "max_per_patient", "allow_missing", "use_cache")
-            if k in cfg}
-    splits = build_datasets(dataset=dataset, data_root=root, image_size=image_size, augment=False, **opts,
-                            **dict(cfg.get("dataset_options") or {}))
+    opts = {
+        k: cfg[k]
+        for k in ("val_fraction", "split_seed", "view", "max_per_patient", "allow_missing", "use_cache")
+        if k in cfg
+    }
+    splits = build_datasets(
+        dataset=dataset,
+        data_root=root,
+        image_size=image_size,
+        augment=False,
+        **opts,
+        **dict(cfg.get("dataset_options") or {}),
+    )
     if splits.train is None or not len(splits.train) or splits.val is None or not len(splits.val):
         raise DataError("OOD calibration needs the training and validation splits; one of them is empty here")
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
-    stats = compute_stats(model, splits.train, splits.val, device=dev, batch_size=batch_size,
-                          num_workers=default_num_workers(dev) if num_workers is None else num_workers,
-                          n_components=n_components, percentile=percentile, max_train=max_train)
+    stats = compute_stats(
+        model,
+        splits.train,
+        splits.val,
+        device=dev,
+        batch_size=batch_size,
+        num_workers=default_num_workers(dev) if num_workers is None else num_workers,
+        n_components=n_components,
+        percentile=percentile,
+        max_train=max_train,
+    )
     add_ood_stats(checkpoint, stats)
     return stats
 
 
-def stats_for_run(best_checkpoint: str | os.PathLike, train: Any, val: Any, *, device: torch.device | str = "cpu",
-                  batch_size: int = 32, num_workers: int = 0) -> OODStats | None:
+def stats_for_run(
+    best_checkpoint: str | os.PathLike,
+    train: Any,
+    val: Any,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> OODStats | None:
     """End of ``finetune``: fit the OOD statistics of the best weights on the run's training images,
     choose the threshold on its validation images, and store both in ``best.pt``.
 
@@ -316,7 +399,10 @@ def stats_for_run(best_checkpoint: str | os.PathLike, train: Any, val: Any, *, d
         add_ood_stats(path, stats)
         return stats
     except (MedxrayError, ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
-        log.warning("no OOD statistics written into %s (%s); add them later with `medxray ood-calibrate "
-                    "--checkpoint %s`", path.name, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-                    path)
+        log.warning(
+            "no OOD statistics written into %s (%s); add them later with `medxray ood-calibrate --checkpoint %s`",
+            path.name,
+            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            path,
+        )
         return None

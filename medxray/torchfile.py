@@ -74,8 +74,16 @@ _REFUSED_PATTERNS = (
     re.compile(r"but got (<[^>]*>|\S+)"),
 )
 # Globals torch itself writes into a plain state dict (tensor rebuild functions, storages, OrderedDict).
-_PLAIN_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set",
-                          "builtins.frozenset", "builtins.bytearray", "builtins.slice", "builtins.complex")
+_PLAIN_GLOBAL_PREFIXES = (
+    "torch.",
+    "collections.OrderedDict",
+    "_codecs.encode",
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.bytearray",
+    "builtins.slice",
+    "builtins.complex",
+)
 
 
 def refused_global(torch_message: str, path: str | os.PathLike | None = None) -> str | None:

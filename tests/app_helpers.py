@@ -27,9 +27,15 @@ def rg1_bytes() -> bytes:
     return Path(rg1_path()).read_bytes()
 
 
-def make_checkpoint(path: Path, *, image_size: int = 64, thresholds: Mapping[str, float] | None = None,
-                    metrics: Mapping[str, Any] | None = None, seed: int = 0,
-                    provenance: Mapping[str, Any] | None = None) -> Path:
+def make_checkpoint(
+    path: Path,
+    *,
+    image_size: int = 64,
+    thresholds: Mapping[str, float] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
     """A random densenet121 with 14 ChestX-ray14 heads at a small input size (fast on CPU)."""
     import torch
 
@@ -42,14 +48,23 @@ def make_checkpoint(path: Path, *, image_size: int = 64, thresholds: Mapping[str
         model = create_model("densenet121", num_classes=len(CHESTXRAY14_FINDINGS))
     labels = list(CHESTXRAY14_FINDINGS)
     meta = {
-        "architecture": "densenet121", "num_classes": len(labels), "in_chans": 3, "label_names": labels,
+        "architecture": "densenet121",
+        "num_classes": len(labels),
+        "in_chans": 3,
+        "label_names": labels,
         "preprocessing": preprocessing_config(image_size),
         "thresholds": dict(thresholds) if thresholds else {n: 0.5 for n in labels},
-        "metrics": dict(metrics) if metrics is not None else {
-            "val_mean_auroc": 0.61, "val_auroc": {n: 0.6 + 0.001 * i for i, n in enumerate(labels)},
-            "test_auroc": {"Effusion": 0.71}, "test_auroc_ci95": {"Effusion": [0.65, 0.77]},
+        "metrics": dict(metrics)
+        if metrics is not None
+        else {
+            "val_mean_auroc": 0.61,
+            "val_auroc": {n: 0.6 + 0.001 * i for i, n in enumerate(labels)},
+            "test_auroc": {"Effusion": 0.71},
+            "test_auroc_ci95": {"Effusion": [0.65, 0.77]},
         },
-        "dataset": "chestxray14", "pretrained": "none", "model_version": "test-random-v1",
+        "dataset": "chestxray14",
+        "pretrained": "none",
+        "model_version": "test-random-v1",
         "config": {"split_seed": 0, "val_fraction": 0.1, "epochs": 0, "batch_size": 16, "image_size": image_size},
     }
     if provenance is not None:
@@ -109,24 +124,52 @@ def make_results(root: Path, probs: Sequence[Sequence[float]] | None = None) -> 
     rows = []
     study, series = rg1_study_series()  # as in the files: the review key is study + series + SOP UID
     for rel, uid, p, view in (("a/first.dcm", uids[0], probs[0], "PA"), ("second.dcm", uids[1], probs[1], "AP")):
-        rows.append({"path": rel, "status": "ok", "reason": "", "sop_instance_uid": uid, "study_instance_uid": study,
-                     "series_instance_uid": series, "modality": "CR", "view_position": view,
-                     **{f"p_{n}": v for n, v in zip(labels, p)},
-                     "positive_findings": ";".join(n for n, v in zip(labels, p) if v >= 0.5),
-                     "model": "densenet121", "model_version": "test-random-v1"})
-    rows.append({"path": "broken.dcm", "status": "error", "reason": "not a DICOM file", "sop_instance_uid": "",
-                 "study_instance_uid": "", "series_instance_uid": "", "modality": "", "view_position": "",
-                 **{f"p_{n}": "" for n in labels}, "positive_findings": "", "model": "densenet121",
-                 "model_version": "test-random-v1"})
+        rows.append(
+            {
+                "path": rel,
+                "status": "ok",
+                "reason": "",
+                "sop_instance_uid": uid,
+                "study_instance_uid": study,
+                "series_instance_uid": series,
+                "modality": "CR",
+                "view_position": view,
+                **{f"p_{n}": v for n, v in zip(labels, p)},
+                "positive_findings": ";".join(n for n, v in zip(labels, p) if v >= 0.5),
+                "model": "densenet121",
+                "model_version": "test-random-v1",
+            }
+        )
+    rows.append(
+        {
+            "path": "broken.dcm",
+            "status": "error",
+            "reason": "not a DICOM file",
+            "sop_instance_uid": "",
+            "study_instance_uid": "",
+            "series_instance_uid": "",
+            "modality": "",
+            "view_position": "",
+            **{f"p_{n}": "" for n in labels},
+            "positive_findings": "",
+            "model": "densenet121",
+            "model_version": "test-random-v1",
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     (out / "run.json").write_text(json.dumps({"input_dir": str(inp)}))
     return out, uids
 
 
-PHANTOM_PROVENANCE = {"synthetic": True, "dataset": "chestxray14", "data_root": "/data/phantom",
-                      "manifest_hash": "f" * 64, "counts": {"train": 700, "val": 80, "test": 220},
-                      "missing_by_split": {"train": 0, "val": 0, "test": 0}}
+PHANTOM_PROVENANCE = {
+    "synthetic": True,
+    "dataset": "chestxray14",
+    "data_root": "/data/phantom",
+    "manifest_hash": "f" * 64,
+    "counts": {"train": 700, "val": 80, "test": 220},
+    "missing_by_split": {"train": 0, "val": 0, "test": 0},
+}
 
 
 def nih_pngs(n: int) -> list[Path]:
@@ -150,8 +193,15 @@ def make_review_folder(out: Path, *, n_dicom: int = 4, n_png: int = 8, seed: int
         uid = f"1.2.826.0.1.3680043.8.498.{7000 + i}"
         rel = f"dicom/rg1_copy_{i}.dcm"
         dicom_copy(inp / rel, sop_uid=uid, view="PA" if i % 2 == 0 else "AP")
-        rows.append({"path": rel, "sop_instance_uid": uid, "modality": "CR", "view_position": "PA" if i % 2 == 0 else "AP",
-                     **dict(zip(("study_instance_uid", "series_instance_uid"), rg1_study_series()))})
+        rows.append(
+            {
+                "path": rel,
+                "sop_instance_uid": uid,
+                "modality": "CR",
+                "view_position": "PA" if i % 2 == 0 else "AP",
+                **dict(zip(("study_instance_uid", "series_instance_uid"), rg1_study_series())),
+            }
+        )
     for f in nih_pngs(n_png):
         rel = f"png/{f.name}"
         (inp / "png").mkdir(parents=True, exist_ok=True)
@@ -159,13 +209,30 @@ def make_review_folder(out: Path, *, n_dicom: int = 4, n_png: int = 8, seed: int
         rows.append({"path": rel, "sop_instance_uid": "", "modality": "", "view_position": ""})
     for r in rows:
         p = rng.uniform(0.01, 0.9, len(labels))
-        r.update({"status": "ok", "reason": "", "study_instance_uid": r.get("study_instance_uid", ""),
-                  "series_instance_uid": r.get("series_instance_uid", ""), **{f"p_{n}": float(v) for n, v in zip(labels, p)},
-                  "positive_findings": ";".join(n for n, v in zip(labels, p) if v >= 0.5),
-                  "model": "densenet121", "model_version": "test-random-v1"})
+        r.update(
+            {
+                "status": "ok",
+                "reason": "",
+                "study_instance_uid": r.get("study_instance_uid", ""),
+                "series_instance_uid": r.get("series_instance_uid", ""),
+                **{f"p_{n}": float(v) for n, v in zip(labels, p)},
+                "positive_findings": ";".join(n for n, v in zip(labels, p) if v >= 0.5),
+                "model": "densenet121",
+                "model_version": "test-random-v1",
+            }
+        )
     (inp / "notes.dcm").write_bytes(b"this is not an image\n")
-    rows.append({"path": "notes.dcm", "status": "error", "reason": "not_dicom: no DICM marker and no data set",
-                 **{f"p_{n}": "" for n in labels}, "sop_instance_uid": "", "modality": "", "view_position": ""})
+    rows.append(
+        {
+            "path": "notes.dcm",
+            "status": "error",
+            "reason": "not_dicom: no DICM marker and no data set",
+            **{f"p_{n}": "" for n in labels},
+            "sop_instance_uid": "",
+            "modality": "",
+            "view_position": "",
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     (out / "run.json").write_text(json.dumps({"input_dir": str(inp)}))

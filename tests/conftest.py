@@ -11,8 +11,13 @@ import pytest
 SCORING_IMAGE_SIZE = 64
 
 
-def make_test_checkpoint(path: Path, architecture: str = "densenet121", image_size: int = SCORING_IMAGE_SIZE,
-                         seed: int = 0, model_version: str = "test") -> Path:
+def make_test_checkpoint(
+    path: Path,
+    architecture: str = "densenet121",
+    image_size: int = SCORING_IMAGE_SIZE,
+    seed: int = 0,
+    model_version: str = "test",
+) -> Path:
     """A small random model saved as a real medxray checkpoint.
 
     The head is scaled so logits spread like a trained model's (std ~3, probabilities from
@@ -33,9 +38,13 @@ def make_test_checkpoint(path: Path, architecture: str = "densenet121", image_si
             model.classifier.bias.uniform_(-2.0, 2.0)
     thresholds = {n: 0.5 for n in CHESTXRAY14_FINDINGS}
     meta = {
-        "architecture": architecture, "num_classes": len(CHESTXRAY14_FINDINGS), "in_chans": 3,
-        "label_names": list(CHESTXRAY14_FINDINGS), "preprocessing": preprocessing_config(image_size),
-        "thresholds": thresholds, "model_version": model_version,
+        "architecture": architecture,
+        "num_classes": len(CHESTXRAY14_FINDINGS),
+        "in_chans": 3,
+        "label_names": list(CHESTXRAY14_FINDINGS),
+        "preprocessing": preprocessing_config(image_size),
+        "thresholds": thresholds,
+        "model_version": model_version,
     }
     return save_checkpoint(path, model.state_dict(), meta)
 
@@ -77,7 +86,9 @@ def nih_manifest(folder: Path, n_val: int = 80, limit: int | None = None) -> Pat
     if not NIH_SAMPLE.is_dir():
         pytest.skip(f"the NIH sample is not beside this clone ({NIH_SAMPLE}); CI has ../shared")
     pngs = sorted(NIH_SAMPLE.glob("*.png"))
-    assert len(pngs) == 240, f"the NIH sample must hold 240 PNGs beside the repository, found {len(pngs)} in {NIH_SAMPLE}"
+    assert len(pngs) == 240, (
+        f"the NIH sample must hold 240 PNGs beside the repository, found {len(pngs)} in {NIH_SAMPLE}"
+    )
     pngs = pngs[:limit]
     patients = sorted({p.name.split("_")[0] for p in pngs})
     val_patients: set[str] = set()
@@ -105,8 +116,9 @@ def ood_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ood")
     path = make_test_checkpoint(folder / "ood.pt")
     ck = load_checkpoint(path)
-    ck.metadata.update(dataset="csv", config={"dataset": "csv", "data_root": str(nih_manifest(folder)),
-                                              "use_cache": False})
+    ck.metadata.update(
+        dataset="csv", config={"dataset": "csv", "data_root": str(nih_manifest(folder)), "use_cache": False}
+    )
     save_checkpoint(path, ck.state_dict, ck.metadata)
     calibrate_checkpoint(path, device="cpu", num_workers=0, batch_size=32)
     return path

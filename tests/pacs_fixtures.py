@@ -60,22 +60,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def orthanc_config(storage: Path, http_port: int, dicom_port: int, node_aet: str, node_port: int,
-                   tls: dict | None = None) -> dict:
+def orthanc_config(
+    storage: Path, http_port: int, dicom_port: int, node_aet: str, node_port: int, tls: dict | None = None
+) -> dict:
     """The Orthanc configuration used by the tests (also quoted in the README).
 
     ``tls``: {certificate, private_key, trusted}: DICOM TLS on Orthanc's SCP and towards the
     node, peers must present a certificate that chains to ``trusted``."""
-    tls_cfg = {} if not tls else {
-        "DicomTlsEnabled": True,
-        "DicomTlsCertificate": str(tls["certificate"]),
-        "DicomTlsPrivateKey": str(tls["private_key"]),
-        "DicomTlsTrustedCertificates": str(tls["trusted"]),
-        "DicomTlsRemoteCertificateRequired": True,
-    }
+    tls_cfg = (
+        {}
+        if not tls
+        else {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(tls["certificate"]),
+            "DicomTlsPrivateKey": str(tls["private_key"]),
+            "DicomTlsTrustedCertificates": str(tls["trusted"]),
+            "DicomTlsRemoteCertificateRequired": True,
+        }
+    )
     node = [node_aet, "127.0.0.1", node_port]
     modality = {"AET": node_aet, "Host": "127.0.0.1", "Port": node_port, "UseDicomTls": True} if tls else node
-    return {**tls_cfg,
+    return {
+        **tls_cfg,
         "Name": "medxray-test-pacs",
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
@@ -105,8 +111,15 @@ def orthanc_config(storage: Path, http_port: int, dicom_port: int, node_aet: str
 class OrthancServer:
     """Start/stop one Orthanc with fixed ports (so it can be started late: "destination down, then up")."""
 
-    def __init__(self, root: Path, node_aet: str = "MEDXRAY", node_port: int = 0,
-                 http_port: int | None = None, dicom_port: int | None = None, tls: dict | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        node_aet: str = "MEDXRAY",
+        node_port: int = 0,
+        http_port: int | None = None,
+        dicom_port: int | None = None,
+        tls: dict | None = None,
+    ) -> None:
         self.root = Path(root)
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
@@ -118,11 +131,16 @@ class OrthancServer:
         storage = self.root / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         cfg = self.root / "orthanc.json"
-        cfg.write_text(json.dumps(orthanc_config(storage, self.http_port, self.dicom_port, self.node_aet,
-                                                 self.node_port, self.tls), indent=2))
+        cfg.write_text(
+            json.dumps(
+                orthanc_config(storage, self.http_port, self.dicom_port, self.node_aet, self.node_port, self.tls),
+                indent=2,
+            )
+        )
         log = open(self.root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -181,18 +199,37 @@ def tls_args(tls: dict | None) -> list[str]:
     return [*args, "+cf", str(tls["ca"])]
 
 
-def storescu(port: int, files: list[Path], calling_aet: str = "STORESCU", called_aet: str = "MEDXRAY",
-             timeout: float = 60, tls: dict | None = None, extra: list[str] | None = None,
-             host: str = "127.0.0.1") -> subprocess.CompletedProcess:
+def storescu(
+    port: int,
+    files: list[Path],
+    calling_aet: str = "STORESCU",
+    called_aet: str = "MEDXRAY",
+    timeout: float = 60,
+    tls: dict | None = None,
+    extra: list[str] | None = None,
+    host: str = "127.0.0.1",
+) -> subprocess.CompletedProcess:
     """dcmtk's storescu (resolved by path, never pynetdicom's): send ``files`` to ``host``:``port`` in
     one association; ``tls``: see :func:`tls_args`."""
-    cmd = [STORESCU, "-aet", calling_aet, "-aec", called_aet, "-nh", *tls_args(tls), *(extra or []), host,
-           str(port), *map(str, files)]
+    cmd = [
+        STORESCU,
+        "-aet",
+        calling_aet,
+        "-aec",
+        called_aet,
+        "-nh",
+        *tls_args(tls),
+        *(extra or []),
+        host,
+        str(port),
+        *map(str, files),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def echoscu(port: int, calling_aet: str = "STORESCU", called_aet: str = "MEDXRAY", timeout: float = 60,
-            tls: dict | None = None) -> subprocess.CompletedProcess:
+def echoscu(
+    port: int, calling_aet: str = "STORESCU", called_aet: str = "MEDXRAY", timeout: float = 60, tls: dict | None = None
+) -> subprocess.CompletedProcess:
     """dcmtk's echoscu: one C-ECHO to 127.0.0.1:``port``."""
     cmd = [ECHOSCU, "-aet", calling_aet, "-aec", called_aet, *tls_args(tls), "127.0.0.1", str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -221,9 +258,14 @@ class Node:
     def start(self, timeout: float = 120) -> "Node":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "medxray.cli", "-v", "serve-dicom", "--config",
-                                          str(self.config)], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "medxray.cli", "-v", "serve-dicom", "--config", str(self.config)],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
@@ -283,18 +325,64 @@ def make_pki(folder: Path) -> dict[str, Path]:
         assert r.returncode == 0, r.stderr
 
     def ca(name: str) -> None:
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2", "-keyout", f"{name}.key",
-            "-out", f"{name}.crt", "-subj", f"/O=medxray tests/CN={name} CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-days",
+            "2",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.crt",
+            "-subj",
+            f"/O=medxray tests/CN={name} CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
 
     def leaf(name: str, issuer: str) -> None:
-        (folder / f"{name}.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,"
-                                            "keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
-                                            f"subjectAltName=DNS:{name}.medxray.test,IP:127.0.0.1\n")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/O=medxray tests/CN={name}.medxray.test")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{issuer}.crt", "-CAkey", f"{issuer}.key",
-            "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+        (folder / f"{name}.ext").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,"
+            "keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
+            f"subjectAltName=DNS:{name}.medxray.test,IP:127.0.0.1\n"
+        )
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/O=medxray tests/CN={name}.medxray.test",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{issuer}.crt",
+            "-CAkey",
+            f"{issuer}.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.crt",
+        )
 
     ca("ca")
     ca("other_ca")

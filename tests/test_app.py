@@ -242,15 +242,18 @@ def test_save_review_then_export(env):
     labels = [b.label for b in at2.get("download_button")]
     assert "Export reviews (CSV)" in labels and "Export review history (CSV)" in labels
     rows = list(csv.DictReader(io.StringIO(store.export_csv())))
-    assert {(r["finding"], r["verdict"], r["reviewer"]) for r in rows} == {(top, "agree", "Dr Test"),
-                                                                            (second, "disagree", "Dr Test")}
+    assert {(r["finding"], r["verdict"], r["reviewer"]) for r in rows} == {
+        (top, "agree", "Dr Test"),
+        (second, "disagree", "Dr Test"),
+    }
 
 
 def test_worklist_filters_shows_review_state_and_opens_study(env, monkeypatch):
     out, uids = make_results(env / "scored")
     monkeypatch.setenv(ENV_RESULTS, str(out))
-    ReviewStore(env / "reviews").save(ImageKey.from_uids(*rg1_study_series(), uids[1]), {"Mass": "agree"},
-                                      reviewer="Dr B")
+    ReviewStore(env / "reviews").save(
+        ImageKey.from_uids(*rg1_study_series(), uids[1]), {"Mass": "agree"}, reviewer="Dr B"
+    )
     at = _app()
     at.switch_page("app_pages/worklist.py").run()
     _ok(at)
@@ -310,9 +313,19 @@ def test_worklist_on_a_real_score_dicom_folder_without_a_model(monkeypatch, tmp_
     dicom_copy(inp / "two.dcm", sop_uid="1.2.826.0.1.3680043.8.498.2002", view="AP")
     (inp / "junk.dcm").write_bytes(b"not dicom at all")
     out = tmp_path / "out"
-    summary = score_directory(ScoreConfig(input_dir=inp, checkpoint=checkpoint, out=out, workers=1, cams="all",
-                                          progress=False, overlay_max_side=256, backend="torch",
-                                          precision="fp32"))
+    summary = score_directory(
+        ScoreConfig(
+            input_dir=inp,
+            checkpoint=checkpoint,
+            out=out,
+            workers=1,
+            cams="all",
+            progress=False,
+            overlay_max_side=256,
+            backend="torch",
+            precision="fp32",
+        )
+    )
     assert (summary.ok, summary.error) == (2, 1)
     monkeypatch.delenv(ENV_CHECKPOINT, raising=False)  # reviewing stored results needs no model
     monkeypatch.setenv(ENV_RESULTS, str(out))
@@ -344,5 +357,7 @@ def test_worklist_on_a_real_score_dicom_folder_without_a_model(monkeypatch, tmp_
     assert "Review saved" in _texts(at.success)
     at.switch_page("app_pages/worklist.py").run()
     table = _worklist(at)
-    assert table.set_index("file").loc["two.dcm", "reviewed"] and table.set_index("file").loc["two.dcm",
-                                                                                              "reviewer"] == "Dr W"
+    assert (
+        table.set_index("file").loc["two.dcm", "reviewed"]
+        and table.set_index("file").loc["two.dcm", "reviewer"] == "Dr W"
+    )

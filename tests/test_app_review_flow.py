@@ -10,14 +10,20 @@ import io
 import re
 
 import pytest
-from app_helpers import (APP_ENTRY, PHANTOM_PROVENANCE, make_checkpoint, make_results, make_review_folder, nih_pngs,
-                         rg1_bytes)
+from app_helpers import (
+    APP_ENTRY,
+    PHANTOM_PROVENANCE,
+    make_checkpoint,
+    make_results,
+    make_review_folder,
+    nih_pngs,
+    rg1_bytes,
+)
 from streamlit.testing.v1 import AppTest
 
 from medxray.labels import display_name
 from medxray.review import ReviewStore
-from medxray.review.settings import (ENV_BACKEND, ENV_CHECKPOINT, ENV_LOGIN, ENV_MAX_UPLOAD_MB, ENV_RESULTS,
-                                     ENV_REVIEWS)
+from medxray.review.settings import ENV_BACKEND, ENV_CHECKPOINT, ENV_LOGIN, ENV_MAX_UPLOAD_MB, ENV_RESULTS, ENV_REVIEWS
 
 TIMEOUT = 120
 PAGES = ("app_pages/study.py", "app_pages/worklist.py", "app_pages/model_card.py")
@@ -73,8 +79,9 @@ def test_every_page_says_not_for_clinical_use_and_warns_of_a_phantom_model(env):
         _ok(at)
         assert "not for clinical use" in _texts(at.markdown)
         assert "synthetic phantom images" in _texts(at.warning), page
-    card = next(d.value for d in at.dataframe if "field" in d.value.columns and
-                "training images" in list(d.value["field"]))
+    card = next(
+        d.value for d in at.dataframe if "field" in d.value.columns and "training images" in list(d.value["field"])
+    )
     rows = dict(zip(card["field"], card["value"]))
     assert rows["training images"].startswith("SYNTHETIC") and rows["manifest hash"] == "f" * 64
     assert rows["images per split"] == "train 700, val 80, test 220"
@@ -107,8 +114,9 @@ def test_worklist_filters_reset_for_a_new_folder_and_match_the_rows(env, monkeyp
     root = env / "results"
     make_results(root / "night1")  # two ok rows + one error, inside night1/out
     make_review_folder(root / "night2", n_dicom=2, n_png=3)  # five ok + one error
-    (root / "night2" / "results.csv").write_text((root / "night2" / "results.csv").read_text().replace(
-        ",error,", ",ok,"))  # night2: every row ok
+    (root / "night2" / "results.csv").write_text(
+        (root / "night2" / "results.csv").read_text().replace(",error,", ",ok,")
+    )  # night2: every row ok
     monkeypatch.setenv(ENV_RESULTS, str(root))
     at = _app()
     at.switch_page("app_pages/worklist.py").run()
@@ -178,8 +186,11 @@ def test_keyboard_flow_buttons_verdicts_save_and_next_unreviewed(env, monkeypatc
     store = ReviewStore(env / "reviews")
     saved = list(store.latest_by_image().values())
     assert len(saved) == 1 and saved[0].reviewer == "Dr Keys"
-    assert saved[0].verdicts == {table.loc[0, "finding"]: "agree", table.loc[1, "finding"]: "disagree",
-                                 table.loc[3, "finding"]: "unsure"}
+    assert saved[0].verdicts == {
+        table.loc[0, "finding"]: "agree",
+        table.loc[1, "finding"]: "disagree",
+        table.loc[3, "finding"]: "unsure",
+    }
     assert saved[0].file_name == rows[order[0]]["path"].split("/")[-1]
     assert at.text_input(key="reviewer_name").value == "Dr Keys"  # kept for the next study
     export = list(csv.DictReader(io.StringIO(store.export_csv())))

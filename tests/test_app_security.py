@@ -41,8 +41,14 @@ from app_helpers import dicom_copy
 from medxray.errors import ConfigError, DataError
 from medxray.labels import CHESTXRAY14_FINDINGS
 from medxray.review.safe import PathRefused, contained_path, md_escape, read_contained_bytes
-from medxray.review.settings import (IDENTITY_HEADER, PROXY_SECRET_HEADER, AppSettings, check_app_settings,
-                                     read_proxy_secret, reviewer_identity)
+from medxray.review.settings import (
+    IDENTITY_HEADER,
+    PROXY_SECRET_HEADER,
+    AppSettings,
+    check_app_settings,
+    read_proxy_secret,
+    reviewer_identity,
+)
 from medxray.review.worklist import read_result_file, row_image_key, stored_cam_path
 
 HOSTILE_TEXTS = [
@@ -62,6 +68,7 @@ HOSTILE_TEXTS = [
 
 # -- text: one escaping function, checked against a CommonMark renderer ------------------------
 
+
 @pytest.mark.parametrize("text", HOSTILE_TEXTS)
 def test_md_escape_renders_as_the_same_characters(text):
     import html
@@ -70,8 +77,21 @@ def test_md_escape_renders_as_the_same_characters(text):
 
     md = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
     rendered = md.render(md_escape(text))
-    for tag in ("<a ", "<img", "<em>", "<strong>", "<s>", "<code>", "<h1>", "<ul>", "<ol>", "<blockquote>",
-                "<table>", "<b>", "<script"):
+    for tag in (
+        "<a ",
+        "<img",
+        "<em>",
+        "<strong>",
+        "<s>",
+        "<code>",
+        "<h1>",
+        "<ul>",
+        "<ol>",
+        "<blockquote>",
+        "<table>",
+        "<b>",
+        "<script",
+    ):
         assert tag not in rendered, (text, rendered)
     # one paragraph holding exactly the characters (line breaks as spaces), HTML-escaped by the renderer
     one_line = re.sub(r"[\r\n\t]", " ", text).strip()
@@ -94,6 +114,7 @@ def test_md_escape_bounds_and_controls():
 
 # -- paths: contained under their roots -----------------------------------------------------------
 
+
 def _outside_dicom(tmp_path: Path) -> Path:
     return dicom_copy(tmp_path / "private" / "secret.dcm", sop_uid="1.2.826.0.1.3680043.8.498.66601")
 
@@ -110,10 +131,17 @@ def test_contained_path_refuses_every_way_out(tmp_path):
     assert contained_path(str(root / "sub" / "a.dcm"), [root]) == (root / "sub" / "a.dcm").resolve()
     assert contained_path("inner.dcm", [root]) == (root / "sub" / "a.dcm").resolve()  # a link inside is fine
     assert contained_path("sub/../sub/a.dcm", [root]) == (root / "sub" / "a.dcm").resolve()
-    for bad, why in (("../../etc/passwd", "lies outside"), ("/etc/passwd", "lies outside"),
-                     (str(secret), "lies outside"), ("../private/secret.dcm", "lies outside"),
-                     ("link.dcm", "symbolic link"), ("dirlink/secret.dcm", "symbolic link"),
-                     ("~/x.dcm", None), ("", "names no"), ("a\x00b", "NUL")):
+    for bad, why in (
+        ("../../etc/passwd", "lies outside"),
+        ("/etc/passwd", "lies outside"),
+        (str(secret), "lies outside"),
+        ("../private/secret.dcm", "lies outside"),
+        ("link.dcm", "symbolic link"),
+        ("dirlink/secret.dcm", "symbolic link"),
+        ("~/x.dcm", None),
+        ("", "names no"),
+        ("a\x00b", "NUL"),
+    ):
         if why is None:  # "~" is a folder name, not the home folder: inside, and does not exist
             assert contained_path(bad, [root]) == root.resolve() / "~" / "x.dcm"
             continue
@@ -198,12 +226,14 @@ def test_identity_header_needs_the_secret_and_one_value():
     good = _who(Multi([("X-Forwarded-User", "dr.alice"), (PROXY_SECRET_HEADER, SECRET)]))
     assert (good.name, good.source, good.problem) == ("dr.alice", IDENTITY_HEADER, "")
     refused = {
-        "twice": Multi([("X-Forwarded-User", "mallory"), ("x-forwarded-user", "dr.alice"),
-                        (PROXY_SECRET_HEADER, SECRET)]),
+        "twice": Multi(
+            [("X-Forwarded-User", "mallory"), ("x-forwarded-user", "dr.alice"), (PROXY_SECRET_HEADER, SECRET)]
+        ),
         "no secret": Multi([("X-Forwarded-User", "dr.alice")]),
         "wrong secret": Multi([("X-Forwarded-User", "dr.alice"), (PROXY_SECRET_HEADER, SECRET[:-1] + "0")]),
-        "secret twice": Multi([("X-Forwarded-User", "dr.alice"), (PROXY_SECRET_HEADER, "x"),
-                               (PROXY_SECRET_HEADER, SECRET)]),
+        "secret twice": Multi(
+            [("X-Forwarded-User", "dr.alice"), (PROXY_SECRET_HEADER, "x"), (PROXY_SECRET_HEADER, SECRET)]
+        ),
         "no name": Multi([(PROXY_SECRET_HEADER, SECRET)]),
         "blank name": Multi([("X-Forwarded-User", "  "), (PROXY_SECRET_HEADER, SECRET)]),
         "control chars": Multi([("X-Forwarded-User", "dr\x07alice"), (PROXY_SECRET_HEADER, SECRET)]),
@@ -259,11 +289,21 @@ def test_cli_refuses_identity_header_without_secret(tmp_path, capsys):
 # -- the real server: paths, text, identity in a browser ----------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 UI_TIMEOUT_MS = int(os.environ.get("MEDXRAY_UI_TIMEOUT_MS", 120_000))
-IDLE_JS = ("() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
-           " return app && app.getAttribute('data-test-script-state') === 'notRunning'; }")
+IDLE_JS = (
+    "() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
+    " return app && app.getAttribute('data-test-script-state') === 'notRunning'; }"
+)
 
 
 def _free_port() -> int:
@@ -352,16 +392,29 @@ class HeaderProxy:
         self.sock.close()
 
 
-OOD_TEXT = ("out of distribution: ![w](http://127.0.0.1:{hp}/w) <img src=http://127.0.0.1:{hp}/i> **b** _e_ "
-            ":red[c] :smile: :material/home: www.example.invalid dr.x@example.invalid $x$")
+OOD_TEXT = (
+    "out of distribution: ![w](http://127.0.0.1:{hp}/w) <img src=http://127.0.0.1:{hp}/i> **b** _e_ "
+    ":red[c] :smile: :material/home: www.example.invalid dr.x@example.invalid $x$"
+)
 
 
 def _row(path: str, probs, *, uid: str = "", status: str = "ok", reason: str = "", warnings: str = "") -> dict:
     labels = list(CHESTXRAY14_FINDINGS)
-    return {"path": path, "status": status, "reason": reason, "sop_instance_uid": uid, "study_instance_uid": "",
-            "series_instance_uid": "", "modality": "CR" if status == "ok" else "", "view_position": "PA",
-            **{f"p_{n}": (float(p) if status == "ok" else "") for n, p in zip(labels, probs)},
-            "positive_findings": "", "warnings": warnings, "model": "densenet121", "model_version": "test-random-v1"}
+    return {
+        "path": path,
+        "status": status,
+        "reason": reason,
+        "sop_instance_uid": uid,
+        "study_instance_uid": "",
+        "series_instance_uid": "",
+        "modality": "CR" if status == "ok" else "",
+        "view_position": "PA",
+        **{f"p_{n}": (float(p) if status == "ok" else "") for n, p in zip(labels, probs)},
+        "positive_findings": "",
+        "warnings": warnings,
+        "model": "densenet121",
+        "model_version": "test-random-v1",
+    }
 
 
 def _small_dicom(dest: Path, uid: str, body_part: str = "CHEST") -> Path:
@@ -401,13 +454,14 @@ def hostile_server(tmp_path_factory):
     probs = [rng.uniform(0.05, 0.6, len(CHESTXRAY14_FINDINGS)) for _ in range(6)]
     for i, p in enumerate(probs):
         p[0] = 0.9 - 0.1 * i  # a known worklist order
-    rows = [_row("good.dcm", probs[0], uid="1.2.826.0.1.3680043.8.498.66610"),
-            _row("evil.dcm", probs[1], uid="1.2.826.0.1.3680043.8.498.66611",
-                 warnings=OOD_TEXT.format(hp=hp)),
-            _row("../../../../../../etc/passwd", probs[2]),
-            _row(str(secret_dcm), probs[3]),
-            _row("link.dcm", probs[4]),
-            _row("bad.dcm", probs[5], status="error", reason=f"not_dicom: ![r](http://127.0.0.1:{hp}/r)")]
+    rows = [
+        _row("good.dcm", probs[0], uid="1.2.826.0.1.3680043.8.498.66610"),
+        _row("evil.dcm", probs[1], uid="1.2.826.0.1.3680043.8.498.66611", warnings=OOD_TEXT.format(hp=hp)),
+        _row("../../../../../../etc/passwd", probs[2]),
+        _row(str(secret_dcm), probs[3]),
+        _row("link.dcm", probs[4]),
+        _row("bad.dcm", probs[5], status="error", reason=f"not_dicom: ![r](http://127.0.0.1:{hp}/r)"),
+    ]
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     (out / "run.json").write_text(json.dumps({"input": str(inp)}))
@@ -415,13 +469,28 @@ def hostile_server(tmp_path_factory):
     secret_file.write_text(SECRET)
     secret_file.chmod(stat.S_IRUSR | stat.S_IWUSR)
     port = _free_port()
-    argv = [sys.executable, "-m", "medxray.cli", "app", "--results", str(results), "--reviews", str(root / "reviews"),
-            "--identity-header", "X-Forwarded-User", "--proxy-secret-file", str(secret_file), "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "medxray.cli",
+        "app",
+        "--results",
+        str(results),
+        "--reviews",
+        str(root / "reviews"),
+        "--identity-header",
+        "X-Forwarded-User",
+        "--proxy-secret-file",
+        str(secret_file),
+        "--port",
+        str(port),
+    ]
     log = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDXRAY_", "STREAMLIT_"))}
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, env={**env, "HOME": str(root)}, stdout=fh, stderr=subprocess.STDOUT, cwd=root,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env={**env, "HOME": str(root)}, stdout=fh, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+        )
     proxy = HeaderProxy(port)
     try:
         deadline = time.monotonic() + 120
@@ -435,8 +504,16 @@ def hostile_server(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        yield {"url": f"http://127.0.0.1:{port}", "proxy": proxy, "web_port": hp, "root": root, "out": out,
-               "reviews": root / "reviews", "log": log, "hits": _CountingHandler.hits}
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "proxy": proxy,
+            "web_port": hp,
+            "root": root,
+            "out": out,
+            "reviews": root / "reviews",
+            "log": log,
+            "hits": _CountingHandler.hits,
+        }
     finally:
         proxy.close()
         web.shutdown()
@@ -485,8 +562,11 @@ def test_results_paths_outside_the_roots_are_refused_in_the_app(hostile_server, 
     ctx, pg = _page(browser)
     try:
         base = hostile_server["url"]
-        for path in ("../../../../../../etc/passwd", str(hostile_server["root"] / "private" / "secret.dcm"),
-                     "link.dcm"):
+        for path in (
+            "../../../../../../etc/passwd",
+            str(hostile_server["root"] / "private" / "secret.dcm"),
+            "link.dcm",
+        ):
             _open_study(pg, base, path)
             alert = pg.locator('[data-testid="stAlert"]').filter(has_text="refused, nothing was read")
             alert.first.wait_for()
@@ -548,8 +628,10 @@ def test_identity_header_is_believed_only_with_the_secret_and_once(hostile_serve
     proxy = hostile_server["proxy"]
     via_proxy = f"http://127.0.0.1:{proxy.port}"
     cases = {
-        "header twice (client first, proxy appends)": (["X-Forwarded-User: mallory", "X-Forwarded-User: dr.alice",
-                                                        f"{PROXY_SECRET_HEADER}: {SECRET}"], "appears 2 times"),
+        "header twice (client first, proxy appends)": (
+            ["X-Forwarded-User: mallory", "X-Forwarded-User: dr.alice", f"{PROXY_SECRET_HEADER}: {SECRET}"],
+            "appears 2 times",
+        ),
         # also what a local process connecting to the app's port directly, with any header it likes, looks like
         "header without the secret": (["X-Forwarded-User: mallory"], "did not come through the trusted"),
     }
@@ -589,6 +671,7 @@ def test_identity_header_is_believed_only_with_the_secret_and_once(hostile_serve
 
 
 # -- every page that shows file text escapes it (AppTest: the Markdown each element is given) -----
+
 
 def _raw_markdown_free(values, *payloads) -> None:
     """None of the payloads reaches a Markdown element unescaped; each one does reach it escaped."""
@@ -640,13 +723,17 @@ def test_worklist_and_study_pages_escape_file_text_and_refuse_outside_maps(tmp_p
     assert any(c.startswith("Original (") for im in at.image for c in im.captions)  # the image itself opened
 
 
-
 def test_model_card_escapes_checkpoint_text():
     from medxray.review.model_card import model_card
 
-    meta = {"architecture": "densenet121", "label_names": ["Mass"], "intended_use": "![i](http://127.0.0.1:9/i) **all**",
-            "limitations": ["<img src=http://127.0.0.1:9/l>"]}
+    meta = {
+        "architecture": "densenet121",
+        "label_names": ["Mass"],
+        "intended_use": "![i](http://127.0.0.1:9/i) **all**",
+        "limitations": ["<img src=http://127.0.0.1:9/l>"],
+    }
     card = model_card(meta)  # the page renders intended_use and limitations as Markdown
-    _raw_markdown_free([card.intended_use, *card.limitations], "![i](http://127.0.0.1:9/i) **all**",
-                       "<img src=http://127.0.0.1:9/l>")
+    _raw_markdown_free(
+        [card.intended_use, *card.limitations], "![i](http://127.0.0.1:9/i) **all**", "<img src=http://127.0.0.1:9/l>"
+    )
     assert any("`medxray evaluate`" in x for x in card.limitations)  # our own Markdown stays Markdown

@@ -15,13 +15,38 @@ from medxray.errors import CheckpointError, DataError, MedxrayError
 from medxray.labels import CHESTXRAY14_FINDINGS
 from medxray.review import ImageKey, ReviewStore
 from medxray.review.model_card import metrics_overview, metrics_table, model_card
-from medxray.review.settings import (DEFAULT_MAX_UPLOAD_MB, ENV_CHECKPOINT, ENV_MAX_UPLOAD_MB, ENV_RESULTS,
-                                     AppSettings, check_app_settings, streamlit_command, user_message)
-from medxray.review.study import (DISPLAY_MAX_SIDE, StudyImage, display_image, distribution_warnings,
-                                  findings_table, load_study_bytes, load_study_file, probability_figure,
-                                  safe_metadata_table, sniff_kind, window_range)
-from medxray.review.worklist import (filter_worklist, load_results, resolve_result_path, result_label_names,
-                                     results_input_root, stored_cam_path, worklist_table)
+from medxray.review.settings import (
+    DEFAULT_MAX_UPLOAD_MB,
+    ENV_CHECKPOINT,
+    ENV_MAX_UPLOAD_MB,
+    ENV_RESULTS,
+    AppSettings,
+    check_app_settings,
+    streamlit_command,
+    user_message,
+)
+from medxray.review.study import (
+    DISPLAY_MAX_SIDE,
+    StudyImage,
+    display_image,
+    distribution_warnings,
+    findings_table,
+    load_study_bytes,
+    load_study_file,
+    probability_figure,
+    safe_metadata_table,
+    sniff_kind,
+    window_range,
+)
+from medxray.review.worklist import (
+    filter_worklist,
+    load_results,
+    resolve_result_path,
+    result_label_names,
+    results_input_root,
+    stored_cam_path,
+    worklist_table,
+)
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -45,9 +70,15 @@ def _chest_like(h: int = 300, w: int = 280, seed: int = 0) -> np.ndarray:
 
 # -- settings and launch -------------------------------------------------------------------------
 
+
 def test_settings_roundtrip_through_environment(tmp_path):
-    cfg = AppSettings(checkpoint=tmp_path / "c.pt", results=(tmp_path / "out", tmp_path / "b"),
-                      reviews=tmp_path / "rev", max_upload_mb=5, identity_header="X-Forwarded-User")
+    cfg = AppSettings(
+        checkpoint=tmp_path / "c.pt",
+        results=(tmp_path / "out", tmp_path / "b"),
+        reviews=tmp_path / "rev",
+        max_upload_mb=5,
+        identity_header="X-Forwarded-User",
+    )
     again = AppSettings.from_env(cfg.to_env())
     assert again == cfg and again.max_upload_bytes == 5 * 2**20 and again.results == (tmp_path / "out", tmp_path / "b")
     empty = AppSettings.from_env({ENV_MAX_UPLOAD_MB: "lots"})
@@ -87,13 +118,14 @@ def test_cli_app_refuses_missing_checkpoint_without_traceback(tmp_path, capsys):
 
 # -- loading -------------------------------------------------------------------------------------
 
+
 def test_png_8bit_and_16bit_scale_by_bit_depth():
     arr8 = _chest_like()
     s8 = load_study_bytes(_png(arr8), "x.png")
     assert s8.kind == "png" and s8.pixels.dtype == np.float32 and s8.shape == arr8.shape
     np.testing.assert_allclose(s8.pixels, arr8 / 255.0, atol=1e-6)
     assert s8.key.kind == "sha256" and s8.key.value == s8.sha256 and not s8.warnings
-    arr16 = (arr8.astype(np.uint16) * 257)
+    arr16 = arr8.astype(np.uint16) * 257
     s16 = load_study_bytes(_png(arr16), "x16.png")
     np.testing.assert_allclose(s16.pixels, arr16 / 65535.0, atol=1e-6)
 
@@ -110,10 +142,12 @@ def test_jpeg_and_colour_images_become_grayscale_with_a_warning():
 
 @pytest.mark.parametrize(
     "data, name, match",
-    [(b"hello, not an image" * 10, "notes.txt", "not a DICOM, PNG or JPEG"),
-     (b"", "empty.png", "empty"),
-     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "broken.png", "cannot be decoded"),
-     (b"\xff\xd8\xff\xe0" + b"\x13" * 40, "broken.jpg", "cannot be decoded")],
+    [
+        (b"hello, not an image" * 10, "notes.txt", "not a DICOM, PNG or JPEG"),
+        (b"", "empty.png", "empty"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "broken.png", "cannot be decoded"),
+        (b"\xff\xd8\xff\xe0" + b"\x13" * 40, "broken.jpg", "cannot be decoded"),
+    ],
 )
 def test_bad_uploads_raise_one_clear_error(data, name, match):
     with pytest.raises(DataError, match=match):
@@ -145,6 +179,7 @@ def test_sniffing_uses_content_not_extension():
 
 
 # -- windowing and display -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def rg1_bytes() -> bytes:
@@ -190,6 +225,7 @@ def test_broken_dicom_is_a_clear_dicom_error(rg1_bytes):
 
 # -- findings ------------------------------------------------------------------------------------
 
+
 def test_findings_table_follows_thresholds_and_sorts():
     labels = ["A", "B", "C"]
     t = findings_table(labels, [0.2, 0.9, 0.5], {"A": 0.1, "B": 0.95, "C": 0.5})
@@ -209,16 +245,23 @@ def test_probability_figure_marks_every_threshold():
 
 # -- warnings ------------------------------------------------------------------------------------
 
+
 def _study(pixels, **meta):
-    return StudyImage(pixels=pixels.astype(np.float32), kind="dicom", key=ImageKey("1", "sop_instance_uid"),
-                          sha256="0" * 64, meta=meta)
+    return StudyImage(
+        pixels=pixels.astype(np.float32),
+        kind="dicom",
+        key=ImageKey("1", "sop_instance_uid"),
+        sha256="0" * 64,
+        meta=meta,
+    )
 
 
 def test_distribution_warnings():
     rng = np.random.default_rng(0)
     good = rng.uniform(0.2, 0.8, (1024, 1024))
-    assert distribution_warnings(_study(good, modality="CR", view_position="PA", body_part="CHEST"),
-                                     image_size=224) == []
+    assert (
+        distribution_warnings(_study(good, modality="CR", view_position="PA", body_part="CHEST"), image_size=224) == []
+    )
     w = distribution_warnings(_study(good, modality="MR", view_position="LL", body_part="KNEE"))
     assert any(x.startswith("lateral view") for x in w)
     assert any("modality MR" in x for x in w) and any("body part KNEE" in x for x in w)
@@ -231,6 +274,7 @@ def test_distribution_warnings():
 
 # -- worklist ------------------------------------------------------------------------------------
 
+
 def _results(tmp_path, labels=("Effusion", "Mass", "Nodule")):
     imgs = tmp_path / "in"
     imgs.mkdir()
@@ -240,13 +284,35 @@ def _results(tmp_path, labels=("Effusion", "Mass", "Nodule")):
     out = tmp_path / "out"
     out.mkdir()
     rows = [
-        {"path": str(imgs / "a.dcm"), "status": "ok", "reason": "", "sop_instance_uid": "1.2.3",
-         "study_instance_uid": "1.2", "series_instance_uid": "1.2.1",
-         "modality": "CR", "view_position": "PA", **{f"p_{n}": p for n, p in zip(labels, (0.9, 0.1, 0.3))}},
-        {"path": str(imgs / "b.dcm"), "status": "error", "reason": "not a DICOM file", "sop_instance_uid": "",
-         "modality": "", "view_position": "", **{f"p_{n}": "" for n in labels}},
-        {"path": "c.png", "status": "ok", "reason": "", "sop_instance_uid": "",
-         "modality": "", "view_position": "AP", **{f"p_{n}": p for n, p in zip(labels, (0.2, 0.7, 0.6))}},
+        {
+            "path": str(imgs / "a.dcm"),
+            "status": "ok",
+            "reason": "",
+            "sop_instance_uid": "1.2.3",
+            "study_instance_uid": "1.2",
+            "series_instance_uid": "1.2.1",
+            "modality": "CR",
+            "view_position": "PA",
+            **{f"p_{n}": p for n, p in zip(labels, (0.9, 0.1, 0.3))},
+        },
+        {
+            "path": str(imgs / "b.dcm"),
+            "status": "error",
+            "reason": "not a DICOM file",
+            "sop_instance_uid": "",
+            "modality": "",
+            "view_position": "",
+            **{f"p_{n}": "" for n in labels},
+        },
+        {
+            "path": "c.png",
+            "status": "ok",
+            "reason": "",
+            "sop_instance_uid": "",
+            "modality": "",
+            "view_position": "AP",
+            **{f"p_{n}": p for n, p in zip(labels, (0.2, 0.7, 0.6))},
+        },
     ]
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     (out / "run.json").write_text(f'{{"input": "{imgs}"}}')  # rows name files under the run's INPUT_DIR (or OUT)
@@ -264,8 +330,10 @@ def test_worklist_table_review_state_and_filters(tmp_path):
     assert list(t["file"]) == ["a.dcm", "b.dcm", "c.png"]
     assert list(t["reviewed"]) == [True, False, False] and t.loc[0, "reviewer"] == "Dr A"
     assert list(t["top_finding"]) == ["Effusion", "", "Mass"]
-    assert t.loc[2, "positive_findings"] == "Mass; Nodule" and t.loc[2, "image_key"] == ImageKey.from_bytes(
-        b"png-bytes").value  # no UID: keyed by file hash, found under the run's INPUT_DIR
+    assert (
+        t.loc[2, "positive_findings"] == "Mass; Nodule"
+        and t.loc[2, "image_key"] == ImageKey.from_bytes(b"png-bytes").value
+    )  # no UID: keyed by file hash, found under the run's INPUT_DIR
     assert t.loc[0, "review_summary"] == "Effusion: agree"
     # thresholds in use change what is positive
     t2 = worklist_table(res, out, {**thr, "Nodule": 0.65}, {})
@@ -291,12 +359,19 @@ def test_load_results_errors(tmp_path):
 
 # -- model card ----------------------------------------------------------------------------------
 
+
 def test_metrics_table_reads_several_layouts():
-    m = metrics_table({
-        "test": {"auroc": {"Mass": 0.8, "Edema": 0.9}, "auroc_ci": {"Mass": [0.7, 0.88]}, "mean_auroc": 0.85,
-                 "mean_auroc_ci": [0.8, 0.9]},
-        "val": {"auprc": {"Mass": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}}},
-    })
+    m = metrics_table(
+        {
+            "test": {
+                "auroc": {"Mass": 0.8, "Edema": 0.9},
+                "auroc_ci": {"Mass": [0.7, 0.88]},
+                "mean_auroc": 0.85,
+                "mean_auroc_ci": [0.8, 0.9],
+            },
+            "val": {"auprc": {"Mass": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}}},
+        }
+    )
     rows = {(r.scope, r.finding, r.metric): (r.value, r.ci_low, r.ci_high) for r in m.itertuples()}
     assert rows[("test", "Mass", "auroc")] == (0.8, 0.7, 0.88)
     assert rows[("test", "Edema", "auroc")][0] == 0.9 and np.isnan(rows[("test", "Edema", "auroc")][1])
@@ -312,9 +387,17 @@ def test_metrics_table_reads_several_layouts():
 def test_model_card_from_metadata():
     from medxray.data.transforms import preprocessing_config
 
-    meta = {"architecture": "densenet121", "label_names": ["Mass", "Edema"], "pretrained": "imagenet",
-            "preprocessing": preprocessing_config(224), "thresholds": {"Mass": 0.3}, "dataset": "chestxray14",
-            "metrics": {"test": {"auroc": {"Mass": 0.8}}}, "model_version": "v1", "versions": {"torch": "2.x"}}
+    meta = {
+        "architecture": "densenet121",
+        "label_names": ["Mass", "Edema"],
+        "pretrained": "imagenet",
+        "preprocessing": preprocessing_config(224),
+        "thresholds": {"Mass": 0.3},
+        "dataset": "chestxray14",
+        "metrics": {"test": {"auroc": {"Mass": 0.8}}},
+        "model_version": "v1",
+        "versions": {"torch": "2.x"},
+    }
     card = model_card(meta, checkpoint_path="/x/c.pt")
     s = dict(zip(card.summary["field"], card.summary["value"]))
     assert s["architecture"] == "densenet121" and s["initialisation"] == "imagenet"
@@ -330,15 +413,34 @@ def test_model_card_from_metadata():
 def test_model_card_localisation_per_finding_or_not_measured():
     from medxray.review.model_card import NOT_MEASURED, localisation_table
 
-    meta = {"label_names": ["Mass", "Edema", "Pleural_Thickening"],
-            "metrics": {"test_auroc": {"Mass": 0.91, "Edema": 0.8}},
-            "localisation": {"method": "gradcam-denseblock3", "split": "test", "source": "real",
-                             "per_finding": {"Mass": {"n_boxes": 85, "pointing_game": 0.42, "mean_iobb": 0.3,
-                                                      "iobb_accuracy": {"0.1": 0.7, "0.25": 0.5, "0.5": 0.2}}}}}
+    meta = {
+        "label_names": ["Mass", "Edema", "Pleural_Thickening"],
+        "metrics": {"test_auroc": {"Mass": 0.91, "Edema": 0.8}},
+        "localisation": {
+            "method": "gradcam-denseblock3",
+            "split": "test",
+            "source": "real",
+            "per_finding": {
+                "Mass": {
+                    "n_boxes": 85,
+                    "pointing_game": 0.42,
+                    "mean_iobb": 0.3,
+                    "iobb_accuracy": {"0.1": 0.7, "0.25": 0.5, "0.5": 0.2},
+                }
+            },
+        },
+    }
     table, note = localisation_table(meta)
     rows = table.set_index("finding")
-    assert rows.loc["Mass"].to_dict() == {"AUROC": "0.910", "pointing game": "0.42", "IoBB>0.1": "0.70",
-                                          "IoBB>0.25": "0.50", "IoBB>0.5": "0.20", "boxes": "85", "data": "real"}
+    assert rows.loc["Mass"].to_dict() == {
+        "AUROC": "0.910",
+        "pointing game": "0.42",
+        "IoBB>0.1": "0.70",
+        "IoBB>0.25": "0.50",
+        "IoBB>0.5": "0.20",
+        "boxes": "85",
+        "data": "real",
+    }
     assert rows.loc["Edema", "AUROC"] == "0.800" and rows.loc["Edema", "pointing game"] == NOT_MEASURED
     assert rows.loc["Pleural thickening", "AUROC"] == "not evaluated"
     assert "gradcam-denseblock3" in note and "test" in note
@@ -368,15 +470,20 @@ def test_results_paths_resolve_against_the_runs_input_folder(tmp_path):
     assert resolve_result_path(out, "ward/x.dcm") == (inp / "ward" / "x.dcm").resolve()
     with pytest.raises(DataError, match="outside"):  # issue 19 item 7: paths from results.csv stay under their roots
         resolve_result_path(out, "/abs/y.dcm")
-    assert stored_cam_path(out, {"cam_dir": "cams/ward__x", "path": "ward/x.dcm"}, "Mass") == \
-        (out / "cams" / "ward__x" / "Mass.png").resolve()
+    assert (
+        stored_cam_path(out, {"cam_dir": "cams/ward__x", "path": "ward/x.dcm"}, "Mass")
+        == (out / "cams" / "ward__x" / "Mass.png").resolve()
+    )
     from medxray.scoring import output_stem
 
-    assert stored_cam_path(out, {"cam_dir": "", "path": "ward/x.dcm"}, "Mass") == \
-        (out / "cams" / output_stem("ward/x.dcm") / "Mass.png").resolve()
+    assert (
+        stored_cam_path(out, {"cam_dir": "", "path": "ward/x.dcm"}, "Mass")
+        == (out / "cams" / output_stem("ward/x.dcm") / "Mass.png").resolve()
+    )
 
 
 # -- issue 12: results roots, identity, messages, names, viewing, checkpoint refusal -------------
+
 
 def test_results_folders_only_inside_the_configured_roots(tmp_path):
     from medxray.review.settings import allowed_results_folder
@@ -402,9 +509,12 @@ def test_reviewer_identity_from_the_deployment():
 
     assert reviewer_identity(AppSettings(), headers={"X-Forwarded-User": "mallory"}) is None  # not trusted by default
     proxy = AppSettings(identity_header="X-Forwarded-User")
-    secret = "s" * 32  # issue 19 item 6: the header is believed only with the proxy's secret (tests/test_app_security.py)
-    ok = reviewer_identity(proxy, headers={"x-forwarded-user": " dr.a ", "X-Medxray-Proxy-Secret": secret},
-                           proxy_secret=secret)
+    secret = (
+        "s" * 32
+    )  # issue 19 item 6: the header is believed only with the proxy's secret (tests/test_app_security.py)
+    ok = reviewer_identity(
+        proxy, headers={"x-forwarded-user": " dr.a ", "X-Medxray-Proxy-Secret": secret}, proxy_secret=secret
+    )
     assert (ok.name, ok.source, ok.problem) == ("dr.a", IDENTITY_HEADER, "")
     missing = reviewer_identity(proxy, headers={"X-Medxray-Proxy-Secret": secret}, proxy_secret=secret)
     assert (missing.name, missing.source) == ("", IDENTITY_HEADER) and missing.problem  # nobody, never a guess
@@ -430,12 +540,26 @@ def test_worklist_shows_names_and_sentences_and_steps(tmp_path):
     from medxray.review.worklist import next_unreviewed, step_row
 
     labels = ["Pleural_Thickening", "Mass"]
-    df = pd.DataFrame([
-        {"path": "a.png", "status": "ok", "reason": "", "sop_instance_uid": "1.2.1", "p_Pleural_Thickening": 0.9,
-         "p_Mass": 0.1},
-        {"path": "b.dcm", "status": "error", "reason": "not_dicom: no DICM marker", "sop_instance_uid": "",
-         "p_Pleural_Thickening": "", "p_Mass": ""},
-    ])
+    df = pd.DataFrame(
+        [
+            {
+                "path": "a.png",
+                "status": "ok",
+                "reason": "",
+                "sop_instance_uid": "1.2.1",
+                "p_Pleural_Thickening": 0.9,
+                "p_Mass": 0.1,
+            },
+            {
+                "path": "b.dcm",
+                "status": "error",
+                "reason": "not_dicom: no DICM marker",
+                "sop_instance_uid": "",
+                "p_Pleural_Thickening": "",
+                "p_Mass": "",
+            },
+        ]
+    )
     t = worklist_table(df, tmp_path, {n: 0.5 for n in labels}, {})
     assert t.loc[0, "top_finding"] == "Pleural thickening" and t.loc[0, "positive_findings"] == "Pleural thickening"
     assert t.loc[1, "reason"] == "Not a DICOM file: no DICM marker." and t.loc[1, "reason_code"] == "not_dicom"
@@ -455,8 +579,16 @@ def test_findings_table_names_and_bar_columns():
 
 
 def test_window_presets_invert_zoom_and_spacing(rg1_bytes):
-    from medxray.review.viewing import (PRESETS, ViewState, apply_view, cam_view, crop_box, preset_window,
-                                        spacing_text, window_text)
+    from medxray.review.viewing import (
+        PRESETS,
+        ViewState,
+        apply_view,
+        cam_view,
+        crop_box,
+        preset_window,
+        spacing_text,
+        window_text,
+    )
 
     study = load_study_bytes(rg1_bytes, "RG1_UNCI.dcm")
     assert PRESETS == ("File default", "Lung", "Mediastinum", "Bone")
@@ -476,8 +608,8 @@ def test_window_presets_invert_zoom_and_spacing(rg1_bytes):
     assert np.allclose(inv, 1.0 - d)
     z = apply_view(d, ViewState(zoom=2.0, center_x=0.0, center_y=1.0))
     assert z.shape == (round(d.shape[0] / 2), round(d.shape[1] / 2))
-    t, b, l, r = crop_box(d.shape, 2.0, 0.0, 1.0)
-    assert l == 0 and b == d.shape[0]  # pan is clamped inside the image
+    _top, bottom, left, _right = crop_box(d.shape, 2.0, 0.0, 1.0)
+    assert left == 0 and bottom == d.shape[0]  # pan is clamped inside the image
     cam = np.zeros((4, 4), np.float32)
     cam[3, 0] = 1.0  # evidence bottom-left: still inside the zoomed bottom-left crop
     rgb = cam_view(d, cam, ViewState(zoom=2.0, center_x=0.0, center_y=1.0), finding="Mass")

@@ -57,6 +57,7 @@ def meta_of(path) -> dict:
 
 # -- the header gate, on real headers ------------------------------------------------------------
 
+
 def test_header_gate_policy(tmp_path):
     chest = accepted_body_parts("CHEST")
     rg3 = sorted(get_testdata_files("RG3*"))
@@ -80,6 +81,7 @@ def test_header_gate_policy(tmp_path):
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, "SCT", meaning
             ds.AnatomicRegionSequence = Sequence([item])
+
         return edit
 
     assert header_gate(meta_of(rg1_variant(tmp_path / "b.dcm", region("51185008", "Chest"))), chest) == (None, [])
@@ -104,6 +106,7 @@ def test_accept_body_parts_values():
 
 
 # -- the scorer, end to end ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def gate_input(tmp_path_factory):
@@ -142,8 +145,11 @@ def test_scorer_skips_a_leg_and_flags_noise(gate_input, ood_checkpoint, tmp_path
     assert "; " not in noise["warnings"]  # one warning: our texts never hold the column's separator
 
     out2 = tmp_path / "skip"
-    s2 = score_directory(ScoreConfig(gate_input, ood_checkpoint, out2, cams="positive", ood_policy="skip",
-                                     accept_body_parts="any", **FAST))
+    s2 = score_directory(
+        ScoreConfig(
+            gate_input, ood_checkpoint, out2, cams="positive", ood_policy="skip", accept_body_parts="any", **FAST
+        )
+    )
     rows2 = results(out2)
     assert rows2["noise_chest.dcm"]["status"] == "skipped"
     assert rows2["noise_chest.dcm"]["reason"].startswith("out_of_distribution: out of distribution")
@@ -157,8 +163,23 @@ def test_cli_flags_and_bad_value(gate_input, scoring_checkpoint, tmp_path, capsy
     from medxray.cli import main
 
     out = tmp_path / "o"
-    base = ["score-dicom", str(gate_input), "--checkpoint", str(scoring_checkpoint), "--out", str(out),
-            "--workers", "1", "--cams", "none", "--backend", "torch", "--precision", "fp32", "--no-progress"]
+    base = [
+        "score-dicom",
+        str(gate_input),
+        "--checkpoint",
+        str(scoring_checkpoint),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--cams",
+        "none",
+        "--backend",
+        "torch",
+        "--precision",
+        "fp32",
+        "--no-progress",
+    ]
     assert main([*base, "--accept-body-parts", " , "]) == 2
     assert "at least one body part" in capsys.readouterr().err
     assert main([*base, "--accept-body-parts", "chest,extremity"]) == 0
@@ -189,10 +210,15 @@ def test_worklist_filters_on_warnings():
 
     from medxray.review.worklist import filter_worklist
 
-    table = pd.DataFrame({"file": ["a", "b", "c"], "status": ["ok"] * 3, "reviewed": [False] * 3,
-                          "max_probability": [0.1, 0.2, 0.3],
-                          "warnings": ["", BODY_PART_MISSING_WARNING,
-                                       "lateral view: x; out of distribution: this image is unlike"]})
+    table = pd.DataFrame(
+        {
+            "file": ["a", "b", "c"],
+            "status": ["ok"] * 3,
+            "reviewed": [False] * 3,
+            "max_probability": [0.1, 0.2, 0.3],
+            "warnings": ["", BODY_PART_MISSING_WARNING, "lateral view: x; out of distribution: this image is unlike"],
+        }
+    )
     assert list(filter_worklist(table, warning="out of distribution")["file"]) == ["c"]
     assert list(filter_worklist(table, warning="body part not stated")["file"]) == ["b"]
     assert sorted(filter_worklist(table, warning="any")["file"]) == ["b", "c"]
@@ -200,6 +226,7 @@ def test_worklist_filters_on_warnings():
 
 
 # -- --overwrite leaves nothing of the old run (issue 16 item 7) --------------------------------
+
 
 def test_overwrite_leaves_nothing_of_the_old_run(scoring_checkpoint, tmp_path):
     src = tmp_path / "in"

@@ -27,14 +27,32 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from app_helpers import APP_ENTRY, PHANTOM_PROVENANCE, make_checkpoint, make_results, make_review_folder, nih_pngs, rg1_path
+from app_helpers import (
+    APP_ENTRY,
+    PHANTOM_PROVENANCE,
+    make_checkpoint,
+    make_results,
+    make_review_folder,
+    nih_pngs,
+    rg1_path,
+)
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(os.environ.get("MEDXRAY_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 SERVER_START_S = 120
-UI_TIMEOUT_MS = int(os.environ.get("MEDXRAY_UI_TIMEOUT_MS", 120_000))  # first prediction loads the model on 2 shared CPU cores
+UI_TIMEOUT_MS = int(
+    os.environ.get("MEDXRAY_UI_TIMEOUT_MS", 120_000)
+)  # first prediction loads the model on 2 shared CPU cores
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 TIMINGS: dict[str, object] = {}
@@ -66,8 +84,9 @@ def _start(argv: list[str], root: Path, log: Path, cwd: Path) -> subprocess.Pope
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDXRAY_", "STREAMLIT_"))}
     with open(log, "wb") as fh:
         # Own process group, so teardown stops the server and anything it started, and nothing else.
-        return subprocess.Popen(argv, env={**env, "HOME": str(root)}, stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            argv, env={**env, "HOME": str(root)}, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -95,8 +114,22 @@ def app_server(tmp_path_factory):
     make_results(results / "night1")
     (root / "private").mkdir()
     port = _free_port()
-    argv = [sys.executable, "-m", "medxray.cli", "app", "--checkpoint", str(ckpt), "--results", str(results),
-            "--reviews", str(root / "reviews"), "--max-upload-mb", "32", "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "medxray.cli",
+        "app",
+        "--checkpoint",
+        str(ckpt),
+        "--results",
+        str(results),
+        "--reviews",
+        str(root / "reviews"),
+        "--max-upload-mb",
+        "32",
+        "--port",
+        str(port),
+    ]
     log = root / "server.log"
     proc = _start(argv, root, log, cwd=root)
     url = f"http://127.0.0.1:{port}"
@@ -154,12 +187,15 @@ def _cam_caption(page) -> str:
     return cap.first.inner_text()
 
 
-IDLE_JS = ("() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
-           " return app && app.getAttribute('data-test-script-state') === 'notRunning'; }")
+IDLE_JS = (
+    "() => { const app = document.querySelector('[data-testid=\"stApp\"]');"
+    " return app && app.getAttribute('data-test-script-state') === 'notRunning'; }"
+)
 
 
 def _idle(page) -> None:
-    """The script run has finished (Streamlit's own run state) and the review buttons, whose shortcuts we press, exist."""
+    """The script run has finished (Streamlit's own run state) and the review buttons, whose shortcuts we
+    press, exist."""
     page.get_by_role("button", name=re.compile("Next finding")).wait_for()
     page.wait_for_function(IDLE_JS)
 
@@ -287,8 +323,11 @@ def test_keyboard_only_review_of_a_results_folder(app_server, page):
         save_to_next.append(time.monotonic() - t0)
         saved_names.append(re.match(r"Review saved for (\S+) ", flash.inner_text()).group(1))
         _no_exception_on_page(page)
-    TIMINGS["save_to_next_study_s"] = {"median": round(sorted(save_to_next)[len(save_to_next) // 2], 2),
-                                       "max": round(max(save_to_next), 2), "n": len(save_to_next)}
+    TIMINGS["save_to_next_study_s"] = {
+        "median": round(sorted(save_to_next)[len(save_to_next) // 2], 2),
+        "max": round(max(save_to_next), 2),
+        "n": len(save_to_next),
+    }
     for i in range(N_FULL_REVIEWS + 1, n_ok):  # J through every remaining study
         _press(page, "j", changes=f"Study {i} of {n_ok}")
         page.get_by_text(re.compile(rf"^Study {i + 1} of {n_ok}")).wait_for()
@@ -387,8 +426,12 @@ def test_plain_streamlit_run_from_another_folder_listens_on_loopback_only(tmp_pa
     """`streamlit run app/medxray_app.py` with no flags but the port picks up app/.streamlit/config.toml."""
     port = _free_port()
     log = tmp_path / "plain.log"
-    proc = _start([sys.executable, "-m", "streamlit", "run", str(APP_ENTRY), "--server.port", str(port)],
-                  tmp_path, log, cwd=tmp_path)
+    proc = _start(
+        [sys.executable, "-m", "streamlit", "run", str(APP_ENTRY), "--server.port", str(port)],
+        tmp_path,
+        log,
+        cwd=tmp_path,
+    )
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", proc, log)
         assert _listening_addresses(port) == {"0100007F"}, _listening_addresses(port)  # 127.0.0.1 only

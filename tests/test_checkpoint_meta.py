@@ -38,9 +38,17 @@ def test_a_checkpoint_from_before_the_schema_reads_typed_and_round_trips():
 
 
 def test_unknown_keys_none_values_and_empty_containers_survive_a_round_trip():
-    d = {"architecture": "densenet121", "label_names": ["Mass"], "preprocessing": {"image_size": 64},
-         "pretrained": None, "thresholds": None, "thresholds_fallback": [], "limitations": ["x-ray only"],
-         "from_a_newer_medxray": {"nested": [1, 2]}, "model_name": "chest-v2"}
+    d = {
+        "architecture": "densenet121",
+        "label_names": ["Mass"],
+        "preprocessing": {"image_size": 64},
+        "pretrained": None,
+        "thresholds": None,
+        "thresholds_fallback": [],
+        "limitations": ["x-ray only"],
+        "from_a_newer_medxray": {"nested": [1, 2]},
+        "model_name": "chest-v2",
+    }
     m = CheckpointMeta.from_dict(d)
     assert m.extra == {"from_a_newer_medxray": {"nested": [1, 2]}}
     assert m.thresholds == {} and m.threshold("Mass") == 0.5 and m.limitations == ("x-ray only",)
@@ -53,10 +61,16 @@ def test_unknown_keys_none_values_and_empty_containers_survive_a_round_trip():
         m.architecture = "other"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("key,value,what", [
-    ("label_names", "Mass", "a list of strings"), ("thresholds", {"Mass": "high"}, "a mapping of finding name to number"),
-    ("num_classes", "14", "an integer"), ("preprocessing", [1], "a mapping"), ("model_version", 3, "a string"),
-])
+@pytest.mark.parametrize(
+    "key,value,what",
+    [
+        ("label_names", "Mass", "a list of strings"),
+        ("thresholds", {"Mass": "high"}, "a mapping of finding name to number"),
+        ("num_classes", "14", "an integer"),
+        ("preprocessing", [1], "a mapping"),
+        ("model_version", 3, "a string"),
+    ],
+)
 def test_a_key_of_the_wrong_type_is_one_clear_checkpoint_error(key, value, what):
     d = {"architecture": "densenet121", "label_names": ["Mass"], "preprocessing": {}, key: value}
     with pytest.raises(CheckpointError, match=f"{key!r} should be {what}"):
@@ -86,8 +100,9 @@ def test_the_predictor_reads_the_typed_metadata(scoring_checkpoint):
     from medxray.inference import Predictor
 
     ck = load_checkpoint(scoring_checkpoint)
-    meta = ck.meta.updated({"thresholds": {"Mass": 0.2}, "model_version": None, "cam_method": "cam",
-                            "model_name": "tiny"})
+    meta = ck.meta.updated(
+        {"thresholds": {"Mass": 0.2}, "model_version": None, "cam_method": "cam", "model_name": "tiny"}
+    )
     p = Predictor(model_from_checkpoint(ck), meta, device="cpu", backend="torch", verify=False)
     assert p.meta == meta and p.thresholds["Mass"] == 0.2 and p.thresholds["Edema"] == 0.5
     assert p.model_version == "unversioned" and p.model_name == "tiny" and p.cam_method == "cam"

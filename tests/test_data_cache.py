@@ -13,8 +13,8 @@ from monai.transforms import Compose
 from medxray.cli import main
 from medxray.data import build_datasets
 from medxray.data.cache import PixelCache, find_cache, verify_cache
-from medxray.data.prepare import prepare_cache
 from medxray.data.core import read_image
+from medxray.data.prepare import prepare_cache
 from medxray.data.synthetic import synthesize
 from medxray.data.transforms import scale_resize_transforms
 from medxray.errors import DataError

@@ -71,8 +71,10 @@ def test_nested_layout_gives_the_same_dataset(root, tmp_path):
     nest = build_datasets("chestxray14", nested, image_size=32, use_cache=False)
     assert nest.manifest_hash == flat.manifest_hash
     assert "images_00" in nest.train.records.paths[0]
-    assert torch.equal(build_datasets("chestxray14", nested, image_size=32, augment=False, use_cache=False).train[0]["image"],
-                       build_datasets("chestxray14", root, image_size=32, augment=False, use_cache=False).train[0]["image"])
+    assert torch.equal(
+        build_datasets("chestxray14", nested, image_size=32, augment=False, use_cache=False).train[0]["image"],
+        build_datasets("chestxray14", root, image_size=32, augment=False, use_cache=False).train[0]["image"],
+    )
 
 
 def test_missing_files_error_or_allow_missing(root, tmp_path):
@@ -138,8 +140,12 @@ def test_pickle_and_dataloader_workers_give_distinct_augmentation(root):
     states = (torch.get_rng_state().clone(), np.random.get_state()[1].copy())
     det = build_datasets("chestxray14", root, image_size=32, use_cache=False, augment=False).train
     one = torch.stack([det[0]["image"]] * 4)
-    aug = DataLoader(torch.utils.data.Subset(s.train, [0, 0, 0, 0]), batch_size=1, num_workers=2,
-                     generator=torch.Generator().manual_seed(0))
+    aug = DataLoader(
+        torch.utils.data.Subset(s.train, [0, 0, 0, 0]),
+        batch_size=1,
+        num_workers=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     imgs = torch.cat([b["image"] for b in aug])
     assert imgs.shape == one.shape
     assert not all(torch.equal(imgs[0], imgs[k]) for k in range(1, 4))  # random, and not identical per worker

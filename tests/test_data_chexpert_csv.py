@@ -25,7 +25,10 @@ def _chexpert(tmp_path, n_patients=12):
     root = tmp_path / "CheXpert-v1.0-small"
     rows = []
     for p in range(1, n_patients + 1):
-        for view, fl, apa in (("view1_frontal.jpg", "Frontal", "AP" if p % 2 else "PA"), ("view2_lateral.jpg", "Lateral", "")):
+        for view, fl, apa in (
+            ("view1_frontal.jpg", "Frontal", "AP" if p % 2 else "PA"),
+            ("view2_lateral.jpg", "Lateral", ""),
+        ):
             rel = f"CheXpert-v1.0-small/train/patient{p:05d}/study1/{view}"
             _png(tmp_path / rel.replace(".jpg", ".png"), value=40 + p)
             rel = rel.replace(".jpg", ".png")
@@ -89,17 +92,24 @@ def test_chexpert_policies_mask_and_splits(tmp_path, caplog):
 
 
 def _manifest(tmp_path, with_split=True):
-    rows = ["image,patient_id,split,view,Effusion,Pneumothorax"] if with_split else ["image,patient_id,Effusion,Pneumothorax"]
+    rows = (
+        ["image,patient_id,split,view,Effusion,Pneumothorax"]
+        if with_split
+        else ["image,patient_id,Effusion,Pneumothorax"]
+    )
     for i in range(20):
         rel = f"scans/p{i // 2}/img{i}.png"
         _png(tmp_path / rel, value=30 + i, bits=16 if i % 5 == 0 else 8)
         split = "test" if i >= 16 else "train"
         eff = "" if i % 3 == 0 else str(i % 2)
         ptx = "-1" if i % 7 == 0 else "0"
-        rows.append(f"{rel},P{i // 2},{split},{'PA' if i % 2 else 'AP'},{eff},{ptx}" if with_split
-                    else f"{rel},P{i // 2},{eff},{ptx}")
+        rows.append(
+            f"{rel},P{i // 2},{split},{'PA' if i % 2 else 'AP'},{eff},{ptx}"
+            if with_split
+            else f"{rel},P{i // 2},{eff},{ptx}"
+        )
     rows.append("scans/x.png,P99,train,PA,2,0")  # bad label value
-    rows.append(",P98,train,PA,1,0")             # no image
+    rows.append(",P98,train,PA,1,0")  # no image
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
 
@@ -134,8 +144,10 @@ def test_csv_manifest_without_split_and_bad_input(tmp_path):
         build_datasets("csv", root, image_size=32, use_cache=False)
     dropped = build_datasets("csv", root, image_size=32, use_cache=False, allow_missing=True)
     assert dropped.summary["missing_dropped"] == 1
-    (root / "leak.csv").write_text("image,patient_id,split,Effusion\nscans/p0/img0.png,P0,train,1\n"
-                                   "scans/p0/img1.png,P0,test,0\nscans/p1/img2.png,P1,train,0\n")
+    (root / "leak.csv").write_text(
+        "image,patient_id,split,Effusion\nscans/p0/img0.png,P0,train,1\n"
+        "scans/p0/img1.png,P0,test,0\nscans/p1/img2.png,P1,train,0\n"
+    )
     with pytest.raises(DataError, match="leak"):
         build_datasets("csv", root, csv_path="leak.csv", use_cache=False)
     (root / "nopatient.csv").write_text("image,Effusion\nscans/p0/img0.png,1\n")

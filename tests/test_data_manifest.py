@@ -28,8 +28,15 @@ def test_shipped_files_verify_and_counts_match_manifest_yaml():
     assert set(files) == {"labels", "boxes", "train_val_list", "test_list"}
     assert all(p.suffix == ".gz" for p in files.values())
     got = verify_manifests()
-    assert got == {"sha256": "ok", "images": 112120, "patients": 30805, "train_val": 86524, "test": 25596,
-                   "boxes": 984, "boxed_images": 880}
+    assert got == {
+        "sha256": "ok",
+        "images": 112120,
+        "patients": 30805,
+        "train_val": 86524,
+        "test": 25596,
+        "boxes": 984,
+        "boxed_images": 880,
+    }
     assert mf.manifest_spec()["findings"] == list(CHESTXRAY14_FINDINGS)
 
 
@@ -104,17 +111,19 @@ def test_view_filter_and_max_per_patient(official):
 
 
 def test_label_parsing_no_finding_and_malformed_rows(tmp_path, caplog):
-    header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+    header = (
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+    )
     rows = [
         "a_000.png,No Finding,0,1,50,M,PA,2500,2048,0.14,0.14",
         "a_001.png,Cardiomegaly|Effusion,1,1,51,M,AP,2500,2048,0.14,0.14",
         "b_000.png,Hernia,0,2,70,F,pa,2500,2048,0.14,0.14",
-        "c_000.png,Flu,0,3,70,F,PA,2500,2048,0.14,0.14",               # unknown finding
-        "d_000.png,No Finding|Mass,0,4,70,F,PA,2500,2048,0.14,0.14",   # contradictory
-        "e_000.png,Mass,0,,70,F,PA,2500,2048,0.14,0.14",                # no patient
-        "a_000.png,Mass,0,1,70,F,PA,2500,2048,0.14,0.14",               # duplicate
-        "f_000.png,Mass",                                               # truncated
+        "c_000.png,Flu,0,3,70,F,PA,2500,2048,0.14,0.14",  # unknown finding
+        "d_000.png,No Finding|Mass,0,4,70,F,PA,2500,2048,0.14,0.14",  # contradictory
+        "e_000.png,Mass,0,,70,F,PA,2500,2048,0.14,0.14",  # no patient
+        "a_000.png,Mass,0,1,70,F,PA,2500,2048,0.14,0.14",  # duplicate
+        "f_000.png,Mass",  # truncated
     ]
     path = tmp_path / "Data_Entry_2017.csv"
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
@@ -122,8 +131,10 @@ def test_label_parsing_no_finding_and_malformed_rows(tmp_path, caplog):
         t = read_label_file(path)
     assert t.names == ("a_000.png", "a_001.png", "b_000.png")
     assert t.labels[0].sum() == 0  # "No Finding" = all zeros
-    assert list(np.flatnonzero(t.labels[1])) == [CHESTXRAY14_FINDINGS.index("Cardiomegaly"),
-                                                 CHESTXRAY14_FINDINGS.index("Effusion")]
+    assert list(np.flatnonzero(t.labels[1])) == [
+        CHESTXRAY14_FINDINGS.index("Cardiomegaly"),
+        CHESTXRAY14_FINDINGS.index("Effusion"),
+    ]
     assert t.labels[2, CHESTXRAY14_FINDINGS.index("Hernia")] == 1
     assert t.views == ("PA", "AP", "PA")
     assert t.malformed == 5
@@ -143,9 +154,19 @@ def test_box_file_aliases_and_malformed_rows(tmp_path):
     shipped, bad = read_box_file(mf.shipped_files()["boxes"])
     assert bad == 0 and sum(len(b) for b in shipped.values()) == 984 and len(shipped) == 880
     assert {b["finding"] for bl in shipped.values() for b in bl} == {
-        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax"}
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+    }
     p = tmp_path / "BBox_List_2017.csv"
-    p.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Infiltrate,1,2,3,4\nb.png,Mass,x,2,3,4\n"
-                 "c.png,Flu,1,2,3,4\nd.png,Mass,1,2,0,4\n")
+    p.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Infiltrate,1,2,3,4\nb.png,Mass,x,2,3,4\n"
+        "c.png,Flu,1,2,3,4\nd.png,Mass,1,2,0,4\n"
+    )
     boxes, bad = read_box_file(p)
     assert boxes == {"a.png": [{"finding": "Infiltration", "x": 1.0, "y": 2.0, "w": 3.0, "h": 4.0}]} and bad == 3

@@ -24,8 +24,15 @@ def phantom(tmp_path_factory):
 
 def test_layout_is_nih_and_rows_are_real(phantom):
     files = sorted(p.name for p in phantom.iterdir())
-    assert files == ["BBox_List_2017.csv", "Data_Entry_2017_v2020.csv", "MEDXRAY_PHANTOM.json",
-                     "SYNTHETIC_DATA_README.txt", "images", "test_list.txt", "train_val_list.txt"]
+    assert files == [
+        "BBox_List_2017.csv",
+        "Data_Entry_2017_v2020.csv",
+        "MEDXRAY_PHANTOM.json",
+        "SYNTHETIC_DATA_README.txt",
+        "images",
+        "test_list.txt",
+        "train_val_list.txt",
+    ]
     assert json.loads((phantom / "MEDXRAY_PHANTOM.json").read_text())["synthetic"] is True
     pngs = sorted((phantom / "images").glob("*.png"))
     assert len(pngs) == 8
@@ -70,7 +77,7 @@ def test_boxes_hold_their_patterns_and_nothing_else_changes():
         assert box == b
         diff = one != bg
         inside = np.zeros_like(diff)
-        inside[box["y"]:box["y"] + box["h"], box["x"]:box["x"] + box["w"]] = True
+        inside[box["y"] : box["y"] + box["h"], box["x"] : box["x"] + box["w"]] = True
         assert diff.any() and not (diff & ~inside).any(), b["finding"]
         # the pattern reaches all four sides of its box (the box is tight)
         ys, xs = np.nonzero(diff)
@@ -140,13 +147,13 @@ def _blank_set(n: int, seed: int, size: int = 96):
         for f in BLANK_FINDINGS:
             box = next((b for b in boxes if b["finding"] == f), None) or place_pattern(f, key, size=size)[3]
             y0, x0, y1, x1 = box["y"], box["x"], box["y"] + box["h"], box["x"] + box["w"]
-            around = img[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3].astype(np.float64)
+            around = img[max(y0 - 3, 0) : y1 + 3, max(x0 - 3, 0) : x1 + 3].astype(np.float64)
             inside = img[y0:y1, x0:x1].astype(np.float64)
             fill = (around.sum() - inside.sum()) / max(around.size - inside.size, 1)  # the 3-pixel ring only
             out = img.copy()
             out[y0:y1, x0:x1] = np.uint8(round(fill))
             blanked[f].append(out)
-    to_x = (lambda a: torch.from_numpy(np.stack(a)).float().div(255.0)[:, None])  # noqa: E731
+    to_x = lambda a: torch.from_numpy(np.stack(a)).float().div(255.0)[:, None]  # noqa: E731
     return to_x(images), torch.tensor(labels, dtype=torch.float32), {f: to_x(v) for f, v in blanked.items()}
 
 
@@ -163,13 +170,20 @@ def test_findings_are_drawn_only_in_their_boxes_a_model_cannot_see_them_blanked(
     def block(cin, cout):
         return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    net = nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 48), *block(48, 64),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, len(BLANK_FINDINGS)))
+    net = nn.Sequential(
+        *block(1, 16),
+        *block(16, 32),
+        *block(32, 48),
+        *block(48, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, len(BLANK_FINDINGS)),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(5):
         perm = torch.randperm(len(x_tr))
         for j in range(0, len(perm), 32):
-            idx = perm[j:j + 32]
+            idx = perm[j : j + 32]
             loss = nn.functional.binary_cross_entropy_with_logits(net(x_tr[idx]), y_tr[idx])
             opt.zero_grad()
             loss.backward()

@@ -105,8 +105,9 @@ def test_flip_only_is_left_right_and_can_be_switched_off():
     outs = [c({"image": pic})["image"] for _ in range(12)]
     flipped = [o for o in outs if not torch.allclose(o, ref)]
     assert flipped and all(torch.allclose(o, torch.flip(ref, dims=[2])) for o in flipped)
-    off = Compose(train_transforms(48, from_file=False, rotate_deg=0, scale=0, translate=0, brightness=0, contrast=0,
-                                   hflip=False))
+    off = Compose(
+        train_transforms(48, from_file=False, rotate_deg=0, scale=0, translate=0, brightness=0, contrast=0, hflip=False)
+    )
     assert all(torch.allclose(off({"image": pic})["image"], ref) for _ in range(4))
 
 
@@ -118,12 +119,21 @@ def test_fused_transforms_equal_the_monai_originals(shape, size):
     from medxray.data.transforms import ScaleByBitDepthd
 
     arr = np.random.default_rng(0).integers(0, 256, size=shape).astype(np.uint8)
-    monai_list = Compose([
-        EnsureChannelFirstd("image", channel_dim="no_channel"), ScaleByBitDepthd("image"),
-        Resized("image", spatial_size=(size, size), mode="area"), RepeatChanneld("image", repeats=3),
-        NormalizeIntensityd("image", subtrahend=np.asarray(IMAGENET_MEAN, np.float32),
-                            divisor=np.asarray(IMAGENET_STD, np.float32), channel_wise=True),
-        EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False)])
+    monai_list = Compose(
+        [
+            EnsureChannelFirstd("image", channel_dim="no_channel"),
+            ScaleByBitDepthd("image"),
+            Resized("image", spatial_size=(size, size), mode="area"),
+            RepeatChanneld("image", repeats=3),
+            NormalizeIntensityd(
+                "image",
+                subtrahend=np.asarray(IMAGENET_MEAN, np.float32),
+                divisor=np.asarray(IMAGENET_STD, np.float32),
+                channel_wise=True,
+            ),
+            EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
     ours = Compose(deterministic_transforms(size, from_file=False))({"image": arr})["image"]
     ref = monai_list({"image": arr})["image"]
     assert type(ours) is torch.Tensor and ours.dtype == torch.float32 and ours.shape == (3, size, size)

@@ -91,8 +91,9 @@ def test_calibration_error():
     y_over = (rng.random((20000, 1)) < 0.5).astype(np.float32)  # probabilities say nothing
     assert calibration(p, y_over, m)["ece"] > 0.2
     # hand-computed: bins [0,.5) and [.5,1] with 2 bins
-    c = calibration(np.array([[0.2], [0.2], [0.8], [0.8]]), np.array([[0], [1], [1], [1]], dtype=float),
-                    np.ones((4, 1)), n_bins=2)
+    c = calibration(
+        np.array([[0.2], [0.2], [0.8], [0.8]]), np.array([[0], [1], [1], [1]], dtype=float), np.ones((4, 1)), n_bins=2
+    )
     assert c["ece"] == pytest.approx(0.5 * abs(0.5 - 0.2) + 0.5 * abs(1.0 - 0.8))
 
 
@@ -101,12 +102,12 @@ def test_calibration_error():
 
 def test_cam_boxes_iobb_and_pointing_game():
     cam = np.zeros((64, 64))
-    cam[10:20, 30:50] = 1.0          # region 1
-    cam[40:44, 5:9] = 0.6            # region 2, weaker
+    cam[10:20, 30:50] = 1.0  # region 1
+    cam[40:44, 5:9] = 0.6  # region 2, weaker
     boxes = cam_to_boxes(cam, 0.5)
     assert sorted(boxes) == sorted([(30.0, 10.0, 50.0, 20.0), (5.0, 40.0, 9.0, 44.0)])
     assert cam_to_boxes(cam, 0.7) == [(30.0, 10.0, 50.0, 20.0)]
-    assert iobb((0, 0, 10, 10), (0, 0, 20, 20)) == 1.0        # predicted box inside the truth
+    assert iobb((0, 0, 10, 10), (0, 0, 20, 20)) == 1.0  # predicted box inside the truth
     assert iobb((0, 0, 20, 20), (0, 0, 10, 10)) == 0.25
     assert iobb((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     hit = localise_one(cam, (28, 8, 52, 22), 0.5)
@@ -161,10 +162,21 @@ def random_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = create_model("densenet121", num_classes=14)
     path = tmp_path / "best.pt"
-    save_checkpoint(path, model.state_dict(), {
-        "architecture": "densenet121", "num_classes": 14, "in_chans": 3, "label_names": list(CHESTXRAY14_FINDINGS),
-        "preprocessing": preprocessing_config(32), "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS},
-        "metrics": {"val_mean_auroc": 0.5}, "dataset": "chestxray14", "model_version": "test"})
+    save_checkpoint(
+        path,
+        model.state_dict(),
+        {
+            "architecture": "densenet121",
+            "num_classes": 14,
+            "in_chans": 3,
+            "label_names": list(CHESTXRAY14_FINDINGS),
+            "preprocessing": preprocessing_config(32),
+            "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS},
+            "metrics": {"val_mean_auroc": 0.5},
+            "dataset": "chestxray14",
+            "model_version": "test",
+        },
+    )
     return path
 
 
@@ -174,8 +186,16 @@ def test_evaluate_writes_report_plots_and_thresholds(phantom_root, random_checkp
     from medxray.labels import CHEXNET_AUROC, WANG2017_AUROC
 
     out = tmp_path / "eval"
-    res = evaluate(random_checkpoint, data_root=phantom_root, split="test", out_dir=out, n_bootstrap=50,
-                   precision="fp32", batch_size=16, num_workers=0)
+    res = evaluate(
+        random_checkpoint,
+        data_root=phantom_root,
+        split="test",
+        out_dir=out,
+        n_bootstrap=50,
+        precision="fp32",
+        batch_size=16,
+        num_workers=0,
+    )
     assert res.n_images == len((out / "predictions.csv").read_text().splitlines()) - 1 > 10
     for f in ("report.md", "report.html", "roc.png", "pr.png", "reliability.png", "metrics.json", "predictions.csv"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
@@ -217,15 +237,25 @@ def test_evaluate_writes_report_plots_and_thresholds(phantom_root, random_checkp
             assert row["IoBB>0.25"] == f"{per[name]['iobb_accuracy']['0.25']:.2f}"
         else:  # no boxes for this finding: words, never a number
             assert row["pointing game"] == row["IoBB>0.5"] == NOT_MEASURED and row["boxes"] == "0"
-    assert card.loc["Mass", "AUROC"] == (f"{res.auroc['Mass']:.3f}" if np.isfinite(res.auroc["Mass"])
-                                         else "not evaluated")
+    assert card.loc["Mass", "AUROC"] == (
+        f"{res.auroc['Mass']:.3f}" if np.isfinite(res.auroc["Mass"]) else "not evaluated"
+    )
 
 
 def test_evaluate_tta_changes_scores_not_shapes(phantom_root, random_checkpoint, tmp_path):
     from medxray.evaluation.run import evaluate
 
-    kw = dict(data_root=phantom_root, split="val", n_bootstrap=0, precision="fp32", batch_size=16, num_workers=0,
-              write_thresholds=False, localisation=False, threshold_split=None)
+    kw = dict(
+        data_root=phantom_root,
+        split="val",
+        n_bootstrap=0,
+        precision="fp32",
+        batch_size=16,
+        num_workers=0,
+        write_thresholds=False,
+        localisation=False,
+        threshold_split=None,
+    )
     a = evaluate(random_checkpoint, out_dir=tmp_path / "a", **kw)
     b = evaluate(random_checkpoint, out_dir=tmp_path / "b", tta=True, **kw)
     pa = np.loadtxt(tmp_path / "a" / "predictions.csv", delimiter=",", skiprows=1, usecols=range(1, 15))
@@ -244,8 +274,9 @@ def test_medxray_evaluate_stays_the_stable_entry_point():
     assert all(hasattr(compat, name) for name in compat.__all__)
 
 
-def test_evaluation_scores_the_very_maps_the_app_and_scorer_show(phantom_root, random_checkpoint, tmp_path,
-                                                                  monkeypatch):
+def test_evaluation_scores_the_very_maps_the_app_and_scorer_show(
+    phantom_root, random_checkpoint, tmp_path, monkeypatch
+):
     """Issue 9 item 1: the map evaluation's localisation scores for an image is, array for array,
     the map the Predictor (app, scorer, SR overlays) returns for that image file."""
     from medxray.evaluation import localisation
@@ -274,8 +305,18 @@ def _compare_evaluation_and_display_maps(phantom_root, random_checkpoint, tmp_pa
     from medxray.evaluation.run import evaluate
     from medxray.inference import Predictor
 
-    evaluate(random_checkpoint, data_root=phantom_root, split="test", out_dir=tmp_path / "e", n_bootstrap=0,
-             precision="fp32", batch_size=1, num_workers=0, write_thresholds=False, threshold_split=None)
+    evaluate(
+        random_checkpoint,
+        data_root=phantom_root,
+        split="test",
+        out_dir=tmp_path / "e",
+        n_bootstrap=0,
+        precision="fp32",
+        batch_size=1,
+        num_workers=0,
+        write_thresholds=False,
+        threshold_split=None,
+    )
     assert seen, "evaluation scored no map"
     pred = Predictor.from_checkpoint(random_checkpoint, device="cpu", backend="torch", precision="fp32")
     splits = build_datasets("chestxray14", phantom_root, image_size=pred.image_size, augment=False)

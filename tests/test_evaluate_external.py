@@ -57,8 +57,9 @@ def _write_predictions(path, rec_by_split, *, strength, seed, style="plain"):
 
 
 def test_predictions_file_scores_like_sklearn_with_thresholds_from_val(official, tmp_path):
-    f = _write_predictions(tmp_path / "theirs.csv", [official["test"], official["val"]], strength=0.3, seed=1,
-                           style="paths")
+    f = _write_predictions(
+        tmp_path / "theirs.csv", [official["test"], official["val"]], strength=0.3, seed=1, style="paths"
+    )
     rc, out, err = _cli(["evaluate", "--predictions", str(f), "--out", str(tmp_path / "ev"), "--bootstrap", "200"])
     assert rc == 0, err
     assert out.splitlines()[0].startswith("Coverage: 400 of 25,596 official ChestX-ray14 test images")
@@ -133,7 +134,7 @@ def test_delong_fast_algorithm_equals_the_pairwise_definition():
     rng = np.random.default_rng(4)
     for n, prev, step in ((60, 0.3, 0.05), (250, 0.1, 0.01), (500, 0.5, 0.001)):
         y = (rng.random(n) < prev).astype(float)
-        a = np.round(y * 0.4 + rng.random(n), int(-np.log10(step)))      # rounding: ties within and across classes
+        a = np.round(y * 0.4 + rng.random(n), int(-np.log10(step)))  # rounding: ties within and across classes
         b = np.round(0.6 * a + y * 0.3 + 0.4 * rng.random(n), int(-np.log10(step)))
         t = delong_test(y, a, b)
         auc, z, p = _delong_slow(y, a, b)

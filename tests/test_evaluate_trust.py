@@ -33,16 +33,27 @@ def _checkpoint(path):
         model = create_model("densenet121", num_classes=14)
         with torch.no_grad():  # spread the logits so bf16 rounding would show in the probabilities
             model.classifier.weight.mul_(8.0)
-    save_checkpoint(path, model.state_dict(), {
-        "architecture": "densenet121", "num_classes": 14, "in_chans": 3, "label_names": list(CHESTXRAY14_FINDINGS),
-        "preprocessing": preprocessing_config(32), "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS},
-        "dataset": "chestxray14", "model_version": "test"})
+    save_checkpoint(
+        path,
+        model.state_dict(),
+        {
+            "architecture": "densenet121",
+            "num_classes": 14,
+            "in_chans": 3,
+            "label_names": list(CHESTXRAY14_FINDINGS),
+            "preprocessing": preprocessing_config(32),
+            "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS},
+            "dataset": "chestxray14",
+            "model_version": "test",
+        },
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def evaluated(phantom_root, tmp_path_factory):
-    """One default evaluation (CLI, so its summary is checked too) of a random checkpoint on the phantom's test split."""
+    """One default evaluation (CLI, so its summary is checked too) of a random checkpoint on the phantom's
+    test split."""
     from medxray.cli import main
 
     d = tmp_path_factory.mktemp("eval")
@@ -53,10 +64,31 @@ def evaluated(phantom_root, tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["evaluate", "--checkpoint", str(ckpt), "--data-root", str(phantom_root), "--out", str(out),
-                   "--bootstrap", "50", "--num-workers", "0", "--batch-size", "16", "--no-localisation"])
+        rc = main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ckpt),
+                "--data-root",
+                str(phantom_root),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "50",
+                "--num-workers",
+                "0",
+                "--batch-size",
+                "16",
+                "--no-localisation",
+            ]
+        )
     assert rc == 0
-    return {"ckpt": ckpt, "out": out, "stdout": buf.getvalue(), "metrics": json.loads((out / "metrics.json").read_text())}
+    return {
+        "ckpt": ckpt,
+        "out": out,
+        "stdout": buf.getvalue(),
+        "metrics": json.loads((out / "metrics.json").read_text()),
+    }
 
 
 def test_partial_test_list_is_stated_first_and_references_labelled_not_comparable(evaluated):
@@ -71,7 +103,7 @@ def test_partial_test_list_is_stated_first_and_references_labelled_not_comparabl
     assert f"CheXNet 2017 ({label})" in header and f"Wang et al. 2017 ({label})" in header
     assert "Wang et al.'s numbers are on that same" not in "\n".join(md)
     html = (evaluated["out"] / "report.html").read_text()
-    body = html[html.index("<body>"):]
+    body = html[html.index("<body>") :]
     assert body.index("25,596 official ChestX-ray14 test images") < body.index("<table>")
     assert html.count(label) == 2
     assert evaluated["stdout"].splitlines()[0].startswith(f"Coverage: {n:,} of 25,596 official")
@@ -113,8 +145,16 @@ def test_bf16_is_an_option_and_the_report_names_it(phantom_root, tmp_path):
     from medxray.evaluation.run import evaluate
 
     ckpt = _checkpoint(tmp_path / "c.pt")
-    kw = dict(data_root=phantom_root, split="val", n_bootstrap=0, batch_size=16, num_workers=0,
-              write_thresholds=False, localisation=False, threshold_split=None)
+    kw = dict(
+        data_root=phantom_root,
+        split="val",
+        n_bootstrap=0,
+        batch_size=16,
+        num_workers=0,
+        write_thresholds=False,
+        localisation=False,
+        threshold_split=None,
+    )
     r16 = evaluate(ckpt, out_dir=tmp_path / "bf16", precision="bf16", **kw)
     assert r16.precision == "bf16" and "**bf16**" in r16.report_md.read_text()
     p16 = np.loadtxt(tmp_path / "bf16" / "predictions.csv", delimiter=",", skiprows=1, usecols=range(1, 15))
@@ -150,7 +190,6 @@ def test_fallback_thresholds_are_flagged_in_checkpoint_report_and_model_card(eva
     assert "fallback thresholds" in evaluated["stdout"]
 
 
-
 def test_compare_two_checkpoints_on_the_same_images(phantom_root, evaluated, tmp_path):
     """`--compare A.pt B.pt`: both scored on the same images, neither checkpoint changed, a verdict per finding."""
     import contextlib
@@ -165,13 +204,32 @@ def test_compare_two_checkpoints_on_the_same_images(phantom_root, evaluated, tmp
     before = load_checkpoint(a).metadata
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["evaluate", "--compare", str(a), str(b), "--data-root", str(phantom_root), "--out",
-                   str(tmp_path / "cmp"), "--bootstrap", "20", "--num-workers", "0", "--batch-size", "16",
-                   "--threshold-split", "same"])
+        rc = main(
+            [
+                "evaluate",
+                "--compare",
+                str(a),
+                str(b),
+                "--data-root",
+                str(phantom_root),
+                "--out",
+                str(tmp_path / "cmp"),
+                "--bootstrap",
+                "20",
+                "--num-workers",
+                "0",
+                "--batch-size",
+                "16",
+                "--threshold-split",
+                "same",
+            ]
+        )
     assert rc == 0
     res = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert res["n_images"] == evaluated["metrics"]["n_images"]
-    for name, r in res["findings"].items():
-        assert r["diff"] in (0.0, None) and (r["verdict"].startswith("no significant") or "not testable" in r["verdict"])
+    for r in res["findings"].values():
+        assert r["diff"] in (0.0, None) and (
+            r["verdict"].startswith("no significant") or "not testable" in r["verdict"]
+        )
     assert load_checkpoint(a).metadata == before
     assert sum(ln.startswith(n + " ") for ln in buf.getvalue().splitlines() for n in res["findings"]) == 14

@@ -24,6 +24,7 @@ def _reducer(func, args):
     class _Call:
         def __reduce__(self):
             return func, args
+
     return _Call()
 
 

@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from dicom_rg1 import rg1_dataset, save
 
 from medxray.errors import OutputError
 from medxray.scoring.journal import ResultsJournal, read_results, result_columns
-
-from dicom_rg1 import rg1_dataset, save
 
 REPO = Path(__file__).resolve().parents[1]
 N_FILES = 24
@@ -40,8 +39,9 @@ def _can_mount() -> bool:
         return False
     if os.name != "posix" or os.geteuid() != 0 or not shutil.which("unshare"):
         return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt && umount /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt && umount /mnt"], capture_output=True
+    )
     return probe.returncode == 0
 
 
@@ -63,16 +63,37 @@ def small_crs(tmp_path_factory) -> Path:
 
 
 def score_argv(inp: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return ["score-dicom", str(inp), "--checkpoint", str(ckpt), "--out", str(out), "--workers", "1",
-            "--backend", "torch", "--precision", "fp32", "--no-progress", "--batch-size", "4", *extra]
+    return [
+        "score-dicom",
+        str(inp),
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--backend",
+        "torch",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def run_in_namespace(script: str, tmp_path: Path) -> None:
     """Run a shell script in a private mount namespace (mounts vanish with it)."""
     path = tmp_path / "faults.sh"
     path.write_text("set -u\n" + script)
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -97,6 +118,7 @@ def error_lines(stderr: str) -> list[str]:
 
 # ---- 4. read-only OUT ----------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_read_only_out_is_one_line_and_exit_2(small_crs, scoring_checkpoint, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
@@ -107,7 +129,9 @@ def test_read_only_out_is_one_line_and_exit_2(small_crs, scoring_checkpoint, tmp
         keep.mkdir()
         run_in_namespace(
             f"mount --bind {out} {out} && mount -o remount,bind,ro {out} || exit 1\n"
-            f"{cli_line(argv)} >{keep}/stdout 2>{keep}/stderr; echo $? >{keep}/rc\n", tmp_path)
+            f"{cli_line(argv)} >{keep}/stdout 2>{keep}/stderr; echo $? >{keep}/rc\n",
+            tmp_path,
+        )
         rc, stderr = int((keep / "rc").read_text()), (keep / "stderr").read_text()
     else:  # portable: every open/mkdir under OUT fails with EROFS, as on a read-only mount
         _fail_under(monkeypatch, out, errno.EROFS)
@@ -154,6 +178,7 @@ def _fail_under(monkeypatch, folder: Path, code: int) -> None:
 
 # ---- 5. OUT fills up while rows are appended -----------------------------------------------
 
+
 def test_journal_append_is_all_or_nothing(tmp_path, monkeypatch):
     """A write that gets half a row out and then hits a full disk is cut back to the previous length."""
     cols = result_columns(["A", "B"])
@@ -195,7 +220,9 @@ def test_disk_full_while_appending_results(small_crs, scoring_checkpoint, tmp_pa
             f"cp {out}/results.csv {keep}/results1.csv\n"
             f"mount -o remount,size=16m {out} || exit 1\n"
             f"{cli_line(argv)} >{keep}/stdout2 2>{keep}/stderr2; echo $? >{keep}/rc2\n"
-            f"cp {out}/results.csv {keep}/results2.csv\n", tmp_path)
+            f"cp {out}/results.csv {keep}/results2.csv\n",
+            tmp_path,
+        )
         rc1, err1 = int((keep / "rc1").read_text()), (keep / "stderr1").read_text()
         rc2, err2 = int((keep / "rc2").read_text()), (keep / "stderr2").read_text()
         first, final = keep / "results1.csv", keep / "results2.csv"
@@ -245,6 +272,7 @@ def _full_after(monkeypatch, name: str, rows: int) -> None:
 
 # ---- 6. CAM overlays and SRs that cannot be written ----------------------------------------
 
+
 @pytest.mark.slow
 def test_unwritten_cams_and_srs_fail_the_run_and_are_redone(small_crs, scoring_checkpoint, tmp_path):
     out = tmp_path / "out"
@@ -259,7 +287,9 @@ def test_unwritten_cams_and_srs_fail_the_run_and_are_redone(small_crs, scoring_c
             f"{cli_line(argv)} >{keep}/stdout1 2>{keep}/stderr1; echo $? >{keep}/rc1\n"
             f"cp {out}/results.csv {keep}/results1.csv\n"
             f"umount {out}/cams {out}/sr || exit 1\n"
-            f"{cli_line(argv)} >{keep}/stdout2 2>{keep}/stderr2; echo $? >{keep}/rc2\n", tmp_path)
+            f"{cli_line(argv)} >{keep}/stdout2 2>{keep}/stderr2; echo $? >{keep}/rc2\n",
+            tmp_path,
+        )
     else:  # portable: files stand where the cams/ and sr/ folders go, so every output write fails
         (out / "cams").rmdir()
         (out / "sr").rmdir()
@@ -294,4 +324,3 @@ def test_unwritten_cams_and_srs_fail_the_run_and_are_redone(small_crs, scoring_c
         names = [c[2:] for c in r if c.startswith("p_")]
         assert r["cam_dir"] and all((out / r["cam_dir"] / f"{n}.png").is_file() for n in names), r["path"]
         assert r["sr_file"] and (out / r["sr_file"]).is_file(), r["path"]
-

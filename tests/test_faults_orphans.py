@@ -22,8 +22,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 5.0
 
-pytestmark = [pytest.mark.slow,  # each waits out its 5 s grace period
-              pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find processes")]
+pytestmark = [
+    pytest.mark.slow,  # each waits out its 5 s grace period
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find processes"),
+]
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -32,7 +34,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
     return fields[0], int(fields[1]), int(fields[3])
 
 
@@ -55,7 +57,9 @@ def session_members(sid: int) -> dict[int, str]:
     return found
 
 
-def kill_parent_and_watch(proc: subprocess.Popen, ready, timeout: float = 240.0) -> tuple[dict[int, str], dict[int, str]]:
+def kill_parent_and_watch(
+    proc: subprocess.Popen, ready, timeout: float = 240.0
+) -> tuple[dict[int, str], dict[int, str]]:
     """Wait until ``ready(children)`` holds, SIGKILL the parent only; return (children before, survivors)."""
     deadline = time.monotonic() + timeout
     children: dict[int, str] = {}
@@ -95,13 +99,37 @@ def test_score_dicom_workers_and_resource_tracker_die_with_a_killed_scorer(scori
     for i in range(40):  # enough real CRs that the scorer is still busy when it is killed
         shutil.copy(src, inp / f"cr{i:02d}.dcm")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medxray.cli", "score-dicom", str(inp), "--checkpoint", str(scoring_checkpoint),
-         "--out", str(tmp_path / "out"), "--workers", "2", "--cams", "none", "--backend", "torch",
-         "--precision", "fp32", "--no-progress"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "medxray.cli",
+            "score-dicom",
+            str(inp),
+            "--checkpoint",
+            str(scoring_checkpoint),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--cams",
+            "none",
+            "--backend",
+            "torch",
+            "--precision",
+            "fp32",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
+
         def ready(ch: dict[int, str]) -> bool:  # two decode workers and the resource tracker
-            return sum("spawn_main" in c for c in ch.values()) >= 2 and any("resource_tracker" in c for c in ch.values())
+            return sum("spawn_main" in c for c in ch.values()) >= 2 and any(
+                "resource_tracker" in c for c in ch.values()
+            )
 
         children, survivors = kill_parent_and_watch(proc, ready)
     finally:
@@ -135,8 +163,14 @@ CHILD = textwrap.dedent("""
 def _run_child(tmp_path: Path, how: str, start: str) -> tuple[str, dict[int, str], dict[int, str]]:
     script = tmp_path / "parent.py"
     script.write_text(CHILD)
-    proc = subprocess.Popen([sys.executable, str(script), how, start], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), how, start],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         armed = proc.stdout.readline().split()  # the child has armed its mechanism
         children, survivors = kill_parent_and_watch(proc, bool)
@@ -192,9 +226,13 @@ def test_training_loader_and_cache_pool_workers_die_with_their_parent(kind, tmp_
     """Training/evaluation DataLoader workers (worker_init_fn) and the cache builder's pool."""
     script = tmp_path / "pools.py"
     script.write_text(POOLS)
-    proc = subprocess.Popen([sys.executable, str(script), kind, str(tmp_path / "root")], cwd=REPO,
-                            stdout=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), kind, str(tmp_path / "root")],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         # forked workers share the parent's command line: wait for two, then give them a moment to arm
         children, survivors = kill_parent_and_watch(proc, lambda ch: len(ch) >= 2 and not time.sleep(2.0))

@@ -32,6 +32,7 @@ NIH_PNG = SAMPLE / "00000075_000.png"  # 1024 x 1024 = 1,048,576 pixels
 def png_header_only(path: Path, width: int, height: int, color_type: int = 6) -> Path:
     """A PNG whose header claims width x height (RGBA by default) with one tiny IDAT: what a
     decompression bomb looks like to a header check, at a few hundred bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import SMALL, fake_splits
 
 from medxray.checkpoint import load_checkpoint, save_checkpoint
 from medxray.errors import CheckpointError
 from medxray.training.config import TrainConfig, save_config
 from medxray.training.loop import finetune
 from medxray.training.state import prepare_resume, save_training_checkpoint
-
-from test_train import SMALL, fake_splits
 
 TRAIN_ITEMS = 32  # fake_splits' training set: items fetched per epoch
 

@@ -27,11 +27,14 @@ def test_atomic_output_refuses_append_modes(tmp_path):
             pass
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("a: [1, 2\n", "not valid YAML"),
-    ("- just\n- a list\n", "must hold a mapping"),
-    (b"\xff\xfe\x00bad", "not a text file"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("a: [1, 2\n", "not valid YAML"),
+        ("- just\n- a list\n", "must hold a mapping"),
+        (b"\xff\xfe\x00bad", "not a text file"),
+    ],
+)
 def test_bad_yaml_files_give_one_clear_error(tmp_path, content, needle):
     p = tmp_path / "run.yaml"
     p.write_bytes(content if isinstance(content, bytes) else content.encode())

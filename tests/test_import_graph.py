@@ -129,8 +129,8 @@ def test_no_import_circles_in_medxray():
 def test_no_module_imports_another_modules_private_names():
     _, private = import_graph()
     assert not private, "private names imported across modules: " + ", ".join(
-        f"{m} imports {b}.{n}" for m, b, n in private)
-
+        f"{m} imports {b}.{n}" for m, b, n in private
+    )
 
 
 @lru_cache(maxsize=1)
@@ -147,8 +147,12 @@ def all_imports() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 out[mod] |= {a.name for a in node.names if not a.name.startswith("medxray")}
-            elif isinstance(node, ast.ImportFrom) and not node.level and node.module and \
-                    not node.module.startswith("medxray"):
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and not node.level
+                and node.module
+                and not node.module.startswith("medxray")
+            ):
                 out[mod].add(node.module)
     return out
 
@@ -164,55 +168,122 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("medxray.fileio", ("medxray.",), "leaf: only medxray.errors (checked below)"),
     ("medxray.training.distributed", ("medxray.",), "every training module builds on it"),
     ("medxray.evaluation.result", ("medxray.",), "shared by the job and the report"),
-    ("medxray.evaluation.report", ("medxray.evaluation.run", "medxray.training", "medxray.models", "medxray.data"),
-     "renders numbers it is given"),
+    (
+        "medxray.evaluation.report",
+        ("medxray.evaluation.run", "medxray.training", "medxray.models", "medxray.data"),
+        "renders numbers it is given",
+    ),
     ("medxray.evaluation.compare", ("torch", "medxray.training"), "checkpoints go through evaluation.run"),
-    ("medxray.evaluation.metrics", ("torch", "medxray.models", "medxray.data", "medxray.training",
-                                    "medxray.evaluation."), "pure NumPy / scikit-learn"),
-    ("medxray.evaluation.assess", ("torch", "medxray.models", "medxray.training", "medxray.evaluation.run",
-                                   "medxray.evaluation.external", "medxray.evaluation.compare"), "pure assessment"),
-    ("medxray.evaluation.localisation", ("medxray.training", "medxray.evaluation.run", "medxray.evaluation.report"),
-     "localisation metrics only"),
+    (
+        "medxray.evaluation.metrics",
+        ("torch", "medxray.models", "medxray.data", "medxray.training", "medxray.evaluation."),
+        "pure NumPy / scikit-learn",
+    ),
+    (
+        "medxray.evaluation.assess",
+        (
+            "torch",
+            "medxray.models",
+            "medxray.training",
+            "medxray.evaluation.run",
+            "medxray.evaluation.external",
+            "medxray.evaluation.compare",
+        ),
+        "pure assessment",
+    ),
+    (
+        "medxray.evaluation.localisation",
+        ("medxray.training", "medxray.evaluation.run", "medxray.evaluation.report"),
+        "localisation metrics only",
+    ),
     ("medxray.evaluation.run", ("medxray.training", "medxray.train"), "shared helpers come from hardware/fileio/data"),
-    ("medxray.evaluation.external", ("torch", "medxray.models", "medxray.training", "medxray.evaluation.run"),
-     "scores predictions files without a model"),
-    ("medxray.training.config", ("medxray.training.loop", "medxray.checkpoint", "medxray.models",
-                                 "medxray.evaluation"), "the CLI reads configs before anything heavy"),
-    ("medxray.training.loop", ("medxray.cli", "medxray.evaluation.run", "medxray.evaluation.report",
-                               "medxray.evaluation.compare", "medxray.evaluation.external"), "metrics only"),
+    (
+        "medxray.evaluation.external",
+        ("torch", "medxray.models", "medxray.training", "medxray.evaluation.run"),
+        "scores predictions files without a model",
+    ),
+    (
+        "medxray.training.config",
+        ("medxray.training.loop", "medxray.checkpoint", "medxray.models", "medxray.evaluation"),
+        "the CLI reads configs before anything heavy",
+    ),
+    (
+        "medxray.training.loop",
+        (
+            "medxray.cli",
+            "medxray.evaluation.run",
+            "medxray.evaluation.report",
+            "medxray.evaluation.compare",
+            "medxray.evaluation.external",
+        ),
+        "metrics only",
+    ),
     ("medxray.training.state", ("medxray.training.loop", "medxray.models", "medxray.evaluation"), "checkpoint state"),
-    ("medxray.training.data", ("medxray.training.loop", "medxray.models", "medxray.checkpoint", "medxray.evaluation"),
-     "prepares datasets for one run"),
-    ("medxray.training.steps", ("medxray.training.loop", "medxray.checkpoint", "medxray.evaluation"),
-     "shared with bench/train_step.py"),
+    (
+        "medxray.training.data",
+        ("medxray.training.loop", "medxray.models", "medxray.checkpoint", "medxray.evaluation"),
+        "prepares datasets for one run",
+    ),
+    (
+        "medxray.training.steps",
+        ("medxray.training.loop", "medxray.checkpoint", "medxray.evaluation"),
+        "shared with bench/train_step.py",
+    ),
     ("medxray.pacs.scp", ("torch", "medxray.scoring.engine"), "the listener stays light"),
     ("medxray.pacs.config", ("pynetdicom", "torch", "medxray.scoring.engine"), "loading a config is cheap"),
     ("medxray.pacs.spool", ("pynetdicom", "torch", "medxray.scoring.engine"), "file handling only"),
     ("medxray.pacs.results", ("pynetdicom",), "builds objects, sends nothing"),
     ("medxray.pacs.sender", ("torch", "medxray.scoring.engine"), "the sender stays light"),
     ("medxray.pacs.pull", ("pynetdicom",), "goes through the sender"),
-    ("medxray.review.viewing", ("streamlit", "medxray.review.worklist", "medxray.review.model_card"),
-     "only review.ui imports streamlit"),
-    ("medxray.review.model_card", ("streamlit", "torch", "medxray.review.worklist"),
-     "only review.ui imports streamlit; of review.study only the shared value formatter"),
-    ("medxray.review.worklist", ("streamlit", "medxray.review.study", "medxray.review.model_card"),
-     "only review.ui imports streamlit"),
-    ("medxray.review.study", ("streamlit", "medxray.review.worklist", "medxray.review.model_card"),
-     "only review.ui imports streamlit"),
-    ("medxray.review.settings", ("streamlit", "torch", "medxray.review.study", "medxray.review.worklist",
-                                 "medxray.review.model_card"), "`medxray app` imports it before anything heavy"),
+    (
+        "medxray.review.viewing",
+        ("streamlit", "medxray.review.worklist", "medxray.review.model_card"),
+        "only review.ui imports streamlit",
+    ),
+    (
+        "medxray.review.model_card",
+        ("streamlit", "torch", "medxray.review.worklist"),
+        "only review.ui imports streamlit; of review.study only the shared value formatter",
+    ),
+    (
+        "medxray.review.worklist",
+        ("streamlit", "medxray.review.study", "medxray.review.model_card"),
+        "only review.ui imports streamlit",
+    ),
+    (
+        "medxray.review.study",
+        ("streamlit", "medxray.review.worklist", "medxray.review.model_card"),
+        "only review.ui imports streamlit",
+    ),
+    (
+        "medxray.review.settings",
+        ("streamlit", "torch", "medxray.review.study", "medxray.review.worklist", "medxray.review.model_card"),
+        "`medxray app` imports it before anything heavy",
+    ),
     ("medxray.review.store", ("streamlit", "pandas", "torch", "medxray.review."), "usable from scripts alone"),
-    ("medxray.ood", ("medxray.training", "medxray.evaluation", "medxray.inference", "medxray.scoring", "medxray.cli"),
-     "they import it"),
-    ("medxray.quantize", ("medxray.inference", "medxray.scoring", "medxray.review", "medxray.cli"),
-     "inference imports it"),
-    ("medxray.dicom", ("medxray.scoring", "medxray.inference", "medxray.review", "medxray.pacs", "torch"),
-     "file-level DICOM; the scorer, app and node import it"),
+    (
+        "medxray.ood",
+        ("medxray.training", "medxray.evaluation", "medxray.inference", "medxray.scoring", "medxray.cli"),
+        "they import it",
+    ),
+    (
+        "medxray.quantize",
+        ("medxray.inference", "medxray.scoring", "medxray.review", "medxray.cli"),
+        "inference imports it",
+    ),
+    (
+        "medxray.dicom",
+        ("medxray.scoring", "medxray.inference", "medxray.review", "medxray.pacs", "torch"),
+        "file-level DICOM; the scorer, app and node import it",
+    ),
     ("medxray.dicom.reduce", ("medxray.dicom.reader", "monai"), "the reader imports it"),
     ("medxray.dicom.sc", ("medxray.dicom.reader",), "writers do not read"),
     ("medxray.dicom.sr", ("medxray.dicom.reader",), "writers do not read"),
-    ("medxray.dicom.source", ("medxray.dicom.reader", "medxray.dicom.voi", "medxray.dicom.sr", "medxray.dicom.sc"),
-     "sniffing and parsing only"),
+    (
+        "medxray.dicom.source",
+        ("medxray.dicom.reader", "medxray.dicom.voi", "medxray.dicom.sr", "medxray.dicom.sc"),
+        "sniffing and parsing only",
+    ),
     ("medxray.dicom.codestream", ("medxray", "pydicom"), "pure byte parsing"),
     ("medxray.dicom.voi", ("medxray.dicom.reader",), "the reader imports it"),
     ("medxray.dicom.bits", ("medxray.dicom.reader", "medxray.dicom.voi", "pydicom"), "the reader imports it"),
@@ -230,8 +301,17 @@ ONLY: list[tuple[str, tuple[str, ...]]] = [
     ("medxray.dicom.reader", ("medxray.dicom", "medxray.errors", "medxray.limits")),
     ("medxray.dicom.bits", ("medxray.dicom.codes",)),
     ("medxray.dicom.header", ("medxray.dicom.codes",)),
-    ("medxray.dicom.source", ("medxray.dicom.codes", "medxray.dicom.header", "medxray.dicom.codestream",
-                              "medxray.dicom.inflate", "medxray.errors", "medxray.limits")),
+    (
+        "medxray.dicom.source",
+        (
+            "medxray.dicom.codes",
+            "medxray.dicom.header",
+            "medxray.dicom.codestream",
+            "medxray.dicom.inflate",
+            "medxray.errors",
+            "medxray.limits",
+        ),
+    ),
     ("medxray.dicom.inflate", ("medxray.dicom.codes",)),
 ]
 
@@ -255,8 +335,11 @@ def rule_violations(imports: dict[str, set[str]]) -> list[str]:
 
 
 def test_rule_checker_catches_a_planted_violation():
-    planted = {"medxray.pacs.scp": {"torch", "medxray.errors"}, "medxray.dicom.bits": {"medxray.dicom.voi"},
-               "medxray.limits": {"medxray.errors"}}
+    planted = {
+        "medxray.pacs.scp": {"torch", "medxray.errors"},
+        "medxray.dicom.bits": {"medxray.dicom.voi"},
+        "medxray.limits": {"medxray.errors"},
+    }
     bad = rule_violations(planted)
     assert any("medxray.pacs.scp imports torch" in b for b in bad)
     assert any("medxray.dicom.bits imports medxray.dicom.voi" in b for b in bad)
@@ -274,7 +357,6 @@ def test_every_rule_names_a_module_that_exists():
 def test_import_rules_hold():
     bad = rule_violations(all_imports())
     assert not bad, "import rules broken:\n" + "\n".join(bad)
-
 
 
 if __name__ == "__main__":  # python tests/test_import_graph.py: print the graph's depth and any circles

@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def readme_layout_block() -> str:
     text = (REPO / "README.md").read_text()
-    section = text[text.index("\n## Layout"):]
+    section = text[text.index("\n## Layout") :]
     section = section[: section.find("\n## ", 1)] if "\n## " in section[1:] else section
-    return section[section.index("```") + 3: section.index("```", section.index("```") + 3)]
+    return section[section.index("```") + 3 : section.index("```", section.index("```") + 3)]
 
 
 def package_chunk(block: str, name: str) -> str:
@@ -28,7 +28,7 @@ def package_chunk(block: str, name: str) -> str:
     assert start is not None, f"README Layout has no line for {name}/; run `python -m medxray.layout`"
     indent = len(lines[start]) - len(lines[start].lstrip())
     out = [lines[start]]
-    for ln in lines[start + 1:]:
+    for ln in lines[start + 1 :]:
         if ln.strip() and len(ln) - len(ln.lstrip()) <= indent:
             break
         out.append(ln)
@@ -41,8 +41,10 @@ def test_readme_layout_names_every_module():
     for sub in subpackages(PACKAGE):
         chunk = package_chunk(block, sub.name)
         missing += [f"{sub.name}/{m}.py" for m in modules(sub) if not re.search(rf"\b{re.escape(m)}\b", chunk)]
-    assert not missing, (f"README's Layout section misses {', '.join(missing)}; regenerate its medxray/ part with "
-                         f"`python -m medxray.layout`")
+    assert not missing, (
+        f"README's Layout section misses {', '.join(missing)}; regenerate its medxray/ part with "
+        f"`python -m medxray.layout`"
+    )
 
 
 def test_generator_output_passes_its_own_check(tmp_path):

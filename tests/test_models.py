@@ -16,10 +16,17 @@ from medxray.models import VARIANTS, count_parameters, create_model
 from medxray.models import weights as weights_mod
 
 PAPER_PARAMS = {
-    "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
-    "densenet161": 28_681_000, "densenet264": 33_337_704,
-    "densenet_40_k12": 1_019_722, "densenet_100_k12": 6_979_642, "densenet_100_k24": 27_249_082,
-    "densenet_bc_100_k12": 769_162, "densenet_bc_250_k24": 15_324_406, "densenet_bc_190_k40": 25_624_430,
+    "densenet121": 7_978_856,
+    "densenet169": 14_149_480,
+    "densenet201": 20_013_928,
+    "densenet161": 28_681_000,
+    "densenet264": 33_337_704,
+    "densenet_40_k12": 1_019_722,
+    "densenet_100_k12": 6_979_642,
+    "densenet_100_k24": 27_249_082,
+    "densenet_bc_100_k12": 769_162,
+    "densenet_bc_250_k24": 15_324_406,
+    "densenet_bc_190_k40": 25_624_430,
 }
 
 
@@ -61,7 +68,9 @@ def _legacy(state):
 @pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
 @pytest.mark.parametrize("style", ["current", "legacy"])
 def test_imagenet_parity_with_torchvision(name, style, tmp_path):
-    tv = _torchvision_with_stats(name, seed=zlib.crc32(name.encode()) % 1000)  # stable across processes (hash() is salted)
+    tv = _torchvision_with_stats(
+        name, seed=zlib.crc32(name.encode()) % 1000
+    )  # stable across processes (hash() is salted)
     state = tv.state_dict()
     if style == "legacy":
         state = _legacy(state)

@@ -31,8 +31,9 @@ def _predictor(path):
 def _noise(seed: int = 0) -> list[np.ndarray]:
     """Pixel noise at a scale that survives resizing to the model's input (64 px uniform, 256 px binary)."""
     rng = np.random.default_rng(seed)
-    return ([rng.uniform(0, 1, (64, 64)).astype(np.float32) for _ in range(4)]
-            + [(rng.uniform(0, 1, (256, 256)) > 0.5).astype(np.float32) for _ in range(4)])
+    return [rng.uniform(0, 1, (64, 64)).astype(np.float32) for _ in range(4)] + [
+        (rng.uniform(0, 1, (256, 256)) > 0.5).astype(np.float32) for _ in range(4)
+    ]
 
 
 def test_distance_is_ledoit_wolf_mahalanobis_when_all_components_are_kept():
@@ -137,10 +138,23 @@ def test_finetune_stores_ood_statistics(tmp_path):
 
     manifest = nih_manifest(tmp_path, n_val=12, limit=40)
     n_val = manifest.read_text().count(",val,")
-    cfg = make_config(dataset="csv", data_root=str(tmp_path), dataset_options={"csv_path": str(manifest)},
-                      model="densenet_40_k12", pretrained="none",
-                      image_size=32, epochs=1, batch_size=8, max_steps_per_epoch=2, device="cpu", num_workers=0,
-                      use_cache=False, early_stopping_patience=0, out=str(tmp_path / "run"), progress=False)
+    cfg = make_config(
+        dataset="csv",
+        data_root=str(tmp_path),
+        dataset_options={"csv_path": str(manifest)},
+        model="densenet_40_k12",
+        pretrained="none",
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        max_steps_per_epoch=2,
+        device="cpu",
+        num_workers=0,
+        use_cache=False,
+        early_stopping_patience=0,
+        out=str(tmp_path / "run"),
+        progress=False,
+    )
     res = finetune(cfg)
     ck = load_checkpoint(res.best_checkpoint)
     stats = stats_from_checkpoint(ck)
@@ -161,8 +175,22 @@ def test_ood_calibrate_command(tmp_path, capsys):
     ck.metadata.update(dataset="csv", config={"use_cache": False})
     save_checkpoint(path, ck.state_dict, ck.metadata)
     manifest = nih_manifest(tmp_path, n_val=12, limit=40)
-    assert main(["ood-calibrate", "--checkpoint", str(path), "--data-root", str(manifest), "--device", "cpu",
-                 "--components", "16"]) == 0
+    assert (
+        main(
+            [
+                "ood-calibrate",
+                "--checkpoint",
+                str(path),
+                "--data-root",
+                str(manifest),
+                "--device",
+                "cpu",
+                "--components",
+                "16",
+            ]
+        )
+        == 0
+    )
     stats = stats_from_checkpoint(load_checkpoint(path))
     assert stats is not None and stats.components.shape == (16, 1024)
     assert stats.info["n_val"] == manifest.read_text().count(",val,")

@@ -18,19 +18,26 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from pacs_fixtures import STORESCU, Node, OrthancServer, csv_rows, dciodvfy_errors, free_port, storescu, wait_for
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-
-from pacs_fixtures import STORESCU, Node, OrthancServer, csv_rows, dciodvfy_errors, free_port, storescu, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-SCORING = {"workers": 1, "batch_size": 2, "backend": "torch", "precision": "fp32", "threads": 1,
-           "overlay_max_side": 256}
+SCORING = {
+    "workers": 1,
+    "batch_size": 2,
+    "backend": "torch",
+    "precision": "fp32",
+    "threads": 1,
+    "overlay_max_side": 256,
+}
 
-pytestmark = pytest.mark.skipif(not (os.path.exists("/usr/sbin/Orthanc") and STORESCU),
-                                reason="needs Debian orthanc + dcmtk: run `make system-deps` (make test does)")
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists("/usr/sbin/Orthanc") and STORESCU),
+    reason="needs Debian orthanc + dcmtk: run `make system-deps` (make test does)",
+)
 
 
 def rg1_copies(folder: Path, n: int, tag: str) -> list[Path]:
@@ -60,10 +67,20 @@ def broken_file(folder: Path) -> Path:
 
 
 def write_node_config(path: Path, work: Path, checkpoint: Path, port: int, dest_port: int, **extra) -> Path:
-    cfg = {"ae_title": "MEDXRAY", "host": "127.0.0.1", "port": port, "allowed_calling_aes": ["STORESCU"],
-           "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": dest_port},
-           "checkpoint": str(checkpoint), "work_dir": str(work), "idle_seconds": 1.0,
-           "retry_initial_s": 0.5, "retry_max_s": 2.0, "scoring": dict(SCORING), **extra}
+    cfg = {
+        "ae_title": "MEDXRAY",
+        "host": "127.0.0.1",
+        "port": port,
+        "allowed_calling_aes": ["STORESCU"],
+        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": dest_port},
+        "checkpoint": str(checkpoint),
+        "work_dir": str(work),
+        "idle_seconds": 1.0,
+        "retry_initial_s": 0.5,
+        "retry_max_s": 2.0,
+        "scoring": dict(SCORING),
+        **extra,
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -95,8 +112,16 @@ def push_run(tmp_path_factory, scoring_checkpoint):
         again = storescu(node_port, files[:1])  # a duplicate send
         assert again.returncode == 0, again.stderr
         work = root / "work"
-        wait_for(lambda: len(csv_rows(work / "scored" / "results.csv")) == 3 and not list(
-            (work / "tmp").glob("*")) and list((work / "outbox").glob("*.dcm")), 240, "scoring", node.log)
+        wait_for(
+            lambda: (
+                len(csv_rows(work / "scored" / "results.csv")) == 3
+                and not list((work / "tmp").glob("*"))
+                and list((work / "outbox").glob("*.dcm"))
+            ),
+            240,
+            "scoring",
+            node.log,
+        )
         wait_for(lambda: "destination down" in node.log.read_text(), 30, "a failed send attempt", node.log)
         out["queued_while_down"] = len(list((work / "outbox").glob("*.dcm")))
         out["sent_while_down"] = (work / "sent.log").read_text() if (work / "sent.log").exists() else ""
@@ -138,8 +163,13 @@ def test_push_results_arrive_under_the_source_study_after_destination_comes_up(p
     srs = [d for d in results if d.SOPClassUID == SR_CLASS]
     scs = [d for d in results if d.SOPClassUID == SC_CLASS]
     assert len(srs) == 2, "exactly one SR per scored image, none for the broken file"
-    refs = sorted(d.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-                  .ReferencedSOPSequence[0].ReferencedSOPInstanceUID for d in srs)
+    refs = sorted(
+        d.CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        for d in srs
+    )
     assert refs == sorted(ok)
     for d in results:  # filed under the SOURCE study and patient
         assert d.StudyInstanceUID == src[0].StudyInstanceUID
@@ -196,19 +226,31 @@ def test_kill_9_during_a_batch_then_restart_loses_and_duplicates_nothing(tmp_pat
     work = tmp_path / "work"
     with OrthancServer(tmp_path / "orthanc", node_port=node_port) as orthanc:
         # one image per batch: rows land one at a time, so the kill below falls inside the run
-        cfg = write_node_config(tmp_path / "node.yaml", work, scoring_checkpoint, node_port, orthanc.dicom_port,
-                                secondary_capture=False, scoring={**SCORING, "batch_size": 1})
+        cfg = write_node_config(
+            tmp_path / "node.yaml",
+            work,
+            scoring_checkpoint,
+            node_port,
+            orthanc.dicom_port,
+            secondary_capture=False,
+            scoring={**SCORING, "batch_size": 1},
+        )
         node = Node(cfg, node_port, tmp_path / "node.log")
         try:
             node.start()
             assert storescu(node_port, files).returncode == 0
-            wait_for(lambda: 1 <= len(csv_rows(work / "scored" / "results.csv")), 240, "the first rows", node.log,
-                     every=0.02)
+            wait_for(
+                lambda: 1 <= len(csv_rows(work / "scored" / "results.csv")), 240, "the first rows", node.log, every=0.02
+            )
             node.kill(signal.SIGKILL)  # the whole process group: node and engine workers
             n_before = len(csv_rows(work / "scored" / "results.csv"))
             node.start()
-            wait_for(lambda: len([t for t in orthanc_results(orthanc)]) == 8
-                     and not list((work / "outbox").glob("*.dcm")), 240, "all results in Orthanc", node.log)
+            wait_for(
+                lambda: len([t for t in orthanc_results(orthanc)]) == 8 and not list((work / "outbox").glob("*.dcm")),
+                240,
+                "all results in Orthanc",
+                node.log,
+            )
             node.kill(signal.SIGTERM)
         finally:
             node.kill()
@@ -222,8 +264,12 @@ def test_kill_9_during_a_batch_then_restart_loses_and_duplicates_nothing(tmp_pat
             d = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{oid}/file")))
             if d.get("Manufacturer") == "medxray":
                 assert d.SOPClassUID == SR_CLASS
-                refs.append(d.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-                            .ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                refs.append(
+                    d.CurrentRequestedProcedureEvidenceSequence[0]
+                    .ReferencedSeriesSequence[0]
+                    .ReferencedSOPSequence[0]
+                    .ReferencedSOPInstanceUID
+                )
         assert sorted(refs) == srcs, "every instance has exactly one result in Orthanc"
         assert 1 <= n_before < 8, f"the kill must land inside the run ({n_before} of 8 rows were done)"
 
@@ -235,8 +281,13 @@ def test_config_errors_are_one_clear_message(tmp_path, scoring_checkpoint):
     port = busy.getsockname()[1]
     try:
         cfg = write_node_config(tmp_path / "node.yaml", tmp_path / "work", scoring_checkpoint, port, 4242)
-        r = subprocess.run([sys.executable, "-m", "medxray.cli", "serve-dicom", "--config", str(cfg)],
-                           capture_output=True, text=True, cwd=REPO, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "medxray.cli", "serve-dicom", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert r.returncode == 2 and "already in use" in r.stderr and "Traceback" not in r.stderr, r.stderr
     finally:
         busy.close()

@@ -22,17 +22,35 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
+from pacs_fixtures import (
+    ECHOSCU,
+    STORESCU,
+    Node,
+    OrthancServer,
+    csv_rows,
+    echoscu,
+    free_port,
+    make_pki,
+    rss_kib,
+    storescu,
+    wait_for,
+)
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pacs_fixtures import (ECHOSCU, STORESCU, Node, OrthancServer, csv_rows, echoscu, free_port, make_pki, rss_kib,
-                           storescu, wait_for)
+pytestmark = pytest.mark.skipif(
+    not (STORESCU and ECHOSCU and os.path.exists("/usr/bin/openssl")),
+    reason="needs dcmtk and openssl: run `make system-deps` (make test does)",
+)
 
-pytestmark = pytest.mark.skipif(not (STORESCU and ECHOSCU and os.path.exists("/usr/bin/openssl")),
-                                reason="needs dcmtk and openssl: run `make system-deps` (make test does)")
-
-SCORING = {"workers": 1, "batch_size": 2, "backend": "torch", "precision": "fp32", "threads": 1,
-           "overlay_max_side": 256}
+SCORING = {
+    "workers": 1,
+    "batch_size": 2,
+    "backend": "torch",
+    "precision": "fp32",
+    "threads": 1,
+    "overlay_max_side": 256,
+}
 
 
 def rg1_copy(folder: Path, tag: str, **changes) -> Path:
@@ -49,11 +67,20 @@ def rg1_copy(folder: Path, tag: str, **changes) -> Path:
 
 
 def node_config(path: Path, work: Path, checkpoint: Path, port: int, dest_port: int, **extra) -> Path:
-    cfg = {"ae_title": "MEDXRAY", "host": "127.0.0.1", "port": port,
-           "allowed_calling_aes": ["STORESCU", {"ae_title": "NETPEER", "hosts": ["10.0.0.0/8"]}],
-           "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": dest_port},
-           "checkpoint": str(checkpoint), "work_dir": str(work), "idle_seconds": 1.0,
-           "retry_initial_s": 0.5, "retry_max_s": 2.0, "scoring": dict(SCORING), **extra}
+    cfg = {
+        "ae_title": "MEDXRAY",
+        "host": "127.0.0.1",
+        "port": port,
+        "allowed_calling_aes": ["STORESCU", {"ae_title": "NETPEER", "hosts": ["10.0.0.0/8"]}],
+        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": dest_port},
+        "checkpoint": str(checkpoint),
+        "work_dir": str(work),
+        "idle_seconds": 1.0,
+        "retry_initial_s": 0.5,
+        "retry_max_s": 2.0,
+        "scoring": dict(SCORING),
+        **extra,
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -78,13 +105,30 @@ def tls_node(tmp_path_factory, pki, scoring_checkpoint):
     ``(client|orthanc)``), short timeouts so the silent-peer tests are quick."""
     root = tmp_path_factory.mktemp("tlsnode")
     port = free_port()
-    tls = {"certificate": str(pki["node.crt"]), "private_key": str(pki["node.key"]),
-           "ca_certificates": str(pki["ca"]), "peer_subject": r"(client|orthanc)\.medxray\.test"}
-    callers = ["STORESCU", {"ae_title": "NETPEER", "hosts": ["10.0.0.0/8"]},
-               {"ae_title": "LOOPNET", "hosts": ["10.0.0.0/8", "127.0.0.0/30"]}]
-    cfg = node_config(root / "node.yaml", root / "work", scoring_checkpoint, port, free_port(), tls=tls,
-                      allowed_calling_aes=callers, acse_timeout=3, network_timeout=3, max_associations=2,
-                      idle_seconds=3600)
+    tls = {
+        "certificate": str(pki["node.crt"]),
+        "private_key": str(pki["node.key"]),
+        "ca_certificates": str(pki["ca"]),
+        "peer_subject": r"(client|orthanc)\.medxray\.test",
+    }
+    callers = [
+        "STORESCU",
+        {"ae_title": "NETPEER", "hosts": ["10.0.0.0/8"]},
+        {"ae_title": "LOOPNET", "hosts": ["10.0.0.0/8", "127.0.0.0/30"]},
+    ]
+    cfg = node_config(
+        root / "node.yaml",
+        root / "work",
+        scoring_checkpoint,
+        port,
+        free_port(),
+        tls=tls,
+        allowed_calling_aes=callers,
+        acse_timeout=3,
+        network_timeout=3,
+        max_associations=2,
+        idle_seconds=3600,
+    )
     node = Node(cfg, port, root / "node.log")
     try:
         node.start()
@@ -106,8 +150,12 @@ def test_tls_peer_with_a_certificate_from_the_ca_is_accepted(tls_node, pki, call
 @pytest.mark.parametrize("case", ["no certificate", "other CA", "plain TCP", "name not allowed"])
 def test_tls_peer_that_cannot_authenticate_is_refused(tls_node, pki, case):
     f = rg1_copy(tls_node["root"] / "send", f"refused-{case}")
-    tls = {"no certificate": {"ca": pki["ca"]}, "other CA": client_tls(pki, "outsider"), "plain TCP": None,
-           "name not allowed": client_tls(pki, "rogue")}[case]
+    tls = {
+        "no certificate": {"ca": pki["ca"]},
+        "other CA": client_tls(pki, "outsider"),
+        "plain TCP": None,
+        "name not allowed": client_tls(pki, "rogue"),
+    }[case]
     r = storescu(tls_node["port"], [f], tls=tls, timeout=60)
     assert r.returncode != 0, r.stdout + r.stderr
     uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
@@ -233,10 +281,15 @@ def test_non_loopback_listener_needs_tls_or_explicit_insecure_plaintext(tmp_path
             server = start_scp(loaded, Spool(tmp_path / "work"))
             server.shutdown()
         assert any("INSECURE" in r.getMessage() for r in caplog.records)
-    for bad, needle in [({"max_pdu_size": 10}, "max_pdu_size"), ({"network_timeout": 0}, "network_timeout"),
-                        ({"tls": {"certificate": "x.pem"}}, "tls: needs private_key"),
-                        ({"allowed_calling_aes": [{"ae_title": "X", "hosts": ["no-such-host.invalid"]}]},
-                         "allowed_calling_aes\\[0\\].hosts")]:
+    for bad, needle in [
+        ({"max_pdu_size": 10}, "max_pdu_size"),
+        ({"network_timeout": 0}, "network_timeout"),
+        ({"tls": {"certificate": "x.pem"}}, "tls: needs private_key"),
+        (
+            {"allowed_calling_aes": [{"ae_title": "X", "hosts": ["no-such-host.invalid"]}]},
+            "allowed_calling_aes\\[0\\].hosts",
+        ),
+    ]:
         node_config(cfg, tmp_path / "work", scoring_checkpoint, free_port(), 4242, **bad)
         with pytest.raises(ConfigError, match=needle):
             load_node_config(cfg)
@@ -255,11 +308,21 @@ def test_sender_verifies_the_destination_certificate(tmp_path, pki, scoring_chec
 
     port = free_port()
     tls = {"certificate": str(pki["node.crt"]), "private_key": str(pki["node.key"]), "ca_certificates": str(pki["ca"])}
-    cfg = load_node_config(node_config(tmp_path / "dest.yaml", tmp_path / "dest", scoring_checkpoint, port, 4242,
-                                       tls=tls, allowed_calling_aes=["SENDER"]))
+    cfg = load_node_config(
+        node_config(
+            tmp_path / "dest.yaml",
+            tmp_path / "dest",
+            scoring_checkpoint,
+            port,
+            4242,
+            tls=tls,
+            allowed_calling_aes=["SENDER"],
+        )
+    )
     server = start_scp(cfg, Spool(tmp_path / "dest"))
     f = rg1_copy(tmp_path / "send", "sender-tls")
     try:
+
         def attempt(name: str, subject: str | None) -> list:
             mine = TlsConfig(str(pki[f"{name}.crt"]), str(pki[f"{name}.key"]), str(pki["ca"]), subject)
             return list(CStoreDestination(Destination("MEDXRAY", "127.0.0.1", port, mine), "SENDER").send([f]))
@@ -284,8 +347,9 @@ def plain_node(tmp_path_factory, scoring_checkpoint):
     root = tmp_path_factory.mktemp("plainnode")
     port = free_port()
     (root / "tmp").mkdir()
-    cfg = node_config(root / "node.yaml", root / "work", scoring_checkpoint, port, free_port(),
-                      acse_timeout=3, network_timeout=3)
+    cfg = node_config(
+        root / "node.yaml", root / "work", scoring_checkpoint, port, free_port(), acse_timeout=3, network_timeout=3
+    )
     node = Node(cfg, port, root / "node.log", env={"TMPDIR": str(root / "tmp")})
     try:
         node.start()
@@ -334,8 +398,12 @@ def warm_up(node_info: dict) -> None:
     assert storescu(node_info["port"], [first]).returncode == 0
     wait_for(lambda: len(csv_rows(work / "scored" / "results.csv")) >= 1, 240, "the first image scored", node.log)
     # ... and its SR/SC made (they wait in the outbox: the destination is down), so the node is at rest
-    wait_for(lambda: list((work / "outbox").glob("*.dcm")) and not list((work / "tmp").glob("*")), 240,
-             "the result objects in the outbox", node.log)
+    wait_for(
+        lambda: list((work / "outbox").glob("*.dcm")) and not list((work / "tmp").glob("*")),
+        240,
+        "the result objects in the outbox",
+        node.log,
+    )
     time.sleep(5)
 
 
@@ -356,8 +424,9 @@ def test_p_data_pdu_over_max_pdu_size_closes_the_association(plain_node):
     (max_pdu_size is 64 KiB) closes the connection before the node reads it; RSS stays flat."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("medxray_network_fuzz",
-                                                  Path(__file__).resolve().parent / "fuzz" / "network.py")
+    spec = importlib.util.spec_from_file_location(
+        "medxray_network_fuzz", Path(__file__).resolve().parent / "fuzz" / "network.py"
+    )
     network = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(network)
     echo_session = network.record_sessions(plain_node["port"], "STORESCU")[0]
@@ -389,8 +458,9 @@ def test_c_store_cut_off_mid_data_set_leaves_no_file(plain_node):
     data set file pynetdicom was writing is removed, nothing is spooled."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("medxray_network_fuzz",
-                                                  Path(__file__).resolve().parent / "fuzz" / "network.py")
+    spec = importlib.util.spec_from_file_location(
+        "medxray_network_fuzz", Path(__file__).resolve().parent / "fuzz" / "network.py"
+    )
     network = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(network)
     store_session = network.record_sessions(plain_node["port"], "STORESCU")[1]
@@ -413,8 +483,12 @@ def test_c_store_cut_off_mid_data_set_leaves_no_file(plain_node):
     s.sendall(command + b"\x04\x00" + struct.pack(">L", len(pdata)) + pdata)
     time.sleep(1.0)
     s.close()
-    wait_for(lambda: "removed the partial data set" in plain_node["node"].log.read_text(), 20,
-             "the partial file removed", plain_node["node"].log)
+    wait_for(
+        lambda: "removed the partial data set" in plain_node["node"].log.read_text(),
+        20,
+        "the partial file removed",
+        plain_node["node"].log,
+    )
     time.sleep(0.5)
     assert not list(plain_node["tmp"].glob("*")), list(plain_node["tmp"].glob("*"))
     assert received(plain_node["work"]) == before
@@ -453,8 +527,10 @@ def test_1_mb_deflate_bomb_over_the_network_is_refused_with_bounded_memory(plain
         t.join()
     after = rss_kib(node.proc.pid)
     growth_mb = (max(peak.get("rss", 0), after["VmRSS"]) - base["VmRSS"]) * 1024 / 1e6
-    print(f"\n1 MB deflate bomb: RSS {base['VmRSS'] / 1024:.0f} MiB before, peak growth {growth_mb:.1f} MB, "
-          f"VmHWM growth {(after['VmHWM'] - base['VmHWM']) * 1024 / 1e6:.1f} MB, status 0x{int(status.Status):04X}")
+    print(
+        f"\n1 MB deflate bomb: RSS {base['VmRSS'] / 1024:.0f} MiB before, peak growth {growth_mb:.1f} MB, "
+        f"VmHWM growth {(after['VmHWM'] - base['VmHWM']) * 1024 / 1e6:.1f} MB, status 0x{int(status.Status):04X}"
+    )
     assert int(status.Status) == 0xA700
     assert growth_mb < 300 and (after["VmHWM"] - base["VmHWM"]) * 1024 / 1e6 < 300
     rows = [x for x in refused_rows(work) if x["sop_instance_uid"] == str(ds.SOPInstanceUID)]
@@ -499,8 +575,10 @@ def test_300_mb_cstore_is_refused_with_bounded_memory_and_disk(plain_node):
     growth_mb = (max(peak["rss"], after["VmRSS"]) - base["VmRSS"]) * 1024 / 1e6
     hwm_growth_mb = (after["VmHWM"] - base["VmHWM"]) * 1024 / 1e6
     print(f"\nbefore {base}, at the peak {peak.get('parts')}")
-    print(f"\n300 MB C-STORE: RSS {base['VmRSS'] / 1024:.0f} MiB before, peak growth {growth_mb:.1f} MB, "
-          f"VmHWM growth {hwm_growth_mb:.1f} MB; storescu: {[ln for ln in out.splitlines() if 'response' in ln][:2]}")
+    print(
+        f"\n300 MB C-STORE: RSS {base['VmRSS'] / 1024:.0f} MiB before, peak growth {growth_mb:.1f} MB, "
+        f"VmHWM growth {hwm_growth_mb:.1f} MB; storescu: {[ln for ln in out.splitlines() if 'response' in ln][:2]}"
+    )
     assert growth_mb < 300 and hwm_growth_mb < 300
     rows = [x for x in refused_rows(work) if x["reason"].startswith("too_large: the data set is over")]
     assert rows, csv_rows(work / "node.csv")
@@ -515,17 +593,34 @@ def test_300_mb_cstore_is_refused_with_bounded_memory_and_disk(plain_node):
 @pytest.mark.slow
 def test_orthanc_sends_to_the_node_and_receives_its_results_over_tls(tmp_path, pki, scoring_checkpoint):
     node_port = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc", node_aet="MEDXRAY", node_port=node_port,
-                            tls={"certificate": pki["orthanc.crt"], "private_key": pki["orthanc.key"],
-                                 "trusted": pki["ca"]})
-    node_tls = {"certificate": str(pki["node.crt"]), "private_key": str(pki["node.key"]),
-                "ca_certificates": str(pki["ca"])}
+    orthanc = OrthancServer(
+        tmp_path / "orthanc",
+        node_aet="MEDXRAY",
+        node_port=node_port,
+        tls={"certificate": pki["orthanc.crt"], "private_key": pki["orthanc.key"], "trusted": pki["ca"]},
+    )
+    node_tls = {
+        "certificate": str(pki["node.crt"]),
+        "private_key": str(pki["node.key"]),
+        "ca_certificates": str(pki["ca"]),
+    }
     work = tmp_path / "work"
-    cfg = node_config(tmp_path / "node.yaml", work, scoring_checkpoint, node_port, orthanc.dicom_port,
-                      allowed_calling_aes=["ORTHANC"], secondary_capture=False,
-                      tls={**node_tls, "peer_subject": r"orthanc\.medxray\.test"},
-                      destination={"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
-                                   "tls": {**node_tls, "peer_subject": r"orthanc\.medxray\.test"}})
+    cfg = node_config(
+        tmp_path / "node.yaml",
+        work,
+        scoring_checkpoint,
+        node_port,
+        orthanc.dicom_port,
+        allowed_calling_aes=["ORTHANC"],
+        secondary_capture=False,
+        tls={**node_tls, "peer_subject": r"orthanc\.medxray\.test"},
+        destination={
+            "ae_title": "ORTHANC",
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "tls": {**node_tls, "peer_subject": r"orthanc\.medxray\.test"},
+        },
+    )
     node = Node(cfg, node_port, tmp_path / "node.log")
     with orthanc:
         try:
@@ -535,8 +630,12 @@ def test_orthanc_sends_to_the_node_and_receives_its_results_over_tls(tmp_path, p
             job = orthanc.post("/modalities/medxray/store", oid.encode())
             assert int(job.get("FailedInstancesCount", 0)) == 0, job
             src = pydicom.dcmread(f, stop_before_pixels=True)
-            wait_for(lambda: [t for t in orthanc.instances_tags() if t.get("Manufacturer") == "medxray"], 240,
-                     "the SR in Orthanc", node.log)
+            wait_for(
+                lambda: [t for t in orthanc.instances_tags() if t.get("Manufacturer") == "medxray"],
+                240,
+                "the SR in Orthanc",
+                node.log,
+            )
             results = [t for t in orthanc.instances_tags() if t.get("Manufacturer") == "medxray"]
             assert len(results) == 1 and results[0]["StudyInstanceUID"] == src.StudyInstanceUID
             log = node.log.read_text()
@@ -552,8 +651,9 @@ def test_network_fuzz_of_the_running_node_finds_nothing(tmp_path):
     it keeps running, answers a C-ECHO, its RSS stays within 300 MB and no thread is left behind."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("medxray_network_fuzz",
-                                                  Path(__file__).resolve().parent / "fuzz" / "network.py")
+    spec = importlib.util.spec_from_file_location(
+        "medxray_network_fuzz", Path(__file__).resolve().parent / "fuzz" / "network.py"
+    )
     network = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(network)
     r = network.fuzz(15, tmp_path, rss_bound_mb=300, seed=19)

@@ -87,11 +87,30 @@ def trained(partial_root, tmp_path_factory):
     (partial_root / "test_list.txt").write_text("\n".join(test) + "\n")
     (partial_root / "train_val_list.txt").write_text("\n".join(n for n in names if n not in set(test)) + "\n")
     run = tmp_path_factory.mktemp("run") / "r"
-    res = finetune(TrainConfig(dataset="chestxray14", data_root=str(partial_root), model="densenet121",
-                               pretrained="none", image_size=SIZE, epochs=3, batch_size=16, precision="fp32",
-                               num_workers=0, progress=False, val_fraction=0.2, out=str(run)))
-    ev = evaluate(res.best_checkpoint, split="test", out_dir=run / "eval-test", n_bootstrap=1000, num_workers=0,
-                  localisation=False)
+    res = finetune(
+        TrainConfig(
+            dataset="chestxray14",
+            data_root=str(partial_root),
+            model="densenet121",
+            pretrained="none",
+            image_size=SIZE,
+            epochs=3,
+            batch_size=16,
+            precision="fp32",
+            num_workers=0,
+            progress=False,
+            val_fraction=0.2,
+            out=str(run),
+        )
+    )
+    ev = evaluate(
+        res.best_checkpoint,
+        split="test",
+        out_dir=run / "eval-test",
+        n_bootstrap=1000,
+        num_workers=0,
+        localisation=False,
+    )
     return {"cache": cache, "finetune": res, "eval": ev, "test": test, "run": run}
 
 
@@ -106,9 +125,11 @@ def test_prepare_finetune_and_evaluate_on_real_images(trained):
     md = ev.report_md.read_text()
     assert "not comparable: 0 of 25,596 official test images" in md and "synthetic" not in md.lower()
     # the numbers this test measured, for the README's "Measured on real images" (pytest -s shows them)
-    print(f"\nreal-sample carve-out: best val mean AUROC {ft.best_val_auroc:.3f} (epoch {ft.best_epoch}); "
-          f"test mean AUROC {ev.mean_auroc:.3f} (95% CI {ev.mean_auroc_ci[0]:.3f}-{ev.mean_auroc_ci[1]:.3f}), "
-          f"{ev.n_images} images")
+    print(
+        f"\nreal-sample carve-out: best val mean AUROC {ft.best_val_auroc:.3f} (epoch {ft.best_epoch}); "
+        f"test mean AUROC {ev.mean_auroc:.3f} (95% CI {ev.mean_auroc_ci[0]:.3f}-{ev.mean_auroc_ci[1]:.3f}), "
+        f"{ev.n_images} images"
+    )
 
 
 def test_predict_and_cam_on_real_anatomy(trained, partial_root):
@@ -144,8 +165,9 @@ def test_map_geometry_follows_the_image(trained, partial_root):
     from medxray.data.imageio import read_image
     from medxray.inference import Predictor
 
-    pred = Predictor.from_checkpoint(trained["finetune"].best_checkpoint, device="cpu", backend="torch",
-                                     precision="fp32")
+    pred = Predictor.from_checkpoint(
+        trained["finetune"].best_checkpoint, device="cpu", backend="torch", precision="fp32"
+    )
     with torch.no_grad():
         for m in pred.model.modules():
             if isinstance(m, torch.nn.Conv2d):

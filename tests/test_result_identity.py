@@ -30,8 +30,16 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SHARED_SOP = generate_uid(entropy_srcs=["medxray-test", "shared-sop"])
 
 
-def rg1_instance(tag: str, *, patient: str, study: str | None = None, series: str | None = None,
-                 sop: str = SHARED_SOP, crop: tuple[int, int] | None = None, flip: bool = False) -> bytes:
+def rg1_instance(
+    tag: str,
+    *,
+    patient: str,
+    study: str | None = None,
+    series: str | None = None,
+    sop: str = SHARED_SOP,
+    crop: tuple[int, int] | None = None,
+    flip: bool = False,
+) -> bytes:
     """The real RG1 CR (pydicom-data) as a complete DICOM file for a chosen patient and UIDs.
 
     ``crop`` keeps the top-left (rows, columns) of the image, ``flip`` mirrors it: different pixels.
@@ -86,6 +94,7 @@ def instances() -> dict[str, bytes]:
 
 # ---- the content hash --------------------------------------------------------------------
 
+
 def test_content_hash_covers_the_data_set_not_the_file_meta(instances):
     a = instances["a"]
     ds = pydicom.dcmread(io.BytesIO(a))
@@ -109,6 +118,7 @@ def test_content_hash_of_a_file_equals_that_of_its_bytes(tmp_path, instances):
 
 
 # ---- the spool ---------------------------------------------------------------------------
+
 
 def test_two_studies_sharing_a_sop_uid_are_two_files_and_the_second_is_flagged(tmp_path, instances, caplog):
     spool = Spool(tmp_path / "work")
@@ -203,8 +213,12 @@ def test_a_kill_before_the_flag_was_written_is_recovered_at_restart(tmp_path, in
     spool.promote_idle(0.0)
     v2 = spool.store(instances["a2"], *uids(instances["a2"]))
     pb = spool.store(instances["b"], *uids(instances["b"]))
-    expected = sorted([("duplicate_sop_uid", pb.relative_to(spool.incoming).as_posix()),
-                       ("new_version", v2.relative_to(spool.incoming).as_posix())])
+    expected = sorted(
+        [
+            ("duplicate_sop_uid", pb.relative_to(spool.incoming).as_posix()),
+            ("new_version", v2.relative_to(spool.incoming).as_posix()),
+        ]
+    )
     assert sorted((r["status"], r["path"]) for r in node_rows(spool.work)) == expected
     for name in (NODE_CSV, "node.keys"):  # as if the process died before writing them
         (spool.work / name).unlink()
@@ -216,11 +230,18 @@ def test_a_kill_before_the_flag_was_written_is_recovered_at_restart(tmp_path, in
 
 # ---- the result objects' identity --------------------------------------------------------
 
+
 def test_result_uids_cover_study_series_sop_and_a_new_versions_content(tmp_path, instances):
     def source(data: bytes, **extra) -> dict[str, str]:
         study, series, sop = uids(data)
-        return {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.1", "sop_instance_uid": sop, "study_instance_uid": study,
-                "series_instance_uid": series, "modality": "CR", **extra}
+        return {
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1",
+            "sop_instance_uid": sop,
+            "study_instance_uid": study,
+            "series_instance_uid": series,
+            "modality": "CR",
+            **extra,
+        }
 
     a, b = source(instances["a"]), source(instances["b"])
     a2 = source(instances["a2"], content_sha256=dataset_sha256(instances["a2"]))
@@ -229,15 +250,20 @@ def test_result_uids_cover_study_series_sop_and_a_new_versions_content(tmp_path,
     assert len(set(all_uids)) == len(all_uids)
     assert result_uid(a, "v1", "sr") != result_uid(a, "v2", "sr")
     assert result_uid({**a, "content_sha256": ""}, "v1", "sr") == result_uid(a, "v1", "sr")
-    kw = dict(label_names=["Mass"], probabilities=[0.7], positives=["Mass"], model_name="m", model_version="v1",
-              thresholds={})
+    kw = dict(
+        label_names=["Mass"], probabilities=[0.7], positives=["Mass"], model_name="m", model_version="v1", thresholds={}
+    )
     srs = [pydicom.dcmread(write_sr(tmp_path / f"{i}.dcm", source=s, **kw)) for i, s in enumerate((a, b, a2))]
     assert len({d.SOPInstanceUID for d in srs}) == 3 and len({d.SeriesInstanceUID for d in srs}) == 3
-    assert [d.StudyInstanceUID for d in srs] == [a["study_instance_uid"], b["study_instance_uid"],
-                                                 a["study_instance_uid"]]
+    assert [d.StudyInstanceUID for d in srs] == [
+        a["study_instance_uid"],
+        b["study_instance_uid"],
+        a["study_instance_uid"],
+    ]
 
 
 # ---- the real node -----------------------------------------------------------------------
+
 
 def send(port: int, datasets: list[bytes], calling_aet: str = "STORESCU") -> list[int]:
     """C-STORE ``datasets`` to the node over one association (pynetdicom SCU); their statuses."""
@@ -256,8 +282,9 @@ def send(port: int, datasets: list[bytes], calling_aet: str = "STORESCU") -> lis
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists("/usr/sbin/Orthanc"),
-                    reason="needs Debian orthanc: run `make system-deps` (make test does)")
+@pytest.mark.skipif(
+    not os.path.exists("/usr/sbin/Orthanc"), reason="needs Debian orthanc: run `make system-deps` (make test does)"
+)
 def test_node_gives_each_study_and_each_version_its_own_result(tmp_path, scoring_checkpoint, instances):
     from pacs_fixtures import OrthancServer, free_port
     from test_pacs import Node, csv_rows, wait_for, write_node_config
@@ -273,8 +300,12 @@ def test_node_gives_each_study_and_each_version_its_own_result(tmp_path, scoring
         """n rows scored, all their result objects queued (queued.log) and sent (the outbox empty)."""
         rows = csv_rows(results)
         queued = (work / "queued.log").read_text().splitlines() if (work / "queued.log").exists() else []
-        return len(rows) == n_rows and all(r["path"] in queued for r in rows) \
-            and not list(work.glob("incoming/*/*/*.dcm")) and not list((work / "outbox").glob("*.dcm"))
+        return (
+            len(rows) == n_rows
+            and all(r["path"] in queued for r in rows)
+            and not list(work.glob("incoming/*/*/*.dcm"))
+            and not list((work / "outbox").glob("*.dcm"))
+        )
 
     try:
         orthanc.start()
@@ -285,10 +316,16 @@ def test_node_gives_each_study_and_each_version_its_own_result(tmp_path, scoring
         assert send(node_port, [instances["a"], instances["a2"], instances["b"]]) == [0, 0, 0]
         wait_for(lambda: settled(3), 240, "the new version scored and answered", node.log)
         node.kill(signal.SIGTERM)
-        srs = [t for t in orthanc.instances_tags() if t.get("Manufacturer") == "medxray"
-               and t.get("SOPClassUID") == SR_CLASS]
-        scs = [t for t in orthanc.instances_tags() if t.get("Manufacturer") == "medxray"
-               and t.get("SOPClassUID") == SC_CLASS]
+        srs = [
+            t
+            for t in orthanc.instances_tags()
+            if t.get("Manufacturer") == "medxray" and t.get("SOPClassUID") == SR_CLASS
+        ]
+        scs = [
+            t
+            for t in orthanc.instances_tags()
+            if t.get("Manufacturer") == "medxray" and t.get("SOPClassUID") == SC_CLASS
+        ]
     finally:
         node.kill()
         orthanc.stop()
@@ -300,22 +337,28 @@ def test_node_gives_each_study_and_each_version_its_own_result(tmp_path, scoring
     for r in rows:
         f = work / "inbox" / r["path"]
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        assert (r["study_instance_uid"], r["series_instance_uid"], r["sop_instance_uid"]) == \
-            (ds.StudyInstanceUID, ds.SeriesInstanceUID, SHARED_SOP)
+        assert (r["study_instance_uid"], r["series_instance_uid"], r["sop_instance_uid"]) == (
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            SHARED_SOP,
+        )
         assert (int(r["rows"]), int(r["columns"])) == (ds.Rows, ds.Columns)  # the row describes these pixels
         by_content[dataset_sha256(f)] = r
     assert set(by_content) == {dataset_sha256(instances[k]) for k in ("a", "b", "a2")}
-    assert sorted(p.relative_to(work / "inbox").as_posix() for p in (work / "inbox").rglob("*.dcm")) == \
-        sorted(r["path"] for r in rows)  # the spool holds exactly the scored files
+    assert sorted(p.relative_to(work / "inbox").as_posix() for p in (work / "inbox").rglob("*.dcm")) == sorted(
+        r["path"] for r in rows
+    )  # the spool holds exactly the scored files
     new_version = by_content[dataset_sha256(instances["a2"])]
     assert (int(new_version["rows"]), int(new_version["columns"])) == (1500, 1400)
     assert is_version_name(Path(new_version["path"]).name)
 
     flags = node_rows(work)
-    assert sorted((r["status"], r["path"]) for r in flags) == sorted([
-        ("duplicate_sop_uid", by_content[dataset_sha256(instances["b"])]["path"]),
-        ("new_version", new_version["path"]),
-    ])
+    assert sorted((r["status"], r["path"]) for r in flags) == sorted(
+        [
+            ("duplicate_sop_uid", by_content[dataset_sha256(instances["b"])]["path"]),
+            ("new_version", new_version["path"]),
+        ]
+    )
 
     # three SRs in the PACS, one per (study, content), each filed under its own study and patient
     assert len(srs) == 3 and len({t["SOPInstanceUID"] for t in srs}) == 3

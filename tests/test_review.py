@@ -19,12 +19,19 @@ KEY = ImageKey.from_uids("1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.4
 
 def test_save_and_reload_survives_a_new_store(tmp_path):
     store = ReviewStore(tmp_path / "rev")
-    key = ImageKey.for_image(UID, study_instance_uid=KEY.value.split("/")[0],
-                             series_instance_uid=KEY.value.split("/")[1])
+    key = ImageKey.for_image(
+        UID, study_instance_uid=KEY.value.split("/")[0], series_instance_uid=KEY.value.split("/")[1]
+    )
     assert key == KEY
-    saved = store.save(key, {"Effusion": "agree", "Mass": "disagree", "Nodule": ""}, reviewer="Dr A",
-                       note="small left effusion", model_version="m1",
-                       probabilities={"Effusion": 0.81, "Mass": 0.6}, thresholds={"Effusion": 0.5, "Mass": 0.4})
+    saved = store.save(
+        key,
+        {"Effusion": "agree", "Mass": "disagree", "Nodule": ""},
+        reviewer="Dr A",
+        note="small left effusion",
+        model_version="m1",
+        probabilities={"Effusion": 0.81, "Mass": 0.6},
+        thresholds={"Effusion": 0.5, "Mass": 0.4},
+    )
     assert saved.verdicts == {"Effusion": "agree", "Mass": "disagree"}  # empty choice = not reviewed
     # A fresh store object on the same folder (= app restart) sees the same review.
     again = ReviewStore(tmp_path / "rev").latest(KEY.value)
@@ -52,8 +59,11 @@ def test_database_is_wal_and_latest_review_wins(tmp_path):
 
 @pytest.mark.parametrize(
     "verdicts, reviewer, msg",
-    [({"Mass": "agree"}, "  ", "reviewer"), ({"Mass": "maybe"}, "A", "unknown verdict"),
-     ({"Mass": ""}, "A", "at least one finding")],
+    [
+        ({"Mass": "agree"}, "  ", "reviewer"),
+        ({"Mass": "maybe"}, "A", "unknown verdict"),
+        ({"Mass": ""}, "A", "at least one finding"),
+    ],
 )
 def test_invalid_reviews_are_refused_with_a_clear_error(tmp_path, verdicts, reviewer, msg):
     store = ReviewStore(tmp_path)
@@ -93,8 +103,9 @@ def test_concurrent_saves_from_threads_all_land(tmp_path):
     def work(i: int) -> None:
         try:
             for j in range(5):
-                store.save(ImageKey.from_bytes(f"{i}-{j}".encode()), {"Mass": "agree", "Edema": "unsure"},
-                           reviewer=f"r{i}")
+                store.save(
+                    ImageKey.from_bytes(f"{i}-{j}".encode()), {"Mass": "agree", "Edema": "unsure"}, reviewer=f"r{i}"
+                )
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -110,16 +121,24 @@ def test_concurrent_saves_from_threads_all_land(tmp_path):
 
 def test_export_csv_has_every_review_and_neutralises_formulas(tmp_path):
     store = ReviewStore(tmp_path)
-    store.save(KEY, {"Mass": "agree", "Edema": "disagree"}, reviewer="=cmd|' /C calc'!A0",
-               note="+SUM(1)\nsecond line, with comma", probabilities={"Mass": 0.7})
+    store.save(
+        KEY,
+        {"Mass": "agree", "Edema": "disagree"},
+        reviewer="=cmd|' /C calc'!A0",
+        note="+SUM(1)\nsecond line, with comma",
+        probabilities={"Mass": 0.7},
+    )
     store.save(ImageKey.from_bytes(b"x"), {"Hernia": "unsure"}, reviewer="B")
     out = tmp_path / "export" / "reviews.csv"
     text = store.export_csv(out)
     assert out.read_text() == text
     rows = list(csv.DictReader(io.StringIO(text)))
     assert tuple(rows[0].keys()) == EXPORT_COLUMNS
-    assert [(r["finding"], r["verdict"]) for r in rows] == [("Mass", "agree"), ("Edema", "disagree"),
-                                                            ("Hernia", "unsure")]
+    assert [(r["finding"], r["verdict"]) for r in rows] == [
+        ("Mass", "agree"),
+        ("Edema", "disagree"),
+        ("Hernia", "unsure"),
+    ]
     assert rows[0]["reviewer"].startswith("'=") and rows[0]["note"] == "'+SUM(1)\nsecond line, with comma"
     assert rows[0]["probability"] == "0.700000" and rows[1]["probability"] == ""
     assert rows[2]["key_kind"] == "sha256"
@@ -134,8 +153,12 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
 
 def test_export_carries_the_file_name_never_a_folder(tmp_path):
     store = ReviewStore(tmp_path)
-    store.save(ImageKey.from_bytes(b"png bytes"), {"Mass": "agree"}, reviewer="Dr A",
-               file_name="/ward 7/Smith/00000013_005.png")
+    store.save(
+        ImageKey.from_bytes(b"png bytes"),
+        {"Mass": "agree"},
+        reviewer="Dr A",
+        file_name="/ward 7/Smith/00000013_005.png",
+    )
     rows = list(csv.DictReader(io.StringIO(store.export_csv())))
     assert rows[0]["file_name"] == "00000013_005.png" and rows[0]["key_kind"] == "sha256"
     assert "Smith" not in store.export_csv() and "ward" not in store.export_csv()
@@ -145,21 +168,34 @@ def test_history_is_append_only_and_says_who_changed_what(tmp_path):
     store = ReviewStore(tmp_path)
     key = ImageKey.from_uids("1.1", "1.2", "1.2.3")
     store.save(key, {"Mass": "agree", "Effusion": "unsure"}, reviewer="Dr A", file_name="a.dcm")
-    store.save(key, {"Mass": "disagree", "Effusion": "unsure"}, reviewer="Dr B", note="second look",
-               file_name="a.dcm", identity_source="proxy header")
+    store.save(
+        key,
+        {"Mass": "disagree", "Effusion": "unsure"},
+        reviewer="Dr B",
+        note="second look",
+        file_name="a.dcm",
+        identity_source="proxy header",
+    )
     store.save(key, {"Mass": "disagree", "Effusion": "unsure"}, reviewer="Dr B", note="second look")
     hist = list(store.iter_history_rows(key.value))
     assert [(h["change"], h["finding"], h["previous"], h["new"], h["reviewer"]) for h in hist] == [
-        ("first review", "Mass", "", "agree", "Dr A"), ("first review", "Effusion", "", "unsure", "Dr A"),
-        ("verdict", "Mass", "agree", "disagree", "Dr B"), ("note", "", "", "second look", "Dr B"),
-        ("unchanged", "", "", "", "Dr B")]
+        ("first review", "Mass", "", "agree", "Dr A"),
+        ("first review", "Effusion", "", "unsure", "Dr A"),
+        ("verdict", "Mass", "agree", "disagree", "Dr B"),
+        ("note", "", "", "second look", "Dr B"),
+        ("unchanged", "", "", "", "Dr B"),
+    ]
     assert hist[2]["identity_source"] == "proxy header"
     exported = list(csv.DictReader(io.StringIO(store.export_csv(history=True))))
     assert len(exported) == 5 and exported[2]["previous"] == "agree" and exported[2]["file_name"] == "a.dcm"
     # the database itself refuses to rewrite or delete history
     with closing(sqlite3.connect(store.path)) as conn:
-        for sql in ("UPDATE reviews SET reviewer = 'x'", "DELETE FROM reviews", "DELETE FROM review_findings",
-                    "UPDATE review_findings SET verdict = 'agree'"):
+        for sql in (
+            "UPDATE reviews SET reviewer = 'x'",
+            "DELETE FROM reviews",
+            "DELETE FROM review_findings",
+            "UPDATE review_findings SET verdict = 'agree'",
+        ):
             with pytest.raises(sqlite3.DatabaseError, match="append-only"):
                 conn.execute(sql)
     assert store.count() == 3
@@ -173,7 +209,8 @@ def test_a_version_1_database_gains_the_new_columns_and_keeps_its_reviews(tmp_pa
                 model_version TEXT NOT NULL DEFAULT '', saved_at_utc TEXT NOT NULL);
             CREATE TABLE review_findings (review_id INTEGER NOT NULL, finding TEXT NOT NULL, verdict TEXT NOT NULL,
                 probability REAL, threshold REAL, PRIMARY KEY (review_id, finding));
-            INSERT INTO reviews VALUES (1, '1.2.3', 'sop_instance_uid', 'Dr Old', '', 'v0', '2024-01-01T00:00:00+00:00');
+            INSERT INTO reviews VALUES
+                (1, '1.2.3', 'sop_instance_uid', 'Dr Old', '', 'v0', '2024-01-01T00:00:00+00:00');
             INSERT INTO review_findings VALUES (1, 'Mass', 'agree', 0.7, 0.5);
             PRAGMA user_version=1;""")
     store = ReviewStore(tmp_path)

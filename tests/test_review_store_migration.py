@@ -66,17 +66,43 @@ def write_v2_database(folder) -> None:
         conn.executescript(V2_SCHEMA)
         reviews = [
             (1, SOP_X, "sop_instance_uid", "Dr A", "", "m1", "2026-01-02T10:00:00+00:00", "x.dcm", "typed"),
-            (2, SOP_Y, "sop_instance_uid", "Dr A", "which patient?", "m1", "2026-01-02T10:01:00+00:00", "y.dcm",
-             "typed"),
+            (
+                2,
+                SOP_Y,
+                "sop_instance_uid",
+                "Dr A",
+                "which patient?",
+                "m1",
+                "2026-01-02T10:01:00+00:00",
+                "y.dcm",
+                "typed",
+            ),
             (3, PNG_SHA, "sha256", "Dr B", "", "m1", "2026-01-02T10:02:00+00:00", "00000013_005.png", "typed"),
-            (4, SOP_X, "sop_instance_uid", "Dr C", "second look", "m1", "2026-01-03T09:00:00+00:00", "x.dcm",
-             "proxy header"),
+            (
+                4,
+                SOP_X,
+                "sop_instance_uid",
+                "Dr C",
+                "second look",
+                "m1",
+                "2026-01-03T09:00:00+00:00",
+                "x.dcm",
+                "proxy header",
+            ),
         ]
-        findings = [(1, "Mass", "agree", 0.71, 0.5), (1, "Effusion", "unsure", 0.4, 0.5), (2, "Mass", "agree", 0.6, 0.5),
-                    (3, "Nodule", "disagree", 0.55, 0.5), (4, "Mass", "disagree", 0.71, 0.5),
-                    (4, "Effusion", "unsure", 0.4, 0.5)]
-        conn.executemany("INSERT INTO reviews (id, image_key, key_kind, reviewer, note, model_version, saved_at_utc,"
-                         " file_name, identity_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", reviews)
+        findings = [
+            (1, "Mass", "agree", 0.71, 0.5),
+            (1, "Effusion", "unsure", 0.4, 0.5),
+            (2, "Mass", "agree", 0.6, 0.5),
+            (3, "Nodule", "disagree", 0.55, 0.5),
+            (4, "Mass", "disagree", 0.71, 0.5),
+            (4, "Effusion", "unsure", 0.4, 0.5),
+        ]
+        conn.executemany(
+            "INSERT INTO reviews (id, image_key, key_kind, reviewer, note, model_version, saved_at_utc,"
+            " file_name, identity_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            reviews,
+        )
         conn.executemany("INSERT INTO review_findings VALUES (?, ?, ?, ?, ?)", findings)
         conn.execute("PRAGMA user_version=2")
 
@@ -94,8 +120,11 @@ def test_a_version_2_database_is_migrated_in_place_and_found_under_the_new_keys(
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("SELECT id, image_key, key_kind FROM reviews ORDER BY id").fetchall() == [
-            (1, SOP_X, "sop_instance_uid"), (2, SOP_Y, "sop_instance_uid"), (3, PNG_SHA, "sha256"),
-            (4, SOP_X, "sop_instance_uid")]  # rows kept as saved
+            (1, SOP_X, "sop_instance_uid"),
+            (2, SOP_Y, "sop_instance_uid"),
+            (3, PNG_SHA, "sha256"),
+            (4, SOP_X, "sop_instance_uid"),
+        ]  # rows kept as saved
         for sql in ("UPDATE reviews SET reviewer = 'x'", "DELETE FROM reviews", "DELETE FROM review_findings"):
             with pytest.raises(sqlite3.DatabaseError, match="append-only"):
                 conn.execute(sql)  # the rebuilt table is append-only too
@@ -106,15 +135,20 @@ def test_a_version_2_database_is_migrated_in_place_and_found_under_the_new_keys(
     x1, y1, y2 = key(STUDY_1, SERIES_1, SOP_X), key(STUDY_1, SERIES_1, SOP_Y), key(STUDY_2, SERIES_2, SOP_Y)
     latest = store.latest_by_image(adopt=[x1.value, y1.value, y2.value, None, PNG_SHA])
     assert set(latest) == {x1.value, SOP_Y, PNG_SHA}
-    assert latest[x1.value].reviewer == "Dr C" and latest[x1.value].verdicts == {"Mass": "disagree",
-                                                                                 "Effusion": "unsure"}
+    assert latest[x1.value].reviewer == "Dr C" and latest[x1.value].verdicts == {
+        "Mass": "disagree",
+        "Effusion": "unsure",
+    }
     assert latest[x1.value].key_kind == "study_series_sop" and latest[x1.value].identity_source == "proxy header"
     assert store.latest(y1.value) is None and store.latest(y2.value) is None  # ambiguous: nobody gets it
     assert [r.reviewer for r in store.history(x1.value)] == ["Dr A", "Dr C"]
     hist = list(store.iter_history_rows(x1.value))
     assert [(h["change"], h["finding"], h["previous"], h["new"]) for h in hist] == [
-        ("first review", "Mass", "", "agree"), ("first review", "Effusion", "", "unsure"),
-        ("verdict", "Mass", "agree", "disagree"), ("note", "", "", "second look")]
+        ("first review", "Mass", "", "agree"),
+        ("first review", "Effusion", "", "unsure"),
+        ("verdict", "Mass", "agree", "disagree"),
+        ("note", "", "", "second look"),
+    ]
     assert store.latest(SOP_X) is None  # the old key is not a key any more
     export = store.export_csv()
     assert f"{x1.value}," in export and "study_series_sop" in export
@@ -165,8 +199,11 @@ def test_two_processes_opening_a_version_2_database_at_once_migrate_it_once(tmp_
 
 def test_keys_that_two_patients_could_share_are_refused(tmp_path):
     store = ReviewStore(tmp_path)
-    for bad in (ImageKey(SOP_X, "sop_instance_uid"), ImageKey("1.2/1.3", "study_series_sop"),
-                ImageKey("x/y/z", "study_series_sop")):
+    for bad in (
+        ImageKey(SOP_X, "sop_instance_uid"),
+        ImageKey("1.2/1.3", "study_series_sop"),
+        ImageKey("x/y/z", "study_series_sop"),
+    ):
         with pytest.raises(ReviewError, match="invalid image key"):
             store.save(bad, {"Mass": "agree"}, reviewer="A")
     assert ImageKey.from_uids(STUDY_1, SERIES_1, "") is None
@@ -190,8 +227,13 @@ def test_real_images_sharing_a_sop_uid_get_two_keys_in_the_study_view_and_the_wo
         buf = io.BytesIO()
         src.save_as(buf, enforce_file_format=True)
         opened = load_study_bytes(buf.getvalue(), "x.dcm")
-        row = {"path": "x.dcm", "status": "ok", "sop_instance_uid": SOP_X, "study_instance_uid": study,
-               "series_instance_uid": series}
+        row = {
+            "path": "x.dcm",
+            "status": "ok",
+            "sop_instance_uid": SOP_X,
+            "study_instance_uid": study,
+            "series_instance_uid": series,
+        }
         assert opened.key.value == row_image_key(tmp_path, row) == f"{study}/{series}/{SOP_X}"
         keys.append(opened.key)
     assert keys[0] != keys[1]
@@ -202,6 +244,7 @@ def test_real_images_sharing_a_sop_uid_get_two_keys_in_the_study_view_and_the_wo
 
 
 # ---- the app: a review says when the file under its key has changed ------------------------
+
 
 @pytest.mark.slow
 def test_study_page_warns_when_the_file_changed_since_its_review(tmp_path, monkeypatch):

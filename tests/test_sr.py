@@ -15,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pacs_fixtures import dciodvfy_errors, dciodvfy_warnings
 from pydicom.data import get_testdata_file
 
 from medxray.dicom.sc import SC_SERIES_DESCRIPTION, write_cam_sc
 from medxray.dicom.sr import CODING_SCHEME, result_uid, write_sr
 from medxray.errors import DicomError
 
-from pacs_fixtures import dciodvfy_errors, dciodvfy_warnings
-
-pytestmark = pytest.mark.skipif(shutil.which("dciodvfy") is None,
-                                reason="needs Debian dicom3tools (dciodvfy): run `make system-deps` (make test does)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("dciodvfy") is None,
+    reason="needs Debian dicom3tools (dciodvfy): run `make system-deps` (make test does)",
+)
 LABELS = ["Atelectasis", "Cardiomegaly", "Effusion"]
 
 
@@ -35,14 +36,25 @@ def header(name: str = "RG1_UNCI.dcm") -> pydicom.Dataset:
 
 
 def source_of(ds: pydicom.Dataset) -> dict[str, str]:
-    return {"sop_class_uid": str(ds.get("SOPClassUID", "")), "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-            "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
-            "series_instance_uid": str(ds.get("SeriesInstanceUID", "")), "modality": str(ds.get("Modality", ""))}
+    return {
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+        "modality": str(ds.get("Modality", "")),
+    }
 
 
 def sr_kwargs(ds: pydicom.Dataset) -> dict:
-    return dict(source=source_of(ds), label_names=LABELS, probabilities=[0.1, 0.7, 0.55],
-                positives=["Cardiomegaly", "Effusion"], model_name="densenet121", model_version="test", thresholds={})
+    return dict(
+        source=source_of(ds),
+        label_names=LABELS,
+        probabilities=[0.1, 0.7, 0.55],
+        positives=["Cardiomegaly", "Effusion"],
+        model_name="densenet121",
+        model_version="test",
+        thresholds={},
+    )
 
 
 @pytest.mark.parametrize("copy_patient", [True, False], ids=["patient-copied", "deidentified"])
@@ -54,8 +66,17 @@ def test_sr_validates_and_files_under_the_source_study(tmp_path, copy_patient):
     assert sr.StudyInstanceUID == src.StudyInstanceUID
     assert sr.SOPInstanceUID == result_uid(source_of(src), "test", "sr")
     if copy_patient:
-        for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                   "StudyDate", "StudyTime", "StudyDescription"):
+        for kw in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "AccessionNumber",
+            "StudyID",
+            "StudyDate",
+            "StudyTime",
+            "StudyDescription",
+        ):
             assert sr[kw].value == src[kw].value, kw
     else:
         assert not str(sr.PatientName) and not sr.PatientID and not sr.PatientBirthDate and not sr.AccessionNumber
@@ -81,8 +102,15 @@ def test_bad_sequence_uids_are_refused_not_written(tmp_path):
     with pytest.raises(DicomError, match="invalid_uid: the source has no valid SOP Instance UID, Study"):
         write_sr(tmp_path / "sr.dcm", **sr_kwargs(src))
     with pytest.raises(DicomError, match="invalid_uid"):
-        write_cam_sc(tmp_path / "sc.dcm", overlay_rgb=np.zeros((8, 8, 3), np.uint8), source=source_of(src),
-                     finding="Effusion", probability=0.5, model_name="m", model_version="t")
+        write_cam_sc(
+            tmp_path / "sc.dcm",
+            overlay_rgb=np.zeros((8, 8, 3), np.uint8),
+            source=source_of(src),
+            finding="Effusion",
+            probability=0.5,
+            model_name="m",
+            model_version="t",
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -91,9 +119,16 @@ def test_cam_secondary_capture_validates_with_burned_in_warning(tmp_path, copy_p
     src = header()
     rgb = np.zeros((200, 240, 3), np.uint8)
     rgb[50:150, 60:180, 0] = 255
-    path = write_cam_sc(tmp_path / "sc.dcm", overlay_rgb=rgb, source=source_of(src), finding="Effusion",
-                        probability=0.55, model_name="densenet121", model_version="test",
-                        source_dataset=src if copy_patient else None)
+    path = write_cam_sc(
+        tmp_path / "sc.dcm",
+        overlay_rgb=rgb,
+        source=source_of(src),
+        finding="Effusion",
+        probability=0.55,
+        model_name="densenet121",
+        model_version="test",
+        source_dataset=src if copy_patient else None,
+    )
     assert dciodvfy_errors(path) == []
     sc = pydicom.dcmread(path)
     assert sc.SeriesDescription == SC_SERIES_DESCRIPTION and sc.BurnedInAnnotation == "YES"
@@ -120,8 +155,21 @@ def test_every_sr_the_batch_scorer_writes_validates(tmp_path, scoring_checkpoint
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
     ds.save_as(inp / "no_study_uid.dcm")
     out = tmp_path / "out"
-    score_directory(ScoreConfig(inp, scoring_checkpoint, out, sr=True, cams="none", allowed_modalities=None,
-                                backend="torch", precision="fp32", batch_size=4, workers=1, progress=False))
+    score_directory(
+        ScoreConfig(
+            inp,
+            scoring_checkpoint,
+            out,
+            sr=True,
+            cams="none",
+            allowed_modalities=None,
+            backend="torch",
+            precision="fp32",
+            batch_size=4,
+            workers=1,
+            progress=False,
+        )
+    )
     with open(out / "results.csv", newline="") as fh:
         rows = {r["path"]: r for r in csv.DictReader(fh)}
     assert rows["rg1.dcm"]["sr_file"] and dciodvfy_errors(out / rows["rg1.dcm"]["sr_file"]) == []

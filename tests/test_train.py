@@ -26,14 +26,24 @@ from medxray.training.loop import TrainingDivergedError, finetune
 from medxray.training.steps import masked_bce_with_logits
 
 LABELS = ["A", "B", "C"]
-SMALL = dict(model="densenet_40_k12", pretrained="none", image_size=16, batch_size=8, lr=3e-3,
-             precision="fp32", progress=False, num_workers=0)
+SMALL = dict(
+    model="densenet_40_k12",
+    pretrained="none",
+    image_size=16,
+    batch_size=8,
+    lr=3e-3,
+    precision="fp32",
+    progress=False,
+    num_workers=0,
+)
 
 
 class FakeXray(Dataset):
     """Finding c present -> bright square in quadrant c; a few labels unknown (mask 0)."""
 
-    def __init__(self, n: int, size: int = 16, seed: int = 0, nan: bool = False, crash_after: int | None = None) -> None:
+    def __init__(
+        self, n: int, size: int = 16, seed: int = 0, nan: bool = False, crash_after: int | None = None
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.labels = (rng.random((n, len(LABELS))) < 0.4).astype(np.float32)
         self.mask = np.ones_like(self.labels)
@@ -54,17 +64,30 @@ class FakeXray(Dataset):
         for c in range(len(LABELS)):
             if self.labels[i, c]:
                 y0, x0 = (c // 2) * h, (c % 2) * h
-                img[:, y0 + 1:y0 + h - 1, x0 + 1:x0 + h - 1] += 2.0
+                img[:, y0 + 1 : y0 + h - 1, x0 + 1 : x0 + h - 1] += 2.0
         if self.nan:
             img[:] = float("nan")
-        return {"image": img, "label": torch.from_numpy(self.labels[i]), "mask": torch.from_numpy(self.mask[i]),
-                "name": f"img{self.seed}_{i:04d}.png", "orig_size": (64, 64)}
+        return {
+            "image": img,
+            "label": torch.from_numpy(self.labels[i]),
+            "mask": torch.from_numpy(self.mask[i]),
+            "name": f"img{self.seed}_{i:04d}.png",
+            "orig_size": (64, 64),
+        }
 
 
-def fake_splits(n_train: int = 32, n_val: int = 24, nan: bool = False, crash_after: int | None = None) -> SimpleNamespace:
-    return SimpleNamespace(train=FakeXray(n_train, seed=1, nan=nan, crash_after=crash_after), val=FakeXray(n_val, seed=2),
-                           test=FakeXray(16, seed=3), label_names=list(LABELS), manifest_hash="fake-manifest",
-                           summary={"counts": {"train": n_train, "val": n_val}}, boxes={})
+def fake_splits(
+    n_train: int = 32, n_val: int = 24, nan: bool = False, crash_after: int | None = None
+) -> SimpleNamespace:
+    return SimpleNamespace(
+        train=FakeXray(n_train, seed=1, nan=nan, crash_after=crash_after),
+        val=FakeXray(n_val, seed=2),
+        test=FakeXray(16, seed=3),
+        label_names=list(LABELS),
+        manifest_hash="fake-manifest",
+        summary={"counts": {"train": n_train, "val": n_val}},
+        boxes={},
+    )
 
 
 # ---- configuration -------------------------------------------------------------------------
@@ -150,8 +173,9 @@ def test_bf16_autocast_agrees_with_fp32(tmp_path):
 
     runs = {}
     for prec in ("fp32", "bf16"):
-        runs[prec] = finetune(TrainConfig(**{**SMALL, "precision": prec}, epochs=2, out=str(tmp_path / prec)),
-                              splits=fake_splits())
+        runs[prec] = finetune(
+            TrainConfig(**{**SMALL, "precision": prec}, epochs=2, out=str(tmp_path / prec)), splits=fake_splits()
+        )
     a, b = runs["fp32"], runs["bf16"]
     assert a.best_val_auroc > 0.8 and b.best_val_auroc > 0.8, (a.history, b.history)
     assert abs(a.best_val_auroc - b.best_val_auroc) < 0.06
@@ -182,8 +206,19 @@ def test_finetune_learns_and_writes_a_complete_run(tmp_path):
 
     ckpt = load_checkpoint(res.best_checkpoint)
     meta = ckpt.metadata
-    for key in ("architecture", "num_classes", "in_chans", "label_names", "preprocessing", "thresholds", "metrics",
-                "versions", "git_commit", "data_manifest_hash", "model_version"):
+    for key in (
+        "architecture",
+        "num_classes",
+        "in_chans",
+        "label_names",
+        "preprocessing",
+        "thresholds",
+        "metrics",
+        "versions",
+        "git_commit",
+        "data_manifest_hash",
+        "model_version",
+    ):
         assert key in meta, key
     assert meta["label_names"] == LABELS and meta["architecture"] == "densenet_40_k12"
     assert meta["preprocessing"]["image_size"] == 16 and meta["data_manifest_hash"] == "fake-manifest"
@@ -215,8 +250,9 @@ def test_resume_continues_to_identical_weights(tmp_path):
     b = load_checkpoint(resumed.last_checkpoint)
     for k, v in a.state_dict.items():
         assert torch.equal(v, b.state_dict[k]), k
-    assert [r["train_loss"] for r in a.extra["training_state"]["history"]] == \
-           [r["train_loss"] for r in b.extra["training_state"]["history"]]
+    assert [r["train_loss"] for r in a.extra["training_state"]["history"]] == [
+        r["train_loss"] for r in b.extra["training_state"]["history"]
+    ]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     # a finished run resumes to a no-op
@@ -258,8 +294,18 @@ def test_early_stopping_and_balanced_weights(tmp_path):
     """A validation set without any known label gives a constant score: patience 1 stops after epoch 2."""
     splits = fake_splits()
     splits.val.mask[:] = 0
-    res = finetune(TrainConfig(**SMALL, epochs=5, early_stopping_patience=1, pos_weight="balanced",
-                               scheduler="plateau", tensorboard=True, out=str(tmp_path / "r")), splits=splits)
+    res = finetune(
+        TrainConfig(
+            **SMALL,
+            epochs=5,
+            early_stopping_patience=1,
+            pos_weight="balanced",
+            scheduler="plateau",
+            tensorboard=True,
+            out=str(tmp_path / "r"),
+        ),
+        splits=splits,
+    )
     assert res.epochs_completed == 2 and res.stopped_reason.startswith("early stopping")
     assert res.best_epoch == 1 and (tmp_path / "r" / "best.pt").is_file()
     assert math.isnan(res.history[0]["val_mean_auroc"])
@@ -277,8 +323,10 @@ def test_early_stopping_and_balanced_weights(tmp_path):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_cuda_mixed_precision_training(tmp_path, precision):
     """fp16 uses a GradScaler whose state is saved for --resume; bf16 needs none."""
-    res = finetune(TrainConfig(**{**SMALL, "precision": precision}, device="cuda", epochs=2, out=str(tmp_path / "r")),
-                   splits=fake_splits())
+    res = finetune(
+        TrainConfig(**{**SMALL, "precision": precision}, device="cuda", epochs=2, out=str(tmp_path / "r")),
+        splits=fake_splits(),
+    )
     assert res.best_val_auroc > 0.8
     st = load_checkpoint(res.last_checkpoint).extra["training_state"]
     assert bool(st["scaler"]) == (precision == "fp16")

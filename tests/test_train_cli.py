@@ -84,8 +84,20 @@ def test_imagenet_weights_not_cached(phantom_root, tmp_path, capsys, monkeypatch
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     # an address that refuses at once, so the test is offline even where the internet is reachable
     monkeypatch.setattr(weights, "WEIGHTS_BASE_URL", "http://127.0.0.1:9/")
-    argv = ["finetune", "--data-root", phantom_root, "--pretrained", "imagenet", "--image-size", 32,
-            "--batch-size", 4, "--out", tmp_path / "r", "--no-progress"]
+    argv = [
+        "finetune",
+        "--data-root",
+        phantom_root,
+        "--pretrained",
+        "imagenet",
+        "--image-size",
+        32,
+        "--batch-size",
+        4,
+        "--out",
+        tmp_path / "r",
+        "--no-progress",
+    ]
     rc, _, err = run(argv, capsys)
     assert_clean_error(rc, err, "ImageNet weights for densenet121", "--pretrained none")
 
@@ -97,9 +109,17 @@ def test_evaluate_checkpoint_of_another_architecture(phantom_root, tmp_path, cap
     from medxray.models import create_model
 
     bad = tmp_path / "bad.pt"
-    save_checkpoint(bad, create_model("densenet_40_k12", num_classes=14).state_dict(), {
-        "architecture": "densenet_bc_100_k12", "num_classes": 14, "in_chans": 3,
-        "label_names": list(CHESTXRAY14_FINDINGS), "preprocessing": preprocessing_config(32)})
+    save_checkpoint(
+        bad,
+        create_model("densenet_40_k12", num_classes=14).state_dict(),
+        {
+            "architecture": "densenet_bc_100_k12",
+            "num_classes": 14,
+            "in_chans": 3,
+            "label_names": list(CHESTXRAY14_FINDINGS),
+            "preprocessing": preprocessing_config(32),
+        },
+    )
     rc, _, err = run(["evaluate", "--checkpoint", bad, "--data-root", phantom_root], capsys)
     assert_clean_error(rc, err, "do not fit architecture 'densenet_bc_100_k12'")
     rc, _, err = run(["evaluate", "--checkpoint", tmp_path / "missing.pt", "--data-root", phantom_root], capsys)
@@ -131,8 +151,26 @@ def test_finetune_on_a_csv_manifest_via_flags(tmp_path, capsys):
         split = "test" if i >= 20 else "train"
         rows.append(f"{rel},P{i // 2},{split},{'' if i % 5 == 0 else i % 2},{(i // 2) % 2}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    rc, out, err = run([*BASE, "--dataset", "csv", "--data-root", tmp_path, "--csv", "labels.csv",
-                        "--epochs", 1, "--batch-size", 4, "--val-fraction", 0.25, "--out", tmp_path / "run"], capsys)
+    rc, out, err = run(
+        [
+            *BASE,
+            "--dataset",
+            "csv",
+            "--data-root",
+            tmp_path,
+            "--csv",
+            "labels.csv",
+            "--epochs",
+            1,
+            "--batch-size",
+            4,
+            "--val-fraction",
+            0.25,
+            "--out",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt.label_names == ["Effusion", "Pneumothorax"]

@@ -26,10 +26,37 @@ def test_two_process_gloo_epoch_scores_each_val_image_once(phantom_root, tmp_pat
     from medxray.evaluation.run import evaluate
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "medxray.cli", "-q", "finetune", "--data-root", str(phantom_root), "--model", "densenet121",
-           "--pretrained", "none", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-           "--precision", "fp32", "--out", str(out), "--no-progress", "--num-workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "medxray.cli",
+        "-q",
+        "finetune",
+        "--data-root",
+        str(phantom_root),
+        "--model",
+        "densenet121",
+        "--pretrained",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--num-workers",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -47,8 +74,18 @@ def test_two_process_gloo_epoch_scores_each_val_image_once(phantom_root, tmp_pat
     assert sorted(names) == sorted(splits.val.names)
 
     # The gathered validation AUROC equals one process scoring the saved weights itself.
-    ev = evaluate(out / "best.pt", data_root=phantom_root, split="val", out_dir=tmp_path / "ev", n_bootstrap=0,
-                  precision="fp32", num_workers=0, write_thresholds=False, localisation=False, threshold_split=None)
+    ev = evaluate(
+        out / "best.pt",
+        data_root=phantom_root,
+        split="val",
+        out_dir=tmp_path / "ev",
+        n_bootstrap=0,
+        precision="fp32",
+        num_workers=0,
+        write_thresholds=False,
+        localisation=False,
+        threshold_split=None,
+    )
     assert ev.n_images == n_val
     assert ev.mean_auroc == pytest.approx(row["val_mean_auroc"], abs=2e-3)
     # only rank 0 wrote: one line per epoch, no duplicate files from rank 1

@@ -28,8 +28,15 @@ def test_checkpoint_metadata_of_phantom_splits_is_synthetic_with_counts(phantom_
     monkeypatch.chdir(phantom_root.parent)
     splits = build_datasets("chestxray14", phantom_root.name, image_size=32, augment=False, use_cache=False)
     cfg = TrainConfig(dataset="chestxray14", data_root=phantom_root.name, model="densenet_40_k12", pretrained="none")
-    meta = checkpoint_metadata(cfg, label_names=splits.label_names, manifest_hash=splits.manifest_hash, run_name="r",
-                               epoch=1, metrics={}, data_summary=splits.summary)
+    meta = checkpoint_metadata(
+        cfg,
+        label_names=splits.label_names,
+        manifest_hash=splits.manifest_hash,
+        run_name="r",
+        epoch=1,
+        metrics={},
+        data_summary=splits.summary,
+    )
     prov = meta["data_provenance"]
     assert prov["synthetic"] is True and prov["data_root"] == str(phantom_root.resolve())
     assert prov["manifest_hash"] == splits.manifest_hash == meta["data_manifest_hash"]
@@ -38,13 +45,22 @@ def test_checkpoint_metadata_of_phantom_splits_is_synthetic_with_counts(phantom_
 
 
 @pytest.mark.slow
-def test_finetune_on_phantoms_records_synthetic_provenance_and_the_card_shows_it(phantom_root, tmp_path,
-                                                                               monkeypatch):
+def test_finetune_on_phantoms_records_synthetic_provenance_and_the_card_shows_it(phantom_root, tmp_path, monkeypatch):
     # the data root given relative to the working directory is stored absolute
     monkeypatch.chdir(phantom_root.parent)
-    cfg = TrainConfig(dataset="chestxray14", data_root=phantom_root.name, model="densenet_40_k12",
-                      pretrained="none", image_size=32, batch_size=16, epochs=1, precision="fp32", progress=False,
-                      num_workers=0, out=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        dataset="chestxray14",
+        data_root=phantom_root.name,
+        model="densenet_40_k12",
+        pretrained="none",
+        image_size=32,
+        batch_size=16,
+        epochs=1,
+        precision="fp32",
+        progress=False,
+        num_workers=0,
+        out=str(tmp_path / "run"),
+    )
     res = finetune(cfg)
     meta = load_checkpoint(res.best_checkpoint).metadata
     prov = meta["data_provenance"]
@@ -64,9 +80,14 @@ def test_finetune_on_phantoms_records_synthetic_provenance_and_the_card_shows_it
 
 
 def test_provenance_of_real_data_counts_missing_images(tmp_path):
-    summary = {"dataset": "chestxray14", "data_root": "rel/root", "synthetic": False,
-               "counts": {"train": 900, "val": 100, "test": 500},
-               "missing_dropped_by_split": {"train": 7, "val": 0, "test": 2}, "labelled_not_in_lists": 0}
+    summary = {
+        "dataset": "chestxray14",
+        "data_root": "rel/root",
+        "synthetic": False,
+        "counts": {"train": 900, "val": 100, "test": 500},
+        "missing_dropped_by_split": {"train": 7, "val": 0, "test": 2},
+        "labelled_not_in_lists": 0,
+    }
     prov = data_provenance(summary, "abc123")
     assert prov["synthetic"] is False and os.path.isabs(prov["data_root"]) and prov["data_root"].endswith("rel/root")
     assert prov["missing_by_split"] == {"train": 7, "val": 0, "test": 2}

@@ -26,23 +26,50 @@ def phantom_root(tmp_path_factory):
 
 
 def finetune_argv(root, out, epochs=3):
-    return ["finetune", "--data-root", str(root), "--model", "densenet121", "--pretrained", "none",
-            "--image-size", "32", "--batch-size", "8", "--epochs", str(epochs), "--precision", "fp32",
-            "--out", str(out), "--no-progress", "--early-stopping-patience", "0", "--seed", "3",
-            "--num-workers", "0"]
+    return [
+        "finetune",
+        "--data-root",
+        str(root),
+        "--model",
+        "densenet121",
+        "--pretrained",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--early-stopping-patience",
+        "0",
+        "--seed",
+        "3",
+        "--num-workers",
+        "0",
+    ]
 
 
 def cli(argv, env):
-    proc = subprocess.run([sys.executable, "-m", "medxray.cli", "-q", *argv], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medxray.cli", "-q", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_sigkill_after_first_epoch_then_resume_gives_identical_weights(phantom_root, tmp_path):
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "medxray.cli", "-q", *finetune_argv(phantom_root, killed)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medxray.cli", "-q", *finetune_argv(phantom_root, killed)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     metrics = killed / "metrics.jsonl"
     deadline = time.monotonic() + 300
     try:

@@ -3,8 +3,8 @@
 import streamlit as st
 
 from medxray.review import ui
-from medxray.review.safe import md_escape
 from medxray.review.model_card import metrics_overview, model_card
+from medxray.review.safe import md_escape
 from medxray.review.settings import NOT_FOR_CLINICAL_USE
 
 cfg = ui.settings()
@@ -22,8 +22,10 @@ st.subheader("Training data")
 if len(card.provenance):
     st.dataframe(card.provenance, hide_index=True, key="card_provenance", height="content")
 else:
-    st.warning("The checkpoint does not record what it was trained on (real or synthetic images, data root, "
-               "manifest hash, images per split): it was written before medxray recorded provenance.")
+    st.warning(
+        "The checkpoint does not record what it was trained on (real or synthetic images, data root, "
+        "manifest hash, images per split): it was written before medxray recorded provenance."
+    )
 if len(card.training):
     st.dataframe(card.training, hide_index=True, key="card_training", height="content")
 st.subheader("Metrics")
@@ -35,8 +37,10 @@ if len(card.metrics):
         st.dataframe(overall, hide_index=True, height="content")
     if len(per_finding):
         st.dataframe(per_finding, hide_index=True, height="content")
-    st.caption("In brackets: the 95% bootstrap confidence interval recorded by `medxray evaluate` "
-               "(none for validation metrics logged during training).")
+    st.caption(
+        "In brackets: the 95% bootstrap confidence interval recorded by `medxray evaluate` "
+        "(none for validation metrics logged during training)."
+    )
 else:
     st.warning("No evaluation metrics are stored in this checkpoint; run `medxray evaluate` on it.")
 st.subheader("Localisation of the maps")

@@ -7,8 +7,14 @@ from medxray.labels import display_name
 from medxray.review import ui
 from medxray.review import ui_study as us
 from medxray.review.safe import md_escape
-from medxray.review.study import (display_image, distribution_warnings, findings_table, probability_figure,
-                                  safe_metadata_table, to_uint8)
+from medxray.review.study import (
+    display_image,
+    distribution_warnings,
+    findings_table,
+    probability_figure,
+    safe_metadata_table,
+    to_uint8,
+)
 from medxray.review.viewing import apply_view, cam_view
 from medxray.review.worklist import filter_worklist, worklist_table
 
@@ -36,8 +42,9 @@ if source == FROM_RESULTS:
     reviews = store.latest_by_image(adopt=ui.results_row_keys(folder)) if store is not None else {}
     table_all = worklist_table(results, folder, {}, reviews, keys=ui.results_row_keys(folder))
     ok = table_all[table_all["status"] == "ok"]
-    order = [r for r in st.session_state.get("wl_order", {}).get(str(folder), []) if r in set(ok["row"])] or \
-        list(filter_worklist(ok)["row"])
+    order = [r for r in st.session_state.get("wl_order", {}).get(str(folder), []) if r in set(ok["row"])] or list(
+        filter_worklist(ok)["row"]
+    )
     reviewed_rows = set(int(r) for r in ok.loc[ok["reviewed"], "row"])
     row_idx = us.choose_results_study(results, order, reviewed_rows)
     if row_idx is None:
@@ -78,10 +85,16 @@ left.image(to_uint8(apply_view(display, view)), caption=f"Original ({window_capt
 if pred is not None and show_cam:
     label = f"CAM: {md_escape(display_name(finding))} (p = {pred.as_dict()[finding]:.3f}, threshold {thr[finding]:.2f})"
     if pred.live or pred.cams is not None:
-        cam = (pred.cams[pred.label_names.index(finding)] if pred.cams is not None
-               else ui.finding_map(ms.fingerprint, study.sha256, finding, ms.predictor, study.pixels))
-        right.image(cam_view(display, cam, view, alpha=alpha, style=style, finding=display_name(finding)),
-                    caption=label, width="stretch")
+        cam = (
+            pred.cams[pred.label_names.index(finding)]
+            if pred.cams is not None
+            else ui.finding_map(ms.fingerprint, study.sha256, finding, ms.predictor, study.pixels)
+        )
+        right.image(
+            cam_view(display, cam, view, alpha=alpha, style=style, finding=display_name(finding)),
+            caption=label,
+            width="stretch",
+        )
         if not (cam > 0).any():
             right.caption(md_escape(no_evidence_text(display_name(finding))))
     else:

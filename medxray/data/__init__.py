@@ -53,8 +53,16 @@ def build_datasets(
     """
     if int(image_size) < 16:
         raise ConfigError(f"image_size must be at least 16, got {image_size}")
-    common = dict(image_size=int(image_size), val_fraction=val_fraction, split_seed=int(split_seed), view=view,
-                  max_per_patient=max_per_patient, allow_missing=allow_missing, use_cache=use_cache, augment=augment)
+    common = dict(
+        image_size=int(image_size),
+        val_fraction=val_fraction,
+        split_seed=int(split_seed),
+        view=view,
+        max_per_patient=max_per_patient,
+        allow_missing=allow_missing,
+        use_cache=use_cache,
+        augment=augment,
+    )
     name = str(dataset).lower().replace("-", "").replace("_", "")
     if name == "chestxray14":
         from medxray.data.chestxray14 import build
@@ -68,6 +76,8 @@ def build_datasets(
     allowed = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - set(common)
     unknown = sorted(set(dataset_options) - allowed)
     if unknown:
-        raise ConfigError(f"option(s) {', '.join(unknown)} do not apply to dataset {name}; it accepts "
-                          f"{', '.join(sorted(allowed)) or 'no extra options'}")
+        raise ConfigError(
+            f"option(s) {', '.join(unknown)} do not apply to dataset {name}; it accepts "
+            f"{', '.join(sorted(allowed)) or 'no extra options'}"
+        )
     return build(data_root, **common, **dataset_options)

@@ -51,7 +51,9 @@ def cache_root(data_root: str | os.PathLike, cache_dir: str | os.PathLike | None
     return Path(cache_dir) if cache_dir else Path(data_root) / CACHE_DIRNAME
 
 
-def cache_path(data_root: str | os.PathLike, dataset: str, size: int, cache_dir: str | os.PathLike | None = None) -> Path:
+def cache_path(
+    data_root: str | os.PathLike, dataset: str, size: int, cache_dir: str | os.PathLike | None = None
+) -> Path:
     return cache_root(data_root, cache_dir) / f"{dataset}_{int(size)}"
 
 
@@ -80,25 +82,34 @@ class PixelCache:
             self.meta = json.loads((self.path / "meta.json").read_text())
             self.names = (self.path / "names.txt").read_text().split("\n") if self.meta.get("n") else []
         except (OSError, ValueError) as exc:
-            raise DataError(f"preprocessing cache {self.path} is unreadable ({exc}); delete it and re-run "
-                            f"`medxray data prepare`") from None
+            raise DataError(
+                f"preprocessing cache {self.path} is unreadable ({exc}); delete it and re-run `medxray data prepare`"
+            ) from None
         if self.meta.get("format") != CACHE_FORMAT:
-            raise DataError(f"preprocessing cache {self.path} has format {self.meta.get('format')!r}, this medxray "
-                            f"reads {CACHE_FORMAT!r}; delete it and re-run `medxray data prepare`")
+            raise DataError(
+                f"preprocessing cache {self.path} has format {self.meta.get('format')!r}, this medxray "
+                f"reads {CACHE_FORMAT!r}; delete it and re-run `medxray data prepare`"
+            )
         self.n = int(self.meta["n"])
         self.size = int(self.meta["size"])
         if len(self.names) != self.n or names_sha256(self.names) != self.meta.get("names_sha256"):
-            raise DataError(f"preprocessing cache {self.path}: names.txt does not match meta.json; delete the cache "
-                            f"and re-run `medxray data prepare`")
+            raise DataError(
+                f"preprocessing cache {self.path}: names.txt does not match meta.json; delete the cache "
+                f"and re-run `medxray data prepare`"
+            )
         try:
             self.status = np.fromfile(self.path / "status.u8", dtype=np.uint8)
             self.orig = np.fromfile(self.path / "orig.i32", dtype=np.int32).reshape(-1, 2)
             pix_bytes = (self.path / "pixels.u8").stat().st_size
         except (OSError, ValueError) as exc:
-            raise DataError(f"preprocessing cache {self.path} is incomplete ({exc}); re-run `medxray data prepare`") from None
+            raise DataError(
+                f"preprocessing cache {self.path} is incomplete ({exc}); re-run `medxray data prepare`"
+            ) from None
         if len(self.status) != self.n or len(self.orig) != self.n or pix_bytes != self.n * self.size * self.size:
-            raise DataError(f"preprocessing cache {self.path} has files of the wrong size (interrupted copy?); "
-                            f"re-run `medxray data prepare`")
+            raise DataError(
+                f"preprocessing cache {self.path} has files of the wrong size (interrupted copy?); "
+                f"re-run `medxray data prepare`"
+            )
         self._row = {n: i for i, n in enumerate(self.names)}
         self._pixels: np.memmap | None = None
 
@@ -121,8 +132,9 @@ class PixelCache:
 
     def pixels(self) -> np.memmap:
         if self._pixels is None:
-            self._pixels = np.memmap(self.path / "pixels.u8", dtype=np.uint8, mode="r",
-                                     shape=(self.n, self.size, self.size))
+            self._pixels = np.memmap(
+                self.path / "pixels.u8", dtype=np.uint8, mode="r", shape=(self.n, self.size, self.size)
+            )
         return self._pixels
 
     def read(self, row: int) -> np.ndarray:
@@ -134,13 +146,21 @@ class PixelCache:
         return int(h), int(w)
 
 
-def find_cache(data_root: str | os.PathLike, dataset: str, image_size: int, label_sha256: str, *,
-               cache_dir: str | os.PathLike | None = None) -> PixelCache | None:
+def find_cache(
+    data_root: str | os.PathLike,
+    dataset: str,
+    image_size: int,
+    label_sha256: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> PixelCache | None:
     """The smallest finished cache of ``dataset`` at >= ``image_size`` built from this label file."""
     root = cache_root(data_root, cache_dir)
     if not root.is_dir():
-        log.info("no preprocessing cache under %s: decoding image files (run `medxray data prepare` for much "
-                 "faster epochs)", root)
+        log.info(
+            "no preprocessing cache under %s: decoding image files (run `medxray data prepare` for much faster epochs)",
+            root,
+        )
         return None
     candidates = []
     for d in root.glob(f"{dataset}_*"):
@@ -160,8 +180,9 @@ def find_cache(data_root: str | os.PathLike, dataset: str, image_size: int, labe
             log.warning("ignoring unfinished preprocessing cache %s; re-run `medxray data prepare` to finish it", d)
             continue
         if cache.meta.get("label_sha256") != label_sha256:
-            log.warning("ignoring preprocessing cache %s: it was built for another label file; re-run "
-                        "`medxray data prepare`", d)
+            log.warning(
+                "ignoring preprocessing cache %s: it was built for another label file; re-run `medxray data prepare`", d
+            )
             continue
         log.info("using preprocessing cache %s (%d images at %dx%d)", d, cache.n, size, size)
         return cache
@@ -177,14 +198,21 @@ def find_cache(data_root: str | os.PathLike, dataset: str, image_size: int, labe
 def verify_cache(path: str | os.PathLike, *, full: bool = True) -> dict[str, Any]:
     """Check a cache's files and, with ``full``, every done row's CRC-32. Returns counts."""
     cache = PixelCache(path)
-    out: dict[str, Any] = {"path": str(cache.path), "state": cache.meta.get("state"), "images": cache.n,
-                           "size": cache.size, "done": int((cache.status == DONE).sum()),
-                           "bad": int((cache.status == BAD).sum()), "todo": int((cache.status == TODO).sum())}
+    out: dict[str, Any] = {
+        "path": str(cache.path),
+        "state": cache.meta.get("state"),
+        "images": cache.n,
+        "size": cache.size,
+        "done": int((cache.status == DONE).sum()),
+        "bad": int((cache.status == BAD).sum()),
+        "todo": int((cache.status == TODO).sum()),
+    }
     if full:
         crc = np.fromfile(cache.path / "crc.u32", dtype=np.uint32)
         pix = cache.pixels()
-        mismatched = [cache.names[r] for r in np.flatnonzero(cache.status == DONE)
-                      if zlib.crc32(pix[r].tobytes()) != int(crc[r])]
+        mismatched = [
+            cache.names[r] for r in np.flatnonzero(cache.status == DONE) if zlib.crc32(pix[r].tobytes()) != int(crc[r])
+        ]
         out["crc_mismatch"] = len(mismatched)
         out["crc_mismatch_first"] = mismatched[:5]
     return out

@@ -35,17 +35,30 @@ from medxray.data.core import (
     split_hash,
     split_summary,
 )
-from medxray.data.manifest import PHANTOM_MARKER, content_sha256, known_content_hashes, open_text, read_name_list, shipped_files
+from medxray.data.manifest import (
+    PHANTOM_MARKER,
+    content_sha256,
+    known_content_hashes,
+    open_text,
+    read_name_list,
+    shipped_files,
+)
 from medxray.errors import DataError
 from medxray.labels import CHESTXRAY14_FINDINGS
 
 log = logging.getLogger(__name__)
 
-LABEL_FILE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz",
-                    "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz")
-LIST_FILE_NAMES = {"train_val_list": ("train_val_list.txt", "train_val_list.txt.gz"),
-                   "test_list": ("test_list.txt", "test_list.txt.gz"),
-                   "boxes": ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")}
+LABEL_FILE_NAMES = (
+    "Data_Entry_2017_v2020.csv",
+    "Data_Entry_2017_v2020.csv.gz",
+    "Data_Entry_2017.csv",
+    "Data_Entry_2017.csv.gz",
+)
+LIST_FILE_NAMES = {
+    "train_val_list": ("train_val_list.txt", "train_val_list.txt.gz"),
+    "test_list": ("test_list.txt", "test_list.txt.gz"),
+    "boxes": ("BBox_List_2017.csv", "BBox_List_2017.csv.gz"),
+}
 NO_FINDING = "No Finding"
 # The bounding-box file spells one finding differently from the label file.
 BOX_FINDING_ALIASES = {"Infiltrate": "Infiltration"}
@@ -63,8 +76,8 @@ class LabelTable:
     names: tuple[str, ...]
     patients: tuple[str, ...]
     views: tuple[str, ...]
-    lines: tuple[str, ...]           # each row as its CSV text (the phantom copies rows verbatim)
-    labels: np.ndarray               # (N, 14) uint8
+    lines: tuple[str, ...]  # each row as its CSV text (the phantom copies rows verbatim)
+    labels: np.ndarray  # (N, 14) uint8
     malformed: int
     malformed_examples: tuple[str, ...]
 
@@ -150,14 +163,24 @@ def _read_label_file_cached(path: str, size: int, mtime_ns: int) -> LabelTable:
     except (UnicodeDecodeError, csv.Error, OSError, EOFError) as exc:
         raise DataError(f"label file {path} is not a readable CSV ({exc}); re-download it") from None
     if not names:
-        raise DataError(f"label file {path} has no usable rows ({len(bad)} malformed; first: "
-                        f"{'; '.join(bad[:3]) or 'none'}); expected NIH's Data_Entry_2017_v2020.csv")
+        raise DataError(
+            f"label file {path} has no usable rows ({len(bad)} malformed; first: "
+            f"{'; '.join(bad[:3]) or 'none'}); expected NIH's Data_Entry_2017_v2020.csv"
+        )
     if bad:
         log.warning("label file %s: skipped %d malformed row(s) (first: %s)", path, len(bad), "; ".join(bad[:5]))
-    return LabelTable(path=path, content_sha256=content_sha256(path), header=",".join(header_row),
-                      names=tuple(names), patients=tuple(patients), views=tuple(views), lines=tuple(lines),
-                      labels=np.asarray(rows_labels, dtype=np.uint8), malformed=len(bad),
-                      malformed_examples=tuple(bad[:5]))
+    return LabelTable(
+        path=path,
+        content_sha256=content_sha256(path),
+        header=",".join(header_row),
+        names=tuple(names),
+        patients=tuple(patients),
+        views=tuple(views),
+        lines=tuple(lines),
+        labels=np.asarray(rows_labels, dtype=np.uint8),
+        malformed=len(bad),
+        malformed_examples=tuple(bad[:5]),
+    )
 
 
 def read_box_file(path: str | os.PathLike) -> tuple[dict[str, list[dict[str, Any]]], int]:
@@ -200,8 +223,10 @@ def check_root(data_root: str | os.PathLike | None) -> Path:
         raise DataError("no data root given; pass --data-root (the folder holding images/ or images_001/images/ ...)")
     root = Path(data_root).expanduser()
     if not root.exists():
-        raise DataError(f"data root {root} does not exist; pass --data-root pointing at the folder that holds "
-                        f"images/ (or images_001/images/ ...), see data_manifests/chestxray14/README.md")
+        raise DataError(
+            f"data root {root} does not exist; pass --data-root pointing at the folder that holds "
+            f"images/ (or images_001/images/ ...), see data_manifests/chestxray14/README.md"
+        )
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass the folder that holds images/")
     return root
@@ -262,8 +287,14 @@ def scan_images(root: Path) -> dict[str, str]:
 # splits
 
 
-def split_records(data_root: str | os.PathLike | None = None, *, val_fraction: float = 0.1, split_seed: int = 0,
-                  view: str = "all", max_per_patient: int | None = None) -> tuple[dict[str, Records], dict[str, Any]]:
+def split_records(
+    data_root: str | os.PathLike | None = None,
+    *,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    view: str = "all",
+    max_per_patient: int | None = None,
+) -> tuple[dict[str, Records], dict[str, Any]]:
     """The official split with a seeded patient-disjoint validation part, before looking at images.
 
     Returns ({"train", "val", "test"}: Records with empty paths, info). ``data_root=None`` uses
@@ -279,21 +310,30 @@ def split_records(data_root: str | os.PathLike | None = None, *, val_fraction: f
 
     def records(names: Sequence[str]) -> tuple[Records, int]:
         idx = [index[n] for n in names if n in index]
-        rec = Records(names=[table.names[i] for i in idx], paths=[""] * len(idx),
-                      patients=[table.patients[i] for i in idx], views=[table.views[i] for i in idx],
-                      labels=table.labels[idx].astype(np.float32),
-                      mask=np.ones((len(idx), len(CHESTXRAY14_FINDINGS)), dtype=np.float32))
+        rec = Records(
+            names=[table.names[i] for i in idx],
+            paths=[""] * len(idx),
+            patients=[table.patients[i] for i in idx],
+            views=[table.views[i] for i in idx],
+            labels=table.labels[idx].astype(np.float32),
+            mask=np.ones((len(idx), len(CHESTXRAY14_FINDINGS)), dtype=np.float32),
+        )
         return rec, len(names) - len(idx)
 
     overlap = set(train_val) & set(test)
     if overlap:
-        raise DataError(f"{len(overlap)} image(s) are in both {files['train_val_list'].name} and "
-                        f"{files['test_list'].name}; fix the split lists")
+        raise DataError(
+            f"{len(overlap)} image(s) are in both {files['train_val_list'].name} and "
+            f"{files['test_list'].name}; fix the split lists"
+        )
     tv, unl_tv = records(train_val)
     te, unl_te = records(test)
     if unl_tv + unl_te:
-        log.warning("%d image(s) in the split lists have no (valid) row in %s and are left out",
-                    unl_tv + unl_te, files["labels"].name)
+        log.warning(
+            "%d image(s) in the split lists have no (valid) row in %s and are left out",
+            unl_tv + unl_te,
+            files["labels"].name,
+        )
     if len(tv) == 0:
         raise DataError(f"no labelled image of {files['train_val_list']} is in {files['labels']}; check the files")
     is_val = patient_val_split(tv.patients, tv.labels, tv.mask, val_fraction, split_seed)
@@ -312,42 +352,72 @@ def split_records(data_root: str | os.PathLike | None = None, *, val_fraction: f
     return parts, info
 
 
-def build(data_root: str | os.PathLike, *, image_size: int = 224, val_fraction: float = 0.1, split_seed: int = 0,
-          view: str = "all", max_per_patient: int | None = None, allow_missing: bool = False,
-          use_cache: bool = True, augment: bool = True, cache_dir: str | os.PathLike | None = None,
-          aug_options: dict[str, Any] | None = None, aug_seed: int | None = None,
-          on_bad_image: str = "mask") -> DatasetSplits:
+def build(
+    data_root: str | os.PathLike,
+    *,
+    image_size: int = 224,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    view: str = "all",
+    max_per_patient: int | None = None,
+    allow_missing: bool = False,
+    use_cache: bool = True,
+    augment: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    aug_options: dict[str, Any] | None = None,
+    aug_seed: int | None = None,
+    on_bad_image: str = "mask",
+) -> DatasetSplits:
     """ChestX-ray14 datasets for training (see :func:`medxray.data.build_datasets`)."""
     from medxray.data.cache import find_cache
 
     root = check_root(data_root)
     synthetic = (root / PHANTOM_MARKER).is_file()
     if synthetic:
-        log.warning("data root %s holds SYNTHETIC phantom images (medxray data synth), not real radiographs; "
-                    "results on it say nothing about clinical performance", root)
-    parts, info = split_records(root, val_fraction=val_fraction, split_seed=split_seed, view=view,
-                                max_per_patient=max_per_patient)
+        log.warning(
+            "data root %s holds SYNTHETIC phantom images (medxray data synth), not real radiographs; "
+            "results on it say nothing about clinical performance",
+            root,
+        )
+    parts, info = split_records(
+        root, val_fraction=val_fraction, split_seed=split_seed, view=view, max_per_patient=max_per_patient
+    )
     on_disk = scan_images(root)
-    cache = find_cache(root, "chestxray14", image_size, info["label_sha256"], cache_dir=cache_dir) if use_cache else None
+    cache = (
+        find_cache(root, "chestxray14", image_size, info["label_sha256"], cache_dir=cache_dir) if use_cache else None
+    )
     if not on_disk and cache is None:
-        raise DataError(f"no images found under {root} (looked in images/, images_*/images/ and the root itself); "
-                        f"download them as data_manifests/chestxray14/README.md says, or generate phantom data "
-                        f"with `medxray data synth --out DIR`")
+        raise DataError(
+            f"no images found under {root} (looked in images/, images_*/images/ and the root itself); "
+            f"download them as data_manifests/chestxray14/README.md says, or generate phantom data "
+            f"with `medxray data synth --out DIR`"
+        )
     missing: dict[str, int] = {}
     datasets: dict[str, XrayDataset | None] = {}
     for split, rec in parts.items():
         rec.paths = [on_disk.get(n, "") for n in rec.names]
         rows = cache.rows_for(rec.names) if cache is not None else None
         rec, missing[split] = drop_missing(
-            rec, allow_missing=allow_missing, root=root,
+            rec,
+            allow_missing=allow_missing,
+            root=root,
             available=lambda i, rec=rec, rows=rows: bool(rec.paths[i]) or (rows is not None and rows[i] >= 0),
-            what=f"{split} images")
+            what=f"{split} images",
+        )
         parts[split] = rec
     for split, rec in parts.items():
         datasets[split] = XrayDataset(
-            rec, CHESTXRAY14_FINDINGS, image_size, augment=augment and split == "train", aug_options=aug_options,
-            aug_seed=split_seed if aug_seed is None else aug_seed, on_bad_image=on_bad_image, split=split,
-            cache=cache, cache_rows=cache.rows_for(rec.names) if cache is not None else None)
+            rec,
+            CHESTXRAY14_FINDINGS,
+            image_size,
+            augment=augment and split == "train",
+            aug_options=aug_options,
+            aug_seed=split_seed if aug_seed is None else aug_seed,
+            on_bad_image=on_bad_image,
+            split=split,
+            cache=cache,
+            cache_rows=cache.rows_for(rec.names) if cache is not None else None,
+        )
     all_boxes, _ = read_box_file(info["files"]["boxes"])
     used = {n for rec in parts.values() for n in rec.names}
     boxes = {n: b for n, b in all_boxes.items() if n in used}
@@ -370,6 +440,12 @@ def build(data_root: str | os.PathLike, *, image_size: int = 224, val_fraction: 
         **info,
     }
     extra = f"chestxray14 view={summary['view']} max_per_patient={max_per_patient}"
-    return DatasetSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"],
-                         label_names=list(CHESTXRAY14_FINDINGS), manifest_hash=split_hash(info["label_sha256"], parts, extra),
-                         summary=summary, boxes=boxes)
+    return DatasetSplits(
+        train=datasets["train"],
+        val=datasets["val"],
+        test=datasets["test"],
+        label_names=list(CHESTXRAY14_FINDINGS),
+        manifest_hash=split_hash(info["label_sha256"], parts, extra),
+        summary=summary,
+        boxes=boxes,
+    )

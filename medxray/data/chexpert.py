@@ -31,9 +31,20 @@ from medxray.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
 )
 # The five observations of the CheXpert competition, for labels="competition".
 CHEXPERT_COMPETITION: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -59,8 +70,9 @@ def _value(text: str, uncertain: str, blank: str) -> tuple[float, float] | None:
     return None
 
 
-def read_chexpert_csv(path: Path, root: Path, label_names: Sequence[str], uncertain: str, blank: str,
-                      frontal_only: bool) -> tuple[Records, int]:
+def read_chexpert_csv(
+    path: Path, root: Path, label_names: Sequence[str], uncertain: str, blank: str, frontal_only: bool
+) -> tuple[Records, int]:
     """Parse one CheXpert CSV into Records (paths resolved, "" when missing) and a malformed count."""
     names, paths, patients, views, labels, masks, bad = [], [], [], [], [], [], []
     try:
@@ -70,7 +82,9 @@ def read_chexpert_csv(path: Path, root: Path, label_names: Sequence[str], uncert
             need = ["Path", *label_names]
             lacking = [c for c in need if c not in header]
             if lacking:
-                raise DataError(f"{path} lacks the column(s) {', '.join(lacking)}; expected CheXpert's train.csv/valid.csv")
+                raise DataError(
+                    f"{path} lacks the column(s) {', '.join(lacking)}; expected CheXpert's train.csv/valid.csv"
+                )
             ip = header.index("Path")
             ifl = header.index("Frontal/Lateral") if "Frontal/Lateral" in header else None
             iap = header.index("AP/PA") if "AP/PA" in header else None
@@ -103,9 +117,14 @@ def read_chexpert_csv(path: Path, root: Path, label_names: Sequence[str], uncert
     if bad:
         log.warning("%s: skipped %d malformed row(s) (first: %s)", path, len(bad), ", ".join(bad[:5]))
     c = len(label_names)
-    rec = Records(names=names, paths=paths, patients=patients, views=views,
-                  labels=np.asarray(labels, dtype=np.float32).reshape(-1, c),
-                  mask=np.asarray(masks, dtype=np.float32).reshape(-1, c))
+    rec = Records(
+        names=names,
+        paths=paths,
+        patients=patients,
+        views=views,
+        labels=np.asarray(labels, dtype=np.float32).reshape(-1, c),
+        mask=np.asarray(masks, dtype=np.float32).reshape(-1, c),
+    )
     return rec, len(bad)
 
 
@@ -116,16 +135,28 @@ def _resolve(root: Path, rel: str, name: str) -> str:
     return ""
 
 
-def build(data_root: str | os.PathLike | None, *, uncertain: str = "ignore", blank: str = "zeros",
-          labels: Sequence[str] | str | None = None, frontal_only: bool = True, train_csv: str = "train.csv",
-          valid_csv: str = "valid.csv", cache_dir: str | os.PathLike | None = None,
-          aug_options: dict[str, Any] | None = None, aug_seed: int | None = None, on_bad_image: str = "mask",
-          **common: Any) -> DatasetSplits:
+def build(
+    data_root: str | os.PathLike | None,
+    *,
+    uncertain: str = "ignore",
+    blank: str = "zeros",
+    labels: Sequence[str] | str | None = None,
+    frontal_only: bool = True,
+    train_csv: str = "train.csv",
+    valid_csv: str = "valid.csv",
+    cache_dir: str | os.PathLike | None = None,
+    aug_options: dict[str, Any] | None = None,
+    aug_seed: int | None = None,
+    on_bad_image: str = "mask",
+    **common: Any,
+) -> DatasetSplits:
     """CheXpert datasets (see the module docstring and :func:`medxray.data.build_datasets`)."""
     from medxray.data.chestxray14 import check_root
 
     if uncertain not in POLICIES:
-        raise ConfigError(f"uncertain must be one of {', '.join(POLICIES)} (U-Ignore, U-Ones, U-Zeros), got {uncertain!r}")
+        raise ConfigError(
+            f"uncertain must be one of {', '.join(POLICIES)} (U-Ignore, U-Ones, U-Zeros), got {uncertain!r}"
+        )
     if blank not in ("zeros", "ignore"):
         raise ConfigError(f"blank must be 'zeros' or 'ignore', got {blank!r}")
     if labels is None:
@@ -145,20 +176,45 @@ def build(data_root: str | os.PathLike | None, *, uncertain: str = "ignore", bla
     pool, given, bad_va = train, ["train"] * len(train), 0
     if va_path.is_file():
         valid, bad_va = read_chexpert_csv(va_path, root, label_names, uncertain, blank, frontal_only)
-        pool = Records(names=train.names + valid.names, paths=train.paths + valid.paths,
-                       patients=train.patients + valid.patients, views=train.views + valid.views,
-                       labels=np.concatenate([train.labels, valid.labels]), mask=np.concatenate([train.mask, valid.mask]))
+        pool = Records(
+            names=train.names + valid.names,
+            paths=train.paths + valid.paths,
+            patients=train.patients + valid.patients,
+            views=train.views + valid.views,
+            labels=np.concatenate([train.labels, valid.labels]),
+            mask=np.concatenate([train.mask, valid.mask]),
+        )
         given += ["test"] * len(valid)
     else:
         log.warning("%s not found: CheXpert will have no test split", va_path)
     if len(set(pool.names)) != len(pool.names):
         raise DataError(f"{root}: the same image path is listed twice in {train_csv}/{valid_csv}; fix the CSVs")
     options = {"uncertain": uncertain, "blank": blank, "frontal_only": frontal_only}
-    ident = hashlib.sha256("|".join([content_sha256(tr_path), content_sha256(va_path) if va_path.is_file() else "",
-                                     repr(sorted(options.items())), ",".join(label_names)]).encode()).hexdigest()
-    return make_splits("chexpert", root, label_names, ident, pool, given, cache_dir=cache_dir, aug_options=aug_options,
-                       aug_seed=aug_seed, on_bad_image=on_bad_image,
-                       extra_summary={"malformed_rows": bad_tr + bad_va, "options": options,
-                                      "split_note": "test = CheXpert valid.csv; val = seeded patient-disjoint share of "
-                                                    "train.csv"},
-                       **common)
+    ident = hashlib.sha256(
+        "|".join(
+            [
+                content_sha256(tr_path),
+                content_sha256(va_path) if va_path.is_file() else "",
+                repr(sorted(options.items())),
+                ",".join(label_names),
+            ]
+        ).encode()
+    ).hexdigest()
+    return make_splits(
+        "chexpert",
+        root,
+        label_names,
+        ident,
+        pool,
+        given,
+        cache_dir=cache_dir,
+        aug_options=aug_options,
+        aug_seed=aug_seed,
+        on_bad_image=on_bad_image,
+        extra_summary={
+            "malformed_rows": bad_tr + bad_va,
+            "options": options,
+            "split_note": "test = CheXpert valid.csv; val = seeded patient-disjoint share of train.csv",
+        },
+        **common,
+    )

@@ -49,12 +49,12 @@ class DatasetSplits:
 class Records:
     """One table of images with labels; index i describes one image in every field."""
 
-    names: list[str]             # unique key (file name, or relative path where names repeat)
-    paths: list[str]             # resolved file path ("" when the file is not on disk)
+    names: list[str]  # unique key (file name, or relative path where names repeat)
+    paths: list[str]  # resolved file path ("" when the file is not on disk)
     patients: list[str]
-    views: list[str]             # "PA", "AP", ... ("" unknown)
-    labels: np.ndarray           # (N, C) float32 0/1
-    mask: np.ndarray             # (N, C) float32 1 = known, 0 = unknown
+    views: list[str]  # "PA", "AP", ... ("" unknown)
+    labels: np.ndarray  # (N, C) float32 0/1
+    mask: np.ndarray  # (N, C) float32 1 = known, 0 = unknown
     orig_sizes: np.ndarray | None = None  # (N, 2) int (H, W) when known without decoding
 
     def __len__(self) -> int:
@@ -105,8 +105,9 @@ def limit_per_patient(rec: Records, max_per_patient: int | None, seed: int) -> R
     return rec.subset(np.sort(np.asarray(keep, dtype=np.int64)))
 
 
-def patient_val_split(patients: Sequence[str], labels: np.ndarray, mask: np.ndarray,
-                      fraction: float, seed: int) -> np.ndarray:
+def patient_val_split(
+    patients: Sequence[str], labels: np.ndarray, mask: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
     """Boolean per image: True for images of the patients chosen for validation.
 
     Patients, not images, are assigned, so no patient is in both parts. About ``fraction`` of the
@@ -179,8 +180,9 @@ def split_hash(label_identity: str, parts: dict[str, Records], extra: str = "") 
     return h.hexdigest()
 
 
-def drop_missing(rec: Records, *, allow_missing: bool, root: Path, available: Callable[[int], bool],
-                 what: str = "images") -> tuple[Records, int]:
+def drop_missing(
+    rec: Records, *, allow_missing: bool, root: Path, available: Callable[[int], bool], what: str = "images"
+) -> tuple[Records, int]:
     """Drop records whose image is unavailable, or refuse with one clear error listing a few."""
     ok = np.fromiter((available(i) for i in range(len(rec))), dtype=bool, count=len(rec))
     n_missing = int((~ok).sum())
@@ -195,8 +197,14 @@ def drop_missing(rec: Records, *, allow_missing: bool, root: Path, available: Ca
         )
     # A partial download may hold none of one split (e.g. only train_val images): that split is then
     # empty, and whoever needs it says so; a root with no image at all is refused by the dataset builder.
-    log.warning("dropping %d of %d %s missing under %s (missing images allowed; first: %s)",
-                n_missing, len(rec), what, root, first)
+    log.warning(
+        "dropping %d of %d %s missing under %s (missing images allowed; first: %s)",
+        n_missing,
+        len(rec),
+        what,
+        root,
+        first,
+    )
     return rec.subset(np.flatnonzero(ok)), n_missing
 
 
@@ -211,8 +219,7 @@ def split_summary(parts: dict[str, Records | None], label_names: Sequence[str]) 
         known = rec.mask.sum(0)
         pos = ((rec.labels > 0.5) & (rec.mask > 0.5)).sum(0)
         out["positives"][split] = {n: int(p) for n, p in zip(label_names, pos)}
-        out["prevalence"][split] = {n: (float(p) / float(k) if k else None)
-                                    for n, p, k in zip(label_names, pos, known)}
+        out["prevalence"][split] = {n: (float(p) / float(k) if k else None) for n, p, k in zip(label_names, pos, known)}
     return out
 
 
@@ -234,9 +241,20 @@ class XrayDataset(Dataset):
     ``on_bad_image="raise"`` to get the :class:`DataError` instead.
     """
 
-    def __init__(self, records: Records, label_names: Sequence[str], image_size: int, *, augment: bool = False,
-                 aug_options: dict[str, Any] | None = None, aug_seed: int = 0, cache: Any = None,
-                 cache_rows: np.ndarray | None = None, on_bad_image: str = "mask", split: str = "") -> None:
+    def __init__(
+        self,
+        records: Records,
+        label_names: Sequence[str],
+        image_size: int,
+        *,
+        augment: bool = False,
+        aug_options: dict[str, Any] | None = None,
+        aug_seed: int = 0,
+        cache: Any = None,
+        cache_rows: np.ndarray | None = None,
+        on_bad_image: str = "mask",
+        split: str = "",
+    ) -> None:
         if on_bad_image not in ("mask", "raise"):
             raise ConfigError(f"on_bad_image must be 'mask' or 'raise', got {on_bad_image!r}")
         self.records = records
@@ -245,8 +263,8 @@ class XrayDataset(Dataset):
         self.augment = bool(augment)
         self.aug_options = dict(aug_options or {})
         self.aug_seed = int(aug_seed)
-        self.cache = cache                      # medxray.data.cache.PixelCache (picklable handle) or None
-        self.cache_rows = cache_rows            # (N,) int64 row in the cache, -1 = decode from file
+        self.cache = cache  # medxray.data.cache.PixelCache (picklable handle) or None
+        self.cache_rows = cache_rows  # (N,) int64 row in the cache, -1 = decode from file
         self.on_bad_image = on_bad_image
         self.split = split
         self._labels = torch.from_numpy(np.ascontiguousarray(records.labels, dtype=np.float32))
@@ -334,8 +352,13 @@ class XrayDataset(Dataset):
             image = torch.zeros(3, self.image_size, self.image_size)
             mask = torch.zeros_like(mask)
             orig = (0, 0)
-        return {"image": image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else torch.as_tensor(image),
-                "label": self._labels[index].clone(), "mask": mask.clone(), "name": name, "orig_size": orig}
+        return {
+            "image": image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else torch.as_tensor(image),
+            "label": self._labels[index].clone(),
+            "mask": mask.clone(),
+            "name": name,
+            "orig_size": orig,
+        }
 
 
 def _has_dicom_marker(path: str) -> bool:
@@ -347,12 +370,28 @@ def _has_dicom_marker(path: str) -> bool:
         return False
 
 
-def make_splits(dataset: str, root: Path, label_names: Sequence[str], label_identity: str, pool: Records,
-                given: Sequence[str] | None, *, image_size: int, val_fraction: float, split_seed: int, view: str,
-                max_per_patient: int | None, allow_missing: bool, use_cache: bool, augment: bool,
-                cache_dir: str | os.PathLike | None = None, aug_options: dict[str, Any] | None = None,
-                aug_seed: int | None = None, on_bad_image: str = "mask",
-                extra_summary: dict[str, Any] | None = None) -> DatasetSplits:
+def make_splits(
+    dataset: str,
+    root: Path,
+    label_names: Sequence[str],
+    label_identity: str,
+    pool: Records,
+    given: Sequence[str] | None,
+    *,
+    image_size: int,
+    val_fraction: float,
+    split_seed: int,
+    view: str,
+    max_per_patient: int | None,
+    allow_missing: bool,
+    use_cache: bool,
+    augment: bool,
+    cache_dir: str | os.PathLike | None = None,
+    aug_options: dict[str, Any] | None = None,
+    aug_seed: int | None = None,
+    on_bad_image: str = "mask",
+    extra_summary: dict[str, Any] | None = None,
+) -> DatasetSplits:
     """Split a labelled pool and build the datasets (CheXpert and CSV manifests share this).
 
     ``given``: a split name per record ("train", "val" or "test"), or None. Without a "val" part,
@@ -374,22 +413,36 @@ def make_splits(dataset: str, root: Path, label_names: Sequence[str], label_iden
         parts["train"], parts["val"] = tr.subset(np.flatnonzero(~is_val)), tr.subset(np.flatnonzero(is_val))
     assert_patient_disjoint({k: v for k, v in parts.items() if len(v)})
     has_test = len(parts["test"]) > 0
-    parts = {k: limit_per_patient(filter_view(r, view), max_per_patient, split_seed) for k, r in parts.items()
-             if k != "test" or has_test}
+    parts = {
+        k: limit_per_patient(filter_view(r, view), max_per_patient, split_seed)
+        for k, r in parts.items()
+        if k != "test" or has_test
+    }
     cache = find_cache(root, dataset, image_size, label_identity, cache_dir=cache_dir) if use_cache else None
     missing: dict[str, int] = {}
     for split, rec in list(parts.items()):
         rows = cache.rows_for(rec.names) if cache is not None else None
         rec.paths = [p if p and os.path.isfile(p) else "" for p in rec.paths]
         parts[split], missing[split] = drop_missing(
-            rec, allow_missing=allow_missing, root=root,
+            rec,
+            allow_missing=allow_missing,
+            root=root,
             available=lambda i, rec=rec, rows=rows: bool(rec.paths[i]) or (rows is not None and rows[i] >= 0),
-            what=f"{split} images")
+            what=f"{split} images",
+        )
     datasets = {
-        split: XrayDataset(rec, label_names, image_size, augment=augment and split == "train", aug_options=aug_options,
-                           aug_seed=split_seed if aug_seed is None else aug_seed, on_bad_image=on_bad_image,
-                           split=split, cache=cache,
-                           cache_rows=cache.rows_for(rec.names) if cache is not None else None)
+        split: XrayDataset(
+            rec,
+            label_names,
+            image_size,
+            augment=augment and split == "train",
+            aug_options=aug_options,
+            aug_seed=split_seed if aug_seed is None else aug_seed,
+            on_bad_image=on_bad_image,
+            split=split,
+            cache=cache,
+            cache_rows=cache.rows_for(rec.names) if cache is not None else None,
+        )
         for split, rec in parts.items()
     }
     summary = {
@@ -410,7 +463,14 @@ def make_splits(dataset: str, root: Path, label_names: Sequence[str], label_iden
         "label_sha256": label_identity,
         **(extra_summary or {}),
     }
-    extra = f"{dataset} view={view} max_per_patient={max_per_patient} {sorted((extra_summary or {}).get('options', {}).items())}"
-    return DatasetSplits(train=datasets["train"], val=datasets["val"], test=datasets.get("test"),
-                         label_names=list(label_names), manifest_hash=split_hash(label_identity, parts, extra),
-                         summary=summary, boxes={})
+    options = sorted((extra_summary or {}).get("options", {}).items())
+    extra = f"{dataset} view={view} max_per_patient={max_per_patient} {options}"
+    return DatasetSplits(
+        train=datasets["train"],
+        val=datasets["val"],
+        test=datasets.get("test"),
+        label_names=list(label_names),
+        manifest_hash=split_hash(label_identity, parts, extra),
+        summary=summary,
+        boxes={},
+    )

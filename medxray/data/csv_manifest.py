@@ -43,11 +43,21 @@ UNKNOWN = {"", "-1", "-1.0", "u", "na", "n/a", "nan", "?", "unknown", "uncertain
 SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def build(data_root: str | os.PathLike | None, *, csv_path: str | os.PathLike | None = None,
-          labels: Sequence[str] | None = None, image_column: str = "image", patient_column: str = "patient_id",
-          split_column: str = "split", view_column: str = "view", cache_dir: str | os.PathLike | None = None,
-          aug_options: dict[str, Any] | None = None, aug_seed: int | None = None, on_bad_image: str = "mask",
-          **common: Any) -> DatasetSplits:
+def build(
+    data_root: str | os.PathLike | None,
+    *,
+    csv_path: str | os.PathLike | None = None,
+    labels: Sequence[str] | None = None,
+    image_column: str = "image",
+    patient_column: str = "patient_id",
+    split_column: str = "split",
+    view_column: str = "view",
+    cache_dir: str | os.PathLike | None = None,
+    aug_options: dict[str, Any] | None = None,
+    aug_seed: int | None = None,
+    on_bad_image: str = "mask",
+    **common: Any,
+) -> DatasetSplits:
     """Datasets from a CSV manifest (see the module docstring)."""
     if data_root is None and csv_path is None:
         raise DataError("no manifest given; pass --data-root DIR (holding manifest.csv) or --csv PATH")
@@ -59,7 +69,9 @@ def build(data_root: str | os.PathLike | None, *, csv_path: str | os.PathLike | 
         if not csv_file.is_absolute() and data_root is not None and not csv_file.is_file():
             csv_file = Path(data_root) / csv_file
     if not csv_file.is_file():
-        raise DataError(f"CSV manifest {csv_file} not found; pass the manifest file (or its folder holding manifest.csv)")
+        raise DataError(
+            f"CSV manifest {csv_file} not found; pass the manifest file (or its folder holding manifest.csv)"
+        )
     root = Path(data_root).expanduser() if data_root is not None and Path(data_root).is_dir() else csv_file.parent
     base = csv_file.parent
     names, paths, patients, views, splits, lab, msk, bad = [], [], [], [], [], [], [], []
@@ -69,14 +81,18 @@ def build(data_root: str | os.PathLike | None, *, csv_path: str | os.PathLike | 
             header = [c.strip() for c in next(reader, [])]
             for col in (image_column, patient_column):
                 if col not in header:
-                    raise DataError(f"{csv_file} has no {col!r} column (found: {', '.join(header[:10])}); every manifest "
-                                    f"needs an image path column and a patient id column")
+                    raise DataError(
+                        f"{csv_file} has no {col!r} column (found: {', '.join(header[:10])}); every manifest "
+                        f"needs an image path column and a patient id column"
+                    )
             meta_cols = {image_column, patient_column, split_column, view_column}
             label_names = list(labels) if labels is not None else [c for c in header if c and c not in meta_cols]
             lacking = [c for c in label_names if c not in header]
             if lacking or not label_names:
-                raise DataError(f"{csv_file}: finding column(s) {lacking or '(none)'} not found; add one column per "
-                                f"finding (1/0, blank = unknown)")
+                raise DataError(
+                    f"{csv_file}: finding column(s) {lacking or '(none)'} not found; add one column per "
+                    f"finding (1/0, blank = unknown)"
+                )
             ii, ipat = header.index(image_column), header.index(patient_column)
             isp = header.index(split_column) if split_column in header else None
             iv = header.index(view_column) if view_column in header else None
@@ -125,11 +141,30 @@ def build(data_root: str | os.PathLike | None, *, csv_path: str | os.PathLike | 
     if isp is None and split_column != "split":
         raise ConfigError(f"split column {split_column!r} not found in {csv_file}")
     c = len(label_names)
-    pool = Records(names=names, paths=paths, patients=patients, views=views,
-                   labels=np.asarray(lab, dtype=np.float32).reshape(-1, c),
-                   mask=np.asarray(msk, dtype=np.float32).reshape(-1, c))
+    pool = Records(
+        names=names,
+        paths=paths,
+        patients=patients,
+        views=views,
+        labels=np.asarray(lab, dtype=np.float32).reshape(-1, c),
+        mask=np.asarray(msk, dtype=np.float32).reshape(-1, c),
+    )
     ident = hashlib.sha256(f"{content_sha256(csv_file)}|{','.join(label_names)}".encode()).hexdigest()
-    return make_splits("csv", root, label_names, ident, pool, splits, cache_dir=cache_dir, aug_options=aug_options,
-                       aug_seed=aug_seed, on_bad_image=on_bad_image,
-                       extra_summary={"malformed_rows": len(bad), "csv_path": str(csv_file),
-                                      "options": {"labels": ",".join(label_names)}}, **common)
+    return make_splits(
+        "csv",
+        root,
+        label_names,
+        ident,
+        pool,
+        splits,
+        cache_dir=cache_dir,
+        aug_options=aug_options,
+        aug_seed=aug_seed,
+        on_bad_image=on_bad_image,
+        extra_summary={
+            "malformed_rows": len(bad),
+            "csv_path": str(csv_file),
+            "options": {"labels": ",".join(label_names)},
+        },
+        **common,
+    )

@@ -19,8 +19,9 @@ Edge behaviour, the same for every caller:
   says whether the channels really differed (a radiograph saved as RGB does not count).
 - Images larger than the pixel limit (:func:`medxray.limits.pixel_limit`: ``max_pixels``, else
   ``$MEDXRAY_MAX_PIXELS``, else 60 MP, the same default as the DICOM reader) are refused from
-  their header, before their pixels are decoded (decompression bombs); images smaller than ``min_side`` on a side, non-images and truncated
-  files are refused. Every refusal is a :class:`medxray.errors.DataError` naming the file.
+  their header, before their pixels are decoded (decompression bombs); images smaller than
+  ``min_side`` on a side, non-images and truncated files are refused. Every refusal is a
+  :class:`medxray.errors.DataError` naming the file.
 
 Must not import torch, MONAI, Streamlit, pandas or other medxray.data modules: it is the leaf the
 data layer and the review app both build on.
@@ -43,8 +44,7 @@ MAX_PIXELS = DEFAULT_MAX_PIXELS  # the shared default (medxray.limits); $MEDXRAY
 COLOUR_TOLERANCE = 8  # channel difference (of 255) below which an RGB file is gray saved as colour
 
 _GRAY16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-_COLLAPSE_MODES = frozenset({"1", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr",
-                             "LAB", "HSV"})
+_COLLAPSE_MODES = frozenset({"1", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"})
 _MULTI_CHANNEL_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"})
 
 
@@ -76,8 +76,14 @@ def to_float01(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32) / np.float32(top)
 
 
-def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None, max_pixels: int | None = None,
-                 min_side: int = MIN_IMAGE_SIDE, exif_transpose: bool = False) -> DecodedImage:
+def decode_image(
+    source: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    min_side: int = MIN_IMAGE_SIDE,
+    exif_transpose: bool = False,
+) -> DecodedImage:
     """Decode a PNG/JPEG (or other PIL-readable) radiograph from a path or from bytes.
 
     ``name`` labels the file in error messages (default: the path, or "the image" for bytes).
@@ -95,8 +101,10 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None, 
         with Image.open(io.BytesIO(bytes(source)) if is_bytes else Path(source)) as img:
             w, h = img.size
             if w * h > limit:  # from the header: Image.open has decoded no pixel yet
-                raise DataError(f"{label} is {w}x{h} pixels, more than the {limit / 1e6:g} megapixels "
-                                "accepted; downscale it first (or raise MEDXRAY_MAX_PIXELS)")
+                raise DataError(
+                    f"{label} is {w}x{h} pixels, more than the {limit / 1e6:g} megapixels "
+                    "accepted; downscale it first (or raise MEDXRAY_MAX_PIXELS)"
+                )
             fmt = str(img.format or "")
             img.load()  # decode now, so a truncated file fails here and not later
             if exif_transpose:
@@ -107,19 +115,23 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None, 
     except FileNotFoundError:
         raise DataError(f"{label}: file not found") from None
     except UnidentifiedImageError:
-        raise DataError(f"{label} cannot be decoded: not an image file PIL can read (damaged, or not a "
-                        "PNG/JPEG?)") from None
+        raise DataError(
+            f"{label} cannot be decoded: not an image file PIL can read (damaged, or not a PNG/JPEG?)"
+        ) from None
     except Image.DecompressionBombError:  # Pillow's own ceiling (2 x Image.MAX_IMAGE_PIXELS), met in Image.open
-        raise DataError(f"{label} has more pixels than Pillow will open and than the {limit / 1e6:g} megapixels "
-                        "accepted; downscale it first") from None
+        raise DataError(
+            f"{label} has more pixels than Pillow will open and than the {limit / 1e6:g} megapixels "
+            "accepted; downscale it first"
+        ) from None
     except MemoryError:
         raise DataError(f"{label}: not enough memory to decode this image") from None
     except Exception as exc:  # Pillow's plugins raise many types on damaged files (make fuzz: TypeError in TIFF)
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise DataError(f"{label} cannot be decoded: unreadable or truncated image ({first})") from None
     if pixels.ndim != 2 or min(pixels.shape) < min_side:
-        raise DataError(f"{label}: image of shape {pixels.shape} is not a 2-D radiograph of at least "
-                        f"{min_side}x{min_side} pixels")
+        raise DataError(
+            f"{label}: image of shape {pixels.shape} is not a 2-D radiograph of at least {min_side}x{min_side} pixels"
+        )
     return DecodedImage(pixels=np.ascontiguousarray(pixels), format=fmt, colour=colour)
 
 
@@ -131,23 +143,30 @@ def _gray(img, label: str) -> tuple[np.ndarray, bool]:
     if mode == "I":
         arr32 = np.asarray(img)
         if arr32.size and (arr32.min() < 0 or arr32.max() > 65535):
-            raise DataError(f"{label}: 32-bit integer image with values outside 0..65535; "
-                            "export it as an 8- or 16-bit grayscale PNG")
+            raise DataError(
+                f"{label}: 32-bit integer image with values outside 0..65535; "
+                "export it as an 8- or 16-bit grayscale PNG"
+            )
         return arr32.astype(np.uint16), False
     if mode == "L":
         return np.array(img, dtype=np.uint8), False
     if mode == "F":
-        raise DataError(f"{label}: floating-point image (unsupported pixel format 'F'); there is no agreed "
-                        "intensity scale for it, export it as an 8- or 16-bit grayscale PNG")
+        raise DataError(
+            f"{label}: floating-point image (unsupported pixel format 'F'); there is no agreed "
+            "intensity scale for it, export it as an 8- or 16-bit grayscale PNG"
+        )
     if mode in _COLLAPSE_MODES:
         colour = False
         if mode in _MULTI_CHANNEL_MODES:
             rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-            colour = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > COLOUR_TOLERANCE
-                          or np.abs(rgb[..., 1] - rgb[..., 2]).max() > COLOUR_TOLERANCE)
+            colour = bool(
+                np.abs(rgb[..., 0] - rgb[..., 1]).max() > COLOUR_TOLERANCE
+                or np.abs(rgb[..., 1] - rgb[..., 2]).max() > COLOUR_TOLERANCE
+            )
         return np.array(img.convert("L"), dtype=np.uint8), colour
-    raise DataError(f"{label}: unsupported pixel format {mode!r} (expected 8- or 16-bit grayscale "
-                    "PNG/JPEG); convert the image")
+    raise DataError(
+        f"{label}: unsupported pixel format {mode!r} (expected 8- or 16-bit grayscale PNG/JPEG); convert the image"
+    )
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:

@@ -50,10 +50,16 @@ def collate_items(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     image = torch.stack([plain_tensor(it["image"]).float() for it in items])
     label = torch.stack([plain_tensor(it["label"]).float() for it in items])
-    mask = torch.stack([plain_tensor(it["mask"]).float() if "mask" in it
-                        else torch.ones_like(plain_tensor(it["label"]).float()) for it in items])
+    mask = torch.stack(
+        [
+            plain_tensor(it["mask"]).float() if "mask" in it else torch.ones_like(plain_tensor(it["label"]).float())
+            for it in items
+        ]
+    )
     out: dict[str, Any] = {
-        "image": image, "label": label, "mask": mask,
+        "image": image,
+        "label": label,
+        "mask": mask,
         "name": [str(it.get("name", "")) for it in items],
         "orig_size": [tuple(int(v) for v in it["orig_size"]) if "orig_size" in it else None for it in items],
     }
@@ -63,8 +69,14 @@ def collate_items(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def make_loader(
-    dataset: Dataset, *, batch_size: int, seed: int, sampler: Any = None, drop_last: bool = False,
-    num_workers: int = 0, pin_memory: bool = False,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    sampler: Any = None,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A MONAI DataLoader whose random transforms are seeded from ``seed`` (also without workers),
     batching with :func:`collate_items`, in order unless ``sampler`` says otherwise."""
@@ -75,8 +87,15 @@ def make_loader(
     g = torch.Generator()
     g.manual_seed(int(seed))
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin_memory, generator=g, collate_fn=collate_items,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=g,
+        collate_fn=collate_items,
         persistent_workers=False,
         # MONAI's per-worker seeding, plus: a worker dies with the training process (kill -9 included)
         worker_init_fn=dataloader_worker_init if num_workers > 0 else None,

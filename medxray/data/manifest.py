@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-
 import medxray
 from medxray.errors import DataError
 from medxray.fileio import file_sha256, load_yaml_mapping
@@ -44,8 +43,9 @@ def manifests_root() -> Path:
 def manifest_spec(dataset: str = "chestxray14") -> dict[str, Any]:
     """The parsed ``manifest.yaml`` of one shipped dataset."""
     path = manifests_root() / dataset / MANIFEST_FILE
-    spec = load_yaml_mapping(path, what="manifest", error=DataError,
-                             hint=f"; restore data_manifests/{dataset}/ from the medxray source tree")
+    spec = load_yaml_mapping(
+        path, what="manifest", error=DataError, hint=f"; restore data_manifests/{dataset}/ from the medxray source tree"
+    )
     if not isinstance(spec.get("files"), dict):
         raise DataError(f"{path} has no 'files' section; restore it from the medxray source tree")
     return spec
@@ -106,8 +106,10 @@ def shipped_files(dataset: str = "chestxray14") -> dict[str, Path]:
     for role, entry in spec["files"].items():
         path = folder / entry["path"]
         if not path.is_file():
-            raise DataError(f"shipped manifest file {path} is missing; restore data_manifests/{dataset}/ "
-                            f"from the medxray source tree")
+            raise DataError(
+                f"shipped manifest file {path} is missing; restore data_manifests/{dataset}/ "
+                f"from the medxray source tree"
+            )
         if not _verified(*_stat_key(path), str(entry["sha256"])):
             raise DataError(
                 f"shipped manifest file {path} does not match the SHA-256 in {folder / MANIFEST_FILE}; it was "

@@ -19,8 +19,18 @@ from typing import Any
 import numpy as np
 
 from medxray.data import build_datasets
-from medxray.data.cache import (BAD, CACHE_FORMAT, CHUNK, DONE, EXPECTED_SIZES, TODO, cache_path, names_sha256,
-                                open_array, write_json)
+from medxray.data.cache import (
+    BAD,
+    CACHE_FORMAT,
+    CHUNK,
+    DONE,
+    EXPECTED_SIZES,
+    TODO,
+    cache_path,
+    names_sha256,
+    open_array,
+    write_json,
+)
 from medxray.data.imageio import read_image
 from medxray.errors import ConfigError, DataError
 
@@ -71,9 +81,18 @@ def _process_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, int, int, in
     return out
 
 
-def prepare_cache(dataset: str, data_root: str | os.PathLike, size: int = 256, *,
-                  cache_dir: str | os.PathLike | None = None, workers: int | None = None, allow_missing: bool = False,
-                  progress: bool = True, max_items: int | None = None, **dataset_options: Any) -> dict[str, Any]:
+def prepare_cache(
+    dataset: str,
+    data_root: str | os.PathLike,
+    size: int = 256,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    allow_missing: bool = False,
+    progress: bool = True,
+    max_items: int | None = None,
+    **dataset_options: Any,
+) -> dict[str, Any]:
     """Build (or finish) the cache of every image of ``dataset`` under ``data_root``.
 
     The image list is the one :func:`medxray.data.build_datasets` uses, over all splits. Missing
@@ -88,8 +107,15 @@ def prepare_cache(dataset: str, data_root: str | os.PathLike, size: int = 256, *
         raise ConfigError(f"cache --size must be at least 16 pixels, got {size}")
     size = int(size)
     workers = max(1, int(workers if workers is not None else min(os.cpu_count() or 1, 8)))
-    splits = build_datasets(dataset, data_root, image_size=size, use_cache=False, augment=False,
-                            allow_missing=allow_missing, **dataset_options)
+    splits = build_datasets(
+        dataset,
+        data_root,
+        image_size=size,
+        use_cache=False,
+        augment=False,
+        allow_missing=allow_missing,
+        **dataset_options,
+    )
     names: list[str] = []
     paths: list[str] = []
     for ds in (splits.train, splits.val, splits.test):
@@ -98,13 +124,20 @@ def prepare_cache(dataset: str, data_root: str | os.PathLike, size: int = 256, *
             paths += ds.records.paths
     label_sha = splits.summary.get("label_sha256", "")
     path = cache_path(data_root, dataset, size, cache_dir)
-    fingerprint = {"format": CACHE_FORMAT, "dataset": dataset, "size": size, "label_sha256": label_sha,
-                   "names_sha256": names_sha256(names), "n": len(names)}
+    fingerprint = {
+        "format": CACHE_FORMAT,
+        "dataset": dataset,
+        "size": size,
+        "label_sha256": label_sha,
+        "names_sha256": names_sha256(names),
+        "n": len(names),
+    }
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the cache folder {path} ({exc.strerror}); pass --cache-dir to a writable "
-                        f"place") from None
+        raise DataError(
+            f"cannot create the cache folder {path} ({exc.strerror}); pass --cache-dir to a writable place"
+        ) from None
     meta_path = path / "meta.json"
     old = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     resume = old is not None and all(old.get(k) == v for k, v in fingerprint.items())
@@ -128,7 +161,7 @@ def prepare_cache(dataset: str, data_root: str | os.PathLike, size: int = 256, *
     todo = [(int(r), paths[r]) for r in np.flatnonzero(status == TODO)]
     if max_items is not None:
         todo = todo[: int(max_items)]
-    chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
     t0 = time.perf_counter()
     done_now = 0
     bar = tqdm(total=len(todo), desc=f"caching {dataset} at {size}px", unit="img", disable=not progress)
@@ -156,7 +189,9 @@ def prepare_cache(dataset: str, data_root: str | os.PathLike, size: int = 256, *
                 _worker_state.clear()
         else:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            with ctx.Pool(min(workers, len(chunks)), initializer=_init_worker, initargs=(pix_path, n, size, True)) as pool:
+            with ctx.Pool(
+                min(workers, len(chunks)), initializer=_init_worker, initargs=(pix_path, n, size, True)
+            ) as pool:
                 for results in pool.imap_unordered(_process_chunk, chunks):
                     record(results)
     finally:
@@ -169,15 +204,35 @@ def prepare_cache(dataset: str, data_root: str | os.PathLike, size: int = 256, *
     # a phantom drawn at another size has its boxes in its own pixels, so only real roots are checked
     expected = None if splits.summary.get("synthetic") else EXPECTED_SIZES.get(dataset)
     unexpected = int(((sizes[:, 0] != expected[0]) | (sizes[:, 1] != expected[1])).sum()) if expected else 0
-    report = {**fingerprint, "state": state, "done": n_done, "bad": n_bad, "todo": n_todo,
-              "unexpected_size": unexpected, "missing_dropped": splits.summary.get("missing_dropped", 0),
-              "synthetic": bool(splits.summary.get("synthetic", False)), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    report = {
+        **fingerprint,
+        "state": state,
+        "done": n_done,
+        "bad": n_bad,
+        "todo": n_todo,
+        "unexpected_size": unexpected,
+        "missing_dropped": splits.summary.get("missing_dropped", 0),
+        "synthetic": bool(splits.summary.get("synthetic", False)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     write_json(meta_path, report)
     if n_bad:
-        log.warning("%d unreadable image(s) were left out of the cache and of training (first: %s); see %s",
-                    n_bad, ", ".join(list(bad)[:3]), path / "bad.json")
+        log.warning(
+            "%d unreadable image(s) were left out of the cache and of training (first: %s); see %s",
+            n_bad,
+            ", ".join(list(bad)[:3]),
+            path / "bad.json",
+        )
     if unexpected:
-        log.warning("%d image(s) are not %dx%d as NIH ships them; bounding boxes of those images will not line up",
-                    unexpected, *expected)
-    return {**report, "path": str(path), "processed_now": done_now, "seconds": round(seconds, 2),
-            "images_per_s": round(done_now / seconds, 1) if seconds > 0 else None}
+        log.warning(
+            "%d image(s) are not %dx%d as NIH ships them; bounding boxes of those images will not line up",
+            unexpected,
+            *expected,
+        )
+    return {
+        **report,
+        "path": str(path),
+        "processed_now": done_now,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(done_now / seconds, 1) if seconds > 0 else None,
+    }

@@ -29,9 +29,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medxray.fileio import atomic_output
-from medxray.errors import ConfigError, DataError
 from medxray.data.manifest import PHANTOM_MARKER
+from medxray.errors import ConfigError, DataError
+from medxray.fileio import atomic_output
 from medxray.labels import CHESTXRAY14_FINDINGS
 
 log = logging.getLogger(__name__)
@@ -253,10 +253,19 @@ def _put(rng: np.random.Generator, finding: str, delta: np.ndarray) -> Patch:
 
 
 PATTERNS: dict[str, Callable[[np.random.Generator], Patch]] = {
-    "Atelectasis": _atelectasis, "Cardiomegaly": _cardiomegaly, "Effusion": _effusion,
-    "Infiltration": _infiltration, "Mass": _mass, "Nodule": _nodule, "Pneumonia": _pneumonia,
-    "Pneumothorax": _pneumothorax, "Consolidation": _consolidation, "Edema": _edema,
-    "Emphysema": _emphysema, "Fibrosis": _fibrosis, "Pleural_Thickening": _pleural_thickening,
+    "Atelectasis": _atelectasis,
+    "Cardiomegaly": _cardiomegaly,
+    "Effusion": _effusion,
+    "Infiltration": _infiltration,
+    "Mass": _mass,
+    "Nodule": _nodule,
+    "Pneumonia": _pneumonia,
+    "Pneumothorax": _pneumothorax,
+    "Consolidation": _consolidation,
+    "Edema": _edema,
+    "Emphysema": _emphysema,
+    "Fibrosis": _fibrosis,
+    "Pleural_Thickening": _pleural_thickening,
     "Hernia": _hernia,
 }
 assert tuple(PATTERNS) == CHESTXRAY14_FINDINGS
@@ -281,15 +290,15 @@ def _background(rng: np.random.Generator, size: int, noise: float = 0.005) -> np
         return np.clip((1.0 - np.hypot((u - cx) / ax, (v - cy) / ay)) / edge, 0.0, 1.0)
 
     img = 0.05 + 0.03 * v
-    img = img + 0.40 * ell(0.5, 0.60, 0.45, 0.56, 0.08)                       # soft tissue of the body
+    img = img + 0.40 * ell(0.5, 0.60, 0.45, 0.56, 0.08)  # soft tissue of the body
     lungs = np.maximum(ell(0.31, 0.45, 0.15, 0.31), ell(0.69, 0.45, 0.14, 0.31))
-    img = img - 0.24 * lungs                                                  # aerated lungs are dark
+    img = img - 0.24 * lungs  # aerated lungs are dark
     ribs = (0.5 + 0.5 * np.sin(2 * np.pi * (v * 10.0 + 1.6 * (u - 0.5) ** 2 + rng.uniform(0, 1)))) ** 4
     img = img + 0.06 * ribs * lungs
     img = img + 0.16 * np.clip((0.065 - np.abs(u - 0.5)) / 0.02, 0, 1) * (v > 0.08) * (v < 0.75)  # mediastinum
-    img = img + 0.10 * ell(0.555, 0.63, 0.11, 0.09, 0.2)                      # heart
-    img = img + 0.07 * np.clip((0.025 - np.abs(u - 0.5)) / 0.01, 0, 1)       # spine
-    low = rng.standard_normal((8, 8)).astype(np.float32)                      # smooth patient-to-patient variation
+    img = img + 0.10 * ell(0.555, 0.63, 0.11, 0.09, 0.2)  # heart
+    img = img + 0.07 * np.clip((0.025 - np.abs(u - 0.5)) / 0.01, 0, 1)  # spine
+    low = rng.standard_normal((8, 8)).astype(np.float32)  # smooth patient-to-patient variation
     img = img + 0.025 * np.asarray(Image.fromarray(low, mode="F").resize((n, n), Image.BICUBIC))
     img = (img * rng.uniform(0.9, 1.1) + rng.uniform(-0.03, 0.03)).astype(np.float32)
     big = np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
@@ -298,8 +307,9 @@ def _background(rng: np.random.Generator, size: int, noise: float = 0.005) -> np
     return big
 
 
-def place_pattern(finding: str, key: Sequence[int], *, size: int = IMAGE_SIZE
-                  ) -> tuple[np.ndarray, int, int, dict[str, Any]] | None:
+def place_pattern(
+    finding: str, key: Sequence[int], *, size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, int, int, dict[str, Any]] | None:
     """Where ``finding``'s pattern goes in the image of ``key``: (delta clipped to the image, top,
     left, tight box ``{"finding", "x", "y", "w", "h"}``), or None when it falls outside the image.
 
@@ -321,18 +331,24 @@ def place_pattern(finding: str, key: Sequence[int], *, size: int = IMAGE_SIZE
     y1, x1 = min(top + delta.shape[0], size), min(left + delta.shape[1], size)
     if y1 <= y0 or x1 <= x0:
         return None
-    local = delta[y0 - top:y1 - top, x0 - left:x1 - left]
+    local = delta[y0 - top : y1 - top, x0 - left : x1 - left]
     nz_r = np.flatnonzero(np.any(local != 0, axis=1))
     nz_c = np.flatnonzero(np.any(local != 0, axis=0))
     if len(nz_r) == 0:
         return None
-    box = {"finding": finding, "x": int(x0 + nz_c[0]), "y": int(y0 + nz_r[0]),
-           "w": int(nz_c[-1] - nz_c[0] + 1), "h": int(nz_r[-1] - nz_r[0] + 1)}
+    box = {
+        "finding": finding,
+        "x": int(x0 + nz_c[0]),
+        "y": int(y0 + nz_r[0]),
+        "w": int(nz_c[-1] - nz_c[0] + 1),
+        "h": int(nz_r[-1] - nz_r[0] + 1),
+    }
     return local, y0, x0, box
 
 
-def render_phantom(findings: Sequence[str], key: Sequence[int], *, size: int = IMAGE_SIZE,
-                   draw: bool = True) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def render_phantom(
+    findings: Sequence[str], key: Sequence[int], *, size: int = IMAGE_SIZE, draw: bool = True
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One phantom image (uint8, size x size) and the box of each finding's pattern.
 
     ``key`` seeds everything, with independent streams for the background and for each finding.
@@ -349,7 +365,7 @@ def render_phantom(findings: Sequence[str], key: Sequence[int], *, size: int = I
             if placed is None:
                 continue
             local, y0, x0, box = placed
-            img[y0:y0 + local.shape[0], x0:x0 + local.shape[1]] += local
+            img[y0 : y0 + local.shape[0], x0 : x0 + local.shape[1]] += local
             boxes.append(box)
     out = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     return out, boxes
@@ -359,8 +375,14 @@ def render_phantom(findings: Sequence[str], key: Sequence[int], *, size: int = I
 # choosing manifest rows
 
 
-def select_rows(n_images: int, seed: int = 0, *, test_fraction: float = 0.3, positive_fraction: float = 0.07,
-                max_patient_images: int = 12) -> tuple[list[int], list[int]]:
+def select_rows(
+    n_images: int,
+    seed: int = 0,
+    *,
+    test_fraction: float = 0.3,
+    positive_fraction: float = 0.07,
+    max_patient_images: int = 12,
+) -> tuple[list[int], list[int]]:
     """Row indices of the shipped label file for a phantom: (train_val rows, test rows).
 
     Whole patients are taken from each official split until every finding has about
@@ -403,7 +425,7 @@ def select_rows(n_images: int, seed: int = 0, *, test_fraction: float = 0.3, pos
                 active[c] = False
                 continue
             density = pos[cand, c] / n_img[cand]
-            p = density ** 3
+            p = density**3
             pick = int(rng.choice(cand, p=p / p.sum()))
             avail[pick] = False
             chosen.append(pick)
@@ -446,9 +468,18 @@ def _init_render(seed: int, size: int) -> None:
     _render_state.update(seed=seed, size=size)
 
 
-def synthesize(out_dir: str | os.PathLike, n_images: int = 1000, seed: int = 0, *, workers: int | None = None,
-               image_size: int = IMAGE_SIZE, layout: str = "flat", test_fraction: float = 0.3,
-               progress: bool = False, overwrite: bool = False) -> Path:
+def synthesize(
+    out_dir: str | os.PathLike,
+    n_images: int = 1000,
+    seed: int = 0,
+    *,
+    workers: int | None = None,
+    image_size: int = IMAGE_SIZE,
+    layout: str = "flat",
+    test_fraction: float = 0.3,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write a phantom ChestX-ray14 data root to ``out_dir`` and return its path.
 
     ``layout``: "flat" (``images/``) or "nested" (``images_001/images/`` ... as on Kaggle).
@@ -469,8 +500,16 @@ def synthesize(out_dir: str | os.PathLike, n_images: int = 1000, seed: int = 0, 
     if int(image_size) < 64:
         raise ConfigError(f"image_size must be at least 64, got {image_size}")
     out = Path(out_dir).expanduser()
-    params = {"synthetic": True, "generator": "medxray.data.synthetic", "version": PHANTOM_VERSION, "seed": int(seed),
-              "n_images": n_images, "image_size": int(image_size), "layout": layout, "test_fraction": test_fraction}
+    params = {
+        "synthetic": True,
+        "generator": "medxray.data.synthetic",
+        "version": PHANTOM_VERSION,
+        "seed": int(seed),
+        "n_images": n_images,
+        "image_size": int(image_size),
+        "layout": layout,
+        "test_fraction": test_fraction,
+    }
     marker = out / PHANTOM_MARKER
     if marker.is_file():
         try:
@@ -481,16 +520,22 @@ def synthesize(out_dir: str | os.PathLike, n_images: int = 1000, seed: int = 0, 
             log.warning("phantom data root %s already exists (SYNTHETIC images, not real radiographs); reusing it", out)
             return out
         if not overwrite:
-            raise DataError(f"{out} already holds a phantom data root with other parameters ({old.get('n_images')} "
-                            f"images, seed {old.get('seed')}); pass --overwrite to replace it, or choose a new --out")
+            raise DataError(
+                f"{out} already holds a phantom data root with other parameters ({old.get('n_images')} "
+                f"images, seed {old.get('seed')}); pass --overwrite to replace it, or choose a new --out"
+            )
         # an older phantom with other parameters: clear its images and any cache built from them
         for d in [out / "images", out / "medxray_cache", *out.glob("images_[0-9][0-9][0-9]")]:
             if d.is_dir():
                 shutil.rmtree(d)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and is not an empty folder or a phantom data root; choose a new --out folder")
-    log.warning("writing %d SYNTHETIC phantom images to %s: real ChestX-ray14 manifest rows drawn as artificial "
-                "patterns, NOT real radiographs (for demos and tests only)", n_images, out)
+    log.warning(
+        "writing %d SYNTHETIC phantom images to %s: real ChestX-ray14 manifest rows drawn as artificial "
+        "patterns, NOT real radiographs (for demos and tests only)",
+        n_images,
+        out,
+    )
     t0 = time.perf_counter()
     tv_rows, test_rows = select_rows(n_images, seed, test_fraction=test_fraction)
     table = read_label_file(resolve_files(None)["labels"])
@@ -508,7 +553,7 @@ def synthesize(out_dir: str | os.PathLike, n_images: int = 1000, seed: int = 0, 
     for k, (i, folder) in enumerate(zip(rows, folders)):
         findings = tuple(f for f, v in zip(CHESTXRAY14_FINDINGS, table.labels[i]) if v)
         tasks.append((k, str(folder), table.names[i], findings))
-    chunks = [tasks[j:j + 16] for j in range(0, len(tasks), 16)]
+    chunks = [tasks[j : j + 16] for j in range(0, len(tasks), 16)]
     workers = max(1, min(len(chunks), int(workers if workers is not None else min(os.cpu_count() or 1, 8))))
     boxes: dict[str, list[dict[str, Any]]] = {}
     bar = tqdm(total=len(rows), desc="phantom images (synthetic)", unit="img", disable=not progress)
@@ -530,24 +575,43 @@ def synthesize(out_dir: str | os.PathLike, n_images: int = 1000, seed: int = 0, 
     names = [table.names[i] for i in rows]
     label_name = Path(table.path).name.removesuffix(".gz")
     (out / label_name).write_text(table.header + "\n" + "".join(table.lines[i] + "\n" for i in rows))
-    (out / "train_val_list.txt").write_text("".join(table.names[i] + "\n" for i in sorted(tv_rows, key=lambda i: table.names[i])))
-    (out / "test_list.txt").write_text("".join(table.names[i] + "\n" for i in sorted(test_rows, key=lambda i: table.names[i])))
+    (out / "train_val_list.txt").write_text(
+        "".join(table.names[i] + "\n" for i in sorted(tv_rows, key=lambda i: table.names[i]))
+    )
+    (out / "test_list.txt").write_text(
+        "".join(table.names[i] + "\n" for i in sorted(test_rows, key=lambda i: table.names[i]))
+    )
     lines = [BOX_HEADER]
     for name in names:
         for b in boxes[name]:
-            lines.append(f"{name},{BOX_NAME.get(b['finding'], b['finding'])},{b['x']:.1f},{b['y']:.1f},{b['w']:.1f},{b['h']:.1f}")
+            lines.append(
+                f"{name},{BOX_NAME.get(b['finding'], b['finding'])},{b['x']:.1f},{b['y']:.1f},{b['w']:.1f},{b['h']:.1f}"
+            )
     (out / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
     (out / PHANTOM_README).write_text(
         "SYNTHETIC PHANTOM DATA - NOT REAL RADIOGRAPHS\n\n"
         "Written by `medxray data synth` (medxray.data.synthetic). The file names, patients, views and labels are\n"
         "real rows of the NIH ChestX-ray14 manifest (Wang et al., CVPR 2017); the images are drawings: a chest-like\n"
         "background plus one artificial pattern per positive finding, whose box is in BBox_List_2017.csv.\n"
-        "Use it for demos and tests only. Nothing measured on it says anything about real radiographs.\n")
-    counts = {"images": len(rows), "train_val": len(tv_rows), "test": len(test_rows),
-              "patients": len({table.patients[i] for i in rows}), "boxes": len(lines) - 1,
-              "positives": {f: int(table.labels[rows, c].sum()) for c, f in enumerate(CHESTXRAY14_FINDINGS)}}
-    marker.write_text(json.dumps({**params, "counts": counts,
-                                  "note": "SYNTHETIC phantom images, not real radiographs"}, indent=1))
-    log.warning("phantom data root ready: %s (%d SYNTHETIC images, %d train_val / %d test, %.1f s)",
-                out, len(rows), len(tv_rows), len(test_rows), time.perf_counter() - t0)
+        "Use it for demos and tests only. Nothing measured on it says anything about real radiographs.\n"
+    )
+    counts = {
+        "images": len(rows),
+        "train_val": len(tv_rows),
+        "test": len(test_rows),
+        "patients": len({table.patients[i] for i in rows}),
+        "boxes": len(lines) - 1,
+        "positives": {f: int(table.labels[rows, c].sum()) for c, f in enumerate(CHESTXRAY14_FINDINGS)},
+    }
+    marker.write_text(
+        json.dumps({**params, "counts": counts, "note": "SYNTHETIC phantom images, not real radiographs"}, indent=1)
+    )
+    log.warning(
+        "phantom data root ready: %s (%d SYNTHETIC images, %d train_val / %d test, %.1f s)",
+        out,
+        len(rows),
+        len(tv_rows),
+        len(test_rows),
+        time.perf_counter() - t0,
+    )
     return out

@@ -66,8 +66,9 @@ class ScaleByBitDepthd(MapTransform):
     1-byte types, 16 for wider ones).
     """
 
-    def __init__(self, keys: Sequence[str] | str, bits_stored: int | None = None,
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: Sequence[str] | str, bits_stored: int | None = None, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.bits_stored = bits_stored
 
@@ -76,8 +77,9 @@ class ScaleByBitDepthd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             if isinstance(img, torch.Tensor):
-                d[key] = torch.from_numpy(unit_range(img.detach().cpu().as_subclass(torch.Tensor).numpy(),
-                                                     bits_stored=self.bits_stored))
+                d[key] = torch.from_numpy(
+                    unit_range(img.detach().cpu().as_subclass(torch.Tensor).numpy(), bits_stored=self.bits_stored)
+                )
             else:
                 d[key] = unit_range(img, bits_stored=self.bits_stored)
         return d
@@ -217,8 +219,15 @@ class RandSmallAffined(RandomizableTransform, MapTransform):
     the transform's own (``set_random_state``), as for every MONAI randomizable transform.
     """
 
-    def __init__(self, keys: Sequence[str], *, prob: float = 0.5, rotate_deg: float = 7.0, scale: float = 0.1,
-                 translate: float = 0.05) -> None:
+    def __init__(
+        self,
+        keys: Sequence[str],
+        *,
+        prob: float = 0.5,
+        rotate_deg: float = 7.0,
+        scale: float = 0.1,
+        translate: float = 0.05,
+    ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.rotate = float(np.deg2rad(rotate_deg))
@@ -244,8 +253,9 @@ class RandSmallAffined(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             img = _plain_float(d[key])
             grid = torch.nn.functional.affine_grid(self._theta[None], [1, *img.shape], align_corners=False)
-            d[key] = torch.nn.functional.grid_sample(img[None], grid, mode="bilinear", padding_mode="border",
-                                                     align_corners=False)[0]
+            d[key] = torch.nn.functional.grid_sample(
+                img[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+            )[0]
         return d
 
 
@@ -276,7 +286,9 @@ class RandContrastBrightnessd(RandomizableTransform, MapTransform):
     plain tensors.
     """
 
-    def __init__(self, keys: Sequence[str], *, prob: float = 0.5, contrast: float = 0.1, brightness: float = 0.1) -> None:
+    def __init__(
+        self, keys: Sequence[str], *, prob: float = 0.5, contrast: float = 0.1, brightness: float = 0.1
+    ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, 1.0)
         self.p = float(prob)

@@ -23,9 +23,14 @@ def verify_manifests() -> dict[str, Any]:
     spec = manifest_spec("chestxray14")
     table = read_label_file(files["labels"])
     boxes, _ = read_box_file(files["boxes"])
-    got = {"images": len(table.names), "patients": len(set(table.patients)),
-           "train_val": len(read_name_list(files["train_val_list"])), "test": len(read_name_list(files["test_list"])),
-           "boxes": sum(len(b) for b in boxes.values()), "boxed_images": len(boxes)}
+    got = {
+        "images": len(table.names),
+        "patients": len(set(table.patients)),
+        "train_val": len(read_name_list(files["train_val_list"])),
+        "test": len(read_name_list(files["test_list"])),
+        "boxes": sum(len(b) for b in boxes.values()),
+        "boxed_images": len(boxes),
+    }
     want = {k: int(v) for k, v in spec.get("counts", {}).items()}
     wrong = {k: (got[k], want[k]) for k in want if k in got and got[k] != want[k]}
     if wrong:
@@ -33,8 +38,15 @@ def verify_manifests() -> dict[str, Any]:
     return {"sha256": "ok", **got}
 
 
-def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | None = None, *, decode: int | None = 200,
-                check_cache: bool = True, allow_missing: bool = False, **options: Any) -> dict[str, Any]:
+def verify_data(
+    dataset: str = "chestxray14",
+    data_root: str | os.PathLike | None = None,
+    *,
+    decode: int | None = 200,
+    check_cache: bool = True,
+    allow_missing: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
     """Report on a data root: label rows, split counts, missing files, a decode check, the cache.
 
     ``allow_missing``: a partial download is expected, so missing images are counted (and shown
@@ -57,8 +69,21 @@ def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | Non
     options["allow_missing"] = True  # always counted here; whether they are a problem is the caller's flag
     splits = build_datasets(dataset, data_root, augment=False, **options)
     s = splits.summary
-    report.update({k: s.get(k) for k in ("data_root", "synthetic", "counts", "patients", "missing_dropped",
-                                         "malformed_rows", "cache", "label_sha256")})
+    report.update(
+        {
+            k: s.get(k)
+            for k in (
+                "data_root",
+                "synthetic",
+                "counts",
+                "patients",
+                "missing_dropped",
+                "malformed_rows",
+                "cache",
+                "label_sha256",
+            )
+        }
+    )
     report["manifest_hash"] = splits.manifest_hash
     recs = [ds for ds in (splits.train, splits.val, splits.test) if ds is not None]
     paths = [p for ds in recs for p in ds.records.paths if p]
@@ -93,13 +118,17 @@ def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | Non
                 report.setdefault("caches", {})[d.name] = {"error": str(exc)}
     problems = []
     if report.get("missing_dropped"):
-        note = (f"{report['missing_dropped']} image(s) of the label file are missing from the data root "
-                f"(per split: {s.get('missing_dropped_by_split')})")
+        note = (
+            f"{report['missing_dropped']} image(s) of the label file are missing from the data root "
+            f"(per split: {s.get('missing_dropped_by_split')})"
+        )
         if allow_missing:
             report["missing_note"] = note + "; allowed (--allow-missing): they are left out"
         else:
-            problems.append(note + "; download them, or for a partial download pass --allow-missing to "
-                                   "`medxray data verify`, `medxray data prepare` and `medxray finetune`")
+            problems.append(
+                note + "; download them, or for a partial download pass --allow-missing to "
+                "`medxray data verify`, `medxray data prepare` and `medxray finetune`"
+            )
     if bad:
         problems.append(f"{len(bad)} of {len(sample)} decoded image(s) unreadable")
     if report.get("unexpected_size"):
@@ -108,8 +137,9 @@ def verify_data(dataset: str = "chestxray14", data_root: str | os.PathLike | Non
         if cc.get("error"):
             problems.append(f"cache {name}: {cc['error']}")
         elif cc.get("crc_mismatch"):
-            problems.append(f"cache {name}: {cc['crc_mismatch']} row(s) fail their CRC; delete it and re-run "
-                            f"`medxray data prepare`")
+            problems.append(
+                f"cache {name}: {cc['crc_mismatch']} row(s) fail their CRC; delete it and re-run `medxray data prepare`"
+            )
         elif cc.get("state") != "complete":
             problems.append(f"cache {name} is unfinished ({cc.get('todo')} to do); re-run `medxray data prepare`")
     report["problems"] = problems

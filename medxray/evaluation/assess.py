@@ -54,8 +54,12 @@ def official_test_coverage(names: Sequence[str], dataset: str) -> dict[str, Any]
 
     official = set(read_name_list(shipped_files("chestxray14")["test_list"]))
     n = len(official.intersection(names))
-    return {"official_test_images": len(official), "evaluated": n, "fraction": n / len(official),
-            "complete": n == len(official)}
+    return {
+        "official_test_images": len(official),
+        "evaluated": n,
+        "fraction": n / len(official),
+        "complete": n == len(official),
+    }
 
 
 def coverage_note(coverage: Mapping[str, Any] | None, split: str, n_images: int) -> str | None:
@@ -65,12 +69,19 @@ def coverage_note(coverage: Mapping[str, Any] | None, split: str, n_images: int)
     n, total = coverage["evaluated"], coverage["official_test_images"]
     pct = 100.0 * coverage["fraction"]
     if split == "test" and coverage["complete"]:
-        return f"Coverage: all {total:,} images of the official ChestX-ray14 test list (comparable with published results)."
+        return (
+            f"Coverage: all {total:,} images of the official ChestX-ray14 test list "
+            "(comparable with published results)."
+        )
     if split == "test":
-        return (f"Coverage: {n:,} of {total:,} official ChestX-ray14 test images ({pct:.2f} %). Published results are "
-                f"on the full list: these numbers are NOT comparable with them.")
-    return (f"Coverage: {n_images:,} images of the {split} split, {n:,} of {total:,} official ChestX-ray14 test images: "
-            f"NOT comparable with published test-set results.")
+        return (
+            f"Coverage: {n:,} of {total:,} official ChestX-ray14 test images ({pct:.2f} %). Published results are "
+            f"on the full list: these numbers are NOT comparable with them."
+        )
+    return (
+        f"Coverage: {n_images:,} images of the {split} split, {n:,} of {total:,} official ChestX-ray14 test images: "
+        f"NOT comparable with published test-set results."
+    )
 
 
 def reference_label(coverage: Mapping[str, Any] | None, split: str) -> str | None:
@@ -96,12 +107,27 @@ def choose_thresholds(ops: Mapping[str, Any], label_names: Sequence[str]) -> tup
 
 
 def assess(
-    out: Path, *, label_names: Sequence[str], names: Sequence[str], probs: np.ndarray, labels: np.ndarray,
-    masks: np.ndarray, split: str, dataset: str, threshold_set: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-    threshold_split: str, n_bootstrap: int = 1000, seed: int = 0, localisation: Mapping[str, Any] | None = None,
-    localisation_records: Sequence[Mapping[str, Any]] = (), source_lines: Sequence[str] = (), note: str | None = None,
-    summary: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
-    checkpoint: Path | None = None, precision: str = "fp32",
+    out: Path,
+    *,
+    label_names: Sequence[str],
+    names: Sequence[str],
+    probs: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    split: str,
+    dataset: str,
+    threshold_set: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    threshold_split: str,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    localisation: Mapping[str, Any] | None = None,
+    localisation_records: Sequence[Mapping[str, Any]] = (),
+    source_lines: Sequence[str] = (),
+    note: str | None = None,
+    summary: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    checkpoint: Path | None = None,
+    precision: str = "fp32",
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Metrics, ``predictions.csv``, plots, ``metrics.json`` and the report for one scored split.
 
@@ -129,37 +155,80 @@ def assess(
     files = write_predictions(out, label_names, names, P, Y, M, localisation_records)
     files.update(write_plots(out, label_names, P, Y, M, aurocs, calib))
     metrics = {
-        **dict(extra or {}), "dataset": dataset, "split": split, "n_images": int(len(P)), "precision": precision,
-        "coverage": coverage, "coverage_note": cov_note, "mean_auroc": mean_auroc,
-        "mean_auroc_ci95": list(boot["mean"]), "n_bootstrap": boot["n_boot"],
-        "auroc": dict(zip(label_names, aurocs)), "auroc_ci95": {n: list(ci) for n, ci in zip(label_names, boot["per_class"])},
-        "auprc": dict(zip(label_names, auprc)), "ece": calib["ece"], "ece_per_class": dict(zip(label_names, calib["per_class"])),
-        "threshold_split": threshold_split, "thresholds_youden": youden, "thresholds_spec90": spec90,
+        **dict(extra or {}),
+        "dataset": dataset,
+        "split": split,
+        "n_images": int(len(P)),
+        "precision": precision,
+        "coverage": coverage,
+        "coverage_note": cov_note,
+        "mean_auroc": mean_auroc,
+        "mean_auroc_ci95": list(boot["mean"]),
+        "n_bootstrap": boot["n_boot"],
+        "auroc": dict(zip(label_names, aurocs)),
+        "auroc_ci95": {n: list(ci) for n, ci in zip(label_names, boot["per_class"])},
+        "auprc": dict(zip(label_names, auprc)),
+        "ece": calib["ece"],
+        "ece_per_class": dict(zip(label_names, calib["per_class"])),
+        "threshold_split": threshold_split,
+        "thresholds_youden": youden,
+        "thresholds_spec90": spec90,
         "thresholds_fallback": fallback,
         "at_youden": {n: {"sensitivity": s, "specificity": sp} for n, (s, sp) in zip(label_names, at_youden)},
         "at_spec90": {n: {"sensitivity": s, "specificity": sp} for n, (s, sp) in zip(label_names, at_spec90)},
-        "localisation": localisation, "data_summary": dict(summary or {}),
+        "localisation": localisation,
+        "data_summary": dict(summary or {}),
         "evaluated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     files["metrics"] = out / "metrics.json"
     atomic_write_text(files["metrics"], json.dumps(json.loads(json_line(metrics)), indent=2))
     result = EvalResult(
-        out_dir=out, checkpoint=checkpoint, split=split, n_images=int(len(P)), label_names=label_names,
-        auroc=dict(zip(label_names, aurocs)), auroc_ci=dict(zip(label_names, boot["per_class"])),
-        mean_auroc=mean_auroc, mean_auroc_ci=tuple(boot["mean"]), auprc=dict(zip(label_names, auprc)),
-        thresholds=youden, threshold_split=threshold_split, operating_points=ops, calibration=calib,
-        localisation=dict(localisation) if localisation else None, report_md=out / "report.md",
-        report_html=out / "report.html", files=files, precision=precision, coverage=coverage,
-        coverage_note=cov_note, thresholds_fallback=fallback,
+        out_dir=out,
+        checkpoint=checkpoint,
+        split=split,
+        n_images=int(len(P)),
+        label_names=label_names,
+        auroc=dict(zip(label_names, aurocs)),
+        auroc_ci=dict(zip(label_names, boot["per_class"])),
+        mean_auroc=mean_auroc,
+        mean_auroc_ci=tuple(boot["mean"]),
+        auprc=dict(zip(label_names, auprc)),
+        thresholds=youden,
+        threshold_split=threshold_split,
+        operating_points=ops,
+        calibration=calib,
+        localisation=dict(localisation) if localisation else None,
+        report_md=out / "report.md",
+        report_html=out / "report.html",
+        files=files,
+        precision=precision,
+        coverage=coverage,
+        coverage_note=cov_note,
+        thresholds_fallback=fallback,
     )
-    write_report(result, metrics, dataset=dataset, source_lines=source_lines, summary=summary or {}, note=note,
-                 at_youden=at_youden, at_spec90=at_spec90, reference_note=reference_label(coverage, split)
-                 if dataset == "chestxray14" else None)
+    write_report(
+        result,
+        metrics,
+        dataset=dataset,
+        source_lines=source_lines,
+        summary=summary or {},
+        note=note,
+        at_youden=at_youden,
+        at_spec90=at_spec90,
+        reference_note=reference_label(coverage, split) if dataset == "chestxray14" else None,
+    )
     return result, metrics
 
 
-def write_predictions(out: Path, label_names: Sequence[str], names: Sequence[str], P: np.ndarray, Y: np.ndarray,
-                      M: np.ndarray, localisation_records: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
+def write_predictions(
+    out: Path,
+    label_names: Sequence[str],
+    names: Sequence[str],
+    P: np.ndarray,
+    Y: np.ndarray,
+    M: np.ndarray,
+    localisation_records: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Path]:
     """``predictions.csv`` (name, p_<finding>..., y_<finding>...; unknown labels empty) and, when given,
     ``localisation.csv``. Probabilities are written so that they read back exactly (:func:`format_probability`)."""
     path = out / "predictions.csv"
@@ -167,8 +236,11 @@ def write_predictions(out: Path, label_names: Sequence[str], names: Sequence[str
         w = csv.writer(fh)
         w.writerow(["name"] + [f"p_{n}" for n in label_names] + [f"y_{n}" for n in label_names])
         for name, p, y, m in zip(names, P, Y, M):
-            w.writerow([name] + [format_probability(v, P.dtype) for v in p]
-                       + ["" if mk == 0 else int(v) for v, mk in zip(y, m)])
+            w.writerow(
+                [name]
+                + [format_probability(v, P.dtype) for v in p]
+                + ["" if mk == 0 else int(v) for v, mk in zip(y, m)]
+            )
     files = {"predictions": path}
     if localisation_records:
         lp = out / "localisation.csv"
@@ -176,6 +248,15 @@ def write_predictions(out: Path, label_names: Sequence[str], names: Sequence[str
             w = csv.writer(fh)
             w.writerow(["name", "finding", "prob", "iobb", "pointing_hit", "n_boxes"])
             for r in localisation_records:
-                w.writerow([r["name"], r["finding"], f"{r['prob']:.6f}", f"{r['iobb']:.4f}", int(r["pointing_hit"]), r["n_boxes"]])
+                w.writerow(
+                    [
+                        r["name"],
+                        r["finding"],
+                        f"{r['prob']:.6f}",
+                        f"{r['iobb']:.4f}",
+                        int(r["pointing_hit"]),
+                        r["n_boxes"],
+                    ]
+                )
         files["localisation"] = lp
     return files

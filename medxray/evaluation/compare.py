@@ -62,8 +62,8 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> di
         tx, ty = midrank(pos[k]), midrank(neg[k])
         tz = midrank(np.concatenate([pos[k], neg[k]]))
         auc[k] = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
-        v10[k] = (tz[:m] - tx) / n          # per positive: share of negatives scored below it
-        v01[k] = 1.0 - (tz[m:] - ty) / m    # per negative: share of positives scored above it
+        v10[k] = (tz[:m] - tx) / n  # per positive: share of negatives scored below it
+        v01[k] = 1.0 - (tz[m:] - ty) / m  # per negative: share of positives scored above it
     s10 = np.cov(v10) if m > 1 else np.zeros((2, 2))
     s01 = np.cov(v01) if n > 1 else np.zeros((2, 2))
     cov = s10 / m + s01 / n
@@ -78,8 +78,9 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> di
     return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "diff": diff, "se": se, "z": z, "p": p}
 
 
-def paired_bootstrap_diff(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, *, n_boot: int = 1000,
-                          seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def paired_bootstrap_diff(
+    y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap CI of AUROC(b) - AUROC(a), each resample scoring both models on the same images."""
     n = len(y)
     if n_boot <= 0 or n == 0:
@@ -128,8 +129,19 @@ class Comparison:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def compare_arrays(label_names: Sequence[str], Y: np.ndarray, M: np.ndarray, Pa: np.ndarray, Pb: np.ndarray, *,
-                   a: str = "A", b: str = "B", n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> Comparison:
+def compare_arrays(
+    label_names: Sequence[str],
+    Y: np.ndarray,
+    M: np.ndarray,
+    Pa: np.ndarray,
+    Pb: np.ndarray,
+    *,
+    a: str = "A",
+    b: str = "B",
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> Comparison:
     """Compare two models' (N, C) probabilities on the same images (labels ``Y``, masks ``M``)."""
     if Pa.shape != Pb.shape or Pa.shape != Y.shape:
         raise DataError(f"the two models' predictions differ in shape: {Pa.shape} vs {Pb.shape} (labels {Y.shape})")
@@ -153,29 +165,79 @@ def write_comparison(res: Comparison, out: Path, note: str | None = None) -> dic
     keys = ["auc_a", "auc_b", "diff", "diff_ci95", "se", "z", "p", "p_holm", "n", "positives", "verdict"]
     with atomic_output(out / "comparison.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["finding", "auroc_a", "auroc_b", "diff_b_minus_a", "diff_ci95_lo", "diff_ci95_hi", "se", "z",
-                    "p_delong", "p_holm", "n", "positives", "verdict"])
+        w.writerow(
+            [
+                "finding",
+                "auroc_a",
+                "auroc_b",
+                "diff_b_minus_a",
+                "diff_ci95_lo",
+                "diff_ci95_hi",
+                "se",
+                "z",
+                "p_delong",
+                "p_holm",
+                "n",
+                "positives",
+                "verdict",
+            ]
+        )
         for name, r in res.rows.items():
-            w.writerow([name, r["auc_a"], r["auc_b"], r["diff"], *r["diff_ci95"], r["se"], r["z"], r["p"], r["p_holm"],
-                        r["n"], r["positives"], r["verdict"]])
-    atomic_write_text(out / "comparison.json", json.dumps(json.loads(json_line(
-        {"a": res.a, "b": res.b, "n_images": res.n_images, "findings": {n: {k: r[k] for k in keys}
-                                                                     for n, r in res.rows.items()}})), indent=2))
-    lines = ["# medxray model comparison\n", f"A = `{res.a}`  \nB = `{res.b}`  \n{res.n_images} images, the same for both.\n"]
+            w.writerow(
+                [
+                    name,
+                    r["auc_a"],
+                    r["auc_b"],
+                    r["diff"],
+                    *r["diff_ci95"],
+                    r["se"],
+                    r["z"],
+                    r["p"],
+                    r["p_holm"],
+                    r["n"],
+                    r["positives"],
+                    r["verdict"],
+                ]
+            )
+    atomic_write_text(
+        out / "comparison.json",
+        json.dumps(
+            json.loads(
+                json_line(
+                    {
+                        "a": res.a,
+                        "b": res.b,
+                        "n_images": res.n_images,
+                        "findings": {n: {k: r[k] for k in keys} for n, r in res.rows.items()},
+                    }
+                )
+            ),
+            indent=2,
+        ),
+    )
+    lines = [
+        "# medxray model comparison\n",
+        f"A = `{res.a}`  \nB = `{res.b}`  \n{res.n_images} images, the same for both.\n",
+    ]
     if note:
         lines.append(f"> **Note:** {note}\n")
-    lines += ["Difference = AUROC(B) - AUROC(A); 95% CI by paired bootstrap over images; p from DeLong's test "
-              "(DeLong et al. 1988, fast algorithm of Sun and Xu 2014), adjusted for the number of findings by Holm's "
-              "method; verdict at 0.05 on the adjusted p.\n",
-              "| Finding | AUROC A | AUROC B | B - A (95% CI) | p (DeLong) | p (Holm) | verdict |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "Difference = AUROC(B) - AUROC(A); 95% CI by paired bootstrap over images; p from DeLong's test "
+        "(DeLong et al. 1988, fast algorithm of Sun and Xu 2014), adjusted for the number of findings by Holm's "
+        "method; verdict at 0.05 on the adjusted p.\n",
+        "| Finding | AUROC A | AUROC B | B - A (95% CI) | p (DeLong) | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def f(v: float, d: int = 3) -> str:
         return f"{v:.{d}f}" if math.isfinite(v) else "n/a"
 
     for name, r in res.rows.items():
         lo, hi = r["diff_ci95"]
-        lines.append(f"| {name} | {f(r['auc_a'])} | {f(r['auc_b'])} | {f(r['diff'])} ({f(lo)} to {f(hi)}) | "
-                     f"{r['p']:.3g} | {r['p_holm']:.3g} | {r['verdict'].split(' (')[0]} |")
+        lines.append(
+            f"| {name} | {f(r['auc_a'])} | {f(r['auc_b'])} | {f(r['diff'])} ({f(lo)} to {f(hi)}) | "
+            f"{r['p']:.3g} | {r['p_holm']:.3g} | {r['verdict'].split(' (')[0]} |"
+        )
     atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
     res.files = {k: out / f"comparison.{k}" for k in ("md", "csv", "json")}
     return res.files
@@ -185,8 +247,16 @@ def is_predictions_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".csv"
 
 
-def compare_sources(a: str | Path, b: str | Path, *, out_dir: str | Path, split: str = "test", n_bootstrap: int = 1000,
-                    seed: int = 0, **evaluate_options: Any) -> tuple[Comparison, Any, Any]:
+def compare_sources(
+    a: str | Path,
+    b: str | Path,
+    *,
+    out_dir: str | Path,
+    split: str = "test",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    **evaluate_options: Any,
+) -> tuple[Comparison, Any, Any]:
     """Evaluate ``a`` and ``b`` (two checkpoints, or two predictions CSVs) on ``split`` into
     ``out_dir/A`` and ``out_dir/B``, then compare them on the images both cover.
 
@@ -203,15 +273,29 @@ def compare_sources(a: str | Path, b: str | Path, *, out_dir: str | Path, split:
         if is_predictions_file(src):
             from medxray.evaluation.external import evaluate_predictions
 
-            opts = {k: v for k, v in evaluate_options.items()
-                    if k == "threshold_split" or (k in ("dataset", "data_root") and v is not None)}
-            results.append(evaluate_predictions(src, split=split, out_dir=out / tag, n_bootstrap=n_bootstrap,
-                                                seed=seed, **opts))
+            opts = {
+                k: v
+                for k, v in evaluate_options.items()
+                if k == "threshold_split" or (k in ("dataset", "data_root") and v is not None)
+            }
+            results.append(
+                evaluate_predictions(src, split=split, out_dir=out / tag, n_bootstrap=n_bootstrap, seed=seed, **opts)
+            )
         else:
             from medxray.evaluation.run import evaluate
 
-            results.append(evaluate(src, split=split, out_dir=out / tag, n_bootstrap=n_bootstrap, seed=seed,
-                                    write_thresholds=False, localisation=False, **evaluate_options))
+            results.append(
+                evaluate(
+                    src,
+                    split=split,
+                    out_dir=out / tag,
+                    n_bootstrap=n_bootstrap,
+                    seed=seed,
+                    write_thresholds=False,
+                    localisation=False,
+                    **evaluate_options,
+                )
+            )
     ra, rb = results
     if ra.label_names != rb.label_names:
         raise DataError(f"{a} and {b} predict different findings; compare models of the same label set")
@@ -225,8 +309,9 @@ def compare_sources(a: str | Path, b: str | Path, *, out_dir: str | Path, split:
     note = None
     if len(common) < max(ra.n_images, rb.n_images):
         note = f"only the {len(common)} images both evaluations cover are compared (A {ra.n_images}, B {rb.n_images})"
-    comp = compare_arrays(ra.label_names, Y, M, tables[0][1][ia], tables[1][1][ib], a=str(a), b=str(b),
-                          n_boot=n_bootstrap, seed=seed)
+    comp = compare_arrays(
+        ra.label_names, Y, M, tables[0][1][ia], tables[1][1][ib], a=str(a), b=str(b), n_boot=n_bootstrap, seed=seed
+    )
     cov = ra.coverage_note
     write_comparison(comp, out, note="; ".join(x for x in (cov, note) if x) or None)
     return comp, ra, rb
@@ -238,7 +323,7 @@ def read_scored(path: Path, label_names: Sequence[str]) -> tuple[list[str], np.n
         rows = list(csv.reader(fh))
     c = len(label_names)
     names = [r[0] for r in rows[1:]]
-    P = np.array([[float(v) for v in r[1:1 + c]] for r in rows[1:]], dtype=np.float64).reshape(-1, c)
-    Y = np.array([[float(v) if v != "" else 0.0 for v in r[1 + c:1 + 2 * c]] for r in rows[1:]]).reshape(-1, c)
-    M = np.array([[1.0 if v != "" else 0.0 for v in r[1 + c:1 + 2 * c]] for r in rows[1:]]).reshape(-1, c)
+    P = np.array([[float(v) for v in r[1 : 1 + c]] for r in rows[1:]], dtype=np.float64).reshape(-1, c)
+    Y = np.array([[float(v) if v != "" else 0.0 for v in r[1 + c : 1 + 2 * c]] for r in rows[1:]]).reshape(-1, c)
+    M = np.array([[1.0 if v != "" else 0.0 for v in r[1 + c : 1 + 2 * c]] for r in rows[1:]]).reshape(-1, c)
     return names, P, Y, M

@@ -57,21 +57,29 @@ def localise_one(cam01: np.ndarray, gt_box: Sequence[float], cam_threshold: floa
 
 def summarise_localisation(records: Sequence[Mapping[str, Any]], label_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy (IoBB > T) per finding and overall, and the pointing-game hit rate."""
+
     def summary(rs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not rs:
             return {"n": 0}
         v = np.array([r["iobb"] for r in rs])
-        return {"n": len(rs), "iobb_accuracy": {str(t): float((v > t).mean()) for t in IOBB_THRESHOLDS},
-                "mean_iobb": float(v.mean()), "pointing_game": float(np.mean([r["pointing_hit"] for r in rs]))}
+        return {
+            "n": len(rs),
+            "iobb_accuracy": {str(t): float((v > t).mean()) for t in IOBB_THRESHOLDS},
+            "mean_iobb": float(v.mean()),
+            "pointing_game": float(np.mean([r["pointing_hit"] for r in rs])),
+        }
 
     per = {n: summary([r for r in records if r["finding"] == n]) for n in label_names}
-    return {"per_finding": {k: v for k, v in per.items() if v["n"]}, "overall": summary(list(records)),
-            "thresholds": list(IOBB_THRESHOLDS)}
+    return {
+        "per_finding": {k: v for k, v in per.items() if v["n"]},
+        "overall": summary(list(records)),
+        "thresholds": list(IOBB_THRESHOLDS),
+    }
 
 
-
-def localisation_metadata(summary: Mapping[str, Any] | None, *, split: str, method: str,
-                          synthetic: bool) -> dict[str, Any]:
+def localisation_metadata(
+    summary: Mapping[str, Any] | None, *, split: str, method: str, synthetic: bool
+) -> dict[str, Any]:
     """The per-finding localisation figures a checkpoint carries (JSON-able).
 
     ``{"method", "split", "source": "phantom"|"real", "thresholds", "per_finding": {finding:
@@ -82,17 +90,32 @@ def localisation_metadata(summary: Mapping[str, Any] | None, *, split: str, meth
     per = {}
     for finding, s in ((summary or {}).get("per_finding") or {}).items():
         if s.get("n"):
-            per[finding] = {"n_boxes": int(s["n"]), "pointing_game": float(s["pointing_game"]),
-                            "iobb_accuracy": {k: float(v) for k, v in s["iobb_accuracy"].items()},
-                            "mean_iobb": float(s["mean_iobb"])}
-    return {"method": method, "split": split, "source": "phantom" if synthetic else "real",
-            "thresholds": list(IOBB_THRESHOLDS), "per_finding": per}
+            per[finding] = {
+                "n_boxes": int(s["n"]),
+                "pointing_game": float(s["pointing_game"]),
+                "iobb_accuracy": {k: float(v) for k, v in s["iobb_accuracy"].items()},
+                "mean_iobb": float(s["mean_iobb"]),
+            }
+    return {
+        "method": method,
+        "split": split,
+        "source": "phantom" if synthetic else "real",
+        "thresholds": list(IOBB_THRESHOLDS),
+        "per_finding": per,
+    }
 
 
 def localise_batch(
-    model: torch.nn.Module, x: torch.Tensor, boxes: Sequence[Sequence[Mapping[str, Any]]], *, names: Sequence[str],
-    orig_sizes: Sequence[Sequence[int] | None], index_of: Mapping[str, int], probs: np.ndarray | torch.Tensor,
-    method: str | None = None, cam_threshold: float = 0.5,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    boxes: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    names: Sequence[str],
+    orig_sizes: Sequence[Sequence[int] | None],
+    index_of: Mapping[str, int],
+    probs: np.ndarray | torch.Tensor,
+    method: str | None = None,
+    cam_threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
     """Localisation records of a batch: one per ground-truth box of a finding the model predicts.
 

@@ -53,8 +53,14 @@ def auroc_per_class(probs: np.ndarray, labels: np.ndarray, masks: np.ndarray | N
 
 
 def bootstrap_auroc(
-    probs: np.ndarray, labels: np.ndarray, masks: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-    level: float = 0.95, chunk: int = 200,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk: int = 200,
 ) -> dict[str, Any]:
     """Percentile bootstrap CIs of per-class AUROC and of their mean (images resampled jointly)."""
     n, c = probs.shape
@@ -69,7 +75,7 @@ def bootstrap_auroc(
         counts = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
         for j in range(c):
             k = masks[:, j] > 0.5
-            per[done:done + b, j] = weighted_auroc(probs[k, j], labels[k, j], counts[:, k])
+            per[done : done + b, j] = weighted_auroc(probs[k, j], labels[k, j], counts[:, k])
         done += b
     lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
 
@@ -110,7 +116,11 @@ def auprc_per_class(probs: np.ndarray, labels: np.ndarray, masks: np.ndarray) ->
 
 
 def operating_points(
-    probs: np.ndarray, labels: np.ndarray, masks: np.ndarray, label_names: Sequence[str], specificity: float = 0.9,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    label_names: Sequence[str],
+    specificity: float = 0.9,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per class: the Youden-J threshold and the threshold reaching ``specificity`` (positive = p >= t)."""
     from sklearn.metrics import roc_curve
@@ -135,7 +145,9 @@ def operating_points(
     return out
 
 
-def sens_spec_at(probs: np.ndarray, labels: np.ndarray, masks: np.ndarray, thresholds: Sequence[float]) -> list[tuple[float, float]]:
+def sens_spec_at(
+    probs: np.ndarray, labels: np.ndarray, masks: np.ndarray, thresholds: Sequence[float]
+) -> list[tuple[float, float]]:
     """(sensitivity, specificity) of each class at a given threshold (positive = p >= t)."""
     out = []
     for c, t in enumerate(thresholds):
@@ -153,6 +165,7 @@ def calibration(probs: np.ndarray, labels: np.ndarray, masks: np.ndarray, n_bins
     ECE = sum over equal-width probability bins of |observed rate - mean probability| weighted by
     the bin's share of pairs. ``bins`` holds what the reliability plot draws.
     """
+
     def ece_of(p: np.ndarray, y: np.ndarray) -> tuple[float, list[dict[str, float]]]:
         if len(p) == 0:
             return float("nan"), []
@@ -165,13 +178,20 @@ def calibration(probs: np.ndarray, labels: np.ndarray, masks: np.ndarray, n_bins
                 continue
             conf, acc, share = float(p[sel].mean()), float(y[sel].mean()), float(sel.mean())
             ece += share * abs(acc - conf)
-            bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "mean_prob": conf, "observed": acc,
-                         "count": int(sel.sum())})
+            bins.append(
+                {
+                    "lo": float(edges[b]),
+                    "hi": float(edges[b + 1]),
+                    "mean_prob": conf,
+                    "observed": acc,
+                    "count": int(sel.sum()),
+                }
+            )
         return float(ece), bins
 
     known = masks > 0.5
     ece, bins = ece_of(probs[known], labels[known].astype(np.float64))
-    per_class = [ece_of(probs[known[:, c], c], labels[known[:, c], c].astype(np.float64))[0]
-                 for c in range(probs.shape[1])]
+    per_class = [
+        ece_of(probs[known[:, c], c], labels[known[:, c], c].astype(np.float64))[0] for c in range(probs.shape[1])
+    ]
     return {"ece": ece, "bins": bins, "per_class": per_class, "n_bins": n_bins}
-

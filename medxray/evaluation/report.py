@@ -38,8 +38,15 @@ def _save_figure(fig: Any, path: Path) -> None:
         fig.savefig(fh, format="png")
 
 
-def write_plots(out: Path, label_names: Sequence[str], P: np.ndarray, Y: np.ndarray, M: np.ndarray,
-           aurocs: Sequence[float], calib: Mapping[str, Any]) -> dict[str, Path]:
+def write_plots(
+    out: Path,
+    label_names: Sequence[str],
+    P: np.ndarray,
+    Y: np.ndarray,
+    M: np.ndarray,
+    aurocs: Sequence[float],
+    calib: Mapping[str, Any],
+) -> dict[str, Path]:
     """Write ``roc.png``, ``pr.png`` and ``reliability.png`` into ``out``; returns their paths by kind.
 
     ``P``, ``Y``, ``M``: (N, C) probabilities, labels, masks; ``aurocs``: per-class AUROC for the
@@ -87,8 +94,12 @@ def write_plots(out: Path, label_names: Sequence[str], P: np.ndarray, Y: np.ndar
     ax.grid(alpha=0.3)
     ax2 = fig.add_subplot(2, 1, 2)
     if bins:
-        ax2.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["count"] for b in bins],
-                width=1.0 / calib["n_bins"] * 0.9, color="tab:grey")
+        ax2.bar(
+            [(b["lo"] + b["hi"]) / 2 for b in bins],
+            [b["count"] for b in bins],
+            width=1.0 / calib["n_bins"] * 0.9,
+            color="tab:grey",
+        )
     ax2.set(xlim=(0, 1), xlabel="predicted probability", ylabel="pairs (image, finding)")
     ax2.set_yscale("log")
     fig.tight_layout()
@@ -107,9 +118,18 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def write_report(res: EvalResult, metrics: Mapping[str, Any], *, dataset: str, source_lines: Sequence[str],
-                 summary: Mapping[str, Any], note: str | None, at_youden: Sequence[tuple[float, float]],
-                 at_spec90: Sequence[tuple[float, float]], reference_note: str | None = None) -> None:
+def write_report(
+    res: EvalResult,
+    metrics: Mapping[str, Any],
+    *,
+    dataset: str,
+    source_lines: Sequence[str],
+    summary: Mapping[str, Any],
+    note: str | None,
+    at_youden: Sequence[tuple[float, float]],
+    at_spec90: Sequence[tuple[float, float]],
+    reference_note: str | None = None,
+) -> None:
     """Write ``report.md`` and ``report.html`` into ``res.out_dir``: our AUROC beside CheXNet's
     (Rajpurkar et al. 2017) and Wang et al.'s (2017) for ChestX-ray14, operating points,
     calibration, curves and localisation, with the split and data the numbers rest on.
@@ -128,28 +148,52 @@ def write_report(res: EvalResult, metrics: Mapping[str, Any], *, dataset: str, s
         blocks.append(("p" if reference_note is None else "warn", res.coverage_note))
     if note:
         blocks.append(("warn", note))
-    blocks.append(("list", [
-        *source_lines,
-        f"Data: dataset `{dataset}`, split **{res.split}** ({res.n_images} images"
-        + (f", {summary.get('patients', {}).get(res.split)} patients" if summary.get("patients", {}).get(res.split) else "")
-        + f"), data manifest hash `{str(metrics.get('data_manifest_hash') or '')[:16]}`",
-        f"Numeric precision of the probabilities: **{res.precision}**; test-time augmentation: "
-        f"{'TenCrop (10 crops averaged)' if metrics.get('tta') else 'none'}; "
-        f"bootstrap: {metrics.get('n_bootstrap')} resamples of images for 95% intervals",
-        f"Evaluated {metrics.get('evaluated')}",
-    ]))
+    blocks.append(
+        (
+            "list",
+            [
+                *source_lines,
+                f"Data: dataset `{dataset}`, split **{res.split}** ({res.n_images} images"
+                + (
+                    f", {summary.get('patients', {}).get(res.split)} patients"
+                    if summary.get("patients", {}).get(res.split)
+                    else ""
+                )
+                + f"), data manifest hash `{str(metrics.get('data_manifest_hash') or '')[:16]}`",
+                f"Numeric precision of the probabilities: **{res.precision}**; test-time augmentation: "
+                f"{'TenCrop (10 crops averaged)' if metrics.get('tta') else 'none'}; "
+                f"bootstrap: {metrics.get('n_bootstrap')} resamples of images for 95% intervals",
+                f"Evaluated {metrics.get('evaluated')}",
+            ],
+        )
+    )
     if is_cx14 and res.split == "test" and reference_note is None:
-        blocks.append(("p", "The test split is ChestX-ray14's official patient-wise test list (test_list.txt, Wang et al. "
-                            "2017), complete. Wang et al.'s numbers are on that same list. CheXNet's come from its own random "
-                            "70/10/20 patient split, which was never released, so they are a guide and not a like-for-like "
-                            "comparison."))
+        blocks.append(
+            (
+                "p",
+                "The test split is ChestX-ray14's official patient-wise test list (test_list.txt, Wang et al. "
+                "2017), complete. Wang et al.'s numbers are on that same list. CheXNet's come from its own random "
+                "70/10/20 patient split, which was never released, so they are a guide and not a like-for-like "
+                "comparison.",
+            )
+        )
     elif is_cx14 and res.split == "test":
-        blocks.append(("p", "These images are part of ChestX-ray14's official test list only. The published numbers beside "
-                            "them are on the full list (Wang et al.) or on CheXNet's own unreleased split: they are shown "
-                            "for orientation and are not comparable with ours."))
+        blocks.append(
+            (
+                "p",
+                "These images are part of ChestX-ray14's official test list only. The published numbers beside "
+                "them are on the full list (Wang et al.) or on CheXNet's own unreleased split: they are shown "
+                "for orientation and are not comparable with ours.",
+            )
+        )
     elif is_cx14:
-        blocks.append(("p", f"These numbers are on the {res.split} split, not the official test list; the published "
-                            "numbers beside them are test-set numbers and are not comparable."))
+        blocks.append(
+            (
+                "p",
+                f"These numbers are on the {res.split} split, not the official test list; the published "
+                "numbers beside them are test-set numbers and are not comparable.",
+            )
+        )
 
     header = ["Finding", "AUROC (95% CI)", "AUPRC", "prevalence"]
     ref_suffix = f" ({reference_note})" if reference_note else ""
@@ -163,12 +207,23 @@ def write_report(res: EvalResult, metrics: Mapping[str, Any], *, dataset: str, s
             prev = summary["prevalence"][res.split].get(n)
         row = [n, f"{_fmt(res.auroc[n])} ({_fmt(lo)}-{_fmt(hi)})", _fmt(res.auprc[n]), _fmt(prev)]
         if is_cx14:
-            row += [_fmt(CHEXNET_AUROC.get(n, float('nan'))), _fmt(WANG2017_AUROC.get(n, float('nan')))]
+            row += [_fmt(CHEXNET_AUROC.get(n, float("nan"))), _fmt(WANG2017_AUROC.get(n, float("nan")))]
         rows.append(row)
-    mean_row = ["**mean**", f"**{_fmt(res.mean_auroc)}** ({_fmt(res.mean_auroc_ci[0])}-{_fmt(res.mean_auroc_ci[1])})",
-                _fmt(float(np.nanmean([v for v in res.auprc.values()])) if any(math.isfinite(v) for v in res.auprc.values()) else None), ""]
+    mean_row = [
+        "**mean**",
+        f"**{_fmt(res.mean_auroc)}** ({_fmt(res.mean_auroc_ci[0])}-{_fmt(res.mean_auroc_ci[1])})",
+        _fmt(
+            float(np.nanmean([v for v in res.auprc.values()]))
+            if any(math.isfinite(v) for v in res.auprc.values())
+            else None
+        ),
+        "",
+    ]
     if is_cx14:
-        mean_row += [_fmt(float(np.mean(list(CHEXNET_AUROC.values())))), _fmt(float(np.mean(list(WANG2017_AUROC.values()))))]
+        mean_row += [
+            _fmt(float(np.mean(list(CHEXNET_AUROC.values())))),
+            _fmt(float(np.mean(list(WANG2017_AUROC.values())))),
+        ]
     rows.append(mean_row)
     blocks += [("h2", "Per-class AUROC"), ("table", header, rows)]
 
@@ -177,39 +232,93 @@ def write_report(res: EvalResult, metrics: Mapping[str, Any], *, dataset: str, s
     fallback = set(res.thresholds_fallback)
     for i, n in enumerate(names):
         th = _fmt(res.thresholds[n]) + (" (fallback)" if n in fallback else "")
-        op_rows.append([n, th, _fmt(at_youden[i][0]), _fmt(at_youden[i][1]),
-                        _fmt(spec90[n]), _fmt(at_spec90[i][0]), _fmt(at_spec90[i][1])])
-    blocks += [("h2", "Operating points"),
-               ("p", f"Thresholds were chosen on the **{res.threshold_split}** split and are applied here to the "
-                     f"{res.split} split (positive = probability >= threshold)."
-                     + (" The Youden thresholds are written into the checkpoint's metadata, where the scorer and the "
-                        "viewer read them." if res.checkpoint else ""))]
+        op_rows.append(
+            [
+                n,
+                th,
+                _fmt(at_youden[i][0]),
+                _fmt(at_youden[i][1]),
+                _fmt(spec90[n]),
+                _fmt(at_spec90[i][0]),
+                _fmt(at_spec90[i][1]),
+            ]
+        )
+    blocks += [
+        ("h2", "Operating points"),
+        (
+            "p",
+            f"Thresholds were chosen on the **{res.threshold_split}** split and are applied here to the "
+            f"{res.split} split (positive = probability >= threshold)."
+            + (
+                " The Youden thresholds are written into the checkpoint's metadata, where the scorer and the "
+                "viewer read them."
+                if res.checkpoint
+                else ""
+            ),
+        ),
+    ]
     if fallback:
-        blocks.append(("warn", f"Fallback thresholds (0.5, not chosen on data): {', '.join(res.thresholds_fallback)}. "
-                               f"The {res.threshold_split} split has no positive or no negative for these findings, so "
-                               f"no threshold could be chosen; their operating points mean nothing."))
-    blocks += [("table", ["Finding", "Youden threshold", "sensitivity", "specificity", "90%-spec. threshold",
-                          "sensitivity", "specificity"], op_rows)]
-    blocks += [("h2", "Calibration"),
-               ("p", f"Expected calibration error over all (image, finding) pairs with known labels: "
-                     f"**{_fmt(res.calibration['ece'])}** ({res.calibration['n_bins']} equal-width bins)."),
-               ("img", "reliability.png", "reliability diagram"),
-               ("h2", "ROC and precision-recall curves"), ("img", "roc.png", "ROC curves"), ("img", "pr.png", "PR curves")]
+        blocks.append(
+            (
+                "warn",
+                f"Fallback thresholds (0.5, not chosen on data): {', '.join(res.thresholds_fallback)}. "
+                f"The {res.threshold_split} split has no positive or no negative for these findings, so "
+                f"no threshold could be chosen; their operating points mean nothing.",
+            )
+        )
+    blocks += [
+        (
+            "table",
+            [
+                "Finding",
+                "Youden threshold",
+                "sensitivity",
+                "specificity",
+                "90%-spec. threshold",
+                "sensitivity",
+                "specificity",
+            ],
+            op_rows,
+        )
+    ]
+    blocks += [
+        ("h2", "Calibration"),
+        (
+            "p",
+            f"Expected calibration error over all (image, finding) pairs with known labels: "
+            f"**{_fmt(res.calibration['ece'])}** ({res.calibration['n_bins']} equal-width bins).",
+        ),
+        ("img", "reliability.png", "reliability diagram"),
+        ("h2", "ROC and precision-recall curves"),
+        ("img", "roc.png", "ROC curves"),
+        ("img", "pr.png", "PR curves"),
+    ]
     if res.localisation:
         loc = res.localisation
         lrows = []
         for n, s in list(loc["per_finding"].items()) + [("**all**", loc["overall"])]:
-            lrows.append([n, str(s["n"])] + [_fmt(s["iobb_accuracy"][str(t)]) for t in IOBB_THRESHOLDS]
-                         + [_fmt(s["mean_iobb"]), _fmt(s["pointing_game"])])
-        blocks += [("h2", "Localisation (class activation maps)"),
-                   ("p", f"Map method: **{loc.get('method', 'not recorded')}** (medxray.cam.compute_maps, the maps "
-                         "the app and the scorer show). "
-                         "On images with ground-truth boxes: the finding's map is normalised to [0, 1], thresholded, and "
-                         "each connected region's bounding box is compared with the ground truth. A box counts as "
-                         "correct when IoBB (intersection over the predicted box's area) exceeds T, as in Wang et al. "
-                         "2017. Pointing game: the CAM's maximum lies inside the ground-truth box."),
-                   ("table", ["Finding", "boxes"] + [f"IoBB>{t}" for t in IOBB_THRESHOLDS] + ["mean IoBB", "pointing game"],
-                    lrows)]
+            lrows.append(
+                [n, str(s["n"])]
+                + [_fmt(s["iobb_accuracy"][str(t)]) for t in IOBB_THRESHOLDS]
+                + [_fmt(s["mean_iobb"]), _fmt(s["pointing_game"])]
+            )
+        blocks += [
+            ("h2", "Localisation (class activation maps)"),
+            (
+                "p",
+                f"Map method: **{loc.get('method', 'not recorded')}** (medxray.cam.compute_maps, the maps "
+                "the app and the scorer show). "
+                "On images with ground-truth boxes: the finding's map is normalised to [0, 1], thresholded, and "
+                "each connected region's bounding box is compared with the ground truth. A box counts as "
+                "correct when IoBB (intersection over the predicted box's area) exceeds T, as in Wang et al. "
+                "2017. Pointing game: the CAM's maximum lies inside the ground-truth box.",
+            ),
+            (
+                "table",
+                ["Finding", "boxes"] + [f"IoBB>{t}" for t in IOBB_THRESHOLDS] + ["mean IoBB", "pointing game"],
+                lrows,
+            ),
+        ]
     atomic_write_text(res.out_dir / "report.md", render_markdown(blocks))
     atomic_write_text(res.out_dir / "report.html", render_html(blocks))
 
@@ -268,9 +377,13 @@ def render_html(blocks: Sequence[tuple]) -> str:
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "img":
             body.append(f'<p><img src="{html.escape(b[1])}" alt="{html.escape(b[2])}"></p>')
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}.warn{background:#fff3cd;padding:.6em;border:1px solid #e0c36c}"
-             "img{max-width:100%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>medxray evaluation report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}.warn{background:#fff3cd;padding:.6em;border:1px solid #e0c36c}"
+        "img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>medxray evaluation report</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

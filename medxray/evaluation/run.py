@@ -59,16 +59,32 @@ def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     up = F.interpolate(x, size=(big, big), mode="bilinear", align_corners=False)
     o = big - size
     c = o // 2
-    crops = [up[..., :size, :size], up[..., :size, o:], up[..., o:, :size], up[..., o:, o:], up[..., c:c + size, c:c + size]]
+    crops = [
+        up[..., :size, :size],
+        up[..., :size, o:],
+        up[..., o:, :size],
+        up[..., o:, o:],
+        up[..., c : c + size, c : c + size],
+    ]
     crops += [torch.flip(t, dims=(-1,)) for t in crops]
     return torch.stack(crops, 1).reshape(-1, *x.shape[1:])
 
 
 @torch.no_grad()
 def score_split(
-    model: torch.nn.Module, dataset: Any, *, device: torch.device, precision: str, batch_size: int, tta: bool = False,
-    boxes: Mapping[str, Sequence[Mapping[str, Any]]] | None = None, label_names: Sequence[str] = (),
-    cam_threshold: float = 0.5, num_workers: int = 0, progress: bool = False, cam_method: str | None = None,
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    tta: bool = False,
+    boxes: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    label_names: Sequence[str] = (),
+    cam_threshold: float = 0.5,
+    num_workers: int = 0,
+    progress: bool = False,
+    cam_method: str | None = None,
 ) -> dict[str, Any]:
     """Probabilities for every image of ``dataset``; localisation records for images that have boxes.
 
@@ -77,8 +93,13 @@ def score_split(
     ``cam_method``, None = :data:`medxray.cam.DEFAULT_MAP_METHOD`).
     ``tta``: average the sigmoid over TenCrop's ten crops (:func:`ten_crop`).
     """
-    loader = make_loader(IndexedDataset(dataset), batch_size=batch_size, seed=0, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        seed=0,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     model.eval()
     index_of = {n: i for i, n in enumerate(label_names)}
     probs, labels, masks, names, loc = [], [], [], [], []
@@ -97,8 +118,9 @@ def score_split(
             if tta:
                 # one forward per crop position keeps memory at one batch's worth
                 crops = ten_crop(x, size).reshape(x.shape[0], 10, *x.shape[1:])
-                p = torch.stack([torch.sigmoid(model(crops[:, k].contiguous(memory_format=fmt)).float())
-                                 for k in range(10)]).mean(0)
+                p = torch.stack(
+                    [torch.sigmoid(model(crops[:, k].contiguous(memory_format=fmt)).float()) for k in range(10)]
+                ).mean(0)
         p = p if tta else torch.sigmoid(logits.float())
         probs.append(p.cpu().numpy())
         labels.append(batch["label"].numpy())
@@ -106,11 +128,21 @@ def score_split(
         names.extend(batch["name"])
         if not boxes:
             continue
-        loc.extend(localise_batch(model, x, [boxes.get(name, []) for name in batch["name"]], names=batch["name"],
-                                  orig_sizes=batch["orig_size"], index_of=index_of, probs=p, method=cam_method,
-                                  cam_threshold=cam_threshold))
+        loc.extend(
+            localise_batch(
+                model,
+                x,
+                [boxes.get(name, []) for name in batch["name"]],
+                names=batch["name"],
+                orig_sizes=batch["orig_size"],
+                index_of=index_of,
+                probs=p,
+                method=cam_method,
+                cam_threshold=cam_threshold,
+            )
+        )
     c = len(label_names)
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros((0, c), dtype=np.float32))  # noqa: E731
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0, c), dtype=np.float32)  # noqa: E731
     return {"probs": cat(probs), "labels": cat(labels), "masks": cat(masks), "names": names, "localisation": loc}
 
 
@@ -194,9 +226,20 @@ def evaluate(
     boxes = getattr(splits, "boxes", None) if localisation else None
     cam_method = check_method(cam_method or meta.cam_method)
     log.info("scoring %d %s images (%s, %s%s)", len(ds), split, dev, prec, ", TenCrop" if tta else "")
-    scored = score_split(model, ds, device=dev, precision=prec, batch_size=batch_size, tta=tta, boxes=boxes,
-                         label_names=label_names, cam_threshold=cam_threshold, num_workers=workers, progress=progress,
-                         cam_method=cam_method)
+    scored = score_split(
+        model,
+        ds,
+        device=dev,
+        precision=prec,
+        batch_size=batch_size,
+        tta=tta,
+        boxes=boxes,
+        label_names=label_names,
+        cam_threshold=cam_threshold,
+        num_workers=workers,
+        progress=progress,
+        cam_method=cam_method,
+    )
     P, Y, M = scored["probs"], scored["labels"], scored["masks"]
 
     # thresholds: chosen on threshold_split (default val), applied to this split
@@ -207,8 +250,16 @@ def evaluate(
     th_set = None
     if th_split != split:
         log.info("choosing operating thresholds on the %s split", th_split)
-        th = score_split(model, getattr(splits, th_split), device=dev, precision=prec, batch_size=batch_size,
-                         tta=tta, label_names=label_names, num_workers=workers)
+        th = score_split(
+            model,
+            getattr(splits, th_split),
+            device=dev,
+            precision=prec,
+            batch_size=batch_size,
+            tta=tta,
+            label_names=label_names,
+            num_workers=workers,
+        )
         th_set = (th["probs"], th["labels"], th["masks"])
     loc = summarise_localisation(scored["localisation"], label_names) if scored["localisation"] else None
     if loc is not None:
@@ -220,35 +271,70 @@ def evaluate(
         f"Data root: `{root_text}`",
     ]
     result, metrics = assess(
-        out, label_names=label_names, names=scored["names"], probs=P, labels=Y, masks=M, split=split, dataset=dataset,
-        threshold_set=th_set, threshold_split=th_split, n_bootstrap=n_bootstrap, seed=seed, localisation=loc,
-        localisation_records=scored["localisation"], source_lines=source_lines,
+        out,
+        label_names=label_names,
+        names=scored["names"],
+        probs=P,
+        labels=Y,
+        masks=M,
+        split=split,
+        dataset=dataset,
+        threshold_set=th_set,
+        threshold_split=th_split,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        localisation=loc,
+        localisation_records=scored["localisation"],
+        source_lines=source_lines,
         note=data_note or _data_note(splits, data_root or train_cfg.get("data_root")),
-        summary=getattr(splits, "summary", {}) or {}, checkpoint=ckpt_path, precision=prec,
-        extra={"checkpoint": str(ckpt_path), "model_version": meta.model_version, "tta": tta,
-               "data_root": root_text, "data_manifest_hash": getattr(splits, "manifest_hash", None)},
+        summary=getattr(splits, "summary", {}) or {},
+        checkpoint=ckpt_path,
+        precision=prec,
+        extra={
+            "checkpoint": str(ckpt_path),
+            "model_version": meta.model_version,
+            "tta": tta,
+            "data_root": root_text,
+            "data_manifest_hash": getattr(splits, "manifest_hash", None),
+        },
     )
     if write_thresholds:
         merged_metrics = dict(meta.metrics)
-        merged_metrics.update({f"{split}_mean_auroc": result.mean_auroc, f"{split}_auroc": metrics["auroc"],
-                               f"{split}_auroc_ci95": metrics["auroc_ci95"], f"{split}_ece": metrics["ece"],
-                               f"{split}_precision": prec})
-        update_metadata(ckpt_path, {
-            "thresholds": result.thresholds,
-            "thresholds_spec90": metrics["thresholds_spec90"],
-            "thresholds_fallback": result.thresholds_fallback,
-            "operating_points": result.operating_points,
-            "threshold_split": th_split,
-            "metrics": json.loads(json_line(merged_metrics)),
-            "cam_method": cam_method,
-            "localisation": localisation_metadata(loc, split=split, method=cam_method,
-                                                  synthetic=_is_phantom(splits, data_root or train_cfg.get("data_root"))),
-        })
+        merged_metrics.update(
+            {
+                f"{split}_mean_auroc": result.mean_auroc,
+                f"{split}_auroc": metrics["auroc"],
+                f"{split}_auroc_ci95": metrics["auroc_ci95"],
+                f"{split}_ece": metrics["ece"],
+                f"{split}_precision": prec,
+            }
+        )
+        update_metadata(
+            ckpt_path,
+            {
+                "thresholds": result.thresholds,
+                "thresholds_spec90": metrics["thresholds_spec90"],
+                "thresholds_fallback": result.thresholds_fallback,
+                "operating_points": result.operating_points,
+                "threshold_split": th_split,
+                "metrics": json.loads(json_line(merged_metrics)),
+                "cam_method": cam_method,
+                "localisation": localisation_metadata(
+                    loc,
+                    split=split,
+                    method=cam_method,
+                    synthetic=_is_phantom(splits, data_root or train_cfg.get("data_root")),
+                ),
+            },
+        )
         log.info("wrote per-class thresholds (Youden J on %s) into %s", th_split, ckpt_path)
         if result.thresholds_fallback:
-            log.warning("no threshold could be chosen on %s for %s (no positive or no negative there): 0.5 is a "
-                        "fallback, flagged as thresholds_fallback in the checkpoint", th_split,
-                        ", ".join(result.thresholds_fallback))
+            log.warning(
+                "no threshold could be chosen on %s for %s (no positive or no negative there): 0.5 is a "
+                "fallback, flagged as thresholds_fallback in the checkpoint",
+                th_split,
+                ", ".join(result.thresholds_fallback),
+            )
     return result
 
 
@@ -259,18 +345,31 @@ def _build_eval_splits(dataset: str, data_root: Any, image_size: int, train_cfg:
         raise ConfigError("--data-root is required: the folder holding the dataset's images and label file")
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist or is not a folder; pass the folder that holds the {dataset} data")
-    opts = {k: train_cfg[k] for k in ("val_fraction", "split_seed", "view", "max_per_patient", "allow_missing", "use_cache")
-            if k in train_cfg}
-    return build_datasets(dataset=dataset, data_root=root, image_size=image_size, augment=False, **opts,
-                          **dict(train_cfg.get("dataset_options") or {}))
+        raise DataError(
+            f"data root {root} does not exist or is not a folder; pass the folder that holds the {dataset} data"
+        )
+    opts = {
+        k: train_cfg[k]
+        for k in ("val_fraction", "split_seed", "view", "max_per_patient", "allow_missing", "use_cache")
+        if k in train_cfg
+    }
+    return build_datasets(
+        dataset=dataset,
+        data_root=root,
+        image_size=image_size,
+        augment=False,
+        **opts,
+        **dict(train_cfg.get("dataset_options") or {}),
+    )
 
 
 def _data_note(splits: Any, data_root: Any) -> str | None:
     summary = getattr(splits, "summary", {}) or {}
     if summary.get("synthetic") or (data_root and (Path(data_root) / PHANTOM_MARKER).exists()):
-        return ("These images are synthetic phantoms generated by medxray.data.synthetic, not radiographs: the numbers "
-                "check that the pipeline learns and are not comparable with the published results.")
+        return (
+            "These images are synthetic phantoms generated by medxray.data.synthetic, not radiographs: the numbers "
+            "check that the pipeline learns and are not comparable with the published results."
+        )
     return None
 
 

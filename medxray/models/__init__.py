@@ -5,6 +5,12 @@ from medxray.models.registry import count_parameters, create_model, describe_var
 from medxray.models.variants import VARIANTS, Variant, get_variant
 
 __all__ = [
-    "DenseNet", "VARIANTS", "Variant", "count_parameters", "create_model", "describe_variants",
-    "get_variant", "measure_gmacs",
+    "DenseNet",
+    "VARIANTS",
+    "Variant",
+    "count_parameters",
+    "create_model",
+    "describe_variants",
+    "get_variant",
+    "measure_gmacs",
 ]

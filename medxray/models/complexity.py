@@ -25,8 +25,9 @@ def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def variant_counts(v: Variant, num_classes: int | None = None, *, in_chans: int = 3,
-                   input_size: int | None = None) -> tuple[int, int]:
+def variant_counts(
+    v: Variant, num_classes: int | None = None, *, in_chans: int = 3, input_size: int | None = None
+) -> tuple[int, int]:
     """(parameters, multiply-accumulates of one forward pass) of variant ``v``.
 
     ``num_classes`` defaults to the paper's (``v.paper_classes``), ``input_size`` to the

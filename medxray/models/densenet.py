@@ -35,7 +35,12 @@ class DenseLayer(nn.Module):
     """One layer of a dense block: (bottleneck) + 3x3 conv producing ``growth_rate`` maps."""
 
     def __init__(
-        self, in_channels: int, growth_rate: int, bn_size: int, bottleneck: bool, drop_rate: float,
+        self,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        bottleneck: bool,
+        drop_rate: float,
         memory_efficient: bool,
     ) -> None:
         super().__init__()
@@ -99,15 +104,24 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.Module):
     """``num_layers`` dense layers, each seeing the concatenation of all earlier maps."""
 
-    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int, bottleneck: bool,
-                 drop_rate: float, memory_efficient: bool) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        bottleneck: bool,
+        drop_rate: float,
+        memory_efficient: bool,
+    ) -> None:
         super().__init__()
         self.memory_efficient = memory_efficient
         for i in range(num_layers):
             self.add_module(
                 f"denselayer{i + 1}",
-                DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, bottleneck, drop_rate,
-                           memory_efficient),
+                DenseLayer(
+                    in_channels + i * growth_rate, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient
+                ),
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -202,9 +216,7 @@ class DenseNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Last feature map after norm5 + ReLU, shape (N, num_features, h, w): the CAM input."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise InputShapeError(
-                f"model expects input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
+            raise InputShapeError(f"model expects input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         return F.relu(self.features(x))
 
     def forward_head(self, features: Tensor) -> Tensor:

@@ -42,8 +42,15 @@ def create_model(
     if not 0.0 <= float(drop_rate) < 1.0:
         raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate}")
     model = DenseNet(
-        v.growth_rate, v.block_config, v.num_init_features, stem=v.stem, bottleneck=v.bottleneck,
-        compression=v.compression, drop_rate=drop_rate, num_classes=int(num_classes), in_chans=int(in_chans),
+        v.growth_rate,
+        v.block_config,
+        v.num_init_features,
+        stem=v.stem,
+        bottleneck=v.bottleneck,
+        compression=v.compression,
+        drop_rate=drop_rate,
+        num_classes=int(num_classes),
+        in_chans=int(in_chans),
         memory_efficient=memory_efficient,
     )
     if pretrained is not None and str(pretrained).lower() not in ("none", ""):
@@ -85,13 +92,15 @@ def describe_variants(with_flops: bool = True, *, measure: bool = False) -> list
         else:
             params, macs = variant_counts(v)
             gmacs = macs / 1e9 if with_flops else None
-        rows.append({
-            "name": name,
-            "stem": v.stem,
-            "input_size": v.input_size,
-            "num_classes": v.paper_classes,
-            "params": params,
-            "gmacs": gmacs,
-            "imagenet_weights": v.imagenet_file is not None,
-        })
+        rows.append(
+            {
+                "name": name,
+                "stem": v.stem,
+                "input_size": v.input_size,
+                "num_classes": v.paper_classes,
+                "params": params,
+                "gmacs": gmacs,
+                "imagenet_weights": v.imagenet_file is not None,
+            }
+        )
     return rows

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from medxray.torchfile import safe_torch_load
 from medxray.errors import WeightsError
 from medxray.models.variants import VARIANTS, get_variant
+from medxray.torchfile import safe_torch_load
 
 if TYPE_CHECKING:
     from medxray.models.densenet import DenseNet
@@ -87,15 +87,17 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, Mapping)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise WeightsError(
             f"{source} is not a state dict (a mapping of parameter names to tensors); "
             f"save one with torch.save(model.state_dict(), path)"
         )
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 

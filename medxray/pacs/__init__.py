@@ -15,5 +15,13 @@ from medxray.pacs.node import serve
 from medxray.pacs.pull import PullSummary, score_pacs
 from medxray.pacs.results import ResultPolicy
 
-__all__ = ["Destination", "NodeConfig", "PullSummary", "ResultPolicy", "load_node_config",
-           "node_config_from_mapping", "score_pacs", "serve"]
+__all__ = [
+    "Destination",
+    "NodeConfig",
+    "PullSummary",
+    "ResultPolicy",
+    "load_node_config",
+    "node_config_from_mapping",
+    "score_pacs",
+    "serve",
+]

@@ -33,12 +33,12 @@ LOOPBACK_NETWORKS: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), i
 
 # name: (default, smallest, largest). Sizes in bytes, times in seconds.
 BOUND_DEFAULTS: dict[str, tuple[float, float, float]] = {
-    "max_pdu_size": (65536, 4096, 16 * 2**20),          # PS3.8 D.3.3.2 maximum length we accept per P-DATA-TF
-    "max_dataset_bytes": (256 * 2**20, 2**20, 2**34),    # one C-STORE data set, written to disk as it arrives
-    "max_associations": (4, 1, 256),                     # concurrent associations (more: A-ASSOCIATE-RJ)
-    "acse_timeout": (30.0, 1.0, 3600.0),                 # connect -> A-ASSOCIATE-RQ, and association replies
-    "dimse_timeout": (60.0, 1.0, 3600.0),                # waiting for a DIMSE message
-    "network_timeout": (60.0, 1.0, 3600.0),              # no data on an association / one PDU takes longer
+    "max_pdu_size": (65536, 4096, 16 * 2**20),  # PS3.8 D.3.3.2 maximum length we accept per P-DATA-TF
+    "max_dataset_bytes": (256 * 2**20, 2**20, 2**34),  # one C-STORE data set, written to disk as it arrives
+    "max_associations": (4, 1, 256),  # concurrent associations (more: A-ASSOCIATE-RJ)
+    "acse_timeout": (30.0, 1.0, 3600.0),  # connect -> A-ASSOCIATE-RQ, and association replies
+    "dimse_timeout": (60.0, 1.0, 3600.0),  # waiting for a DIMSE message
+    "network_timeout": (60.0, 1.0, 3600.0),  # no data on an association / one PDU takes longer
 }
 
 # PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control
@@ -46,16 +46,26 @@ BOUND_DEFAULTS: dict[str, tuple[float, float, float]] = {
 _AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 
 # ScoreConfig options a node may set under ``scoring:`` (input/out/checkpoint/sr are the node's).
-SCORING_KEYS = ("workers", "batch_size", "cams", "cam_method", "device", "backend", "precision", "threads",
-                "allowed_modalities", "max_pixels", "overlay_max_side")
+SCORING_KEYS = (
+    "workers",
+    "batch_size",
+    "cams",
+    "cam_method",
+    "device",
+    "backend",
+    "precision",
+    "threads",
+    "allowed_modalities",
+    "max_pixels",
+    "overlay_max_side",
+)
 
 
 def check_ae_title(value: Any, key: str) -> str:
     """A valid AE title (stripped), or ConfigError naming ``key``."""
     s = str(value or "").strip()
     if not _AE_RE.fullmatch(s):
-        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 printable ASCII characters, "
-                          "no backslash)")
+        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
     return s
 
 
@@ -144,8 +154,10 @@ class NodeConfig:
 
 def _dest(raw: Any, rel: Any = str) -> Destination:
     if not isinstance(raw, dict):
-        raise ConfigError("destination: give a mapping with ae_title, host and port of the PACS that receives "
-                          "results (e.g. {ae_title: ORTHANC, host: 127.0.0.1, port: 4242})")
+        raise ConfigError(
+            "destination: give a mapping with ae_title, host and port of the PACS that receives "
+            "results (e.g. {ae_title: ORTHANC, host: 127.0.0.1, port: 4242})"
+        )
     unknown = sorted(set(raw) - {"ae_title", "host", "port", "tls"})
     if unknown:
         raise ConfigError(f"destination: unknown key(s) {', '.join(unknown)}; valid: ae_title, host, port, tls")
@@ -155,8 +167,10 @@ def _dest(raw: Any, rel: Any = str) -> Destination:
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise ConfigError(f"destination.host: unknown destination host {host!r} (it does not resolve); "
-                          "give the PACS's IP address or a resolvable name") from None
+        raise ConfigError(
+            f"destination.host: unknown destination host {host!r} (it does not resolve); "
+            "give the PACS's IP address or a resolvable name"
+        ) from None
     return Destination(ae, host, port, tls_config_from_mapping(raw.get("tls"), "destination.tls", rel))
 
 
@@ -175,17 +189,20 @@ def _networks(raw: Any, key: str) -> tuple[Network, ...]:
         try:
             infos = socket.getaddrinfo(s, None, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError):
-            raise ConfigError(f"{key}: {s!r} is neither an IP address, a CIDR network nor a host name that "
-                              "resolves") from None
+            raise ConfigError(
+                f"{key}: {s!r} is neither an IP address, a CIDR network nor a host name that resolves"
+            ) from None
         out.extend(ipaddress.ip_network(i[4][0].split("%", 1)[0]) for i in infos)
     return tuple(dict.fromkeys(out))
 
 
 def _callers(raw: Any) -> list[CallerRule]:
     if isinstance(raw, str) or not isinstance(raw, Sequence) or not raw:
-        raise ConfigError("allowed_calling_aes: give a non-empty list of the AE titles allowed to send "
-                          "(associations from any other AE are rejected), each either a title (from this "
-                          "machine only) or {ae_title: X, hosts: [10.1.2.0/24, pacs.example.org]}")
+        raise ConfigError(
+            "allowed_calling_aes: give a non-empty list of the AE titles allowed to send "
+            "(associations from any other AE are rejected), each either a title (from this "
+            "machine only) or {ae_title: X, hosts: [10.1.2.0/24, pacs.example.org]}"
+        )
     rules = []
     for i, item in enumerate(raw):
         key = f"allowed_calling_aes[{i}]"
@@ -193,8 +210,12 @@ def _callers(raw: Any) -> list[CallerRule]:
             unknown = sorted(set(item) - {"ae_title", "hosts"})
             if unknown:
                 raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}; valid: ae_title, hosts")
-            rules.append(CallerRule(check_ae_title(item.get("ae_title"), f"{key}.ae_title"),
-                                    _networks(item.get("hosts"), f"{key}.hosts")))
+            rules.append(
+                CallerRule(
+                    check_ae_title(item.get("ae_title"), f"{key}.ae_title"),
+                    _networks(item.get("hosts"), f"{key}.hosts"),
+                )
+            )
         else:
             rules.append(CallerRule(check_ae_title(item, "allowed_calling_aes")))
     return rules
@@ -230,8 +251,11 @@ def node_config_from_mapping(data: dict[str, Any], base: Path | None = None) -> 
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown node option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    missing = [k for k in ("ae_title", "port", "checkpoint", "work_dir", "destination", "allowed_calling_aes")
-               if data.get(k) in (None, "")]
+    missing = [
+        k
+        for k in ("ae_title", "port", "checkpoint", "work_dir", "destination", "allowed_calling_aes")
+        if data.get(k) in (None, "")
+    ]
     if missing:
         raise ConfigError(f"node config needs {', '.join(missing)}; see pipelines/node.yaml for an example")
     d = dict(data)
@@ -252,10 +276,12 @@ def node_config_from_mapping(data: dict[str, Any], base: Path | None = None) -> 
     if not isinstance(d.get("insecure_plaintext", False), bool):
         raise ConfigError("insecure_plaintext: give true or false")
     if d["tls"] is None and not is_loopback_host(d["host"]) and not d.get("insecure_plaintext", False):
-        raise ConfigError(f"host: listening on {d['host'] or 'every address'} without TLS would let anyone on the "
-                          "network send as an allowed AE title; add a tls: section (certificate, private_key, "
-                          "ca_certificates; see README 'Security of the DICOM node'), listen on 127.0.0.1, or set "
-                          "insecure_plaintext: true to accept the risk")
+        raise ConfigError(
+            f"host: listening on {d['host'] or 'every address'} without TLS would let anyone on the "
+            "network send as an allowed AE title; add a tls: section (certificate, private_key, "
+            "ca_certificates; see README 'Security of the DICOM node'), listen on 127.0.0.1, or set "
+            "insecure_plaintext: true to accept the risk"
+        )
     for key in BOUND_DEFAULTS:
         _bound(d, key)
     for key in ("idle_seconds", "retry_initial_s", "retry_max_s"):
@@ -271,8 +297,9 @@ def node_config_from_mapping(data: dict[str, Any], base: Path | None = None) -> 
         raise ConfigError("scoring: give a mapping of scoring options (e.g. {batch_size: 16})")
     bad = sorted(set(scoring) - set(SCORING_KEYS))
     if bad:
-        raise ConfigError(f"scoring: option(s) {', '.join(bad)} cannot be set for the node; "
-                          f"valid: {', '.join(SCORING_KEYS)}")
+        raise ConfigError(
+            f"scoring: option(s) {', '.join(bad)} cannot be set for the node; valid: {', '.join(SCORING_KEYS)}"
+        )
     d["scoring"] = dict(scoring)
     return NodeConfig(**d)
 

@@ -30,8 +30,12 @@ ENGINE_RETRY_S = 10.0  # wait before re-running a scoring run that failed for a 
 
 
 def policy_of(cfg: NodeConfig) -> ResultPolicy:
-    return ResultPolicy(deidentified_sr=cfg.deidentified_sr, secondary_capture=cfg.secondary_capture,
-                        sc_max_findings=cfg.sc_max_findings, scoring=dict(cfg.scoring))
+    return ResultPolicy(
+        deidentified_sr=cfg.deidentified_sr,
+        secondary_capture=cfg.secondary_capture,
+        sc_max_findings=cfg.sc_max_findings,
+        scoring=dict(cfg.scoring),
+    )
 
 
 def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 0.5) -> None:
@@ -44,15 +48,20 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
     spool = Spool(cfg.work)
     policy = policy_of(cfg)
     server = start_scp(cfg, spool)
-    sender = OutboxSender(spool, CStoreDestination(cfg.destination, cfg.ae_title), cfg.retry_initial_s,
-                          cfg.retry_max_s)
+    sender = OutboxSender(spool, CStoreDestination(cfg.destination, cfg.ae_title), cfg.retry_initial_s, cfg.retry_max_s)
     thread = sender.start()
     restore = _install_signal_handlers(stop)
     if cfg.destination.tls is None and not is_loopback_host(cfg.destination.host):
-        log.warning("results go to %s over plain TCP (patient data unencrypted on the network); add "
-                    "destination.tls", cfg.destination.describe())
-    log.info("node %s ready: results go to %s; series are scored after %.0f s idle", cfg.ae_title,
-             cfg.destination.describe(), cfg.idle_seconds)
+        log.warning(
+            "results go to %s over plain TCP (patient data unencrypted on the network); add destination.tls",
+            cfg.destination.describe(),
+        )
+    log.info(
+        "node %s ready: results go to %s; series are scored after %.0f s idle",
+        cfg.ae_title,
+        cfg.destination.describe(),
+        cfg.idle_seconds,
+    )
     try:
         dirty = bool(unscored(spool))  # a killed run may have left inbox files without a row
         if dirty:
@@ -71,8 +80,12 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                 except MedxrayError:
                     raise  # unusable checkpoint / config: one message, exit 2
                 except Exception as exc:  # e.g. decode workers killed by the OOM killer: keep the node up
-                    log.error("scoring run failed (%s: %s); the files stay in the inbox, retrying in %.0f s",
-                              type(exc).__name__, exc, ENGINE_RETRY_S)
+                    log.error(
+                        "scoring run failed (%s: %s); the files stay in the inbox, retrying in %.0f s",
+                        type(exc).__name__,
+                        exc,
+                        ENGINE_RETRY_S,
+                    )
                     dirty = True
                     stop.wait(ENGINE_RETRY_S)
                     continue

@@ -46,8 +46,10 @@ class PullSummary:
     cursor: int = 0
 
     def line(self) -> str:
-        return (f"{self.downloaded} instance(s) pulled ({self.ignored} ignored of {self.changes_seen} changes), "
-                f"{self.sent} result object(s) stored back, {self.queued_left} still queued; cursor {self.cursor}")
+        return (
+            f"{self.downloaded} instance(s) pulled ({self.ignored} ignored of {self.changes_seen} changes), "
+            f"{self.sent} result object(s) stored back, {self.queued_left} still queued; cursor {self.cursor}"
+        )
 
 
 class OrthancClient:
@@ -66,8 +68,10 @@ class OrthancClient:
         except urllib.error.HTTPError:
             raise
         except (urllib.error.URLError, OSError) as exc:
-            raise DataError(f"cannot reach Orthanc at {self.url} ({getattr(exc, 'reason', exc)}); "
-                            "check the URL and that Orthanc is running") from None
+            raise DataError(
+                f"cannot reach Orthanc at {self.url} ({getattr(exc, 'reason', exc)}); "
+                "check the URL and that Orthanc is running"
+            ) from None
 
     def get_json(self, path: str) -> Any:
         return json.loads(self._get(path))
@@ -89,14 +93,17 @@ def read_cursor(work: Path, url: str) -> int:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise ConfigError(f"{path} is damaged; delete it to pull every instance again (results are not duplicated)")
+        raise ConfigError(
+            f"{path} is damaged; delete it to pull every instance again (results are not duplicated)"
+        ) from None
     if state.get("url") != url:
         raise ConfigError(f"{work} holds the cursor of another PACS ({state.get('url')}); use another --work folder")
     return int(state.get("since", 0))
 
 
-def pull_new_instances(client: OrthancClient, spool: Spool, modalities: Sequence[str] | None,
-                       summary: PullSummary, page: int = 100) -> None:
+def pull_new_instances(
+    client: OrthancClient, spool: Spool, modalities: Sequence[str] | None, summary: PullSummary, page: int = 100
+) -> None:
     """Download every new instance of ``modalities`` after the stored cursor into the inbox."""
     since = read_cursor(spool.work, client.url)
     wanted = {m.upper() for m in modalities} if modalities else None
@@ -109,8 +116,9 @@ def pull_new_instances(client: OrthancClient, spool: Spool, modalities: Sequence
             oid = str(change.get("ID", ""))
             try:
                 tags = client.instance_tags(oid)
-                if (wanted is not None and str(tags.get("Modality", "")).upper() not in wanted) \
-                        or str(tags.get("Manufacturer", "")) == MANUFACTURER:
+                if (wanted is not None and str(tags.get("Modality", "")).upper() not in wanted) or str(
+                    tags.get("Manufacturer", "")
+                ) == MANUFACTURER:
                     summary.ignored += 1
                     continue
                 data = client.instance_file(oid)
@@ -118,8 +126,13 @@ def pull_new_instances(client: OrthancClient, spool: Spool, modalities: Sequence
                 log.info("instance %s: HTTP %d, ignored", oid, exc.code)
                 summary.ignored += 1
                 continue
-            spool.store(data, tags.get("StudyInstanceUID"), tags.get("SeriesInstanceUID"),
-                        tags.get("SOPInstanceUID"), direct=True)
+            spool.store(
+                data,
+                tags.get("StudyInstanceUID"),
+                tags.get("SeriesInstanceUID"),
+                tags.get("SOPInstanceUID"),
+                direct=True,
+            )
             summary.downloaded += 1
         since = int(answer.get("Last", since))
         atomic_write_text(spool.work / CURSOR_NAME, json.dumps({"url": client.url, "since": since}) + "\n")
@@ -128,8 +141,14 @@ def pull_new_instances(client: OrthancClient, spool: Spool, modalities: Sequence
     summary.cursor = since
 
 
-def score_pacs(url: str, checkpoint: str | os.PathLike, work_dir: str | os.PathLike, *,
-               policy: ResultPolicy | None = None, send_timeout_s: float = 120.0) -> PullSummary:
+def score_pacs(
+    url: str,
+    checkpoint: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    policy: ResultPolicy | None = None,
+    send_timeout_s: float = 120.0,
+) -> PullSummary:
     """Pull new CR/DX instances from Orthanc, score them, store the results back; resumable.
 
     Raises ConfigError / DataError (exit 2) for a bad URL, an unreachable Orthanc or an

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from medxray.errors import DicomError
@@ -43,10 +42,12 @@ def score_inbox(spool: Spool, checkpoint: str, policy: ResultPolicy) -> Any:
     """Run the batch engine over ``spool.inbox`` (files with a row are skipped); returns its summary."""
     from medxray.scoring import ScoreConfig, score_directory
 
-    opts = {"cams": "positive" if policy.secondary_capture else "none", "overlay_max_side": NODE_OVERLAY_MAX_SIDE,
-            **policy.scoring}
-    cfg = ScoreConfig(input_dir=spool.inbox, checkpoint=checkpoint, out=spool.scored, sr=False, progress=False,
-                      **opts)
+    opts = {
+        "cams": "positive" if policy.secondary_capture else "none",
+        "overlay_max_side": NODE_OVERLAY_MAX_SIDE,
+        **policy.scoring,
+    }
+    cfg = ScoreConfig(input_dir=spool.inbox, checkpoint=checkpoint, out=spool.scored, sr=False, progress=False, **opts)
     summary = score_directory(cfg)
     log.info("scored: %s", summary.line())
     return summary
@@ -85,8 +86,14 @@ def queue_results(spool: Spool, policy: ResultPolicy) -> int:
             try:
                 n += _queue_row(spool, row, policy)
             except DicomError as exc:  # e.g. invalid_uid: the source cannot be referenced
-                spool.record({"path": key, "status": "no_result", "reason": str(exc),
-                              "sop_instance_uid": row.get("sop_instance_uid", "")})
+                spool.record(
+                    {
+                        "path": key,
+                        "status": "no_result",
+                        "reason": str(exc),
+                        "sop_instance_uid": row.get("sop_instance_uid", ""),
+                    }
+                )
                 log.warning("%s: no result object (%s)", key, str(exc).split(":", 1)[0])
             except OSError as exc:  # disk trouble: leave the row unqueued, retry on the next pass
                 log.error("cannot write result objects for %s: %s", key, exc)
@@ -104,11 +111,13 @@ def _queue_row(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> int:
 
     src_path = spool.inbox / row["path"]
     header = dcmread(src_path, stop_before_pixels=True)
-    source = {"sop_class_uid": str(header.get("SOPClassUID", "")),
-              "sop_instance_uid": str(header.get("SOPInstanceUID", "")),
-              "study_instance_uid": str(header.get("StudyInstanceUID", "")),
-              "series_instance_uid": str(header.get("SeriesInstanceUID", "")),
-              "modality": str(header.get("Modality", ""))}
+    source = {
+        "sop_class_uid": str(header.get("SOPClassUID", "")),
+        "sop_instance_uid": str(header.get("SOPInstanceUID", "")),
+        "study_instance_uid": str(header.get("StudyInstanceUID", "")),
+        "series_instance_uid": str(header.get("SeriesInstanceUID", "")),
+        "modality": str(header.get("Modality", "")),
+    }
     if is_version_name(src_path.name):  # a changed re-send: its own result objects, named by its content
         source["content_sha256"] = spool.content_digest(row["path"])
     keep = None if policy.deidentified_sr else header
@@ -120,8 +129,17 @@ def _queue_row(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> int:
     sr_uid = result_uid(source, version, "sr")
     if sr_uid not in spool.sent:
         tmp = spool.tmp_path(f"{uuid.uuid4().hex}.dcm")
-        write_sr(tmp, source=source, label_names=labels, probabilities=probs, positives=positives,
-                 model_name=model, model_version=version, thresholds={}, source_dataset=keep)
+        write_sr(
+            tmp,
+            source=source,
+            label_names=labels,
+            probabilities=probs,
+            positives=positives,
+            model_name=model,
+            model_version=version,
+            thresholds={},
+            source_dataset=keep,
+        )
         n += spool.put_outbox(sr_uid, tmp) is not None
     if policy.secondary_capture and row.get("cam_dir"):
         from PIL import Image
@@ -135,7 +153,16 @@ def _queue_row(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> int:
             with Image.open(png) as im:
                 rgb = np.asarray(im.convert("RGB"))
             tmp = spool.tmp_path(f"{uuid.uuid4().hex}.dcm")
-            write_cam_sc(tmp, overlay_rgb=rgb, source=source, finding=finding, probability=probs[labels.index(finding)],
-                         model_name=model, model_version=version, instance_number=i, source_dataset=keep)
+            write_cam_sc(
+                tmp,
+                overlay_rgb=rgb,
+                source=source,
+                finding=finding,
+                probability=probs[labels.index(finding)],
+                model_name=model,
+                model_version=version,
+                instance_number=i,
+                source_dataset=keep,
+            )
             n += spool.put_outbox(uid, tmp) is not None
     return n

@@ -163,8 +163,10 @@ def too_many_pixels(ds: Any, max_pixels: int) -> str | None:
     """``too_large: ...`` when Rows x Columns exceed ``max_pixels`` (what the reader refuses)."""
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
     if rows * cols > max_pixels:
-        return (f"too_large: the image is {cols}x{rows} = {rows * cols / 1e6:.1f} MP, above the "
-                f"{max_pixels / 1e6:.1f} MP pixel limit")
+        return (
+            f"too_large: the image is {cols}x{rows} = {rows * cols / 1e6:.1f} MP, above the "
+            f"{max_pixels / 1e6:.1f} MP pixel limit"
+        )
     return None
 
 
@@ -179,19 +181,28 @@ def make_store_handler(spool: Spool, max_dataset_bytes: int | None = None, max_p
     def refuse(event: Any, reason: str, sop: str = "", study: str = "", series: str = "") -> int:
         peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
         log.warning("C-STORE from %s refused (0x%04X): %s", peer, STATUS_OUT_OF_RESOURCES, reason)
-        spool.record({
-            "path": f"{path_name(study)}/{path_name(series)}/{path_name(sop)}.dcm", "status": "refused",
-            "reason": reason, "sop_instance_uid": sop if len(sop) <= 64 else "", "study_instance_uid": study[:64],
-            "series_instance_uid": series[:64], "sop_class_uid": str(event.request.AffectedSOPClassUID or "")[:64],
-        })
+        spool.record(
+            {
+                "path": f"{path_name(study)}/{path_name(series)}/{path_name(sop)}.dcm",
+                "status": "refused",
+                "reason": reason,
+                "sop_instance_uid": sop if len(sop) <= 64 else "",
+                "study_instance_uid": study[:64],
+                "series_instance_uid": series[:64],
+                "sop_class_uid": str(event.request.AffectedSOPClassUID or "")[:64],
+            }
+        )
         return STATUS_OUT_OF_RESOURCES
 
     def handle_store(event: Any) -> int:
         req_sop = str(event.request.AffectedSOPInstanceUID or "")
         f = getattr(event.request, "_dataset_file", None)
         if getattr(f, "overflowed", False):
-            return refuse(event, f"too_large: the data set is over the node's max_dataset_bytes "
-                                 f"({max_dataset_bytes or f.limit} bytes)", req_sop)
+            return refuse(
+                event,
+                f"too_large: the data set is over the node's max_dataset_bytes ({max_dataset_bytes or f.limit} bytes)",
+                req_sop,
+            )
         path = getattr(event.request, "_dataset_path", None)
         try:
             ds = read_header(Path(path), max_pixels) if path is not None else event.dataset
@@ -202,8 +213,7 @@ def make_store_handler(spool: Spool, max_dataset_bytes: int | None = None, max_p
             log.warning("C-STORE from %s: %s", event.assoc.requestor.ae_title, str(exc)[:200])
             return STATUS_CANNOT_UNDERSTAND
         except Exception as exc:  # the peer sent something pydicom cannot parse at all
-            log.warning("C-STORE from %s: undecodable dataset (%s)", event.assoc.requestor.ae_title,
-                        type(exc).__name__)
+            log.warning("C-STORE from %s: undecodable dataset (%s)", event.assoc.requestor.ae_title, type(exc).__name__)
             return STATUS_CANNOT_UNDERSTAND
         sop = str(ds.get("SOPInstanceUID", "") or req_sop)
         study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
@@ -212,18 +222,25 @@ def make_store_handler(spool: Spool, max_dataset_bytes: int | None = None, max_p
             return refuse(event, too_big, sop, study, series)
         reason = skip_reason(ds)
         if reason is not None:
-            spool.record({
-                "path": f"{path_name(study)}/{path_name(series)}/{path_name(sop)}.dcm", "status": "skipped",
-                "reason": reason, "sop_instance_uid": sop if len(sop) <= 64 else "", "study_instance_uid": study[:64],
-                "series_instance_uid": series[:64], "modality": str(ds.get("Modality", ""))[:16],
-                "sop_class_uid": str(ds.get("SOPClassUID", ""))[:64],
-            })
+            spool.record(
+                {
+                    "path": f"{path_name(study)}/{path_name(series)}/{path_name(sop)}.dcm",
+                    "status": "skipped",
+                    "reason": reason,
+                    "sop_instance_uid": sop if len(sop) <= 64 else "",
+                    "study_instance_uid": study[:64],
+                    "series_instance_uid": series[:64],
+                    "modality": str(ds.get("Modality", ""))[:16],
+                    "sop_class_uid": str(ds.get("SOPClassUID", ""))[:64],
+                }
+            )
             log.info("skipped %s (%s)", path_name(sop), reason.split(":", 1)[0])
             return STATUS_SUCCESS
         try:
             # the received file is hashed and copied by the spool in chunks, never held in memory
-            spool.store(Path(path) if path is not None else event.encoded_dataset(include_meta=True),
-                        study, series, sop)
+            spool.store(
+                Path(path) if path is not None else event.encoded_dataset(include_meta=True), study, series, sop
+            )
         except OSError as exc:
             log.error("cannot store an instance: %s", exc.strerror or exc)
             return STATUS_OUT_OF_RESOURCES
@@ -278,8 +295,13 @@ class _PduGuard:
             return data
         limit = self.max_pdu if self.pdu_type == 0x04 else CONTROL_PDU_MAX
         if nr_bytes > limit:
-            log.warning("peer %s sent a PDU of type 0x%02X declaring %d bytes (limit %d): connection closed",
-                        getattr(self.sock.assoc.requestor, "address", "?"), self.pdu_type, nr_bytes, limit)
+            log.warning(
+                "peer %s sent a PDU of type 0x%02X declaring %d bytes (limit %d): connection closed",
+                getattr(self.sock.assoc.requestor, "address", "?"),
+                self.pdu_type,
+                nr_bytes,
+                limit,
+            )
             raise ConnectionError(f"PDU length {nr_bytes} over the limit {limit}")
         return self._read(nr_bytes)
 
@@ -344,8 +366,9 @@ def _server_classes() -> tuple[type, type]:
         def verify_request(self, request: Any, client_address: Any) -> bool:
             with self._conn_lock:
                 if self._open >= 2 * self.node_cfg.max_associations:
-                    log.warning("connection from %s dropped: %d connections open already", client_address[0],
-                                self._open)
+                    log.warning(
+                        "connection from %s dropped: %d connections open already", client_address[0], self._open
+                    )
                     return False
                 self._open += 1
             return True
@@ -357,8 +380,11 @@ def _server_classes() -> tuple[type, type]:
                         request.settimeout(self.node_cfg.acse_timeout)
                         request.do_handshake()
                     except (OSError, ssl.SSLError) as exc:
-                        log.warning("TLS handshake with %s failed: %s", client_address[0],
-                                    getattr(exc, "reason", None) or type(exc).__name__)
+                        log.warning(
+                            "TLS handshake with %s failed: %s",
+                            client_address[0],
+                            getattr(exc, "reason", None) or type(exc).__name__,
+                        )
                         self.shutdown_request(request)
                         return
                     log.info("TLS peer %s: %s", client_address[0], describe_peer(request.getpeercert()))
@@ -381,7 +407,7 @@ def _server_classes() -> tuple[type, type]:
 def build_scp_ae(cfg: NodeConfig) -> Any:
     """A pynetdicom AE accepting storage (all SOP classes / transfer syntaxes) and verification,
     with the node's bounds (maximum PDU, associations, timeouts)."""
-    from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=cfg.ae_title)
@@ -403,36 +429,50 @@ def start_scp(cfg: NodeConfig, spool: Spool) -> Any:
 
     pynetdicom's ``_config.STORE_RECV_CHUNKED_DATASET`` (write C-STORE data sets to a file as
     they arrive instead of memory) is a module global: it is switched on here and back off by
-    the server's ``shutdown()`` (reference-counted across node servers). serve-dicom is the only SCP in its process, so nothing else
-    sees it; an application embedding the node beside another pynetdicom SCP would see that
-    SCP's C-STORE handlers receive files too (``event.dataset`` still works for them).
+    the server's ``shutdown()`` (reference-counted across node servers). serve-dicom is the only
+    SCP in its process, so nothing else sees it; an application embedding the node beside another
+    pynetdicom SCP would see that SCP's C-STORE handlers receive files too (``event.dataset`` still works for them).
     Raises ConfigError when the port cannot be bound (in use, or a privileged port).
     """
     from pynetdicom import evt
 
     if cfg.tls is None and not is_loopback_host(cfg.host):
-        log.warning("INSECURE: listening on %s without TLS (insecure_plaintext: true): any host that can reach "
-                    "this port and names an allowed AE title from an allowed address can send images; add a "
-                    "tls: section", cfg.host or "every address")
+        log.warning(
+            "INSECURE: listening on %s without TLS (insecure_plaintext: true): any host that can reach "
+            "this port and names an allowed AE title from an allowed address can send images; add a "
+            "tls: section",
+            cfg.host or "every address",
+        )
     ae = build_scp_ae(cfg)
     max_pixels = cfg.scoring.get("max_pixels")
-    handlers = [(evt.EVT_C_STORE, make_store_handler(spool, cfg.max_dataset_bytes, max_pixels)),
-                (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-                (evt.EVT_REQUESTED, make_association_check(cfg)),
-                (evt.EVT_DATA_RECV, lambda event: _bound_incoming_dataset(event, cfg.max_dataset_bytes)),
-                (evt.EVT_CONN_CLOSE, _remove_partial_dataset),
-                (evt.EVT_ABORTED, _remove_partial_dataset)]
+    handlers = [
+        (evt.EVT_C_STORE, make_store_handler(spool, cfg.max_dataset_bytes, max_pixels)),
+        (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+        (evt.EVT_REQUESTED, make_association_check(cfg)),
+        (evt.EVT_DATA_RECV, lambda event: _bound_incoming_dataset(event, cfg.max_dataset_bytes)),
+        (evt.EVT_CONN_CLOSE, _remove_partial_dataset),
+        (evt.EVT_ABORTED, _remove_partial_dataset),
+    ]
     ssl_context = server_context(cfg.tls) if cfg.tls else None
     server_cls, handler_cls = _server_classes()
     try:
-        server = ae.make_server((cfg.host, cfg.port), ssl_context=ssl_context, evt_handlers=handlers,
-                                server_class=server_cls, request_handler=handler_cls)
+        server = ae.make_server(
+            (cfg.host, cfg.port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            server_class=server_cls,
+            request_handler=handler_cls,
+        )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"port {cfg.port} is already in use on {cfg.host}; stop the other listener "
-                              "or set another port in the node config") from None
-        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}); "
-                          "choose another host/port in the node config") from None
+            raise ConfigError(
+                f"port {cfg.port} is already in use on {cfg.host}; stop the other listener "
+                "or set another port in the node config"
+            ) from None
+        raise ConfigError(
+            f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}); "
+            "choose another host/port in the node config"
+        ) from None
     server.node_cfg = cfg
     server._conn_lock = threading.Lock()
     server._open = 0
@@ -441,9 +481,19 @@ def start_scp(cfg: NodeConfig, spool: Spool) -> Any:
     thread = threading.Thread(target=server.serve_forever, name=f"medxray-scp-{cfg.port}", daemon=True)
     thread.start()
     ae._servers.append(server)
-    log.info("listening as %s on %s:%d%s (callers: %s); max PDU %d B, max data set %d B, %d associations, "
-             "timeouts ACSE %gs / DIMSE %gs / network %gs", cfg.ae_title, cfg.host, cfg.port,
-             " with TLS (mutual authentication)" if cfg.tls else "",
-             "; ".join(r.describe() for r in cfg.allowed_calling_aes), cfg.max_pdu_size, cfg.max_dataset_bytes,
-             cfg.max_associations, cfg.acse_timeout, cfg.dimse_timeout, cfg.network_timeout)
+    log.info(
+        "listening as %s on %s:%d%s (callers: %s); max PDU %d B, max data set %d B, %d associations, "
+        "timeouts ACSE %gs / DIMSE %gs / network %gs",
+        cfg.ae_title,
+        cfg.host,
+        cfg.port,
+        " with TLS (mutual authentication)" if cfg.tls else "",
+        "; ".join(r.describe() for r in cfg.allowed_calling_aes),
+        cfg.max_pdu_size,
+        cfg.max_dataset_bytes,
+        cfg.max_associations,
+        cfg.acse_timeout,
+        cfg.dimse_timeout,
+        cfg.network_timeout,
+    )
     return server

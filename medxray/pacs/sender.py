@@ -3,7 +3,8 @@
 Holds the two destinations (:class:`CStoreDestination`, a pynetdicom C-STORE SCU, PS3.4 B.2,
 over DICOM TLS with mutual authentication when ``destination.tls`` is set (PS3.15 B.9,
 :mod:`medxray.pacs.tls`; a PACS whose certificate does not chain to the configured CA, or does
-not match ``peer_subject``, is treated as down and logged); :class:`OrthancRestDestination`, Orthanc's ``POST /instances``) and :class:`OutboxSender`.
+not match ``peer_subject``, is treated as down and logged); :class:`OrthancRestDestination`,
+Orthanc's ``POST /instances``) and :class:`OutboxSender`.
 An object leaves the outbox only after the destination confirmed it (C-STORE status Success or
 Warning; Orthanc "Success"/"AlreadyStored"): first its SOP Instance UID goes into ``sent.log``,
 then the file is removed, so a kill between the two re-sends nothing. A destination that is
@@ -63,8 +64,9 @@ class CStoreDestination:
             cls = str(ds.SOPClassUID)
             if cls not in contexts and len(contexts) >= 60:
                 break  # 128 presentation contexts at most; the rest go in the next batch
-            contexts.setdefault(cls, set()).update({str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian,
-                                                    ImplicitVRLittleEndian})
+            contexts.setdefault(cls, set()).update(
+                {str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+            )
             files.append((p, ds))
         if not files:
             return
@@ -74,16 +76,20 @@ class CStoreDestination:
         tls_args = (client_context(tls), None) if tls else None
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls_args)
         if not assoc.is_established:
-            raise DestinationDown(f"association with {self.describe()} "
-                                  f"{'rejected' if assoc.is_rejected else 'failed'}"
-                                  + (" (TLS: check certificates and CA)" if tls and not assoc.is_rejected else ""))
+            raise DestinationDown(
+                f"association with {self.describe()} "
+                f"{'rejected' if assoc.is_rejected else 'failed'}"
+                + (" (TLS: check certificates and CA)" if tls and not assoc.is_rejected else "")
+            )
         if tls and tls.peer_subject is not None:
             sock = getattr(assoc.dul.socket, "socket", None)
             cert = sock.getpeercert() if sock is not None else None
             if not peer_matches(cert, tls.peer_subject):
                 assoc.abort()
-                raise DestinationDown(f"{self.describe()} presented a certificate for {describe_peer(cert)}, "
-                                      "which does not match destination.tls.peer_subject")
+                raise DestinationDown(
+                    f"{self.describe()} presented a certificate for {describe_peer(cert)}, "
+                    "which does not match destination.tls.peer_subject"
+                )
         try:
             for p, ds in files:
                 try:
@@ -116,8 +122,12 @@ class OrthancRestDestination:
 
     def send(self, paths: list[Path]) -> Iterator[tuple[Path, str, str]]:
         for p in paths:
-            req = urllib.request.Request(f"{self.url}/instances", data=p.read_bytes(), method="POST",
-                                         headers={"Content-Type": "application/dicom"})
+            req = urllib.request.Request(
+                f"{self.url}/instances",
+                data=p.read_bytes(),
+                method="POST",
+                headers={"Content-Type": "application/dicom"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     answer = json.loads(r.read() or b"{}")
@@ -135,8 +145,9 @@ class OrthancRestDestination:
 class OutboxSender:
     """Drains ``spool.outbox`` into a destination; back-off on failure; :meth:`run` in a thread."""
 
-    def __init__(self, spool: Spool, destination: Any, retry_initial_s: float = 2.0, retry_max_s: float = 300.0,
-                 batch: int = 50) -> None:
+    def __init__(
+        self, spool: Spool, destination: Any, retry_initial_s: float = 2.0, retry_max_s: float = 300.0, batch: int = 50
+    ) -> None:
         self.spool, self.dest, self.batch = spool, destination, batch
         self.initial, self.max = float(retry_initial_s), float(retry_max_s)
         self.failures = 0
@@ -182,8 +193,12 @@ class OutboxSender:
             self.failures += 1
             wait = self.delay()
             self.next_try = time.monotonic() + wait
-            log.warning("destination down: %s; %d object(s) kept in the outbox, retry in %.0f s", exc,
-                        len(self.spool.outbox_files()), wait)
+            log.warning(
+                "destination down: %s; %d object(s) kept in the outbox, retry in %.0f s",
+                exc,
+                len(self.spool.outbox_files()),
+                wait,
+            )
             return False
         if self.failures:
             log.info("destination %s is back", self.dest.describe())

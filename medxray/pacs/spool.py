@@ -46,8 +46,16 @@ from medxray.fileio import atomic_output, atomic_write_bytes
 log = logging.getLogger(__name__)
 
 NODE_CSV = "node.csv"
-NODE_COLUMNS = ("path", "status", "reason", "sop_instance_uid", "study_instance_uid",
-                   "series_instance_uid", "modality", "sop_class_uid")
+NODE_COLUMNS = (
+    "path",
+    "status",
+    "reason",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "modality",
+    "sop_class_uid",
+)
 
 
 STATUS_DUPLICATE_SOP_UID = "duplicate_sop_uid"
@@ -71,7 +79,7 @@ def _dataset_offset(head: bytes) -> int:
         group = struct.unpack_from("<H", head, pos)[0]
         if group != 0x0002:
             return pos
-        vr = head[pos + 4:pos + 6]
+        vr = head[pos + 4 : pos + 6]
         if vr in _LONG_VRS:
             if pos + 12 > len(head):
                 break
@@ -97,11 +105,11 @@ def dataset_sha256(data: bytes | bytearray | memoryview | str | os.PathLike) -> 
     h = hashlib.sha256()
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data)
-        h.update(view[_dataset_offset(bytes(view[:_META_SCAN_BYTES])):])
+        h.update(view[_dataset_offset(bytes(view[:_META_SCAN_BYTES])) :])
         return h.hexdigest()
     with open(data, "rb") as fh:
         head = fh.read(_META_SCAN_BYTES)
-        h.update(head[_dataset_offset(head):])
+        h.update(head[_dataset_offset(head) :])
         _hash_rest(h, fh)
     return h.hexdigest()
 
@@ -178,8 +186,9 @@ class Spool:
         self._recorded = Ledger(self.work / "node.keys")
         now = time.monotonic()
         # series left in incoming/ by an earlier run restart their idle clock now
-        self.last_seen: dict[Path, float] = {p.relative_to(self.incoming): now
-                                             for p in self.incoming.glob("*/*") if p.is_dir()}
+        self.last_seen: dict[Path, float] = {
+            p.relative_to(self.incoming): now for p in self.incoming.glob("*/*") if p.is_dir()
+        }
         # SOP name -> the <study>/<series> folders holding an instance with it (duplicate detection)
         self._where: dict[str, set[Path]] = {}
         files = [(root, f) for root in (self.incoming, self.inbox) for f in root.glob("*/*/*.dcm")]
@@ -214,8 +223,14 @@ class Spool:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def store(self, data: bytes | str | os.PathLike, study_uid: object, series_uid: object, sop_uid: object,
-              direct: bool = False) -> Path:
+    def store(
+        self,
+        data: bytes | str | os.PathLike,
+        study_uid: object,
+        series_uid: object,
+        sop_uid: object,
+        direct: bool = False,
+    ) -> Path:
         """Write one instance (complete DICOM file: bytes, or the path of a received file, which is
         copied) into incoming/ (or straight into inbox/ with ``direct``, for pull mode), atomically.
 
@@ -251,8 +266,9 @@ class Spool:
                 if f != dest:
                     f.unlink(missing_ok=True)
                     self._digests.pop(f, None)
-                    log.info("changed re-send of %s/%s before scoring: the earlier copy was replaced",
-                             rel.as_posix(), sop)
+                    log.info(
+                        "changed re-send of %s/%s before scoring: the earlier copy was replaced", rel.as_posix(), sop
+                    )
             if not direct:
                 self.last_seen[rel] = time.monotonic()
             seen = self._where.setdefault(sop, set())
@@ -265,38 +281,57 @@ class Spool:
             self._record_duplicate(rel / name, study_uid, series_uid, sop_uid, len(others))
         return dest
 
-    def _record_duplicate(self, rel_file: Path, study_uid: object, series_uid: object, sop_uid: object,
-                          n_others: int) -> None:
-        if self.record({
-            "path": rel_file.as_posix(), "status": STATUS_DUPLICATE_SOP_UID,
-            "reason": f"{STATUS_DUPLICATE_SOP_UID}: this SOP Instance UID was already received under "
-                      f"{n_others} other study/series folder(s); stored, scored and answered on its own "
-                      "(results are identified by study + series + SOP Instance UID)",
-            **_uid_columns(study_uid, series_uid, sop_uid),
-        }):
-            log.warning("%s: SOP Instance UID already used by %d other study/series; kept apart and scored "
-                        "on its own (node.csv: %s)", rel_file.as_posix(), n_others, STATUS_DUPLICATE_SOP_UID)
+    def _record_duplicate(
+        self, rel_file: Path, study_uid: object, series_uid: object, sop_uid: object, n_others: int
+    ) -> None:
+        if self.record(
+            {
+                "path": rel_file.as_posix(),
+                "status": STATUS_DUPLICATE_SOP_UID,
+                "reason": f"{STATUS_DUPLICATE_SOP_UID}: this SOP Instance UID was already received under "
+                f"{n_others} other study/series folder(s); stored, scored and answered on its own "
+                "(results are identified by study + series + SOP Instance UID)",
+                **_uid_columns(study_uid, series_uid, sop_uid),
+            }
+        ):
+            log.warning(
+                "%s: SOP Instance UID already used by %d other study/series; kept apart and scored "
+                "on its own (node.csv: %s)",
+                rel_file.as_posix(),
+                n_others,
+                STATUS_DUPLICATE_SOP_UID,
+            )
 
-    def _record_new_version(self, root: Path, dest: Path, digest: str, study_uid: object, series_uid: object,
-                            sop_uid: object) -> None:
+    def _record_new_version(
+        self, root: Path, dest: Path, digest: str, study_uid: object, series_uid: object, sop_uid: object
+    ) -> None:
         rel_file = dest.relative_to(root).as_posix()
-        if not self.record({
-            "path": rel_file, "status": STATUS_NEW_VERSION,
-            "reason": f"content_changed: same Study/Series/SOP Instance UIDs as an instance already scored, "
-                      f"different data set (sha256 {digest}); scored as a new version with its own results",
-            **_uid_columns(study_uid, series_uid, sop_uid),
-        }):
+        if not self.record(
+            {
+                "path": rel_file,
+                "status": STATUS_NEW_VERSION,
+                "reason": f"content_changed: same Study/Series/SOP Instance UIDs as an instance already scored, "
+                f"different data set (sha256 {digest}); scored as a new version with its own results",
+                **_uid_columns(study_uid, series_uid, sop_uid),
+            }
+        ):
             return
-        log.warning("%s: changed re-send of an instance already scored; kept as a new version (node.csv: %s)",
-                    rel_file, STATUS_NEW_VERSION)
+        log.warning(
+            "%s: changed re-send of an instance already scored; kept as a new version (node.csv: %s)",
+            rel_file,
+            STATUS_NEW_VERSION,
+        )
 
     def _versions(self, root: Path, rel: Path, sop: str) -> list[Path]:
         """Files of one instance (every version) under ``root/rel``; cheap when there is none."""
         folder = root / rel
         if not (folder / f"{sop}.dcm").exists() and sop not in self._where:
             return []
-        return sorted(f for f in folder.glob(f"{glob_escape(sop)}*.dcm") if sop_name_of(f.name) == sop) \
-            if folder.is_dir() else []
+        return (
+            sorted(f for f in folder.glob(f"{glob_escape(sop)}*.dcm") if sop_name_of(f.name) == sop)
+            if folder.is_dir()
+            else []
+        )
 
     def _digest_of(self, f: Path) -> str:
         if f not in self._digests:
@@ -353,8 +388,9 @@ class Spool:
                             continue
                         digest = self._digest_of(f)
                         target = dst / f"{sop_name_of(f.name)}.v{digest[:16]}.dcm"
-                        self._record_new_version(self.inbox, target, digest, rel.parent.name, rel.name,
-                                                 sop_name_of(f.name))
+                        self._record_new_version(
+                            self.inbox, target, digest, rel.parent.name, rel.name, sop_name_of(f.name)
+                        )
                     os.replace(f, target)  # same file system: atomic
                     if f in self._digests:
                         self._digests[target] = self._digests.pop(f)
@@ -400,8 +436,11 @@ def glob_escape(name: str) -> str:
 
 def _uid_columns(study_uid: object, series_uid: object, sop_uid: object) -> dict[str, str]:
     sop, study, series = str(sop_uid or ""), str(study_uid or ""), str(series_uid or "")
-    return {"sop_instance_uid": sop if len(sop) <= 64 else "", "study_instance_uid": study[:64],
-            "series_instance_uid": series[:64]}
+    return {
+        "sop_instance_uid": sop if len(sop) <= 64 else "",
+        "study_instance_uid": study[:64],
+        "series_instance_uid": series[:64],
+    }
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:

@@ -28,11 +28,16 @@ from medxray.errors import ConfigError
 TLS_KEYS = ("certificate", "private_key", "ca_certificates", "peer_subject")
 
 # TLS 1.2 suites of the BCP 195 profile (RFC 9325 4.2): ECDHE + AEAD only. TLS 1.3 suites are all AEAD.
-BCP195_TLS12_CIPHERS = ":".join((
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-))
+BCP195_TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,18 @@ def _base_context(cfg: TlsConfig, protocol: int, key: str = "tls") -> ssl.SSLCon
     try:
         ctx.load_cert_chain(cfg.certificate, cfg.private_key)
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"{key}: cannot use certificate {cfg.certificate} with key {cfg.private_key} "
-                          f"({getattr(exc, 'reason', None) or exc}); give a PEM certificate and its own private "
-                          "key (unencrypted)") from None
+        raise ConfigError(
+            f"{key}: cannot use certificate {cfg.certificate} with key {cfg.private_key} "
+            f"({getattr(exc, 'reason', None) or exc}); give a PEM certificate and its own private "
+            "key (unencrypted)"
+        ) from None
     try:
         ctx.load_verify_locations(cafile=cfg.ca_certificates)
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"{key}.ca_certificates: cannot read {cfg.ca_certificates} as PEM CA certificates "
-                          f"({getattr(exc, 'reason', None) or exc})") from None
+        raise ConfigError(
+            f"{key}.ca_certificates: cannot read {cfg.ca_certificates} as PEM CA certificates "
+            f"({getattr(exc, 'reason', None) or exc})"
+        ) from None
     return ctx
 
 
@@ -135,4 +144,3 @@ def peer_matches(cert: dict[str, Any] | None, pattern: str | None) -> bool:
 def describe_peer(cert: dict[str, Any] | None) -> str:
     names = peer_names(cert)
     return ", ".join(names[:4]) if names else "no certificate"
-

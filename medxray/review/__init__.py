@@ -15,8 +15,8 @@ Modules, one concern each:
 - :mod:`~medxray.review.ui`: the Streamlit caches, notices, identity and results-folder widgets the
   pages in ``app/`` use; :mod:`~medxray.review.ui_study`: the Study page's widgets and keyboard flow.
 
-Only :mod:`~medxray.review.ui` and :mod:`~medxray.review.ui_study` import streamlit; this package's ``__init__`` imports the store
-alone, so ``from medxray.review import ReviewStore`` stays light.
+Only :mod:`~medxray.review.ui` and :mod:`~medxray.review.ui_study` import streamlit; this
+package's ``__init__`` imports the store alone, so ``from medxray.review import ReviewStore`` stays light.
 """
 
 from medxray.review.store import EXPORT_COLUMNS, FindingVerdict, ImageKey, Review, ReviewError, ReviewStore

@@ -27,6 +27,7 @@ from medxray.review.study import format_value
 
 # -- model card ----------------------------------------------------------------------------------
 
+
 @dataclass
 class ModelCard:
     """What a reviewer should know about the model, from the checkpoint's own metadata."""
@@ -65,8 +66,10 @@ def is_synthetic(meta: Mapping[str, Any]) -> bool | None:
 def synthetic_banner(meta: Mapping[str, Any]) -> str | None:
     """The warning every page shows when the model learned from phantoms, else None."""
     if is_synthetic(meta):
-        return ("This model was trained on **synthetic phantom images**, not on radiographs: its "
-                "probabilities and maps say nothing about real patients. Use it to try the app only.")
+        return (
+            "This model was trained on **synthetic phantom images**, not on radiographs: its "
+            "probabilities and maps say nothing about real patients. Use it to try the app only."
+        )
     return None
 
 
@@ -84,22 +87,33 @@ def provenance_table(meta: Mapping[str, Any]) -> pd.DataFrame:
     synth = prov.get("synthetic")
     missing = prov.get("missing_by_split") or {}
     n_missing = sum(int(v) for v in missing.values() if _num(v) is not None) if isinstance(missing, Mapping) else 0
-    return _kv([
-        ("training images", "SYNTHETIC phantom images (not radiographs)" if synth
-         else ("real images" if synth is not None else "not recorded")),
-        ("dataset", prov.get("dataset")),
-        ("data root", prov.get("data_root")),
-        ("manifest hash", prov.get("manifest_hash")),
-        ("images per split", _split_counts(prov.get("counts"))),
-        ("images missing from the download", "none" if n_missing == 0 else
-         f"{n_missing:,} ({_split_counts(missing)}), left out of training and evaluation"),
-        ("official list coverage", prov.get("coverage")),
-    ])
+    return _kv(
+        [
+            (
+                "training images",
+                "SYNTHETIC phantom images (not radiographs)"
+                if synth
+                else ("real images" if synth is not None else "not recorded"),
+            ),
+            ("dataset", prov.get("dataset")),
+            ("data root", prov.get("data_root")),
+            ("manifest hash", prov.get("manifest_hash")),
+            ("images per split", _split_counts(prov.get("counts"))),
+            (
+                "images missing from the download",
+                "none"
+                if n_missing == 0
+                else f"{n_missing:,} ({_split_counts(missing)}), left out of training and evaluation",
+            ),
+            ("official list coverage", prov.get("coverage")),
+        ]
+    )
 
 
 def _kv(rows: Iterable[tuple[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame([(k, format_value(v)) for k, v in rows if v not in (None, "", [], {})],
-                        columns=["field", "value"])
+    return pd.DataFrame(
+        [(k, format_value(v)) for k, v in rows if v not in (None, "", [], {})], columns=["field", "value"]
+    )
 
 
 def _first(meta: Mapping[str, Any], *keys: str) -> Any:
@@ -142,20 +156,42 @@ def metrics_table(metrics: Any) -> pd.DataFrame:
             name = f"{prefix}{key}"
             if _num(val) is not None:
                 lo, hi = ci_of(obj, str(key), None)
-                rows.append({"scope": prefix.rstrip("/") or "all", "finding": "(overall)", "metric": str(key),
-                             "value": _num(val), "ci_low": lo, "ci_high": hi})
+                rows.append(
+                    {
+                        "scope": prefix.rstrip("/") or "all",
+                        "finding": "(overall)",
+                        "metric": str(key),
+                        "value": _num(val),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                    }
+                )
             elif isinstance(val, Mapping) and val and all(_num(v) is not None or _is_point(v) for v in val.values()):
                 # {metric: {finding: value | {value, ci_low, ci_high}}}
                 for finding, v in val.items():
                     if _is_point(v):
-                        rows.append({"scope": prefix.rstrip("/") or "all", "finding": finding, "metric": str(key),
-                                     "value": _num(v.get("value", v.get("estimate"))),
-                                     "ci_low": _num(v.get("ci_low", (v.get("ci") or [None, None])[0])),
-                                     "ci_high": _num(v.get("ci_high", (v.get("ci") or [None, None])[1]))})
+                        rows.append(
+                            {
+                                "scope": prefix.rstrip("/") or "all",
+                                "finding": finding,
+                                "metric": str(key),
+                                "value": _num(v.get("value", v.get("estimate"))),
+                                "ci_low": _num(v.get("ci_low", (v.get("ci") or [None, None])[0])),
+                                "ci_high": _num(v.get("ci_high", (v.get("ci") or [None, None])[1])),
+                            }
+                        )
                     else:
                         lo, hi = ci_of(obj, str(key), str(finding))
-                        rows.append({"scope": prefix.rstrip("/") or "all", "finding": finding, "metric": str(key),
-                                     "value": _num(v), "ci_low": lo, "ci_high": hi})
+                        rows.append(
+                            {
+                                "scope": prefix.rstrip("/") or "all",
+                                "finding": finding,
+                                "metric": str(key),
+                                "value": _num(v),
+                                "ci_low": lo,
+                                "ci_high": hi,
+                            }
+                        )
             elif isinstance(val, Mapping):
                 walk(val, f"{name}/")
 
@@ -224,25 +260,40 @@ def localisation_table(meta: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
             row["boxes"] = str(int(f["n_boxes"]))
             row["data"] = source or "not recorded"
         else:
-            row.update({"pointing game": NOT_MEASURED, **{f"IoBB>{t}": NOT_MEASURED for t in LOCALISATION_T},
-                        "boxes": "0", "data": NOT_MEASURED})
+            row.update(
+                {
+                    "pointing game": NOT_MEASURED,
+                    **{f"IoBB>{t}": NOT_MEASURED for t in LOCALISATION_T},
+                    "boxes": "0",
+                    "data": NOT_MEASURED,
+                }
+            )
         rows.append(row)
     cols = ["finding", "AUROC", "pointing game", *(f"IoBB>{t}" for t in LOCALISATION_T), "boxes", "data"]
     table = pd.DataFrame(rows, columns=cols)
     if not per:
-        note = ("Localisation not measured: `medxray evaluate` found no ground-truth boxes for this model's "
-                "findings (or was run with --no-localisation).")
+        note = (
+            "Localisation not measured: `medxray evaluate` found no ground-truth boxes for this model's "
+            "findings (or was run with --no-localisation)."
+        )
     else:
-        what = "synthetic phantom images (not radiographs)" if source == "phantom" else f"{source or 'unrecorded'} images"
-        note = (f"Map method {loc.get('method', '?')}, scored against the ground-truth boxes of the {split or '?'} "
-                f"split on {what}: pointing game = share of boxes containing the map's peak; IoBB>T = share "
-                "whose best map region has intersection over its own area above T (Wang et al. 2017).")
+        what = (
+            "synthetic phantom images (not radiographs)" if source == "phantom" else f"{source or 'unrecorded'} images"
+        )
+        note = (
+            f"Map method {loc.get('method', '?')}, scored against the ground-truth boxes of the {split or '?'} "
+            f"split on {what}: pointing game = share of boxes containing the map's peak; IoBB>T = share "
+            "whose best map region has intersection over its own area above T (Wang et al. 2017)."
+        )
     return table, note
 
 
 def _is_point(v: Any) -> bool:
-    return isinstance(v, Mapping) and ("value" in v or "estimate" in v) and \
-        _num(v.get("value", v.get("estimate"))) is not None
+    return (
+        isinstance(v, Mapping)
+        and ("value" in v or "estimate" in v)
+        and _num(v.get("value", v.get("estimate"))) is not None
+    )
 
 
 def _num(v: Any) -> float | None:
@@ -262,33 +313,41 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
     prep = meta.get("preprocessing") or {}
     arch = meta.get("architecture", "unknown")
     init = _first(meta, "pretrained", "init", "initialisation", "initialization", "config.pretrained")
-    summary = _kv([
-        ("architecture", arch),
-        ("initialisation", init if init is not None else "not recorded"),
-        ("model version", meta.get("model_version")),
-        ("findings", f"{len(labels)}: " + ", ".join(display_name(n) for n in labels) if labels else None),
-        ("input", f"{prep.get('image_size', '?')}x{prep.get('image_size', '?')}, {prep.get('intensity', '?')}"
-         if prep else None),
-        ("created", _first(meta, "created", "created_at", "saved_at")),
-        ("git commit", _first(meta, "git_commit")),
-        ("checkpoint", str(checkpoint_path) if checkpoint_path else None),
-        ("software versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()) or None),
-    ])
-    training = _kv([
-        ("dataset", _first(meta, "dataset", "data.dataset", "config.dataset")),
-        ("split", _first(meta, "split", "data.split", "split_description", "config.split")),
-        ("split seed", _first(meta, "split_seed", "data.split_seed", "config.split_seed")),
-        ("view filter", _first(meta, "view", "data.view", "config.view")),
-        ("validation fraction", _first(meta, "val_fraction", "config.val_fraction")),
-        ("manifest hash", _first(meta, "data_manifest_hash", "manifest_hash", "data.manifest_hash")),
-        ("counts", _first(meta, "summary", "data.summary", "data_summary")),
-        ("epochs", _first(meta, "epochs", "config.epochs", "train.epochs")),
-        ("checkpoint epoch", _first(meta, "epoch")),
-        ("selected by", _first(meta, "metrics.selected_by")),
-        ("optimiser", _first(meta, "optimizer", "config.optimizer")),
-        ("learning rate", _first(meta, "lr", "config.lr")),
-        ("batch size", _first(meta, "batch_size", "config.batch_size")),
-    ])
+    summary = _kv(
+        [
+            ("architecture", arch),
+            ("initialisation", init if init is not None else "not recorded"),
+            ("model version", meta.get("model_version")),
+            ("findings", f"{len(labels)}: " + ", ".join(display_name(n) for n in labels) if labels else None),
+            (
+                "input",
+                f"{prep.get('image_size', '?')}x{prep.get('image_size', '?')}, {prep.get('intensity', '?')}"
+                if prep
+                else None,
+            ),
+            ("created", _first(meta, "created", "created_at", "saved_at")),
+            ("git commit", _first(meta, "git_commit")),
+            ("checkpoint", str(checkpoint_path) if checkpoint_path else None),
+            ("software versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()) or None),
+        ]
+    )
+    training = _kv(
+        [
+            ("dataset", _first(meta, "dataset", "data.dataset", "config.dataset")),
+            ("split", _first(meta, "split", "data.split", "split_description", "config.split")),
+            ("split seed", _first(meta, "split_seed", "data.split_seed", "config.split_seed")),
+            ("view filter", _first(meta, "view", "data.view", "config.view")),
+            ("validation fraction", _first(meta, "val_fraction", "config.val_fraction")),
+            ("manifest hash", _first(meta, "data_manifest_hash", "manifest_hash", "data.manifest_hash")),
+            ("counts", _first(meta, "summary", "data.summary", "data_summary")),
+            ("epochs", _first(meta, "epochs", "config.epochs", "train.epochs")),
+            ("checkpoint epoch", _first(meta, "epoch")),
+            ("selected by", _first(meta, "metrics.selected_by")),
+            ("optimiser", _first(meta, "optimizer", "config.optimizer")),
+            ("learning rate", _first(meta, "lr", "config.lr")),
+            ("batch size", _first(meta, "batch_size", "config.batch_size")),
+        ]
+    )
     metrics = metrics_table(meta.get("metrics") or {})
     thr = meta.get("thresholds") or {}
     how = _first(meta, "threshold_method", "thresholds_method", "threshold_policy")
@@ -296,16 +355,30 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
         how = f"Youden's J on the {meta['threshold_split']} split (medxray evaluate)"
     fallback = set(meta.get("thresholds_fallback") or [])  # medxray evaluate: nothing to choose on
     thresholds = pd.DataFrame(
-        [(display_name(n), float(thr.get(n, 0.5)),
-          f"fallback 0.5: no positive or no negative on the {meta.get('threshold_split') or 'validation'} split"
-          if n in fallback else how or ("default 0.5" if n not in thr else "from checkpoint"))
-         for n in labels],
-        columns=["finding", "threshold", "how chosen"])
+        [
+            (
+                display_name(n),
+                float(thr.get(n, 0.5)),
+                f"fallback 0.5: no positive or no negative on the {meta.get('threshold_split') or 'validation'} split"
+                if n in fallback
+                else how or ("default 0.5" if n not in thr else "from checkpoint"),
+            )
+            for n in labels
+        ],
+        columns=["finding", "threshold", "how chosen"],
+    )
     # intended_use and limitations are Markdown on the page: text from the checkpoint is escaped (shown as text)
-    intended = md_escape(meta.get("intended_use")) if meta.get("intended_use") else str((
-        "Research and education: helping a radiologist or ML engineer explore what a DenseNet "
-        "fine-tuned on chest radiographs predicts for frontal (PA/AP) adult chest X-rays, and record "
-        "agreement per finding. It is a second look for research, not a device."))
+    intended = (
+        md_escape(meta.get("intended_use"))
+        if meta.get("intended_use")
+        else str(
+            (
+                "Research and education: helping a radiologist or ML engineer explore what a DenseNet "
+                "fine-tuned on chest radiographs predicts for frontal (PA/AP) adult chest X-rays, and record "
+                "agreement per finding. It is a second look for research, not a device."
+            )
+        )
+    )
     limitations = [md_escape(x) for x in (meta.get("limitations") or [])] + [
         "Trained on the labels of its training set; ChestX-ray14 labels were mined from reports by NLP "
         "and are noisy (estimated accuracy around 90%), so the model learns their errors too.",
@@ -319,11 +392,24 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
         limitations.insert(0, "This checkpoint records no evaluation metrics: run `medxray evaluate` on it.")
     synth = is_synthetic(meta)
     if synth:
-        limitations.insert(0, "Trained and evaluated on synthetic phantom images: its metrics measure the phantom, "
-                              "not performance on radiographs.")
+        limitations.insert(
+            0,
+            "Trained and evaluated on synthetic phantom images: its metrics measure the phantom, "
+            "not performance on radiographs.",
+        )
     elif synth is None:
         limitations.insert(0, "The checkpoint does not record whether it was trained on real or synthetic images.")
     loc_table, loc_note = localisation_table(meta)
-    return ModelCard(title=f"medxray model card: {arch}", summary=summary, training=training, metrics=metrics,
-                     thresholds=thresholds, localisation=loc_table, localisation_note=loc_note, intended_use=intended, limitations=limitations,
-                     provenance=provenance_table(meta), synthetic=synth)
+    return ModelCard(
+        title=f"medxray model card: {arch}",
+        summary=summary,
+        training=training,
+        metrics=metrics,
+        thresholds=thresholds,
+        localisation=loc_table,
+        localisation_note=loc_note,
+        intended_use=intended,
+        limitations=limitations,
+        provenance=provenance_table(meta),
+        synthetic=synth,
+    )

@@ -89,8 +89,9 @@ def _within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def contained_path(name: str, roots: Sequence[str | os.PathLike], *, what: str = "file",
-                   source: str = "results.csv") -> Path:
+def contained_path(
+    name: str, roots: Sequence[str | os.PathLike], *, what: str = "file", source: str = "results.csv"
+) -> Path:
     """The real path of ``name`` (read from ``source``), if it lies inside one of ``roots``.
 
     Args:
@@ -135,8 +136,10 @@ def contained_path(name: str, roots: Sequence[str | os.PathLike], *, what: str =
     else:
         why = "lies outside"
     allowed = ", ".join(str(r) for r in real_roots)
-    raise PathRefused(f"{source} names the {what} {shown!r}, which {why} the folders this results folder may use "
-                      f"({allowed}): refused, nothing was read. Re-run score-dicom, or fix the {source} row")
+    raise PathRefused(
+        f"{source} names the {what} {shown!r}, which {why} the folders this results folder may use "
+        f"({allowed}): refused, nothing was read. Re-run score-dicom, or fix the {source} row"
+    )
 
 
 def md_safe_name(text: str, max_chars: int = 300) -> str:
@@ -145,8 +148,9 @@ def md_safe_name(text: str, max_chars: int = 300) -> str:
     return s if len(s) <= max_chars else s[:max_chars] + "..."
 
 
-def read_contained_bytes(name: str, roots: Sequence[str | os.PathLike], *, max_bytes: int, what: str = "file",
-                         source: str = "results.csv") -> tuple[Path, bytes]:
+def read_contained_bytes(
+    name: str, roots: Sequence[str | os.PathLike], *, max_bytes: int, what: str = "file", source: str = "results.csv"
+) -> tuple[Path, bytes]:
     """Read the file ``name`` (from ``source``) if it is a regular file inside ``roots``.
 
     Args:
@@ -166,18 +170,22 @@ def read_contained_bytes(name: str, roots: Sequence[str | os.PathLike], *, max_b
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise DataError(f"the {what} {path} no longer exists; the stored results are shown in the worklist only") \
-            from None
+        raise DataError(
+            f"the {what} {path} no longer exists; the stored results are shown in the worklist only"
+        ) from None
     except OSError as exc:  # ELOOP: the last component became a link after the check
         raise PathRefused(f"cannot open the {what} {path}: {exc.strerror}; nothing was read") from None
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise PathRefused(f"the {what} {path} is not a regular file (a FIFO, device or folder): refused, "
-                              "nothing was read")
+            raise PathRefused(
+                f"the {what} {path} is not a regular file (a FIFO, device or folder): refused, nothing was read"
+            )
         if info.st_size > max_bytes:
-            raise DataError(f"the {what} {path.name} is {info.st_size / 2**20:.1f} MB, above this app's limit of "
-                            f"{max_bytes / 2**20:.0f} MB")
+            raise DataError(
+                f"the {what} {path.name} is {info.st_size / 2**20:.1f} MB, above this app's limit of "
+                f"{max_bytes / 2**20:.0f} MB"
+            )
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise DataError(f"the {what} {path.name} grew beyond this app's limit of {max_bytes / 2**20:.0f} MB")

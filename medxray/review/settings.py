@@ -38,8 +38,18 @@ ENV_BACKEND = "MEDXRAY_BACKEND"
 ENV_IDENTITY_HEADER = "MEDXRAY_IDENTITY_HEADER"  # trusted reverse-proxy header naming the signed-in user
 ENV_PROXY_SECRET_FILE = "MEDXRAY_PROXY_SECRET_FILE"  # file holding the secret the proxy adds to every request
 ENV_LOGIN = "MEDXRAY_LOGIN"  # "1": reviewers sign in with st.login (OIDC configured in secrets.toml)
-APP_ENV_VARS = frozenset({ENV_CHECKPOINT, ENV_RESULTS, ENV_REVIEWS, ENV_MAX_UPLOAD_MB, ENV_BACKEND,
-                          ENV_IDENTITY_HEADER, ENV_PROXY_SECRET_FILE, ENV_LOGIN})
+APP_ENV_VARS = frozenset(
+    {
+        ENV_CHECKPOINT,
+        ENV_RESULTS,
+        ENV_REVIEWS,
+        ENV_MAX_UPLOAD_MB,
+        ENV_BACKEND,
+        ENV_IDENTITY_HEADER,
+        ENV_PROXY_SECRET_FILE,
+        ENV_LOGIN,
+    }
+)
 # The header the trusted reverse proxy adds (overwriting any a client sent) with the shared secret of
 # --proxy-secret-file; the identity header is believed only on a request that carries it exactly once.
 PROXY_SECRET_HEADER = "X-Medxray-Proxy-Secret"
@@ -107,19 +117,21 @@ class AppSettings:
                 log.warning("%s=%r is not a number; using %s MB", ENV_MAX_UPLOAD_MB, raw, DEFAULT_MAX_UPLOAD_MB)
             if not (limit > 0 and math.isfinite(limit)):
                 limit = DEFAULT_MAX_UPLOAD_MB
-        roots = tuple(Path(v.strip()).expanduser() for v in (env.get(ENV_RESULTS) or "").split(os.pathsep)
-                      if v.strip())
-        return cls(checkpoint=path(ENV_CHECKPOINT), results=roots,
-                   reviews=path(ENV_REVIEWS) or default_reviews_dir(), max_upload_mb=int(math.ceil(limit)),
-                   backend=(env.get(ENV_BACKEND) or "auto").strip() or "auto",
-                   identity_header=(env.get(ENV_IDENTITY_HEADER) or "").strip(),
-                   proxy_secret_file=path(ENV_PROXY_SECRET_FILE),
-                   login=(env.get(ENV_LOGIN) or "").strip().lower() in ("1", "true", "yes"))
+        roots = tuple(Path(v.strip()).expanduser() for v in (env.get(ENV_RESULTS) or "").split(os.pathsep) if v.strip())
+        return cls(
+            checkpoint=path(ENV_CHECKPOINT),
+            results=roots,
+            reviews=path(ENV_REVIEWS) or default_reviews_dir(),
+            max_upload_mb=int(math.ceil(limit)),
+            backend=(env.get(ENV_BACKEND) or "auto").strip() or "auto",
+            identity_header=(env.get(ENV_IDENTITY_HEADER) or "").strip(),
+            proxy_secret_file=path(ENV_PROXY_SECRET_FILE),
+            login=(env.get(ENV_LOGIN) or "").strip().lower() in ("1", "true", "yes"),
+        )
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in the Streamlit process."""
-        env = {ENV_REVIEWS: str(self.reviews), ENV_MAX_UPLOAD_MB: str(self.max_upload_mb),
-               ENV_BACKEND: self.backend}
+        env = {ENV_REVIEWS: str(self.reviews), ENV_MAX_UPLOAD_MB: str(self.max_upload_mb), ENV_BACKEND: self.backend}
         if self.checkpoint is not None:
             env[ENV_CHECKPOINT] = str(self.checkpoint)
         if self.results:
@@ -142,8 +154,10 @@ def allowed_results_folder(typed: str | os.PathLike, roots: tuple[Path, ...] | l
     """
     text = str(typed).strip()
     if not roots:
-        raise DataError("this app was started without a results folder, so none can be opened; restart it with "
-                        "`medxray app --results FOLDER` (repeat --results for several)")
+        raise DataError(
+            "this app was started without a results folder, so none can be opened; restart it with "
+            "`medxray app --results FOLDER` (repeat --results for several)"
+        )
     p = Path(text).expanduser() if text else roots[0]
     if not p.is_absolute():
         p = roots[0] / p
@@ -157,8 +171,10 @@ def allowed_results_folder(typed: str | os.PathLike, roots: tuple[Path, ...] | l
                 raise DataError(f"{p} is a file, not a folder; choose the folder that holds results.csv")
             return real
     allowed = ", ".join(str(r) for r in roots)
-    raise DataError(f"{p} is outside the results folders this app may open ({allowed}); choose a folder inside "
-                    "them, or restart the app with another --results FOLDER")
+    raise DataError(
+        f"{p} is outside the results folders this app may open ({allowed}); choose a folder inside "
+        "them, or restart the app with another --results FOLDER"
+    )
 
 
 IDENTITY_TYPED, IDENTITY_HEADER, IDENTITY_LOGIN = "typed", "proxy header", "sign-in"
@@ -193,14 +209,20 @@ def read_proxy_secret(path: str | os.PathLike) -> str:
         info = p.stat()
         secret = p.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the proxy secret file {p}: {getattr(exc, 'strerror', None) or exc}; "
-                          "create it with `openssl rand -hex 32 > FILE && chmod 600 FILE`") from None
+        raise ConfigError(
+            f"cannot read the proxy secret file {p}: {getattr(exc, 'strerror', None) or exc}; "
+            "create it with `openssl rand -hex 32 > FILE && chmod 600 FILE`"
+        ) from None
     if info.st_mode & 0o004:
-        raise ConfigError(f"the proxy secret file {p} is readable by every user of this machine, who could then "
-                          f"pose as the proxy; run `chmod 600 {p}`")
+        raise ConfigError(
+            f"the proxy secret file {p} is readable by every user of this machine, who could then "
+            f"pose as the proxy; run `chmod 600 {p}`"
+        )
     if len(secret) < MIN_PROXY_SECRET_CHARS:
-        raise ConfigError(f"the proxy secret in {p} is shorter than {MIN_PROXY_SECRET_CHARS} characters; make one "
-                          "with `openssl rand -hex 32`")
+        raise ConfigError(
+            f"the proxy secret in {p} is shorter than {MIN_PROXY_SECRET_CHARS} characters; make one "
+            "with `openssl rand -hex 32`"
+        )
     return secret
 
 
@@ -222,8 +244,9 @@ def _values(headers: Any, name: str) -> list[str]:
     return out
 
 
-def reviewer_identity(cfg: AppSettings, *, headers: Any = None, user: Mapping[str, Any] | None = None,
-                      proxy_secret: str | None = None) -> DeployedIdentity | None:
+def reviewer_identity(
+    cfg: AppSettings, *, headers: Any = None, user: Mapping[str, Any] | None = None, proxy_secret: str | None = None
+) -> DeployedIdentity | None:
     """Who the deployment says the reviewer is, or None when the name is typed (no deployment identity).
 
     With ``login``: the signed-in OIDC user (``st.user``: email, else name).
@@ -243,31 +266,48 @@ def reviewer_identity(cfg: AppSettings, *, headers: Any = None, user: Mapping[st
         return DeployedIdentity(name, IDENTITY_LOGIN, "" if name else "not signed in")
     if not cfg.identity_header:
         return None
-    untrusted = (f"this request did not come through the trusted reverse proxy (it lacks the proxy's "
-                 f"{PROXY_SECRET_HEADER} header, or carries a wrong or repeated one), so the "
-                 f"{cfg.identity_header} header is not believed and reviews cannot be saved; open the app through "
-                 "the proxy's address")
+    untrusted = (
+        f"this request did not come through the trusted reverse proxy (it lacks the proxy's "
+        f"{PROXY_SECRET_HEADER} header, or carries a wrong or repeated one), so the "
+        f"{cfg.identity_header} header is not believed and reviews cannot be saved; open the app through "
+        "the proxy's address"
+    )
     if not proxy_secret or cfg.identity_header.strip().lower() == PROXY_SECRET_HEADER.lower():
-        return DeployedIdentity("", IDENTITY_HEADER, f"the app was started with --identity-header but without a "
-                                f"usable --proxy-secret-file, so no request can be trusted; restart it with both")
+        return DeployedIdentity(
+            "",
+            IDENTITY_HEADER,
+            "the app was started with --identity-header but without a "
+            "usable --proxy-secret-file, so no request can be trusted; restart it with both",
+        )
     secrets = _values(headers, PROXY_SECRET_HEADER)
-    if len(secrets) != 1 or not hmac.compare_digest(secrets[0].strip().encode("utf-8"),
-                                                    proxy_secret.encode("utf-8")):
+    if len(secrets) != 1 or not hmac.compare_digest(secrets[0].strip().encode("utf-8"), proxy_secret.encode("utf-8")):
         return DeployedIdentity("", IDENTITY_HEADER, untrusted)
     names = _values(headers, cfg.identity_header)
     if not names or not names[0].strip():
-        return DeployedIdentity("", IDENTITY_HEADER, f"the reverse proxy did not send the {cfg.identity_header} "
-                                "header, so the reviewer is unknown and reviews cannot be saved; ask IT to check "
-                                "the proxy")
+        return DeployedIdentity(
+            "",
+            IDENTITY_HEADER,
+            f"the reverse proxy did not send the {cfg.identity_header} "
+            "header, so the reviewer is unknown and reviews cannot be saved; ask IT to check "
+            "the proxy",
+        )
     if len(names) > 1:
-        return DeployedIdentity("", IDENTITY_HEADER, f"the {cfg.identity_header} header appears {len(names)} times "
-                                "in this request (a client may have sent its own), so the reviewer is unknown and "
-                                "reviews cannot be saved; the proxy must overwrite the header, not add to it")
+        return DeployedIdentity(
+            "",
+            IDENTITY_HEADER,
+            f"the {cfg.identity_header} header appears {len(names)} times "
+            "in this request (a client may have sent its own), so the reviewer is unknown and "
+            "reviews cannot be saved; the proxy must overwrite the header, not add to it",
+        )
     name = names[0].strip()
     if len(name) > MAX_REVIEWER_NAME_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return DeployedIdentity("", IDENTITY_HEADER, f"the {cfg.identity_header} header is not a usable name (longer "
-                                f"than {MAX_REVIEWER_NAME_CHARS} characters or with control characters); reviews "
-                                "cannot be saved")
+        return DeployedIdentity(
+            "",
+            IDENTITY_HEADER,
+            f"the {cfg.identity_header} header is not a usable name (longer "
+            f"than {MAX_REVIEWER_NAME_CHARS} characters or with control characters); reviews "
+            "cannot be saved",
+        )
     return DeployedIdentity(name, IDENTITY_HEADER)
 
 
@@ -313,8 +353,10 @@ def user_message(exc: BaseException) -> str:
     """One line for the page: our own errors say what to do; anything else is summarised, not dumped."""
     if isinstance(exc, MedxrayError):
         return reason_sentence(str(exc)) if getattr(exc, "code", None) else str(exc)
-    return (f"Unexpected error ({type(exc).__name__}): {str(exc).splitlines()[0][:200] if str(exc) else ''} "
-            "- the details are in the app's log.")
+    return (
+        f"Unexpected error ({type(exc).__name__}): {str(exc).splitlines()[0][:200] if str(exc) else ''} "
+        "- the details are in the app's log."
+    )
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -326,19 +368,28 @@ def file_fingerprint(path: str | os.PathLike) -> str:
 
 # -- launching -----------------------------------------------------------------------------------
 
+
 def app_entry_path() -> Path:
     """``app/medxray_app.py`` next to the package (source checkout / editable install)."""
     entry = Path(__file__).resolve().parents[2] / "app" / "medxray_app.py"
     if not entry.is_file():
         from medxray.errors import ConfigError
 
-        raise ConfigError(f"the app's entry file {entry} is missing; run `medxray app` from a medxray source "
-                          "checkout (pip install -e .)")
+        raise ConfigError(
+            f"the app's entry file {entry} is missing; run `medxray app` from a medxray source "
+            "checkout (pip install -e .)"
+        )
     return entry
 
 
-def streamlit_command(cfg: AppSettings, *, host: str = "127.0.0.1", port: int = 8501, open_browser: bool = False,
-                      python: str | None = None) -> tuple[list[str], dict[str, str]]:
+def streamlit_command(
+    cfg: AppSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8501,
+    open_browser: bool = False,
+    python: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
     """argv and extra environment for ``streamlit run`` of the app with these settings.
 
     Settings travel as environment variables (read by :meth:`AppSettings.from_env` in every
@@ -350,15 +401,31 @@ def streamlit_command(cfg: AppSettings, *, host: str = "127.0.0.1", port: int = 
     """
     import sys
 
-    argv = [python or sys.executable, "-m", "streamlit", "run", str(app_entry_path()),
-            "--server.address", host, "--server.port", str(int(port)),
-            "--server.headless", "false" if open_browser else "true",
-            "--server.maxUploadSize", str(cfg.max_upload_mb),
-            "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none",
-            "--client.toolbarMode", "minimal",
-            "--client.showErrorDetails", "none",
-            "--global.showWarningOnDirectExecution", "false"]
+    argv = [
+        python or sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app_entry_path()),
+        "--server.address",
+        host,
+        "--server.port",
+        str(int(port)),
+        "--server.headless",
+        "false" if open_browser else "true",
+        "--server.maxUploadSize",
+        str(cfg.max_upload_mb),
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "minimal",
+        "--client.showErrorDetails",
+        "none",
+        "--global.showWarningOnDirectExecution",
+        "false",
+    ]
     return argv, cfg.to_env()
 
 
@@ -367,20 +434,28 @@ def check_app_settings(cfg: AppSettings) -> None:
     from medxray.errors import CheckpointError
 
     if cfg.checkpoint is not None and not cfg.checkpoint.is_file():
-        raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist; train one with `make demo` or "
-                              "`medxray finetune`, or leave out --checkpoint to browse results only")
+        raise CheckpointError(
+            f"checkpoint {cfg.checkpoint} does not exist; train one with `make demo` or "
+            "`medxray finetune`, or leave out --checkpoint to browse results only"
+        )
     for root in cfg.results:
         if not root.is_dir():
-            raise DataError(f"results folder {root} does not exist; write one with "
-                            f"`medxray score-dicom INPUT --checkpoint C --out {root}`")
+            raise DataError(
+                f"results folder {root} does not exist; write one with "
+                f"`medxray score-dicom INPUT --checkpoint C --out {root}`"
+            )
     if cfg.identity_header and cfg.proxy_secret_file is None:
-        raise ConfigError(f"--identity-header {cfg.identity_header} needs --proxy-secret-file FILE: the app believes "
-                          f"the header only on requests that also carry the proxy's secret in {PROXY_SECRET_HEADER}; "
-                          "make one with `openssl rand -hex 32 > FILE && chmod 600 FILE` and set the same value in "
-                          "the proxy")
+        raise ConfigError(
+            f"--identity-header {cfg.identity_header} needs --proxy-secret-file FILE: the app believes "
+            f"the header only on requests that also carry the proxy's secret in {PROXY_SECRET_HEADER}; "
+            "make one with `openssl rand -hex 32 > FILE && chmod 600 FILE` and set the same value in "
+            "the proxy"
+        )
     if cfg.identity_header.strip().lower() == PROXY_SECRET_HEADER.lower():
-        raise ConfigError(f"--identity-header cannot be {PROXY_SECRET_HEADER}: that header carries the proxy's secret; "
-                          "name the header that carries the user (e.g. X-Forwarded-User)")
+        raise ConfigError(
+            f"--identity-header cannot be {PROXY_SECRET_HEADER}: that header carries the proxy's secret; "
+            "name the header that carries the user (e.g. X-Forwarded-User)"
+        )
     if cfg.proxy_secret_file is not None:
         if not cfg.identity_header:
             raise ConfigError("--proxy-secret-file is used only with --identity-header; give both or neither")

@@ -56,12 +56,31 @@ SCHEMA_VERSION = 3
 KEY_KINDS: tuple[str, ...] = ("study_series_sop", "sha256", "sop_instance_uid")  # the last: version 2, legacy
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1
 EXPORT_COLUMNS: tuple[str, ...] = (
-    "review_id", "image_key", "key_kind", "file_name", "saved_at_utc", "reviewer", "identity_source",
-    "model_version", "finding", "verdict", "probability", "threshold", "note",
+    "review_id",
+    "image_key",
+    "key_kind",
+    "file_name",
+    "saved_at_utc",
+    "reviewer",
+    "identity_source",
+    "model_version",
+    "finding",
+    "verdict",
+    "probability",
+    "threshold",
+    "note",
 )
 HISTORY_COLUMNS: tuple[str, ...] = (
-    "review_id", "image_key", "file_name", "saved_at_utc", "reviewer", "identity_source", "change",
-    "finding", "previous", "new",
+    "review_id",
+    "image_key",
+    "file_name",
+    "saved_at_utc",
+    "reviewer",
+    "identity_source",
+    "change",
+    "finding",
+    "previous",
+    "new",
 )
 _MAX_NOTE_CHARS = 10_000
 _MAX_REVIEWER_CHARS = 200
@@ -121,11 +140,15 @@ CREATE VIEW IF NOT EXISTS reviews_keyed AS
            r.identity_source AS identity_source, r.content_sha256 AS content_sha256
     FROM reviews r LEFT JOIN key_aliases a ON r.key_kind = 'sop_instance_uid' AND a.legacy_key = r.image_key;
 """
-_REVIEWS_COLUMNS = ("id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, "
-                    "identity_source, content_sha256")
+_REVIEWS_COLUMNS = (
+    "id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, identity_source, content_sha256"
+)
 # columns later versions added: an older database gains them (empty) and keeps its rows
-_ADDED_COLUMNS = (("file_name", "TEXT NOT NULL DEFAULT ''"), ("identity_source", "TEXT NOT NULL DEFAULT 'typed'"),
-                  ("content_sha256", "TEXT NOT NULL DEFAULT ''"))
+_ADDED_COLUMNS = (
+    ("file_name", "TEXT NOT NULL DEFAULT ''"),
+    ("identity_source", "TEXT NOT NULL DEFAULT 'typed'"),
+    ("content_sha256", "TEXT NOT NULL DEFAULT ''"),
+)
 
 
 class ReviewError(DataError):
@@ -150,18 +173,26 @@ class ImageKey:
         return cls(hashlib.sha256(data).hexdigest(), "sha256")
 
     @classmethod
-    def from_uids(cls, study_instance_uid: object, series_instance_uid: object,
-                  sop_instance_uid: object) -> "ImageKey | None":
+    def from_uids(
+        cls, study_instance_uid: object, series_instance_uid: object, sop_instance_uid: object
+    ) -> "ImageKey | None":
         """The study + series + SOP key, or None when one of the three is missing or not a valid UID."""
-        uids = [str(u if u is not None else "").strip() for u in (study_instance_uid, series_instance_uid,
-                                                                 sop_instance_uid)]
+        uids = [
+            str(u if u is not None else "").strip() for u in (study_instance_uid, series_instance_uid, sop_instance_uid)
+        ]
         if not all(0 < len(u) <= 64 and _UID_RE.fullmatch(u) for u in uids):
             return None
         return cls("/".join(uids), "study_series_sop")
 
     @classmethod
-    def for_image(cls, sop_instance_uid: str | None, data: bytes | None = None, *,
-                  study_instance_uid: str | None = None, series_instance_uid: str | None = None) -> "ImageKey":
+    def for_image(
+        cls,
+        sop_instance_uid: str | None,
+        data: bytes | None = None,
+        *,
+        study_instance_uid: str | None = None,
+        series_instance_uid: str | None = None,
+    ) -> "ImageKey":
         """Study + Series + SOP Instance UID when all three are valid (stable across re-exports),
         else the SHA-256 of the file bytes. Raises ReviewError when neither is available."""
         key = cls.from_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
@@ -234,8 +265,10 @@ class ReviewStore:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ReviewError(f"cannot create the review folder {self.folder}: {exc.strerror}; "
-                              "pass a writable folder with --reviews DIR") from None
+            raise ReviewError(
+                f"cannot create the review folder {self.folder}: {exc.strerror}; "
+                "pass a writable folder with --reviews DIR"
+            ) from None
         self.path = self.folder / DB_FILENAME
         self.timeout_s = timeout_s
         with closing(self._connect()) as conn:
@@ -253,14 +286,19 @@ class ReviewStore:
                 before = int(conn.execute("PRAGMA user_version").fetchone()[0])
                 if _needs_key_rebuild(conn):
                     _rebuild_reviews_table(conn)
-                    log.info("review database %s migrated from schema version %d to %d (study + series + SOP "
-                             "keys)", self.path, before, SCHEMA_VERSION)
+                    log.info(
+                        "review database %s migrated from schema version %d to %d (study + series + SOP keys)",
+                        self.path,
+                        before,
+                        SCHEMA_VERSION,
+                    )
                 conn.execute("DROP VIEW IF EXISTS reviews_keyed")  # re-created with today's columns
                 _run_script(conn, _ALIASES)
                 _run_script(conn, _APPEND_ONLY)
                 if conn.execute("PRAGMA foreign_key_check").fetchall():
-                    raise ReviewError(f"the review database {self.path} has findings without a review; "
-                                      "restore it from a backup")
+                    raise ReviewError(
+                        f"the review database {self.path} has findings without a review; restore it from a backup"
+                    )
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
@@ -313,8 +351,9 @@ class ReviewStore:
         if bad:
             raise ReviewError(f"unknown verdict(s) {bad}; use one of {list(VERDICTS)}")
         if key.kind not in ("study_series_sop", "sha256") or not key.value or key_of(key.value) != key:
-            raise ReviewError(f"invalid image key {key!r} (a review is saved under study + series + SOP "
-                              "Instance UIDs or a SHA-256)")
+            raise ReviewError(
+                f"invalid image key {key!r} (a review is saved under study + series + SOP Instance UIDs or a SHA-256)"
+            )
         probabilities = probabilities or {}
         thresholds = thresholds or {}
         file_name = Path(str(file_name or "").replace("\\", "/")).name[:255]
@@ -325,15 +364,26 @@ class ReviewStore:
                 cur = conn.execute(
                     "INSERT INTO reviews (image_key, key_kind, reviewer, note, model_version, saved_at_utc,"
                     " file_name, identity_source, content_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key.value, key.kind, reviewer, note, model_version or "", saved_at, file_name,
-                     str(identity_source or "typed"), str(content_sha256 or "")[:64]),
+                    (
+                        key.value,
+                        key.kind,
+                        reviewer,
+                        note,
+                        model_version or "",
+                        saved_at,
+                        file_name,
+                        str(identity_source or "typed"),
+                        str(content_sha256 or "")[:64],
+                    ),
                 )
                 review_id = int(cur.lastrowid)
                 conn.executemany(
                     "INSERT INTO review_findings (review_id, finding, verdict, probability, threshold)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    [(review_id, f, v, _opt_float(probabilities.get(f)), _opt_float(thresholds.get(f)))
-                     for f, v in chosen.items()],
+                    [
+                        (review_id, f, v, _opt_float(probabilities.get(f)), _opt_float(thresholds.get(f)))
+                        for f, v in chosen.items()
+                    ],
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -351,22 +401,27 @@ class ReviewStore:
             rows = conn.execute(
                 "SELECT id, image_key, key_kind, reviewer, note, model_version, saved_at_utc, file_name, "
                 "identity_source, content_sha256 FROM reviews_keyed "
-                f"{where} ORDER BY id", params,
+                f"{where} ORDER BY id",
+                params,
             ).fetchall()
             ids = [r[0] for r in rows]
             findings: dict[int, dict[str, FindingVerdict]] = {i: {} for i in ids}
             if ids:
-                fq = ("SELECT review_id, finding, verdict, probability, threshold FROM review_findings "
-                      "WHERE review_id IN (SELECT id FROM reviews_keyed " + where + ") ORDER BY review_id, rowid")
+                fq = (
+                    "SELECT review_id, finding, verdict, probability, threshold FROM review_findings "
+                    "WHERE review_id IN (SELECT id FROM reviews_keyed " + where + ") ORDER BY review_id, rowid"
+                )
                 for rid, finding, verdict, p, t in conn.execute(fq, params):
                     findings[rid][finding] = FindingVerdict(finding, verdict, p, t)
         return [Review(r[0], r[1], r[2], r[3], r[4], r[5], r[6], findings[r[0]], r[7], r[8], r[9]) for r in rows]
 
     # the rows of one image: saved under its key, or under a legacy key adopted as it (index lookups)
-    _BY_KEY = ("id IN (SELECT id FROM reviews WHERE image_key = ? AND (key_kind != 'sop_instance_uid' OR "
-               "image_key NOT IN (SELECT legacy_key FROM key_aliases)) UNION ALL SELECT r.id FROM key_aliases a "
-               "JOIN reviews r ON r.image_key = a.legacy_key AND r.key_kind = 'sop_instance_uid' "
-               "WHERE a.image_key = ?)")
+    _BY_KEY = (
+        "id IN (SELECT id FROM reviews WHERE image_key = ? AND (key_kind != 'sop_instance_uid' OR "
+        "image_key NOT IN (SELECT legacy_key FROM key_aliases)) UNION ALL SELECT r.id FROM key_aliases a "
+        "JOIN reviews r ON r.image_key = a.legacy_key AND r.key_kind = 'sop_instance_uid' "
+        "WHERE a.image_key = ?)"
+    )
 
     def history(self, image_key: str) -> list[Review]:
         """All reviews of one image, oldest first."""
@@ -410,15 +465,20 @@ class ReviewStore:
             return 0
         adopted = ambiguous = 0
         with closing(self._connect()) as conn:
-            legacy = {r[0] for r in conn.execute(
-                "SELECT DISTINCT r.image_key FROM reviews r LEFT JOIN key_aliases a ON a.legacy_key = r.image_key "
-                "WHERE r.key_kind = 'sop_instance_uid' AND a.legacy_key IS NULL")}
+            legacy = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT r.image_key FROM reviews r LEFT JOIN key_aliases a ON a.legacy_key = r.image_key "
+                    "WHERE r.key_kind = 'sop_instance_uid' AND a.legacy_key IS NULL"
+                )
+            }
             wanted = [sop for sop in offered if sop in legacy]
             if not wanted:
                 return 0
             saved: dict[str, set[str]] = {}
-            for (value,) in conn.execute("SELECT DISTINCT image_key FROM reviews_keyed "
-                                         "WHERE key_kind = 'study_series_sop'"):
+            for (value,) in conn.execute(
+                "SELECT DISTINCT image_key FROM reviews_keyed WHERE key_kind = 'study_series_sop'"
+            ):
                 saved.setdefault(value.rsplit("/", 1)[-1], set()).add(value)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             try:
@@ -428,9 +488,11 @@ class ReviewStore:
                     if len(candidates) != 1:
                         ambiguous += 1
                         continue
-                    cur = conn.execute("INSERT OR IGNORE INTO key_aliases (legacy_key, image_key, key_kind, "
-                                       "adopted_at_utc) VALUES (?, ?, 'study_series_sop', ?)",
-                                       (sop, next(iter(candidates)), now))
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO key_aliases (legacy_key, image_key, key_kind, "
+                        "adopted_at_utc) VALUES (?, ?, 'study_series_sop', ?)",
+                        (sop, next(iter(candidates)), now),
+                    )
                     adopted += cur.rowcount
                 conn.execute("COMMIT")
             except BaseException:
@@ -438,11 +500,15 @@ class ReviewStore:
                     conn.execute("ROLLBACK")
                 raise
         if adopted:
-            log.info("review keys: %d review key(s) of schema version 2 now read under study + series + SOP UIDs",
-                     adopted)
+            log.info(
+                "review keys: %d review key(s) of schema version 2 now read under study + series + SOP UIDs", adopted
+            )
         if ambiguous:
-            log.warning("review keys: %d review key(s) of schema version 2 name a SOP Instance UID that more than "
-                        "one study/series uses; left unadopted so two patients' reviews are not merged", ambiguous)
+            log.warning(
+                "review keys: %d review key(s) of schema version 2 name a SOP Instance UID that more than "
+                "one study/series uses; left unadopted so two patients' reviews are not merged",
+                ambiguous,
+            )
         return adopted
 
     def count(self) -> int:
@@ -455,10 +521,16 @@ class ReviewStore:
         for r in self._reviews():
             for fv in r.findings.values():
                 yield {
-                    "review_id": r.review_id, "image_key": r.image_key, "key_kind": r.key_kind,
-                    "file_name": r.file_name, "saved_at_utc": r.saved_at_utc, "reviewer": r.reviewer,
-                    "identity_source": r.identity_source, "model_version": r.model_version,
-                    "finding": fv.finding, "verdict": fv.verdict,
+                    "review_id": r.review_id,
+                    "image_key": r.image_key,
+                    "key_kind": r.key_kind,
+                    "file_name": r.file_name,
+                    "saved_at_utc": r.saved_at_utc,
+                    "reviewer": r.reviewer,
+                    "identity_source": r.identity_source,
+                    "model_version": r.model_version,
+                    "finding": fv.finding,
+                    "verdict": fv.verdict,
                     "probability": "" if fv.probability is None else f"{fv.probability:.6f}",
                     "threshold": "" if fv.threshold is None else f"{fv.threshold:.6f}",
                     "note": r.note,
@@ -474,8 +546,14 @@ class ReviewStore:
         reviews = self.history(image_key) if image_key is not None else self._reviews()
         for r in reviews:
             prev = before.get(r.image_key)
-            base = {"review_id": r.review_id, "image_key": r.image_key, "file_name": r.file_name,
-                    "saved_at_utc": r.saved_at_utc, "reviewer": r.reviewer, "identity_source": r.identity_source}
+            base = {
+                "review_id": r.review_id,
+                "image_key": r.image_key,
+                "file_name": r.file_name,
+                "saved_at_utc": r.saved_at_utc,
+                "reviewer": r.reviewer,
+                "identity_source": r.identity_source,
+            }
             old = prev.verdicts if prev else {}
             new = r.verdicts
             changed = [f for f in list(new) + [f for f in old if f not in new] if old.get(f, "") != new.get(f, "")]
@@ -498,7 +576,7 @@ class ReviewStore:
         columns = HISTORY_COLUMNS if history else EXPORT_COLUMNS
         writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
-        for row in (self.iter_history_rows() if history else self.iter_export_rows()):
+        for row in self.iter_history_rows() if history else self.iter_export_rows():
             writer.writerow({k: _csv_safe(v) for k, v in row.items()})
         text = buf.getvalue()
         if path is not None:
@@ -532,7 +610,7 @@ def _rebuild_reviews_table(conn: sqlite3.Connection) -> None:
     foreign keys off (review_findings keeps pointing at ``reviews`` by name). The rows are copied
     as they are: version-2 keys keep their kind ``sop_instance_uid``."""
     conn.execute("DROP VIEW IF EXISTS reviews_keyed")
-    new_table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS reviews ("):_SCHEMA.index(");") + 2]
+    new_table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS reviews (") : _SCHEMA.index(");") + 2]
     conn.execute(new_table.replace("IF NOT EXISTS reviews (", "reviews_v3 ("))
     conn.execute(f"INSERT INTO reviews_v3 ({_REVIEWS_COLUMNS}) SELECT {_REVIEWS_COLUMNS} FROM reviews")
     conn.execute("DROP TABLE reviews")

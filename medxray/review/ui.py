@@ -28,13 +28,26 @@ from medxray.labels import display_name
 from medxray.review import ReviewStore
 from medxray.review.model_card import synthetic_banner
 from medxray.review.safe import md_escape
-from medxray.review.settings import (IDENTITY_TYPED, NO_CHECKPOINT_HELP, NOT_FOR_CLINICAL_USE_SHORT, AppSettings,
-                                     allowed_results_folder, file_fingerprint, read_proxy_secret, reviewer_identity,
-                                     user_message)
+from medxray.review.settings import (
+    IDENTITY_TYPED,
+    NO_CHECKPOINT_HELP,
+    NOT_FOR_CLINICAL_USE_SHORT,
+    AppSettings,
+    allowed_results_folder,
+    file_fingerprint,
+    read_proxy_secret,
+    reviewer_identity,
+    user_message,
+)
 from medxray.review.study import StudyImage, StudyPrediction, default_thresholds, load_study_bytes, predict_study
 from medxray.review.study import finding_map as study_finding_map
-from medxray.review.worklist import (RESULTS_FILENAME, find_results_folders, load_results, result_label_names,
-                                     row_image_keys)
+from medxray.review.worklist import (
+    RESULTS_FILENAME,
+    find_results_folders,
+    load_results,
+    result_label_names,
+    row_image_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +62,7 @@ def settings() -> AppSettings:
 
 
 # -- standing notices (every page, drawn before anything slow) -----------------------------------
+
 
 def clinical_use_notice() -> None:
     """The not-for-clinical-use line at the top of every page; drawn before the model loads."""
@@ -65,6 +79,7 @@ def model_banner(ms: "ModelState") -> None:
 
 
 # -- model ---------------------------------------------------------------------------------------
+
 
 @st.cache_resource(show_spinner="Loading the model... (research software, not for clinical use)", max_entries=2)
 def _load_predictor(path: str, fingerprint: str, backend: str = "auto") -> Any:
@@ -90,8 +105,12 @@ def model_state(cfg: AppSettings) -> ModelState:
     try:
         fp = file_fingerprint(cfg.checkpoint)
     except OSError:
-        return ModelState(None, "", f"the checkpoint {cfg.checkpoint} does not exist; make one with `make demo` "
-                          "or `medxray finetune`, then start the app with `medxray app --checkpoint PATH`")
+        return ModelState(
+            None,
+            "",
+            f"the checkpoint {cfg.checkpoint} does not exist; make one with `make demo` "
+            "or `medxray finetune`, then start the app with `medxray app --checkpoint PATH`",
+        )
     try:
         return ModelState(_load_predictor(str(cfg.checkpoint), fp, cfg.backend), f"{fp}:{cfg.backend}", None)
     except MedxrayError as exc:
@@ -143,6 +162,7 @@ def review_store(cfg: AppSettings) -> ReviewStore | None:
 
 # -- reviewer identity ---------------------------------------------------------------------------
 
+
 def _proxy_secret(cfg: AppSettings) -> str | None:
     if cfg.proxy_secret_file is None:
         return None
@@ -181,12 +201,16 @@ def reviewer(cfg: AppSettings) -> tuple[str, str]:
         return deployed.name, deployed.source
     if "reviewer_name" not in st.session_state:
         st.session_state["reviewer_name"] = unquote(str((st.context.cookies or {}).get(REVIEWER_COOKIE, "")))[:200]
-    name = st.text_input("Reviewer name", key="reviewer_name",
-                         help="Remembered for this browser session; saved with every review.").strip()
+    name = st.text_input(
+        "Reviewer name", key="reviewer_name", help="Remembered for this browser session; saved with every review."
+    ).strip()
     if name:
         # Session cookie (no expiry: gone when the browser closes), read back by st.context.cookies.
-        st.html(f"<script>document.cookie = '{REVIEWER_COOKIE}=' + {_js_string(quote(name))} + "
-                "'; path=/; SameSite=Strict';</script>", unsafe_allow_javascript=True)
+        st.html(
+            f"<script>document.cookie = '{REVIEWER_COOKIE}=' + {_js_string(quote(name))} + "
+            "'; path=/; SameSite=Strict';</script>",
+            unsafe_allow_javascript=True,
+        )
     return name, IDENTITY_TYPED
 
 
@@ -197,6 +221,7 @@ def _js_string(text: str) -> str:
 
 
 # -- thresholds (sidebar; shared by all pages of a session, never written to the checkpoint) -----
+
 
 def _thr_key(name: str) -> str:
     return f"thr_{name}"
@@ -235,15 +260,28 @@ def export_buttons(store: ReviewStore | None, *, key: str, where: Any = None) ->
     if store is None:
         return
     target = where if where is not None else st
-    target.download_button("Export reviews (CSV)", data=store.export_csv, file_name="medxray_reviews.csv",
-                           mime="text/csv", on_click="ignore", key=key,
-                           help="Every saved review, one row per finding, with the image's file name and key")
-    target.download_button("Export review history (CSV)", data=lambda: store.export_csv(history=True),
-                           file_name="medxray_review_history.csv", mime="text/csv", on_click="ignore",
-                           key=f"{key}_history", help="Who changed which verdict or note, and when")
+    target.download_button(
+        "Export reviews (CSV)",
+        data=store.export_csv,
+        file_name="medxray_reviews.csv",
+        mime="text/csv",
+        on_click="ignore",
+        key=key,
+        help="Every saved review, one row per finding, with the image's file name and key",
+    )
+    target.download_button(
+        "Export review history (CSV)",
+        data=lambda: store.export_csv(history=True),
+        file_name="medxray_review_history.csv",
+        mime="text/csv",
+        on_click="ignore",
+        key=f"{key}_history",
+        help="Who changed which verdict or note, and when",
+    )
 
 
 # -- results folders -----------------------------------------------------------------------------
+
 
 @st.cache_data(max_entries=4, show_spinner=False)
 def _read_results(path: str, fingerprint: str) -> Any:
@@ -271,11 +309,18 @@ def results_folder_picker(cfg: AppSettings) -> None:
     if current and current not in options:
         options = [current] + options
     with st.container(horizontal=True):
-        chosen = st.selectbox("Results folder", options, index=options.index(current) if current in options else 0,
-                              key="results_choice", help="Folders with a results.csv inside the folders this "
-                              "app was started with (--results)")
-        typed = st.text_input("Or type a folder inside them", key="results_typed",
-                              placeholder="e.g. " + str(cfg.results[0] / "night-2024-05-01"))
+        chosen = st.selectbox(
+            "Results folder",
+            options,
+            index=options.index(current) if current in options else 0,
+            key="results_choice",
+            help="Folders with a results.csv inside the folders this app was started with (--results)",
+        )
+        typed = st.text_input(
+            "Or type a folder inside them",
+            key="results_typed",
+            placeholder="e.g. " + str(cfg.results[0] / "night-2024-05-01"),
+        )
     st.session_state["results_dir"] = typed.strip() or chosen
 
 
@@ -295,8 +340,14 @@ def current_results(cfg: AppSettings) -> tuple[Path | None, Any, str | None]:
     try:
         fp = file_fingerprint(folder / RESULTS_FILENAME)
     except OSError:
-        return folder, None, (f"{folder} has no {RESULTS_FILENAME}; run `medxray score-dicom INPUT "
-                              f"--checkpoint C --out {folder}` first")
+        return (
+            folder,
+            None,
+            (
+                f"{folder} has no {RESULTS_FILENAME}; run `medxray score-dicom INPUT "
+                f"--checkpoint C --out {folder}` first"
+            ),
+        )
     try:
         return folder, _read_results(str(folder), fp), None
     except MedxrayError as exc:

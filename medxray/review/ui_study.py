@@ -54,6 +54,7 @@ def shortcut_help() -> None:
 
 # -- which study ---------------------------------------------------------------------------------
 
+
 def _go(row: int | None) -> None:
     if row is not None:
         st.session_state["study_row"] = int(row)
@@ -78,13 +79,34 @@ def choose_results_study(results: pd.DataFrame, order: list[int], reviewed_rows:
     current = int(st.session_state["study_row"])
     with st.container(horizontal=True, vertical_alignment="bottom"):
         st.selectbox("Study", order, key="study_row", format_func=lambda i: Path(paths[i]).name)
-        st.button("Previous", shortcut="K", on_click=_go, args=(step_row(order, current, -1),),
-                  disabled=step_row(order, current, -1) is None, key="nav_prev", icon=":material/arrow_back:")
-        st.button("Next", shortcut="J", on_click=_go, args=(step_row(order, current, 1),),
-                  disabled=step_row(order, current, 1) is None, key="nav_next", icon=":material/arrow_forward:")
+        st.button(
+            "Previous",
+            shortcut="K",
+            on_click=_go,
+            args=(step_row(order, current, -1),),
+            disabled=step_row(order, current, -1) is None,
+            key="nav_prev",
+            icon=":material/arrow_back:",
+        )
+        st.button(
+            "Next",
+            shortcut="J",
+            on_click=_go,
+            args=(step_row(order, current, 1),),
+            disabled=step_row(order, current, 1) is None,
+            key="nav_next",
+            icon=":material/arrow_forward:",
+        )
         nxt = next_unreviewed(order, current, reviewed_rows)
-        st.button("Next unreviewed", shortcut="N", on_click=_go, args=(nxt,), disabled=nxt is None,
-                  key="nav_unreviewed", icon=":material/skip_next:")
+        st.button(
+            "Next unreviewed",
+            shortcut="N",
+            on_click=_go,
+            args=(nxt,),
+            disabled=nxt is None,
+            key="nav_unreviewed",
+            icon=":material/skip_next:",
+        )
     done = len(reviewed_rows & set(order))
     st.caption(f"Study {order.index(current) + 1} of {len(order)}; {done} reviewed.")
     st.query_params["study"] = paths[current]
@@ -104,9 +126,12 @@ def open_results_study(cfg: AppSettings, folder: Path, row: dict) -> StudyImage 
 
 
 def open_upload(cfg: AppSettings) -> StudyImage | None:
-    uploaded = st.file_uploader("DICOM, PNG or JPEG chest radiograph", key="upload",
-                                max_upload_size=cfg.max_upload_mb,
-                                help="DICOM files without a .dcm extension are recognised by their content.")
+    uploaded = st.file_uploader(
+        "DICOM, PNG or JPEG chest radiograph",
+        key="upload",
+        max_upload_size=cfg.max_upload_mb,
+        help="DICOM files without a .dcm extension are recognised by their content.",
+    )
     if uploaded is None:
         st.caption("Upload an image to see the model's findings.")
         return None
@@ -114,7 +139,8 @@ def open_upload(cfg: AppSettings) -> StudyImage | None:
         if uploaded.size > cfg.max_upload_bytes:  # refuse before reading it into memory again
             raise DataError(
                 f"{uploaded.name} is {uploaded.size / 2**20:.1f} MB, above this app's upload limit of "
-                f"{cfg.max_upload_mb} MB; export a smaller image or start the app with a larger --max-upload-mb")
+                f"{cfg.max_upload_mb} MB; export a smaller image or start the app with a larger --max-upload-mb"
+            )
         st.session_state.setdefault("upload_t0", {}).setdefault(uploaded.file_id, time.monotonic())
         return load_study_data(uploaded.getvalue(), uploaded.name, cfg)
     except Exception as exc:
@@ -143,12 +169,18 @@ def prediction_for(ms: Any, study: StudyImage, row: dict | None) -> StudyPredict
         probs = result_probabilities(row, labels)
         if probs is not None:
             stored = str(row.get("warnings") or "") if not pd.isna(row.get("warnings")) else ""
-            return StudyPrediction(labels, probs, None, str(row.get("model_version", "") or ""),  # scorer's OOD text
-                                   warnings=[w for w in stored.split("; ") if w.startswith("out of distribution")])
+            return StudyPrediction(
+                labels,
+                probs,
+                None,
+                str(row.get("model_version", "") or ""),  # scorer's OOD text
+                warnings=[w for w in stored.split("; ") if w.startswith("out of distribution")],
+            )
     return None
 
 
 # -- viewing -------------------------------------------------------------------------------------
+
 
 def _apply_preset(study: StudyImage, suffix: str) -> None:
     if study.raw is None:
@@ -182,8 +214,14 @@ def view_controls(study: StudyImage) -> tuple[ViewState, str]:
     """Window presets (file default, lung, mediastinum, bone), invert, zoom and pan; display only."""
     suffix = study.sha256[:16]
     with st.container(horizontal=True, vertical_alignment="bottom"):
-        preset = st.selectbox("Window", PRESETS, key=f"preset_{suffix}", on_change=_apply_preset,
-                              args=(study, suffix), help="Chest presets from this image's own grey levels")
+        preset = st.selectbox(
+            "Window",
+            PRESETS,
+            key=f"preset_{suffix}",
+            on_change=_apply_preset,
+            args=(study, suffix),
+            help="Chest presets from this image's own grey levels",
+        )
         invert = st.toggle("Invert", key=f"invert_{suffix}")
         zoom = st.select_slider("Zoom", ZOOM_LEVELS, value=1.0, key=f"zoom_{suffix}", format_func=lambda z: f"{z:g}x")
         st.button("Reset view", shortcut="V", on_click=_reset_view, args=(study, suffix), key=f"reset_{suffix}")
@@ -198,8 +236,10 @@ def view_controls(study: StudyImage) -> tuple[ViewState, str]:
         lo, hi = window_range(study)
         step = 1.0 if hi - lo > 50 else (hi - lo) / 500
         with st.expander("Window / level (fine)", expanded=False):
-            st.caption("In the file's stored values after the modality LUT. Changes the display only; the model "
-                       "always reads the file's default window.")
+            st.caption(
+                "In the file's stored values after the modality LUT. Changes the display only; the model "
+                "always reads the file's default window."
+            )
             cols = st.columns(2)
             center = cols[0].slider("Window center", float(lo), float(hi), c0, step, key=f"wc_{suffix}")
             width = cols[1].slider("Window width", float(step), float(2 * (hi - lo)), w0, step, key=f"ww_{suffix}")
@@ -213,18 +253,25 @@ def view_controls(study: StudyImage) -> tuple[ViewState, str]:
 
 # -- findings, current finding, review -----------------------------------------------------------
 
+
 def findings_dataframe(table: pd.DataFrame) -> None:
     """The findings table: readable names, probability bars red at/above the threshold, grey below (as the chart)."""
     st.dataframe(
-        table, hide_index=True, height="content", column_order=["name", "above", "below", "threshold"],
+        table,
+        hide_index=True,
+        height="content",
+        column_order=["name", "above", "below", "threshold"],
         column_config={
             "name": st.column_config.TextColumn("Finding"),
-            "above": st.column_config.ProgressColumn("At/above threshold", format="%.3f", min_value=0.0,
-                                                     max_value=1.0, color=POSITIVE_COLOUR),
-            "below": st.column_config.ProgressColumn("Below threshold", format="%.3f", min_value=0.0,
-                                                     max_value=1.0, color=NEGATIVE_COLOUR),
+            "above": st.column_config.ProgressColumn(
+                "At/above threshold", format="%.3f", min_value=0.0, max_value=1.0, color=POSITIVE_COLOUR
+            ),
+            "below": st.column_config.ProgressColumn(
+                "Below threshold", format="%.3f", min_value=0.0, max_value=1.0, color=NEGATIVE_COLOUR
+            ),
             "threshold": st.column_config.NumberColumn("Threshold", format="%.2f", width="small"),
-        })
+        },
+    )
 
 
 def current_finding(study: StudyImage, table: pd.DataFrame, where: Any) -> str:
@@ -233,8 +280,13 @@ def current_finding(study: StudyImage, table: pd.DataFrame, where: Any) -> str:
     names = list(table["finding"])
     if st.session_state.get(key) not in names:
         st.session_state[key] = names[0]
-    return where.selectbox("Current finding (map shown)", names, key=key, format_func=display_name,
-                           help="Ordered by probability. Down / Up move through them; A / D / U record a verdict.")
+    return where.selectbox(
+        "Current finding (map shown)",
+        names,
+        key=key,
+        format_func=display_name,
+        help="Ordered by probability. Down / Up move through them; A / D / U record a verdict.",
+    )
 
 
 def _step_finding(key: str, names: list[str], step: int) -> None:
@@ -250,31 +302,51 @@ def _set_verdict(suffix: str, names: list[str], verdict: str) -> None:
     _step_finding(key, names, 1)
 
 
-CHANGED_SINCE_REVIEW = ("The last review was saved on a different file with the same Study, Series and SOP "
-                        "Instance UIDs (a changed re-send or a re-export): check the image and review it again.")
+CHANGED_SINCE_REVIEW = (
+    "The last review was saved on a different file with the same Study, Series and SOP "
+    "Instance UIDs (a changed re-send or a re-export): check the image and review it again."
+)
 
 
-def _save(cfg: AppSettings, store: ReviewStore, study: StudyImage, pred: StudyPrediction, table: pd.DataFrame,
-          who: tuple[str, str], advance_to: int | None) -> None:
+def _save(
+    cfg: AppSettings,
+    store: ReviewStore,
+    study: StudyImage,
+    pred: StudyPrediction,
+    table: pd.DataFrame,
+    who: tuple[str, str],
+    advance_to: int | None,
+) -> None:
     suffix = study.sha256[:16]
     names = list(table["finding"])
     verdicts = {n: st.session_state.get(f"verdict_{suffix}_{n}") for n in names}
     verdicts = {n: v for n, v in verdicts.items() if v in ("agree", "disagree", "unsure")}
     name = st.session_state.get("reviewer_name", "") if who[1] == "typed" else who[0]
     if who[1] != "typed" and not name:  # the deployment could not name the reviewer: never fall back to a guess
-        st.session_state["review_flash"] = ("error", "Review not saved: the reviewer is unknown (see the message "
-                                            "above the review).")
+        st.session_state["review_flash"] = (
+            "error",
+            "Review not saved: the reviewer is unknown (see the message above the review).",
+        )
         return
     try:
-        saved = store.save(study.key, verdicts, reviewer=name, note=st.session_state.get(f"note_{suffix}", ""),
-                           model_version=pred.model_version, probabilities=pred.as_dict(),
-                           thresholds=dict(zip(table["finding"], table["threshold"])), file_name=study.name,
-                           identity_source=who[1], content_sha256=study.sha256)
+        saved = store.save(
+            study.key,
+            verdicts,
+            reviewer=name,
+            note=st.session_state.get(f"note_{suffix}", ""),
+            model_version=pred.model_version,
+            probabilities=pred.as_dict(),
+            thresholds=dict(zip(table["finding"], table["threshold"])),
+            file_name=study.name,
+            identity_source=who[1],
+            content_sha256=study.sha256,
+        )
     except MedxrayError as exc:
         st.session_state["review_flash"] = ("error", f"Review not saved: {md_escape(exc)}")
         return
     n = len(saved.findings)
-    msg = f"Review saved for {md_escape(study.name or 'this image')} ({n} finding{'s' if n != 1 else ''}, review #{saved.review_id})."
+    plural = "s" if n != 1 else ""
+    msg = f"Review saved for {md_escape(study.name or 'this image')} ({n} finding{plural}, review #{saved.review_id})."
     if advance_to is not None and st.session_state.get("auto_advance", True):
         st.session_state["study_row"] = int(advance_to)
         msg += " Opened the next unreviewed study."
@@ -287,8 +359,14 @@ def show_flash() -> None:
         (st.success if flash[0] == "success" else st.error)(flash[1])
 
 
-def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, table: pd.DataFrame,
-                 advance_to: int | None, in_worklist: bool) -> None:
+def review_panel(
+    cfg: AppSettings,
+    study: StudyImage,
+    pred: StudyPrediction,
+    table: pd.DataFrame,
+    advance_to: int | None,
+    in_worklist: bool,
+) -> None:
     """Per-finding verdicts (mouse or A/D/U), a note, the reviewer; Ctrl+Enter saves (one transaction)."""
     store = review_store(cfg)
     if store is None:
@@ -297,8 +375,10 @@ def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, tab
     who = reviewer(cfg)
     latest = store.latest(study.key.value)
     if latest is not None:
-        st.caption(f"Last reviewed by {md_escape(latest.reviewer)} at {md_escape(latest.saved_at_utc)} (UTC); "
-                   "saving again adds a new review, the latest one counts, the history keeps every change.")
+        st.caption(
+            f"Last reviewed by {md_escape(latest.reviewer)} at {md_escape(latest.saved_at_utc)} (UTC); "
+            "saving again adds a new review, the latest one counts, the history keeps every change."
+        )
         if latest.content_sha256 and latest.content_sha256 != study.sha256:  # same UIDs, another file
             st.warning(CHANGED_SINCE_REVIEW)
     suffix = study.sha256[:16]
@@ -308,10 +388,22 @@ def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, tab
         st.button("Agree", shortcut="A", on_click=_set_verdict, args=(suffix, names, "agree"), key="v_agree")
         st.button("Disagree", shortcut="D", on_click=_set_verdict, args=(suffix, names, "disagree"), key="v_disagree")
         st.button("Unsure", shortcut="U", on_click=_set_verdict, args=(suffix, names, "unsure"), key="v_unsure")
-        st.button("Previous finding", shortcut="Up", on_click=_step_finding, args=(f"cam_finding_{suffix}", names, -1),
-                  key="f_prev", icon=":material/arrow_upward:")
-        st.button("Next finding", shortcut="Down", on_click=_step_finding, args=(f"cam_finding_{suffix}", names, 1),
-                  key="f_next", icon=":material/arrow_downward:")
+        st.button(
+            "Previous finding",
+            shortcut="Up",
+            on_click=_step_finding,
+            args=(f"cam_finding_{suffix}", names, -1),
+            key="f_prev",
+            icon=":material/arrow_upward:",
+        )
+        st.button(
+            "Next finding",
+            shortcut="Down",
+            on_click=_step_finding,
+            args=(f"cam_finding_{suffix}", names, 1),
+            key="f_next",
+            icon=":material/arrow_downward:",
+        )
     current = st.session_state.get(f"cam_finding_{suffix}")
     for _, r in table.iterrows():
         n = str(r["finding"])
@@ -321,19 +413,30 @@ def review_panel(cfg: AppSettings, study: StudyImage, pred: StudyPrediction, tab
         mark = "positive" if r["positive"] else "negative"
         label = f"{md_escape(display_name(n))}: p = {r['probability']:.3f} ({mark} at {r['threshold']:.2f})"
         st.radio(("▶ " if n == current else "") + label, VERDICT_CHOICES, horizontal=True, key=key)
-    st.text_area("Note", value=latest.note if latest else "", key=f"note_{suffix}",
-                 help="Do not type patient names or identifiers here.")
+    st.text_area(
+        "Note",
+        value=latest.note if latest else "",
+        key=f"note_{suffix}",
+        help="Do not type patient names or identifiers here.",
+    )
     with st.container(horizontal=True, vertical_alignment="center"):
-        st.button("Save review", shortcut="Ctrl+Enter", type="primary", key="save_review", on_click=_save,
-                  disabled=who[1] != "typed" and not who[0],
-                  args=(cfg, store, study, pred, table, who, advance_to if in_worklist else None))
+        st.button(
+            "Save review",
+            shortcut="Ctrl+Enter",
+            type="primary",
+            key="save_review",
+            on_click=_save,
+            disabled=who[1] != "typed" and not who[0],
+            args=(cfg, store, study, pred, table, who, advance_to if in_worklist else None),
+        )
         if in_worklist:
             st.checkbox("Then open the next unreviewed study", value=True, key="auto_advance")
     history = list(store.iter_history_rows(study.key.value))
     if history:
         with st.expander(f"Review history ({len(history)} change{'s' if len(history) != 1 else ''})"):
-            df = pd.DataFrame(history)[["saved_at_utc", "reviewer", "identity_source", "change", "finding",
-                                        "previous", "new"]]
+            df = pd.DataFrame(history)[
+                ["saved_at_utc", "reviewer", "identity_source", "change", "finding", "previous", "new"]
+            ]
             df["finding"] = [display_name(f) if f else "" for f in df["finding"]]
             st.dataframe(df, hide_index=True, height="content")
 

@@ -106,12 +106,20 @@ def apply_view(img: np.ndarray, view: ViewState) -> np.ndarray:
     out = np.asarray(img)
     if view.invert and out.ndim == 2:
         out = 1.0 - out
-    t, b, l, r = crop_box(out.shape[:2], view.zoom, view.center_x, view.center_y)
-    return out[t:b, l:r]
+    top, bottom, left, right = crop_box(out.shape[:2], view.zoom, view.center_x, view.center_y)
+    return out[top:bottom, left:right]
 
 
-def cam_view(display01: np.ndarray, cam: np.ndarray, view: ViewState, *, alpha: float = 0.4,
-             style: str = "fill", title: str = "", finding: str | None = None) -> np.ndarray:
+def cam_view(
+    display01: np.ndarray,
+    cam: np.ndarray,
+    view: ViewState,
+    *,
+    alpha: float = 0.4,
+    style: str = "fill",
+    title: str = "",
+    finding: str | None = None,
+) -> np.ndarray:
     """The CAM over the displayed (windowed, inverted, zoomed) image, with its colour bar: uint8 RGB.
 
     The map is upsampled to the full display first and cropped with the image, so image and map
@@ -122,9 +130,18 @@ def cam_view(display01: np.ndarray, cam: np.ndarray, view: ViewState, *, alpha: 
 
     full = upsample_cam(np.asarray(cam, dtype=np.float32), display01.shape[:2])
     shown = apply_view(display01, view)
-    t, b, l, r = crop_box(display01.shape[:2], view.zoom, view.center_x, view.center_y)
-    return np.asarray(overlay_with_legend(shown, full[t:b, l:r], title, alpha=float(alpha), style=style,
-                                          finding=finding, footer="not for clinical use"))
+    top, bottom, left, right = crop_box(display01.shape[:2], view.zoom, view.center_x, view.center_y)
+    return np.asarray(
+        overlay_with_legend(
+            shown,
+            full[top:bottom, left:right],
+            title,
+            alpha=float(alpha),
+            style=style,
+            finding=finding,
+            footer="not for clinical use",
+        )
+    )
 
 
 def spacing_text(value: Any) -> str:

@@ -37,11 +37,21 @@ def load_results(out_dir: str | os.PathLike) -> pd.DataFrame:
     out = Path(out_dir)
     path = out / RESULTS_FILENAME
     if not path.is_file():
-        raise DataError(f"{out} has no {RESULTS_FILENAME}; run `medxray score-dicom INPUT --checkpoint C --out {out}` first")
+        raise DataError(
+            f"{out} has no {RESULTS_FILENAME}; run `medxray score-dicom INPUT --checkpoint C --out {out}` first"
+        )
     try:
-        df = pd.read_csv(path, dtype={"sop_instance_uid": str, "study_instance_uid": str,
-                                      "series_instance_uid": str, "status": str, "reason": str},
-                         keep_default_na=False)
+        df = pd.read_csv(
+            path,
+            dtype={
+                "sop_instance_uid": str,
+                "study_instance_uid": str,
+                "series_instance_uid": str,
+                "status": str,
+                "reason": str,
+            },
+            keep_default_na=False,
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a readable results table: {str(exc).splitlines()[0][:160]}") from None
     if "path" not in df.columns or "status" not in df.columns:
@@ -139,8 +149,7 @@ def row_image_key(out_dir: str | os.PathLike, row: Mapping[str, Any]) -> str | N
     """Review key of a results row: its Study + Series + SOP Instance UIDs (:meth:`ImageKey.from_uids`:
     two patients cannot share it), else the SHA-256 of the file (None when the file is missing,
     unreadable or outside the results folder's roots)."""
-    key = ImageKey.from_uids(row.get("study_instance_uid"), row.get("series_instance_uid"),
-                             row.get("sop_instance_uid"))
+    key = ImageKey.from_uids(row.get("study_instance_uid"), row.get("series_instance_uid"), row.get("sop_instance_uid"))
     if key is not None:
         return key.value
     try:
@@ -152,19 +161,35 @@ def row_image_key(out_dir: str | os.PathLike, row: Mapping[str, Any]) -> str | N
 
 
 WORKLIST_COLUMNS: tuple[str, ...] = (
-    "file", "status", "top_finding", "max_probability", "positive_findings", "n_positive", "modality",
-    "view", "reviewed", "reviewer", "review_summary", "reason",
+    "file",
+    "status",
+    "top_finding",
+    "max_probability",
+    "positive_findings",
+    "n_positive",
+    "modality",
+    "view",
+    "reviewed",
+    "reviewer",
+    "review_summary",
+    "reason",
 )
 
 
 def row_image_keys(results: pd.DataFrame, out_dir: str | os.PathLike) -> list[str | None]:
     """:func:`row_image_key` of every ``ok`` row (None for the others), in row order."""
-    return [row_image_key(out_dir, r.to_dict()) if str(r.get("status")) == "ok" else None
-            for _, r in results.iterrows()]
+    return [
+        row_image_key(out_dir, r.to_dict()) if str(r.get("status")) == "ok" else None for _, r in results.iterrows()
+    ]
 
 
-def worklist_table(results: pd.DataFrame, out_dir: str | os.PathLike, thresholds: Mapping[str, float],
-                   reviews: Mapping[str, Review], keys: Sequence[str | None] | None = None) -> pd.DataFrame:
+def worklist_table(
+    results: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    thresholds: Mapping[str, float],
+    reviews: Mapping[str, Review],
+    keys: Sequence[str | None] | None = None,
+) -> pd.DataFrame:
     """One row per scored file with its most likely finding and review state.
 
     Positive findings are recomputed with the thresholds in use (they may differ from the ones
@@ -188,34 +213,44 @@ def worklist_table(results: pd.DataFrame, out_dir: str | os.PathLike, thresholds
             top_name, max_p = labels[top], float(probs[top])
         else:
             pos, top_name, max_p = [], "", float("nan")
-        rows.append({
-            "file": Path(str(rd.get("path", ""))).name,
-            "status": str(rd.get("status", "")),
-            "top_finding": display_name(top_name) if top_name else "",
-            "max_probability": max_p,
-            "positive_findings": "; ".join(display_name(n) for n in pos),
-            "n_positive": len(pos),
-            "modality": str(rd.get("modality", "") or ""),
-            "view": str(rd.get("view_position", "") or ""),
-            "reviewed": rev is not None,
-            "reviewer": rev.reviewer if rev else "",
-            "review_summary": ", ".join(f"{display_name(f)}: {v}" for f, v in rev.verdicts.items()) if rev else "",
-            "reason": reason_sentence(str(rd.get("reason", "") or "")),
-            "reason_code": str(rd.get("reason", "") or "").split(":", 1)[0] if rd.get("reason") else "",
-            "warnings": "" if pd.isna(rd.get("warnings")) else str(rd.get("warnings") or ""),
-            "row": int(idx),
-            "image_key": key or "",
-        })
+        rows.append(
+            {
+                "file": Path(str(rd.get("path", ""))).name,
+                "status": str(rd.get("status", "")),
+                "top_finding": display_name(top_name) if top_name else "",
+                "max_probability": max_p,
+                "positive_findings": "; ".join(display_name(n) for n in pos),
+                "n_positive": len(pos),
+                "modality": str(rd.get("modality", "") or ""),
+                "view": str(rd.get("view_position", "") or ""),
+                "reviewed": rev is not None,
+                "reviewer": rev.reviewer if rev else "",
+                "review_summary": ", ".join(f"{display_name(f)}: {v}" for f, v in rev.verdicts.items()) if rev else "",
+                "reason": reason_sentence(str(rd.get("reason", "") or "")),
+                "reason_code": str(rd.get("reason", "") or "").split(":", 1)[0] if rd.get("reason") else "",
+                "warnings": "" if pd.isna(rd.get("warnings")) else str(rd.get("warnings") or ""),
+                "row": int(idx),
+                "image_key": key or "",
+            }
+        )
         for n in labels:
             rows[-1][f"p_{n}"] = float(probs[labels.index(n)]) if probs is not None else float("nan")
     cols = list(WORKLIST_COLUMNS) + ["reason_code", "warnings", "row", "image_key"] + [f"p_{n}" for n in labels]
     return pd.DataFrame(rows, columns=cols)
 
 
-def filter_worklist(table: pd.DataFrame, *, statuses: Iterable[str] | None = None, finding: str | None = None,
-                    positive_only: bool = False, reviewed: str = "all", search: str = "",
-                    sort_by: str = "max_probability", descending: bool = True,
-                    warning: str | None = None) -> pd.DataFrame:
+def filter_worklist(
+    table: pd.DataFrame,
+    *,
+    statuses: Iterable[str] | None = None,
+    finding: str | None = None,
+    positive_only: bool = False,
+    reviewed: str = "all",
+    search: str = "",
+    sort_by: str = "max_probability",
+    descending: bool = True,
+    warning: str | None = None,
+) -> pd.DataFrame:
     """Filter and sort the worklist; ``finding`` focuses on one finding's probability.
 
     ``warning``: keep rows whose results.csv ``warnings`` hold a warning of this kind (a prefix of
@@ -256,6 +291,7 @@ def filter_worklist(table: pd.DataFrame, *, statuses: Iterable[str] | None = Non
 
 
 # -- stepping through the worklist (keyboard flow) -----------------------------------------------
+
 
 def step_row(order: Sequence[int], current: int | None, step: int) -> int | None:
     """The row ``step`` places after (or before, when negative) ``current`` in ``order``; None past either end.

@@ -40,9 +40,17 @@ def build_run_splits(cfg: TrainConfig, info: DistInfo) -> Any:
         raise DataError(f"data root {root} does not exist; pass the folder that holds the {cfg.dataset} data")
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder")
-    kwargs = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                  view=cfg.view, max_per_patient=cfg.max_per_patient, allow_missing=cfg.allow_missing,
-                  use_cache=cfg.use_cache, augment=cfg.augment, **cfg.dataset_options)
+    kwargs = dict(
+        image_size=cfg.image_size,
+        val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed,
+        view=cfg.view,
+        max_per_patient=cfg.max_per_patient,
+        allow_missing=cfg.allow_missing,
+        use_cache=cfg.use_cache,
+        augment=cfg.augment,
+        **cfg.dataset_options,
+    )
 
     def build() -> Any:
         return build_datasets(dataset=cfg.dataset, data_root=root, **kwargs)
@@ -65,8 +73,15 @@ def build_run_splits(cfg: TrainConfig, info: DistInfo) -> Any:
     return splits if splits is not None else build()
 
 
-def check_run_data(cfg: TrainConfig, splits: Any, info: DistInfo, *, label_names: Sequence[str], manifest_hash: str,
-                   resume_state: Mapping[str, Any] | None) -> None:
+def check_run_data(
+    cfg: TrainConfig,
+    splits: Any,
+    info: DistInfo,
+    *,
+    label_names: Sequence[str],
+    manifest_hash: str,
+    resume_state: Mapping[str, Any] | None,
+) -> None:
     """Refuse data a run cannot use: empty train or val split, a batch larger than a rank's share,
     or (on resume) data whose manifest hash or label names differ from the run's.
 

@@ -33,14 +33,25 @@ from medxray.training.config import RESUME_OVERRIDABLE, TrainConfig, build_confi
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = {"config": "config.yaml", "run": "run.json", "metrics": "metrics.jsonl", "last": "last.pt",
-             "last_prev": "last.prev.pt", "best": "best.pt", "val_predictions": "val_predictions.csv"}
+RUN_FILES = {
+    "config": "config.yaml",
+    "run": "run.json",
+    "metrics": "metrics.jsonl",
+    "last": "last.pt",
+    "last_prev": "last.prev.pt",
+    "best": "best.pt",
+    "val_predictions": "val_predictions.csv",
+}
 
 
 def versions() -> dict[str, str]:
     """Library versions stored with every run and checkpoint."""
-    out = {"medxray": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__}
+    out = {
+        "medxray": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
     for mod in ("torchvision", "monai"):
         try:
             out[mod] = __import__(mod).__version__
@@ -52,8 +63,9 @@ def versions() -> dict[str, str]:
 def git_commit() -> str | None:
     """The source tree's commit (None outside a git checkout)."""
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
         return res.stdout.strip() or None if res.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -156,11 +168,16 @@ def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
             problems.append(str(exc))
             continue
         if problems:
-            log.warning("%s; resuming from %s instead (the epoch before, epoch %s): one epoch is trained again",
-                        problems[0], name, state.get("epoch"))
+            log.warning(
+                "%s; resuming from %s instead (the epoch before, epoch %s): one epoch is trained again",
+                problems[0],
+                name,
+                state.get("epoch"),
+            )
         return build_config(merged), dict(state, resumed_from=name)
-    raise CheckpointError(f"--resume {run_dir}: no usable training state ({'; '.join(problems)}); "
-                          "start the run again with another --out")
+    raise CheckpointError(
+        f"--resume {run_dir}: no usable training state ({'; '.join(problems)}); start the run again with another --out"
+    )
 
 
 def load_training_state(path: Path, architecture: str) -> dict[str, Any]:
@@ -174,12 +191,20 @@ def load_training_state(path: Path, architecture: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} has no training state; it cannot be resumed")
     if ckpt.metadata.get("architecture") != architecture:
-        raise CheckpointError(f"{path} holds a {ckpt.metadata.get('architecture')} but the run config says {architecture}")
+        raise CheckpointError(
+            f"{path} holds a {ckpt.metadata.get('architecture')} but the run config says {architecture}"
+        )
     return dict(state, model_state=ckpt.state_dict, metadata=ckpt.metadata)
 
 
-def save_training_checkpoint(run_dir: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
-                             training_state: Mapping[str, Any], *, keep_previous: bool = True) -> Path:
+def save_training_checkpoint(
+    run_dir: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any],
+    training_state: Mapping[str, Any],
+    *,
+    keep_previous: bool = True,
+) -> Path:
     """Write ``last.pt`` and keep the one it replaces as ``last.prev.pt``.
 
     The new file is written completely (atomically, beside) before the renames, so a kill at any
@@ -196,8 +221,9 @@ def save_training_checkpoint(run_dir: Path, state_dict: Mapping[str, torch.Tenso
     return last
 
 
-def data_provenance(summary: Mapping[str, Any], manifest_hash: str, *, dataset: str = "",
-                    data_root: str | None = None) -> dict[str, Any]:
+def data_provenance(
+    summary: Mapping[str, Any], manifest_hash: str, *, dataset: str = "", data_root: str | None = None
+) -> dict[str, Any]:
     """What the model learned from, for the checkpoint (DESIGN convention 12; shown on the app's model card).
 
     ``summary`` is :attr:`medxray.data.DatasetSplits.summary`. Returns ``synthetic`` (phantom data
@@ -224,9 +250,16 @@ def data_provenance(summary: Mapping[str, Any], manifest_hash: str, *, dataset: 
     return out
 
 
-def checkpoint_metadata(cfg: TrainConfig, *, label_names: Sequence[str], manifest_hash: str, run_name: str,
-                        epoch: int, metrics: Mapping[str, Any],
-                        data_summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_metadata(
+    cfg: TrainConfig,
+    *,
+    label_names: Sequence[str],
+    manifest_hash: str,
+    run_name: str,
+    epoch: int,
+    metrics: Mapping[str, Any],
+    data_summary: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The metadata stored in ``best.pt`` / ``last.pt`` (the checkpoint format's contract:
     architecture, labels, preprocessing, default thresholds 0.5, metrics, provenance, config).
 
@@ -234,23 +267,26 @@ def checkpoint_metadata(cfg: TrainConfig, *, label_names: Sequence[str], manifes
     """
     from medxray.data.transforms import preprocessing_config
 
-    return to_jsonable({
-        "architecture": cfg.model,
-        "num_classes": len(label_names),
-        "in_chans": 3,
-        "label_names": list(label_names),
-        "preprocessing": preprocessing_config(cfg.image_size),
-        "thresholds": {n: 0.5 for n in label_names},
-        "metrics": dict(metrics),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "data_manifest_hash": manifest_hash,
-        "data_provenance": data_provenance(data_summary or {}, manifest_hash, dataset=cfg.dataset,
-                                           data_root=cfg.data_root),
-        "dataset": cfg.dataset,
-        "pretrained": cfg.pretrained,
-        "model_version": f"{cfg.model}-{run_name}-e{epoch:03d}",
-        "epoch": epoch,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-    })
+    return to_jsonable(
+        {
+            "architecture": cfg.model,
+            "num_classes": len(label_names),
+            "in_chans": 3,
+            "label_names": list(label_names),
+            "preprocessing": preprocessing_config(cfg.image_size),
+            "thresholds": {n: 0.5 for n in label_names},
+            "metrics": dict(metrics),
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "data_manifest_hash": manifest_hash,
+            "data_provenance": data_provenance(
+                data_summary or {}, manifest_hash, dataset=cfg.dataset, data_root=cfg.data_root
+            ),
+            "dataset": cfg.dataset,
+            "pretrained": cfg.pretrained,
+            "model_version": f"{cfg.model}-{run_name}-e{epoch:03d}",
+            "epoch": epoch,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": cfg.to_dict(),
+        }
+    )

@@ -22,7 +22,10 @@ from medxray.training.distributed import DistInfo
 
 
 def masked_bce_with_logits(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor | None = None,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """BCE over known labels only (mask 1); unknown labels contribute neither loss nor gradient."""
@@ -34,9 +37,18 @@ def masked_bce_with_logits(
 
 
 def train_step(
-    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, *, device: torch.device, precision: str, channels_last: bool = True,
-    pos_weight: torch.Tensor | None = None, grad_clip_norm: float | None = None,
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    m: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    device: torch.device,
+    precision: str,
+    channels_last: bool = True,
+    pos_weight: torch.Tensor | None = None,
+    grad_clip_norm: float | None = None,
     check: Any = None,
 ) -> float:
     """One optimisation step (the training loop's and ``bench/train_step.py``'s); returns the loss.
@@ -68,8 +80,13 @@ def train_step(
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """Adam as CheXNet used it; the fused kernel on CPU and CUDA (one pass over all parameters)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
@@ -77,7 +94,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
     (CheXNet), cosine annealing over the epochs, or ``None``."""
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+        )
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
     return None
@@ -85,8 +103,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
 
 @torch.no_grad()
 def predict_dataset(
-    model: torch.nn.Module, dataset: Dataset, *, device: torch.device, precision: str, batch_size: int,
-    channels_last: bool = True, num_workers: int = 0, info: DistInfo | None = None,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    channels_last: bool = True,
+    num_workers: int = 0,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
     """Score every item of ``dataset`` once (sharded by index across ranks, gathered back in order).
 
@@ -95,8 +120,9 @@ def predict_dataset(
     info = info or DistInfo()
     n = len(dataset)  # type: ignore[arg-type]
     shard = IndexedDataset(dataset, mdist.shard_indices(n, info))
-    loader = make_loader(shard, batch_size=batch_size, seed=0, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(
+        shard, batch_size=batch_size, seed=0, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
     was_training = model.training
     model.eval()
     idx, probs, labels, masks, names, losses = [], [], [], [], [], []
@@ -118,11 +144,13 @@ def predict_dataset(
     finally:
         model.train(was_training)
     c = len(probs[0][0]) if probs else 0
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros((0, c), dtype=np.float32))  # noqa: E731
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0, c), dtype=np.float32)  # noqa: E731
     loss_rows = torch.cat(losses).numpy() if losses else np.zeros((0, c), dtype=np.float32)
     order, (p, y, m, lr, nm) = mdist.gather_by_index(
         np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64),
-        [cat(probs), cat(labels), cat(masks), loss_rows, np.asarray(names, dtype=object)], info, n,
+        [cat(probs), cat(labels), cat(masks), loss_rows, np.asarray(names, dtype=object)],
+        info,
+        n,
     )
     loss = float(lr.sum() / max(1.0, float(m.sum())))
     return {"index": order, "probs": p, "labels": y, "masks": m, "names": list(nm), "loss": loss}
