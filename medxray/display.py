@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 # Long side (pixels) overlays are drawn at: a screen's worth of a 2-3k px detector image. The
-# scorer's default --overlay-max-side; the node's SC (NODE_OVERLAY_MAX_SIDE) and the app's
-# display (DISPLAY_MAX_SIDE) use the same 1024.
+# scorer's default --overlay-max-side; the node's SC (pacs.results.NODE_OVERLAY_MAX_SIDE) and the
+# app's display (review.study.DISPLAY_MAX_SIDE) are this constant.
 DISPLAY_LONG_SIDE = 1024
 
 

@@ -166,6 +166,7 @@ def _matches(name: str, prefix: str) -> bool:
 FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("medxray.limits", ("medxray.",), "decode workers import it; only medxray.errors (checked below)"),
     ("medxray.fileio", ("medxray.",), "leaf: only medxray.errors (checked below)"),
+    ("medxray.display", ("medxray.", "torch", "monai"), "decode workers import it; numpy and PIL only"),
     ("medxray.training.distributed", ("medxray.",), "every training module builds on it"),
     ("medxray.evaluation.result", ("medxray.",), "shared by the job and the report"),
     (

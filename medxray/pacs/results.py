@@ -20,12 +20,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from medxray.display import DISPLAY_LONG_SIDE
 from medxray.errors import DicomError
 from medxray.pacs.spool import Spool, is_version_name
 
 log = logging.getLogger(__name__)
 
-NODE_OVERLAY_MAX_SIDE = 1024  # SC overlays of a 2k CR at 1024 px: ~3 MB each instead of ~12 MB
+NODE_OVERLAY_MAX_SIDE = DISPLAY_LONG_SIDE  # SC overlays of a 2k CR at 1024 px: ~3 MB each instead of ~12 MB
 
 
 @dataclass

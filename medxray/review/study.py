@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medxray.display import DISPLAY_LONG_SIDE
 from medxray.errors import DataError
 from medxray.labels import display_name
 from medxray.review.store import ImageKey
@@ -30,7 +31,7 @@ from medxray.review.store import ImageKey
 log = logging.getLogger(__name__)
 
 MAX_PIXELS: int | None = None  # None: the shared limit (medxray.limits: $MEDXRAY_MAX_PIXELS or 60 MP)
-DISPLAY_MAX_SIDE = 1024  # the browser never needs more than this; keeps overlays fast
+DISPLAY_MAX_SIDE = DISPLAY_LONG_SIDE  # the browser never needs more than this; keeps overlays fast
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "#c0392b", "#7f8c8d"  # chart bars and table bars: at/above vs below threshold
 
