@@ -56,7 +56,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ import torch.nn.functional as F
 from medxray.display import DISPLAY_LONG_SIDE, fit_display  # noqa: F401  (re-exported: the display size)
 from medxray.errors import ConfigError
 from medxray.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from medxray.models.densenet import DenseNet
 
 # ---------------------------------------------------------------------------------------------
 # maps
@@ -170,12 +173,12 @@ def maps_from_features(features: torch.Tensor | np.ndarray, weight: torch.Tensor
         return _finish(class_activation_maps(feats, weight.detach(), classes), size)
 
 
-def feature_stages(model: torch.nn.Module) -> list[str]:
+def feature_stages(model: DenseNet) -> list[str]:
     """Names of the stages of ``model.features`` (possible map stages)."""
     return [name for name, _ in model.features.named_children()]
 
 
-def compute_maps(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int] | None = None,
+def compute_maps(model: DenseNet, x: torch.Tensor, classes: Sequence[int] | None = None,
                  method: str | None = None, *, wanted: np.ndarray | torch.Tensor | None = None,
                  precision: str = "fp32") -> MapResult:
     """THE class-activation maps of this project (see the module docstring for the definition).
@@ -222,6 +225,7 @@ def compute_maps(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int]
         if k < len(per_stage) - 1:
             m = torch.tanh(LAYERCAM_GAMMA * m) / math.tanh(LAYERCAM_GAMMA)
         fused = m if fused is None else torch.maximum(fused, m)
+    assert fused is not None  # at least one stage (MapMethod has one or more)
     maps, ok = _finish(fused, size)
     return _masked(MapResult(logits, maps, ok, cls, name, feats, precision), want)
 
@@ -245,7 +249,7 @@ def _masked(res: MapResult, want: torch.Tensor | None) -> MapResult:
     return res
 
 
-def _gradient_maps(model: torch.nn.Module, x: torch.Tensor, cls: list[int], spec: MapMethod,
+def _gradient_maps(model: DenseNet, x: torch.Tensor, cls: list[int], spec: MapMethod,
                    want: torch.Tensor | None = None,
                    bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Logits (N, C), the last feature map (N, F, h, w) and one raw map (N, K, h_s, w_s) per
@@ -302,7 +306,7 @@ def _gradient_maps(model: torch.nn.Module, x: torch.Tensor, cls: list[int], spec
     return logits.detach().float(), feats.detach().float(), raw
 
 
-def grad_cam(model: torch.nn.Module, x: torch.Tensor, classes: Sequence[int] | None = None,
+def grad_cam(model: DenseNet, x: torch.Tensor, classes: Sequence[int] | None = None,
              layer: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Logits and Grad-CAMs (N, K, H, W) in [0, 1] at stage ``layer`` (None = denseblock4).
 
@@ -453,8 +457,9 @@ def overlay_with_legend(image01: np.ndarray, cam01: np.ndarray, title: str = "",
         py, px = np.unravel_index(int(np.argmax(full)), full.shape)
         r = max(4, h // 40)
         for dx, dy in ((r, 0), (0, r)):
-            draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=(0, 0, 0), width=max(3, r // 2))
-            draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=(255, 255, 255), width=max(1, r // 4))
+            seg = [(float(px - dx), float(py - dy)), (float(px + dx), float(py + dy))]
+            draw.line(seg, fill=(0, 0, 0), width=max(3, r // 2))
+            draw.line(seg, fill=(255, 255, 255), width=max(1, r // 4))
     if footer:
         draw.text((pad, h - pad - font_px), footer, fill=(255, 255, 0), font=font, **stroke)
     return np.asarray(canvas)

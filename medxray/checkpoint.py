@@ -20,13 +20,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from medxray.checkpoint_meta import CheckpointMeta
 from medxray.errors import CheckpointError
 from medxray.torchfile import atomic_torch_save, safe_torch_load
+
+if TYPE_CHECKING:
+    from medxray.models.densenet import DenseNet
 
 CHECKPOINT_FORMAT = "medxray-checkpoint/1"
 
@@ -114,7 +117,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(state_dict=sd, metadata=meta, extra=extra)
 
 
-def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> torch.nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> DenseNet:
     """Build the checkpoint's architecture, load its weights strictly, return it in eval mode."""
     from medxray.models import create_model  # checkpoint -> models -> torchfile: no circle
 
@@ -122,6 +125,8 @@ def model_from_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> torch.nn.Modu
         ckpt = load_checkpoint(ckpt)
     meta = ckpt.meta
     arch = meta.architecture
+    if not arch:
+        raise CheckpointError("the checkpoint names no architecture; it was not written by medxray finetune")
     try:
         model = create_model(arch, num_classes=meta.n_classes, in_chans=meta.in_chans)
     except Exception as exc:  # unknown architecture name etc.

@@ -176,7 +176,7 @@ class CheckpointMeta:
     # -- construction / serialisation ----------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, metadata: Mapping[str, Any]) -> "CheckpointMeta":
+    def from_dict(cls, metadata: Mapping[str, Any] | CheckpointMeta) -> CheckpointMeta:
         """Typed metadata from a checkpoint's dict. Raises :class:`CheckpointError` for a key of the wrong
         type or a schema newer than :data:`META_SCHEMA_VERSION`."""
         if isinstance(metadata, CheckpointMeta):
@@ -245,7 +245,7 @@ class CheckpointMeta:
 
 def _default(name: str) -> Any:
     f = _FIELDS[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CheckpointMeta)}

@@ -26,4 +26,4 @@ def fit_display(gray_u8: np.ndarray, max_side: int | None = DISPLAY_LONG_SIDE) -
 
     scale = int(max_side) / max(img.shape[:2])
     size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.BOX))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.Resampling.BOX))

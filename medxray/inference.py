@@ -30,7 +30,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from medxray.fileio import file_sha256
 from medxray.hardware import cpu_has_native_bf16, openvino_core, resolve_device
 from medxray.modelinput import model_input
 from medxray.ood import OODStats, pooled, stats_from_checkpoint
+
+if TYPE_CHECKING:
+    from medxray.models.densenet import DenseNet
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def openvino_cache_dir() -> Path | None:
 class _FeatureHead(torch.nn.Module):
     """Wrapper exported to OpenVINO: one graph with both logits and the CAM feature map."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: DenseNet) -> None:
         super().__init__()
         self.model = model
 
@@ -101,7 +104,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: DenseNet,
         metadata: Mapping[str, Any] | CheckpointMeta,
         *,
         device: str | torch.device = "auto",
@@ -146,7 +149,7 @@ class Predictor:
         # the caller that owns the process (the scorer) sets and restores it around its run.
         self._num_threads = num_threads
         self.model = model.eval().to(self.device)
-        self._cl_model: torch.nn.Module | None = None
+        self._cl_model: DenseNet | None = None
         self._ov_compiled: Any = None
         self._ov_key: str | None = None
         self._ov_local = threading.local()
@@ -458,6 +461,7 @@ class Predictor:
             return logits, feats, np.zeros((n, len(cls), *size), np.float32)
         if name == "cam" and self.backend == "openvino":
             logits, feats = self.forward(x, want_features=True)
+            assert feats is not None  # asked for
             weight = self.model.classifier.weight.detach().float().cpu()
             maps = maps_from_features(feats, weight, cls, size)[0]
             if want is not None:

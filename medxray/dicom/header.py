@@ -264,10 +264,13 @@ def padding_range(ds: Any) -> tuple[int, int] | None:
     if value is None:
         return None
     limit = int_attr(ds, "PixelPaddingRangeLimit", value)
+    limit = value if limit is None else limit
     bits_alloc = int_attr(ds, "BitsAllocated", 16) or 16
     signed = (int_attr(ds, "PixelRepresentation", 0) or 0) == 1
     if bits_alloc == 16:
-        fix = (lambda v: v - 65536 if v > 32767 else v) if signed else (lambda v: v + 65536 if v < 0 else v)
+        def fix(v: int) -> int:
+            return (v - 65536 if v > 32767 else v) if signed else (v + 65536 if v < 0 else v)
+
         value, limit = fix(value), fix(limit)
     return min(value, limit), max(value, limit)
 

@@ -123,7 +123,7 @@ class DicomImage:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.pixels.shape)  # type: ignore[return-value]
+        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
 
     def display_uint8(self) -> np.ndarray:
         """The display image as 8-bit grayscale (for PNG overlays and thumbnails)."""

@@ -102,9 +102,9 @@ def write_cam_sc(path: str | os.PathLike, *, overlay_rgb: np.ndarray, source: di
         software_versions=model_version[:64],
     )
     if orientation is None:
-        sc.PatientOrientation = None  # Type 2C: present, empty = unknown (never made up)
+        sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2C: present, empty = unknown (never made up)
     lat = str(source_dataset.get("Laterality", "") or "") if source_dataset is not None else ""
-    sc.Laterality = lat if lat in ("L", "R") else None  # Type 2C (General Series): empty = not paired/unknown
+    sc.Laterality = lat if lat in ("L", "R") else None  # type: ignore[assignment]  # Type 2C (General Series): empty = not paired/unknown
     copy_patient_study(sc, source_dataset)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]

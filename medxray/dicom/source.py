@@ -216,7 +216,7 @@ def _read_deflated(data: bytes, kind: str, max_pixels: int | None) -> tuple[Any,
     from medxray.dicom.inflate import DEFLATED_TS, inflate_deflated
     from medxray.limits import pixel_limit
 
-    fp = DicomBytesIO(data)
+    fp: Any = DicomBytesIO(data)  # pydicom's readers are typed for BinaryIO; DicomBytesIO is one at run time
     preamble = read_preamble(fp, kind == "raw")
     file_meta = _read_file_meta_info(fp)
     ts = file_meta.get("TransferSyntaxUID", None)
@@ -225,7 +225,8 @@ def _read_deflated(data: bytes, kind: str, max_pixels: int | None) -> tuple[Any,
     body, report = inflate_deflated(memoryview(data)[fp.tell():], pixel_limit(max_pixels))
     log.debug("deflated data set: %d bytes inflated to %d (ceiling %d)", report.compressed_bytes,
               report.inflated_bytes, report.ceiling_bytes)
-    dataset = read_dataset(DicomBytesIO(body), is_implicit_VR=False, is_little_endian=True)
+    body_fp: Any = DicomBytesIO(body)
+    dataset = read_dataset(body_fp, is_implicit_VR=False, is_little_endian=True)
     ds = FileDataset("", dataset, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
                      is_little_endian=True)
     ds.set_original_encoding(False, True, dataset._character_set)
@@ -259,7 +260,7 @@ def read_header_bounded(path: str | os.PathLike, max_pixels: int | None = None,
     return deflated[0]
 
 
-def _meta_says_deflated(fh: IO[bytes], kind: str) -> bool:
+def _meta_says_deflated(fh: Any, kind: str) -> bool:  # a binary file object (IO[bytes])
     """Whether the File Meta group at the start of ``fh`` names Deflated Explicit VR Little Endian."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 

@@ -212,7 +212,7 @@ def apply_window(raw: np.ndarray, center: float, width: float, func: str, out: n
     else:  # LINEAR: the standard's (c - 0.5, w - 1) form; width 1 is a threshold at c - 0.5
         w1 = width - 1.0
         if w1 == 0.0:
-            np.greater(y, np.float32(center - 0.5), out=y)  # type: ignore[call-overload]
+            np.greater(y, np.float32(center - 0.5), out=y)
             return y.astype(np.float32, copy=False)
         lo, scale = center - 0.5 - w1 / 2.0, 1.0 / w1
     y -= np.float32(lo)
