@@ -3,9 +3,10 @@
 A candidate B replaces the deployed model A only after a paired comparison on the same images:
 
 1. the locked site test set (:mod:`medxray.site.lockset`), which no training or threshold fitting saw;
-2. the deployed model's original validation data, when its data root is still readable (a guard
-   against forgetting what it learnt there): its validation split rebuilt from its stored config, both
-   models scored on it with :func:`medxray.evaluation.run.score_split`.
+2. the original validation data, when its data root is still readable (a guard against forgetting
+   what the model learnt there): the validation split of the first checkpoint of the deployed model's
+   lineage (:func:`lineage_root`), rebuilt from its stored config, both models scored on it with
+   :func:`medxray.evaluation.run.score_split`.
 
 Each comparison is DeLong's test with a paired bootstrap CI of the AUROC difference B - A and Holm's
 adjustment (:mod:`medxray.evaluation.compare`). The rule, for every finding with at least
@@ -123,7 +124,10 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
                                   reasons=res.reasons, untested=res.untested)
     res.figures["lock_sha256"] = lock.sha256
     if original_data:
-        res.figures["original_validation"] = _original(a_path, b_path, meta_a, out, n_boot, margin, min_positives, res)
+        root_path, root_meta = lineage_root(a_path, meta_a)
+        res.figures["original_validation"] = _original(a_path, b_path, root_meta, out, n_boot, margin, min_positives,
+                                                       res)
+        res.figures["original_validation"]["source_checkpoint"] = str(root_path)
     lk = res.figures["locked"]
     if not lk["tested"]:
         res.reasons.append(f"no finding has {min_positives} positives and negatives in the locked set: nothing "
@@ -148,9 +152,26 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
     return res
 
 
+def lineage_root(path: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The first checkpoint of a model's lineage (following ``config.init_from`` of fine-tuned versions and
+    ``site_calibration.source_checkpoint`` of recalibrated ones while the files exist): whose validation data
+    is "the original validation data" the gate guards against forgetting."""
+    from medxray.checkpoint import load_checkpoint
+
+    seen = {str(Path(path).resolve())}
+    while True:
+        src = (meta.get("config") or {}).get("init_from") or (meta.get("site_calibration") or {}).get(
+            "source_checkpoint")
+        if not src or not Path(str(src)).is_file() or str(Path(str(src)).resolve()) in seen:
+            return path, meta
+        seen.add(str(Path(str(src)).resolve()))
+        path, meta = Path(str(src)), load_checkpoint(src).metadata
+
+
 def _original(a_path: Path, b_path: Path, meta_a: dict[str, Any], out: Path, n_boot: int, margin: float,
               min_positives: int, res: GateResult) -> dict[str, Any]:
-    """Both models on the deployed model's own validation split (rebuilt from its stored config), when readable."""
+    """Both models on the validation split of ``meta_a`` (the lineage's first checkpoint: rebuilt from its stored
+    config), when its data root is readable."""
     import torch
 
     from medxray.checkpoint import load_checkpoint, model_from_checkpoint
