@@ -48,8 +48,9 @@ def _timed(fn: Callable[[], None], sync: Callable[[], None]) -> float:
     return time.perf_counter() - t
 
 
-def _interleave(fns: dict[str, Callable[[], None]], steps: int, warmup: int,
-                sync: Callable[[], None]) -> dict[str, float]:
+def _interleave(
+    fns: dict[str, Callable[[], None]], steps: int, warmup: int, sync: Callable[[], None]
+) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved round-robin after warm-up."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -62,7 +63,9 @@ def _interleave(fns: dict[str, Callable[[], None]], steps: int, warmup: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def train_step_figures(device: torch.device, batch: int, size: int, steps: int, compile_model: bool) -> dict[str, float]:
+def train_step_figures(
+    device: torch.device, batch: int, size: int, steps: int, compile_model: bool
+) -> dict[str, float]:
     """Images/s of one optimiser step for ours (eager and compiled) and torchvision's densenet121."""
     import torchvision
 
@@ -103,6 +106,7 @@ def train_step_figures(device: torch.device, batch: int, size: int, steps: int, 
                 loss = loss_fn(model(xin), y)
             loss.backward()
             opt.step()
+
         return step
 
     tv_amp = torchvision.models.densenet121(num_classes=14).to(device).to(memory_format=torch.channels_last).train()
@@ -123,9 +127,20 @@ def finetune_figure(device: torch.device, root: Path, batch: int, size: int, ste
     from medxray.training.config import make_config
     from medxray.training.loop import finetune
 
-    cfg = make_config(dataset="chestxray14", data_root=str(root), pretrained="none", image_size=size, epochs=1,
-                      batch_size=batch, max_steps_per_epoch=steps, device=str(device), early_stopping_patience=0,
-                      scheduler="none", progress=False, out=str(root.parent / "run"))
+    cfg = make_config(
+        dataset="chestxray14",
+        data_root=str(root),
+        pretrained="none",
+        image_size=size,
+        epochs=1,
+        batch_size=batch,
+        max_steps_per_epoch=steps,
+        device=str(device),
+        early_stopping_patience=0,
+        scheduler="none",
+        progress=False,
+        out=str(root.parent / "run"),
+    )
     t = time.perf_counter()
     res = finetune(cfg)
     elapsed = time.perf_counter() - t
@@ -149,9 +164,15 @@ def scoring_figures(device: torch.device, ckpt: Path, batch: int, size: int, rep
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    med = _interleave({"no maps": lambda: pred.predict_tensor(x),
-                       "maps": lambda: (pred.predict_tensor(x), pred.maps_tensor(x, positive))},
-                      reps, warmup=1, sync=sync)
+    med = _interleave(
+        {
+            "no maps": lambda: pred.predict_tensor(x),
+            "maps": lambda: (pred.predict_tensor(x), pred.maps_tensor(x, positive)),
+        },
+        reps,
+        warmup=1,
+        sync=sync,
+    )
     out = {k: batch / v for k, v in med.items()}
     out["maps per image"] = float(len(positive))
     return out
@@ -188,31 +209,45 @@ def main(argv: list[str] | None = None) -> int:
     fig = train_step_figures(device, batch, size, steps, compile_model=not args.no_compile and not args.quick)
     for k, v in fig.items():
         print(f"train step  {k:22s} {v:9.1f} img/s")
-    print(f"train step  ratio ours / torchvision amp+cl {fig['ours'] / fig['torchvision amp+cl']:.2f}, "
-          f"ours / torchvision fp32 {fig['ours'] / fig['torchvision fp32']:.2f}")
+    print(
+        f"train step  ratio ours / torchvision amp+cl {fig['ours'] / fig['torchvision amp+cl']:.2f}, "
+        f"ours / torchvision fp32 {fig['ours'] / fig['torchvision fp32']:.2f}"
+    )
     results.update({f"train {k}": v for k, v in fig.items()})
 
     with tempfile.TemporaryDirectory(prefix="medxray-gpu-") as tmp:
-        root = synthesize(Path(tmp) / "phantom", n_images=n_img, seed=0, image_size=max(size, 64 if args.quick else 256))
+        root = synthesize(
+            Path(tmp) / "phantom", n_images=n_img, seed=0, image_size=max(size, 64 if args.quick else 256)
+        )
         prepare_cache("chestxray14", root, size=size, progress=False)
         e2e, ckpt = finetune_figure(device, root, batch, size, steps=max(2, min(steps * 2, n_img // batch)))
-        print(f"finetune end to end {e2e:9.1f} img/s, start-up and one validation pass included "
-              f"({e2e / fig['ours']:.2f} of the model-only step)")
+        print(
+            f"finetune end to end {e2e:9.1f} img/s, start-up and one validation pass included "
+            f"({e2e / fig['ours']:.2f} of the model-only step)"
+        )
         results["finetune end to end"] = e2e
         sc = scoring_figures(device, ckpt, batch, size, reps=3 if args.quick else 10)
-        print(f"scoring     no maps {sc['no maps']:9.1f} img/s, maps {sc['maps']:9.1f} img/s "
-              f"({sc['maps per image']:.0f} maps per image; ratio {sc['maps'] / sc['no maps']:.2f})")
+        print(
+            f"scoring     no maps {sc['no maps']:9.1f} img/s, maps {sc['maps']:9.1f} img/s "
+            f"({sc['maps per image']:.0f} maps per image; ratio {sc['maps'] / sc['no maps']:.2f})"
+        )
         results.update({f"score {k}": v for k, v in sc.items()})
 
     rc = 0
     if not args.skip_tests and device.type == "cuda":
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        p = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         print(f"pytest -m gpu: exit {p.returncode} ({time.perf_counter() - t:.0f} s)")
         rc = 0 if p.returncode == 0 else 2
-    print("RESULT " + ", ".join(f"{k}={v:.1f}" for k, v in results.items())
-          + f", total {time.perf_counter() - t_all:.0f} s on {name}")
+    print(
+        "RESULT "
+        + ", ".join(f"{k}={v:.1f}" for k, v in results.items())
+        + f", total {time.perf_counter() - t_all:.0f} s on {name}"
+    )
     return rc
 
 

@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         synthesize(root, n_images=args.images, seed=0)
         t_synth = time.perf_counter() - t
         rep = prepare_cache("chestxray14", root, args.cache_size, progress=False)
-        print(f"phantom data: {args.images} SYNTHETIC 1024x1024 PNGs in {t_synth:.1f} s; cache at {args.cache_size} px "
-              f"built in {rep['seconds']:.1f} s ({rep['images_per_s']} images/s, {rep['processed_now']} decoded)")
+        print(
+            f"phantom data: {args.images} SYNTHETIC 1024x1024 PNGs in {t_synth:.1f} s; cache at {args.cache_size} px "
+            f"built in {rep['seconds']:.1f} s ({rep['images_per_s']} images/s, {rep['processed_now']} decoded)"
+        )
 
         def everything(use_cache: bool):
             s = build_datasets("chestxray14", root, image_size=args.size, use_cache=use_cache, augment=args.augment)
@@ -74,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>6}: {n} images in {secs:6.2f} s = {n / secs:8.1f} images/s")
     ratio = results["cache"] / results["png"]
     transforms = "training list (random)" if args.augment else "deterministic list"
-    print(f"cache vs PNG decode: {ratio:.1f}x images/s ({transforms}, {args.size} px, workers={args.workers}; "
-          f"target >= 10x)")
+    print(
+        f"cache vs PNG decode: {ratio:.1f}x images/s ({transforms}, {args.size} px, workers={args.workers}; "
+        f"target >= 10x)"
+    )
     return 0
 
 

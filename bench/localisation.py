@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -45,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from medxray.demo import DemoOptions, run_demo
 
-            res = run_demo(DemoOptions.preset("quick", out="bench_out/quick_demo", score_rg1=False), echo=lambda s: None)
+            res = run_demo(
+                DemoOptions.preset("quick", out="bench_out/quick_demo", score_rg1=False), echo=lambda s: None
+            )
             ckpt_path = str(res.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     meta = ckpt.metadata
@@ -71,21 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         recs = []
         for j in range(0, len(items), 8):
-            recs += localise_batch(model, x[j:j + 8], [splits.boxes[n] for n in names[j:j + 8]], names=names[j:j + 8],
-                                   orig_sizes=orig[j:j + 8], index_of=index_of, probs=probs[j:j + 8], method=method)
+            recs += localise_batch(
+                model,
+                x[j : j + 8],
+                [splits.boxes[n] for n in names[j : j + 8]],
+                names=names[j : j + 8],
+                orig_sizes=orig[j : j + 8],
+                index_of=index_of,
+                probs=probs[j : j + 8],
+                method=method,
+            )
         ms = (time.perf_counter() - t0) * 1000 / max(len(recs), 1)
         cam_ms = ms if method == "cam" else cam_ms
         o = summarise_localisation(recs, ckpt.label_names)["overall"]
         rows.append((method, o, ms))
-    print(f"{source} localisation, {Path(ckpt_path)}, {size} px, {len(items)} images, {rows[0][1]['n']} boxes, "
-          f"torch threads {torch.get_num_threads()}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"{'method':22} {'pointing':>8} {'IoBB>0.1':>8} {'>0.25':>6} {'>0.5':>6} {'>0.75':>6} {'meanIoBB':>8} "
-          f"{'ms/map':>7} {'vs cam':>7}")
+    print(
+        f"{source} localisation, {Path(ckpt_path)}, {size} px, {len(items)} images, {rows[0][1]['n']} boxes, "
+        f"torch threads {torch.get_num_threads()}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
+    print(
+        f"{'method':22} {'pointing':>8} {'IoBB>0.1':>8} {'>0.25':>6} {'>0.5':>6} {'>0.75':>6} {'meanIoBB':>8} "
+        f"{'ms/map':>7} {'vs cam':>7}"
+    )
     for method, o, ms in rows:
         acc = o["iobb_accuracy"]
         ratio = f"{ms / cam_ms:.1f}x" if cam_ms else "-"
-        print(f"{method:22} {o['pointing_game']:8.2f} {acc['0.1']:8.2f} {acc['0.25']:6.2f} {acc['0.5']:6.2f} "
-              f"{acc['0.75']:6.2f} {o['mean_iobb']:8.2f} {ms:7.1f} {ratio:>7}")
+        print(
+            f"{method:22} {o['pointing_game']:8.2f} {acc['0.1']:8.2f} {acc['0.25']:6.2f} {acc['0.5']:6.2f} "
+            f"{acc['0.75']:6.2f} {o['mean_iobb']:8.2f} {ms:7.1f} {ratio:>7}"
+        )
     return 0
 
 

@@ -54,9 +54,15 @@ def make_checkpoint(path: Path, image_size: int, positives: int, rg1: Path) -> P
         with torch.no_grad():
             model.classifier.weight.mul_(8.0)
             model.classifier.bias.uniform_(-2.0, 2.0)
-    meta = {"architecture": "densenet121", "num_classes": len(CHESTXRAY14_FINDINGS), "in_chans": 3,
-            "label_names": list(CHESTXRAY14_FINDINGS), "preprocessing": preprocessing_config(image_size),
-            "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS}, "model_version": "bench-maps"}
+    meta = {
+        "architecture": "densenet121",
+        "num_classes": len(CHESTXRAY14_FINDINGS),
+        "in_chans": 3,
+        "label_names": list(CHESTXRAY14_FINDINGS),
+        "preprocessing": preprocessing_config(image_size),
+        "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS},
+        "model_version": "bench-maps",
+    }
     save_checkpoint(path, model.state_dict(), meta)
     p = Predictor.from_checkpoint(path, device="cpu", backend="torch", precision="fp32")
     probs = p.predict([read_dicom(rg1, reduce_to=image_size).pixels])[0]
@@ -97,15 +103,42 @@ def child(src: str, ckpt: str, out: str, cams: str, batch: int) -> None:
     steady = (n - lo[1]) / max(t_end - lo[0], 1e-9) if n > lo[1] else n / (t_end - t_start)
     first = next((ts for ts, k in samples if k >= 1), t_end) - t_start
     maps = sum(1 for _ in Path(out, "cams").rglob("*.png")) if cams != "none" else 0
-    print(json.dumps({"n": n, "errors": s.error, "wall": t_end - t_start, "rate": n / (t_end - t_start),
-                      "steady": steady, "first": first, "maps": maps, "backend": s.backend}))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "errors": s.error,
+                "wall": t_end - t_start,
+                "rate": n / (t_end - t_start),
+                "steady": steady,
+                "first": first,
+                "maps": maps,
+                "backend": s.backend,
+            }
+        )
+    )
 
 
 def run_child(src: Path, ckpt: Path, out: Path, cams: str, batch: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    r = subprocess.run([sys.executable, str(HERE), "--child", str(src), "--child-ckpt", str(ckpt),
-                        "--child-out", str(out), "--cams", cams, "--batch-size", str(batch)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(HERE),
+            "--child",
+            str(src),
+            "--child-ckpt",
+            str(ckpt),
+            "--child-out",
+            str(out),
+            "--cams",
+            cams,
+            "--batch-size",
+            str(batch),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"child run ({cams}) failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -134,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MEDXRAY_CACHE_DIR", str(tmp / "cache"))
     try:
         rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
-        ckpt = Path(a.checkpoint) if a.checkpoint else make_checkpoint(tmp / "bench.pt", a.image_size,
-                                                                       a.positives, rg1)
+        ckpt = Path(a.checkpoint) if a.checkpoint else make_checkpoint(tmp / "bench.pt", a.image_size, a.positives, rg1)
         src = tmp / "in"
         make_files(src, a.files, "RG1_UNCR.dcm")
         warm = tmp / "warm_in"
@@ -147,15 +179,20 @@ def main(argv: list[str] | None = None) -> int:
             print(samples[-1].line(), flush=True)
             res[cams] = run_child(src, ckpt, tmp / f"out_{cams}", cams, a.batch_size)
             r = res[cams]
-            print(f"--cams {cams:8}: {r['rate']:.2f} img/s end to end ({r['n']} files, {r['wall']:.1f} s, first row "
-                  f"after {r['first']:.2f} s), {r['steady']:.2f} img/s steady, {r['maps']} maps "
-                  f"({r['maps'] / max(r['n'], 1):.2f} per image), {r['backend']}", flush=True)
+            print(
+                f"--cams {cams:8}: {r['rate']:.2f} img/s end to end ({r['n']} files, {r['wall']:.1f} s, first row "
+                f"after {r['first']:.2f} s), {r['steady']:.2f} img/s steady, {r['maps']} maps "
+                f"({r['maps'] / max(r['n'], 1):.2f} per image), {r['backend']}",
+                flush=True,
+            )
         none, pos = res["none"], res["positive"]
         per_map = (pos["wall"] - none["wall"]) / max(pos["maps"], 1)
-        print(f"default maps / --cams none: {pos['rate'] / none['rate']:.2f} end to end, "
-              f"{pos['steady'] / none['steady']:.2f} steady (target >= 0.3), with "
-              f"{pos['maps'] / max(pos['n'], 1):.2f} maps per image; {per_map:.3f} s per map "
-              f"(extra wall time / maps), {a.image_size} px")
+        print(
+            f"default maps / --cams none: {pos['rate'] / none['rate']:.2f} end to end, "
+            f"{pos['steady'] / none['steady']:.2f} steady (target >= 0.3), with "
+            f"{pos['maps'] / max(pos['n'], 1):.2f} maps per image; {per_map:.3f} s per map "
+            f"(extra wall time / maps), {a.image_size} px"
+        )
         print(verdict(samples))
     finally:
         if not a.workdir:

@@ -65,7 +65,10 @@ def _measure_memory(kind: str, batch: int, size: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run(
         [sys.executable, __file__, "--mem-child", kind, "--mem-batch", str(batch), "--size", str(size)],
-        check=True, capture_output=True, text=True, env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -86,13 +89,17 @@ def main() -> None:
     # peak RSS read after a large training step in the parent came out inflated and unsteady.
     mem = {k: _measure_memory(k, args.mem_batch, args.size) for k in ("plain", "efficient", "torchvision")}
     for k, m in mem.items():
-        print(f"peak memory {k:<12} step adds {(m['peak'] - m['before']) / 2**20:8.0f} MiB "
-              f"(process peak {m['peak'] / 2**20:6.0f} MiB), bs {args.mem_batch}")
+        print(
+            f"peak memory {k:<12} step adds {(m['peak'] - m['before']) / 2**20:8.0f} MiB "
+            f"(process peak {m['peak'] / 2**20:6.0f} MiB), bs {args.mem_batch}"
+        )
     added = {k: max(1, m["peak"] - m["before"]) for k, m in mem.items()}
     print(f"memory ratio efficient / plain = {added['efficient'] / added['plain']:.3f}  (target <= 0.6)")
     print(f"memory ratio plain / torchvision = {added['plain'] / added['torchvision']:.3f}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32, "
-          f"densenet121 bs {args.batch} {args.size}x{args.size}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32, "
+        f"densenet121 bs {args.batch} {args.size}x{args.size}"
+    )
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 1000, (args.batch,))
@@ -103,7 +110,7 @@ def main() -> None:
         _step(model, opt, x, y)  # warm-up
         runs[kind] = (model, opt, [], [])
     for _ in range(args.rounds):
-        for kind, (model, opt, wall, cpu) in runs.items():
+        for model, opt, wall, cpu in runs.values():
             w0, c0 = time.perf_counter(), time.process_time()
             _step(model, opt, x, y)
             wall.append(time.perf_counter() - w0)
@@ -113,8 +120,10 @@ def main() -> None:
     cpu_speed = {k: args.batch / statistics.median(r[3]) for k, r in runs.items()}
     for k in runs:
         print(f"train step  {k:<12}{speed[k]:7.2f} img/s wall, {cpu_speed[k]:7.2f} img per CPU-second")
-    print(f"speed ratio ours / torchvision = {speed['ours'] / speed['torchvision']:.3f} wall, "
-          f"{cpu_speed['ours'] / cpu_speed['torchvision']:.3f} CPU time  (target >= 1.0)")
+    print(
+        f"speed ratio ours / torchvision = {speed['ours'] / speed['torchvision']:.3f} wall, "
+        f"{cpu_speed['ours'] / cpu_speed['torchvision']:.3f} CPU time  (target >= 1.0)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,22 +45,45 @@ def folder_run(src: Path, ckpt: Path, out: Path, args: argparse.Namespace) -> fl
     from medxray.scoring import ScoreConfig, score_directory
 
     t0 = time.perf_counter()
-    score_directory(ScoreConfig(src, ckpt, out, cams="positive", sr=True, batch_size=args.batch_size,
-                                workers=args.workers, overlay_max_side=1024, progress=False))
+    score_directory(
+        ScoreConfig(
+            src,
+            ckpt,
+            out,
+            cams="positive",
+            sr=True,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            overlay_max_side=1024,
+            progress=False,
+        )
+    )
     return time.perf_counter() - t0
 
 
 def push_run(files: list[Path], ckpt: Path, root: Path, args: argparse.Namespace) -> float:
     node_port = free_port()
     orthanc = OrthancServer(root / "orthanc", node_port=node_port).start()
-    cfg = {"ae_title": "MEDXRAY", "host": "127.0.0.1", "port": node_port, "allowed_calling_aes": ["STORESCU"],
-           "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
-           "checkpoint": str(ckpt), "work_dir": str(root / "work"), "idle_seconds": args.idle_seconds,
-           "scoring": {"batch_size": args.batch_size, **({"workers": args.workers} if args.workers else {})}}
+    cfg = {
+        "ae_title": "MEDXRAY",
+        "host": "127.0.0.1",
+        "port": node_port,
+        "allowed_calling_aes": ["STORESCU"],
+        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+        "checkpoint": str(ckpt),
+        "work_dir": str(root / "work"),
+        "idle_seconds": args.idle_seconds,
+        "scoring": {"batch_size": args.batch_size, **({"workers": args.workers} if args.workers else {})},
+    }
     (root / "node.yaml").write_text(yaml.safe_dump(cfg))
     log = open(root / "node.log", "wb")
-    node = subprocess.Popen([sys.executable, "-m", "medxray.cli", "serve-dicom", "--config", str(root / "node.yaml")],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "medxray.cli", "serve-dicom", "--config", str(root / "node.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -69,15 +92,16 @@ def push_run(files: list[Path], ckpt: Path, root: Path, args: argparse.Namespace
                 break
             except OSError:
                 if node.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("serve-dicom did not start; see " + str(root / "node.log"))
+                    raise SystemExit("serve-dicom did not start; see " + str(root / "node.log")) from None
                 time.sleep(0.2)
         t0 = time.perf_counter()
         r = storescu(node_port, files, timeout=3600)
         if r.returncode != 0:
             raise SystemExit("storescu failed: " + r.stderr[-500:])
         while True:
-            n_sr = sum(1 for t in orthanc.instances_tags()
-                       if t.get("Manufacturer") == "medxray" and t.get("Modality") == "SR")
+            n_sr = sum(
+                1 for t in orthanc.instances_tags() if t.get("Manufacturer") == "medxray" and t.get("Modality") == "SR"
+            )
             if n_sr >= len(files):
                 return time.perf_counter() - t0
             if node.poll() is not None:
@@ -119,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     n = args.files
     print(f"{n} RG1 copies, densenet121 at {args.image_size} px, CAMs for positives + SR (+ SC on the push path)")
     print(f"score-dicom folder : {t_folder:7.1f} s  {n / t_folder:6.2f} images/s")
-    print(f"push (storescu -> serve-dicom -> SR in Orthanc): {t_push:7.1f} s  {n / t_push:6.2f} images/s "
-          f"(includes {args.idle_seconds:.0f} s series-idle wait)")
+    print(
+        f"push (storescu -> serve-dicom -> SR in Orthanc): {t_push:7.1f} s  {n / t_push:6.2f} images/s "
+        f"(includes {args.idle_seconds:.0f} s series-idle wait)"
+    )
     print(f"ratio push / folder: {t_folder / t_push:.2f}")
     print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     print(verdict(samples))

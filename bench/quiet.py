@@ -40,9 +40,11 @@ class Sample:
         if self.busy is None:
             return f"[{self.phase}] load {self.load1:.2f}; other processes not judged (no /proc)"
         verdict = "BUSY" if self.busy else "quiet"
-        return (f"[{self.phase}] load {self.load1:.2f} on {self.cores} CPUs; other processes used "
-                f"{self.others_cores:.2f} cores over {self.window_s:.1f} s ({verdict}; limit "
-                f"{OTHERS_MAX_PER_CORE * self.cores:.2f}){'; busiest: ' + self.top if self.top else ''}")
+        return (
+            f"[{self.phase}] load {self.load1:.2f} on {self.cores} CPUs; other processes used "
+            f"{self.others_cores:.2f} cores over {self.window_s:.1f} s ({verdict}; limit "
+            f"{OTHERS_MAX_PER_CORE * self.cores:.2f}){'; busiest: ' + self.top if self.top else ''}"
+        )
 
 
 def _stats() -> dict[int, tuple[int, int, str]]:
@@ -56,8 +58,8 @@ def _stats() -> dict[int, tuple[int, int, str]]:
                 raw = fh.read().decode("ascii", "replace")
         except OSError:
             continue
-        name = raw[raw.find("(") + 1: raw.rfind(")")]
-        f = raw[raw.rfind(")") + 2:].split()
+        name = raw[raw.find("(") + 1 : raw.rfind(")")]
+        f = raw[raw.rfind(")") + 2 :].split()
         out[int(d)] = (int(f[1]), int(f[11]) + int(f[12]), name)
     return out
 
@@ -100,5 +102,8 @@ def verdict(samples: list[Sample]) -> str:
     if not judged:
         return "machine not judged (no /proc)"
     busy = [s.phase for s in judged if s.busy]
-    return ("quiet before every timed phase" if not busy
-            else f"UNRELIABLE: other processes were busy before {', '.join(busy)}")
+    return (
+        "quiet before every timed phase"
+        if not busy
+        else f"UNRELIABLE: other processes were busy before {', '.join(busy)}"
+    )

@@ -76,9 +76,15 @@ def make_checkpoint(path: Path, image_size: int) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = create_model("densenet121", num_classes=14)
-    meta = {"architecture": "densenet121", "num_classes": 14, "in_chans": 3,
-            "label_names": list(CHESTXRAY14_FINDINGS), "preprocessing": preprocessing_config(image_size),
-            "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS}, "model_version": "bench"}
+    meta = {
+        "architecture": "densenet121",
+        "num_classes": 14,
+        "in_chans": 3,
+        "label_names": list(CHESTXRAY14_FINDINGS),
+        "preprocessing": preprocessing_config(image_size),
+        "thresholds": {n: 0.5 for n in CHESTXRAY14_FINDINGS},
+        "model_version": "bench",
+    }
     return save_checkpoint(path, model.state_dict(), meta)
 
 
@@ -122,9 +128,23 @@ def naive_best(folder: Path, n: int, image_size: int) -> tuple[float, int]:
     """The peer's best (rate, threads) over 1 and 2 threads, each in a fresh process."""
     best = (0.0, 0)
     for threads in sorted({1, min(2, os.cpu_count() or 1)}):
-        out = subprocess.run([sys.executable, str(HERE), "--naive-child", str(folder), "--naive-files", str(n),
-                              "--image-size", str(image_size), "--threads", str(threads)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(HERE),
+                "--naive-child",
+                str(folder),
+                "--naive-files",
+                str(n),
+                "--image-size",
+                str(image_size),
+                "--threads",
+                str(threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rate = json.loads(out.stdout.strip().splitlines()[-1])["rate"]
         best = max(best, (rate, threads))
     return best
@@ -162,8 +182,9 @@ def model_rate(ckpt: Path, n: int, batch: int, threads: int, backend: str, preci
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        p = Predictor.from_checkpoint(ckpt, device="cpu", backend=backend, precision=precision, batch_size=batch,
-                                      num_threads=threads)
+        p = Predictor.from_checkpoint(
+            ckpt, device="cpu", backend=backend, precision=precision, batch_size=batch, num_threads=threads
+        )
         x = torch.randn(batch, 3, p.image_size, p.image_size)
         p.predict_tensor(x)  # warm-up (kernel selection)
         t = time.perf_counter()
@@ -214,7 +235,7 @@ def int8_rate(ckpt: Path, n: int, batch: int, threads: int) -> tuple[float | Non
     accuracy gate (medxray.quantize, a test's business) is not what is measured here."""
     try:
         import nncf
-        import openvino as ov
+        import openvino as ov  # noqa: F401  (checked here, used through medxray.quantize)
     except ImportError as exc:
         return None, f"nncf/openvino missing ({exc})"
     from medxray.hardware import openvino_core
@@ -223,9 +244,12 @@ def int8_rate(ckpt: Path, n: int, batch: int, threads: int) -> tuple[float | Non
     ref = Predictor.from_checkpoint(ckpt, device="cpu", backend="openvino", precision="fp32", batch_size=batch)
     s = ref.image_size
     calib = np.random.default_rng(0).standard_normal((32, 1, 3, s, s)).astype(np.float32)
-    q = nncf.quantize(ref.openvino_fp32_model(), nncf.Dataset(list(calib)), subset_size=32,
-                      target_device=nncf.TargetDevice.CPU)
-    compiled = openvino_core().compile_model(q, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    q = nncf.quantize(
+        ref.openvino_fp32_model(), nncf.Dataset(list(calib)), subset_size=32, target_device=nncf.TargetDevice.CPU
+    )
+    compiled = openvino_core().compile_model(
+        q, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    )
     req = compiled.create_infer_request()
     x = np.random.default_rng(1).standard_normal((batch, 3, s, s)).astype(np.float32)
     req.infer({0: x})
@@ -281,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         r_i8, i8_name = int8_rate(ckpt, n_model, args.batch_size, threads)
         r_ov1, _ = model_rate(ckpt, n_model, args.batch_size, 1, "openvino", "auto")
         model_cs = 1.0 / r_ov1
-        print(f"model-only @{threads} threads: {ov_name} {r_ov:.1f} img/s, torch fp32 {r_fp32:.1f} img/s, "
-              f"int8 {f'{r_i8:.1f} img/s' if r_i8 else 'n/a'} ({i8_name}); @1 thread {ov_name} {r_ov1:.1f} img/s "
-              f"= {model_cs * 1e3:.1f} core-ms/img")
+        print(
+            f"model-only @{threads} threads: {ov_name} {r_ov:.1f} img/s, torch fp32 {r_fp32:.1f} img/s, "
+            f"int8 {f'{r_i8:.1f} img/s' if r_i8 else 'n/a'} ({i8_name}); @1 thread {ov_name} {r_ov1:.1f} img/s "
+            f"= {model_cs * 1e3:.1f} core-ms/img"
+        )
         if r_i8:
-            lines.append(f"model-only int8 / {ov_name}: {r_i8 / r_ov:.2f}x (target >= 1.8x); "
-                         f"int8 / torch fp32: {r_i8 / r_fp32:.2f}x")
+            lines.append(
+                f"model-only int8 / {ov_name}: {r_i8 / r_ov:.2f}x (target >= 1.8x); "
+                f"int8 / torch fp32: {r_i8 / r_fp32:.2f}x"
+            )
         for source in [s.strip() for s in args.sources.split(",") if s.strip()]:
             tag = source.removesuffix(".dcm")
             folder = tmp / tag
@@ -304,15 +332,23 @@ def main(argv: list[str] | None = None) -> int:
             na_rate, na_threads = naive_best(folder / "in", n_naive, args.image_size)
             limit = cores / (d_red + model_cs)
             naive = max(nb_rate, na_rate)
-            print(f"[{tag}] naive peer before {nb_rate:.2f} img/s ({nb_threads} thr), after {na_rate:.2f} img/s "
-                  f"({na_threads} thr), {n_naive} files")
+            print(
+                f"[{tag}] naive peer before {nb_rate:.2f} img/s ({nb_threads} thr), after {na_rate:.2f} img/s "
+                f"({na_threads} thr), {n_naive} files"
+            )
             print(f"[{tag}] decode core-ms/img: reduced {d_red * 1e3:.1f}, full {d_full * 1e3:.1f}")
-            print(f"[{tag}] pipeline {wall:.1f} img/s end to end ({len(paths)} files, first row after {first:.2f} s), "
-                  f"{steady:.1f} img/s steady ({backend})")
-            print(f"[{tag}] machine limit = {cores} cores / ({d_red * 1e3:.1f} + {model_cs * 1e3:.1f}) core-ms "
-                  f"= {limit:.1f} img/s")
-            lines.append(f"[{tag}] end to end / naive (best of before/after): {wall / naive:.1f}x "
-                         f"(target >= {'15' if 'J2K' in tag else '6'}x); steady / naive {steady / naive:.1f}x")
+            print(
+                f"[{tag}] pipeline {wall:.1f} img/s end to end ({len(paths)} files, first row after {first:.2f} s), "
+                f"{steady:.1f} img/s steady ({backend})"
+            )
+            print(
+                f"[{tag}] machine limit = {cores} cores / ({d_red * 1e3:.1f} + {model_cs * 1e3:.1f}) core-ms "
+                f"= {limit:.1f} img/s"
+            )
+            lines.append(
+                f"[{tag}] end to end / naive (best of before/after): {wall / naive:.1f}x "
+                f"(target >= {'15' if 'J2K' in tag else '6'}x); steady / naive {steady / naive:.1f}x"
+            )
             lines.append(f"[{tag}] decode-only reduced / full: {d_full / d_red:.1f}x (target >= 4x for J2K)")
             lines.append(f"[{tag}] pipeline steady / machine limit: {steady / limit:.2f} (target >= 0.85)")
             lines.append(f"[{tag}] first result after {first:.2f} s (target <= 2 s on a warm machine)")

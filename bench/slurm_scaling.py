@@ -39,15 +39,42 @@ def main() -> int:
         with SlurmCluster(tmp / "slurm", cpus=cpus) as cluster:
             for shards in (1, 2, 4):
                 out, jobs = tmp / f"out{shards}", tmp / f"jobs{shards}"
-                medxray(["-q", "score-dicom", str(src), "--checkpoint", str(ckpt), "--out", str(out), "--emit", "slurm",
-                         "--shard-count", str(shards), "--cpus-per-task", "1", "--mem-gb", "1", "--emit-dir", str(jobs),
-                         "--cams", "none", "--backend", "torch", "--precision", "fp32", "--batch-size", "8"])
+                medxray(
+                    [
+                        "-q",
+                        "score-dicom",
+                        str(src),
+                        "--checkpoint",
+                        str(ckpt),
+                        "--out",
+                        str(out),
+                        "--emit",
+                        "slurm",
+                        "--shard-count",
+                        str(shards),
+                        "--cpus-per-task",
+                        "1",
+                        "--mem-gb",
+                        "1",
+                        "--emit-dir",
+                        str(jobs),
+                        "--cams",
+                        "none",
+                        "--backend",
+                        "torch",
+                        "--precision",
+                        "fp32",
+                        "--batch-size",
+                        "8",
+                    ]
+                )
                 (out / "logs").mkdir(parents=True)
                 load0 = os.getloadavg()[0]
                 t0 = time.monotonic()
                 array = cluster.run("sbatch", "--parsable", str(jobs / "score_array.sbatch")).stdout.strip()
-                merge = cluster.run("sbatch", "--parsable", f"--dependency=afterany:{array}",
-                                    str(jobs / "merge.sbatch")).stdout.strip()
+                merge = cluster.run(
+                    "sbatch", "--parsable", f"--dependency=afterany:{array}", str(jobs / "merge.sbatch")
+                ).stdout.strip()
                 while cluster.job_states(merge).get(merge) not in ("COMPLETED", "FAILED", "CANCELLED"):
                     time.sleep(0.5)
                 wall = time.monotonic() - t0
@@ -56,9 +83,13 @@ def main() -> int:
                     m = re.search(r"in ([0-9.]+) s = ", log.read_text())
                     task_s.append(float(m.group(1)) if m else float("nan"))
                 state = cluster.job_states(merge).get(merge)
-                print(f"{shards} task(s) on {cpus} CPUs, {n} files: {wall:.1f} s sbatch->merged = {n / wall:.2f} images/s; "
-                      f"slowest task scored in {max(task_s):.1f} s; merge job {state}; "
-                      f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
+                print(
+                    f"{shards} task(s) on {cpus} CPUs, {n} files: {wall:.1f} s sbatch->merged = "
+                    f"{n / wall:.2f} images/s; "
+                    f"slowest task scored in {max(task_s):.1f} s; merge job {state}; "
+                    f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
     return 0
 
 

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torchvision
 
-    from medxray.models import create_model
     from medxray.hardware import resolve_device, resolve_precision
+    from medxray.models import create_model
     from medxray.training.config import TrainConfig
     from medxray.training.steps import make_optimizer, masked_bce_with_logits, train_step
 
@@ -76,10 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # Same numbers check: the losses of both on this batch at init are BCE of ~zero logits.
     with torch.no_grad():
-        l0 = float(masked_bce_with_logits(ours(x.to(device).contiguous(memory_format=torch.channels_last)), yd, m.to(device)))
-    print(f"device {device}, ours: in-repo densenet121 + {precision} autocast + channels_last + fused Adam; "
-          f"peer: torchvision densenet121 fp32; batch {args.batch_size}x3x{args.image_size}x{args.image_size}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; initial loss {l0:.3f}", flush=True)
+        l0 = float(
+            masked_bce_with_logits(ours(x.to(device).contiguous(memory_format=torch.channels_last)), yd, m.to(device))
+        )
+    print(
+        f"device {device}, ours: in-repo densenet121 + {precision} autocast + channels_last + fused Adam; "
+        f"peer: torchvision densenet121 fp32; batch {args.batch_size}x3x{args.image_size}x{args.image_size}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; initial loss {l0:.3f}",
+        flush=True,
+    )
     for _ in range(2):  # warm-up: oneDNN kernel creation, allocator
         step_ours()
         step_peer()
@@ -94,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = best_peer / best_ours
     print(f"ours  {bs / best_ours:7.2f} img/s  (fastest step {best_ours:.3f}s; median {bs / med_ours:.2f} img/s)")
     print(f"peer  {bs / best_peer:7.2f} img/s  (fastest step {best_peer:.3f}s; median {bs / med_peer:.2f} img/s)")
-    print(f"ratio {ratio:.2f}x by fastest step, {med_peer / med_ours:.2f}x by median "
-          f"(target >= {args.target:.1f}x: {'met' if ratio >= args.target else 'NOT met'})")
+    print(
+        f"ratio {ratio:.2f}x by fastest step, {med_peer / med_ours:.2f}x by median "
+        f"(target >= {args.target:.1f}x: {'met' if ratio >= args.target else 'NOT met'})"
+    )
     return 0
 
 

@@ -92,12 +92,15 @@ MAP_METHODS: dict[str, MapMethod] = {
     "layercam-denseblock2": MapMethod("layercam", ("denseblock2",), "LayerCAM at denseblock2, 4x finer"),
     "layercam-denseblock1": MapMethod("layercam", ("denseblock1",), "LayerCAM at denseblock1, 8x finer"),
     "layercam-denseblock3": MapMethod("layercam", ("denseblock3",), "LayerCAM at denseblock3 (Jiang et al. 2021)"),
-    "layercam": MapMethod("layercam", ("denseblock2", "denseblock3", "denseblock4"),
-                          "LayerCAM fused over denseblock2-4 (Jiang et al. 2021)"),
+    "layercam": MapMethod(
+        "layercam",
+        ("denseblock2", "denseblock3", "denseblock4"),
+        "LayerCAM fused over denseblock2-4 (Jiang et al. 2021)",
+    ),
 }
 DEFAULT_MAP_METHOD = "layercam-denseblock1"  # measured best on the phantom: see bench/localisation.py, README
 LAYERCAM_GAMMA = 2.0  # tanh scaling of shallow-layer maps before fusion (Jiang et al. 2021, Sec. III-C)
-EVIDENCE_EPS = 1e-6   # a map whose maximum (in raw units) is below this has no positive evidence
+EVIDENCE_EPS = 1e-6  # a map whose maximum (in raw units) is below this has no positive evidence
 MAP_PRECISIONS = ("fp32", "bf16")
 # (image, class) rows of batched gradients held at once. Bounds memory: one row of denseblock1
 # gradients at 224 px is 256 x 56 x 56 floats (3.2 MB fp32), so 64 rows hold ~0.2 GB per tensor.
@@ -133,8 +136,9 @@ def check_method(method: str | None) -> str:
     return name
 
 
-def class_activation_maps(features: torch.Tensor, weight: torch.Tensor,
-                          classes: Sequence[int] | None = None) -> torch.Tensor:
+def class_activation_maps(
+    features: torch.Tensor, weight: torch.Tensor, classes: Sequence[int] | None = None
+) -> torch.Tensor:
     """Raw CAMs (N, K, h, w) from features (N, C, h, w) and head weights (num_classes, C)."""
     w = weight if classes is None else weight[list(classes)]
     return torch.einsum("nchw,kc->nkhw", features.float(), w.float().to(features.device))
@@ -161,8 +165,9 @@ def _finish(raw: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.nd
     return maps.cpu().numpy().astype(np.float32, copy=False), ok.cpu().numpy()
 
 
-def maps_from_features(features: torch.Tensor | np.ndarray, weight: torch.Tensor, classes: Sequence[int],
-                       size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def maps_from_features(
+    features: torch.Tensor | np.ndarray, weight: torch.Tensor, classes: Sequence[int], size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``cam`` method from a precomputed last feature map (N, C, h, w) (e.g. from OpenVINO).
 
     Returns (maps (N, K, H, W) in [0, 1], evidence (N, K) bool), exactly as :func:`compute_maps`
@@ -178,9 +183,15 @@ def feature_stages(model: DenseNet) -> list[str]:
     return [name for name, _ in model.features.named_children()]
 
 
-def compute_maps(model: DenseNet, x: torch.Tensor, classes: Sequence[int] | None = None,
-                 method: str | None = None, *, wanted: np.ndarray | torch.Tensor | None = None,
-                 precision: str = "fp32") -> MapResult:
+def compute_maps(
+    model: DenseNet,
+    x: torch.Tensor,
+    classes: Sequence[int] | None = None,
+    method: str | None = None,
+    *,
+    wanted: np.ndarray | torch.Tensor | None = None,
+    precision: str = "fp32",
+) -> MapResult:
     """THE class-activation maps of this project (see the module docstring for the definition).
 
     ``model``: a medxray DenseNet (``features`` stages, ``forward_head``, ``classifier``), in
@@ -249,9 +260,14 @@ def _masked(res: MapResult, want: torch.Tensor | None) -> MapResult:
     return res
 
 
-def _gradient_maps(model: DenseNet, x: torch.Tensor, cls: list[int], spec: MapMethod,
-                   want: torch.Tensor | None = None,
-                   bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _gradient_maps(
+    model: DenseNet,
+    x: torch.Tensor,
+    cls: list[int],
+    spec: MapMethod,
+    want: torch.Tensor | None = None,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Logits (N, C), the last feature map (N, F, h, w) and one raw map (N, K, h_s, w_s) per
     stage of ``spec`` (gradcam / layercam), from one forward pass and batched backward passes.
 
@@ -269,15 +285,14 @@ def _gradient_maps(model: DenseNet, x: torch.Tensor, cls: list[int], spec: MapMe
     slots = [list(range(k)) if want is None else torch.nonzero(want[i]).flatten().tolist() for i in range(n)]
     n_slots = max((len(s) for s in slots), default=0)
     dev = x.device
-    with torch.enable_grad(), torch.inference_mode(False), \
-            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.enable_grad(), torch.inference_mode(False), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         h = x.detach().clone()
         with torch.no_grad():
             for _, mod in children[: first + 1]:
                 h = mod(h)
         h = h.detach().requires_grad_(True)
         acts = {children[first][0]: h}
-        for nm, mod in children[first + 1:]:
+        for nm, mod in children[first + 1 :]:
             h = mod(h)
             if nm in spec.stages:
                 acts[nm] = h
@@ -292,8 +307,9 @@ def _gradient_maps(model: DenseNet, x: torch.Tensor, cls: list[int], spec: MapMe
             pairs = [(m, i, s[m]) for i, s in enumerate(slots) for m in range(m0, min(m1, len(s)))]
             for m, i, j in pairs:
                 onehot[m - m0, i, cls[j]] = 1
-            grads = torch.autograd.grad(logits, taps, grad_outputs=onehot, is_grads_batched=True,
-                                        retain_graph=m1 < n_slots)
+            grads = torch.autograd.grad(
+                logits, taps, grad_outputs=onehot, is_grads_batched=True, retain_graph=m1 < n_slots
+            )
             for t, (a, g) in enumerate(zip(taps, grads)):
                 a32, g32 = a.detach().float(), g.float()  # (N, C_s, h, w), (slots, N, C_s, h, w)
                 if spec.kind == "gradcam":
@@ -306,8 +322,9 @@ def _gradient_maps(model: DenseNet, x: torch.Tensor, cls: list[int], spec: MapMe
     return logits.detach().float(), feats.detach().float(), raw
 
 
-def grad_cam(model: DenseNet, x: torch.Tensor, classes: Sequence[int] | None = None,
-             layer: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+def grad_cam(
+    model: DenseNet, x: torch.Tensor, classes: Sequence[int] | None = None, layer: str | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
     """Logits and Grad-CAMs (N, K, H, W) in [0, 1] at stage ``layer`` (None = denseblock4).
 
     The same definition as :func:`compute_maps` (whose ``gradcam-*`` methods are this at a fixed
@@ -370,8 +387,15 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~inner
 
 
-def overlay(image01: np.ndarray, cam01: np.ndarray, alpha: float = 0.4, cmap: str = "jet", *,
-            floor: float = DISPLAY_FLOOR, style: str = "fill") -> np.ndarray:
+def overlay(
+    image01: np.ndarray,
+    cam01: np.ndarray,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    *,
+    floor: float = DISPLAY_FLOOR,
+    style: str = "fill",
+) -> np.ndarray:
     """Draw a map over a grayscale image: uint8 RGB (H, W, 3), same shape and orientation as the image.
 
     ``image01`` is float in [0, 1] (or uint8), (H, W); ``cam01`` in [0, 1] at any resolution
@@ -408,9 +432,19 @@ def overlay(image01: np.ndarray, cam01: np.ndarray, alpha: float = 0.4, cmap: st
     return out
 
 
-def overlay_with_legend(image01: np.ndarray, cam01: np.ndarray, title: str = "", *, alpha: float = 0.4,
-                        cmap: str = "jet", footer: str = "not for clinical use", floor: float = DISPLAY_FLOOR,
-                        style: str = "fill", finding: str | None = None, mark_peak: bool = False) -> np.ndarray:
+def overlay_with_legend(
+    image01: np.ndarray,
+    cam01: np.ndarray,
+    title: str = "",
+    *,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    footer: str = "not for clinical use",
+    floor: float = DISPLAY_FLOOR,
+    style: str = "fill",
+    finding: str | None = None,
+    mark_peak: bool = False,
+) -> np.ndarray:
     """:func:`overlay` plus a colour bar (untinted below ``floor``), a title and a footer line.
 
     When the map is all zero the image is left untinted and the words "no positive evidence for

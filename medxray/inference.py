@@ -156,14 +156,25 @@ class Predictor:
         self.backend, self.precision = self._choose(backend, precision)
         if verify and self.precision != "int8" and not (self.backend == "torch" and self.precision == "fp32"):
             self._verify_or_fall_back()
-        log.info("predictor: %s %s on %s, backend %s (%s)", self.architecture, self.model_version, self.device,
-                 self.backend, self.precision)
+        log.info(
+            "predictor: %s %s on %s, backend %s (%s)",
+            self.architecture,
+            self.model_version,
+            self.device,
+            self.backend,
+            self.precision,
+        )
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike | Checkpoint, device: str | torch.device = "auto",
-                        backend: str = "auto", **kwargs: Any) -> "Predictor":
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike | Checkpoint,
+        device: str | torch.device = "auto",
+        backend: str = "auto",
+        **kwargs: Any,
+    ) -> "Predictor":
         """Load (weights_only) and build; raises :class:`CheckpointError` for an unusable checkpoint."""
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
         from medxray.data.transforms import check_preprocessing
@@ -189,8 +200,11 @@ class Predictor:
             try:
                 precision = self._build_openvino(precision, want_int8)
             except Exception as exc:  # not installed, or an op it cannot convert
-                log.warning("OpenVINO backend unavailable (%s: %s); using torch", type(exc).__name__,
-                            str(exc).splitlines()[0][:200] if str(exc) else "")
+                log.warning(
+                    "OpenVINO backend unavailable (%s: %s); using torch",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                )
                 backend = "torch"
         if backend == "torch" and self.device.type == "cpu" and precision == "bf16":
             self._cl_model = self.model.to(memory_format=torch.channels_last)
@@ -301,8 +315,13 @@ class Predictor:
                 except OSError:
                     pass
         if diff > PROB_TOLERANCE:
-            log.warning("backend %s/%s differs from fp32 by %.4f (> %.2f); falling back to torch fp32",
-                        self.backend, self.precision, diff, PROB_TOLERANCE)
+            log.warning(
+                "backend %s/%s differs from fp32 by %.4f (> %.2f); falling back to torch fp32",
+                self.backend,
+                self.precision,
+                diff,
+                PROB_TOLERANCE,
+            )
             self.backend, self.precision, self._ov_compiled, self._cl_model = "torch", "fp32", None, None
             self.model = self.model.to(memory_format=torch.contiguous_format)
         self.verified_max_diff = diff
@@ -358,7 +377,7 @@ class Predictor:
             raise InputShapeError(f"expected a batch (N, 3, S, S), got {tuple(x.shape)}")
         outs_l, outs_f = [], []
         for i in range(0, x.shape[0], self.batch_size):
-            chunk = x[i: i + self.batch_size]
+            chunk = x[i : i + self.batch_size]
             if self.backend == "openvino":
                 lg, ft = self._forward_ov(chunk, want_features)
             else:
@@ -428,8 +447,14 @@ class Predictor:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if cpu_has_native_bf16() else "fp32"
 
-    def maps_tensor(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
-                    method: str | None = None, *, wanted: np.ndarray | None = None) -> np.ndarray:
+    def maps_tensor(
+        self,
+        x: torch.Tensor,
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        *,
+        wanted: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Maps (N, K, S, S) float32 in [0, 1] for a preprocessed batch (N, 3, S, S).
 
         These are :func:`medxray.cam.compute_maps` (THE map definition), in :attr:`map_precision`;
@@ -442,8 +467,14 @@ class Predictor:
         """
         return self._map_pass(x, classes, method, wanted, want_features=False)[2]
 
-    def _map_pass(self, x: torch.Tensor, classes: Sequence[int | str] | None, method: str | None,
-                  wanted: np.ndarray | None, want_features: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def _map_pass(
+        self,
+        x: torch.Tensor,
+        classes: Sequence[int | str] | None,
+        method: str | None,
+        wanted: np.ndarray | None,
+        want_features: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Logits (N, C), the last feature map (N, F, h, w) when ``want_features`` (else None) and
         the maps (N, K, S, S), all from ONE forward pass per chunk of ``batch_size`` images."""
         from medxray.cam import check_method, compute_maps, maps_from_features
@@ -456,8 +487,11 @@ class Predictor:
         if want is not None and want.shape != (n, len(cls)):
             raise ConfigError(f"wanted must be (images, classes) = ({n}, {len(cls)}), got {want.shape}")
         if n == 0 or not cls:
-            logits, feats = self.forward(x, want_features=want_features) if n else (
-                np.zeros((0, len(self.label_names)), np.float32), None)
+            logits, feats = (
+                self.forward(x, want_features=want_features)
+                if n
+                else (np.zeros((0, len(self.label_names)), np.float32), None)
+            )
             return logits, feats, np.zeros((n, len(cls), *size), np.float32)
         if name == "cam" and self.backend == "openvino":
             logits, feats = self.forward(x, want_features=True)
@@ -469,9 +503,15 @@ class Predictor:
             return logits, feats if want_features else None, maps
         logits_p, feats_p, maps_p = [], [], []
         for i in range(0, n, self.batch_size):
-            sub = None if want is None else want[i: i + self.batch_size]
-            res = compute_maps(self.model, x[i: i + self.batch_size].to(self.device), cls, method=name, wanted=sub,
-                               precision=self.map_precision)
+            sub = None if want is None else want[i : i + self.batch_size]
+            res = compute_maps(
+                self.model,
+                x[i : i + self.batch_size].to(self.device),
+                cls,
+                method=name,
+                wanted=sub,
+                precision=self.map_precision,
+            )
             logits_p.append(res.logits.cpu().numpy())
             if want_features and res.features is not None:
                 feats_p.append(res.features.cpu().numpy())
@@ -479,8 +519,13 @@ class Predictor:
         feats = np.concatenate(feats_p) if want_features and feats_p else None
         return np.concatenate(logits_p), feats, np.concatenate(maps_p)
 
-    def predict_tensor_with_cams(self, x: torch.Tensor, classes: Sequence[int | str] | None = None,
-                                 method: str | None = None, with_ood: bool = False) -> Any:
+    def predict_tensor_with_cams(
+        self,
+        x: torch.Tensor,
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        with_ood: bool = False,
+    ) -> Any:
         """Probabilities (N, C) and the maps (N, K, S, S) of :meth:`maps_tensor`; ``with_ood=True``
         adds a third value, the OOD distances of :meth:`predict_tensor`.
 
@@ -501,8 +546,13 @@ class Predictor:
             maps = self.maps_tensor(x, classes, name)
         return (probs, maps, ood) if with_ood else (probs, maps)
 
-    def predict_with_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
-                          method: str | None = None, with_ood: bool = False) -> Any:
+    def predict_with_cams(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        with_ood: bool = False,
+    ) -> Any:
         """Probabilities (N, C) and maps (N, K, S, S) in [0, 1] at the network input size S.
 
         ``classes`` are column indices or finding names (default: all C); see
@@ -510,8 +560,9 @@ class Predictor:
         """
         return self.predict_tensor_with_cams(self.preprocess(images), classes, method, with_ood=with_ood)
 
-    def grad_cams(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
-                  layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def grad_cams(
+        self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None, layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and Grad-CAMs (N, K, S, S) at stage ``layer`` (fp32 eager torch)."""
         from medxray.cam import grad_cam
 
@@ -525,9 +576,15 @@ class Predictor:
         return [[n for n, hit in zip(self.label_names, row) if hit] for row in (np.asarray(probs) >= th)]
 
     def describe(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "model_name": self.model_name,
-                "model_version": self.model_version, "backend": self.backend, "precision": self.precision,
-                "device": str(self.device), "image_size": self.image_size}
+        return {
+            "architecture": self.architecture,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "backend": self.backend,
+            "precision": self.precision,
+            "device": str(self.device),
+            "image_size": self.image_size,
+        }
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:

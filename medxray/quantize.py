@@ -15,8 +15,8 @@ Predictor (precision ``auto`` or ``int8`` on OpenVINO) loads the int8 model only
 record says it passed (:func:`load_int8`); otherwise it runs bf16/fp32 and logs the recorded
 reason. The reference "fp32" is the same OpenVINO graph compiled with an f32 precision hint.
 
-Must not import :mod:`medxray.inference` (which imports this), the scoring, the app or the CLI; nncf and openvino are imported lazily (the
-``openvino`` extra).
+Must not import :mod:`medxray.inference` (which imports this), the scoring, the app or the CLI;
+nncf and openvino are imported lazily (the ``openvino`` extra).
 """
 
 from __future__ import annotations
@@ -52,8 +52,14 @@ class GateResult:
     n_check: int = 0
 
 
-def accuracy_gate(label_names: list[str], ref_val: np.ndarray, q_val: np.ndarray, y_val: np.ndarray,
-                  ref_check: np.ndarray, q_check: np.ndarray) -> GateResult:
+def accuracy_gate(
+    label_names: list[str],
+    ref_val: np.ndarray,
+    q_val: np.ndarray,
+    y_val: np.ndarray,
+    ref_check: np.ndarray,
+    q_check: np.ndarray,
+) -> GateResult:
     """Decide the gate from probabilities (N, C) of fp32 and int8 and 0/1 labels (N, C).
 
     AUROC: scikit-learn ``roc_auc_score`` per finding with both classes present in ``y_val``.
@@ -79,14 +85,24 @@ def accuracy_gate(label_names: list[str], ref_val: np.ndarray, q_val: np.ndarray
     if pdiff > GATE_PROB:
         why.append(f"probabilities differ by up to {pdiff:.4f} on the check set (> {GATE_PROB})")
     passed = not why
-    return GateResult(passed, "passed" if passed else "; ".join(why), drop if a_ref else float("nan"), a_ref, a_q,
-                      pdiff, int(len(y_val)), int(len(ref_check)))
+    return GateResult(
+        passed,
+        "passed" if passed else "; ".join(why),
+        drop if a_ref else float("nan"),
+        a_ref,
+        a_q,
+        pdiff,
+        int(len(y_val)),
+        int(len(ref_check)),
+    )
 
 
 def _probs(compiled: Any, x: np.ndarray, batch: int = 16) -> np.ndarray:
     req = compiled.create_infer_request()
-    out = [np.array(req.infer({0: np.ascontiguousarray(x[i:i + batch], np.float32)})[0], np.float64)
-           for i in range(0, len(x), batch)]
+    out = [
+        np.array(req.infer({0: np.ascontiguousarray(x[i : i + batch], np.float32)})[0], np.float64)
+        for i in range(0, len(x), batch)
+    ]
     return (1.0 / (1.0 + np.exp(-np.concatenate(out)))).astype(np.float32)
 
 
@@ -94,8 +110,16 @@ def _paths(key: str, cache: Path | None) -> tuple[Path, Path] | None:
     return None if cache is None else (Path(cache) / f"{key}.int8.xml", Path(cache) / f"{key}.int8.json")
 
 
-def quantize_predictor(predictor: Any, calibration: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                       check_x: np.ndarray, *, subset_size: int = 300, cache: Path | None = None) -> GateResult:
+def quantize_predictor(
+    predictor: Any,
+    calibration: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    check_x: np.ndarray,
+    *,
+    subset_size: int = 300,
+    cache: Path | None = None,
+) -> GateResult:
     """Quantise ``predictor``'s OpenVINO graph to int8, measure the gate, cache model + record.
 
     ``calibration``, ``val_x``, ``check_x``: preprocessed inputs (N, 3, S, S) float32 (as
@@ -111,19 +135,31 @@ def quantize_predictor(predictor: Any, calibration: np.ndarray, val_x: np.ndarra
         import nncf
         import openvino as ov
     except ImportError as exc:
-        raise ConfigError(f"int8 quantisation needs nncf and openvino ({exc}); pip install 'medxray[openvino]'") \
-            from None
+        raise ConfigError(
+            f"int8 quantisation needs nncf and openvino ({exc}); pip install 'medxray[openvino]'"
+        ) from None
     fp32 = predictor.openvino_fp32_model()
     data = nncf.Dataset([np.ascontiguousarray(c[None], np.float32) for c in calibration])
-    q_model = nncf.quantize(fp32, data, subset_size=min(subset_size, len(calibration)),
-                            target_device=nncf.TargetDevice.CPU)
+    q_model = nncf.quantize(
+        fp32, data, subset_size=min(subset_size, len(calibration)), target_device=nncf.TargetDevice.CPU
+    )
     core = openvino_core()
     cfg = {"INFERENCE_PRECISION_HINT": "f32"}
     ref_c, q_c = core.compile_model(fp32, "CPU", cfg), core.compile_model(q_model, "CPU", cfg)
-    result = accuracy_gate(predictor.label_names, _probs(ref_c, val_x), _probs(q_c, val_x), np.asarray(val_y),
-                           _probs(ref_c, check_x), _probs(q_c, check_x))
-    (log.info if result.passed else log.warning)("int8 gate: %s (max AUROC change %.4f, max prob diff %.4f)",
-                                                 result.reason, result.max_auroc_drop, result.max_prob_diff)
+    result = accuracy_gate(
+        predictor.label_names,
+        _probs(ref_c, val_x),
+        _probs(q_c, val_x),
+        np.asarray(val_y),
+        _probs(ref_c, check_x),
+        _probs(q_c, check_x),
+    )
+    (log.info if result.passed else log.warning)(
+        "int8 gate: %s (max AUROC change %.4f, max prob diff %.4f)",
+        result.reason,
+        result.max_auroc_drop,
+        result.max_prob_diff,
+    )
     paths = _paths(predictor.weights_key, cache if cache is not None else predictor.cache_dir)
     if paths is not None:
         xml, record = paths
@@ -143,7 +179,8 @@ def quantize_predictor(predictor: Any, calibration: np.ndarray, val_x: np.ndarra
 
 
 def load_int8(key: str, cache: Path | None) -> tuple[Any | None, str]:
-    """(the int8 OpenVINO model, "") when a passed gate is recorded for weight hash ``key`` in ``cache``; else (None, why)."""
+    """(the int8 OpenVINO model, "") when a passed gate is recorded for weight hash ``key`` in ``cache``;
+    else (None, why)."""
     paths = _paths(key, cache)
     if paths is None:
         return None, "no model cache directory (MEDXRAY_CACHE_DIR=off or unwritable)"

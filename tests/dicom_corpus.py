@@ -57,10 +57,20 @@ def _uid(name: str, kind: str) -> str:
     return generate_uid(entropy_srcs=[name, kind])
 
 
-def make_dataset(name: str, arr: np.ndarray | None = None, *, modality: str | None = "CR",
-                 photometric: str = "MONOCHROME2", bits_allocated: int = 16, bits_stored: int = 12,
-                 signed: bool = False, window: tuple | None = WINDOW, view: str = "PA",
-                 transfer_syntax: str | None = None, pixel_bytes: bytes | None = None) -> "object":
+def make_dataset(
+    name: str,
+    arr: np.ndarray | None = None,
+    *,
+    modality: str | None = "CR",
+    photometric: str = "MONOCHROME2",
+    bits_allocated: int = 16,
+    bits_stored: int = 12,
+    signed: bool = False,
+    window: tuple | None = WINDOW,
+    view: str = "PA",
+    transfer_syntax: str | None = None,
+    pixel_bytes: bytes | None = None,
+) -> "object":
     """A single-frame grayscale radiograph data set with PHI in the patient module."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -124,8 +134,12 @@ def _png_bytes() -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     raw = b"".join(b"\x00" + bytes(range(16)) for _ in range(16))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def build_corpus(root: Path) -> dict[str, Expect]:
@@ -153,20 +167,32 @@ def build_corpus(root: Path) -> dict[str, Expect]:
 
     # ---- images that must score --------------------------------------------------------
     put("ok/mono2_12bit.dcm", make_dataset("mono2"), Expect("ok"))
-    put("ok/mono1_12bit.dcm", make_dataset("mono1", photometric="MONOCHROME1"),
-        Expect("ok", inverse_of="ok/mono2_12bit.dcm"))
+    put(
+        "ok/mono1_12bit.dcm",
+        make_dataset("mono1", photometric="MONOCHROME1"),
+        Expect("ok", inverse_of="ok/mono2_12bit.dcm"),
+    )
     high = base | (rng.integers(0, 16, base.shape) << 12)  # overlay garbage above BitsStored
     put("ok/unsigned12_high_bits.dcm", make_dataset("highbits", high), Expect("ok", same_as="ok/mono2_12bit.dcm"))
     signed = base - 2048
-    put("ok/signed16.dcm", make_dataset("signed16", signed * 8, bits_stored=16, signed=True, window=(0.0, 32768.0)),
-        Expect("ok"))
-    put("ok/signed12.dcm", make_dataset("signed12", signed, bits_stored=12, signed=True, window=(0.0, 4096.0)),
-        Expect("ok"))
+    put(
+        "ok/signed16.dcm",
+        make_dataset("signed16", signed * 8, bits_stored=16, signed=True, window=(0.0, 32768.0)),
+        Expect("ok"),
+    )
+    put(
+        "ok/signed12.dcm",
+        make_dataset("signed12", signed, bits_stored=12, signed=True, window=(0.0, 4096.0)),
+        Expect("ok"),
+    )
     garbage = (signed & 0x0FFF) | (rng.integers(0, 16, base.shape) << 12)  # two's complement 12 bit + junk
-    put("ok/signed12_junk_high_bits.dcm",
-        make_dataset("signed12junk", garbage.astype(np.uint16).view(np.int16), bits_stored=12, signed=True,
-                     window=(0.0, 4096.0)),
-        Expect("ok", same_as="ok/signed12.dcm"))
+    put(
+        "ok/signed12_junk_high_bits.dcm",
+        make_dataset(
+            "signed12junk", garbage.astype(np.uint16).view(np.int16), bits_stored=12, signed=True, window=(0.0, 4096.0)
+        ),
+        Expect("ok", same_as="ok/signed12.dcm"),
+    )
     ds = make_dataset("rescale", base // 2, window=(0.0, 4096.0))
     ds.RescaleSlope, ds.RescaleIntercept = "2", "-2048"  # raw = 2*stored - 2048 (~ base - 2048)
     put("ok/rescale_slope_intercept.dcm", ds, Expect("ok"))
@@ -200,8 +226,11 @@ def build_corpus(root: Path) -> dict[str, Expect]:
     ds.compress(JPEG2000Lossless)
     put("ok/jpeg2000_lossless.dcm", ds, Expect("ok", same_as="ok/mono2_12bit.dcm"))
     odd = phantom(size=SIZE, bits=8)[:63, :61]
-    put("ok/dx_8bit_odd_size.dcm", make_dataset("dx8", odd, modality="DX", bits_allocated=8, bits_stored=8,
-                                                 window=(128.0, 256.0)), Expect("ok"))
+    put(
+        "ok/dx_8bit_odd_size.dcm",
+        make_dataset("dx8", odd, modality="DX", bits_allocated=8, bits_stored=8, window=(128.0, 256.0)),
+        Expect("ok"),
+    )
     put("ok/lateral.dcm", make_dataset("lateral", view="LL"), Expect("ok", lateral=True))
     put("nested/a/b/c/deep.dcm", make_dataset("deep"), Expect("ok", same_as="ok/mono2_12bit.dcm"))
     put("nested/IM000001", make_dataset("noext"), Expect("ok", same_as="ok/mono2_12bit.dcm"))
@@ -209,14 +238,17 @@ def build_corpus(root: Path) -> dict[str, Expect]:
 
     # ---- everything the decoder must refuse, with the right reason ---------------------
     put_bytes("bad/zero_bytes.dcm", b"", Expect("error", "not_dicom"))
-    put_bytes("bad/random_bytes.dcm", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
-              Expect("error", "not_dicom"))
+    put_bytes(
+        "bad/random_bytes.dcm", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), Expect("error", "not_dicom")
+    )
     put_bytes("bad/random_noext", rng.integers(0, 256, 300, dtype=np.uint8).tobytes(), Expect("error", "not_dicom"))
     put_bytes("bad/png_renamed.dcm", _png_bytes(), Expect("error", "not_dicom"))
     put_bytes("bad/notes.txt", b"Patient list: nothing here\n", Expect("error", "not_dicom"))
-    put_bytes("bad/dicm_then_garbage.dcm",
-              b"\x00" * 128 + b"DICM" + rng.integers(0, 256, 600, dtype=np.uint8).tobytes(),
-              Expect("error", "unreadable|truncated"))
+    put_bytes(
+        "bad/dicm_then_garbage.dcm",
+        b"\x00" * 128 + b"DICM" + rng.integers(0, 256, 600, dtype=np.uint8).tobytes(),
+        Expect("error", "unreadable|truncated"),
+    )
     good = _bytes(make_dataset("trunc"))
     put_bytes("bad/truncated_in_pixels.dcm", good[: len(good) - 1000], Expect("error", "truncated"))
     put_bytes("bad/truncated_in_header.dcm", good[:400], Expect("error", "truncated"))
@@ -227,15 +259,16 @@ def build_corpus(root: Path) -> dict[str, Expect]:
     ds = make_dataset("nopix")
     del ds.PixelData
     put("bad/no_pixel_data.dcm", ds, Expect("error", "no_pixel_data"))
-    put("bad/short_pixel_data.dcm",
+    put(
+        "bad/short_pixel_data.dcm",
         make_dataset("short", pixel_bytes=base.astype("<u2").tobytes()[: SIZE * SIZE]),
-        Expect("error", "short_pixel_data"))
+        Expect("error", "short_pixel_data"),
+    )
     ds = make_dataset("multiframe", pixel_bytes=np.concatenate([base.ravel()] * 3).astype("<u2").tobytes())
     ds.NumberOfFrames = 3
     put("bad/multi_frame.dcm", ds, Expect("error", "multi_frame"))
     rgb = np.stack([phantom(bits=8)] * 3, axis=-1).astype(np.uint8)
-    ds = make_dataset("rgb", rgb[..., 0], photometric="RGB", bits_allocated=8, bits_stored=8,
-                      pixel_bytes=rgb.tobytes())
+    ds = make_dataset("rgb", rgb[..., 0], photometric="RGB", bits_allocated=8, bits_stored=8, pixel_bytes=rgb.tobytes())
     ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
     put("bad/colour_rgb.dcm", ds, Expect("error", "colour"))
     put("bad/modality_ct.dcm", make_dataset("ct", modality="CT"), Expect("error", "modality"))

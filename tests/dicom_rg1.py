@@ -13,7 +13,6 @@ import io
 from functools import lru_cache
 
 import numpy as np
-
 from dicom_corpus import PHI_BIRTH, PHI_ID, PHI_NAME
 
 
@@ -40,8 +39,9 @@ def rg1_pixels() -> np.ndarray:
     return np.frombuffer(_base().PixelData, dtype="<u2").reshape(_base().Rows, _base().Columns).copy()
 
 
-def set_pixels(ds, arr: np.ndarray, *, bits_stored: int | None = None, high_bit: int | None = None,
-               signed: bool = False) -> None:
+def set_pixels(
+    ds, arr: np.ndarray, *, bits_stored: int | None = None, high_bit: int | None = None, signed: bool = False
+) -> None:
     arr = np.asarray(arr)
     ds.PixelRepresentation = 1 if signed else 0
     ds.PixelData = arr.astype("<i2" if signed else "<u2").tobytes()

@@ -72,33 +72,67 @@ class SlurmCluster:
         key = d / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
-        self._spawn("munged", [find_daemon("munged"), "--foreground", "--force", f"--socket={self.socket}",
-                               f"--key-file={key}", f"--pid-file={d / 'munge' / 'munged.pid'}",
-                               f"--seed-file={d / 'munge' / 'munged.seed'}", f"--log-file={d / 'log' / 'munged.log'}"])
+        self._spawn(
+            "munged",
+            [
+                find_daemon("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.socket}",
+                f"--key-file={key}",
+                f"--pid-file={d / 'munge' / 'munged.pid'}",
+                f"--seed-file={d / 'munge' / 'munged.seed'}",
+                f"--log-file={d / 'log' / 'munged.log'}",
+            ],
+        )
         self._wait(lambda: self.socket.exists(), "munged socket")
         ctld_port, slurmd_port = free_port(), free_port()
-        self.conf.write_text("\n".join([
-            "ClusterName=medxraytest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
-            "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.socket}",
-            f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool'}",
-            f"SlurmctldPidFile={d / 'slurmctld.pid'}", f"SlurmdPidFile={d / 'slurmd.pid'}",
-            f"SlurmctldLogFile={d / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={d / 'log' / 'slurmd.log'}",
-            "SlurmctldDebug=info", "SlurmdDebug=info",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
-            f"JobCompLoc={d / 'log' / 'jobcomp.log'}",
-            "MpiDefault=none", "SwitchType=switch/none",
-            "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=2",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-            "ReturnToService=2", "JobRequeue=1", "MinJobAge=600", "KillWait=5", "InactiveLimit=0",
-            "SlurmctldTimeout=30", "SlurmdTimeout=30", "MessageTimeout=20",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4096 State=UNKNOWN",
-            f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=medxraytest",
+                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"SlurmctldPort={ctld_port}",
+                    f"SlurmdPort={slurmd_port}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={self.socket}",
+                    f"StateSaveLocation={d / 'state'}",
+                    f"SlurmdSpoolDir={d / 'spool'}",
+                    f"SlurmctldPidFile={d / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={d / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={d / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={d / 'log' / 'slurmd.log'}",
+                    "SlurmctldDebug=info",
+                    "SlurmdDebug=info",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    f"JobCompLoc={d / 'log' / 'jobcomp.log'}",
+                    "MpiDefault=none",
+                    "SwitchType=switch/none",
+                    "SchedulerType=sched/backfill",
+                    "SchedulerParameters=sched_interval=2",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "ReturnToService=2",
+                    "JobRequeue=1",
+                    "MinJobAge=600",
+                    "KillWait=5",
+                    "InactiveLimit=0",
+                    "SlurmctldTimeout=30",
+                    "SlurmdTimeout=30",
+                    "MessageTimeout=20",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4096 State=UNKNOWN",
+                    f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+                    "",
+                ]
+            )
+        )
         env = self.env()
         self._spawn("slurmctld", [find_daemon("slurmctld"), "-D", "-i", "-f", str(self.conf)], env)
         self._wait(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, "slurmctld")
@@ -107,8 +141,9 @@ class SlurmCluster:
 
     def _spawn(self, name: str, argv: list, env: dict | None = None) -> None:
         log = open(self.dir / "log" / f"{name}.out", "w")
-        self.procs[name] = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                                            env=env or self.env(), start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, env=env or self.env(), start_new_session=True
+        )
         log.close()
 
     def _wait(self, ready, what: str, timeout: float = 60.0) -> None:
@@ -116,8 +151,9 @@ class SlurmCluster:
         while not ready():
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not come up ({'exited: ' + ', '.join(dead) if dead else 'timeout'})"
-                                   f"\n{self.logs()}")
+                raise RuntimeError(
+                    f"{what} did not come up ({'exited: ' + ', '.join(dead) if dead else 'timeout'})\n{self.logs()}"
+                )
             time.sleep(0.3)
 
     def logs(self, lines: int = 15) -> str:
@@ -144,8 +180,13 @@ class SlurmCluster:
 
     # ---- clients --------------------------------------------------------------------------------
     def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        r = subprocess.run([find_daemon(argv[0]) or argv[0], *argv[1:]], env=self.env(), capture_output=True,
-                           text=True, timeout=timeout)
+        r = subprocess.run(
+            [find_daemon(argv[0]) or argv[0], *argv[1:]],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and r.returncode:
             raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}\n{self.logs()}")
         return r

@@ -52,8 +52,9 @@ def test_cam_is_features_dot_head_weights(model, batch):
         logits = model(batch)
     assert raw.shape == (3, 5, 3, 3)
     # GAP is linear: the spatial mean of the raw CAM plus the bias is the logit.
-    np.testing.assert_allclose((raw.mean(dim=(2, 3)) + model.classifier.bias).detach().numpy(), logits.numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        (raw.mean(dim=(2, 3)) + model.classifier.bias).detach().numpy(), logits.numpy(), atol=1e-4
+    )
     # One position by hand.
     manual = (feats[1, :, 2, 0] * model.classifier.weight[4]).sum()
     assert torch.isclose(raw[1, 4, 2, 0], manual, atol=1e-4)

@@ -53,7 +53,7 @@ def _per_class_reference(model, x, classes, method):
                     h = mod(h)
             a = h.detach().requires_grad_(True)
             h = a
-            for _, mod in children[k + 1:]:
+            for _, mod in children[k + 1 :]:
                 h = mod(h)
             logits = model.forward_head(F.relu(h))
             (g,) = torch.autograd.grad(logits[:, c].sum(), a)
@@ -185,9 +185,19 @@ def test_overlays_are_drawn_at_display_size_in_the_worker(tmp_path):
     np.testing.assert_array_equal(small["x"], full["x"])  # the network input does not depend on it
     cam = np.zeros((SIZE, SIZE), np.float32)
     cam[10:30, 20:40] = 1.0
-    res = post_job({"out": str(tmp_path), "stem": "rg1", "classes": ["Effusion"], "class_probs": [0.9],
-                    "cams": cam[None], "display": small["display"], "cam_method": "layercam-denseblock1",
-                    "overlay_max_side": DISPLAY_LONG_SIDE, "sr": None})
+    res = post_job(
+        {
+            "out": str(tmp_path),
+            "stem": "rg1",
+            "classes": ["Effusion"],
+            "class_probs": [0.9],
+            "cams": cam[None],
+            "display": small["display"],
+            "cam_method": "layercam-denseblock1",
+            "overlay_max_side": DISPLAY_LONG_SIDE,
+            "sr": None,
+        }
+    )
     assert not res["failed"]
     with Image.open(tmp_path / res["cam_dir"] / "Effusion.png") as im:
         assert im.size[1] == hs and im.size[0] > ws  # the image plus its colour bar

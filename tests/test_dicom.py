@@ -6,12 +6,11 @@ import io
 
 import numpy as np
 import pytest
+from dicom_corpus import PHI_STRINGS, make_dataset, phantom
 
 from medxray import dicom
 from medxray.dicom import read_dicom, rewindow, sniff_dicom
 from medxray.errors import DicomError
-
-from dicom_corpus import PHI_STRINGS, make_dataset, phantom
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
@@ -73,8 +72,8 @@ def test_rg1_window_matches_pydicom_reference(rg1_images):
 def test_rg1_monochrome1_air_is_dark(rg1_images):
     px = rg1_images["UNCR"].pixels
     h, w = px.shape
-    lungs = px[h // 4: h // 2, w // 5: w // 3].mean()  # right lung field
-    spine = px[h // 4: h // 2, w // 2 - 40: w // 2 + 40].mean()  # mediastinum
+    lungs = px[h // 4 : h // 2, w // 5 : w // 3].mean()  # right lung field
+    spine = px[h // 4 : h // 2, w // 2 - 40 : w // 2 + 40].mean()  # mediastinum
     assert lungs < spine, "MONOCHROME1 must be inverted: air-filled lungs darker than the mediastinum"
 
 
@@ -91,7 +90,7 @@ def test_keep_raw_false_gives_same_pixels():
     b = read_dicom(rg1("UNCR"), keep_raw=False)
     np.testing.assert_array_equal(a.pixels, b.pixels)
     with pytest.raises(ValueError):
-        b.raw
+        _ = b.raw
 
 
 def test_rewindow_reproduces_file_window(rg1_images):
@@ -101,22 +100,27 @@ def test_rewindow_reproduces_file_window(rg1_images):
     assert (narrow == 0).mean() > (img.pixels == 0).mean()
 
 
-@pytest.mark.parametrize("plain,encoded", [
-    ("MR_small.dcm", "MR_small_RLE.dcm"),
-    ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm"),
-    ("MR_small.dcm", "MR_small_jp2klossless.dcm"),
-    ("MR_small.dcm", "MR_small_implicit.dcm"),
-    ("MR_small.dcm", "MR_small_bigendian.dcm"),
-    ("JPEG2000_UNC.dcm", "JPEG2000.dcm"),
-])
+@pytest.mark.parametrize(
+    "plain,encoded",
+    [
+        ("MR_small.dcm", "MR_small_RLE.dcm"),
+        ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm"),
+        ("MR_small.dcm", "MR_small_jp2klossless.dcm"),
+        ("MR_small.dcm", "MR_small_implicit.dcm"),
+        ("MR_small.dcm", "MR_small_bigendian.dcm"),
+        ("JPEG2000_UNC.dcm", "JPEG2000.dcm"),
+    ],
+)
 def test_compressed_transfer_syntaxes_decode_identically(plain, encoded):
     a = read_dicom(get_testdata_file(plain), allowed_modalities=None)
     b = read_dicom(get_testdata_file(encoded), allowed_modalities=None)
     np.testing.assert_array_equal(a.raw, b.raw)
 
 
-@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm",
-                                  "JPEGLSNearLossless_16.dcm", "image_dfl.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    ["JPGExtended.dcm", "JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "JPEGLSNearLossless_16.dcm", "image_dfl.dcm"],
+)
 def test_jpeg_family_and_deflate_decode(name):
     img = read_dicom(get_testdata_file(name), allowed_modalities=None)
     assert img.pixels.ndim == 2 and 0 <= img.pixels.min() < img.pixels.max() <= 1
@@ -144,8 +148,17 @@ def test_corpus_is_big_and_covers_every_refusal(dicom_corpus):
     _, expect = dicom_corpus
     assert len(expect) >= 25
     codes = {c for e in expect.values() if e.code for c in e.code.split("|")}
-    for required in ("not_dicom", "truncated", "no_pixel_data", "short_pixel_data", "multi_frame", "colour",
-                     "modality", "too_large", "decode_failed"):
+    for required in (
+        "not_dicom",
+        "truncated",
+        "no_pixel_data",
+        "short_pixel_data",
+        "multi_frame",
+        "colour",
+        "modality",
+        "too_large",
+        "decode_failed",
+    ):
         assert required in codes
     names = set(expect)
     assert any("/" in n and n.count("/") >= 3 for n in names), "nested folders"

@@ -47,19 +47,30 @@ def _us(v: int) -> bytes:
 
 
 def _file_meta() -> bytes:
-    body = (_el(2, 1, b"OB", b"\x00\x01") + _el(2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.1\x00")
-            + _el(2, 3, b"UI", b"1.2.826.0.1.3680043.8.498.1\x00")
-            + _el(2, 0x10, b"UI", b"1.2.840.10008.1.2.1.99\x00"))
+    body = (
+        _el(2, 1, b"OB", b"\x00\x01")
+        + _el(2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.1\x00")
+        + _el(2, 3, b"UI", b"1.2.826.0.1.3680043.8.498.1\x00")
+        + _el(2, 0x10, b"UI", b"1.2.840.10008.1.2.1.99\x00")
+    )
     return b"\x00" * 128 + b"DICM" + _el(2, 0, b"UL", struct.pack("<I", len(body))) + body
 
 
 def _image_header(rows: int = 512, cols: int = 512) -> bytes:
-    return (_el(8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.1\x00") + _el(8, 0x18, b"UI", b"1.2.826.0.1.3680043.8.498.1\x00")
-            + _el(8, 0x60, b"CS", b"CR") + _el(0x10, 0x10, b"PN", b"Zzyzxphi^Quintessa")
-            + _el(0x28, 2, b"US", _us(1)) + _el(0x28, 4, b"CS", b"MONOCHROME2 ")
-            + _el(0x28, 0x10, b"US", _us(rows)) + _el(0x28, 0x11, b"US", _us(cols))
-            + _el(0x28, 0x100, b"US", _us(16)) + _el(0x28, 0x101, b"US", _us(12))
-            + _el(0x28, 0x102, b"US", _us(11)) + _el(0x28, 0x103, b"US", _us(0)))
+    return (
+        _el(8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.1\x00")
+        + _el(8, 0x18, b"UI", b"1.2.826.0.1.3680043.8.498.1\x00")
+        + _el(8, 0x60, b"CS", b"CR")
+        + _el(0x10, 0x10, b"PN", b"Zzyzxphi^Quintessa")
+        + _el(0x28, 2, b"US", _us(1))
+        + _el(0x28, 4, b"CS", b"MONOCHROME2 ")
+        + _el(0x28, 0x10, b"US", _us(rows))
+        + _el(0x28, 0x11, b"US", _us(cols))
+        + _el(0x28, 0x100, b"US", _us(16))
+        + _el(0x28, 0x101, b"US", _us(12))
+        + _el(0x28, 0x102, b"US", _us(11))
+        + _el(0x28, 0x103, b"US", _us(0))
+    )
 
 
 def deflate_bomb(kind: str = "pixel_length", inflated: int = GIB) -> bytes:
@@ -80,10 +91,12 @@ def deflate_bomb(kind: str = "pixel_length", inflated: int = GIB) -> bytes:
         head = _image_header() + struct.pack("<HH2sHI", 0x0029, 0x1010, b"OB", 0, inflated)
         tail = _el(0x7FE0, 0x10, b"OW", bytes(16))
     elif kind == "undefined_item":
-        head = (_image_header()
-                + struct.pack("<HH2sHI", 0x0040, 0x0275, b"SQ", 0, 0xFFFFFFFF)
-                + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
-                + struct.pack("<HH2sHI", 0x0029, 0x1010, b"OB", 0, inflated))
+        head = (
+            _image_header()
+            + struct.pack("<HH2sHI", 0x0040, 0x0275, b"SQ", 0, 0xFFFFFFFF)
+            + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+            + struct.pack("<HH2sHI", 0x0029, 0x1010, b"OB", 0, inflated)
+        )
         tail = b""
     else:
         raise ValueError(kind)
@@ -171,10 +184,9 @@ def test_cut_and_corrupt_deflate_streams_are_refused_with_their_reason():
 def test_rle_segments_that_expand_past_the_header_are_refused_within_the_bound():
     """RLE has no size field: 2 bytes (a replicate run) decode to 128. Segments that would decode to
     2 x 128 MiB under a 64 x 64 header are refused; the decoder writes into the header's buffer only."""
+    from dicom_corpus import make_dataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import RLELossless
-
-    from dicom_corpus import make_dataset
 
     ds = make_dataset("rlebomb", transfer_syntax=RLELossless)
     seg = bytes([0x81, 0x00]) * (1 << 21)  # 4 MiB -> 256 MiB decoded, per segment
@@ -204,8 +216,10 @@ def test_header_reading_for_other_entry_points_is_bounded_too(tmp_path):
     assert peak < ALLOC_BOUND
     rg1 = tmp_path / "rg1.dcm"
     rg1.write_bytes(deflated_rg1())
-    assert (read_header_bounded(rg1).Rows, read_header_bounded(get_testdata_file("RG1_UNCR.dcm"), defer_size=4096).Rows
-            ) == (1955, 1955)
+    assert (
+        read_header_bounded(rg1).Rows,
+        read_header_bounded(get_testdata_file("RG1_UNCR.dcm"), defer_size=4096).Rows,
+    ) == (1955, 1955)
 
 
 _J2K_BOMB = REPO / "tests/data/fuzz-escapes/dicom/oom-d2e1dfc3b7267e21181e36438e78b3f42dfd888e.bin"
@@ -234,8 +248,13 @@ def test_oversized_jpeg_2000_codestream_is_refused_on_the_reduced_route_too(redu
     """make fuzz's codestream bomb (a 512x512 header over a codestream declaring 2818560x512), given a
     window so the reduced JPEG 2000 route is taken: its declared size is checked before glymur runs, as
     on the full route before its codec (without the check glymur decoded it: 12.6 s, peak RSS 1,495 MB)."""
-    r = subprocess.run([sys.executable, "-c", _J2K_BOMB_CHILD, str(_J2K_BOMB), reduce_to], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _J2K_BOMB_CHILD, str(_J2K_BOMB), reduce_to],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[0].startswith("decode_failed: ") and "declares 2818560x512x1" in lines[0], r
     rss_mb = int(lines[-1].split()[1]) / 1024
@@ -244,15 +263,35 @@ def test_oversized_jpeg_2000_codestream_is_refused_on_the_reduced_route_too(redu
 
 # The wrapper's own ru_maxrss includes pytest's RSS (inherited at fork); its children's do not: they start
 # from the small wrapper. RUSAGE_CHILDREN is the largest of the scorer and its (waited-for) decode worker.
-WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+WRAP = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
 
 
 def _score(folder: Path, out: Path, checkpoint: Path) -> tuple[int, float, str]:
     """Run the real CLI; (exit code, peak RSS in MB of the scorer or any of its workers, stderr)."""
-    cmd = [sys.executable, "-c", WRAP, sys.executable, "-m", "medxray.cli", "score-dicom", str(folder),
-           "--checkpoint", str(checkpoint), "--out", str(out), "--workers", "1", "--backend", "torch",
-           "--cams", "none", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-c",
+        WRAP,
+        sys.executable,
+        "-m",
+        "medxray.cli",
+        "score-dicom",
+        str(folder),
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--backend",
+        "torch",
+        "--cams",
+        "none",
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     line = [x for x in r.stdout.splitlines() if x.startswith("MAXRSS_KB")][-1]
     return r.returncode, int(line.split()[1]) / 1024, r.stderr

@@ -68,9 +68,8 @@ class _FakePanic(BaseException):
 
 
 def _rle_file(tmp_path):
-    from pydicom.uid import RLELossless
-
     from dicom_corpus import make_dataset
+    from pydicom.uid import RLELossless
 
     ds = make_dataset("panic")
     ds.compress(RLELossless)
@@ -110,7 +109,6 @@ def test_interrupts_are_not_swallowed(tmp_path, monkeypatch, exc):
 
 def test_codec_message_is_phi_free(tmp_path, monkeypatch):
     import pydicom.dataset
-
     from dicom_corpus import PHI_ID, PHI_NAME
 
     path = _rle_file(tmp_path)
@@ -131,7 +129,8 @@ def test_codec_message_is_the_same_in_every_run(tmp_path, monkeypatch):
     path = _rle_file(tmp_path)
     texts = set()
     for _ in range(2):
-        def fail(self, obj=object()):
+
+        def fail(self, obj=object()):  # noqa: B008  a new object (address) per run, on purpose
             raise OSError(f"cannot identify image file {obj!r}")
 
         monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(fail))
@@ -156,15 +155,19 @@ def test_codestream_bomb_is_refused_before_decoding(monkeypatch):
 
 
 def test_codestream_sizes_of_real_files():
+    import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.encaps import generate_frames
 
-    import pydicom
     from medxray.dicom.codestream import declared_size
 
-    for name, size in {"JPEG2000.dcm": (256, 1024, 1), "JPEG-LL.dcm": (256, 1024, 1),
-                       "JPEGLSNearLossless_16.dcm": (10, 50, 1), "SC_rgb_jpeg_dcmtk.dcm": (100, 100, 3),
-                       "RG1_J2KR.dcm": (1841, 1955, 1)}.items():
+    for name, size in {
+        "JPEG2000.dcm": (256, 1024, 1),
+        "JPEG-LL.dcm": (256, 1024, 1),
+        "JPEGLSNearLossless_16.dcm": (10, 50, 1),
+        "SC_rgb_jpeg_dcmtk.dcm": (100, 100, 3),
+        "RG1_J2KR.dcm": (1841, 1955, 1),
+    }.items():
         ds = pydicom.dcmread(get_testdata_file(name))
         assert declared_size(next(generate_frames(ds.PixelData, number_of_frames=1))) == size, name
     assert declared_size(b"not a codestream") is None

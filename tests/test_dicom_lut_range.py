@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("pydicom")
+from dicom_rg1 import rg1_dataset, rg1_pixels, to_bytes  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 
-from dicom_rg1 import rg1_dataset, rg1_pixels, to_bytes  # noqa: E402
 from medxray.dicom import read_dicom  # noqa: E402
 from medxray.dicom.voi import lut_output_max  # noqa: E402
 

@@ -29,11 +29,12 @@ import pytest
 
 pydicom_data = pytest.importorskip("pydicom.data")
 
+from test_speed_reduce import J2K_MAX, J2K_MEAN, NATIVE_MAX  # noqa: E402  (one statement of the tolerances)
+
 from medxray.dicom import read_dicom  # noqa: E402
 from medxray.dicom.reduce import J2K_TRANSFER_SYNTAXES  # noqa: E402
 from medxray.errors import DicomError  # noqa: E402
 from medxray.modelinput import area_resize  # noqa: E402
-from test_speed_reduce import J2K_MAX, J2K_MEAN, NATIVE_MAX  # noqa: E402  (one statement of the tolerances)
 
 SIZES = (224, 64)
 PYDICOM_FILES = sorted(pydicom_data.get_testdata_files())
@@ -75,8 +76,10 @@ def check_same_picture(source, sizes=SIZES) -> list[str]:
         j2k = full.meta["transfer_syntax"] in J2K_TRANSFER_SYNTAXES
         top, mean = (J2K_MAX, J2K_MEAN) if j2k else (NATIVE_MAX, None)
         if d.max() > top or (mean is not None and d.mean() > mean):
-            problems.append(f"S={size}: picture differs by max {d.max():.4g}, mean {d.mean():.4g} "
-                            f"(tolerance {top}{f' / {mean}' if mean else ''}, {full.meta['transfer_syntax_name']})")
+            problems.append(
+                f"S={size}: picture differs by max {d.max():.4g}, mean {d.mean():.4g} "
+                f"(tolerance {top}{f' / {mean}' if mean else ''}, {full.meta['transfer_syntax_name']})"
+            )
     return problems
 
 
@@ -89,8 +92,15 @@ def test_pydicom_corpus_file_reads_the_same_picture_reduced(path):
 
 def test_pydicom_corpus_has_the_files_that_found_the_faults():
     names = {os.path.basename(p) for p in PYDICOM_FILES}
-    assert {"RG1_UNCR.dcm", "MR2_UNCR.dcm", "693_J2KR.dcm", "J2K_pixelrep_mismatch.dcm", "MR2_J2KI.dcm",
-            "explicit_VR-UN.dcm", "examples_overlay.dcm"} <= names, "pydicom-data must be installed"
+    assert {
+        "RG1_UNCR.dcm",
+        "MR2_UNCR.dcm",
+        "693_J2KR.dcm",
+        "J2K_pixelrep_mismatch.dcm",
+        "MR2_J2KI.dcm",
+        "explicit_VR-UN.dcm",
+        "examples_overlay.dcm",
+    } <= names, "pydicom-data must be installed"
 
 
 def test_generated_corpus_reads_the_same_picture_reduced(dicom_corpus):

@@ -12,13 +12,12 @@ import warnings
 
 import numpy as np
 import pytest
+from dicom_corpus import PHI_STRINGS
+from dicom_rg1 import rg1_dataset, rg1_pixels, save, set_pixels, to_bytes, window_reference
 
 from medxray.dicom import read_dicom
 from medxray.dicom.voi import apply_window, auto_window
 from medxray.errors import DicomError
-
-from dicom_corpus import PHI_STRINGS
-from dicom_rg1 import rg1_dataset, rg1_pixels, save, set_pixels, to_bytes, window_reference
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -133,12 +132,15 @@ def test_linear_exact_tiny_window_is_applied_to_the_standard():
     assert img.meta["window_source"] == "file"
 
 
-@pytest.mark.parametrize("func,center,width,why", [
-    (None, 0.15, 0.3, "LINEAR needs a width of at least 1"),  # PS3.3 C.11.2.1.2.1: LINEAR is w >= 1
-    ("LINEAR_EXACT", 0.15, 0.0, "LINEAR_EXACT needs a width above 0"),
-    ("SIGMOID", 0.15, -2.0, "SIGMOID needs a width above 0"),
-    ("LOG", 0.15, 0.3, "unknown VOI LUT Function 'LOG'"),
-])
+@pytest.mark.parametrize(
+    "func,center,width,why",
+    [
+        (None, 0.15, 0.3, "LINEAR needs a width of at least 1"),  # PS3.3 C.11.2.1.2.1: LINEAR is w >= 1
+        ("LINEAR_EXACT", 0.15, 0.0, "LINEAR_EXACT needs a width above 0"),
+        ("SIGMOID", 0.15, -2.0, "SIGMOID needs a width above 0"),
+        ("LOG", 0.15, 0.3, "unknown VOI LUT Function 'LOG'"),
+    ],
+)
 def test_undefined_window_takes_the_automatic_window(func, center, width, why):
     ds = _tiny_slope(func, center, width)
     img = _read(to_bytes(ds))
@@ -206,8 +208,9 @@ def test_padding_is_excluded_from_the_automatic_window_and_shown_black(kind):
     if kind == "value":
         ds, px, pad = _padded(lambda n: 32767, PixelPaddingValue=32767)
     else:
-        ds, px, pad = _padded(lambda n: rng.integers(30000, 32768, n), PixelPaddingValue=32767,
-                              PixelPaddingRangeLimit=30000)
+        ds, px, pad = _padded(
+            lambda n: rng.integers(30000, 32768, n), PixelPaddingValue=32767, PixelPaddingRangeLimit=30000
+        )
     img = _read(to_bytes(ds))
     lo, hi = np.percentile(px[~pad].astype(np.float64), [0.5, 99.5])
     np.testing.assert_allclose(img.window, ((lo + hi) / 2, hi - lo), rtol=1e-6)
@@ -223,7 +226,7 @@ def test_padding_is_excluded_from_the_automatic_window_and_shown_black(kind):
 
     def contrast(p):
         h, w = p.shape
-        return p[h // 4: h // 2, w // 2 - 10: w // 2 + 10].mean() - p[h // 4: h // 2, w // 5: w // 3].mean()
+        return p[h // 4 : h // 2, w // 2 - 10 : w // 2 + 10].mean() - p[h // 4 : h // 2, w // 5 : w // 3].mean()
 
     assert contrast(img.pixels) > contrast(stretched.pixels) + 0.03
 
@@ -308,7 +311,7 @@ def test_implicit_vr_modality_lut_sequence_uses_pydicom_with_the_unsigned_descri
     img = _read(path)
     np.testing.assert_array_equal(img.raw, table[np.clip(v + 16384, 0, 32767)])
     raw_ds = pydicom.dcmread(path)
-    with pytest.raises(Exception):  # GAP: pydicom's own reading of the descriptor (-32768 entries)
+    with pytest.raises(Exception):  # noqa: B017  GAP: pydicom's own reading of the descriptor (-32768 entries)
         apply_modality_lut(raw_ds.pixel_array, raw_ds)
 
 
@@ -333,8 +336,9 @@ def test_missing_photometric_interpretation_is_not_colour():
     assert err.code == "missing_attribute" and "Photometric Interpretation" in str(err)
 
 
-@pytest.mark.parametrize("photometric,code", [("RGB", "colour"), ("PALETTE COLOR", "colour"),
-                                              ("MONOCHROME3", "unsupported")])
+@pytest.mark.parametrize(
+    "photometric,code", [("RGB", "colour"), ("PALETTE COLOR", "colour"), ("MONOCHROME3", "unsupported")]
+)
 def test_photometric_codes(photometric, code):
     ds = rg1_dataset()
     ds.PhotometricInterpretation = photometric

@@ -7,11 +7,10 @@ from __future__ import annotations
 import csv
 
 import pytest
+from dicom_rg1 import rg1_dataset, save
 
 from medxray.dicom import read_dicom
 from medxray.dicom.codes import LATERAL_WARNING, WARNING_PREFIXES
-
-from dicom_rg1 import rg1_dataset, save
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,10 @@ def warned_files(tmp_path_factory):
     window.WindowCenter, window.WindowWidth = 0.15, 0.3  # LINEAR with width < 1: undefined
     bits = rg1_dataset()
     bits.BitsStored, bits.HighBit = 12, 11
-    return {name: save(ds, root / f"{name}.dcm") for name, ds in
-            (("lateral", lateral), ("window", window), ("bits", bits), ("plain", rg1_dataset()))}
+    return {
+        name: save(ds, root / f"{name}.dcm")
+        for name, ds in (("lateral", lateral), ("window", window), ("bits", bits), ("plain", rg1_dataset()))
+    }
 
 
 def test_reader_warnings_use_the_defined_texts(warned_files):
@@ -42,8 +43,19 @@ def test_results_csv_and_app_carry_the_same_texts(warned_files, scoring_checkpoi
 
     root = next(iter(warned_files.values())).parent
     out = tmp_path / "out"
-    score_directory(ScoreConfig(root, scoring_checkpoint, out, cams="none", backend="torch", precision="fp32",
-                                batch_size=4, workers=1, progress=False))
+    score_directory(
+        ScoreConfig(
+            root,
+            scoring_checkpoint,
+            out,
+            cams="none",
+            backend="torch",
+            precision="fp32",
+            batch_size=4,
+            workers=1,
+            progress=False,
+        )
+    )
     with open(out / "results.csv", newline="", encoding="utf-8") as fh:
         rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
     for name, path in warned_files.items():

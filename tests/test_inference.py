@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import SCORING_IMAGE_SIZE
 
 from medxray import inference
 from medxray.checkpoint import load_checkpoint, save_checkpoint
@@ -15,8 +16,6 @@ from medxray.data.transforms import preprocess_array
 from medxray.errors import CheckpointError, ConfigError, InputShapeError
 from medxray.inference import PROB_TOLERANCE, Predictor, cpu_has_native_bf16
 from medxray.labels import CHESTXRAY14_FINDINGS
-
-from conftest import SCORING_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +127,10 @@ def test_openvino_model_is_cached(scoring_checkpoint, fast, monkeypatch):
     assert p.backend == "openvino"
 
 
-@pytest.mark.skipif(not (cpu_has_native_bf16() or torch.backends.mkldnn.is_available()),
-                    reason="this CPU has no bf16 path to disagree with fp32")
+@pytest.mark.skipif(
+    not (cpu_has_native_bf16() or torch.backends.mkldnn.is_available()),
+    reason="this CPU has no bf16 path to disagree with fp32",
+)
 def test_falls_back_to_fp32_when_a_backend_disagrees(scoring_checkpoint, monkeypatch, caplog):
     monkeypatch.setattr(inference, "PROB_TOLERANCE", 0.0)
     with caplog.at_level(logging.WARNING, logger="medxray.inference"):
@@ -167,8 +168,9 @@ def test_grad_cams_and_positive(fp32, images):
     assert gc.min() >= 0 and gc.max() <= 1
     # grad_cams at denseblock3 is the gradcam-denseblock3 map method
     _, db3 = fp32.grad_cams(images[:2], classes=[0, 3], layer="denseblock3")
-    np.testing.assert_array_equal(db3, fp32.predict_with_cams(images[:2], classes=[0, 3],
-                                                               method="gradcam-denseblock3")[1])
+    np.testing.assert_array_equal(
+        db3, fp32.predict_with_cams(images[:2], classes=[0, 3], method="gradcam-denseblock3")[1]
+    )
     with pytest.raises(ConfigError, match="unknown CAM method"):
         fp32.predict_with_cams(images[:1], method="saliency")
     pos = fp32.positive(probs)

@@ -18,7 +18,7 @@ pytest.importorskip("nncf")
 from conftest import make_test_checkpoint  # noqa: E402
 
 from medxray.inference import Predictor  # noqa: E402
-from medxray.quantize import GATE_AUROC, GATE_PROB, accuracy_gate, quantize_predictor  # noqa: E402
+from medxray.quantize import accuracy_gate, quantize_predictor  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample"
 SIZE = 64
@@ -38,8 +38,9 @@ def real_inputs():
 
 
 def _predictor(tmp_path, seed: int, precision: str = "fp32") -> Predictor:
-    ckpt = make_test_checkpoint(tmp_path / f"m{seed}.pt", architecture="densenet_bc_100_k12", image_size=SIZE,
-                                seed=seed)
+    ckpt = make_test_checkpoint(
+        tmp_path / f"m{seed}.pt", architecture="densenet_bc_100_k12", image_size=SIZE, seed=seed
+    )
     p = Predictor.from_checkpoint(ckpt, device="cpu", backend="openvino", precision=precision, batch_size=16)
     assert p.backend == "openvino"
     return p

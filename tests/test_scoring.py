@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_corpus import PHI_STRINGS
 
 from medxray.errors import ConfigError, DataError
 from medxray.labels import CHESTXRAY14_FINDINGS
@@ -27,8 +28,6 @@ from medxray.scoring import (
     result_columns,
     score_directory,
 )
-
-from dicom_corpus import PHI_STRINGS
 
 REPO = Path(__file__).resolve().parents[1]
 # fp32 torch: no bf16 kernel JIT at tiny sizes (the fast paths are tested in test_inference.py).
@@ -53,12 +52,20 @@ def corpus_run(dicom_corpus, scoring_checkpoint, tmp_path_factory):
 
 
 def test_result_columns_contract():
-    assert RESULT_COLUMNS[:8] == ["path", "status", "reason", "sop_instance_uid", "study_instance_uid",
-                                  "series_instance_uid", "modality", "view_position"]
+    assert RESULT_COLUMNS[:8] == [
+        "path",
+        "status",
+        "reason",
+        "sop_instance_uid",
+        "study_instance_uid",
+        "series_instance_uid",
+        "modality",
+        "view_position",
+    ]
     ps = [c for c in RESULT_COLUMNS if c.startswith("p_")]
     assert ps == [f"p_{n}" for n in CHESTXRAY14_FINDINGS]
     i = RESULT_COLUMNS.index("positive_findings")
-    assert RESULT_COLUMNS[i: i + 3] == ["positive_findings", "model", "model_version"]
+    assert RESULT_COLUMNS[i : i + 3] == ["positive_findings", "model", "model_version"]
     assert RESULT_COLUMNS.index(ps[-1]) + 1 == i
     assert result_columns(["A", "B"])[8:10] == ["p_A", "p_B"]
 
@@ -131,11 +138,13 @@ def test_sr_per_scored_image(corpus_run):
     assert sr.ContentQualification == "RESEARCH"
     assert "NOT FOR CLINICAL USE" in sr.SeriesDescription.upper()
     assert not str(sr.get("PatientName", "")) and not sr.get("PatientID") and not sr.get("PatientBirthDate")
-    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            for i in sr.ContentSequence if i.ValueType == "IMAGE"]
+    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in sr.ContentSequence if i.ValueType == "IMAGE"]
     assert refs == [r["sop_instance_uid"]]
-    nums = {i.ConceptNameCodeSequence[0].CodeMeaning: float(i.MeasuredValueSequence[0].NumericValue)
-            for i in sr.ContentSequence if i.ValueType == "NUM"}
+    nums = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: float(i.MeasuredValueSequence[0].NumericValue)
+        for i in sr.ContentSequence
+        if i.ValueType == "NUM"
+    }
     for n in CHESTXRAY14_FINDINGS:
         assert abs(nums[f"Probability of {n}"] - float(r[f"p_{n}"])) < 1e-4
     texts = " ".join(str(i.TextValue) for i in sr.ContentSequence if i.ValueType == "TEXT")
@@ -237,8 +246,14 @@ def test_worker_crash_is_isolated_to_its_file(dicom_corpus, scoring_checkpoint, 
     """A decoder that kills its process on one file: that file gets an error row, all others finish."""
     root, expect = dicom_corpus
     src = tmp_path / "in"
-    for rel in ["ok/mono2_12bit.dcm", "ok/rle_lossless.dcm", "ok/signed16.dcm", "bad/zero_bytes.dcm",
-                "nested/IM000001", "ok/no_window.dcm"]:
+    for rel in [
+        "ok/mono2_12bit.dcm",
+        "ok/rle_lossless.dcm",
+        "ok/signed16.dcm",
+        "bad/zero_bytes.dcm",
+        "nested/IM000001",
+        "ok/no_window.dcm",
+    ]:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / rel, src / rel)
     (src / "ok/CRASH_ME.dcm").write_bytes((root / "ok/mono2_12bit.dcm").read_bytes())
@@ -263,8 +278,9 @@ def crashing_decode(path, *args, **kwargs):  # runs in a spawned worker (importe
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medxray.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "medxray.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=600, **kw
+    )
 
 
 def test_cli_exit_codes(dicom_corpus, scoring_checkpoint, tmp_path, capsys):
@@ -289,8 +305,26 @@ def test_cli_exit_codes(dicom_corpus, scoring_checkpoint, tmp_path, capsys):
     small.mkdir()
     shutil.copy(root / "ok/mono2_12bit.dcm", small / "a.dcm")
     shutil.copy(root / "bad/zero_bytes.dcm", small / "b.dcm")
-    assert main(["score-dicom", str(small), "--checkpoint", str(scoring_checkpoint), "--out", str(tmp_path / "o2"),
-                 "--backend", "torch", "--precision", "fp32", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "score-dicom",
+                str(small),
+                "--checkpoint",
+                str(scoring_checkpoint),
+                "--out",
+                str(tmp_path / "o2"),
+                "--backend",
+                "torch",
+                "--precision",
+                "fp32",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "2 files: 1 ok, 1 error" in capsys.readouterr().out
 
 
@@ -312,18 +346,35 @@ def test_kill_and_rerun_subprocess(dicom_corpus, scoring_checkpoint, tmp_path):
         shutil.copy(root / "ok/mono2_12bit.dcm", src / f"extra/copy_{i:02d}.dcm")
     n_files = len(expect) + 24
     # fp32: batches are composed differently after a resume, and fp32 keeps rows batch-independent.
-    args = [str(src), "--checkpoint", str(scoring_checkpoint), "--backend", "torch", "--precision", "fp32",
-            "--batch-size", "2",
-            "--workers", "1", "--cams", "positive", "--no-progress"]
+    args = [
+        str(src),
+        "--checkpoint",
+        str(scoring_checkpoint),
+        "--backend",
+        "torch",
+        "--precision",
+        "fp32",
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "--cams",
+        "positive",
+        "--no-progress",
+    ]
     full = tmp_path / "full"
     r = _cli("score-dicom", *args, "--out", str(full))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "killed"
     kills = 0
     for target in (3, 20):  # kill twice at different points
-        proc = subprocess.Popen([sys.executable, "-m", "medxray.cli", "score-dicom", *args, "--out", str(out)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medxray.cli", "score-dicom", *args, "--out", str(out)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and _data_rows(out / "results.csv") < target:
             time.sleep(0.05)

@@ -44,8 +44,19 @@ def test_pipeline_runs_end_to_end(dicom_corpus, scoring_checkpoint, tmp_path, ca
     shutil.copy(root / "ok/lateral.dcm", src / "lat.dcm")
     shutil.copy(root / "bad/multi_frame.dcm", src / "mf.dcm")
     out = tmp_path / "out"
-    rc = _pipeline().main([f"input_dir={src}", f"checkpoint={scoring_checkpoint}", f"out={out}", "workers=1",
-                           "backend=torch", "precision=fp32", "cams=all", "progress=false", "-q"])
+    rc = _pipeline().main(
+        [
+            f"input_dir={src}",
+            f"checkpoint={scoring_checkpoint}",
+            f"out={out}",
+            "workers=1",
+            "backend=torch",
+            "precision=fp32",
+            "cams=all",
+            "progress=false",
+            "-q",
+        ]
+    )
     assert rc == 0
     assert "2 files: 1 ok, 1 error" in capsys.readouterr().out
     with open(out / "results.csv", newline="") as fh:

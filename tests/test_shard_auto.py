@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from archive_helpers import make_archive
+
 from medxray.errors import ConfigError
 from medxray.scoring import ScoreConfig, score_directory
 from medxray.scoring.discovery import in_shard
@@ -26,9 +26,15 @@ MEDXRAY = [sys.executable, "-m", "medxray.cli"]
 
 
 def slurm_env(task: int, lo: int, hi: int, step: int = 1) -> dict[str, str]:
-    return {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(lo), "SLURM_ARRAY_TASK_MAX": str(hi),
-            "SLURM_ARRAY_TASK_STEP": str(step), "SLURM_ARRAY_TASK_COUNT": str((hi - lo) // step + 1),
-            "SLURM_ARRAY_JOB_ID": "1234", "SLURM_JOB_ID": "1240"}
+    return {
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_MIN": str(lo),
+        "SLURM_ARRAY_TASK_MAX": str(hi),
+        "SLURM_ARRAY_TASK_STEP": str(step),
+        "SLURM_ARRAY_TASK_COUNT": str((hi - lo) // step + 1),
+        "SLURM_ARRAY_JOB_ID": "1234",
+        "SLURM_JOB_ID": "1240",
+    }
 
 
 def test_shard_from_slurm_array_env():
@@ -70,14 +76,30 @@ def test_explicit_shard_wins_and_no_scheduler_is_an_error():
         resolve_shard("auto", {"PATH": "/usr/bin"})
 
 
-def test_cli_shard_auto_reads_the_array_env_and_refuses_without_one(scoring_checkpoint, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_cli_shard_auto_reads_the_array_env_and_refuses_without_one(scoring_checkpoint, tmp_path, monkeypatch, capsys):
     from medxray.cli import main
 
     src, out = tmp_path / "in", tmp_path / "o"
     make_archive(src, 12)
-    base = ["score-dicom", str(src), "--checkpoint", str(scoring_checkpoint), "--out", str(out), "--cams", "none",
-            "--workers", "1", "--backend", "torch", "--precision", "fp32", "--no-progress", "--shard", "auto"]
+    base = [
+        "score-dicom",
+        str(src),
+        "--checkpoint",
+        str(scoring_checkpoint),
+        "--out",
+        str(out),
+        "--cams",
+        "none",
+        "--workers",
+        "1",
+        "--backend",
+        "torch",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--shard",
+        "auto",
+    ]
     for k in list(os.environ):
         if k.startswith(("SLURM_", "JOB_COMPLETION", "MEDXRAY_SHARD")):
             monkeypatch.delenv(k)
@@ -166,11 +188,27 @@ def test_second_process_on_a_shard_refuses_or_waits(scoring_checkpoint, tmp_path
     refuses with a message, or with --lock-wait waits for the first and then finds its work done."""
     src, out = tmp_path / "in", tmp_path / "out"
     make_archive(src, 16)
-    base = [*MEDXRAY, "score-dicom", str(src), "--checkpoint", str(scoring_checkpoint), "--out", str(out),
-            "--cams", "none", "--workers", "1", "--backend", "torch", "--precision", "fp32", "--no-progress",
-            "--shard", "1/2"]
-    first = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    base = [
+        *MEDXRAY,
+        "score-dicom",
+        str(src),
+        "--checkpoint",
+        str(scoring_checkpoint),
+        "--out",
+        str(out),
+        "--cams",
+        "none",
+        "--workers",
+        "1",
+        "--backend",
+        "torch",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--shard",
+        "1/2",
+    ]
+    first = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not (out / "run.shard-1-of-2.json").exists():  # written right after the lock is taken
@@ -231,9 +269,34 @@ def test_emitted_kubernetes_manifests_validate_against_the_schema(tmp_path):
     kv = pytest.importorskip("kubernetes_validate", reason="dev extra: kubernetes-validate")
     from medxray.cli import main
 
-    assert main(["score-dicom", "/data/in", "--checkpoint", "/models/m.pt", "--out", "/data/out", "--emit", "k8s",
-                 "--shard-count", "8", "--cpus-per-task", "6", "--mem-gb", "12", "--gpus-per-task", "1", "--sr",
-                 "--cams", "none", "--emit-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "score-dicom",
+                "/data/in",
+                "--checkpoint",
+                "/models/m.pt",
+                "--out",
+                "/data/out",
+                "--emit",
+                "k8s",
+                "--shard-count",
+                "8",
+                "--cpus-per-task",
+                "6",
+                "--mem-gb",
+                "12",
+                "--gpus-per-task",
+                "1",
+                "--sr",
+                "--cams",
+                "none",
+                "--emit-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     score = yaml.safe_load((tmp_path / "score-indexed-job.yaml").read_text())
     merge = yaml.safe_load((tmp_path / "merge-job.yaml").read_text())
     for doc in (score, merge):
@@ -250,8 +313,12 @@ def test_emitted_kubernetes_manifests_validate_against_the_schema(tmp_path):
     assert mounts["/models"].get("readOnly") is True and not mounts["/data"].get("readOnly")
     claims = {v["name"]: v.get("persistentVolumeClaim", {}) for v in spec["template"]["spec"]["volumes"]}
     assert claims["models"].get("readOnly") is True
-    assert merge["spec"]["template"]["spec"]["containers"][0]["command"] == \
-        ["medxray", "score-dicom", "--merge", "/data/out"]
+    assert merge["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "medxray",
+        "score-dicom",
+        "--merge",
+        "/data/out",
+    ]
     # the validator is not vacuous: a misspelt or mistyped field is refused
     bad = json.loads(json.dumps(score))
     bad["spec"]["backoffLimitPerIndx"] = 3
@@ -266,8 +333,16 @@ def test_emitted_kubernetes_manifests_validate_against_the_schema(tmp_path):
 def test_emit_refuses_what_a_recipe_cannot_express(tmp_path, capsys):
     from medxray.cli import main
 
-    base = ["score-dicom", "/data/in", "--checkpoint", "/models/m.pt", "--out", "/data/out", "--emit-dir",
-            str(tmp_path)]
+    base = [
+        "score-dicom",
+        "/data/in",
+        "--checkpoint",
+        "/models/m.pt",
+        "--out",
+        "/data/out",
+        "--emit-dir",
+        str(tmp_path),
+    ]
     assert main([*base, "--emit", "slurm"]) == 2
     assert "--shard-count" in capsys.readouterr().err
     assert main(["score-dicom", "/elsewhere/in", *base[2:], "--emit", "k8s", "--shard-count", "2"]) == 2

@@ -30,8 +30,9 @@ J2K_MAX, J2K_MEAN = 0.25, 0.01
 
 
 def torch_area(pixels: np.ndarray, size: int = SIZE) -> np.ndarray:
-    return F.interpolate(torch.from_numpy(np.ascontiguousarray(pixels, np.float32))[None, None],
-                         size=(size, size), mode="area")[0, 0].numpy()
+    return F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(pixels, np.float32))[None, None], size=(size, size), mode="area"
+    )[0, 0].numpy()
 
 
 def full_and_reduced(source, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:

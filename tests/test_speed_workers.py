@@ -26,8 +26,10 @@ def test_decode_workers_never_import_torch_or_monai_and_run_in_the_background():
     files = [get_testdata_file(n) for n in ("RG1_UNCR.dcm", "RG1_J2KI.dcm")]
     with new_decode_pool(1, SIZE) as pool:
         assert pool.submit(eval, HEAVY).result(timeout=120) == []  # after start-up
-        results = [pool.submit(decode_job, f, SIZE, DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, False).result(
-            timeout=120) for f in files]
+        results = [
+            pool.submit(decode_job, f, SIZE, DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, False).result(timeout=120)
+            for f in files
+        ]
         assert pool.submit(eval, HEAVY).result(timeout=60) == []  # after decoding real files
         if hasattr(os, "SCHED_IDLE"):
             assert pool.submit(eval, "__import__('os').sched_getscheduler(0)").result(timeout=60) == os.SCHED_IDLE

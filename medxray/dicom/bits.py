@@ -59,8 +59,9 @@ def _bits_needed(values: np.ndarray, signed: bool) -> int:
     return max(hi.bit_length(), 1)
 
 
-def locate_stored_bits(arr: np.ndarray, bits_stored: int, high_bit: int | None, signed: bool,
-                       compressed: bool) -> tuple[np.ndarray, str | None]:
+def locate_stored_bits(
+    arr: np.ndarray, bits_stored: int, high_bit: int | None, signed: bool, compressed: bool
+) -> tuple[np.ndarray, str | None]:
     """Stored values of ``arr`` (decoded integers, 2-D) and a warning text, or a refusal.
 
     ``compressed`` says the values came out of a codec (no overlay bits can ride along there,
@@ -80,9 +81,11 @@ def locate_stored_bits(arr: np.ndarray, bits_stored: int, high_bit: int | None, 
         elif _bits_needed(arr, signed) <= bits_stored:
             warning = high_bit_warning(high_bit, bits_stored)
         else:
-            raise refusal(BIT_DEPTH_MISMATCH,
-                          f"High Bit {high_bit} with Bits Stored {bits_stored} leaves bits 0-{shift - 1} empty, "
-                          "but they hold values; the header does not say where the stored bits are")
+            raise refusal(
+                BIT_DEPTH_MISMATCH,
+                f"High Bit {high_bit} with Bits Stored {bits_stored} leaves bits 0-{shift - 1} empty, "
+                "but they hold values; the header does not say where the stored bits are",
+            )
     if bits_stored >= container:
         return arr, warning
     lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
@@ -110,6 +113,8 @@ def locate_stored_bits(arr: np.ndarray, bits_stored: int, high_bit: int | None, 
     if full * _EVIDENCE_RATIO <= masked:  # the values really are wider than the header says
         evidence = f"values {vmin}..{vmax}; masked to {bits_stored} bits they wrap into bands"
         return arr, bit_depth_warning(bits_stored, needed, evidence)
-    raise refusal(BIT_DEPTH_MISMATCH,
-                  f"the pixel values ({vmin}..{vmax}) need {needed} bits but Bits Stored says {bits_stored}, and the "
-                  "values do not show whether the extra bits are image or overlay; fix Bits Stored / High Bit")
+    raise refusal(
+        BIT_DEPTH_MISMATCH,
+        f"the pixel values ({vmin}..{vmax}) need {needed} bits but Bits Stored says {bits_stored}, and the "
+        "values do not show whether the extra bits are image or overlay; fix Bits Stored / High Bit",
+    )

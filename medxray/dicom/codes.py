@@ -36,24 +36,24 @@ FLAT_IMAGE = "flat_image"
 REASON_CODES: dict[str, str] = {
     NOT_DICOM: "not a DICOM file (no DICM marker, no data set at the start), or empty",
     UNREADABLE: "DICOM, but the header is damaged (a value of the wrong type, an unknown VR, "
-                "a Transfer Syntax UID that is not one, an image size or bit depth that cannot be)",
+    "a Transfer Syntax UID that is not one, an image size or bit depth that cannot be)",
     TRUNCATED: "the file ends before its data set does (cut short in transfer)",
     NO_PIXEL_DATA: "no image in the file (a report, structured document, presentation state)",
     SHORT_PIXEL_DATA: "the pixel data holds fewer bytes than rows x columns x bits allocated",
     MULTI_FRAME: "more than one frame (a cine, tomosynthesis or multi-frame object)",
     COLOUR: "a colour image (RGB, YBR, PALETTE COLOR or more than one sample per pixel)",
     MISSING_ATTRIBUTE: "a required attribute is absent (e.g. Photometric Interpretation: MONOCHROME1 "
-                       "and MONOCHROME2 cannot be told apart)",
+    "and MONOCHROME2 cannot be told apart)",
     MODALITY: "the modality is not in the allow-list (CR, DX by default)",
     TOO_LARGE: "above the pixel or file-size limit (checked before decoding), or a deflated data set that "
-               "inflates past its header's image size + 8 MiB of other elements (a decompression bomb)",
+    "inflates past its header's image size + 8 MiB of other elements (a decompression bomb)",
     UNSUPPORTED: "a valid image the reader does not handle (bits allocated not 8/16/32, float pixels, "
-                 "an unknown photometric interpretation, a LUT with an unusable bit depth)",
+    "an unknown photometric interpretation, a LUT with an unusable bit depth)",
     DECODE_FAILED: "the codec could not decode the compressed pixel data; the reason keeps its message",
     BIT_DEPTH_MISMATCH: "the stored values are not where Bits Stored / High Bit say and the evidence "
-                        "does not tell which is right",
+    "does not tell which is right",
     FLAT_IMAGE: "after the LUTs and window the image has fewer than a handful of grey levels "
-                "(blank, or a window that hides it)",
+    "(blank, or a window that hides it)",
 }
 
 LATERAL_WARNING = (
@@ -64,20 +64,26 @@ LATERAL_WARNING = (
 
 def window_undefined_warning(center: float, width: float, func: str, why: str) -> str:
     """The file's window is one the standard does not define: the automatic window was used."""
-    return (f"window not used: the file's window (center {center:g}, width {width:g}, {func}) is not defined by "
-            f"DICOM PS3.3 C.11.2.1.2 ({why}); the automatic window was used instead")
+    return (
+        f"window not used: the file's window (center {center:g}, width {width:g}, {func}) is not defined by "
+        f"DICOM PS3.3 C.11.2.1.2 ({why}); the automatic window was used instead"
+    )
 
 
 def bit_depth_warning(bits_stored: int, used_bits: int, evidence: str) -> str:
     """The stored values extend past Bits Stored; the values were used as decoded."""
-    return (f"bit depth: the header says Bits Stored {bits_stored} but the pixel values need {used_bits} bits "
-            f"({evidence}); the decoded values were used, check the image")
+    return (
+        f"bit depth: the header says Bits Stored {bits_stored} but the pixel values need {used_bits} bits "
+        f"({evidence}); the decoded values were used, check the image"
+    )
 
 
 def high_bit_warning(high_bit: int, bits_stored: int) -> str:
     """High Bit places the stored bits higher than the values sit; the low bits were used."""
-    return (f"bit position: High Bit {high_bit} places the {bits_stored} stored bits above bit 0 but the values sit "
-            "in the low bits; the low bits were used, check the image")
+    return (
+        f"bit position: High Bit {high_bit} places the {bits_stored} stored bits above bit 0 but the values sit "
+        "in the low bits; the low bits were used, check the image"
+    )
 
 
 def voi_lut_ignored_warning(why: str) -> str:
@@ -94,9 +100,9 @@ OUT_OF_DISTRIBUTION = "out_of_distribution"
 #: scored (README "Not a frontal chest radiograph").
 SKIP_CODES: dict[str, str] = {
     NOT_CHEST: "Body Part Examined (or, without it, the Anatomic Region Sequence) names a body part that is "
-               "not in --accept-body-parts (CHEST by default)",
+    "not in --accept-body-parts (CHEST by default)",
     OUT_OF_DISTRIBUTION: "--ood-policy skip: the model's own features place the image outside its training "
-                         "images (Mahalanobis distance over the threshold chosen on validation data)",
+    "images (Mahalanobis distance over the threshold chosen on validation data)",
 }
 
 BODY_PART_MISSING_WARNING = (
@@ -107,28 +113,41 @@ BODY_PART_MISSING_WARNING = (
 
 def not_chest_reason(part: str, accepted: "list[str] | tuple[str, ...]", source: str = "Body Part Examined") -> str:
     """The reason of a ``not_chest`` row (without the code); ``source`` names the attribute read."""
-    return (f"body part {part[:32]} ({source}) is not in the accepted list {list(accepted)}; the model reads "
-            "chest radiographs only (--accept-body-parts adds parts, 'any' turns the check off)")
+    return (
+        f"body part {part[:32]} ({source}) is not in the accepted list {list(accepted)}; the model reads "
+        "chest radiographs only (--accept-body-parts adds parts, 'any' turns the check off)"
+    )
 
 
 def not_frontal_warning(view: str, what: str) -> str:
     """A View Position that is neither frontal (PA/AP) nor lateral: oblique or decubitus."""
-    return (f"not a frontal view: View Position {view[:16]} ({what}), the model was trained on frontal (PA/AP) "
-            "chest radiographs and its predictions are unreliable")
+    return (
+        f"not a frontal view: View Position {view[:16]} ({what}), the model was trained on frontal (PA/AP) "
+        "chest radiographs and its predictions are unreliable"
+    )
 
 
 def out_of_distribution_warning(distance: float, threshold: float) -> str:
     """The content check (medxray.ood) puts the image over the threshold chosen on validation data."""
-    return (f"out of distribution: this image is unlike the model's training images (feature distance "
-            f"{distance:.1f} > threshold {threshold:.1f}), it may not be a frontal chest radiograph: "
-            "check the image before trusting the scores")
+    return (
+        f"out of distribution: this image is unlike the model's training images (feature distance "
+        f"{distance:.1f} > threshold {threshold:.1f}), it may not be a frontal chest radiograph: "
+        "check the image before trusting the scores"
+    )
 
 
 #: Every warning text (constants and the stems of the formatted ones): the app and the worklist
 #: filter on these prefixes.
-WARNING_PREFIXES: tuple[str, ...] = ("lateral view", "window not used", "bit depth", "bit position",
-                                     "VOI LUT not used", "body part not stated", "not a frontal view",
-                                     "out of distribution")
+WARNING_PREFIXES: tuple[str, ...] = (
+    "lateral view",
+    "window not used",
+    "bit depth",
+    "bit position",
+    "VOI LUT not used",
+    "body part not stated",
+    "not a frontal view",
+    "out of distribution",
+)
 
 _WS = re.compile(r"\s+")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

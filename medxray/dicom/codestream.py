@@ -25,8 +25,8 @@ def declared_size(frame: bytes) -> tuple[int, int, int] | None:
     at = head.find(_J2K_SOC_SIZ)
     if at >= 0 and len(head) >= at + 42:
         # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz Csiz
-        xsiz, ysiz, xo, yo = struct.unpack(">IIII", head[at + 8: at + 24])
-        (csiz,) = struct.unpack(">H", head[at + 40: at + 42])
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", head[at + 8 : at + 24])
+        (csiz,) = struct.unpack(">H", head[at + 40 : at + 42])
         return max(xsiz - xo, 0), max(ysiz - yo, 0), csiz
     at = head.find(b"\xff\xd8")
     if at < 0:
@@ -40,9 +40,9 @@ def declared_size(frame: bytes) -> tuple[int, int, int] | None:
         if marker == 0xFF or marker == 0x00 or 0xD0 <= marker <= 0xD8 or marker == 0x01:
             pos += 1 if marker == 0xFF else 2
             continue
-        (length,) = struct.unpack(">H", head[pos + 2: pos + 4])
+        (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
         if marker in _SOF_MARKERS and pos + 10 <= len(head):
-            rows, cols = struct.unpack(">HH", head[pos + 5: pos + 9])
+            rows, cols = struct.unpack(">HH", head[pos + 5 : pos + 9])
             return cols, rows, head[pos + 9]
         if marker == 0xDA or length < 2:  # start of scan before a frame header: nothing to read
             return None

@@ -38,12 +38,34 @@ from medxray.dicom.codes import (
     refusal,
 )
 
-_COLOUR_PHOTOMETRICS = frozenset({"RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
-                                  "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK", "XYB"})
+_COLOUR_PHOTOMETRICS = frozenset(
+    {
+        "RGB",
+        "PALETTE COLOR",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420",
+        "YBR_ICT",
+        "YBR_RCT",
+        "HSV",
+        "ARGB",
+        "CMYK",
+        "XYB",
+    }
+)
 # Attributes whose values are blanked out of any message that leaves the reader.
-PHI_KEYWORDS: tuple[str, ...] = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs",
-                                 "OtherPatientNames", "AccessionNumber", "PatientAddress",
-                                 "ReferringPhysicianName", "InstitutionName")
+PHI_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "AccessionNumber",
+    "PatientAddress",
+    "ReferringPhysicianName",
+    "InstitutionName",
+)
 
 _LATERAL_POSITIONS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT"})
 _LATERAL_WORD = re.compile(r"\bLAT(ERAL)?\b", re.IGNORECASE)
@@ -157,8 +179,9 @@ def check_image(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: i
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise refusal(UNSUPPORTED, "float pixel data (a parametric map), not a radiograph")
-        raise refusal(NO_PIXEL_DATA,
-                      "the file holds no pixel data (a report, structured document or other non-image object)")
+        raise refusal(
+            NO_PIXEL_DATA, "the file holds no pixel data (a report, structured document or other non-image object)"
+        )
     frames = int_attr(ds, "NumberOfFrames", 1) or 1
     if frames > 1:
         raise refusal(MULTI_FRAME, f"the file holds {frames} frames; only single-frame 2-D radiographs can be scored")
@@ -204,8 +227,9 @@ def check_image(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: i
         raise refusal(UNREADABLE, f"BitsStored {bits_stored} does not fit BitsAllocated {bits_alloc}")
     high_bit = int_attr(ds, "HighBit", bits_stored - 1)
     if high_bit is None or not bits_stored - 1 <= high_bit < bits_alloc:
-        raise refusal(UNREADABLE, f"High Bit {high_bit} does not fit Bits Stored {bits_stored} in "
-                                  f"Bits Allocated {bits_alloc}")
+        raise refusal(
+            UNREADABLE, f"High Bit {high_bit} does not fit Bits Stored {bits_stored} in Bits Allocated {bits_alloc}"
+        )
 
 
 def transfer_syntax(ds: Any) -> Any:
@@ -221,8 +245,10 @@ def transfer_syntax(ds: Any) -> Any:
     if not isinstance(ts, str):
         raise refusal(UNREADABLE, f"the Transfer Syntax UID (0002,0010) has {len(ts)} values; it must have one")
     if not getattr(ts, "is_transfer_syntax", False):
-        raise refusal(UNREADABLE, f"the Transfer Syntax UID {str(ts)[:64]!r} is not a transfer syntax "
-                                  "(a damaged or hand-edited header)")
+        raise refusal(
+            UNREADABLE,
+            f"the Transfer Syntax UID {str(ts)[:64]!r} is not a transfer syntax (a damaged or hand-edited header)",
+        )
     return ts
 
 
@@ -268,6 +294,7 @@ def padding_range(ds: Any) -> tuple[int, int] | None:
     bits_alloc = int_attr(ds, "BitsAllocated", 16) or 16
     signed = (int_attr(ds, "PixelRepresentation", 0) or 0) == 1
     if bits_alloc == 16:
+
         def fix(v: int) -> int:
             return (v - 65536 if v > 32767 else v) if signed else (v + 65536 if v < 0 else v)
 

@@ -71,7 +71,7 @@ def _header(buf: bytearray, pos: int, implicit: bool) -> tuple[int, bytes | None
     tag = group << 16 | elem
     if group == 0xFFFE or implicit:
         return tag, None, struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
-    vr = bytes(buf[pos + 4: pos + 6])
+    vr = bytes(buf[pos + 4 : pos + 6])
     if vr in _LONG_VRS:
         if pos + 12 > len(buf):
             raise _NeedMore
@@ -154,8 +154,9 @@ class _Walk:
         return samples, samples * max(-(-a.get(_BITS, 16) // 8), 1)
 
 
-def inflate_deflated(body: bytes | memoryview, max_pixels: int,
-                     budget: int = METADATA_BUDGET) -> tuple[bytes, InflateReport]:
+def inflate_deflated(
+    body: bytes | memoryview, max_pixels: int, budget: int = METADATA_BUDGET
+) -> tuple[bytes, InflateReport]:
     """Inflate a deflated data set body (the bytes after the File Meta group) under a ceiling.
 
     ``body``: raw deflate (RFC 1951, no zlib header), as PS3.5 A.5 specifies. ``max_pixels``:
@@ -175,7 +176,7 @@ def inflate_deflated(body: bytes | memoryview, max_pixels: int,
         if inflater.unconsumed_tail:
             data: bytes | memoryview = inflater.unconsumed_tail
         elif fed < len(src):
-            data = src[fed: fed + _IN_CHUNK]
+            data = src[fed : fed + _IN_CHUNK]
             fed += len(data)
         else:
             break
@@ -186,9 +187,12 @@ def inflate_deflated(body: bytes | memoryview, max_pixels: int,
         out += piece
         if len(out) > ceiling:
             where = "its pixel data" if walk.pixel is not None else "the elements before its pixel data"
-            raise refusal(TOO_LARGE, f"the deflated data set inflates past {ceiling / 2**20:.1f} MiB ({where}: "
-                                     f"the header's image plus {budget / 2**20:.0f} MiB for other elements); "
-                                     "not inflated further (a decompression bomb or a damaged file)")
+            raise refusal(
+                TOO_LARGE,
+                f"the deflated data set inflates past {ceiling / 2**20:.1f} MiB ({where}: "
+                f"the header's image plus {budget / 2**20:.0f} MiB for other elements); "
+                "not inflated further (a decompression bomb or a damaged file)",
+            )
         if walk.pixel is None:
             try:
                 walk.advance(out)
@@ -197,8 +201,11 @@ def inflate_deflated(body: bytes | memoryview, max_pixels: int,
             if walk.pixel is not None:
                 ceiling = _pixel_ceiling(walk, max_pixels, budget)
     if not inflater.eof:
-        raise refusal(TRUNCATED, f"the deflated data set ends before its deflate stream does "
-                                 f"({len(out)} bytes inflated): the file was cut short or damaged")
+        raise refusal(
+            TRUNCATED,
+            f"the deflated data set ends before its deflate stream does "
+            f"({len(out)} bytes inflated): the file was cut short or damaged",
+        )
     return bytes(out), InflateReport(fed - len(inflater.unused_data), len(out), ceiling)
 
 
@@ -209,10 +216,16 @@ def _pixel_ceiling(walk: _Walk, max_pixels: int, budget: int) -> int:
     samples, nbytes = walk.image_bytes()
     if samples > max_pixels:
         a = walk.attrs
-        raise refusal(TOO_LARGE, f"the image is {a.get(_COLUMNS, 0)}x{a.get(_ROWS, 0)} x {max(a.get(_SAMPLES, 1), 1)} "
-                                 f"samples x {max(a.get(_FRAMES, 1), 1)} frames = {samples / 1e6:.1f} M samples, "
-                                 f"above the {max_pixels / 1e6:.1f} MP limit (not inflated)")
+        raise refusal(
+            TOO_LARGE,
+            f"the image is {a.get(_COLUMNS, 0)}x{a.get(_ROWS, 0)} x {max(a.get(_SAMPLES, 1), 1)} "
+            f"samples x {max(a.get(_FRAMES, 1), 1)} frames = {samples / 1e6:.1f} M samples, "
+            f"above the {max_pixels / 1e6:.1f} MP limit (not inflated)",
+        )
     if length != _UNDEFINED and length > nbytes + budget:
-        raise refusal(TOO_LARGE, f"the pixel data element declares {length} bytes but the header's image needs "
-                                 f"{nbytes}; not inflated (a decompression bomb or a damaged file)")
+        raise refusal(
+            TOO_LARGE,
+            f"the pixel data element declares {length} bytes but the header's image needs "
+            f"{nbytes}; not inflated (a decompression bomb or a damaged file)",
+        )
     return start + nbytes + budget

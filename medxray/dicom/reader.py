@@ -38,7 +38,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from medxray.dicom.bits import locate_stored_bits
-from medxray.dicom.codestream import declared_size
 from medxray.dicom.codes import (
     DECODE_FAILED,
     FLAT_IMAGE,
@@ -53,6 +52,7 @@ from medxray.dicom.codes import (
     voi_lut_ignored_warning,
     window_undefined_warning,
 )
+from medxray.dicom.codestream import declared_size
 from medxray.dicom.header import (
     check_image,
     int_attr,
@@ -80,8 +80,16 @@ from medxray.limits import pixel_limit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ALLOWED_MODALITIES", "DEFAULT_MAX_PIXELS", "DicomImage", "DicomSource", "decode_stored",
-           "is_dicom_file", "read_dicom", "sniff_dicom"]
+__all__ = [
+    "DEFAULT_ALLOWED_MODALITIES",
+    "DEFAULT_MAX_PIXELS",
+    "DicomImage",
+    "DicomSource",
+    "decode_stored",
+    "is_dicom_file",
+    "read_dicom",
+    "sniff_dicom",
+]
 
 
 DEFAULT_ALLOWED_MODALITIES: tuple[str, ...] = ("CR", "DX")
@@ -91,7 +99,6 @@ DEFAULT_MAX_PIXELS = SHARED_DEFAULT_MAX_PIXELS
 # File-size guard checked before anything is read into memory (uncompressed limit x 4 bytes + header).
 _MAX_FILE_BYTES_PER_PIXEL = 4
 _MAX_HEADER_BYTES = 64 << 20
-
 
 
 @dataclass
@@ -174,8 +181,9 @@ def decode_stored(ds: Any) -> np.ndarray:
             raise refusal(TOO_LARGE, "not enough memory to decode this image") from None
         except BaseException as exc:  # codec errors come in many types; pyo3 panics are BaseExceptions
             text = one_line(scrub_phi(str(exc), ds)) or "no message"
-            raise refusal(DECODE_FAILED,
-                          f"cannot decode the {ts.name} pixel data ({type(exc).__name__}: {text})") from None
+            raise refusal(
+                DECODE_FAILED, f"cannot decode the {ts.name} pixel data ({type(exc).__name__}: {text})"
+            ) from None
         if arr.ndim != 2 or arr.shape != (rows, cols):
             raise refusal(UNSUPPORTED, f"decoded pixel array has shape {arr.shape}, expected ({rows}, {cols})")
     if not np.issubdtype(arr.dtype, np.integer):
@@ -204,9 +212,12 @@ def check_codestream_size(ds: Any, rows: int, cols: int) -> None:
     size = declared_size(frame)
     spp = int_attr(ds, "SamplesPerPixel", 1) or 1
     if size is not None and size[0] * max(size[1], 1) * max(size[2], 1) > cols * rows * spp:
-        raise refusal(DECODE_FAILED, f"the {ds.file_meta.TransferSyntaxUID.name} codestream declares "
-                                     f"{size[0]}x{size[1]}x{size[2]} samples but the header says "
-                                     f"{cols}x{rows}x{spp}; not decoded (the codec would allocate for the larger)")
+        raise refusal(
+            DECODE_FAILED,
+            f"the {ds.file_meta.TransferSyntaxUID.name} codestream declares "
+            f"{size[0]}x{size[1]}x{size[2]} samples but the header says "
+            f"{cols}x{rows}x{spp}; not decoded (the codec would allocate for the larger)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +261,18 @@ def read_dicom(
         raise refusal(TOO_LARGE, "not enough memory to decode this image") from None
     except Exception as exc:  # a damaged attribute surfaces lazily in pydicom, in many types
         text = one_line(scrub_phi(str(exc), ds), 160) if ds is not None else ""
-        raise refusal(UNREADABLE, f"a header attribute cannot be interpreted ({type(exc).__name__}"
-                                  f"{': ' + text if text else ''})") from None
+        raise refusal(
+            UNREADABLE, f"a header attribute cannot be interpreted ({type(exc).__name__}{': ' + text if text else ''})"
+        ) from None
 
 
-def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int | None,
-            keep_raw: bool, reduce_to: int | None = None) -> DicomImage:
+def _decode(
+    ds: Any,
+    allowed_modalities: Iterable[str] | None,
+    max_pixels: int | None,
+    keep_raw: bool,
+    reduce_to: int | None = None,
+) -> DicomImage:
     """Checks, decoding, LUTs and window for a parsed data set (see :func:`read_dicom`)."""
     check_image(ds, allowed_modalities, max_pixels)
     ts = ds.file_meta.TransferSyntaxUID
@@ -271,14 +288,21 @@ def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int |
         container = decode_j2k_reduced(ds, reduce_to) if reduced else None  # type: ignore[arg-type]
         container = decode_stored(ds) if container is None else container
         return locate_stored_bits(
-            container, int_attr(ds, "BitsStored", bits_alloc) or bits_alloc, int_attr(ds, "HighBit"),
-            meta["pixel_representation"] == 1, compressed=bool(ts.is_compressed))
+            container,
+            int_attr(ds, "BitsStored", bits_alloc) or bits_alloc,
+            int_attr(ds, "HighBit"),
+            meta["pixel_representation"] == 1,
+            compressed=bool(ts.is_compressed),
+        )
 
     # A JPEG 2000 resolution level averages the stored values before the LUTs: the same picture only
     # when the chain is affine and the window clips nothing (the clipped cases decode in full).
     stored, bits_note = stored_values(affine is not None)
-    if affine is not None and stored.shape != (int(ds.Rows), int(ds.Columns)) and (
-            int(stored.min()) < affine[0] or int(stored.max()) > affine[1]):
+    if (
+        affine is not None
+        and stored.shape != (int(ds.Rows), int(ds.Columns))
+        and (int(stored.min()) < affine[0] or int(stored.max()) > affine[1])
+    ):
         stored, bits_note = stored_values(False)
     if bits_note:
         warns.append(bits_note)
@@ -332,8 +356,11 @@ def _decode(ds: Any, allowed_modalities: Iterable[str] | None, max_pixels: int |
     levels = grey_levels(pixels, pad_mask)
     if levels < MIN_GREY_LEVELS:
         shown = f"window {window[0]:g}/{window[1]:g} {meta['voi_lut_function']}" if window else "the VOI LUT"
-        raise refusal(FLAT_IMAGE, f"after the LUTs and {shown} the image has {levels} grey level(s); "
-                                  f"a radiograph has many: the image is blank or the window hides it")
+        raise refusal(
+            FLAT_IMAGE,
+            f"after the LUTs and {shown} the image has {levels} grey level(s); "
+            f"a radiograph has many: the image is blank or the window hides it",
+        )
     if lateral:
         warns.append(LATERAL_WARNING)
     return DicomImage(

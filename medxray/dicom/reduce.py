@@ -83,13 +83,13 @@ def j2k_levels(codestream: bytes) -> int | None:
         return None
     pos, levels, csiz = 2, [], 0
     while pos + 4 <= len(b):
-        marker = b[pos:pos + 2]
+        marker = b[pos : pos + 2]
         if marker == b"\xff\x90":  # SOT: end of the main header
             break
-        length = int.from_bytes(b[pos + 2:pos + 4], "big")
+        length = int.from_bytes(b[pos + 2 : pos + 4], "big")
         if length < 2 or b[pos] != 0xFF:
             return None
-        body = b[pos + 4:pos + 2 + length]
+        body = b[pos + 4 : pos + 2 + length]
         if marker == b"\xff\x51" and len(body) >= 36:  # SIZ: Csiz decides the COC component field size
             csiz = int.from_bytes(body[34:36], "big")
         elif marker == b"\xff\x52" and len(body) >= 6:  # COD: Scod, SGcod (4 bytes), SPcod levels
@@ -208,13 +208,13 @@ def _box_sums(arr: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
     return sums, n_r[:, None] * n_c[None, :]
 
 
-def area_reduce(arr: np.ndarray, size: int, exclude: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+def area_reduce(arr: np.ndarray, size: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Area resize (H, W) -> (size, size) float32 for H, W >= size, on the values as given.
 
     The bins are those of ``torch.nn.functional.interpolate(mode="area")`` (adaptive average
     pooling), so on the display image this IS the deterministic list's resize; on stored
-    integers it is that resize moved before an affine LUT. Separable: rows then columns, integers summed exactly in integers, floats in float64. ``exclude`` (boolean, e.g. padding)
+    integers it is that resize moved before an affine LUT. Separable: rows then columns, integers
+    summed exactly in integers, floats in float64. ``exclude`` (boolean, e.g. padding)
     comes back as "every pixel of the cell excluded". Raises ValueError when a side is < size.
     """
     h, w = arr.shape

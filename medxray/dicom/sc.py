@@ -54,9 +54,18 @@ def burn_in_banner(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def write_cam_sc(path: str | os.PathLike, *, overlay_rgb: np.ndarray, source: dict[str, str], finding: str,
-                 probability: float, model_name: str, model_version: str, instance_number: int = 1,
-                 source_dataset: Any | None = None) -> Path:
+def write_cam_sc(
+    path: str | os.PathLike,
+    *,
+    overlay_rgb: np.ndarray,
+    source: dict[str, str],
+    finding: str,
+    probability: float,
+    model_name: str,
+    model_version: str,
+    instance_number: int = 1,
+    source_dataset: Any | None = None,
+) -> Path:
     """Write one Secondary Capture of ``overlay_rgb`` (H, W, 3 uint8) for ``finding``.
 
     ``source`` holds the scored image's UIDs (``sop_class_uid``, ``sop_instance_uid``,
@@ -64,8 +73,9 @@ def write_cam_sc(path: str | os.PathLike, *, overlay_rgb: np.ndarray, source: di
     General Study modules are copied; None = de-identified, empty patient module). The SOP
     Instance UID is :func:`medxray.dicom.sr.result_uid` (the source's study + series + SOP UIDs and,
     for a changed re-send, its content hash; model version; finding), so a re-send is stored once
-    and two studies sharing a SOP Instance UID get two objects. Raises :class:`~medxray.errors.DicomError` (``invalid_uid``) when the
-    source's UIDs are unusable, ValueError for an array that is not (H, W, 3) uint8-compatible.
+    and two studies sharing a SOP Instance UID get two objects. Raises
+    :class:`~medxray.errors.DicomError` (``invalid_uid``) when the source's UIDs are unusable,
+    ValueError for an array that is not (H, W, 3) uint8-compatible.
     """
     import highdicom as hd
     from pydicom.dataset import Dataset
@@ -76,10 +86,13 @@ def write_cam_sc(path: str | os.PathLike, *, overlay_rgb: np.ndarray, source: di
     rgb = np.asarray(overlay_rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"a Secondary Capture overlay must be (H, W, 3) RGB, got shape {rgb.shape}")
-    pixels = burn_in_banner(rgb.astype(np.uint8), [
-        f"{BANNER} - research software output",
-        f"{finding} p={probability:.2f} - {model_name} {model_version} (CAM)"[:120],
-    ])
+    pixels = burn_in_banner(
+        rgb.astype(np.uint8),
+        [
+            f"{BANNER} - research software output",
+            f"{finding} p={probability:.2f} - {model_name} {model_version} (CAM)"[:120],
+        ],
+    )
     orientation = None
     if source_dataset is not None:
         value = list(source_dataset.get("PatientOrientation") or [])
@@ -87,18 +100,25 @@ def write_cam_sc(path: str | os.PathLike, *, overlay_rgb: np.ndarray, source: di
             orientation = (str(value[0]), str(value[1]))
     study_uid = source["study_instance_uid"]
     sc = hd.sc.SCImage(
-        pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
         study_instance_uid=study_uid,
         # one overlay series per source series and model (the source SOP UID is left out on purpose)
-        series_instance_uid=result_uid({"study_instance_uid": study_uid,
-                                        "series_instance_uid": source["series_instance_uid"]},
-                                       model_version, "sc-series"),
+        series_instance_uid=result_uid(
+            {"study_instance_uid": study_uid, "series_instance_uid": source["series_instance_uid"]},
+            model_version,
+            "sc-series",
+        ),
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=result_uid(source, model_version, f"sc:{finding}"),
-        instance_number=int(instance_number), manufacturer=MANUFACTURER,
+        instance_number=int(instance_number),
+        manufacturer=MANUFACTURER,
         patient_orientation=orientation or ("L", "F"),  # placeholder, emptied below when the source has none
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=SC_SERIES_DESCRIPTION, manufacturer_model_name=model_name[:64],
+        series_description=SC_SERIES_DESCRIPTION,
+        manufacturer_model_name=model_name[:64],
         software_versions=model_version[:64],
     )
     if orientation is None:

@@ -105,8 +105,9 @@ def read_source(source: DicomSource, max_bytes: int) -> tuple[bytes, str]:
     else:
         raise TypeError(f"read_dicom takes a path, bytes or a binary file object, not {type(source).__name__}")
     if len(data) > max_bytes:
-        raise refusal(TOO_LARGE,
-                      f"the data is {len(data) / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit")
+        raise refusal(
+            TOO_LARGE, f"the data is {len(data) / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit"
+        )
     return data, name
 
 
@@ -130,8 +131,11 @@ def check_not_truncated(ds: Any, size: int, kind: str) -> None:
     if kind == "part10" and meta is not None:
         group_len = meta.get("FileMetaInformationGroupLength")
         if group_len is not None and not isinstance(group_len, int):
-            raise refusal(UNREADABLE, "the File Meta Information Group Length (0002,0000) is not one number "
-                                      f"(a {type(group_len).__name__}: wrong VR or a damaged header)")
+            raise refusal(
+                UNREADABLE,
+                "the File Meta Information Group Length (0002,0000) is not one number "
+                f"(a {type(group_len).__name__}: wrong VR or a damaged header)",
+            )
         if group_len is not None and size < 132 + 12 + int(group_len):
             raise refusal(TRUNCATED, "the file ends inside its DICOM header (it was cut short or damaged)")
     if len(ds) == 0:
@@ -183,8 +187,10 @@ def parse_dataset(data: bytes, kind: str, max_pixels: int | None = None) -> Any:
     except DicomError:
         raise
     except Exception as exc:  # pydicom converts values lazily: damage surfaces here
-        raise refusal(UNREADABLE, f"the header cannot be interpreted ({type(exc).__name__}: "
-                                  f"{one_line(scrub_phi(str(exc), ds), 160)})") from None
+        raise refusal(
+            UNREADABLE,
+            f"the header cannot be interpreted ({type(exc).__name__}: {one_line(scrub_phi(str(exc), ds), 160)})",
+        ) from None
     if "TransferSyntaxUID" not in meta:
         # Raw data sets carry no meta group: the encoding pydicom detected defines the syntax.
         el = ds.get_item("PixelData") if "PixelData" in ds else None
@@ -222,19 +228,21 @@ def _read_deflated(data: bytes, kind: str, max_pixels: int | None) -> tuple[Any,
     ts = file_meta.get("TransferSyntaxUID", None)
     if not isinstance(ts, str) or ts.strip("\x00 ") != DEFLATED_TS:
         return None
-    body, report = inflate_deflated(memoryview(data)[fp.tell():], pixel_limit(max_pixels))
-    log.debug("deflated data set: %d bytes inflated to %d (ceiling %d)", report.compressed_bytes,
-              report.inflated_bytes, report.ceiling_bytes)
+    body, report = inflate_deflated(memoryview(data)[fp.tell() :], pixel_limit(max_pixels))
+    log.debug(
+        "deflated data set: %d bytes inflated to %d (ceiling %d)",
+        report.compressed_bytes,
+        report.inflated_bytes,
+        report.ceiling_bytes,
+    )
     body_fp: Any = DicomBytesIO(body)
     dataset = read_dataset(body_fp, is_implicit_VR=False, is_little_endian=True)
-    ds = FileDataset("", dataset, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
-                     is_little_endian=True)
+    ds = FileDataset("", dataset, preamble=preamble, file_meta=file_meta, is_implicit_VR=False, is_little_endian=True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds, len(body)
 
 
-def read_header_bounded(path: str | os.PathLike, max_pixels: int | None = None,
-                        defer_size: int | None = None) -> Any:
+def read_header_bounded(path: str | os.PathLike, max_pixels: int | None = None, defer_size: int | None = None) -> Any:
     """A file's pydicom data set for header checks, with a deflated body inflated under the reader's ceiling.
 
     For code outside the reader that needs a header from an untrusted file (the DICOM node checks

@@ -29,13 +29,36 @@ INVALID_UID = "invalid_uid"  # reason code: the source's UIDs cannot be referenc
 # Patient module (PS3.3 C.7.1.1) and General Study / Patient Study modules (C.7.2.1, C.7.2.2):
 # what a result object copies from its source so the PACS files it under the same patient+study.
 PATIENT_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
-    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence", "OtherPatientNames",
-    "EthnicGroup", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence", "ResponsiblePerson", "ResponsibleOrganization",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord", "ProcedureCodeSequence",
-    "PatientAge", "PatientSize", "PatientWeight",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "ResponsiblePerson",
+    "ResponsibleOrganization",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "ProcedureCodeSequence",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
 )
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
@@ -50,12 +73,19 @@ def check_source_uids(source: dict[str, str]) -> None:
     """Refuse (``invalid_uid``) a source whose SOP Class/Instance, Study or Series UID is missing or
     not a valid UID: a result object referencing it would be invalid and would not file under
     the right study. No UID is ever made up for the source."""
-    names = {"sop_class_uid": "SOP Class UID", "sop_instance_uid": "SOP Instance UID",
-             "study_instance_uid": "Study Instance UID", "series_instance_uid": "Series Instance UID"}
+    names = {
+        "sop_class_uid": "SOP Class UID",
+        "sop_instance_uid": "SOP Instance UID",
+        "study_instance_uid": "Study Instance UID",
+        "series_instance_uid": "Series Instance UID",
+    }
     bad = [n for k, n in names.items() if not is_valid_uid(source.get(k))]
     if bad:
-        raise refusal(INVALID_UID, f"the source has no valid {', '.join(bad)}; no result object written "
-                                   "(fix the source's UIDs in the archive)")
+        raise refusal(
+            INVALID_UID,
+            f"the source has no valid {', '.join(bad)}; no result object written "
+            "(fix the source's UIDs in the archive)",
+        )
 
 
 def copy_patient_study(dst: Any, src: Any | None) -> None:
@@ -105,17 +135,29 @@ def result_uid(source: Mapping[str, str], model_version: str, kind: str) -> str:
     """
     from pydicom.uid import generate_uid
 
-    parts = [str(source.get("study_instance_uid", "")), str(source.get("series_instance_uid", "")),
-             str(source.get("sop_instance_uid", ""))]
+    parts = [
+        str(source.get("study_instance_uid", "")),
+        str(source.get("series_instance_uid", "")),
+        str(source.get("sop_instance_uid", "")),
+    ]
     content = str(source.get("content_sha256", "") or "")
     if content:
         parts.append(f"sha256:{content}")
     return generate_uid(entropy_srcs=["medxray-result-v2", *parts, model_version, kind])
 
 
-def write_sr(path: str | os.PathLike, *, source: dict[str, str], label_names: Sequence[str],
-             probabilities: Sequence[float], positives: Sequence[str], model_name: str, model_version: str,
-             thresholds: dict[str, float], source_dataset: Any | None = None) -> Path:
+def write_sr(
+    path: str | os.PathLike,
+    *,
+    source: dict[str, str],
+    label_names: Sequence[str],
+    probabilities: Sequence[float],
+    positives: Sequence[str],
+    model_name: str,
+    model_version: str,
+    thresholds: dict[str, float],
+    source_dataset: Any | None = None,
+) -> Path:
     """A highdicom Comprehensive SR referencing the source image, filed under the source's study.
 
     ``source`` holds the source's UIDs (``sop_class_uid``, ``sop_instance_uid``,
@@ -139,43 +181,75 @@ def write_sr(path: str | os.PathLike, *, source: dict[str, str], label_names: Se
     ref.StudyInstanceUID = source["study_instance_uid"]
     ref.SeriesInstanceUID = source["series_instance_uid"]
     ref.Modality = source.get("modality", "")
-    for kw in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-               "StudyDate", "StudyTime", "ReferringPhysicianName"):
+    for kw in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+    ):
         setattr(ref, kw, None)
 
     scheme = CODING_SCHEME
     title = hd.sr.CodedConcept("MX0001", scheme, "Chest radiograph AI findings (not for clinical use)")
     root = hd.sr.ContainerContentItem(name=title, template_id=None)
     items = [
-        hd.sr.TextContentItem(name=codes.DCM.Comment if hasattr(codes.DCM, "Comment")
-                              else hd.sr.CodedConcept("121106", "DCM", "Comment"),
-                              value=NOT_FOR_CLINICAL_USE, relationship_type="CONTAINS"),
-        hd.sr.TextContentItem(name=hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"), value=model_name[:64],
-                              relationship_type="CONTAINS"),
-        hd.sr.TextContentItem(name=hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"),
-                              value=model_version[:64], relationship_type="CONTAINS"),
-        hd.sr.ImageContentItem(name=hd.sr.CodedConcept("121112", "DCM", "Source of Measurement"),
-                               referenced_sop_class_uid=source["sop_class_uid"],
-                               referenced_sop_instance_uid=source["sop_instance_uid"],
-                               relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment if hasattr(codes.DCM, "Comment") else hd.sr.CodedConcept("121106", "DCM", "Comment"),
+            value=NOT_FOR_CLINICAL_USE,
+            relationship_type="CONTAINS",
+        ),
+        hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"),
+            value=model_name[:64],
+            relationship_type="CONTAINS",
+        ),
+        hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"),
+            value=model_version[:64],
+            relationship_type="CONTAINS",
+        ),
+        hd.sr.ImageContentItem(
+            name=hd.sr.CodedConcept("121112", "DCM", "Source of Measurement"),
+            referenced_sop_class_uid=source["sop_class_uid"],
+            referenced_sop_instance_uid=source["sop_instance_uid"],
+            relationship_type="CONTAINS",
+        ),
     ]
     unit = hd.sr.CodedConcept("1", "UCUM", "no units")
     for i, (name, p) in enumerate(zip(label_names, probabilities)):
         concept = hd.sr.CodedConcept(f"MXF{i + 1:03d}", scheme, f"Probability of {name}"[:64])
-        items.append(hd.sr.NumContentItem(name=concept, value=round(float(p), 6), unit=unit,
-                                          relationship_type="CONTAINS"))
+        items.append(
+            hd.sr.NumContentItem(name=concept, value=round(float(p), 6), unit=unit, relationship_type="CONTAINS")
+        )
     findings = ", ".join(positives) if positives else "none above threshold"
-    items.append(hd.sr.TextContentItem(name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
-                                       value=f"Above threshold: {findings}"[:1024], relationship_type="CONTAINS"))
+    items.append(
+        hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+            value=f"Above threshold: {findings}"[:1024],
+            relationship_type="CONTAINS",
+        )
+    )
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
-        evidence=[ref], content=root,
+        evidence=[ref],
+        content=root,
         series_instance_uid=result_uid(source, model_version, "sr-series"),
         series_number=9901,
         sop_instance_uid=result_uid(source, model_version, "sr"),
-        instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
-        series_description="medxray AI findings - NOT FOR CLINICAL USE", content_qualification="RESEARCH",
-        manufacturer_model_name=model_name[:64], software_versions=model_version[:64],
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description="medxray AI findings - NOT FOR CLINICAL USE",
+        content_qualification="RESEARCH",
+        manufacturer_model_name=model_name[:64],
+        software_versions=model_version[:64],
     )
     copy_patient_study(sr, source_dataset)
     sr.CodingSchemeIdentificationSequence = coding_scheme_identification()

@@ -84,8 +84,7 @@ def modality_lut_params(ds: Any) -> Any:
     slope = first_float(ds.get("RescaleSlope", None))
     intercept = first_float(ds.get("RescaleIntercept", None))
     ok = slope is not None and math.isfinite(slope) and slope != 0.0
-    return ("rescale", slope if ok else 1.0,
-            intercept if intercept is not None and math.isfinite(intercept) else 0.0)
+    return ("rescale", slope if ok else 1.0, intercept if intercept is not None and math.isfinite(intercept) else 0.0)
 
 
 def apply_modality_lut(stored: np.ndarray, params: Any) -> np.ndarray:
@@ -128,8 +127,10 @@ def lut_table(item: Any, entries: int, bits: int, little_endian: bool = True) ->
     if isinstance(data, (bytes, bytearray)):
         # one byte per entry (+ the even-length pad) is bytes; anything longer under a wide descriptor is words
         wide = len(data) >= 2 * entries or (bits > 8 and len(data) > entries + 1)
-        table = np.frombuffer(bytes(data[: len(data) // 2 * 2]) if wide else bytes(data),
-                              dtype=("<u2" if little_endian else ">u2") if wide else "u1")
+        table = np.frombuffer(
+            bytes(data[: len(data) // 2 * 2]) if wide else bytes(data),
+            dtype=("<u2" if little_endian else ">u2") if wide else "u1",
+        )
     else:
         table = np.asarray([data] if isinstance(data, int) else list(data), dtype=np.float64)
     if table.size < entries:
@@ -243,7 +244,6 @@ def auto_window(raw: np.ndarray, exclude: np.ndarray | None = None) -> tuple[flo
             spread = abs(lo) * 1e-6 or 1e-6
             lo, hi = lo - spread, hi + spread
     return (lo + hi) / 2.0, hi - lo
-
 
 
 def grey_levels(pixels: np.ndarray, exclude: np.ndarray | None = None) -> int:

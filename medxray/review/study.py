@@ -38,6 +38,7 @@ POSITIVE_COLOUR, NEGATIVE_COLOUR = "#c0392b", "#7f8c8d"  # chart bars and table 
 
 # -- loading images ------------------------------------------------------------------------------
 
+
 @dataclass
 class StudyImage:
     """One image ready for the model and the page.
@@ -91,7 +92,8 @@ def load_study_bytes(data: bytes, name: str = "", *, max_bytes: int | None = Non
         raise DataError(
             f"{label} is {len(data) / 2**20:.1f} MB, above this app's upload limit of "
             f"{max_bytes / 2**20:.0f} MB; export a smaller image or start the app with a larger "
-            f"--max-upload-mb")
+            f"--max-upload-mb"
+        )
     if not data:
         raise DataError(f"{label} is empty; choose a DICOM, PNG or JPEG chest radiograph")
     kind = sniff_kind(data, name)
@@ -124,10 +126,22 @@ def _load_dicom(data: bytes, digest: str) -> StudyImage:
     # Any modality is opened: the reviewer gets a warning for an unexpected one instead of nothing.
     dimg = read_dicom(data, allowed_modalities=None)  # raises DicomError with the reason
     meta = dict(dimg.meta or {})
-    key = ImageKey.for_image(meta.get("sop_instance_uid"), data, study_instance_uid=meta.get("study_instance_uid"),
-                             series_instance_uid=meta.get("series_instance_uid"))  # two patients cannot share it
-    return StudyImage(pixels=np.asarray(dimg.pixels, dtype=np.float32), kind="dicom", key=key, sha256=digest,
-                      meta=meta, warnings=list(dimg.warnings or []), dicom=dimg, is_lateral=bool(dimg.is_lateral))
+    key = ImageKey.for_image(
+        meta.get("sop_instance_uid"),
+        data,
+        study_instance_uid=meta.get("study_instance_uid"),
+        series_instance_uid=meta.get("series_instance_uid"),
+    )  # two patients cannot share it
+    return StudyImage(
+        pixels=np.asarray(dimg.pixels, dtype=np.float32),
+        kind="dicom",
+        key=key,
+        sha256=digest,
+        meta=meta,
+        warnings=list(dimg.warnings or []),
+        dicom=dimg,
+        is_lateral=bool(dimg.is_lateral),
+    )
 
 
 def _load_raster(data: bytes, kind: str, digest: str, label: str) -> StudyImage:
@@ -136,14 +150,19 @@ def _load_raster(data: bytes, kind: str, digest: str, label: str) -> StudyImage:
     # The data layer's decoder (the one training used); the app adds only its pixel limit,
     # EXIF orientation for phone photos of films, and the colour warning.
     img = decode_image(data, name=label, max_pixels=MAX_PIXELS, exif_transpose=kind == "jpeg")
-    warnings = ["colour image converted to grayscale: radiographs are grayscale, check this is the right file"] \
-        if img.colour else []
+    warnings = (
+        ["colour image converted to grayscale: radiographs are grayscale, check this is the right file"]
+        if img.colour
+        else []
+    )
     meta = {"format": kind.upper(), "rows": img.shape[0], "columns": img.shape[1]}
-    return StudyImage(pixels=img.as_float01(), kind=kind, key=ImageKey.from_bytes(data), sha256=digest, meta=meta,
-                      warnings=warnings)
+    return StudyImage(
+        pixels=img.as_float01(), kind=kind, key=ImageKey.from_bytes(data), sha256=digest, meta=meta, warnings=warnings
+    )
 
 
 # -- display -------------------------------------------------------------------------------------
+
 
 def window_range(study: StudyImage) -> tuple[float, float]:
     """Bounds for the window/level controls: the raw value range of the image."""
@@ -161,11 +180,14 @@ def _downsample(img01: np.ndarray, max_side: int) -> np.ndarray:
     from PIL import Image
 
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img01, dtype=np.float32)).resize(size, Image.BOX), dtype=np.float32)
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(img01, dtype=np.float32)).resize(size, Image.BOX), dtype=np.float32
+    )
 
 
-def display_image(study: StudyImage, window: tuple[float, float] | None = None,
-                  *, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+def display_image(
+    study: StudyImage, window: tuple[float, float] | None = None, *, max_side: int = DISPLAY_MAX_SIDE
+) -> np.ndarray:
     """The image as the reviewer sees it: re-windowed from the raw values when a window is given.
 
     For DICOM ``window`` is (center, width) in the raw (modality-LUT) values; for PNG/JPEG in
@@ -200,6 +222,7 @@ def cam_overlay(display01: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> n
 
 # -- predictions ---------------------------------------------------------------------------------
 
+
 @dataclass
 class StudyPrediction:
     """Model output for one image: probability per finding; maps come per finding (:func:`finding_map`)."""
@@ -225,9 +248,14 @@ def predict_study(predictor: Any, pixels: np.ndarray) -> StudyPrediction:
     threshold = getattr(getattr(predictor, "ood", None), "threshold", None)
     # the scorer's text for the same check (policy "warn": the app never hides a study)
     _, ood_warning = ood_verdict(None if ood is None else float(ood[0]), threshold, "warn")
-    return StudyPrediction(label_names=list(predictor.label_names), probabilities=np.asarray(probs[0], np.float32),
-                           cams=None, model_version=str(getattr(predictor, "model_version", "") or ""),
-                           warnings=[ood_warning] if ood_warning else [], live=True)
+    return StudyPrediction(
+        label_names=list(predictor.label_names),
+        probabilities=np.asarray(probs[0], np.float32),
+        cams=None,
+        model_version=str(getattr(predictor, "model_version", "") or ""),
+        warnings=[ood_warning] if ood_warning else [],
+        live=True,
+    )
 
 
 def finding_map(predictor: Any, pixels: np.ndarray, finding: str) -> np.ndarray:
@@ -242,8 +270,9 @@ def default_thresholds(label_names: Sequence[str], thresholds: Mapping[str, floa
     return {n: float(thresholds.get(n, 0.5)) for n in label_names}
 
 
-def findings_table(label_names: Sequence[str], probabilities: Sequence[float] | np.ndarray,
-                   thresholds: Mapping[str, float]) -> pd.DataFrame:
+def findings_table(
+    label_names: Sequence[str], probabilities: Sequence[float] | np.ndarray, thresholds: Mapping[str, float]
+) -> pd.DataFrame:
     """One row per finding, most likely first: probability, operating threshold, positive or not.
 
     ``finding`` keeps the model's label; ``name`` is how a person reads it ("Pleural thickening");
@@ -286,8 +315,14 @@ def probability_figure(table: pd.DataFrame):
 
 # -- warnings ------------------------------------------------------------------------------------
 
-def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
-                          expected_size: int = 1024, prediction: StudyPrediction | None = None) -> list[str]:
+
+def distribution_warnings(
+    study: StudyImage,
+    *,
+    image_size: int | None = None,
+    expected_size: int = 1024,
+    prediction: StudyPrediction | None = None,
+) -> list[str]:
     """Reasons the model may be less reliable on this image than on its training data.
 
     ChestX-ray14 images are 1024x1024 8-bit frontal (PA/AP) chest radiographs; anything far from
@@ -308,8 +343,10 @@ def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
 
         add(LATERAL_WARNING)
     elif view == "AP":
-        add("AP view: usually a portable or supine film; heart size and effusions look different from PA, "
-            "read the predictions with care")
+        add(
+            "AP view: usually a portable or supine film; heart size and effusions look different from PA, "
+            "read the predictions with care"
+        )
     modality = str(study.meta.get("modality") or "").upper()
     if study.kind == "dicom" and modality and modality not in RADIOGRAPH_MODALITIES:
         add(f"unexpected modality {modality}: the model was trained on projection radiographs (CR/DX)")
@@ -321,8 +358,10 @@ def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
             add(text)
     h, w = study.shape
     if min(h, w) < max(256, int(image_size or 0)):
-        add(f"small image: {w}x{h} pixels, training images are {expected_size}x{expected_size}; "
-            "fine findings (nodules, pneumothorax) may be lost")
+        add(
+            f"small image: {w}x{h} pixels, training images are {expected_size}x{expected_size}; "
+            "fine findings (nodules, pneumothorax) may be lost"
+        )
     if max(h, w) / max(1, min(h, w)) > 1.5:
         add(f"unusual shape: {w}x{h} (aspect {max(h, w) / min(h, w):.1f}), the model squeezes it to a square")
     px = study.pixels
@@ -330,8 +369,10 @@ def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
     sample = px[::step, ::step]
     mean, std = float(sample.mean()), float(sample.std())
     if mean < 0.15 or mean > 0.85:
-        add(f"unusual brightness: mean intensity {mean:.2f} (training images average about 0.5); "
-            "check the window and the photometric interpretation")
+        add(
+            f"unusual brightness: mean intensity {mean:.2f} (training images average about 0.5); "
+            "check the window and the photometric interpretation"
+        )
     if std < 0.05:
         add(f"very low contrast (std {std:.3f}): the image may be blank or badly windowed")
     return out
@@ -342,21 +383,44 @@ def distribution_warnings(study: StudyImage, *, image_size: int | None = None,
 # Only technical fields; nothing naming or dating the patient (contract: meta carries no PHI,
 # and the page shows an allow-list of it anyway).
 SAFE_META_FIELDS: tuple[str, ...] = (
-    "format", "modality", "view_position", "body_part", "image_laterality", "rows", "columns",
-    "bits_stored", "photometric", "transfer_syntax_name", "pixel_spacing_mm", "window_source",
-    "voi_lut_function", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
+    "format",
+    "modality",
+    "view_position",
+    "body_part",
+    "image_laterality",
+    "rows",
+    "columns",
+    "bits_stored",
+    "photometric",
+    "transfer_syntax_name",
+    "pixel_spacing_mm",
+    "window_source",
+    "voi_lut_function",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "series_instance_uid",
 )
 
 
 def safe_metadata_table(study: StudyImage) -> pd.DataFrame:
     from medxray.review.viewing import spacing_text
 
-    labels = {"pixel_spacing_mm": "pixel spacing", "transfer_syntax_name": "transfer syntax",
-              "sop_instance_uid": "SOP Instance UID", "study_instance_uid": "Study Instance UID",
-              "series_instance_uid": "Series Instance UID", "voi_lut_function": "VOI LUT function"}
-    rows = [(labels.get(k, k.replace("_", " ")),
-             spacing_text(study.meta.get(k)) if k == "pixel_spacing_mm" else format_value(study.meta[k]))
-            for k in SAFE_META_FIELDS if study.meta.get(k) not in (None, "") or k == "pixel_spacing_mm"]
+    labels = {
+        "pixel_spacing_mm": "pixel spacing",
+        "transfer_syntax_name": "transfer syntax",
+        "sop_instance_uid": "SOP Instance UID",
+        "study_instance_uid": "Study Instance UID",
+        "series_instance_uid": "Series Instance UID",
+        "voi_lut_function": "VOI LUT function",
+    }
+    rows = [
+        (
+            labels.get(k, k.replace("_", " ")),
+            spacing_text(study.meta.get(k)) if k == "pixel_spacing_mm" else format_value(study.meta[k]),
+        )
+        for k in SAFE_META_FIELDS
+        if study.meta.get(k) not in (None, "") or k == "pixel_spacing_mm"
+    ]
     if study.window is not None:
         rows.append(("default window (center, width)", f"{study.window[0]:g}, {study.window[1]:g}"))
     rows.append(("image key", f"{study.key.kind}: {study.key.value}"))

@@ -15,15 +15,24 @@ from medxray.dicom import DEFAULT_ALLOWED_MODALITIES
 from medxray.errors import ConfigError
 from medxray.fileio import load_yaml_mapping
 from medxray.limits import pixel_limit
-from medxray.scoring.scheduler import resolve_shard
 from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
+from medxray.scoring.scheduler import resolve_shard
 
 CAM_MODES = ("positive", "all", "none")
 # "checkpoint" = the method the checkpoint's localisation figures were measured with (evaluate records
 # it); the others are medxray.cam.MAP_METHODS keys, plus "gradcam" as the older name of gradcam-denseblock4
-CAM_METHODS = ("checkpoint", "gradcam", "cam", "gradcam-denseblock4", "gradcam-denseblock3",
-               "gradcam-denseblock2", "layercam-denseblock3", "layercam-denseblock2", "layercam-denseblock1",
-               "layercam")  # tests/test_cam.py keeps it in step
+CAM_METHODS = (
+    "checkpoint",
+    "gradcam",
+    "cam",
+    "gradcam-denseblock4",
+    "gradcam-denseblock3",
+    "gradcam-denseblock2",
+    "layercam-denseblock3",
+    "layercam-denseblock2",
+    "layercam-denseblock1",
+    "layercam",
+)  # tests/test_cam.py keeps it in step
 
 
 @dataclass
@@ -33,7 +42,9 @@ class ScoreConfig:
     input_dir: str | os.PathLike
     checkpoint: str | os.PathLike
     out: str | os.PathLike
-    workers: int | None = None  # decode processes (background priority); None = one per core on CPU, all but one with CUDA
+    workers: int | None = (
+        None  # decode processes (background priority); None = one per core on CPU, all but one with CUDA
+    )
     batch_size: int = 16
     cams: str = "positive"  # positive | all | none
     cam_method: str = "checkpoint"  # a CAM_METHODS entry
@@ -75,15 +86,19 @@ class ScoreSummary:
     outputs_redone: int = 0  # rows of an earlier run redone because their CAM overlays / SR were missing
 
     def line(self) -> str:
-        return (f"{self.total} files: {self.ok} ok, {self.error} error, {self.not_scored} skipped by policy; scored {self.scored} now "
-                f"({self.skipped} already done) in {self.seconds:.1f} s = {self.images_per_s:.1f} files/s "
-                f"[{self.backend}] -> {self.results}"
-                + (f"; {self.outputs_redone} redone for missing CAM/SR outputs" if self.outputs_redone else "")
-                + (f"; CAM/SR outputs of {self.outputs_failed} file(s) NOT written" if self.outputs_failed else ""))
+        return (
+            f"{self.total} files: {self.ok} ok, {self.error} error, {self.not_scored} skipped by policy; "
+            f"scored {self.scored} now "
+            f"({self.skipped} already done) in {self.seconds:.1f} s = {self.images_per_s:.1f} files/s "
+            f"[{self.backend}] -> {self.results}"
+            + (f"; {self.outputs_redone} redone for missing CAM/SR outputs" if self.outputs_redone else "")
+            + (f"; CAM/SR outputs of {self.outputs_failed} file(s) NOT written" if self.outputs_failed else "")
+        )
 
 
-def load_score_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                      **values: Any) -> ScoreConfig:
+def load_score_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **values: Any
+) -> ScoreConfig:
     """A :class:`ScoreConfig` from a YAML file, ``key=value`` overrides (YAML-typed) and keywords.
 
     Unknown keys are a :class:`ConfigError` (a typo must not silently fall back to a default).
@@ -127,7 +142,8 @@ def validate_config(cfg: ScoreConfig) -> tuple[int, tuple[int, int] | None]:
     pixel_limit(cfg.max_pixels)  # ConfigError for a value (or $MEDXRAY_MAX_PIXELS) that is not a pixel count
     if cfg.overlay_max_side is not None and int(cfg.overlay_max_side) < 16:
         raise ConfigError(
-            f"overlay_max_side must be >= 16 (or unset for the original size), got {cfg.overlay_max_side}")
+            f"overlay_max_side must be >= 16 (or unset for the original size), got {cfg.overlay_max_side}"
+        )
     if cfg.lock_wait is None or float(cfg.lock_wait) < 0:
         raise ConfigError(f"--lock-wait must be >= 0 seconds, got {cfg.lock_wait}")
     return workers, resolve_shard(cfg.shard, count=cfg.shard_count)

@@ -49,8 +49,16 @@ class ScoringEngine:
     finish normally. Then normal mode resumes.
     """
 
-    def __init__(self, cfg: ScoreConfig, image_size: int, journal: ResultsJournal, out: Path, workers: int,
-                 total: int, base_row: dict[str, str]) -> None:
+    def __init__(
+        self,
+        cfg: ScoreConfig,
+        image_size: int,
+        journal: ResultsJournal,
+        out: Path,
+        workers: int,
+        total: int,
+        base_row: dict[str, str],
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.cfg = cfg
@@ -62,8 +70,9 @@ class ScoringEngine:
         self.bs = int(cfg.batch_size)
         # what decode_job returns for overlays: False (no overlays), True (full size) or the
         # display long side, shrunk in the worker (only a display-sized image crosses processes)
-        self.want_display: bool | int = (int(cfg.overlay_max_side) if cfg.overlay_max_side else True) \
-            if cfg.cams != "none" else False
+        self.want_display: bool | int = (
+            (int(cfg.overlay_max_side) if cfg.overlay_max_side else True) if cfg.cams != "none" else False
+        )
         self.decode_fn = cfg.decode_fn or decode_job
         self.written = 0
         self.outputs_failed = 0  # scored files whose CAM overlays / SR could not be written
@@ -76,8 +85,14 @@ class ScoringEngine:
         self.quarantine = False
         self.base_row = dict(base_row)
         self.accept = accepted_body_parts(cfg.accept_body_parts)
-        self.bar = tqdm(total=total, unit="file", desc="score-dicom", disable=True if not cfg.progress else None,
-                        dynamic_ncols=True, mininterval=0.5)
+        self.bar = tqdm(
+            total=total,
+            unit="file",
+            desc="score-dicom",
+            disable=True if not cfg.progress else None,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
 
     # -- pool ------------------------------------------------------------------------------
 
@@ -87,8 +102,14 @@ class ScoringEngine:
     def _submit(self, kind: str, item: WorkItem) -> None:
         assert self.pool is not None
         if kind == "decode":
-            fut = self.pool.submit(self.decode_fn, str(item.path), self.image_size, self.cfg.allowed_modalities,
-                                   self.cfg.max_pixels, self.want_display)
+            fut = self.pool.submit(
+                self.decode_fn,
+                str(item.path),
+                self.image_size,
+                self.cfg.allowed_modalities,
+                self.cfg.max_pixels,
+                self.want_display,
+            )
         else:
             fut = self.pool.submit(post_job, item.payload)
         self.inflight[fut] = (kind, item)
@@ -136,7 +157,7 @@ class ScoringEngine:
             if not self.quarantine:
                 self._top_up()
             if self.ready and (len(self.ready) >= self.bs or not self._more_decodes_coming()):
-                batch, self.ready = self.ready[: self.bs], self.ready[self.bs:]
+                batch, self.ready = self.ready[: self.bs], self.ready[self.bs :]
                 self._infer(batch)
                 continue
             if not self.inflight:
@@ -156,8 +177,11 @@ class ScoringEngine:
             self._pool_broke([(kind, item)])
             return
         except Exception as exc:  # the job raised although jobs catch: record, keep going
-            res = ({"status": "error", "reason": f"decode_failed: worker error {type(exc).__name__}"}
-                   if kind == "decode" else {"note": f"outputs failed ({type(exc).__name__})", "failed": ["outputs"]})
+            res = (
+                {"status": "error", "reason": f"decode_failed: worker error {type(exc).__name__}"}
+                if kind == "decode"
+                else {"note": f"outputs failed ({type(exc).__name__})", "failed": ["outputs"]}
+            )
         self._handle(kind, item, res)
 
     def _handle(self, kind: str, item: WorkItem, res: dict[str, Any]) -> None:
@@ -213,8 +237,9 @@ class ScoringEngine:
             else:
                 self.suspects.append((k, it))
         if self.suspects:
-            log.warning("a worker process died; re-running %d job(s) one at a time to find the cause",
-                        len(self.suspects))
+            log.warning(
+                "a worker process died; re-running %d job(s) one at a time to find the cause", len(self.suspects)
+            )
             self.quarantine = True
 
     def _check_pool_works(self) -> None:
@@ -236,8 +261,13 @@ class ScoringEngine:
 
     def _crashed(self, kind: str, item: WorkItem) -> None:
         if kind == "decode":
-            self._write({"path": item.rel, "status": "error",
-                         "reason": "decode_failed: the decoder process crashed on this file"})
+            self._write(
+                {
+                    "path": item.rel,
+                    "status": "error",
+                    "reason": "decode_failed: the decoder process crashed on this file",
+                }
+            )
         else:
             row = item.row
             row["reason"] = "outputs failed: the worker process crashed writing CAMs/SR"
@@ -269,10 +299,14 @@ class ScoringEngine:
             skip, ood_warning = ood_verdict(distance, threshold, self.cfg.ood_policy)
             warns = [*(d.get("warnings") or []), *([ood_warning] if ood_warning else [])]
             row = {
-                **meta_columns(it.rel, d), "status": "ok", "reason": "",
-                "positive_findings": ";".join(positives[i]), "warnings": "; ".join(warns),
+                **meta_columns(it.rel, d),
+                "status": "ok",
+                "reason": "",
+                "positive_findings": ";".join(positives[i]),
+                "warnings": "; ".join(warns),
                 "is_lateral": bool(d.get("is_lateral")),
-                "window_center": window[0] if window else "", "window_width": window[1] if window else "",
+                "window_center": window[0] if window else "",
+                "window_width": window[1] if window else "",
                 "ood_distance": "" if distance is None else f"{distance:.2f}",
             }
             if skip is not None:  # --ood-policy skip: no probabilities, no CAM or SR
@@ -288,19 +322,28 @@ class ScoringEngine:
             sr = None
             if self.cfg.sr:
                 keys = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality")
-                sr = {"source": {k: meta.get(k, "") for k in keys}, "label_names": names,
-                      "probabilities": [float(v) for v in probs[i]], "positives": positives[i],
-                      "model_name": self.p.model_name, "model_version": self.p.model_version,
-                      "thresholds": self.p.thresholds}
+                sr = {
+                    "source": {k: meta.get(k, "") for k in keys},
+                    "label_names": names,
+                    "probabilities": [float(v) for v in probs[i]],
+                    "positives": positives[i],
+                    "model_name": self.p.model_name,
+                    "model_version": self.p.model_version,
+                    "thresholds": self.p.thresholds,
+                }
             display = d.get("display")
             it.decoded = None  # free the decoded pixels of this file
             if classes or sr is not None:
                 it.payload = {
-                    "out": str(self.out), "stem": output_stem(it.rel), "classes": [names[c] for c in classes],
+                    "out": str(self.out),
+                    "stem": output_stem(it.rel),
+                    "classes": [names[c] for c in classes],
                     "class_probs": [float(probs[i, c]) for c in classes],
                     "cams": cams[0][cams[2][i], [cams[1][c] for c in classes]] if classes else None,
-                    "display": display if classes else None, "cam_method": self.cam_method,
-                    "overlay_max_side": self.cfg.overlay_max_side, "sr": sr,
+                    "display": display if classes else None,
+                    "cam_method": self.cam_method,
+                    "overlay_max_side": self.cfg.overlay_max_side,
+                    "sr": sr,
                 }
                 self._launch("post", it)
             else:
@@ -310,8 +353,9 @@ class ScoringEngine:
         """The class indices image's maps are drawn for: every class (``--cams all``) or its positives."""
         return list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives]
 
-    def _maps(self, x: Any, positives: list[list[str]], names: list[str]) -> tuple[np.ndarray, dict[int, int],
-                                                                               dict[int, int]] | None:
+    def _maps(
+        self, x: Any, positives: list[list[str]], names: list[str]
+    ) -> tuple[np.ndarray, dict[int, int], dict[int, int]] | None:
         """Maps (M, K, S, S) for the M images of the batch that need one, only for the (image,
         class) pairs they need; with the column of each class and the row of each image."""
         per_image = [self._classes_for(pos, names) for pos in positives]
@@ -342,10 +386,14 @@ def meta_columns(rel: str, decoded: dict[str, Any]) -> dict[str, Any]:
     """The identifying-free header columns of a row (UIDs, modality, view, size, the reader's warnings)."""
     meta = decoded.get("meta") or {}
     return {
-        "path": rel, "sop_instance_uid": meta.get("sop_instance_uid", ""),
+        "path": rel,
+        "sop_instance_uid": meta.get("sop_instance_uid", ""),
         "study_instance_uid": meta.get("study_instance_uid", ""),
         "series_instance_uid": meta.get("series_instance_uid", ""),
-        "modality": meta.get("modality", ""), "view_position": meta.get("view_position", ""),
-        "warnings": "; ".join(decoded.get("warnings") or []), "is_lateral": bool(decoded.get("is_lateral")),
-        "rows": meta.get("rows"), "columns": meta.get("columns"),
+        "modality": meta.get("modality", ""),
+        "view_position": meta.get("view_position", ""),
+        "warnings": "; ".join(decoded.get("warnings") or []),
+        "is_lateral": bool(decoded.get("is_lateral")),
+        "rows": meta.get("rows"),
+        "columns": meta.get("columns"),
     }

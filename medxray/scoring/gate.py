@@ -41,9 +41,17 @@ OOD_POLICIES = ("warn", "skip")
 # "Chest") and 43799004 ("Thorax"), SNOMED RT T-D3000, and their code meanings.
 _CHEST_REGIONS = frozenset({"51185008", "43799004", "T-D3000", "CHEST", "THORAX", "THORACIC STRUCTURE"})
 # View Position defined terms (PS3.3 C.8.11.5.1.1) that are neither frontal nor lateral.
-_NOT_FRONTAL = {"RLO": "right lateral oblique", "LLO": "left lateral oblique", "RAO": "right anterior oblique",
-                "LAO": "left anterior oblique", "RPO": "right posterior oblique", "LPO": "left posterior oblique",
-                "RLD": "right lateral decubitus", "LLD": "left lateral decubitus", "OBL": "oblique"}
+_NOT_FRONTAL = {
+    "RLO": "right lateral oblique",
+    "LLO": "left lateral oblique",
+    "RAO": "right anterior oblique",
+    "LAO": "left anterior oblique",
+    "RPO": "right posterior oblique",
+    "LPO": "left posterior oblique",
+    "RLD": "right lateral decubitus",
+    "LLD": "left lateral decubitus",
+    "OBL": "oblique",
+}
 
 
 def accepted_body_parts(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
@@ -58,8 +66,9 @@ def accepted_body_parts(value: str | Iterable[str] | None) -> tuple[str, ...] | 
     if any(p == "ANY" for p in parts):
         return None
     if not parts:
-        raise ConfigError("--accept-body-parts needs at least one body part (e.g. CHEST), or 'any' to turn "
-                          "the check off")
+        raise ConfigError(
+            "--accept-body-parts needs at least one body part (e.g. CHEST), or 'any' to turn the check off"
+        )
     return parts
 
 

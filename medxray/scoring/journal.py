@@ -28,12 +28,28 @@ log = logging.getLogger(__name__)
 RESULTS_NAME = "results.csv"
 
 BASE_COLUMNS: tuple[str, ...] = (
-    "path", "status", "reason", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
-    "modality", "view_position",
+    "path",
+    "status",
+    "reason",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "modality",
+    "view_position",
 )
 TAIL_COLUMNS: tuple[str, ...] = (
-    "positive_findings", "model", "model_version", "warnings", "is_lateral", "rows", "columns",
-    "window_center", "window_width", "cam_dir", "sr_file", "ood_distance",
+    "positive_findings",
+    "model",
+    "model_version",
+    "warnings",
+    "is_lateral",
+    "rows",
+    "columns",
+    "window_center",
+    "window_width",
+    "cam_dir",
+    "sr_file",
+    "ood_distance",
 )
 
 
@@ -46,8 +62,9 @@ def result_columns(label_names: Sequence[str]) -> list[str]:
 RESULT_COLUMNS: list[str] = result_columns(CHESTXRAY14_FINDINGS)
 
 
-def read_results(path: str | os.PathLike, columns: Sequence[str] | None = None
-                 ) -> tuple[list[str], list[list[str]], int]:
+def read_results(
+    path: str | os.PathLike, columns: Sequence[str] | None = None
+) -> tuple[list[str], list[list[str]], int]:
     """Complete rows of a results file: (header, rows, number of damaged/duplicate lines dropped).
 
     Only the last line can be damaged (a kill during a write); it is dropped, as is any row
@@ -60,8 +77,10 @@ def read_results(path: str | os.PathLike, columns: Sequence[str] | None = None
     reader = csv.reader(io.StringIO(complete, newline=""))
     header = next(reader, None) or []
     if columns is not None and header and header != list(columns):
-        raise ConfigError(f"{path} has another column layout (another model or medxray version); "
-                          "use a new --out folder or --overwrite")
+        raise ConfigError(
+            f"{path} has another column layout (another model or medxray version); "
+            "use a new --out folder or --overwrite"
+        )
     rows: list[list[str]] = []
     seen: set[str] = set()
     try:
@@ -132,7 +151,7 @@ class ResultsJournal:
         before = os.fstat(self._fd).st_size
         try:
             while data:
-                data = data[os.write(self._fd, data):]
+                data = data[os.write(self._fd, data) :]
             self._since_sync += 1
             if self._since_sync >= 64:
                 os.fsync(self._fd)

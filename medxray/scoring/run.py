@@ -88,8 +88,23 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
             raise (output_error(exc, out) or exc) from None
         raise
     del warm
-    run = ScoringRun(cfg, pool, workers, shard, ckpt, image_size, labels, columns, identity, results_path, run_path,
-               files, journal, out, t_start)
+    run = ScoringRun(
+        cfg,
+        pool,
+        workers,
+        shard,
+        ckpt,
+        image_size,
+        labels,
+        columns,
+        identity,
+        results_path,
+        run_path,
+        files,
+        journal,
+        out,
+        t_start,
+    )
     try:
         return run_scoring(run)
     finally:
@@ -126,8 +141,11 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
 
     scope = {r for r, _ in files}
     # rows whose CAM overlays / SR never got written (a full disk): scored again, outputs and all
-    redo = [r for r, _ in files if r in journal.done
-            and outputs_missing(dict(zip(columns, journal.done[r])), out, cfg.cams, bool(cfg.sr))]
+    redo = [
+        r
+        for r, _ in files
+        if r in journal.done and outputs_missing(dict(zip(columns, journal.done[r])), out, cfg.cams, bool(cfg.sr))
+    ]
     if redo:
         journal.forget(redo)
         log.info("redoing %d file(s) whose CAM overlays or SR are missing", len(redo))
@@ -137,8 +155,9 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
             stem = output_stem(it.rel)
             shutil.rmtree(out / CAMS_DIR / stem, ignore_errors=True)
             (out / SR_DIR / f"{stem}.dcm").unlink(missing_ok=True)
-    summary = ScoreSummary(total=len(files), skipped=len(files) - len(todo), results=str(results_path),
-                           outputs_redone=len(redo))
+    summary = ScoreSummary(
+        total=len(files), skipped=len(files) - len(todo), results=str(results_path), outputs_redone=len(redo)
+    )
     if summary.skipped:
         log.info("resuming: %d of %d files already have a row", summary.skipped, len(files))
     base_row = {"model": ckpt.meta.display_name, "model_version": ckpt.meta.version_label}
@@ -155,9 +174,14 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
             pool.shutdown(wait=False, cancel_futures=True)
         threads = cfg.threads or default_threads(workers)
         torch.set_num_threads(max(1, int(threads)))  # leave cores to the decoders; restored below
-        predictor = Predictor.from_checkpoint(ckpt, device=cfg.device, backend=cfg.backend,
-                                              precision=cfg.precision, batch_size=cfg.batch_size,
-                                              num_threads=threads)
+        predictor = Predictor.from_checkpoint(
+            ckpt,
+            device=cfg.device,
+            backend=cfg.backend,
+            precision=cfg.precision,
+            batch_size=cfg.batch_size,
+            num_threads=threads,
+        )
         if list(predictor.label_names) != labels:
             raise CheckpointError("checkpoint label names do not match its model head")
         summary.backend = f"{predictor.backend}/{predictor.precision}/{predictor.device}"
@@ -174,8 +198,13 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
     summary.error = sum(1 for r in rows if r[1] not in ("ok", "skipped"))
     summary.seconds = time.perf_counter() - t_start
     summary.images_per_s = summary.scored / max(time.perf_counter() - t_work, 1e-9)
-    state = {**identity, "complete": True, "columns": columns, "model": predictor.describe(),
-             "summary": {k: v for k, v in asdict(summary).items() if k != "merged"}}
+    state = {
+        **identity,
+        "complete": True,
+        "columns": columns,
+        "model": predictor.describe(),
+        "summary": {k: v for k, v in asdict(summary).items() if k != "merged"},
+    }
     atomic_write_text(run_path, json.dumps(state, indent=2) + "\n")
     if shard is not None:
         summary.merged = merge_shards_if_complete(out, shard[1], identity, columns)
@@ -249,8 +278,10 @@ def lock_out(path: Path, wait_s: float = 0.0) -> Any:
             if time.monotonic() >= deadline:
                 fh.close()
                 waited = f" after waiting {float(wait_s):.0f} s" if wait_s else ""
-                raise ConfigError(f"another scorer is already writing {path.parent} (lock {path.name}){waited}; "
-                                  "wait for it (--lock-wait SECONDS), or use another --out / --shard") from None
+                raise ConfigError(
+                    f"another scorer is already writing {path.parent} (lock {path.name}){waited}; "
+                    "wait for it (--lock-wait SECONDS), or use another --out / --shard"
+                ) from None
             if not said:
                 log.warning("another scorer holds %s; waiting up to %.0f s for it to finish", path.name, wait_s)
                 said = True
@@ -316,8 +347,10 @@ def check_or_start_run(run_path: Path, results_path: Path, identity: dict[str, A
                 "re-run with the same arguments to resume, or use a new --out folder or --overwrite"
             )
     elif results_path.exists():
-        raise ConfigError(f"{results_path} exists but has no run record ({run_path.name}) from this scorer; "
-                          "use a new --out folder or --overwrite")
+        raise ConfigError(
+            f"{results_path} exists but has no run record ({run_path.name}) from this scorer; "
+            "use a new --out folder or --overwrite"
+        )
     atomic_write_text(run_path, json.dumps({**identity, "complete": False}, indent=2) + "\n")
 
 
@@ -366,9 +399,11 @@ class MergeResult:
     def line(self) -> str:
         text = f"merged {self.shards} shards: {self.rows} rows -> {self.results}"
         if self.unlisted:
-            text += (f"; {self.unlisted} file(s) under the input have no row (added after their shard listed the "
-                     f"folder): re-run shard(s) {', '.join(f'{k}/{self.shards}' for k in self.rerun_shards)} "
-                     "with the same arguments, then merge again")
+            text += (
+                f"; {self.unlisted} file(s) under the input have no row (added after their shard listed the "
+                f"folder): re-run shard(s) {', '.join(f'{k}/{self.shards}' for k in self.rerun_shards)} "
+                "with the same arguments, then merge again"
+            )
         return text
 
 
@@ -396,11 +431,14 @@ def merge_run(out: str | Path, check_input: bool = True) -> MergeResult:
         if m:
             found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
     if not found:
-        raise ConfigError(f"--merge {out}: no shard run records (run.shard-K-of-N.json) there; "
-                          "score with --shard first, or point --merge at the shards' --out folder")
+        raise ConfigError(
+            f"--merge {out}: no shard run records (run.shard-K-of-N.json) there; "
+            "score with --shard first, or point --merge at the shards' --out folder"
+        )
     if len(found) > 1:
-        raise ConfigError(f"--merge {out}: the folder mixes shard counts {sorted(found)}; "
-                          "keep one sharded run per --out folder")
+        raise ConfigError(
+            f"--merge {out}: the folder mixes shard counts {sorted(found)}; keep one sharded run per --out folder"
+        )
     n = next(iter(found))
     locks: list[Any] = []
     try:
@@ -422,15 +460,18 @@ def merge_run(out: str | Path, check_input: bool = True) -> MergeResult:
                 continue
             states[k] = state
         if missing:
-            raise ConfigError(f"--merge {out}: the run is incomplete; missing shard(s) {', '.join(missing)}. "
-                              "Re-run those shards with the same arguments (they resume), then merge again")
+            raise ConfigError(
+                f"--merge {out}: the run is incomplete; missing shard(s) {', '.join(missing)}. "
+                "Re-run those shards with the same arguments (they resume), then merge again"
+            )
         first = states[1]
         for k, state in states.items():
-            diffs = sorted(key for key in (set(first) | set(state)) - _NOT_IDENTITY
-                           if state.get(key) != first.get(key))
+            diffs = sorted(key for key in (set(first) | set(state)) - _NOT_IDENTITY if state.get(key) != first.get(key))
             if diffs:
-                raise ConfigError(f"--merge {out}: shard {k}/{n} was run with different arguments than shard 1/{n} "
-                                  f"({', '.join(diffs)} differ); re-run it with the same arguments")
+                raise ConfigError(
+                    f"--merge {out}: shard {k}/{n} was run with different arguments than shard 1/{n} "
+                    f"({', '.join(diffs)} differ); re-run it with the same arguments"
+                )
         columns = list(first.get("columns") or [])
         merged, rels = write_merged(out, [out / results_name((k, n)) for k in range(1, n + 1)], columns)
     finally:

@@ -61,12 +61,16 @@ def shard_from_env(env: Mapping[str, str] | None = None, count: int | None = Non
         lo = _env_int(env, "SLURM_ARRAY_TASK_MIN")
         step = _env_int(env, "SLURM_ARRAY_TASK_STEP") or 1
         if n is None or lo is None:
-            raise ConfigError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_MIN are "
-                              "not; run under `sbatch --array` or give --shard K/N")
+            raise ConfigError(
+                "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_MIN are "
+                "not; run under `sbatch --array` or give --shard K/N"
+            )
         hi = _env_int(env, "SLURM_ARRAY_TASK_MAX")
         if (task - lo) % step or (hi is not None and (hi - lo) // step + 1 != n):
-            raise ConfigError(f"the job array's indices are not an evenly stepped range (task {task}, min {lo}, "
-                              f"max {hi}, step {step}, count {n}); use --array=0-{max(n, 1) - 1} or give --shard K/N")
+            raise ConfigError(
+                f"the job array's indices are not an evenly stepped range (task {task}, min {lo}, "
+                f"max {hi}, step {step}, count {n}); use --array=0-{max(n, 1) - 1} or give --shard K/N"
+            )
         if count is not None and int(count) != n:
             raise ConfigError(f"--shard-count {count} disagrees with SLURM_ARRAY_TASK_COUNT={n}; drop --shard-count")
         return parse_shard(((task - lo) // step + 1, n))  # type: ignore[return-value]
@@ -74,19 +78,26 @@ def shard_from_env(env: Mapping[str, str] | None = None, count: int | None = Non
     if index is not None:
         n = int(count) if count is not None else _env_int(env, SHARD_COUNT_ENV)
         if n is None:
-            raise ConfigError(f"JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the shard count is not: "
-                              f"set ${SHARD_COUNT_ENV} (or --shard-count) to the Job's completions")
+            raise ConfigError(
+                f"JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the shard count is not: "
+                f"set ${SHARD_COUNT_ENV} (or --shard-count) to the Job's completions"
+            )
         if not 0 <= index < n:
-            raise ConfigError(f"JOB_COMPLETION_INDEX={index} is outside 0..{n - 1} (${SHARD_COUNT_ENV} or "
-                              f"--shard-count is {n}); make it equal the Job's completions")
+            raise ConfigError(
+                f"JOB_COMPLETION_INDEX={index} is outside 0..{n - 1} (${SHARD_COUNT_ENV} or "
+                f"--shard-count is {n}); make it equal the Job's completions"
+            )
         return parse_shard((index + 1, n))  # type: ignore[return-value]
-    raise ConfigError("--shard auto found no scheduler shard: set by `sbatch --array` (SLURM_ARRAY_TASK_ID) or a "
-                      f"Kubernetes Indexed Job (JOB_COMPLETION_INDEX with ${SHARD_COUNT_ENV}); outside a scheduler "
-                      "give --shard K/N")
+    raise ConfigError(
+        "--shard auto found no scheduler shard: set by `sbatch --array` (SLURM_ARRAY_TASK_ID) or a "
+        f"Kubernetes Indexed Job (JOB_COMPLETION_INDEX with ${SHARD_COUNT_ENV}); outside a scheduler "
+        "give --shard K/N"
+    )
 
 
-def resolve_shard(spec: str | tuple[int, int] | None, env: Mapping[str, str] | None = None,
-                  count: int | None = None) -> tuple[int, int] | None:
+def resolve_shard(
+    spec: str | tuple[int, int] | None, env: Mapping[str, str] | None = None, count: int | None = None
+) -> tuple[int, int] | None:
     """``None`` (no sharding), ``"k/n"`` / ``(k, n)`` (explicit, wins over any scheduler variable) or
     ``"auto"`` (:func:`shard_from_env`); ConfigError for anything else."""
     if isinstance(spec, str) and spec.strip().lower() == AUTO:
@@ -95,6 +106,7 @@ def resolve_shard(spec: str | tuple[int, int] | None, env: Mapping[str, str] | N
 
 
 # ---- recipes ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RecipeArgs:
@@ -137,8 +149,13 @@ class RecipeArgs:
                 raise ConfigError(f"{bad} is set by the recipe itself; leave it out of the passed-through options")
 
 
-EXAMPLE_RECIPE = RecipeArgs(input_dir="/data/archive/dicom", checkpoint="/models/chestxray14.pt",
-                            out="/data/scored/archive", shards=16, score_args=("--cams", "none"))
+EXAMPLE_RECIPE = RecipeArgs(
+    input_dir="/data/archive/dicom",
+    checkpoint="/models/chestxray14.pt",
+    out="/data/scored/archive",
+    shards=16,
+    score_args=("--cams", "none"),
+)
 
 
 def _q(arg: str) -> str:
@@ -146,9 +163,25 @@ def _q(arg: str) -> str:
 
 
 def _score_argv(a: RecipeArgs, workers: str, threads: str) -> list[str]:
-    return [a.command, "score-dicom", a.input_dir, "--checkpoint", a.checkpoint, "--out", a.out, "--shard", "auto",
-            "--lock-wait", str(a.lock_wait_s), "--workers", workers, "--threads", threads, "--no-progress",
-            *a.score_args]
+    return [
+        a.command,
+        "score-dicom",
+        a.input_dir,
+        "--checkpoint",
+        a.checkpoint,
+        "--out",
+        a.out,
+        "--shard",
+        "auto",
+        "--lock-wait",
+        str(a.lock_wait_s),
+        "--workers",
+        workers,
+        "--threads",
+        threads,
+        "--no-progress",
+        *a.score_args,
+    ]
 
 
 def render_slurm(a: RecipeArgs) -> dict[str, str]:
@@ -159,63 +192,70 @@ def render_slurm(a: RecipeArgs) -> dict[str, str]:
     logs = f"{a.out.rstrip('/')}/logs"
     common = [f"#SBATCH --partition={a.partition}"] if a.partition else []
     # task/affinity may pin a task to its CPUs, or not (task/none): give the counts explicitly
-    argv = " ".join(_q(x) if not x.startswith("${") else f'"{x}"' for x in
-                    _score_argv(a, "${SLURM_CPUS_PER_TASK:-1}", "${SLURM_CPUS_PER_TASK:-1}"))
-    score = "\n".join([
-        "#!/bin/bash",
-        f"# medxray: score {a.input_dir} in {a.shards} shards, one SLURM array task each (issue 23).",
-        "# Written by `medxray score-dicom --emit slurm`. Submit both jobs; the merge waits for every task:",
-        f"#   mkdir -p {_q(logs)}",
-        "#   ARRAY=$(sbatch --parsable score_array.sbatch)",
-        "#   sbatch --dependency=afterany:$ARRAY merge.sbatch",
-        "# A task that is killed, fails on a node or is preempted resumes from its journal when requeued",
-        "# (--requeue does it on node failure / preemption; by hand: scontrol requeue ${ARRAY}_K, then",
-        "# scontrol update JobId=${ARRAY}_K StartTime=now to skip the requeue delay). If an old copy is still",
-        f"# dying, the new one waits up to {a.lock_wait_s} s for its lock. Resubmitting the array also resumes.",
-        "# The merge depends afterany, not afterok: Slurm never satisfies afterok on an array once any task",
-        "# failed, even after that task was requeued and succeeded (DependencyNeverSatisfied); the merge checks",
-        "# completeness itself and fails naming the missing shards (then: sbatch merge.sbatch again).",
-        "#SBATCH --job-name=medxray-score",
-        f"#SBATCH --array=0-{a.shards - 1}",
-        "#SBATCH --ntasks=1",
-        f"#SBATCH --cpus-per-task={a.cpus}",
-        f"#SBATCH --mem={a.memory_gb}G",
-        f"#SBATCH --time={a.hours}:00:00",
-        *([f"#SBATCH --gpus-per-task={a.gpus}"] if a.gpus else []),
-        *common,
-        "#SBATCH --requeue",
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --output={logs}/score-%A_%a.log",
-        "set -euo pipefail",
-        f"exec {argv}",
-        "",
-    ])
-    merge = "\n".join([
-        "#!/bin/bash",
-        f"# medxray: merge the {a.shards} shards of {a.out} into results.csv once every array task succeeded.",
-        "# Submit with --dependency=afterany:<array job id> (see score_array.sbatch). Idempotent; it refuses an",
-        "# incomplete run and names the missing shards (requeue those tasks, then submit it again).",
-        "#SBATCH --job-name=medxray-merge",
-        "#SBATCH --ntasks=1",
-        "#SBATCH --cpus-per-task=1",
-        "#SBATCH --mem=2G",
-        "#SBATCH --time=1:00:00",
-        *common,
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --output={logs}/merge-%j.log",
-        "set -euo pipefail",
-        f"exec {_q(a.command)} score-dicom --merge {_q(a.out)}",
-        "",
-    ])
+    argv = " ".join(
+        _q(x) if not x.startswith("${") else f'"{x}"'
+        for x in _score_argv(a, "${SLURM_CPUS_PER_TASK:-1}", "${SLURM_CPUS_PER_TASK:-1}")
+    )
+    score = "\n".join(
+        [
+            "#!/bin/bash",
+            f"# medxray: score {a.input_dir} in {a.shards} shards, one SLURM array task each (issue 23).",
+            "# Written by `medxray score-dicom --emit slurm`. Submit both jobs; the merge waits for every task:",
+            f"#   mkdir -p {_q(logs)}",
+            "#   ARRAY=$(sbatch --parsable score_array.sbatch)",
+            "#   sbatch --dependency=afterany:$ARRAY merge.sbatch",
+            "# A task that is killed, fails on a node or is preempted resumes from its journal when requeued",
+            "# (--requeue does it on node failure / preemption; by hand: scontrol requeue ${ARRAY}_K, then",
+            "# scontrol update JobId=${ARRAY}_K StartTime=now to skip the requeue delay). If an old copy is still",
+            f"# dying, the new one waits up to {a.lock_wait_s} s for its lock. Resubmitting the array also resumes.",
+            "# The merge depends afterany, not afterok: Slurm never satisfies afterok on an array once any task",
+            "# failed, even after that task was requeued and succeeded (DependencyNeverSatisfied); the merge checks",
+            "# completeness itself and fails naming the missing shards (then: sbatch merge.sbatch again).",
+            "#SBATCH --job-name=medxray-score",
+            f"#SBATCH --array=0-{a.shards - 1}",
+            "#SBATCH --ntasks=1",
+            f"#SBATCH --cpus-per-task={a.cpus}",
+            f"#SBATCH --mem={a.memory_gb}G",
+            f"#SBATCH --time={a.hours}:00:00",
+            *([f"#SBATCH --gpus-per-task={a.gpus}"] if a.gpus else []),
+            *common,
+            "#SBATCH --requeue",
+            "#SBATCH --open-mode=append",
+            f"#SBATCH --output={logs}/score-%A_%a.log",
+            "set -euo pipefail",
+            f"exec {argv}",
+            "",
+        ]
+    )
+    merge = "\n".join(
+        [
+            "#!/bin/bash",
+            f"# medxray: merge the {a.shards} shards of {a.out} into results.csv once every array task succeeded.",
+            "# Submit with --dependency=afterany:<array job id> (see score_array.sbatch). Idempotent; it refuses an",
+            "# incomplete run and names the missing shards (requeue those tasks, then submit it again).",
+            "#SBATCH --job-name=medxray-merge",
+            "#SBATCH --ntasks=1",
+            "#SBATCH --cpus-per-task=1",
+            "#SBATCH --mem=2G",
+            "#SBATCH --time=1:00:00",
+            *common,
+            "#SBATCH --open-mode=append",
+            f"#SBATCH --output={logs}/merge-%j.log",
+            "set -euo pipefail",
+            f"exec {_q(a.command)} score-dicom --merge {_q(a.out)}",
+            "",
+        ]
+    )
     return {"score_array.sbatch": score, "merge.sbatch": merge}
 
 
 def _volumes(a: RecipeArgs) -> tuple[list[dict], list[dict]]:
     model_dir = a.checkpoint.rsplit("/", 1)[0] or "/"
-    mounts = [{"name": "data", "mountPath": a.mount_path},
-              {"name": "models", "mountPath": model_dir, "readOnly": True}]
-    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": a.data_claim}},
-               {"name": "models", "persistentVolumeClaim": {"claimName": a.model_claim, "readOnly": True}}]
+    mounts = [{"name": "data", "mountPath": a.mount_path}, {"name": "models", "mountPath": model_dir, "readOnly": True}]
+    volumes = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": a.data_claim}},
+        {"name": "models", "persistentVolumeClaim": {"claimName": a.model_claim, "readOnly": True}},
+    ]
     return mounts, volumes
 
 
@@ -229,47 +269,55 @@ def render_k8s(a: RecipeArgs) -> dict[str, str]:
     root = a.mount_path.rstrip("/") + "/"
     for name, value in (("INPUT_DIR", a.input_dir), ("--out", a.out)):
         if not str(value).startswith(root):
-            raise ConfigError(f"{name} {value} is not under the shared volume's mount path {a.mount_path} "
-                              "(--k8s-mount); give paths as the pods see them")
+            raise ConfigError(
+                f"{name} {value} is not under the shared volume's mount path {a.mount_path} "
+                "(--k8s-mount); give paths as the pods see them"
+            )
     mounts, volumes = _volumes(a)
     labels = {"app.kubernetes.io/name": "medxray", "app.kubernetes.io/component": "score"}
     res_req = {"cpu": str(a.cpus), "memory": f"{a.memory_gb}Gi"}
     res_lim = {"memory": f"{a.memory_gb}Gi", **({"nvidia.com/gpu": str(a.gpus)} if a.gpus else {})}
     if a.gpus:
         res_req["nvidia.com/gpu"] = str(a.gpus)
-    security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]}}
+    security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     score_job = {
-        "apiVersion": "batch/v1", "kind": "Job",
+        "apiVersion": "batch/v1",
+        "kind": "Job",
         "metadata": {"name": "medxray-score", "labels": labels},
         "spec": {
             "completionMode": "Indexed",
             "completions": a.shards,
             "parallelism": a.parallelism or a.shards,
             "backoffLimitPerIndex": a.max_retries,
-            "podFailurePolicy": {"rules": [
-                # preempted or evicted: retry without counting it against the index's limit
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                # exit 2 = a usage error or unusable checkpoint: retrying cannot help
-                {"action": "FailIndex", "onExitCodes": {"containerName": "score", "operator": "In", "values": [2]}},
-            ]},
+            "podFailurePolicy": {
+                "rules": [
+                    # preempted or evicted: retry without counting it against the index's limit
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    # exit 2 = a usage error or unusable checkpoint: retrying cannot help
+                    {"action": "FailIndex", "onExitCodes": {"containerName": "score", "operator": "In", "values": [2]}},
+                ]
+            },
             "template": {
                 "metadata": {"labels": dict(labels)},
                 "spec": {
                     "restartPolicy": "Never",
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
-                                        "fsGroup": 1000},
-                    "containers": [{
-                        "name": "score", "image": a.image,
-                        "command": _score_argv(a, str(a.cpus), str(a.cpus)),
-                        # Kubernetes exports JOB_COMPLETION_INDEX but not completions
-                        "env": [{"name": SHARD_COUNT_ENV, "value": str(a.shards)},
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+                    "containers": [
+                        {
+                            "name": "score",
+                            "image": a.image,
+                            "command": _score_argv(a, str(a.cpus), str(a.cpus)),
+                            # Kubernetes exports JOB_COMPLETION_INDEX but not completions
+                            "env": [
+                                {"name": SHARD_COUNT_ENV, "value": str(a.shards)},
                                 {"name": "MEDXRAY_CACHE_DIR", "value": "/tmp/medxray-cache"},
-                                {"name": "HOME", "value": "/tmp"}],  # the root file system is read-only
-                        "resources": {"requests": res_req, "limits": res_lim},
-                        "securityContext": security,
-                        "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}],
-                    }],
+                                {"name": "HOME", "value": "/tmp"},
+                            ],  # the root file system is read-only
+                            "resources": {"requests": res_req, "limits": res_lim},
+                            "securityContext": security,
+                            "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}],
+                        }
+                    ],
                     "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
                 },
             },
@@ -277,36 +325,44 @@ def render_k8s(a: RecipeArgs) -> dict[str, str]:
     }
     merge_labels = {**labels, "app.kubernetes.io/component": "merge"}
     merge_job = {
-        "apiVersion": "batch/v1", "kind": "Job",
+        "apiVersion": "batch/v1",
+        "kind": "Job",
         "metadata": {"name": "medxray-merge", "labels": merge_labels},
         "spec": {
-            "completions": 1, "backoffLimit": 2,
+            "completions": 1,
+            "backoffLimit": 2,
             "template": {
                 "metadata": {"labels": dict(merge_labels)},
                 "spec": {
                     "restartPolicy": "Never",
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
-                                        "fsGroup": 1000},
-                    "containers": [{
-                        "name": "merge", "image": a.image,
-                        "command": [a.command, "score-dicom", "--merge", a.out],
-                        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
-                        "securityContext": security,
-                        "volumeMounts": [{"name": "data", "mountPath": a.mount_path}],
-                    }],
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+                    "containers": [
+                        {
+                            "name": "merge",
+                            "image": a.image,
+                            "command": [a.command, "score-dicom", "--merge", a.out],
+                            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
+                            "securityContext": security,
+                            "volumeMounts": [{"name": "data", "mountPath": a.mount_path}],
+                        }
+                    ],
                     "volumes": [volumes[0]],
                 },
             },
         },
     }
-    head = (f"# medxray: score {a.input_dir} in {a.shards} shards as a Kubernetes Indexed Job (issue 23).\n"
-            "# Written by `medxray score-dicom --emit k8s`. Run:\n"
-            "#   kubectl apply -f score-indexed-job.yaml\n"
-            "#   kubectl wait --for=condition=complete job/medxray-score --timeout=24h\n"
-            "#   kubectl apply -f merge-job.yaml\n"
-            "# A failed index is retried (backoffLimitPerIndex) and resumes from its shard's journal.\n")
-    merge_head = ("# medxray: merge the shards once job/medxray-score is Complete (see score-indexed-job.yaml).\n"
-                  "# Idempotent; it refuses an incomplete run and names the missing shards.\n")
+    head = (
+        f"# medxray: score {a.input_dir} in {a.shards} shards as a Kubernetes Indexed Job (issue 23).\n"
+        "# Written by `medxray score-dicom --emit k8s`. Run:\n"
+        "#   kubectl apply -f score-indexed-job.yaml\n"
+        "#   kubectl wait --for=condition=complete job/medxray-score --timeout=24h\n"
+        "#   kubectl apply -f merge-job.yaml\n"
+        "# A failed index is retried (backoffLimitPerIndex) and resumes from its shard's journal.\n"
+    )
+    merge_head = (
+        "# medxray: merge the shards once job/medxray-score is Complete (see score-indexed-job.yaml).\n"
+        "# Idempotent; it refuses an incomplete run and names the missing shards.\n"
+    )
     dump = lambda d: yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=100)  # noqa: E731
     return {"score-indexed-job.yaml": head + dump(score_job), "merge-job.yaml": merge_head + dump(merge_job)}
 

@@ -73,16 +73,22 @@ def background_priority() -> None:
 
 def new_decode_pool(workers: int, image_size: int | None = None) -> ProcessPoolExecutor:
     """Spawned worker processes (never forked from a process whose thread pools are running)."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=worker_init, initargs=(image_size,))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=worker_init, initargs=(image_size,)
+    )
 
 
 def ping() -> bool:
     return True
 
 
-def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | None, max_pixels: int | None,
-               want_display: bool | int) -> dict[str, Any]:
+def decode_job(
+    path: str,
+    image_size: int,
+    allowed_modalities: Sequence[str] | None,
+    max_pixels: int | None,
+    want_display: bool | int,
+) -> dict[str, Any]:
     """Read + preprocess one file; never raises for a bad file (returns an error record).
 
     Without CAM overlays to draw, the file is decoded at the model's size (``reduce_to``:
@@ -96,8 +102,13 @@ def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | N
     from medxray.modelinput import model_input
 
     try:
-        img = read_dicom(path, allowed_modalities=allowed_modalities, max_pixels=max_pixels, keep_raw=False,
-                         reduce_to=None if want_display else image_size)
+        img = read_dicom(
+            path,
+            allowed_modalities=allowed_modalities,
+            max_pixels=max_pixels,
+            keep_raw=False,
+            reduce_to=None if want_display else image_size,
+        )
     except DicomError as exc:
         return {"status": "error", "reason": str(exc)}
     except MemoryError:
@@ -106,8 +117,13 @@ def decode_job(path: str, image_size: int, allowed_modalities: Sequence[str] | N
         return {"status": "error", "reason": f"decode_failed: unexpected {type(exc).__name__} while decoding"}
     x = model_input(img.pixels, image_size)
     return {
-        "status": "ok", "meta": img.meta, "window": img.window, "warnings": img.warnings,
-        "is_lateral": img.is_lateral, "x": x, "display": display_for(img, want_display),
+        "status": "ok",
+        "meta": img.meta,
+        "window": img.window,
+        "warnings": img.warnings,
+        "is_lateral": img.is_lateral,
+        "x": x,
+        "display": display_for(img, want_display),
     }
 
 
@@ -133,7 +149,6 @@ def post_job(task: dict[str, Any]) -> dict[str, Any]:
     if task.get("cams") is not None and len(task["classes"]):
         try:
             from medxray.cam import overlay_with_legend, save_png
-
             from medxray.display import fit_display
 
             display = fit_display(task["display"], task.get("overlay_max_side"))  # already done by decode_job
@@ -172,8 +187,11 @@ def outputs_missing(row: Mapping[str, str], out: Path, cams: str, sr: bool) -> l
         return []
     missing = []
     if cams != "none":
-        names = ([c[2:] for c in row if c.startswith("p_")] if cams == "all"
-                 else [n for n in (row.get("positive_findings") or "").split(";") if n])
+        names = (
+            [c[2:] for c in row if c.startswith("p_")]
+            if cams == "all"
+            else [n for n in (row.get("positive_findings") or "").split(";") if n]
+        )
         cam_dir = row.get("cam_dir") or ""
         if names and (not cam_dir or not all((out / cam_dir / f"{n}.png").is_file() for n in names)):
             missing.append("cams")

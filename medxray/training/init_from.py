@@ -48,8 +48,10 @@ def load_init_weights(model: torch.nn.Module, path: str, label_names: Sequence[s
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("classifier.")]
     if missing or unexpected:
-        raise ConfigError(f"--init-from {path}: weights do not fit the model (missing {missing[:3]}, "
-                          f"unexpected {list(unexpected)[:3]})")
+        raise ConfigError(
+            f"--init-from {path}: weights do not fit the model (missing {missing[:3]}, "
+            f"unexpected {list(unexpected)[:3]})"
+        )
     w, b = ck.state_dict.get("classifier.weight"), ck.state_dict.get("classifier.bias")
     fresh = []
     with torch.no_grad():

@@ -36,6 +36,7 @@ with atheris.instrument_imports(include=["medxray", "pydicom", "PIL"]):
     import pydicom  # noqa: F401
     import pydicom.encaps  # noqa: F401
     import pydicom.pixels  # noqa: F401
+
     from medxray.data.imageio import decode_image
     from medxray.dicom import read_dicom
     from medxray.errors import DataError, DicomError

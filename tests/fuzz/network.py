@@ -50,8 +50,8 @@ def split_pdus(stream: bytes) -> list[bytes]:
     """Cut a byte stream at PDU boundaries (type, reserved, 4-byte big-endian length)."""
     out, i = [], 0
     while i + 6 <= len(stream):
-        n = struct.unpack(">L", stream[i + 2:i + 6])[0]
-        out.append(stream[i:i + 6 + n])
+        n = struct.unpack(">L", stream[i + 2 : i + 6])[0]
+        out.append(stream[i : i + 6 + n])
         i += 6 + n
     return out
 
@@ -141,12 +141,12 @@ def mutate(session: list[bytes], rng: random.Random, pool: list[bytes]) -> list[
         elif op == 1 and p:  # a run of random or boundary bytes
             i = rng.randrange(len(p))
             run = bytes(rng.choice((0x00, 0xFF, 0x7F, 0x80, rng.randrange(256))) for _ in range(rng.randint(1, 16)))
-            p[i:i + len(run)] = run
+            p[i : i + len(run)] = run
         elif op == 2 and len(p) >= 6:  # the PDU length field: 0, small, off by a few, huge
             n = struct.unpack(">L", p[2:6])[0]
             p[2:6] = struct.pack(">L", rng.choice((0, 1, 4, max(0, n - 3), n + 3, 2**16 + 1, 2**31, 2**32 - 1)))
         elif op == 3:  # truncate
-            del p[rng.randrange(len(p) + 1):]
+            del p[rng.randrange(len(p) + 1) :]
         elif op == 4 and len(pdus) > 1:  # drop a PDU
             del pdus[k]
         elif op == 5:  # duplicate a PDU
@@ -160,7 +160,7 @@ def mutate(session: list[bytes], rng: random.Random, pool: list[bytes]) -> list[
             pdus.insert(k, bytearray(rng.choice(pool)))
         elif op == 9 and len(p) > 12:  # an inner item / PDV length field
             i = rng.randrange(6, len(p) - 4)
-            p[i:i + 4] = struct.pack(">L", rng.choice((0, 1, 2**16, 2**31, 2**32 - 1)))
+            p[i : i + 4] = struct.pack(">L", rng.choice((0, 1, 2**16, 2**31, 2**32 - 1)))
         else:  # garbage appended
             p.extend(rng.randbytes(rng.randint(1, 64)))
     return [bytes(p) for p in pdus]
@@ -208,17 +208,31 @@ def start_node(workdir: Path, port: int) -> tuple[subprocess.Popen, Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "placeholder.pt"  # never loaded: nothing is scored within the budget
     ckpt.write_bytes(b"not a checkpoint")
-    cfg = {"ae_title": "MEDXRAY", "host": "127.0.0.1", "port": port, "allowed_calling_aes": ["FUZZER"],
-           "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port()},
-           "checkpoint": str(ckpt), "work_dir": str(workdir / "node-work"), "idle_seconds": 3600,
-           "max_associations": 16, "acse_timeout": 2, "dimse_timeout": 5, "network_timeout": 2}
+    cfg = {
+        "ae_title": "MEDXRAY",
+        "host": "127.0.0.1",
+        "port": port,
+        "allowed_calling_aes": ["FUZZER"],
+        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port()},
+        "checkpoint": str(ckpt),
+        "work_dir": str(workdir / "node-work"),
+        "idle_seconds": 3600,
+        "max_associations": 16,
+        "acse_timeout": 2,
+        "dimse_timeout": 5,
+        "network_timeout": 2,
+    }
     (workdir / "node.yaml").write_text(yaml.safe_dump(cfg))
     log = workdir / "network-node.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "medxray.cli", "serve-dicom", "--config",
-                                 str(workdir / "node.yaml")], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(workdir)},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medxray.cli", "serve-dicom", "--config", str(workdir / "node.yaml")],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(workdir)},
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -284,9 +298,15 @@ def fuzz(seconds: float, workdir: Path, rss_bound_mb: float = 300.0, seed: int |
         if escapes:
             kept.mkdir(parents=True, exist_ok=True)
             (kept / f"session-{int(time.time())}.bin").write_bytes(b"".join(last))
-        return {"executions": execs, "escapes": escapes, "rss_growth_mb": (peak - base) / 1024,
-                "echo_after": echo_after, "threads": (base_threads, n_threads), "upstream_races": races,
-                "log": str(log)}
+        return {
+            "executions": execs,
+            "escapes": escapes,
+            "rss_growth_mb": (peak - base) / 1024,
+            "echo_after": echo_after,
+            "threads": (base_threads, n_threads),
+            "upstream_races": races,
+            "log": str(log),
+        }
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -306,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
     r = fuzz(args.seconds, args.workdir / "network", args.rss_bound_mb, args.seed)
-    print(f"   network: {r['executions']} sessions, {len(r['escapes'])} escapes {r['escapes']}, node RSS growth "
-          f"{r['rss_growth_mb']:.1f} MiB, threads {r['threads'][0]} -> {r['threads'][1]}, pynetdicom Sta13 races "
-          f"{r['upstream_races']}, C-ECHO after: {r['echo_after']}, log {r['log']}", flush=True)
+    print(
+        f"   network: {r['executions']} sessions, {len(r['escapes'])} escapes {r['escapes']}, node RSS growth "
+        f"{r['rss_growth_mb']:.1f} MiB, threads {r['threads'][0]} -> {r['threads'][1]}, pynetdicom Sta13 races "
+        f"{r['upstream_races']}, C-ECHO after: {r['echo_after']}, log {r['log']}",
+        flush=True,
+    )
     return 1 if r["escapes"] else 0
 
 

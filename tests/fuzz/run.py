@@ -4,7 +4,8 @@
 
 The time budget is split evenly between the DICOM reader, the image decoder and the DICOM node's
 network path (tests/fuzz/network.py: malformed associations and PDUs sent to a running
-``serve-dicom``; 0 crashes, RSS bounded, C-ECHO answered afterwards), run one after the other. Seeds: pydicom's and pydicom-data's test files up to 64 KiB, a 64x64
+``serve-dicom``; 0 crashes, RSS bounded, C-ECHO answered afterwards), run one after the other.
+Seeds: pydicom's and pydicom-data's test files up to 64 KiB, a 64x64
 crop of RG1 in several transfer syntaxes with LUTs and padding (DICOM); PNG/JPEG/TIFF/BMP
 renderings of pydicom's images in 8/16-bit gray, RGB, RGBA and palette (image decoder).
 Prints each harness's execution count and escapes; exits 1 when any input escaped (the inputs
@@ -101,10 +102,15 @@ def image_seeds(folder: Path) -> int:
         a8 = np.uint8(np.clip((a - a.min()) / max(np.ptp(a), 1) * 255, 0, 255))
         a16 = np.uint16(np.clip((a - a.min()) / max(np.ptp(a), 1) * 65535, 0, 65535))
         images = {
-            "L.png": Image.fromarray(a8), "I16.png": Image.fromarray(a16),
-            "RGB.png": Image.fromarray(np.stack([a8] * 3, -1)), "RGBA.png": Image.fromarray(np.stack([a8] * 4, -1)),
-            "P.png": Image.fromarray(a8).convert("P"), "L.jpg": Image.fromarray(a8), "RGB.jpg":
-            Image.fromarray(np.stack([a8, a8 // 2, a8], -1)), "L.tif": Image.fromarray(a16), "L.bmp": Image.fromarray(a8),
+            "L.png": Image.fromarray(a8),
+            "I16.png": Image.fromarray(a16),
+            "RGB.png": Image.fromarray(np.stack([a8] * 3, -1)),
+            "RGBA.png": Image.fromarray(np.stack([a8] * 4, -1)),
+            "P.png": Image.fromarray(a8).convert("P"),
+            "L.jpg": Image.fromarray(a8),
+            "RGB.jpg": Image.fromarray(np.stack([a8, a8 // 2, a8], -1)),
+            "L.tif": Image.fromarray(a16),
+            "L.bmp": Image.fromarray(a8),
         }
         for suffix, img in images.items():
             buf = io.BytesIO()
@@ -119,9 +125,19 @@ def run_harness(target: str, seconds: int, workdir: Path) -> tuple[int, int]:
     corpus.mkdir(parents=True, exist_ok=True)
     n = (dicom_seeds if target == "dicom" else image_seeds)(seeds)
     log = workdir / f"{target}.log"
-    cmd = [sys.executable, str(HERE / "harness.py"), target, f"-max_total_time={seconds}", "-timeout=20",
-           "-rss_limit_mb=4096", f"-max_len={MAX_SEED}", f"-artifact_prefix={workdir}/{target}-",
-           "-print_final_stats=1", str(corpus), str(seeds)]
+    cmd = [
+        sys.executable,
+        str(HERE / "harness.py"),
+        target,
+        f"-max_total_time={seconds}",
+        "-timeout=20",
+        "-rss_limit_mb=4096",
+        f"-max_len={MAX_SEED}",
+        f"-artifact_prefix={workdir}/{target}-",
+        "-print_final_stats=1",
+        str(corpus),
+        str(seeds),
+    ]
     print(f"== {target}: {n} seeds, {seconds} s, log {log}", flush=True)
     env = dict(os.environ, RUST_BACKTRACE="0", PYTHONWARNINGS="ignore")
     t0 = time.time()
@@ -133,16 +149,22 @@ def run_harness(target: str, seconds: int, workdir: Path) -> tuple[int, int]:
     escapes = len(set(re.findall(r"^ESCAPE \S+ ([0-9a-f]{40})", text, re.M)))
     # libFuzzer stops at an input that runs out of memory or time, or crashes the process: keep it
     # as a regression test too (the harness already saved the exceptions that escaped).
-    artifacts = sorted(workdir.glob(f"{target}-oom-*")) + sorted(workdir.glob(f"{target}-timeout-*")) \
+    artifacts = (
+        sorted(workdir.glob(f"{target}-oom-*"))
+        + sorted(workdir.glob(f"{target}-timeout-*"))
         + sorted(workdir.glob(f"{target}-crash-*"))
+    )
     for art in artifacts:
-        dest = REPO / "tests" / "data" / "fuzz-escapes" / target / (art.name[len(target) + 1:] + ".bin")
+        dest = REPO / "tests" / "data" / "fuzz-escapes" / target / (art.name[len(target) + 1 :] + ".bin")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(art.read_bytes())
         print(f"   {target}: {art.name} kept as {dest.relative_to(REPO)}")
     crashed = rc != 0
-    print(f"   {target}: {execs} executions in {time.time() - t0:.0f} s, {escapes} escapes, exit {rc}"
-          + (" (libFuzzer stopped early: see the log and the artifact files)" if crashed else ""), flush=True)
+    print(
+        f"   {target}: {execs} executions in {time.time() - t0:.0f} s, {escapes} escapes, exit {rc}"
+        + (" (libFuzzer stopped early: see the log and the artifact files)" if crashed else ""),
+        flush=True,
+    )
     return execs, escapes + (1 if crashed else 0)
 
 
@@ -162,9 +184,12 @@ def main() -> int:
 
             print(f"== network: {per} s against a running serve-dicom", flush=True)
             r = network.fuzz(per, args.workdir / "network")
-            print(f"   network: {r['executions']} sessions, escapes {r['escapes']}, node RSS growth "
-                  f"{r['rss_growth_mb']:.1f} MiB, threads {r['threads'][0]} -> {r['threads'][1]}, pynetdicom Sta13 "
-                  f"races {r['upstream_races']}, C-ECHO after: {r['echo_after']}", flush=True)
+            print(
+                f"   network: {r['executions']} sessions, escapes {r['escapes']}, node RSS growth "
+                f"{r['rss_growth_mb']:.1f} MiB, threads {r['threads'][0]} -> {r['threads'][1]}, pynetdicom Sta13 "
+                f"races {r['upstream_races']}, C-ECHO after: {r['echo_after']}",
+                flush=True,
+            )
             total_execs += r["executions"]
             total_escapes += len(r["escapes"])
             continue
