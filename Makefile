@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps browser-deps test test-fast demo bench fuzz clean
+.PHONY: setup system-deps browser-deps lint test test-fast demo bench fuzz clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,openvino]'
 	touch $(STAMP)
 
-test: setup system-deps
+# Lint (ruff: pycodestyle, pyflakes, bugbear, import order), format check, and mypy on the typed core
+# (the model, the DICOM reader and writers, maps, inference, the checkpoint metadata, the input contract).
+TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/checkpoint.py \
+         medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(TYPED)
+
+# pytest prints the 25 slowest tests (pyproject addopts) so a creeping suite is seen.
+test: setup system-deps lint
 	$(PY) -m pytest -q
 
 test-fast: setup
