@@ -343,7 +343,8 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
                     "or a read-only / full output folder.")
     p.add_argument("input", metavar="INPUT_DIR", nargs="?",
                    help="folder of DICOM files (searched recursively; any extension)")
-    p.add_argument("--checkpoint", help="checkpoint written by `medxray finetune` (required to score)")
+    p.add_argument("--checkpoint", help="checkpoint written by `medxray finetune`, or a model registry folder "
+                                        "(`medxray site promote`: its current version at this run) (required to score)")
     p.add_argument("--out", help="output folder (results.csv, cams/, sr/, run.json) (required to score)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode processes (default: one per CPU core at background priority; all but one with CUDA)")
@@ -421,8 +422,13 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         return _emit_recipes(args)
     mods = None if args.modalities.strip().lower() == "any" else [
         m.strip().upper() for m in args.modalities.split(",") if m.strip()]
+    checkpoint = args.checkpoint
+    if Path(checkpoint).is_dir():  # a model registry (medxray site promote): its current version, read now
+        from medxray.site.registry import current_checkpoint
+
+        checkpoint = str(current_checkpoint(checkpoint))
     cfg = ScoreConfig(
-        input_dir=args.input, checkpoint=args.checkpoint, out=args.out, workers=args.workers,
+        input_dir=args.input, checkpoint=checkpoint, out=args.out, workers=args.workers,
         batch_size=args.batch_size, cams=args.cams, cam_method=args.cam_method, sr=args.sr, shard=args.shard,
         device=args.device, backend=args.backend, precision=args.precision, threads=args.threads,
         allowed_modalities=mods, max_pixels=pixel_limit(args.max_pixels),

@@ -275,3 +275,26 @@ def test_threshold_rules():
     assert parse_operating_point("Youden") == ("youden", None)
     with pytest.raises(ConfigError, match="operating-point"):
         parse_operating_point("spec=0.9")
+
+
+def test_score_dicom_takes_the_registrys_current_version_at_each_run(tmp_path):
+    """A promotion (or rollback) reaches the next scoring run without touching its command line."""
+    from conftest import make_test_checkpoint
+    from pydicom.uid import generate_uid
+
+    from medxray.cli import main
+    from medxray.site import registry as reg
+
+    for i in range(2):
+        write_dicom(tmp_path / "in" / f"x{i}.dcm", np.random.default_rng(i).random((64, 64)).astype(np.float32),
+                    patient_id="MRN1", study=generate_uid(), series=generate_uid(), sop=generate_uid())
+    r = tmp_path / "registry"
+    versions = [reg.register(r, make_test_checkpoint(tmp_path / f"{v}.pt", model_version=v, seed=k))
+                for k, v in enumerate(("site-v1", "site-v2"))]
+    for k, v in enumerate(versions):
+        reg.set_current(r, v)
+        out = tmp_path / f"out{k}"
+        assert main(["score-dicom", str(tmp_path / "in"), "--checkpoint", str(r), "--out", str(out), "--cams", "none",
+                     "--workers", "1", "--backend", "torch", "--no-progress"]) == 0
+        rows = list(csv.DictReader(open(out / "results.csv")))
+        assert len(rows) == 2 and {row["model_version"] for row in rows} == {v.model_version}
