@@ -83,8 +83,17 @@ def write_dicom(path: Path, img01: np.ndarray, *, patient_id: str, study: str, s
     ds.save_as(path, enforce_file_format=True)
 
 
-def site_dicoms(folder: Path, n: int, *, size: int = 64, prevalence: float = 0.2, seed: int = 100,
-                start: int = 0, strength: float = 1.0, ood: bool = False) -> dict[str, np.ndarray]:
+def site_dicoms(
+    folder: Path,
+    n: int,
+    *,
+    size: int = 64,
+    prevalence: float = 0.2,
+    seed: int = 100,
+    start: int = 0,
+    strength: float = 1.0,
+    ood: bool = False,
+) -> dict[str, np.ndarray]:
     """Write ``n`` site DICOM files (patients of 2 images); returns {SOP UID: truth (C,)}.
     ``ood=True`` writes images that are not chest radiographs at all (noise textures)."""
     from pydicom.uid import generate_uid
@@ -99,16 +108,30 @@ def site_dicoms(folder: Path, n: int, *, size: int = 64, prevalence: float = 0.2
         else:
             img = site_style(_render([f for f, v in zip(FINDINGS, y[k]) if v], (seed, i), size), rng, strength)
         sop = generate_uid(entropy_srcs=[str(seed), str(i), "sop"])
-        write_dicom(folder / f"s{i:05d}.dcm", img.astype(np.float32), patient_id=f"MRN{i // 2:06d}",
-                    study=generate_uid(entropy_srcs=[str(seed), str(i), "study"]),
-                    series=generate_uid(entropy_srcs=[str(seed), str(i), "series"]), sop=sop)
+        write_dicom(
+            folder / f"s{i:05d}.dcm",
+            img.astype(np.float32),
+            patient_id=f"MRN{i // 2:06d}",
+            study=generate_uid(entropy_srcs=[str(seed), str(i), "study"]),
+            series=generate_uid(entropy_srcs=[str(seed), str(i), "series"]),
+            sop=sop,
+        )
         truth[sop] = y[k]
     return truth
 
 
-def simulate_reviews(store_dir: Path, results_csv: Path, truth: dict[str, np.ndarray], *, thresholds: dict[str, float],
-                     reviewers: Sequence[str] = ("dr_a", "dr_b"), noise: float = 0.08, unsure: float = 0.05,
-                     share: float = 1.0, seed: int = 7) -> int:
+def simulate_reviews(
+    store_dir: Path,
+    results_csv: Path,
+    truth: dict[str, np.ndarray],
+    *,
+    thresholds: dict[str, float],
+    reviewers: Sequence[str] = ("dr_a", "dr_b"),
+    noise: float = 0.08,
+    unsure: float = 0.05,
+    share: float = 1.0,
+    seed: int = 7,
+) -> int:
     """Each scored image with ground truth is reviewed (with probability ``share``) by every reviewer; returns
     the number of reviews saved."""
     from medxray.review.store import ImageKey, ReviewStore
@@ -129,11 +152,23 @@ def simulate_reviews(store_dir: Path, results_csv: Path, truth: dict[str, np.nda
                 called = probs[f] >= thresholds[f]
                 correct = "agree" if bool(y[c]) == called else "disagree"
                 u = rng.random()
-                verdicts[f] = "unsure" if u < unsure else (
-                    ({"agree": "disagree", "disagree": "agree"}[correct]) if u < unsure + noise else correct)
-            store.save(ImageKey.for_image(r["sop_instance_uid"], study_instance_uid=r.get("study_instance_uid"),
-                                          series_instance_uid=r.get("series_instance_uid")), verdicts, reviewer=who,
-                       model_version=r["model_version"], probabilities=probs, thresholds=thresholds,
-                       file_name=Path(r["path"]).name)
+                verdicts[f] = (
+                    "unsure"
+                    if u < unsure
+                    else (({"agree": "disagree", "disagree": "agree"}[correct]) if u < unsure + noise else correct)
+                )
+            store.save(
+                ImageKey.for_image(
+                    r["sop_instance_uid"],
+                    study_instance_uid=r.get("study_instance_uid"),
+                    series_instance_uid=r.get("series_instance_uid"),
+                ),
+                verdicts,
+                reviewer=who,
+                model_version=r["model_version"],
+                probabilities=probs,
+                thresholds=thresholds,
+                file_name=Path(r["path"]).name,
+            )
             n += 1
     return n

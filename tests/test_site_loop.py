@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-
 import site_sim as S
 
 pytestmark = pytest.mark.slow
@@ -37,8 +34,20 @@ def _cli(*argv: str) -> int:
 def _score(inp: Path, ckpt: Path, out: Path) -> Path:
     from medxray.scoring import ScoreConfig, score_directory
 
-    score_directory(ScoreConfig(input_dir=inp, checkpoint=ckpt, out=out, cams="none", workers=1, device="cpu",
-                                backend="torch", precision="fp32", progress=False, threads=1))
+    score_directory(
+        ScoreConfig(
+            input_dir=inp,
+            checkpoint=ckpt,
+            out=out,
+            cams="none",
+            workers=1,
+            device="cpu",
+            backend="torch",
+            precision="fp32",
+            progress=False,
+            threads=1,
+        )
+    )
     return out / "results.csv"
 
 
@@ -46,9 +55,20 @@ def _finetune(out: Path, **opts) -> Path:
     from medxray.training.config import make_config
     from medxray.training.loop import finetune
 
-    base = dict(model="densenet121", pretrained="none", image_size=SIZE, batch_size=16, precision="fp32",
-                progress=False, num_workers=0, use_cache=False, augment=False, early_stopping_patience=0,
-                device="cpu", channels_last=False)
+    base = dict(
+        model="densenet121",
+        pretrained="none",
+        image_size=SIZE,
+        batch_size=16,
+        precision="fp32",
+        progress=False,
+        num_workers=0,
+        use_cache=False,
+        augment=False,
+        early_stopping_patience=0,
+        device="cpu",
+        channels_last=False,
+    )
     return finetune(make_config(**{**base, **opts, "out": str(out)})).best_checkpoint
 
 
@@ -75,8 +95,25 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
     site = tmp_path / "site"
     labels = site / "site_labels.csv"
     secret = tmp_path / "secrets" / "site.key"
-    assert _cli("site", "labels", "--reviews", tmp_path / "reviews", "--results", res1.parent, "--out", labels,
-                "--secret", secret, "--lock-min-patients", 20, "--lock-fraction", 0.4) == 0
+    assert (
+        _cli(
+            "site",
+            "labels",
+            "--reviews",
+            tmp_path / "reviews",
+            "--results",
+            res1.parent,
+            "--out",
+            labels,
+            "--secret",
+            secret,
+            "--lock-min-patients",
+            20,
+            "--lock-fraction",
+            0.4,
+        )
+        == 0
+    )
     lock = load_lock(site / "site_lock.json")
     assert lock is not None and len(lock.images) >= 40
     locked = set(lock.images)
@@ -85,8 +122,12 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
     assert not any("MRN" in r["patient_id"] for r in rows)
 
     # -- validation report ----------------------------------------------------------------------
-    assert _cli("site", "validate", "--checkpoint", a, "--labels", labels, "--out", site / "validation",
-                "--bootstrap", 200) == 0
+    assert (
+        _cli(
+            "site", "validate", "--checkpoint", a, "--labels", labels, "--out", site / "validation", "--bootstrap", 200
+        )
+        == 0
+    )
     rep = json.loads((site / "validation" / "site_validation.json").read_text())
     assert rep["images"] == 160 and rep["reference"] and set(rep["findings"]) == set(S.FINDINGS)
     assert rep["findings"]["Cardiomegaly"]["validation"] is not None
@@ -102,15 +143,36 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(site_images, "read_site_image", spy_reader)
     a_site = site / "A_site.pt"
-    assert _cli("site", "calibrate", "--checkpoint", a, "--labels", labels, "--out", a_site, "--site", "sim",
-                "--operating-point", "sensitivity=0.9", "--min-positives", 5) == 0
+    assert (
+        _cli(
+            "site",
+            "calibrate",
+            "--checkpoint",
+            a,
+            "--labels",
+            labels,
+            "--out",
+            a_site,
+            "--site",
+            "sim",
+            "--operating-point",
+            "sensitivity=0.9",
+            "--min-positives",
+            5,
+        )
+        == 0
+    )
     assert read and not (set(read) & locked), "calibration read a locked image"
     meta = load_checkpoint(a_site).metadata
     prov = meta["site_calibration"]
     assert prov["site"] == "sim" and prov["n_studies"] == 160 - len(locked) and prov["lock_sha256"] == lock.sha256
     assert any(not r["kept"] for r in prov["findings"].values())
     assert meta["model_version"] != load_checkpoint(a).metadata["model_version"]
-    assert load_checkpoint(a_site).state_dict["classifier.weight"].equal(load_checkpoint(a).state_dict["classifier.weight"])
+    assert (
+        load_checkpoint(a_site)
+        .state_dict["classifier.weight"]
+        .equal(load_checkpoint(a).state_dict["classifier.weight"])
+    )
     monkeypatch.setattr(site_images, "read_site_image", original_reader)
 
     # -- fine-tuning from reviews (B) and from flipped labels (D), spying on the training reader ---
@@ -122,8 +184,15 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
         return original_load(self, index)
 
     monkeypatch.setattr(XrayDataset, "load_pixels", spy_load)
-    b = _finetune(tmp_path / "runB", dataset="csv", data_root=str(site), dataset_options={"csv_path": str(labels)},
-                  init_from=str(a), epochs=6, lr=1e-3)
+    b = _finetune(
+        tmp_path / "runB",
+        dataset="csv",
+        data_root=str(site),
+        dataset_options={"csv_path": str(labels)},
+        init_from=str(a),
+        epochs=6,
+        lr=1e-3,
+    )
     assert loaded and not (set(loaded) & locked), "training read a locked image"
     flipped = site / "flipped.csv"
     with open(labels, newline="") as fh, open(flipped, "w", newline="") as out:
@@ -134,18 +203,48 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
             if row["split"] != "test":
                 row.update({f: {"1": "0", "0": "1"}.get(row[f], row[f]) for f in S.FINDINGS})
             w.writerow(row)
-    d = _finetune(tmp_path / "runD", dataset="csv", data_root=str(site), dataset_options={"csv_path": str(flipped)},
-                  init_from=str(a), epochs=4, lr=3e-3)
+    d = _finetune(
+        tmp_path / "runD",
+        dataset="csv",
+        data_root=str(site),
+        dataset_options={"csv_path": str(flipped)},
+        init_from=str(a),
+        epochs=4,
+        lr=3e-3,
+    )
     monkeypatch.setattr(XrayDataset, "load_pixels", original_load)
 
     # a manifest that moves a locked patient into training is refused, by finetune and by calibrate
     leaky = site / "leaky.csv"
     victim = next(r["patient_id"] for r in rows if r["split"] == "test")  # every image of one locked patient
-    leaky.write_text("".join(ln.replace(",test,", ",train,") if f",{victim}," in ln else ln
-                             for ln in labels.read_text().splitlines(keepends=True)))
+    leaky.write_text(
+        "".join(
+            ln.replace(",test,", ",train,") if f",{victim}," in ln else ln
+            for ln in labels.read_text().splitlines(keepends=True)
+        )
+    )
     capsys.readouterr()
-    assert _cli("finetune", "--init-from", a, "--dataset", "csv", "--csv", leaky, "--data-root", site, "--out",
-                tmp_path / "runLeak", "--epochs", 1, "--image-size", SIZE, "--no-progress") == 2
+    assert (
+        _cli(
+            "finetune",
+            "--init-from",
+            a,
+            "--dataset",
+            "csv",
+            "--csv",
+            leaky,
+            "--data-root",
+            site,
+            "--out",
+            tmp_path / "runLeak",
+            "--epochs",
+            1,
+            "--image-size",
+            SIZE,
+            "--no-progress",
+        )
+        == 2
+    )
     assert "locked site test set" in capsys.readouterr().err
     assert _cli("site", "calibrate", "--checkpoint", a, "--labels", leaky, "--out", site / "leak.pt") == 2
     assert "locked site test set" in capsys.readouterr().err
@@ -153,15 +252,52 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
     # -- the gate --------------------------------------------------------------------------------
     registry = tmp_path / "registry"
     capsys.readouterr()
-    assert _cli("site", "promote", "--candidate", b, "--deployed", a, "--labels", labels, "--registry", registry,
-                "--min-positives", 5, "--approver", "ai-lead", "--no-original-data", "--margin", MARGIN) == 0, capsys.readouterr().err
+    assert (
+        _cli(
+            "site",
+            "promote",
+            "--candidate",
+            b,
+            "--deployed",
+            a,
+            "--labels",
+            labels,
+            "--registry",
+            registry,
+            "--min-positives",
+            5,
+            "--approver",
+            "ai-lead",
+            "--no-original-data",
+            "--margin",
+            MARGIN,
+        )
+        == 0
+    ), capsys.readouterr().err
     assert "PROMOTED" in capsys.readouterr().out
     assert reg.current_checkpoint(registry).read_bytes() == Path(b).read_bytes()
     hist = reg.history(registry)
     assert [h["action"] for h in hist] == ["initial", "promote"] and hist[-1]["approver"] == "ai-lead"
     assert hist[-1]["figures"]["locked"]["mean_auc_b"] > hist[-1]["figures"]["locked"]["mean_auc_a"]
-    assert _cli("site", "promote", "--candidate", d, "--deployed", registry, "--labels", labels, "--registry",
-                registry, "--min-positives", 3, "--margin", MARGIN) == 1  # also on the vendor's validation data
+    assert (
+        _cli(
+            "site",
+            "promote",
+            "--candidate",
+            d,
+            "--deployed",
+            registry,
+            "--labels",
+            labels,
+            "--registry",
+            registry,
+            "--min-positives",
+            3,
+            "--margin",
+            MARGIN,
+        )
+        == 1
+    )  # also on the vendor's validation data
     err = capsys.readouterr().err
     gate_d = json.loads(next((registry / "gate").glob("*-runD-best/gate.json")).read_text())
     orig = gate_d["figures"]["original_validation"]
@@ -171,15 +307,48 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
     assert reg.current_checkpoint(registry).read_bytes() == Path(b).read_bytes()  # nothing changed
     assert _cli("site", "rollback", "--registry", registry) == 0
     assert reg.current_checkpoint(registry).read_bytes() == Path(a).read_bytes()
-    assert _cli("site", "promote", "--candidate", b, "--deployed", registry, "--labels", labels, "--registry",
-                registry, "--min-positives", 5, "--no-original-data", "--margin", MARGIN) == 0
+    assert (
+        _cli(
+            "site",
+            "promote",
+            "--candidate",
+            b,
+            "--deployed",
+            registry,
+            "--labels",
+            labels,
+            "--registry",
+            registry,
+            "--min-positives",
+            5,
+            "--no-original-data",
+            "--margin",
+            MARGIN,
+        )
+        == 0
+    )
 
     # -- monitoring: a normal day, then a day of drift (non-chest inputs, a prevalence jump) ------
     cur = reg.current_checkpoint(registry)
     normal = _score(site_in, cur, tmp_path / "scored" / "day1-B")
     mon = tmp_path / "monitor"
-    assert _cli("site", "monitor", "--results", normal.parent, "--reviews", tmp_path / "reviews", "--checkpoint",
-                registry, "--out", mon, "--as-of", "2026-03-02T07:00:00Z") == 0
+    assert (
+        _cli(
+            "site",
+            "monitor",
+            "--results",
+            normal.parent,
+            "--reviews",
+            tmp_path / "reviews",
+            "--checkpoint",
+            registry,
+            "--out",
+            mon,
+            "--as-of",
+            "2026-03-02T07:00:00Z",
+        )
+        == 0
+    )
     day1 = json.loads((mon / "monitor.json").read_text())
     assert not [x for x in day1["alerts"] if x["level"] == "alert"]
     drift_in = tmp_path / "pacs" / "day2"
@@ -187,8 +356,23 @@ def test_site_loop_end_to_end(tmp_path, monkeypatch, capsys):
     S.site_dicoms(drift_in, 30, size=64, prevalence=0.9, seed=301, start=6000)
     drift = _score(drift_in, cur, tmp_path / "scored" / "day2")
     capsys.readouterr()
-    assert _cli("site", "monitor", "--results", normal.parent, "--results", drift.parent, "--checkpoint", registry,
-                "--out", mon, "--as-of", "2026-03-03T07:00:00Z") == 0
+    assert (
+        _cli(
+            "site",
+            "monitor",
+            "--results",
+            normal.parent,
+            "--results",
+            drift.parent,
+            "--checkpoint",
+            registry,
+            "--out",
+            mon,
+            "--as-of",
+            "2026-03-03T07:00:00Z",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     day2 = json.loads((mon / "monitor.json").read_text())
     alerts = [x for x in day2["alerts"] if x["day"] == "2026-03-03" and x["level"] == "alert"]

@@ -63,8 +63,9 @@ def test_split_file_reproduces_a_table_on_the_files_own_images(tmp_path):
         w.writerow(["Image Index", *(f"prob_{n}" for n in FINDINGS)])
         for n, p in zip(names, P):
             w.writerow([n, *p])
-    rc, out, err = _cli(["evaluate", "--predictions", f, "--split", "file", "--out", tmp_path / "eval",
-                         "--bootstrap", 50])
+    rc, out, err = _cli(
+        ["evaluate", "--predictions", f, "--split", "file", "--out", tmp_path / "eval", "--bootstrap", 50]
+    )
     assert rc == 0, err
     table = {ln.split()[0]: ln.split()[1] for ln in out.splitlines() if ln.split() and ln.split()[0] in FINDINGS}
     for c, n in enumerate(FINDINGS):
@@ -72,7 +73,7 @@ def test_split_file_reproduces_a_table_on_the_files_own_images(tmp_path):
             assert table[n] == f"{roc_auc_score(Y[:, c], P[:, c]):.3f}"  # the printed table, to its last digit
     assert "(500 file images" in out
     # the official test split alone sees only half of the file
-    rc, out_test, _ = _cli(["evaluate", "--predictions", f, "--split", "test", "--out", tmp_path / "eval_test",
-                            "--bootstrap", 50])
+    rc, out_test, _ = _cli(
+        ["evaluate", "--predictions", f, "--split", "test", "--out", tmp_path / "eval_test", "--bootstrap", 50]
+    )
     assert rc == 0 and "250 test images" in out_test
-

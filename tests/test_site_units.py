@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from site_sim import FINDINGS, write_dicom
 
 from medxray.errors import CheckpointError, ConfigError
 
-
 # ---- statistics ------------------------------------------------------------------------------
+
 
 def test_wilson_and_psi_known_values():
     from medxray.site.stats import psi, psi_level, two_proportion_p, wilson
@@ -35,6 +34,7 @@ def test_wilson_and_psi_known_values():
 
 
 # ---- labels ----------------------------------------------------------------------------------
+
 
 def test_verdict_rule_table():
     from medxray.site.labels import verdict_label
@@ -63,14 +63,28 @@ def _scored_site(tmp_path: Path, n: int = 12) -> tuple[Path, Path, list]:
             sop = generate_uid(entropy_srcs=["u", str(i)])
             study, series = generate_uid(entropy_srcs=["st", str(i)]), generate_uid(entropy_srcs=["se", str(i)])
             sops.append(ImageKey.for_image(sop, study_instance_uid=study, series_instance_uid=series))
-            write_dicom(inp / f"s{i:03d}.dcm", rng.random((64, 64)).astype(np.float32), patient_id=f"MRN{i // 2:05d}",
-                        study=study, series=series, sop=sop)
+            write_dicom(
+                inp / f"s{i:03d}.dcm",
+                rng.random((64, 64)).astype(np.float32),
+                patient_id=f"MRN{i // 2:05d}",
+                study=study,
+                series=series,
+                sop=sop,
+            )
             probs = {f: float(rng.random()) for f in FINDINGS}
             row = {c: "" for c in cols}
-            row.update(path=f"s{i:03d}.dcm", status="ok", sop_instance_uid=sop, study_instance_uid=study,
-                       series_instance_uid=series, view_position="PA", model="densenet121",
-                       model_version="v1", positive_findings=";".join(f for f in FINDINGS if probs[f] >= 0.5),
-                       **{f"p_{f}": f"{p:.4f}" for f, p in probs.items()})
+            row.update(
+                path=f"s{i:03d}.dcm",
+                status="ok",
+                sop_instance_uid=sop,
+                study_instance_uid=study,
+                series_instance_uid=series,
+                view_position="PA",
+                model="densenet121",
+                model_version="v1",
+                positive_findings=";".join(f for f in FINDINGS if probs[f] >= 0.5),
+                **{f"p_{f}": f"{p:.4f}" for f, p in probs.items()},
+            )
             w.writerow(row)
         w.writerow({**{c: "" for c in cols}, "path": "../escape.dcm", "status": "ok"})  # a path leaving the input
     (out / "run.json").write_text(json.dumps({"input": str(inp)}))
@@ -91,26 +105,35 @@ def test_labels_from_a_real_review_store(tmp_path):
         store.save(sops[0], {"Cardiomegaly": "agree"}, reviewer=who, probabilities=p_hi, thresholds=th)
         store.save(sops[0], {"Mass": "disagree"}, reviewer=who, probabilities=p_lo, thresholds=th)
     # image 1: a 1-1 tie on Effusion -> masked, listed; an adjudicator decides Cardiomegaly
-    store.save(sops[1], {"Effusion": "agree", "Cardiomegaly": "agree"}, reviewer="dr_a",
-               probabilities=p_hi, thresholds=th)
-    store.save(sops[1], {"Effusion": "disagree", "Cardiomegaly": "disagree"}, reviewer="dr_b",
-               probabilities=p_hi, thresholds=th)
-    store.save(sops[1], {"Cardiomegaly": "disagree"}, reviewer="chief", probabilities=p_hi,
-               thresholds=th)
+    store.save(
+        sops[1], {"Effusion": "agree", "Cardiomegaly": "agree"}, reviewer="dr_a", probabilities=p_hi, thresholds=th
+    )
+    store.save(
+        sops[1],
+        {"Effusion": "disagree", "Cardiomegaly": "disagree"},
+        reviewer="dr_b",
+        probabilities=p_hi,
+        thresholds=th,
+    )
+    store.save(sops[1], {"Cardiomegaly": "disagree"}, reviewer="chief", probabilities=p_hi, thresholds=th)
     # image 2: a reviewer changes their mind: only the latest verdict counts; unsure -> masked
-    store.save(sops[2], {"Mass": "agree", "Effusion": "unsure"}, reviewer="dr_a",
-               probabilities=p_hi, thresholds=th)
-    store.save(sops[2], {"Mass": "disagree", "Effusion": "unsure"}, reviewer="dr_a",
-               probabilities=p_hi, thresholds=th)
+    store.save(sops[2], {"Mass": "agree", "Effusion": "unsure"}, reviewer="dr_a", probabilities=p_hi, thresholds=th)
+    store.save(sops[2], {"Mass": "disagree", "Effusion": "unsure"}, reviewer="dr_a", probabilities=p_hi, thresholds=th)
     for i in range(3, 12):  # the rest: agree with every call
-        store.save(sops[i], {f: "agree" for f in FINDINGS}, reviewer="dr_a", probabilities=p_lo,
-                   thresholds=th)
+        store.save(sops[i], {f: "agree" for f in FINDINGS}, reviewer="dr_a", probabilities=p_lo, thresholds=th)
     secret = tmp_path / "keys" / "site.key"
     with pytest.raises(ConfigError, match="outside"):
         make_site_labels(tmp_path / "reviews", [out], out / "labels.csv", secret=out / "site.key")
     labels_csv = tmp_path / "site" / "site_labels.csv"
-    run = make_site_labels(tmp_path / "reviews", [out], labels_csv, secret=secret, adjudicators=["chief"],
-                           lock_min_patients=4, lock_fraction=0.34)
+    run = make_site_labels(
+        tmp_path / "reviews",
+        [out],
+        labels_csv,
+        secret=secret,
+        adjudicators=["chief"],
+        lock_min_patients=4,
+        lock_fraction=0.34,
+    )
     assert run.images == 12 and run.patients == 6 and run.unmatched_reviews == 0
     rows = {Path(r["image"]).name: r for r in csv.DictReader(open(labels_csv))}
     assert rows["s000.dcm"]["Cardiomegaly"] == "1" and rows["s000.dcm"]["Mass"] == "1"
@@ -121,7 +144,8 @@ def test_labels_from_a_real_review_store(tmp_path):
     conflicts = list(csv.DictReader(open(run.files["conflicts"])))
     assert {(Path(c["image"]).name, c["finding"], c["resolution"]) for c in conflicts} == {
         ("s001.dcm", "Effusion", "tie: masked"),
-        ("s001.dcm", "Cardiomegaly", "adjudicated by the latest adjudicator review")}
+        ("s001.dcm", "Cardiomegaly", "adjudicated by the latest adjudicator review"),
+    }
     # patient-disjoint pseudonyms: two images per patient share one, and no output carries the MRN or the name
     assert rows["s000.dcm"]["patient_id"] == rows["s001.dcm"]["patient_id"] != rows["s002.dcm"]["patient_id"]
     for f in [labels_csv, *run.files.values(), labels_csv.parent / "site_lock.json"]:
@@ -135,8 +159,10 @@ def test_labels_from_a_real_review_store(tmp_path):
     # the same secret gives the same pseudonyms on a re-run; the lock is kept
     again = make_site_labels(tmp_path / "reviews", [out], labels_csv, secret=secret, lock_min_patients=4)
     assert "kept" in again.lock_status
-    assert rows["s000.dcm"]["patient_id"] == {Path(r["image"]).name: r for r in csv.DictReader(open(labels_csv))}[
-        "s000.dcm"]["patient_id"]
+    assert (
+        rows["s000.dcm"]["patient_id"]
+        == {Path(r["image"]).name: r for r in csv.DictReader(open(labels_csv))}["s000.dcm"]["patient_id"]
+    )
     # finetune --dataset csv reads it as is, DICOM rows through the scorer's reader
     splits = build_datasets("csv", labels_csv, image_size=32, use_cache=False, augment=False)
     assert splits.label_names == list(FINDINGS) and splits.test is not None and len(splits.test) == lock["n_images"]
@@ -145,6 +171,7 @@ def test_labels_from_a_real_review_store(tmp_path):
 
 
 # ---- the locked set ---------------------------------------------------------------------------
+
 
 def test_lock_freeze_tamper_and_refusal(tmp_path):
     from medxray.site.lockset import assign_splits, check_unlocked, freeze, load_lock
@@ -169,6 +196,7 @@ def test_lock_freeze_tamper_and_refusal(tmp_path):
 
 # ---- the registry -------------------------------------------------------------------------------
 
+
 def test_registry_current_switch_and_rollback(tmp_path):
     from conftest import make_test_checkpoint
 
@@ -184,7 +212,7 @@ def test_registry_current_switch_and_rollback(tmp_path):
     va = reg.register(r, a)
     reg.set_current(r, va)
     reg.record(r, "initial", to=va, frm=None, approver="lead")
-    for src, prev in ((b, va), (c, None)):
+    for src in (b, c):
         v = reg.register(r, src)
         frm = reg.current_version(r)
         reg.set_current(r, v)
@@ -203,6 +231,7 @@ def test_registry_current_switch_and_rollback(tmp_path):
 
 # ---- the monitor -------------------------------------------------------------------------------
 
+
 def test_monitor_alerts_on_the_drifted_day_and_writes_prometheus_text(tmp_path):
     from conftest import make_test_checkpoint
 
@@ -215,9 +244,17 @@ def test_monitor_alerts_on_the_drifted_day_and_writes_prometheus_text(tmp_path):
     ck = make_test_checkpoint(tmp_path / "c.pt")
     names = list(CHESTXRAY14_FINDINGS)
     ref = rng.beta(2, 5, size=(400, len(names)))
-    update_metadata(ck, {"validation_reference": {"source": "test", "probs": ref.round(4).tolist(),
-                                                  "labels": (ref > 0.4).astype(int).tolist()},
-                         "ood": {"threshold": 10.0, "percentile": 95.0}})
+    update_metadata(
+        ck,
+        {
+            "validation_reference": {
+                "source": "test",
+                "probs": ref.round(4).tolist(),
+                "labels": (ref > 0.4).astype(int).tolist(),
+            },
+            "ood": {"threshold": 10.0, "percentile": 95.0},
+        },
+    )
     out = tmp_path / "scored"
     out.mkdir()
     cols = result_columns(names)
@@ -229,10 +266,14 @@ def test_monitor_alerts_on_the_drifted_day_and_writes_prometheus_text(tmp_path):
                 w.writeheader()
             for k, p in enumerate(rows_probs):
                 row = {c: "" for c in cols}
-                row.update(path=f"img{start + k:04d}.dcm", status="ok", model_version="test",
-                           positive_findings=";".join(n for n, v in zip(names, p) if v >= 0.5),
-                           ood_distance=f"{20.0 if rng.random() < ood_share else 5.0:.2f}",
-                           **{f"p_{n}": f"{v:.4f}" for n, v in zip(names, p)})
+                row.update(
+                    path=f"img{start + k:04d}.dcm",
+                    status="ok",
+                    model_version="test",
+                    positive_findings=";".join(n for n, v in zip(names, p) if v >= 0.5),
+                    ood_distance=f"{20.0 if rng.random() < ood_share else 5.0:.2f}",
+                    **{f"p_{n}": f"{v:.4f}" for n, v in zip(names, p)},
+                )
                 w.writerow(row)
 
     write(rng.beta(2, 5, size=(60, len(names))), 0)
@@ -257,6 +298,7 @@ def test_monitor_alerts_on_the_drifted_day_and_writes_prometheus_text(tmp_path):
 
 
 # ---- recalibration rules -------------------------------------------------------------------------
+
 
 def test_threshold_rules():
     from sklearn.metrics import roc_curve
@@ -286,15 +328,41 @@ def test_score_dicom_takes_the_registrys_current_version_at_each_run(tmp_path):
     from medxray.site import registry as reg
 
     for i in range(2):
-        write_dicom(tmp_path / "in" / f"x{i}.dcm", np.random.default_rng(i).random((64, 64)).astype(np.float32),
-                    patient_id="MRN1", study=generate_uid(), series=generate_uid(), sop=generate_uid())
+        write_dicom(
+            tmp_path / "in" / f"x{i}.dcm",
+            np.random.default_rng(i).random((64, 64)).astype(np.float32),
+            patient_id="MRN1",
+            study=generate_uid(),
+            series=generate_uid(),
+            sop=generate_uid(),
+        )
     r = tmp_path / "registry"
-    versions = [reg.register(r, make_test_checkpoint(tmp_path / f"{v}.pt", model_version=v, seed=k))
-                for k, v in enumerate(("site-v1", "site-v2"))]
+    versions = [
+        reg.register(r, make_test_checkpoint(tmp_path / f"{v}.pt", model_version=v, seed=k))
+        for k, v in enumerate(("site-v1", "site-v2"))
+    ]
     for k, v in enumerate(versions):
         reg.set_current(r, v)
         out = tmp_path / f"out{k}"
-        assert main(["score-dicom", str(tmp_path / "in"), "--checkpoint", str(r), "--out", str(out), "--cams", "none",
-                     "--workers", "1", "--backend", "torch", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "score-dicom",
+                    str(tmp_path / "in"),
+                    "--checkpoint",
+                    str(r),
+                    "--out",
+                    str(out),
+                    "--cams",
+                    "none",
+                    "--workers",
+                    "1",
+                    "--backend",
+                    "torch",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         rows = list(csv.DictReader(open(out / "results.csv")))
         assert len(rows) == 2 and {row["model_version"] for row in rows} == {v.model_version}

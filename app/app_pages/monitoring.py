@@ -17,8 +17,10 @@ st.title("Monitoring")
 default = os.environ.get("MEDXRAY_MONITOR_DIR", "")
 folder = st.text_input("Monitor folder (`medxray site monitor --out`)", value=default, key="monitor_dir")
 if not folder:
-    st.info("Run `medxray site monitor --results OUT --reviews REVIEWS --checkpoint C --out MONITOR_DIR` (daily, from "
-            "cron) and enter MONITOR_DIR here, or start the app with MEDXRAY_MONITOR_DIR set.")
+    st.info(
+        "Run `medxray site monitor --results OUT --reviews REVIEWS --checkpoint C --out MONITOR_DIR` (daily, from "
+        "cron) and enter MONITOR_DIR here, or start the app with MEDXRAY_MONITOR_DIR set."
+    )
     st.stop()
 try:
     view = monitor_view(read_monitor(folder))
@@ -26,8 +28,10 @@ except (MedxrayError, ValueError, OSError) as exc:
     st.error(md_escape(exc))  # text from a file is shown as text (issue 19)
     st.stop()
 
-st.caption(f"Model version {md_escape(view['model_version'])}; monitor last ran {md_escape(view['generated_utc'])} "
-           f"(UTC); latest day with images: {md_escape(view['latest'] or 'none')}.")
+st.caption(
+    f"Model version {md_escape(view['model_version'])}; monitor last ran {md_escape(view['generated_utc'])} "
+    f"(UTC); latest day with images: {md_escape(view['latest'] or 'none')}."
+)
 if view["alerts"]:
     for a in view["alerts"]:
         (st.error if a["level"] == "alert" else st.warning)(md_escape(a["message"]))
@@ -35,10 +39,11 @@ else:
     st.success("No alert on the latest day.")
 
 out = Path(folder)
-for name, caption in (("volume_ood.png", "Images per day and the out-of-distribution flag rate"),
-                      ("psi.png", "Score shift from the checkpoint's validation distribution (PSI; dashed: 0.10 warn, "
-                                  "0.25 alert)"),
-                      ("positive_rate.png", "Positive-call rate per finding")):
+for name, caption in (
+    ("volume_ood.png", "Images per day and the out-of-distribution flag rate"),
+    ("psi.png", "Score shift from the checkpoint's validation distribution (PSI; dashed: 0.10 warn, 0.25 alert)"),
+    ("positive_rate.png", "Positive-call rate per finding"),
+):
     if (out / name).is_file():
         st.image(str(out / name), caption=caption)
 st.subheader("Latest day per finding")

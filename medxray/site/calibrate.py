@@ -78,11 +78,20 @@ def _sha(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def calibrate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out: str | os.PathLike, *,
-                   operating_point: str = "youden", site: str = "site", min_positives: int = MIN_POSITIVES,
-                   lock_path: str | os.PathLike | None = None, n_boot: int = 200, device: str = "cpu",
-                   seed: int = 0) -> dict[str, Any]:
-    """Write the recalibrated version to ``out``; returns the per-finding record (also in ``<out>.calibration.json``)."""
+def calibrate_site(
+    checkpoint: str | os.PathLike,
+    labels: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    operating_point: str = "youden",
+    site: str = "site",
+    min_positives: int = MIN_POSITIVES,
+    lock_path: str | os.PathLike | None = None,
+    n_boot: int = 200,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write the recalibrated version to ``out``; returns its provenance (also in ``<out>.calibration.json``)."""
     from medxray.checkpoint import load_checkpoint, save_checkpoint
     from medxray.site.images import score_paths
     from medxray.site.labels import read_manifest, side_paths
@@ -115,9 +124,14 @@ def calibrate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out
         p, y = scored.probs[ok, col[n]][m], y[m]
         npos, nneg = int((y > 0.5).sum()), int((y < 0.5).sum())
         if npos < min_positives or nneg < min_positives:
-            record[n] = {"threshold": old[n], "kept": True, "positives": npos, "negatives": nneg,
-                         "reason": f"kept the old threshold {old[n]:.3f}: {npos} positive(s) and {nneg} negative(s) "
-                                   f"at the site, fewer than {min_positives} needed"}
+            record[n] = {
+                "threshold": old[n],
+                "kept": True,
+                "positives": npos,
+                "negatives": nneg,
+                "reason": f"kept the old threshold {old[n]:.3f}: {npos} positive(s) and {nneg} negative(s) "
+                f"at the site, fewer than {min_positives} needed",
+            }
             continue
         t = choose_threshold(p, y, rule, target)
         boots = []
@@ -128,11 +142,20 @@ def calibrate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out
         pred, yy = p >= t, y > 0.5
         tp, tn = int((pred & yy).sum()), int((~pred & ~yy).sum())
         new[n] = t
-        record[n] = {"threshold": t, "old_threshold": old[n], "kept": False, "positives": npos, "negatives": nneg,
-                     "threshold_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
-                     if boots else [math.nan, math.nan],
-                     "sensitivity": tp / npos, "sensitivity_ci95": list(wilson(tp, npos)),
-                     "specificity": tn / nneg, "specificity_ci95": list(wilson(tn, nneg))}
+        record[n] = {
+            "threshold": t,
+            "old_threshold": old[n],
+            "kept": False,
+            "positives": npos,
+            "negatives": nneg,
+            "threshold_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+            if boots
+            else [math.nan, math.nan],
+            "sensitivity": tp / npos,
+            "sensitivity_ci95": list(wilson(tp, npos)),
+            "specificity": tn / nneg,
+            "specificity_ci95": list(wilson(tn, nneg)),
+        }
     studies = set()
     keys = side_paths(labels)["keys"]
     if keys.is_file():
@@ -140,11 +163,20 @@ def calibrate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out
             by_image = {r["image"]: r.get("study_instance_uid", "") for r in csv.DictReader(fh)}
         studies = {by_image.get(r.image) or r.image for r in use}
     today = datetime.now(timezone.utc).date().isoformat()
-    prov = {"site": site, "date": today, "operating_point": operating_point, "n_images": int(ok.sum()),
-            "n_studies": len(studies) or int(ok.sum()), "n_patients": len({r.patient_id for r in use}),
-            "source_checkpoint": str(Path(checkpoint).resolve()), "source_sha256": _sha(checkpoint),
-            "labels_sha256": _sha(labels), "lock_sha256": lock.sha256 if lock else None,
-            "locked_images_excluded": sum(1 for r in rows if r.split == "test"), "findings": record}
+    prov = {
+        "site": site,
+        "date": today,
+        "operating_point": operating_point,
+        "n_images": int(ok.sum()),
+        "n_studies": len(studies) or int(ok.sum()),
+        "n_patients": len({r.patient_id for r in use}),
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+        "source_sha256": _sha(checkpoint),
+        "labels_sha256": _sha(labels),
+        "lock_sha256": lock.sha256 if lock else None,
+        "locked_images_excluded": sum(1 for r in rows if r.split == "test"),
+        "findings": record,
+    }
     meta = dict(ckpt.metadata)
     ref = validation_reference(checkpoint, meta)
     if ref is not None and "validation_reference" not in meta:
@@ -159,5 +191,7 @@ def calibrate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out
     atomic_write_text(Path(f"{out}.calibration.json"), json.dumps(to_jsonable(prov), indent=1) + "\n")
     kept = [n for n, r in record.items() if r["kept"]]
     if kept:
-        log.warning("kept the old threshold for %d finding(s) with too few site positives: %s", len(kept), ", ".join(kept))
+        log.warning(
+            "kept the old threshold for %d finding(s) with too few site positives: %s", len(kept), ", ".join(kept)
+        )
     return prov

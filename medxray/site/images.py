@@ -59,13 +59,15 @@ def read_site_image(path: str | os.PathLike) -> np.ndarray:
     return to_float01(decode_image(path).pixels)
 
 
-def score_paths(checkpoint: str | os.PathLike, paths: Sequence[str], *, device: str = "cpu",
-                batch_size: int = 16) -> Scored:
+def score_paths(
+    checkpoint: str | os.PathLike, paths: Sequence[str], *, device: str = "cpu", batch_size: int = 16
+) -> Scored:
     """Score ``paths`` with the checkpoint (torch backend, fp32: the figures do not depend on a backend)."""
     from medxray.inference import Predictor
 
-    pred = Predictor.from_checkpoint(checkpoint, device=device, backend="torch", precision="fp32",
-                                     batch_size=batch_size, verify=False)
+    pred = Predictor.from_checkpoint(
+        checkpoint, device=device, backend="torch", precision="fp32", batch_size=batch_size, verify=False
+    )
     c = len(pred.label_names)
     probs = np.full((len(paths), c), np.nan, dtype=np.float64)
     has_ood = pred.ood is not None and pred.ood.threshold is not None
@@ -87,6 +89,7 @@ def score_paths(checkpoint: str | os.PathLike, paths: Sequence[str], *, device: 
         if ood is not None and dist is not None:
             ood[idx] = pred.ood.flags(dist)
     if failed:
-        log.warning("%d of %d site image(s) could not be read (first: %s)", len(failed), len(paths),
-                    next(iter(failed.values())))
+        log.warning(
+            "%d of %d site image(s) could not be read (first: %s)", len(failed), len(paths), next(iter(failed.values()))
+        )
     return Scored(tuple(pred.label_names), probs, ood, failed)

@@ -148,8 +148,10 @@ def read_reviews(source: str | os.PathLike) -> list[Verdict]:
     need = {"image_key", "reviewer", "finding", "verdict"}
     missing = need - set(reader.fieldnames or [])
     if missing:
-        raise DataError(f"{p} is not a review export (missing column(s) {sorted(missing)}); export it from the app "
-                        "or pass the review folder")
+        raise DataError(
+            f"{p} is not a review export (missing column(s) {sorted(missing)}); export it from the app "
+            "or pass the review folder"
+        )
     out = []
     for n, r in enumerate(reader):
         verdict = (r.get("verdict") or "").strip().lower()
@@ -159,20 +161,29 @@ def read_reviews(source: str | os.PathLike) -> list[Verdict]:
             rid = int(r.get("review_id") or n)
         except ValueError:
             rid = n
-        out.append(Verdict(
-            image_key=(r.get("image_key") or "").strip(), file_name=(r.get("file_name") or "").strip(),
-            reviewer=(r.get("reviewer") or "").strip(), saved_at_utc=(r.get("saved_at_utc") or "").strip(),
-            review_id=rid, finding=(r.get("finding") or "").strip(), verdict=verdict,
-            probability=_opt_float(r.get("probability")), threshold=_opt_float(r.get("threshold")),
-            model_version=(r.get("model_version") or "").strip(),
-            sop_instance_uid=(r.get("sop_instance_uid") or "").strip()))
+        out.append(
+            Verdict(
+                image_key=(r.get("image_key") or "").strip(),
+                file_name=(r.get("file_name") or "").strip(),
+                reviewer=(r.get("reviewer") or "").strip(),
+                saved_at_utc=(r.get("saved_at_utc") or "").strip(),
+                review_id=rid,
+                finding=(r.get("finding") or "").strip(),
+                verdict=verdict,
+                probability=_opt_float(r.get("probability")),
+                threshold=_opt_float(r.get("threshold")),
+                model_version=(r.get("model_version") or "").strip(),
+                sop_instance_uid=(r.get("sop_instance_uid") or "").strip(),
+            )
+        )
     out.sort(key=lambda v: (v.saved_at_utc, v.review_id))
     return out
 
 
 def read_results(out_dirs: Sequence[str | os.PathLike]) -> list[ResultRow]:
     """The ``ok`` rows of each scorer output folder, image paths made absolute through its run.json."""
-    from medxray.scoring.journal import RESULTS_NAME, read_results as read_journal
+    from medxray.scoring.journal import RESULTS_NAME
+    from medxray.scoring.journal import read_results as read_journal
 
     rows: list[ResultRow] = []
     for d in out_dirs:
@@ -193,7 +204,10 @@ def read_results(out_dirs: Sequence[str | os.PathLike]) -> list[ResultRow]:
             raise DataError(f"{f} is not a medxray results.csv (no path/status columns)")
         pcols = [h for h in header if h.startswith("p_")]
         for rec in recs:
-            get = lambda k: rec[col[k]] if k in col else ""  # noqa: E731
+
+            def get(k: str, rec: list[str] = rec, col: dict[str, int] = col) -> str:
+                return rec[col[k]] if k in col else ""
+
             if get("status") != "ok":
                 continue
             rel = get("path")
@@ -202,17 +216,25 @@ def read_results(out_dirs: Sequence[str | os.PathLike]) -> list[ResultRow]:
                 log.warning("%s: row path %r leaves the input folder; ignored", f, rel)
                 continue
             probs = {h[2:]: v for h in pcols if (v := _opt_float(rec[col[h]])) is not None}
-            rows.append(ResultRow(
-                path=str(full), rel=rel, sop_instance_uid=get("sop_instance_uid"),
-                study_instance_uid=get("study_instance_uid"), view=get("view_position"),
-                positive_findings=frozenset(x for x in get("positive_findings").replace(";", "|").split("|") if x),
-                model_version=get("model_version"), probs=probs))
+            rows.append(
+                ResultRow(
+                    path=str(full),
+                    rel=rel,
+                    sop_instance_uid=get("sop_instance_uid"),
+                    study_instance_uid=get("study_instance_uid"),
+                    view=get("view_position"),
+                    positive_findings=frozenset(x for x in get("positive_findings").replace(";", "|").split("|") if x),
+                    model_version=get("model_version"),
+                    probs=probs,
+                )
+            )
     return rows
 
 
 def result_label_names(out_dirs: Sequence[str | os.PathLike]) -> list[str]:
     """The findings of the model that scored the first results folder (its ``p_<Finding>`` columns)."""
-    from medxray.scoring.journal import RESULTS_NAME, read_results as read_journal
+    from medxray.scoring.journal import RESULTS_NAME
+    from medxray.scoring.journal import read_results as read_journal
 
     d = Path(out_dirs[0]).expanduser()
     header, _, _ = read_journal(d / RESULTS_NAME if d.is_dir() else d)
@@ -229,8 +251,10 @@ def load_secret(path: str | os.PathLike, *, create: bool = True, outputs: Iterab
     for o in outputs:
         o = Path(o).expanduser().resolve()
         if p == o or p.is_relative_to(o.parent if o.is_file() else o):
-            raise ConfigError(f"the site secret {p} must be kept outside the output folder {o}; move it (e.g. "
-                              "/etc/medxray/site.key) and pass --secret")
+            raise ConfigError(
+                f"the site secret {p} must be kept outside the output folder {o}; move it (e.g. "
+                "/etc/medxray/site.key) and pass --secret"
+            )
     if not p.exists():
         if not create:
             raise ConfigError(f"site secret {p} does not exist")
@@ -317,8 +341,14 @@ def _match(verdicts: Sequence[Verdict], results: Sequence[ResultRow]) -> tuple[d
     return out, unmatched
 
 
-def build_labels(verdicts: Sequence[Verdict], results: Sequence[ResultRow], label_names: Sequence[str],
-                 secret: bytes, *, adjudicators: Iterable[str] = ()) -> SiteLabels:
+def build_labels(
+    verdicts: Sequence[Verdict],
+    results: Sequence[ResultRow],
+    label_names: Sequence[str],
+    secret: bytes,
+    *,
+    adjudicators: Iterable[str] = (),
+) -> SiteLabels:
     """Apply the labelling rule (module docstring) to every reviewed results row."""
     adj = {a.strip() for a in adjudicators if a.strip()}
     matched, unmatched = _match(verdicts, results)
@@ -336,8 +366,11 @@ def build_labels(verdicts: Sequence[Verdict], results: Sequence[ResultRow], labe
                 latest[v.reviewer] = v
             votes: dict[str, int | None] = {}
             for who, v in latest.items():
-                called = (v.probability >= v.threshold) if (v.probability is not None and v.threshold is not None) \
+                called = (
+                    (v.probability >= v.threshold)
+                    if (v.probability is not None and v.threshold is not None)
                     else finding in r.positive_findings
+                )
                 votes[who] = verdict_label(v.verdict, called)
             adj_v = [v for v in fv if v.reviewer in adj]
             known = [x for x in votes.values() if x is not None]
@@ -356,11 +389,19 @@ def build_labels(verdicts: Sequence[Verdict], results: Sequence[ResultRow], labe
                 res.conflicts.append(Conflict(r.path, finding, _tally(votes), how))
         kind, value = patient_key(r.path, r.study_instance_uid)
         res.grouping[kind] += 1
-        res.rows.append(LabelRow(
-            image=r.path, patient_id=pseudonym(secret, f"{kind}:{value}"), view=r.view, labels=labels,
-            sop_instance_uid=r.sop_instance_uid, study_instance_uid=r.study_instance_uid,
-            model_version=r.model_version or (vs[-1].model_version if vs else ""),
-            reviewers=len({v.reviewer for v in vs}), first_reviewed_utc=min(v.saved_at_utc for v in vs)))
+        res.rows.append(
+            LabelRow(
+                image=r.path,
+                patient_id=pseudonym(secret, f"{kind}:{value}"),
+                view=r.view,
+                labels=labels,
+                sop_instance_uid=r.sop_instance_uid,
+                study_instance_uid=r.study_instance_uid,
+                model_version=r.model_version or (vs[-1].model_version if vs else ""),
+                reviewers=len({v.reviewer for v in vs}),
+                first_reviewed_utc=min(v.saved_at_utc for v in vs),
+            )
+        )
     return res
 
 
@@ -377,8 +418,11 @@ def side_paths(out: str | os.PathLike) -> dict[str, Path]:
     """The files written beside a labels CSV: keys, conflicts, summary."""
     p = Path(out)
     stem = p.with_suffix("")
-    return {"keys": Path(f"{stem}.keys.csv"), "conflicts": Path(f"{stem}.conflicts.csv"),
-            "summary": Path(f"{stem}.summary.json")}
+    return {
+        "keys": Path(f"{stem}.keys.csv"),
+        "conflicts": Path(f"{stem}.conflicts.csv"),
+        "summary": Path(f"{stem}.summary.json"),
+    }
 
 
 def write_labels(res: SiteLabels, out: str | os.PathLike, splits: Mapping[str, str]) -> dict[str, Path]:
@@ -389,16 +433,24 @@ def write_labels(res: SiteLabels, out: str | os.PathLike, splits: Mapping[str, s
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "patient_id", "split", "view", *res.label_names])
     for r in res.rows:
-        w.writerow([r.image, r.patient_id, splits.get(r.patient_id, "train"), r.view,
-                    *("" if r.labels[n] is None else r.labels[n] for n in res.label_names)])
+        w.writerow(
+            [
+                r.image,
+                r.patient_id,
+                splits.get(r.patient_id, "train"),
+                r.view,
+                *("" if r.labels[n] is None else r.labels[n] for n in res.label_names),
+            ]
+        )
     atomic_write_text(out, buf.getvalue())
     side = side_paths(out)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "sop_instance_uid", "study_instance_uid", "model_version", "reviewers", "first_reviewed_utc"])
     for r in res.rows:
-        w.writerow([r.image, r.sop_instance_uid, r.study_instance_uid, r.model_version, r.reviewers,
-                    r.first_reviewed_utc])
+        w.writerow(
+            [r.image, r.sop_instance_uid, r.study_instance_uid, r.model_version, r.reviewers, r.first_reviewed_utc]
+        )
     atomic_write_text(side["keys"], buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -406,15 +458,23 @@ def write_labels(res: SiteLabels, out: str | os.PathLike, splits: Mapping[str, s
     for c in res.conflicts:
         w.writerow([c.image, c.finding, c.votes, c.resolution])
     atomic_write_text(side["conflicts"], buf.getvalue())
-    counts = {n: {"positive": sum(r.labels[n] == 1 for r in res.rows), "negative": sum(r.labels[n] == 0 for r in res.rows)}
-              for n in res.label_names}
-    summary = {"format": LABELS_FORMAT, "images": len(res.rows), "patients": len({r.patient_id for r in res.rows}),
-               "splits": dict(Counter(splits.get(r.patient_id, "train") for r in res.rows)),
-               "conflicts": len(res.conflicts), "unmatched_reviews": res.unmatched_reviews,
-               "grouping": dict(res.grouping), "labels": counts,
-               "rule": "each reviewer's latest verdict; latest adjudicator review decides, else majority, tie masked; "
-                       "agree+positive call=1, disagree+positive call=0, agree+negative call=0, "
-                       "disagree+negative call=1, unsure/unreviewed=blank"}
+    counts = {
+        n: {"positive": sum(r.labels[n] == 1 for r in res.rows), "negative": sum(r.labels[n] == 0 for r in res.rows)}
+        for n in res.label_names
+    }
+    summary = {
+        "format": LABELS_FORMAT,
+        "images": len(res.rows),
+        "patients": len({r.patient_id for r in res.rows}),
+        "splits": dict(Counter(splits.get(r.patient_id, "train") for r in res.rows)),
+        "conflicts": len(res.conflicts),
+        "unmatched_reviews": res.unmatched_reviews,
+        "grouping": dict(res.grouping),
+        "labels": counts,
+        "rule": "each reviewer's latest verdict; latest adjudicator review decides, else majority, tie masked; "
+        "agree+positive call=1, disagree+positive call=0, agree+negative call=0, "
+        "disagree+negative call=1, unsure/unreviewed=blank",
+    }
     atomic_write_text(side["summary"], json.dumps(summary, indent=1) + "\n")
     return {"labels": out, **side}
 
@@ -459,8 +519,15 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[str], list[ManifestRow]
             img = rec[ii].strip()
             img = img if Path(img).is_absolute() else str(base / img)
             sp = SPLITS.get(rec[isp].strip().lower(), "train") if isp is not None else "train"
-            rows.append(ManifestRow(img, rec[ip].strip(), sp, tuple(1.0 if c in POSITIVE else 0.0 for c in cells),
-                                    tuple(0.0 if c in UNKNOWN else 1.0 for c in cells)))
+            rows.append(
+                ManifestRow(
+                    img,
+                    rec[ip].strip(),
+                    sp,
+                    tuple(1.0 if c in POSITIVE else 0.0 for c in cells),
+                    tuple(0.0 if c in UNKNOWN else 1.0 for c in cells),
+                )
+            )
     return names, rows
 
 
@@ -477,10 +544,18 @@ class LabelsRun:
     splits: Mapping[str, int]
 
 
-def make_site_labels(reviews: str | os.PathLike, results: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                     secret: str | os.PathLike, lock_path: str | os.PathLike | None = None,
-                     lock_fraction: float = 0.3, lock_min_patients: int = 30, val_fraction: float = 0.2,
-                     adjudicators: Iterable[str] = ()) -> LabelsRun:
+def make_site_labels(
+    reviews: str | os.PathLike,
+    results: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    secret: str | os.PathLike,
+    lock_path: str | os.PathLike | None = None,
+    lock_fraction: float = 0.3,
+    lock_min_patients: int = 30,
+    val_fraction: float = 0.2,
+    adjudicators: Iterable[str] = (),
+) -> LabelsRun:
     """``medxray site labels``: build the labels, freeze the locked set when it is due, write everything."""
     from medxray.site.lockset import assign_splits, default_lock_path, freeze, load_lock
 
@@ -489,8 +564,10 @@ def make_site_labels(reviews: str | os.PathLike, results: Sequence[str | os.Path
     names = result_label_names(results)
     res = build_labels(read_reviews(reviews), read_results(results), names, key, adjudicators=adjudicators)
     if not res.rows:
-        raise DataError(f"no review of {reviews} matches an image of the results given; check that the reviews "
-                        "are of images these scorer runs scored")
+        raise DataError(
+            f"no review of {reviews} matches an image of the results given; check that the reviews "
+            "are of images these scorer runs scored"
+        )
     lp = Path(lock_path).expanduser() if lock_path else default_lock_path(out)
     lock = load_lock(lp)
     patients: dict[str, list[str]] = defaultdict(list)
@@ -501,12 +578,21 @@ def make_site_labels(reviews: str | os.PathLike, results: Sequence[str | os.Path
         lock = freeze(patients, positive, lp, fraction=lock_fraction)
         status = f"froze a new locked test set: {len(lock.patients)} patients, {len(lock.images)} images ({lp})"
     elif lock is None:
-        status = (f"no locked test set yet: {len(patients)} labelled patients, {lock_min_patients} needed "
-                  "(--lock-min-patients); the gate cannot promote before one exists")
+        status = (
+            f"no locked test set yet: {len(patients)} labelled patients, {lock_min_patients} needed "
+            "(--lock-min-patients); the gate cannot promote before one exists"
+        )
     else:
         status = f"kept the locked test set {lp} ({len(lock.patients)} patients, hash {lock.sha256[:12]})"
     splits = assign_splits(patients, lock, val_fraction=val_fraction)
     files = write_labels(res, out, splits)
     log.info("%s", status)
-    return LabelsRun(files, len(res.rows), len(patients), len(res.conflicts), res.unmatched_reviews, status,
-                     dict(Counter(splits[r.patient_id] for r in res.rows)))
+    return LabelsRun(
+        files,
+        len(res.rows),
+        len(patients),
+        len(res.conflicts),
+        res.unmatched_reviews,
+        status,
+        dict(Counter(splits[r.patient_id] for r in res.rows)),
+    )

@@ -76,16 +76,25 @@ def load_lock(path: str | os.PathLike) -> SiteLock | None:
         patients, images = tuple(d["patients"]), tuple(d["images"])
         stored = str(d["sha256"])
     except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"site lock {p} is damaged; restore it from backup (it cannot be recreated without "
-                          "letting the old test set leak into training)") from None
+        raise ConfigError(
+            f"site lock {p} is damaged; restore it from backup (it cannot be recreated without "
+            "letting the old test set leak into training)"
+        ) from None
     if d.get("format") != LOCK_FORMAT or lock_hash(patients, images) != stored:
-        raise ConfigError(f"site lock {p} does not match its hash: the locked test set was edited. Restore the "
-                          "original file; a locked set is never changed by hand")
+        raise ConfigError(
+            f"site lock {p} does not match its hash: the locked test set was edited. Restore the "
+            "original file; a locked set is never changed by hand"
+        )
     return SiteLock(patients, images, stored, str(d.get("created_utc", "")), float(d.get("fraction", 0.0)))
 
 
-def freeze(patient_images: Mapping[str, Sequence[str]], positive_patients: Iterable[str], path: str | os.PathLike,
-           *, fraction: float = 0.3) -> SiteLock:
+def freeze(
+    patient_images: Mapping[str, Sequence[str]],
+    positive_patients: Iterable[str],
+    path: str | os.PathLike,
+    *,
+    fraction: float = 0.3,
+) -> SiteLock:
     """Choose and write the locked set (module docstring); refuses to overwrite an existing lock."""
     p = Path(path).expanduser()
     if p.exists():
@@ -95,14 +104,32 @@ def freeze(patient_images: Mapping[str, Sequence[str]], positive_patients: Itera
     pos = set(positive_patients)
     chosen: list[str] = []
     for group in (sorted(x for x in patient_images if x in pos), sorted(x for x in patient_images if x not in pos)):
-        chosen += group[:max(1, round(fraction * len(group)))] if group else []
+        chosen += group[: max(1, round(fraction * len(group)))] if group else []
     images = sorted(i for pt in chosen for i in patient_images[pt])
-    lock = SiteLock(tuple(sorted(chosen)), tuple(images), lock_hash(chosen, images),
-                    datetime.now(timezone.utc).isoformat(timespec="seconds"), float(fraction))
-    atomic_write_text(p, json.dumps({"format": LOCK_FORMAT, "created_utc": lock.created_utc, "fraction": fraction,
-                                     "n_patients": len(lock.patients), "n_images": len(lock.images),
-                                     "sha256": lock.sha256, "patients": list(lock.patients),
-                                     "images": list(lock.images)}, indent=1) + "\n")
+    lock = SiteLock(
+        tuple(sorted(chosen)),
+        tuple(images),
+        lock_hash(chosen, images),
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        float(fraction),
+    )
+    atomic_write_text(
+        p,
+        json.dumps(
+            {
+                "format": LOCK_FORMAT,
+                "created_utc": lock.created_utc,
+                "fraction": fraction,
+                "n_patients": len(lock.patients),
+                "n_images": len(lock.images),
+                "sha256": lock.sha256,
+                "patients": list(lock.patients),
+                "images": list(lock.images),
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     return lock
 
 
@@ -126,7 +153,9 @@ def check_unlocked(rows: Iterable[tuple[str, str]], lock: SiteLock | None, *, wh
         if lock is not None and lock.holds(patient, image):
             bad.append(image or patient)
     if bad:
-        raise ConfigError(f"refusing to use the locked site test set for {what}: {len(bad)} row(s) of locked patients "
-                          f"or images are marked train/val (first: {Path(bad[0]).name}); re-run `medxray site labels` "
-                          "so locked patients are split=test, and never edit their split")
+        raise ConfigError(
+            f"refusing to use the locked site test set for {what}: {len(bad)} row(s) of locked patients "
+            f"or images are marked train/val (first: {Path(bad[0]).name}); re-run `medxray site labels` "
+            "so locked patients are split=test, and never edit their split"
+        )
     return n

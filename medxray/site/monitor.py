@@ -35,7 +35,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -56,9 +56,9 @@ ALERT_Z = 3.0  # Wilson intervals for rate alerts: ~99.7%, so 14 findings x 365 
 @dataclass(frozen=True)
 class Alert:
     day: str
-    kind: str       # psi | ood_rate | positive_rate
+    kind: str  # psi | ood_rate | positive_rate
     finding: str
-    level: str      # warn | alert
+    level: str  # warn | alert
     message: str
 
 
@@ -85,15 +85,29 @@ def _load_seen(path: Path) -> dict[str, str]:
         return {r["key"]: r["first_seen_utc"] for r in csv.DictReader(fh) if r.get("key")}
 
 
-def _day_stats(rows: Sequence[dict[str, Any]], names: Sequence[str], thresholds: Mapping[str, float],
-               ref_hist: Mapping[str, list[int]], ref_pos_rate: Mapping[str, float], ood_expected: float | None,
-               min_images: int, day: str, alerts: list[Alert] | None) -> dict[str, Any]:
+def _day_stats(
+    rows: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    thresholds: Mapping[str, float],
+    ref_hist: Mapping[str, list[int]],
+    ref_pos_rate: Mapping[str, float],
+    ood_expected: float | None,
+    min_images: int,
+    day: str,
+    alerts: list[Alert] | None,
+) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] in ("ok", "skipped")]
     n = len(ok)
     flagged = sum(1 for r in ok if r["ood"])
-    st: dict[str, Any] = {"images": n, "errors": sum(1 for r in rows if r["status"] == "error"),
-                          "ood_flagged": flagged, "ood_rate": flagged / n if n else float("nan"),
-                          "positive_rate": {}, "psi": {}, "psi_level": {}}
+    st: dict[str, Any] = {
+        "images": n,
+        "errors": sum(1 for r in rows if r["status"] == "error"),
+        "ood_flagged": flagged,
+        "ood_rate": flagged / n if n else float("nan"),
+        "positive_rate": {},
+        "psi": {},
+        "psi_level": {},
+    }
     scored = [r for r in ok if r["status"] == "ok"]
     for f in names:
         k = sum(1 for r in scored if f in r["positives"])
@@ -112,31 +126,59 @@ def _day_stats(rows: Sequence[dict[str, Any]], names: Sequence[str], thresholds:
             continue
         if math.isfinite(v) and v >= PSI_WARN:
             lvl = "alert" if v >= PSI_ALERT else "warn"
-            alerts.append(Alert(day, "psi", f, lvl, f"{f}: score distribution shifted from validation (PSI {v:.2f}, "
-                                                     f"{lvl} level {PSI_ALERT if lvl == 'alert' else PSI_WARN:g})"))
+            alerts.append(
+                Alert(
+                    day,
+                    "psi",
+                    f,
+                    lvl,
+                    f"{f}: score distribution shifted from validation (PSI {v:.2f}, "
+                    f"{lvl} level {PSI_ALERT if lvl == 'alert' else PSI_WARN:g})",
+                )
+            )
         r0 = ref_pos_rate.get(f)
         if r0 is not None and r0 > 0:
             lo, hi = wilson(k, len(scored), z=ALERT_Z)
             rate = k / len(scored)
             if (rate > 2 * r0 and lo > r0) or (rate < r0 / 2 and hi < r0):
-                alerts.append(Alert(day, "positive_rate", f, "alert",
-                                    f"{f}: positive-call rate {rate:.1%} (99.7% CI {lo:.1%}-{hi:.1%}) vs {r0:.1%} "
-                                    "in validation"))
+                alerts.append(
+                    Alert(
+                        day,
+                        "positive_rate",
+                        f,
+                        "alert",
+                        f"{f}: positive-call rate {rate:.1%} (99.7% CI {lo:.1%}-{hi:.1%}) vs {r0:.1%} in validation",
+                    )
+                )
     if alerts is not None and ood_expected is not None and n >= min_images:
         lo, hi = wilson(flagged, n, z=ALERT_Z)
         if lo > 2 * ood_expected:
-            alerts.append(Alert(day, "ood_rate", "", "alert",
-                                f"out-of-distribution flag rate {flagged / n:.1%} (99.7% CI {lo:.1%}-{hi:.1%}); "
-                                f"about {ood_expected:.0%} expected"))
+            alerts.append(
+                Alert(
+                    day,
+                    "ood_rate",
+                    "",
+                    "alert",
+                    f"out-of-distribution flag rate {flagged / n:.1%} (99.7% CI {lo:.1%}-{hi:.1%}); "
+                    f"about {ood_expected:.0%} expected",
+                )
+            )
     return st
 
 
-def monitor(results: Sequence[str | os.PathLike], checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-            reviews: str | os.PathLike | None = None, as_of: str | None = None,
-            min_images: int = MIN_IMAGES) -> MonitorResult:
+def monitor(
+    results: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    reviews: str | os.PathLike | None = None,
+    as_of: str | None = None,
+    min_images: int = MIN_IMAGES,
+) -> MonitorResult:
     """Update the monitor's state and write its outputs (module docstring)."""
     from medxray.checkpoint import load_checkpoint
-    from medxray.scoring.journal import RESULTS_NAME, read_results as read_journal
+    from medxray.scoring.journal import RESULTS_NAME
+    from medxray.scoring.journal import read_results as read_journal
     from medxray.site.reference import validation_reference
     from medxray.site.registry import current_checkpoint
 
@@ -146,7 +188,9 @@ def monitor(results: Sequence[str | os.PathLike], checkpoint: str | os.PathLike,
     thresholds = {n: float((meta.get("thresholds") or {}).get(n, 0.5)) for n in names}
     ood_meta = meta.get("ood") if isinstance(meta.get("ood"), Mapping) else {}
     ood_thr = ood_meta.get("threshold")
-    ood_expected = (1 - float(ood_meta["percentile"]) / 100) if "percentile" in ood_meta else (0.05 if ood_thr else None)
+    ood_expected = (
+        (1 - float(ood_meta["percentile"]) / 100) if "percentile" in ood_meta else (0.05 if ood_thr else None)
+    )
     ref = validation_reference(ck_path, meta)
     ref_hist: dict[str, tuple[list[float], list[int]]] = {}
     ref_pos: dict[str, float] = {}
@@ -171,7 +215,10 @@ def monitor(results: Sequence[str | os.PathLike], checkpoint: str | os.PathLike,
         header, recs, _ = read_journal(f)
         col = {h: i for i, h in enumerate(header)}
         for rec in recs:
-            get = lambda k: rec[col[k]] if k in col else ""  # noqa: E731
+
+            def get(k: str, rec: list[str] = rec, col: dict[str, int] = col) -> str:
+                return rec[col[k]] if k in col else ""
+
             key = f"{f.parent.resolve()}::{get('path')}"
             t = _parse_time(get("scored_at_utc")) if get("scored_at_utc") else None
             if t is None:
@@ -191,9 +238,17 @@ def monitor(results: Sequence[str | os.PathLike], checkpoint: str | os.PathLike,
                     probs[n] = float(get(f"p_{n}"))
                 except ValueError:
                     pass
-            rows.append({"time": t, "status": get("status"), "ood": is_ood, "probs": probs,
-                         "positives": set(x for x in get("positive_findings").replace("|", ";").split(";") if x),
-                         "sop": get("sop_instance_uid"), "name": Path(get("path")).name})
+            rows.append(
+                {
+                    "time": t,
+                    "status": get("status"),
+                    "ood": is_ood,
+                    "probs": probs,
+                    "positives": set(x for x in get("positive_findings").replace("|", ";").split(";") if x),
+                    "sop": get("sop_instance_uid"),
+                    "name": Path(get("path")).name,
+                }
+            )
     if added:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -210,10 +265,13 @@ def monitor(results: Sequence[str | os.PathLike], checkpoint: str | os.PathLike,
         iso = day.isocalendar()
         by_week[f"{iso[0]}-W{iso[1]:02d}"].append(r)
     for day in sorted(by_day):
-        res.days[day] = _day_stats(by_day[day], names, thresholds, ref_hist, ref_pos, ood_expected, min_images, day,
-                                   res.alerts)
+        res.days[day] = _day_stats(
+            by_day[day], names, thresholds, ref_hist, ref_pos, ood_expected, min_images, day, res.alerts
+        )
     for wk in sorted(by_week):
-        res.weeks[wk] = _day_stats(by_week[wk], names, thresholds, ref_hist, ref_pos, ood_expected, min_images, wk, None)
+        res.weeks[wk] = _day_stats(
+            by_week[wk], names, thresholds, ref_hist, ref_pos, ood_expected, min_images, wk, None
+        )
     if reviews is not None:
         _add_reviews(res, reviews, rows, names)
     res.files = _write(res, out, names, meta, ref is not None)
@@ -223,8 +281,9 @@ def monitor(results: Sequence[str | os.PathLike], checkpoint: str | os.PathLike,
     return res
 
 
-def _add_reviews(res: MonitorResult, reviews: str | os.PathLike, rows: Sequence[dict[str, Any]],
-                 names: Sequence[str]) -> None:
+def _add_reviews(
+    res: MonitorResult, reviews: str | os.PathLike, rows: Sequence[dict[str, Any]], names: Sequence[str]
+) -> None:
     from medxray.site.labels import read_reviews
 
     verdicts = read_reviews(reviews)
@@ -245,8 +304,11 @@ def _add_reviews(res: MonitorResult, reviews: str | os.PathLike, rows: Sequence[
             c = agree[day][v.finding]
             c[0] += v.verdict == "agree"
             c[1] += 1
-        key = v.sop_instance_uid or next((p for p in v.image_key.replace("|", "/").split("/") if p in t_of), "") \
+        key = (
+            v.sop_instance_uid
+            or next((p for p in v.image_key.replace("|", "/").split("/") if p in t_of), "")
             or v.image_key
+        )
         if key not in t_of and v.file_name in t_of:
             key = v.file_name
         if key in t_of and key not in first:
@@ -280,23 +342,43 @@ def prometheus_text(res: MonitorResult, names: Sequence[str], model_version: str
 
     gauge("medxray_images_scored", "Images scored on the latest day with data", [({}, st.get("images", 0))])
     gauge("medxray_scoring_errors", "Scoring errors on the latest day", [({}, st.get("errors", 0))])
-    gauge("medxray_ood_flag_rate", "Share of the latest day's images flagged out of distribution",
-          [({}, st.get("ood_rate", float("nan")))])
-    gauge("medxray_positive_rate", "Share of the latest day's images called positive, per finding",
-          [({"finding": f}, st.get("positive_rate", {}).get(f, float("nan"))) for f in names])
-    gauge("medxray_score_psi", "Population stability index of the latest day's scores vs validation, per finding",
-          [({"finding": f}, st.get("psi", {}).get(f, float("nan"))) for f in names])
-    gauge("medxray_review_agreement", "Share of agree among agree/disagree verdicts on the latest day, per finding",
-          [({"finding": f}, v) for f, v in sorted(st.get("review_agreement", {}).items())])
-    gauge("medxray_review_delay_hours", "Median hours from scoring to first review on the latest day",
-          [({}, st.get("median_hours_to_review", float("nan")))])
+    gauge(
+        "medxray_ood_flag_rate",
+        "Share of the latest day's images flagged out of distribution",
+        [({}, st.get("ood_rate", float("nan")))],
+    )
+    gauge(
+        "medxray_positive_rate",
+        "Share of the latest day's images called positive, per finding",
+        [({"finding": f}, st.get("positive_rate", {}).get(f, float("nan"))) for f in names],
+    )
+    gauge(
+        "medxray_score_psi",
+        "Population stability index of the latest day's scores vs validation, per finding",
+        [({"finding": f}, st.get("psi", {}).get(f, float("nan"))) for f in names],
+    )
+    gauge(
+        "medxray_review_agreement",
+        "Share of agree among agree/disagree verdicts on the latest day, per finding",
+        [({"finding": f}, v) for f, v in sorted(st.get("review_agreement", {}).items())],
+    )
+    gauge(
+        "medxray_review_delay_hours",
+        "Median hours from scoring to first review on the latest day",
+        [({}, st.get("median_hours_to_review", float("nan")))],
+    )
     todays = [a for a in res.alerts if a.day == day]
-    gauge("medxray_alert", "1 for each alert raised on the latest day",
-          [({"kind": a.kind, "finding": a.finding, "level": a.level}, 1) for a in todays] or [({"kind": "none",
-                                                                                              "finding": "",
-                                                                                              "level": "ok"}, 0)])
-    gauge("medxray_monitor_last_run_timestamp_seconds", "When the monitor last ran (Unix time)",
-          [({}, datetime.now(timezone.utc).timestamp())])
+    gauge(
+        "medxray_alert",
+        "1 for each alert raised on the latest day",
+        [({"kind": a.kind, "finding": a.finding, "level": a.level}, 1) for a in todays]
+        or [({"kind": "none", "finding": "", "level": "ok"}, 0)],
+    )
+    gauge(
+        "medxray_monitor_last_run_timestamp_seconds",
+        "When the monitor last ran (Unix time)",
+        [({}, datetime.now(timezone.utc).timestamp())],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -330,8 +412,10 @@ def _plots(res: MonitorResult, out: Path, names: Sequence[str]) -> dict[str, Pat
     ax.set_title("Volume and out-of-distribution rate per day")
     fig.tight_layout()
     save(fig, "volume_ood.png")
-    for key, fname, title, ylab in (("psi", "psi.png", "Score shift from validation (PSI)", "PSI"),
-                                    ("positive_rate", "positive_rate.png", "Positive-call rate per finding", "rate")):
+    for key, fname, title, ylab in (
+        ("psi", "psi.png", "Score shift from validation (PSI)", "PSI"),
+        ("positive_rate", "positive_rate.png", "Positive-call rate per finding", "rate"),
+    ):
         fig = Figure(figsize=(8, 3.5), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
@@ -352,21 +436,44 @@ def _plots(res: MonitorResult, out: Path, names: Sequence[str]) -> dict[str, Pat
     return files
 
 
-def _write(res: MonitorResult, out: Path, names: Sequence[str], meta: Mapping[str, Any], has_ref: bool) -> dict[str, Path]:
+def _write(
+    res: MonitorResult, out: Path, names: Sequence[str], meta: Mapping[str, Any], has_ref: bool
+) -> dict[str, Path]:
     mv = str(meta.get("model_version") or "unversioned")
     files = {"json": out / "monitor.json", "daily": out / "daily.csv", "prom": out / PROM}
-    atomic_write_text(files["json"], json.dumps(to_jsonable({
-        "model_version": mv, "generated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "validation_reference": has_ref, "days": res.days, "weeks": res.weeks,
-        "alerts": [a.__dict__ for a in res.alerts]}), indent=1) + "\n")
+    atomic_write_text(
+        files["json"],
+        json.dumps(
+            to_jsonable(
+                {
+                    "model_version": mv,
+                    "generated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "validation_reference": has_ref,
+                    "days": res.days,
+                    "weeks": res.weeks,
+                    "alerts": [a.__dict__ for a in res.alerts],
+                }
+            ),
+            indent=1,
+        )
+        + "\n",
+    )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["day", "images", "errors", "ood_rate", *(f"pos_{f}" for f in names), *(f"psi_{f}" for f in names)])
     for d, s in sorted(res.days.items()):
         if "positive_rate" not in s:
             continue
-        w.writerow([d, s["images"], s["errors"], f"{s['ood_rate']:.4f}",
-                    *(f"{s['positive_rate'][f]:.4f}" for f in names), *(f"{s['psi'][f]:.4f}" for f in names)])
+        w.writerow(
+            [
+                d,
+                s["images"],
+                s["errors"],
+                f"{s['ood_rate']:.4f}",
+                *(f"{s['positive_rate'][f]:.4f}" for f in names),
+                *(f"{s['psi'][f]:.4f}" for f in names),
+            ]
+        )
     atomic_write_text(files["daily"], buf.getvalue())
     atomic_write_text(files["prom"], prometheus_text(res, names, mv))
     files.update(_plots(res, out, names))
@@ -377,7 +484,9 @@ def read_monitor(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The last ``monitor.json`` of a monitor folder (what the app's Monitoring page shows)."""
     p = Path(out_dir).expanduser() / "monitor.json"
     if not p.is_file():
-        raise DataError(f"no monitor output in {p.parent}; run `medxray site monitor --out {p.parent}` (e.g. from cron)")
+        raise DataError(
+            f"no monitor output in {p.parent}; run `medxray site monitor --out {p.parent}` (e.g. from cron)"
+        )
     return json.loads(p.read_text())
 
 
@@ -394,13 +503,33 @@ def monitor_view(data: Mapping[str, Any]) -> dict[str, Any]:
         s = days[d]
         psis = {f: v for f, v in (s.get("psi") or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         worst = max(psis, key=psis.get) if psis else ""
-        daily.append({"day": d, "images": s.get("images", 0), "errors": s.get("errors", 0),
-                      "OOD rate": s.get("ood_rate"), "max PSI": psis.get(worst), "finding (max PSI)": worst,
-                      "alerts": sum(1 for a in data.get("alerts") or [] if a.get("day") == d)})
+        daily.append(
+            {
+                "day": d,
+                "images": s.get("images", 0),
+                "errors": s.get("errors", 0),
+                "OOD rate": s.get("ood_rate"),
+                "max PSI": psis.get(worst),
+                "finding (max PSI)": worst,
+                "alerts": sum(1 for a in data.get("alerts") or [] if a.get("day") == d),
+            }
+        )
     st = days.get(latest, {}) if latest else {}
-    per_finding = [{"finding": f, "positive rate": st.get("positive_rate", {}).get(f),
-                    "PSI": st.get("psi", {}).get(f), "level": st.get("psi_level", {}).get(f),
-                    "review agreement": (st.get("review_agreement") or {}).get(f)}
-                   for f in sorted(st.get("psi") or {})]
-    return {"latest": latest, "alerts": alerts, "daily": daily, "per_finding": per_finding,
-            "model_version": data.get("model_version", ""), "generated_utc": data.get("generated_utc", "")}
+    per_finding = [
+        {
+            "finding": f,
+            "positive rate": st.get("positive_rate", {}).get(f),
+            "PSI": st.get("psi", {}).get(f),
+            "level": st.get("psi_level", {}).get(f),
+            "review agreement": (st.get("review_agreement") or {}).get(f),
+        }
+        for f in sorted(st.get("psi") or {})
+    ]
+    return {
+        "latest": latest,
+        "alerts": alerts,
+        "daily": daily,
+        "per_finding": per_finding,
+        "model_version": data.get("model_version", ""),
+        "generated_utc": data.get("generated_utc", ""),
+    }

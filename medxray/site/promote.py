@@ -52,34 +52,61 @@ class GateResult:
     record: dict[str, Any] | None = None
 
 
-def judge(comparison: Any, *, margin: float, min_positives: int, set_name: str, reasons: list[str],
-          untested: list[str]) -> dict[str, Any]:
+def judge(
+    comparison: Any, *, margin: float, min_positives: int, set_name: str, reasons: list[str], untested: list[str]
+) -> dict[str, Any]:
     """Apply the non-inferiority rule to one :class:`~medxray.evaluation.compare.Comparison`; returns its figures."""
     rows, tested = {}, []
     for name, r in comparison.rows.items():
         npos, nneg = int(r["positives"]), int(r["n"] - r["positives"])
         lo, hi = r["diff_ci95"]
-        rows[name] = {"auc_a": r["auc_a"], "auc_b": r["auc_b"], "diff": r["diff"], "diff_ci95": [lo, hi],
-                      "p": r["p"], "p_holm": r.get("p_holm"), "positives": npos, "n": r["n"]}
+        rows[name] = {
+            "auc_a": r["auc_a"],
+            "auc_b": r["auc_b"],
+            "diff": r["diff"],
+            "diff_ci95": [lo, hi],
+            "p": r["p"],
+            "p_holm": r.get("p_holm"),
+            "positives": npos,
+            "n": r["n"],
+        }
         if npos < min_positives or nneg < min_positives or not math.isfinite(lo):
             untested.append(f"{name} on {set_name} ({npos} positives)")
             continue
         tested.append(name)
         if lo < -margin:
-            reasons.append(f"{name} on {set_name}: AUROC {r['auc_b']:.3f} vs deployed {r['auc_a']:.3f}, difference "
-                           f"{r['diff']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}); the lower bound is "
-                           f"{-margin - lo:.3f} below the non-inferiority margin -{margin:g}")
+            reasons.append(
+                f"{name} on {set_name}: AUROC {r['auc_b']:.3f} vs deployed {r['auc_a']:.3f}, difference "
+                f"{r['diff']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}); the lower bound is "
+                f"{-margin - lo:.3f} below the non-inferiority margin -{margin:g}"
+            )
     mean_a = float(np.mean([rows[n]["auc_a"] for n in tested])) if tested else float("nan")
     mean_b = float(np.mean([rows[n]["auc_b"] for n in tested])) if tested else float("nan")
-    return {"images": comparison.n_images, "findings": rows, "tested": tested, "mean_auc_a": mean_a,
-            "mean_auc_b": mean_b}
+    return {
+        "images": comparison.n_images,
+        "findings": rows,
+        "tested": tested,
+        "mean_auc_a": mean_a,
+        "mean_auc_b": mean_b,
+    }
 
 
-def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: str | os.PathLike,
-            registry: str | os.PathLike, *, margin: float = DEFAULT_MARGIN, min_positives: int = MIN_POSITIVES,
-            lock_path: str | os.PathLike | None = None, approver: str | None = None, original_data: bool = True,
-            out_dir: str | os.PathLike | None = None, n_boot: int = 1000, device: str = "cpu",
-            dry_run: bool = False) -> GateResult:
+def promote(
+    candidate: str | os.PathLike,
+    deployed: str | os.PathLike,
+    labels: str | os.PathLike,
+    registry: str | os.PathLike,
+    *,
+    margin: float = DEFAULT_MARGIN,
+    min_positives: int = MIN_POSITIVES,
+    lock_path: str | os.PathLike | None = None,
+    approver: str | None = None,
+    original_data: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    n_boot: int = 1000,
+    device: str = "cpu",
+    dry_run: bool = False,
+) -> GateResult:
     """Run the gate (module docstring); promote into ``registry`` when it passes (unless ``dry_run``)."""
     from medxray.checkpoint import load_checkpoint
     from medxray.evaluation.compare import compare_arrays, write_comparison
@@ -93,18 +120,25 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
     a_path, b_path = Path(reg.current_checkpoint(deployed)), Path(candidate).expanduser()
     meta_a, meta_b = load_checkpoint(a_path).metadata, load_checkpoint(b_path).metadata
     if list(meta_a.get("label_names", [])) != list(meta_b.get("label_names", [])):
-        raise ConfigError("the candidate and the deployed model predict different findings; the gate compares "
-                          "models of one label set")
+        raise ConfigError(
+            "the candidate and the deployed model predict different findings; the gate compares models of one label set"
+        )
     lock = load_lock(lock_path or default_lock_path(labels))
     if lock is None:
-        raise ConfigError("there is no locked site test set yet; `medxray site labels` freezes one once enough "
-                          "patients are labelled (--lock-min-patients). The gate never compares on unlocked data")
+        raise ConfigError(
+            "there is no locked site test set yet; `medxray site labels` freezes one once enough "
+            "patients are labelled (--lock-min-patients). The gate never compares on unlocked data"
+        )
     names, rows = read_manifest(labels)
     locked = [r for r in rows if lock.holds(r.patient_id, r.image)]
     if not locked:
         raise DataError(f"none of the labelled images of {labels} is in the locked set")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(out_dir) if out_dir else Path(registry).expanduser() / "gate" / f"{stamp}-{b_path.parent.name}-{b_path.stem}"
+    out = (
+        Path(out_dir)
+        if out_dir
+        else Path(registry).expanduser() / "gate" / f"{stamp}-{b_path.parent.name}-{b_path.stem}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     sa = score_paths(a_path, [r.image for r in locked], device=device)
     sb = score_paths(b_path, [r.image for r in locked], device=device)
@@ -113,32 +147,59 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
     ca, cb = [sa.label_names.index(n) for n in common], [sb.label_names.index(n) for n in common]
     Y = np.array([[r.labels[names.index(n)] for n in common] for r in locked])[ok]
     M = np.array([[r.mask[names.index(n)] for n in common] for r in locked])[ok]
-    comp = compare_arrays(common, Y, M, sa.probs[ok][:, ca], sb.probs[ok][:, cb], a=str(a_path), b=str(b_path),
-                          n_boot=n_boot)
-    write_comparison(comp, out / "locked", note=f"locked site test set ({int(ok.sum())} images, lock "
-                                                f"{lock.sha256[:12]})")
+    comp = compare_arrays(
+        common, Y, M, sa.probs[ok][:, ca], sb.probs[ok][:, cb], a=str(a_path), b=str(b_path), n_boot=n_boot
+    )
+    write_comparison(
+        comp, out / "locked", note=f"locked site test set ({int(ok.sum())} images, lock {lock.sha256[:12]})"
+    )
     res = GateResult(promoted=False)
     res.figures["margin"] = margin
     res.figures["report_dir"] = str(out)
-    res.figures["locked"] = judge(comp, margin=margin, min_positives=min_positives, set_name="the locked site set",
-                                  reasons=res.reasons, untested=res.untested)
+    res.figures["locked"] = judge(
+        comp,
+        margin=margin,
+        min_positives=min_positives,
+        set_name="the locked site set",
+        reasons=res.reasons,
+        untested=res.untested,
+    )
     res.figures["lock_sha256"] = lock.sha256
     if original_data:
         root_path, root_meta = lineage_root(a_path, meta_a)
-        res.figures["original_validation"] = _original(a_path, b_path, root_meta, out, n_boot, margin, min_positives,
-                                                       res)
+        res.figures["original_validation"] = _original(
+            a_path, b_path, root_meta, out, n_boot, margin, min_positives, res
+        )
         res.figures["original_validation"]["source_checkpoint"] = str(root_path)
     lk = res.figures["locked"]
     if not lk["tested"]:
-        res.reasons.append(f"no finding has {min_positives} positives and negatives in the locked set: nothing "
-                           "could be compared, so nothing is promoted")
+        res.reasons.append(
+            f"no finding has {min_positives} positives and negatives in the locked set: nothing "
+            "could be compared, so nothing is promoted"
+        )
     elif not lk["mean_auc_b"] > lk["mean_auc_a"]:
-        res.reasons.append(f"mean AUROC on the locked set does not improve: {lk['mean_auc_b']:.3f} vs deployed "
-                           f"{lk['mean_auc_a']:.3f} ({lk['mean_auc_b'] - lk['mean_auc_a']:+.3f})")
+        res.reasons.append(
+            f"mean AUROC on the locked set does not improve: {lk['mean_auc_b']:.3f} vs deployed "
+            f"{lk['mean_auc_a']:.3f} ({lk['mean_auc_b'] - lk['mean_auc_a']:+.3f})"
+        )
     res.promoted = not res.reasons
-    atomic_write_text(out / "gate.json", json.dumps(to_jsonable({
-        "promoted": res.promoted, "reasons": res.reasons, "untested": res.untested, "figures": res.figures,
-        "candidate": str(b_path), "deployed": str(a_path)}), indent=1) + "\n")
+    atomic_write_text(
+        out / "gate.json",
+        json.dumps(
+            to_jsonable(
+                {
+                    "promoted": res.promoted,
+                    "reasons": res.reasons,
+                    "untested": res.untested,
+                    "figures": res.figures,
+                    "candidate": str(b_path),
+                    "deployed": str(a_path),
+                }
+            ),
+            indent=1,
+        )
+        + "\n",
+    )
     if res.promoted and not dry_run:
         cur = reg.current_version(registry)
         if cur is None:  # first use: the deployed model becomes the registry's first version
@@ -147,8 +208,14 @@ def promote(candidate: str | os.PathLike, deployed: str | os.PathLike, labels: s
             reg.record(registry, "initial", to=cur, frm=None, approver=approver)
         new = reg.register(registry, b_path)
         reg.set_current(registry, new)
-        res.record = reg.record(registry, "promote", to=new, frm=cur, approver=approver,
-                                figures={"gate": str(out / "gate.json"), **res.figures})
+        res.record = reg.record(
+            registry,
+            "promote",
+            to=new,
+            frm=cur,
+            approver=approver,
+            figures={"gate": str(out / "gate.json"), **res.figures},
+        )
     return res
 
 
@@ -161,15 +228,24 @@ def lineage_root(path: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, Any]
     seen = {str(Path(path).resolve())}
     while True:
         src = (meta.get("config") or {}).get("init_from") or (meta.get("site_calibration") or {}).get(
-            "source_checkpoint")
+            "source_checkpoint"
+        )
         if not src or not Path(str(src)).is_file() or str(Path(str(src)).resolve()) in seen:
             return path, meta
         seen.add(str(Path(str(src)).resolve()))
         path, meta = Path(str(src)), load_checkpoint(src).metadata
 
 
-def _original(a_path: Path, b_path: Path, meta_a: dict[str, Any], out: Path, n_boot: int, margin: float,
-              min_positives: int, res: GateResult) -> dict[str, Any]:
+def _original(
+    a_path: Path,
+    b_path: Path,
+    meta_a: dict[str, Any],
+    out: Path,
+    n_boot: int,
+    margin: float,
+    min_positives: int,
+    res: GateResult,
+) -> dict[str, Any]:
     """Both models on the validation split of ``meta_a`` (the lineage's first checkpoint: rebuilt from its stored
     config), when its data root is readable."""
     import torch
@@ -192,8 +268,15 @@ def _original(a_path: Path, b_path: Path, meta_a: dict[str, Any], out: Path, n_b
         return {"available": False, "reason": "input sizes differ"}
     opts = {k: cfg[k] for k in ("val_fraction", "split_seed", "view", "max_per_patient", "allow_missing") if k in cfg}
     try:
-        splits = build_datasets(str(cfg.get("dataset")), root, image_size=size, augment=False, use_cache=False, **opts,
-                                **dict(cfg.get("dataset_options") or {}))
+        splits = build_datasets(
+            str(cfg.get("dataset")),
+            root,
+            image_size=size,
+            augment=False,
+            use_cache=False,
+            **opts,
+            **dict(cfg.get("dataset_options") or {}),
+        )
         names = list(meta_a.get("label_names") or [])
         kw = dict(device=torch.device("cpu"), precision="fp32", batch_size=32, label_names=names)
         sa = score_split(model_from_checkpoint(a_path), splits.val, **kw)
@@ -201,11 +284,21 @@ def _original(a_path: Path, b_path: Path, meta_a: dict[str, Any], out: Path, n_b
     except MedxrayError as exc:
         res.untested.append(f"the deployed model's original validation data ({exc})")
         return {"available": False, "reason": str(exc)}
-    comp = compare_arrays(names, sa["labels"], sa["masks"], sa["probs"], sb["probs"], a=str(a_path), b=str(b_path),
-                          n_boot=n_boot)
-    write_comparison(comp, out / "original", note=f"the deployed model's validation split ({len(splits.val)} images, "
-                                                  f"{cfg.get('dataset')} at {root})")
-    fig = judge(comp, margin=margin, min_positives=min_positives, set_name="the original validation data",
-                reasons=res.reasons, untested=res.untested)
+    comp = compare_arrays(
+        names, sa["labels"], sa["masks"], sa["probs"], sb["probs"], a=str(a_path), b=str(b_path), n_boot=n_boot
+    )
+    write_comparison(
+        comp,
+        out / "original",
+        note=f"the deployed model's validation split ({len(splits.val)} images, {cfg.get('dataset')} at {root})",
+    )
+    fig = judge(
+        comp,
+        margin=margin,
+        min_positives=min_positives,
+        set_name="the original validation data",
+        reasons=res.reasons,
+        untested=res.untested,
+    )
     fig["available"] = True
     return fig

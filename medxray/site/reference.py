@@ -63,14 +63,19 @@ def validation_reference(checkpoint: str | os.PathLike, metadata: Mapping[str, A
     if isinstance(emb, Mapping) and emb.get("probs"):
         P = np.asarray(emb["probs"], dtype=np.float64)
         L = np.asarray([[np.nan if v is None else v for v in row] for row in emb["labels"]], dtype=np.float64)
-        return Reference(names, P, np.nan_to_num(L), (~np.isnan(L)).astype(float), str(emb.get("source", "embedded")),
-                         ood_rate)
+        return Reference(
+            names, P, np.nan_to_num(L), (~np.isnan(L)).astype(float), str(emb.get("source", "embedded")), ood_rate
+        )
     f = Path(checkpoint).expanduser().resolve().parent / VAL_PREDICTIONS
     if f.is_file():
         got = _from_csv(f, names)
         if got is not None:
-            return Reference(names, *got, source=f"{f.name} beside the checkpoint ({len(got[0])} validation images)",
-                             ood_rate=ood_rate)
+            return Reference(
+                names,
+                *got,
+                source=f"{f.name} beside the checkpoint ({len(got[0])} validation images)",
+                ood_rate=ood_rate,
+            )
     return None
 
 
@@ -81,6 +86,8 @@ def embed(ref: Reference, seed: int = 0) -> dict[str, Any]:
     if len(idx) > MAX_ROWS:
         idx = np.sort(np.random.default_rng(seed).choice(idx, MAX_ROWS, replace=False))
         note += f"; a seeded subset of {MAX_ROWS} of {len(ref.probs)} rows"
-    return {"source": note,
-            "probs": [[round(float(v), 5) for v in ref.probs[i]] for i in idx],
-            "labels": [[(int(y) if m > 0.5 else None) for y, m in zip(ref.labels[i], ref.masks[i])] for i in idx]}
+    return {
+        "source": note,
+        "probs": [[round(float(v), 5) for v in ref.probs[i]] for i in idx],
+        "labels": [[(int(y) if m > 0.5 else None) for y, m in zip(ref.labels[i], ref.masks[i])] for i in idx],
+    }

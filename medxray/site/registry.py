@@ -39,8 +39,8 @@ MODEL = "model.pt"
 
 @dataclass(frozen=True)
 class Version:
-    name: str            # the folder name under versions/
-    path: Path           # its model.pt
+    name: str  # the folder name under versions/
+    path: Path  # its model.pt
     model_version: str
     sha256: str
 
@@ -121,8 +121,11 @@ def register(registry: str | os.PathLike, checkpoint: str | os.PathLike) -> Vers
     ref = src.parent / "val_predictions.csv"  # the run's validation predictions: the monitor's reference
     if ref.is_file():
         shutil.copyfile(ref, d / ref.name)
-    atomic_write_text(d / "version.json", json.dumps({"model_version": mv, "sha256": digest, "source": str(src.resolve()),
-                                                      "added_utc": _now()}, indent=1) + "\n")
+    atomic_write_text(
+        d / "version.json",
+        json.dumps({"model_version": mv, "sha256": digest, "source": str(src.resolve()), "added_utc": _now()}, indent=1)
+        + "\n",
+    )
     return Version(name, d / MODEL, mv, digest)
 
 
@@ -143,14 +146,28 @@ def set_current(registry: str | os.PathLike, version: Version) -> None:
         link_tmp.unlink(missing_ok=True)
 
 
-def record(registry: str | os.PathLike, action: str, *, to: Version, frm: Version | None,
-           approver: str | None = None, figures: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def record(
+    registry: str | os.PathLike,
+    action: str,
+    *,
+    to: Version,
+    frm: Version | None,
+    approver: str | None = None,
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Append one history line (who, when, from, to, figures) and return it."""
     reg = Path(registry).expanduser()
-    rec = {"action": action, "utc": _now(), "approver": approver or getpass.getuser(), "to": to.name,
-           "to_model_version": to.model_version, "to_sha256": to.sha256,
-           "from": frm.name if frm else None, "from_model_version": frm.model_version if frm else None,
-           "figures": to_jsonable(dict(figures or {}))}
+    rec = {
+        "action": action,
+        "utc": _now(),
+        "approver": approver or getpass.getuser(),
+        "to": to.name,
+        "to_model_version": to.model_version,
+        "to_sha256": to.sha256,
+        "from": frm.name if frm else None,
+        "from_model_version": frm.model_version if frm else None,
+        "figures": to_jsonable(dict(figures or {})),
+    }
     with open(reg / HISTORY, "a", encoding="utf-8") as fh:
         fh.write(json_line(rec) + "\n")
         fh.flush()

@@ -104,7 +104,7 @@ def psi_noise_floor(n_bins: int, n_expected: int, n_actual: int) -> float:
 
 
 def psi_level(value: float) -> str:
-    """"ok", "warn" (>= 0.10) or "alert" (>= 0.25) for a PSI value; "n/a" when not finite."""
+    """ "ok", "warn" (>= 0.10) or "alert" (>= 0.25) for a PSI value; "n/a" when not finite."""
     if not math.isfinite(value):
         return "n/a"
     return "alert" if value >= PSI_ALERT else "warn" if value >= PSI_WARN else "ok"

@@ -36,8 +36,15 @@ MIN_POSITIVES = 10
 RATES = ("sensitivity", "specificity", "ppv", "npv")
 
 
-def finding_figures(p: np.ndarray, y: np.ndarray, threshold: float, *, min_positives: int = MIN_POSITIVES,
-                    n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def finding_figures(
+    p: np.ndarray,
+    y: np.ndarray,
+    threshold: float,
+    *,
+    min_positives: int = MIN_POSITIVES,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Counts, the four rates with Wilson CIs and AUROC (bootstrap CI when testable) of one finding."""
     from medxray.evaluation.metrics import bootstrap_auroc, weighted_auroc
 
@@ -45,17 +52,34 @@ def finding_figures(p: np.ndarray, y: np.ndarray, threshold: float, *, min_posit
     pred = np.asarray(p) >= threshold
     tp, fn = int((pred & y).sum()), int((~pred & y).sum())
     tn, fp = int((~pred & ~y).sum()), int((pred & ~y).sum())
-    out: dict[str, Any] = {"n": int(len(y)), "positives": tp + fn, "negatives": tn + fp, "threshold": float(threshold),
-                           "tp": tp, "fn": fn, "tn": tn, "fp": fp}
-    for name, k, n in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp), ("ppv", tp, tp + fp),
-                       ("npv", tn, tn + fn)):
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "positives": tp + fn,
+        "negatives": tn + fp,
+        "threshold": float(threshold),
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+    }
+    for name, k, n in (
+        ("sensitivity", tp, tp + fn),
+        ("specificity", tn, tn + fp),
+        ("ppv", tp, tp + fp),
+        ("npv", tn, tn + fn),
+    ):
         out[name] = {"value": k / n if n else float("nan"), "ci95": list(wilson(k, n)), "k": k, "n": n}
     auc = float(weighted_auroc(p, y)[0]) if len(y) else float("nan")
-    out["auroc"] = {"value": auc, "ci95": [float("nan"), float("nan")],
-                    "se": hanley_mcneil_se(auc, tp + fn, tn + fp), "testable": False}
+    out["auroc"] = {
+        "value": auc,
+        "ci95": [float("nan"), float("nan")],
+        "se": hanley_mcneil_se(auc, tp + fn, tn + fp),
+        "testable": False,
+    }
     if tp + fn >= min_positives and tn + fp >= min_positives:
-        b = bootstrap_auroc(np.asarray(p)[:, None], y[:, None].astype(float), np.ones((len(y), 1)), n_boot=n_boot,
-                            seed=seed)
+        b = bootstrap_auroc(
+            np.asarray(p)[:, None], y[:, None].astype(float), np.ones((len(y), 1)), n_boot=n_boot, seed=seed
+        )
         lo, hi = b["per_class"][0]
         out["auroc"].update(ci95=[float(lo), float(hi)], testable=True)
     return out
@@ -75,9 +99,16 @@ class SiteValidation:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def validate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out_dir: str | os.PathLike, *,
-                  min_positives: int = MIN_POSITIVES, n_boot: int = 1000, device: str = "cpu",
-                  alpha: float = 0.05) -> SiteValidation:
+def validate_site(
+    checkpoint: str | os.PathLike,
+    labels: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    min_positives: int = MIN_POSITIVES,
+    n_boot: int = 1000,
+    device: str = "cpu",
+    alpha: float = 0.05,
+) -> SiteValidation:
     """Score the labelled site images with ``checkpoint`` and write the report (module docstring)."""
     from medxray.checkpoint import load_checkpoint
     from medxray.evaluation.metrics import calibration
@@ -101,9 +132,13 @@ def validate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out_
     thresholds = {n: float((ckpt.metadata.get("thresholds") or {}).get(n, 0.5)) for n in common}
     ref = validation_reference(checkpoint, ckpt.metadata)
     cal = calibration(P, Y, M)
-    res = SiteValidation(str(checkpoint), str(ckpt.metadata.get("model_version", "unversioned")), int(ok.sum()),
-                         ood_rate=float(scored.ood_flags[ok].mean()) if scored.ood_flags is not None and ok.any() else None,
-                         reference_source=ref.source if ref else None)
+    res = SiteValidation(
+        str(checkpoint),
+        str(ckpt.metadata.get("model_version", "unversioned")),
+        int(ok.sum()),
+        ood_rate=float(scored.ood_flags[ok].mean()) if scored.ood_flags is not None and ok.any() else None,
+        reference_source=ref.source if ref else None,
+    )
     for c, n in enumerate(common):
         k = M[:, c] > 0.5
         site = finding_figures(P[k, c], Y[k, c], thresholds[n], min_positives=min_positives, n_boot=n_boot, seed=c)
@@ -112,14 +147,20 @@ def validate_site(checkpoint: str | os.PathLike, labels: str | os.PathLike, out_
         if ref is not None and n in ref.label_names:
             rc = ref.label_names.index(n)
             kk = ref.masks[:, rc] > 0.5
-            v = finding_figures(ref.probs[kk, rc], ref.labels[kk, rc], thresholds[n], min_positives=min_positives,
-                                n_boot=200, seed=c)
-            v["ece"] = calibration(ref.probs[kk, rc][:, None], ref.labels[kk, rc][:, None], np.ones((kk.sum(), 1)))["ece"]
+            v = finding_figures(
+                ref.probs[kk, rc], ref.labels[kk, rc], thresholds[n], min_positives=min_positives, n_boot=200, seed=c
+            )
+            v["ece"] = calibration(ref.probs[kk, rc][:, None], ref.labels[kk, rc][:, None], np.ones((kk.sum(), 1)))[
+                "ece"
+            ]
             row["validation"] = v
             for rate in RATES:
                 row["tests"][rate] = two_proportion_p(site[rate]["k"], site[rate]["n"], v[rate]["k"], v[rate]["n"])
-            row["tests"]["auroc"] = (unpaired_auc_p(site["auroc"]["value"], site["auroc"]["se"], v["auroc"]["value"],
-                                                    v["auroc"]["se"]) if site["auroc"]["testable"] else float("nan"))
+            row["tests"]["auroc"] = (
+                unpaired_auc_p(site["auroc"]["value"], site["auroc"]["se"], v["auroc"]["value"], v["auroc"]["se"])
+                if site["auroc"]["testable"]
+                else float("nan")
+            )
             worse = []
             for key in ("auroc", "sensitivity", "specificity"):
                 sv, vv = site[key]["value"], v[key]["value"]
@@ -139,8 +180,15 @@ def _fmt_rate(d: dict[str, Any] | None) -> str:
     if d is None or not math.isfinite(d["value"]):
         return "n/a"
     lo, hi = d["ci95"]
-    return f"{d['value']:.3f} ({lo:.2f}-{hi:.2f}, {d['k']}/{d['n']})" if "k" in d else \
-        (f"{d['value']:.3f} ({lo:.2f}-{hi:.2f})" if math.isfinite(lo) else f"{d['value']:.3f} (CI n/a: few positives)")
+    return (
+        f"{d['value']:.3f} ({lo:.2f}-{hi:.2f}, {d['k']}/{d['n']})"
+        if "k" in d
+        else (
+            f"{d['value']:.3f} ({lo:.2f}-{hi:.2f})"
+            if math.isfinite(lo)
+            else f"{d['value']:.3f} (CI n/a: few positives)"
+        )
+    )
 
 
 def _p(v: float) -> str:
@@ -164,7 +212,9 @@ def reliability_plot(path: Path, P: np.ndarray, Y: np.ndarray, M: np.ndarray, na
         if k.sum() < 5:
             continue
         bins = calibration(P[k, c][:, None], Y[k, c][:, None], np.ones((k.sum(), 1)), n_bins=10)["bins"]
-        ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], marker="o", lw=1.2, label=display_name(n))
+        ax.plot(
+            [b["mean_prob"] for b in bins], [b["observed"] for b in bins], marker="o", lw=1.2, label=display_name(n)
+        )
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed positive rate (site labels)")
     ax.set_xlim(0, 1)
@@ -175,58 +225,140 @@ def reliability_plot(path: Path, P: np.ndarray, Y: np.ndarray, M: np.ndarray, na
         fig.savefig(fh, format="png")
 
 
-def _write(res: SiteValidation, out: Path, P: np.ndarray, Y: np.ndarray, M: np.ndarray, names: Sequence[str],
-           cal: dict[str, Any], failed: dict[int, str], rows: Sequence[Any]) -> dict[str, Path]:
+def _write(
+    res: SiteValidation,
+    out: Path,
+    P: np.ndarray,
+    Y: np.ndarray,
+    M: np.ndarray,
+    names: Sequence[str],
+    cal: dict[str, Any],
+    failed: dict[int, str],
+    rows: Sequence[Any],
+) -> dict[str, Path]:
     from medxray.evaluation.report import render_html, render_markdown
     from medxray.labels import display_name
 
     reliability_plot(out / "reliability.png", P, Y, M, names)
     blocks: list[tuple] = [("h1", f"Site validation of {res.model_version}")]
     if res.worse:
-        blocks.append(("warn", "Worse at this site than in the checkpoint's validation (p < 0.05): "
-                               + " | ".join(res.worse)))
+        blocks.append(
+            ("warn", "Worse at this site than in the checkpoint's validation (p < 0.05): " + " | ".join(res.worse))
+        )
     else:
-        blocks.append(("p", "No finding is significantly worse here than in the checkpoint's validation"
-                            + ("" if res.reference_source else " (no validation reference was available: nothing "
-                                                               "was compared)") + "."))
-    blocks.append(("p", f"{res.n_images} reviewed site images scored at the deployed thresholds; labels from "
-                        f"reviewer verdicts (see the labels' summary for the rule). "
-                        f"Validation reference: {res.reference_source or 'none'}. "
-                        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}."))
+        blocks.append(
+            (
+                "p",
+                "No finding is significantly worse here than in the checkpoint's validation"
+                + ("" if res.reference_source else " (no validation reference was available: nothing was compared)")
+                + ".",
+            )
+        )
+    blocks.append(
+        (
+            "p",
+            f"{res.n_images} reviewed site images scored at the deployed thresholds; labels from "
+            f"reviewer verdicts (see the labels' summary for the rule). "
+            f"Validation reference: {res.reference_source or 'none'}. "
+            f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
+        )
+    )
     if failed:
         blocks.append(("warn", f"{len(failed)} image(s) could not be read and are left out."))
     ood = "n/a (the checkpoint has no OOD statistics)" if res.ood_rate is None else f"{res.ood_rate:.1%}"
     blocks.append(("p", f"Out-of-distribution flag rate: {ood}; by construction about 5% of validation images."))
-    head = ["Finding", "t", "n (pos)", "AUROC site", "AUROC val", "p", "Sens site", "Sens val", "p",
-            "Spec site", "Spec val", "p", "PPV site", "NPV site", "ECE site", "ECE val"]
+    head = [
+        "Finding",
+        "t",
+        "n (pos)",
+        "AUROC site",
+        "AUROC val",
+        "p",
+        "Sens site",
+        "Sens val",
+        "p",
+        "Spec site",
+        "Spec val",
+        "p",
+        "PPV site",
+        "NPV site",
+        "ECE site",
+        "ECE val",
+    ]
     table = []
     for n, r in res.findings.items():
         s, v, t = r["site"], r["validation"], r["tests"]
-        table.append([display_name(n), f"{s['threshold']:.3f}", f"{s['n']} ({s['positives']})",
-                      _fmt_rate(s["auroc"]), _fmt_rate(v["auroc"]) if v else "n/a", _p(t.get("auroc", float("nan"))),
-                      _fmt_rate(s["sensitivity"]), _fmt_rate(v["sensitivity"]) if v else "n/a",
-                      _p(t.get("sensitivity", float("nan"))),
-                      _fmt_rate(s["specificity"]), _fmt_rate(v["specificity"]) if v else "n/a",
-                      _p(t.get("specificity", float("nan"))),
-                      _fmt_rate(s["ppv"]), _fmt_rate(s["npv"]),
-                      f"{s['ece']:.3f}" if math.isfinite(s["ece"]) else "n/a",
-                      f"{v['ece']:.3f}" if v and math.isfinite(v["ece"]) else "n/a"])
-    blocks += [("h2", "Per finding"), ("table", head, table),
-               ("p", "Rates with 95% Wilson intervals (k/n); AUROC with a 95% percentile-bootstrap interval where "
-                     f"the site has enough positives; p: two-proportion z-test (rates) or Hanley-McNeil z-test "
-                     f"(AUROC), site vs validation, unadjusted. Overall ECE {cal['ece']:.3f}."),
-               ("h2", "Calibration"), ("img", "reliability.png", "reliability plot"),
-               ("h2", "Limits"), ("list", [
-                   "Labels are reviewer verdicts on the model's calls, not an independent reference standard: "
-                   "verification bias (only reviewed images count) and reviewer noise both apply.",
-                   "PPV and NPV depend on the site's prevalence; validation PPV/NPV are not comparable across sites.",
-                   "Findings with fewer than the minimum positives have no AUROC interval or test."])]
-    files = {"md": out / "site_validation.md", "html": out / "site_validation.html", "json": out / "site_validation.json",
-             "reliability": out / "reliability.png"}
+        table.append(
+            [
+                display_name(n),
+                f"{s['threshold']:.3f}",
+                f"{s['n']} ({s['positives']})",
+                _fmt_rate(s["auroc"]),
+                _fmt_rate(v["auroc"]) if v else "n/a",
+                _p(t.get("auroc", float("nan"))),
+                _fmt_rate(s["sensitivity"]),
+                _fmt_rate(v["sensitivity"]) if v else "n/a",
+                _p(t.get("sensitivity", float("nan"))),
+                _fmt_rate(s["specificity"]),
+                _fmt_rate(v["specificity"]) if v else "n/a",
+                _p(t.get("specificity", float("nan"))),
+                _fmt_rate(s["ppv"]),
+                _fmt_rate(s["npv"]),
+                f"{s['ece']:.3f}" if math.isfinite(s["ece"]) else "n/a",
+                f"{v['ece']:.3f}" if v and math.isfinite(v["ece"]) else "n/a",
+            ]
+        )
+    blocks += [
+        ("h2", "Per finding"),
+        ("table", head, table),
+        (
+            "p",
+            "Rates with 95% Wilson intervals (k/n); AUROC with a 95% percentile-bootstrap interval where "
+            f"the site has enough positives; p: two-proportion z-test (rates) or Hanley-McNeil z-test "
+            f"(AUROC), site vs validation, unadjusted. Overall ECE {cal['ece']:.3f}.",
+        ),
+        ("h2", "Calibration"),
+        ("img", "reliability.png", "reliability plot"),
+        ("h2", "Limits"),
+        (
+            "list",
+            [
+                "Labels are reviewer verdicts on the model's calls, not an independent reference standard: "
+                "verification bias (only reviewed images count) and reviewer noise both apply.",
+                "PPV and NPV depend on the site's prevalence; validation PPV/NPV are not comparable across sites.",
+                "Findings with fewer than the minimum positives have no AUROC interval or test.",
+            ],
+        ),
+    ]
+    files = {
+        "md": out / "site_validation.md",
+        "html": out / "site_validation.html",
+        "json": out / "site_validation.json",
+        "reliability": out / "reliability.png",
+    }
     atomic_write_text(files["md"], render_markdown(blocks))
-    atomic_write_text(files["html"], render_html(blocks).replace("medxray evaluation report", "medxray site validation"))
-    atomic_write_text(files["json"], json.dumps(to_jsonable({
-        "checkpoint": res.checkpoint, "model_version": res.model_version, "images": res.n_images,
-        "ood_flag_rate": res.ood_rate, "reference": res.reference_source, "worse": res.worse,
-        "unreadable": len(failed), "ece": cal["ece"], "findings": res.findings}), indent=1, allow_nan=True) + "\n")
+    atomic_write_text(
+        files["html"], render_html(blocks).replace("medxray evaluation report", "medxray site validation")
+    )
+    atomic_write_text(
+        files["json"],
+        json.dumps(
+            to_jsonable(
+                {
+                    "checkpoint": res.checkpoint,
+                    "model_version": res.model_version,
+                    "images": res.n_images,
+                    "ood_flag_rate": res.ood_rate,
+                    "reference": res.reference_source,
+                    "worse": res.worse,
+                    "unreadable": len(failed),
+                    "ece": cal["ece"],
+                    "findings": res.findings,
+                }
+            ),
+            indent=1,
+            allow_nan=True,
+        )
+        + "\n",
+    )
     return files
