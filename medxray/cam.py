@@ -144,11 +144,6 @@ def class_activation_maps(
     return torch.einsum("nchw,kc->nkhw", features.float(), w.float().to(features.device))
 
 
-def normalize_cams(cams: torch.Tensor | np.ndarray) -> np.ndarray:
-    """ReLU then divide by each map's maximum: float32 in [0, 1]; an all-negative map is all 0."""
-    return _normalise(torch.as_tensor(cams).float())[0].cpu().numpy().astype(np.float32, copy=False)
-
-
 def _normalise(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c = raw.float().clamp(min=0)
     peak = c.amax(dim=(-2, -1), keepdim=True)
@@ -320,21 +315,6 @@ def _gradient_maps(
                     raw[t][i, j] = m_all[m - m0, i]
             del grads  # free this call's gradients before the next one
     return logits.detach().float(), feats.detach().float(), raw
-
-
-def grad_cam(
-    model: DenseNet, x: torch.Tensor, classes: Sequence[int] | None = None, layer: str | None = None
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits and Grad-CAMs (N, K, H, W) in [0, 1] at stage ``layer`` (None = denseblock4).
-
-    The same definition as :func:`compute_maps` (whose ``gradcam-*`` methods are this at a fixed
-    stage), for callers that name an arbitrary stage.
-    """
-    stage = layer or "denseblock4"
-    cls = list(range(int(model.classifier.out_features))) if classes is None else [int(c) for c in classes]
-    logits, _, per_stage = _gradient_maps(model, x.float().contiguous(), cls, MapMethod("gradcam", (stage,)))
-    maps, _ = _finish(per_stage[0], (int(x.shape[-2]), int(x.shape[-1])))
-    return logits, maps
 
 
 def no_evidence_text(finding: str) -> str:

@@ -560,16 +560,6 @@ class Predictor:
         """
         return self.predict_tensor_with_cams(self.preprocess(images), classes, method, with_ood=with_ood)
 
-    def grad_cams(
-        self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None, layer: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and Grad-CAMs (N, K, S, S) at stage ``layer`` (fp32 eager torch)."""
-        from medxray.cam import grad_cam
-
-        x = self.preprocess(images).to(self.device)
-        logits, cams = grad_cam(self.model, x, self.class_indices(classes), layer=layer)
-        return _sigmoid(logits.cpu().numpy()), cams
-
     def positive(self, probs: np.ndarray) -> list[list[str]]:
         """Findings at or above their threshold, per row."""
         th = np.array([self.thresholds[n] for n in self.label_names], dtype=np.float32)

@@ -211,15 +211,6 @@ def to_uint8(img01: np.ndarray) -> np.ndarray:
     return (np.clip(img01, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def cam_overlay(display01: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """A map (any resolution, [0, 1]; the Predictor gives it at the network input size) upsampled
-    onto the displayed image, as uint8 RGB."""
-    from medxray.cam import overlay, upsample_cam
-
-    cam_full = upsample_cam(np.asarray(cam, dtype=np.float32), display01.shape)
-    return np.asarray(overlay(display01, cam_full, alpha=float(alpha)))
-
-
 # -- predictions ---------------------------------------------------------------------------------
 
 
