@@ -14,6 +14,7 @@ import streamlit as st
 
 from medxray.review import ui
 from medxray.review.safe import md_escape
+from medxray.review.session_keys import AppKeys
 
 HERE = Path(__file__).resolve().parent  # absolute: pages are found whatever the working directory
 
@@ -38,5 +39,5 @@ if ms.predictor is not None:
         f"version {md_escape(ms.predictor.metadata.get('model_version', '?'))}"
     )
 ui.threshold_controls(labels, defaults)
-ui.export_buttons(ui.review_store(cfg), key="export_sidebar", where=st.sidebar)
+ui.export_buttons(ui.review_store(cfg), key=AppKeys.EXPORT_SIDEBAR, where=st.sidebar)
 nav.run()

@@ -170,7 +170,7 @@ def test_study_dicom_predictions_thresholds_and_cam(env):
     at.run()
     t3 = _findings(at).set_index("finding")
     assert t3["positive"].sum() == len(CHESTXRAY14_FINDINGS) - 1
-    at.button(key="thr_reset").click().run()
+    at.button(key="thresholds_reset").click().run()
     t4 = _findings(at).set_index("finding")
     assert (t4["threshold"] == 0.5).all()
 

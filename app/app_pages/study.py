@@ -7,6 +7,7 @@ from medxray.labels import display_name
 from medxray.review import ui
 from medxray.review import ui_study as us
 from medxray.review.safe import md_escape
+from medxray.review.session_keys import AppKeys
 from medxray.review.study import (
     display_image,
     distribution_warnings,
@@ -27,14 +28,14 @@ us.show_flash()
 folder, results, _ = ui.current_results(cfg)  # the worklist page explains a broken folder
 UPLOAD, FROM_RESULTS = "Upload a file", "From the results folder"
 sources = [UPLOAD] + ([FROM_RESULTS] if results is not None else [])
-request = st.session_state.pop("study_request", None)  # set by the worklist
+request = st.session_state.pop(AppKeys.STUDY_REQUEST, None)  # set by the worklist
 if results is not None and (request is not None or st.query_params.get("study")):
     if request is not None:
-        st.session_state["study_row"] = int(request["row"])
-    st.session_state["study_source"] = FROM_RESULTS
-if st.session_state.get("study_source") not in sources:
-    st.session_state["study_source"] = sources[0]
-source = st.radio("Image source", sources, horizontal=True, key="study_source")
+        st.session_state[AppKeys.STUDY_ROW] = int(request["row"])
+    st.session_state[AppKeys.STUDY_SOURCE] = FROM_RESULTS
+if st.session_state.get(AppKeys.STUDY_SOURCE) not in sources:
+    st.session_state[AppKeys.STUDY_SOURCE] = sources[0]
+source = st.radio("Image source", sources, horizontal=True, key=AppKeys.STUDY_SOURCE)
 
 row = advance_to = None
 if source == FROM_RESULTS:
@@ -42,9 +43,9 @@ if source == FROM_RESULTS:
     reviews = store.latest_by_image(adopt=ui.results_row_keys(folder)) if store is not None else {}
     table_all = worklist_table(results, folder, {}, reviews, keys=ui.results_row_keys(folder))
     ok = table_all[table_all["status"] == "ok"]
-    order = [r for r in st.session_state.get("wl_order", {}).get(str(folder), []) if r in set(ok["row"])] or list(
-        filter_worklist(ok)["row"]
-    )
+    order = [
+        r for r in st.session_state.get(AppKeys.WORKLIST_ORDER, {}).get(str(folder), []) if r in set(ok["row"])
+    ] or list(filter_worklist(ok)["row"])
     reviewed_rows = set(int(r) for r in ok.loc[ok["reviewed"], "row"])
     row_idx = us.choose_results_study(results, order, reviewed_rows)
     if row_idx is None:
@@ -75,9 +76,9 @@ finding = show_cam = None
 if pred is not None:
     cam_cols = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
     finding = us.current_finding(study, table, cam_cols[0])
-    show_cam = cam_cols[1].toggle("Show CAM overlay", value=True, key="cam_on")
-    style = cam_cols[2].radio("Map style", ["fill", "contour"], horizontal=True, key="cam_style")
-    alpha = cam_cols[3].slider("CAM opacity", 0.0, 1.0, 0.4, 0.05, key="cam_alpha", disabled=style == "contour")
+    show_cam = cam_cols[1].toggle("Show CAM overlay", value=True, key=AppKeys.CAM_ON)
+    style = cam_cols[2].radio("Map style", ["fill", "contour"], horizontal=True, key=AppKeys.CAM_STYLE)
+    alpha = cam_cols[3].slider("CAM opacity", 0.0, 1.0, 0.4, 0.05, key=AppKeys.CAM_ALPHA, disabled=style == "contour")
 
 left, right = st.columns(2)
 extras = (", inverted" if view.invert else "") + (f", zoom {view.zoom:g}x" if view.zoom > 1 else "")

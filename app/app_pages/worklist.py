@@ -1,13 +1,12 @@
 """Worklist page: a score-dicom results folder (inside the configured roots) as a filterable table with review state."""
 
-import hashlib
-
 import streamlit as st
 
 from medxray.dicom.codes import WARNING_PREFIXES
 from medxray.labels import display_name
 from medxray.review import ui
 from medxray.review.safe import md_escape
+from medxray.review.session_keys import AppKeys, WorklistKeys
 from medxray.review.worklist import WORKLIST_COLUMNS, filter_worklist, result_label_names, worklist_table
 
 cfg = ui.settings()
@@ -36,7 +35,7 @@ table = worklist_table(results, folder, thr, reviews, keys=ui.results_row_keys(f
 # Filter widgets are keyed per folder and per set of values, so a new folder starts with its own
 # values (all statuses chosen) and the chips always describe the rows below.
 statuses_here = sorted(table["status"].unique())
-fk = hashlib.sha1(f"{folder}|{statuses_here}".encode()).hexdigest()[:10]
+keys = WorklistKeys.for_folder(folder, statuses_here)
 SORTS = {
     "max_probability": "Highest probability",
     "finding_probability": "Probability of the chosen finding",
@@ -45,25 +44,23 @@ SORTS = {
     "status": "Status",
 }
 with st.container(horizontal=True):
-    statuses = st.multiselect("Status", statuses_here, default=statuses_here, key=f"wl_status_{fk}")
+    statuses = st.multiselect("Status", statuses_here, default=statuses_here, key=keys.status)
     finding = st.selectbox(
         "Finding",
         ["(any)"] + result_labels,
-        key=f"wl_finding_{fk}",
+        key=keys.finding,
         format_func=lambda n: n if n == "(any)" else display_name(n),
     )
-    reviewed = st.selectbox("Review state", ["all", "not reviewed", "reviewed"], key=f"wl_reviewed_{fk}")
-    sort_by = st.selectbox("Sort by", list(SORTS), key=f"wl_sort_{fk}", format_func=SORTS.get)
-    search = st.text_input("File name contains", key=f"wl_search_{fk}")
+    reviewed = st.selectbox("Review state", ["all", "not reviewed", "reviewed"], key=keys.reviewed)
+    sort_by = st.selectbox("Sort by", list(SORTS), key=keys.sort, format_func=SORTS.get)
+    search = st.text_input("File name contains", key=keys.search)
     warning = st.selectbox(
         "Warnings",
         ["all", "any", "none", *WARNING_PREFIXES],
-        key=f"wl_warning_{fk}",
+        key=keys.warning,
         help="the warnings column of results.csv (same texts as on the study page)",
     )
-positive_only = st.checkbox(
-    "Only images positive for the finding (any finding if none chosen)", key=f"wl_positive_{fk}"
-)
+positive_only = st.checkbox("Only images positive for the finding (any finding if none chosen)", key=keys.positive_only)
 
 view = filter_worklist(
     table,
@@ -77,7 +74,7 @@ view = filter_worklist(
     warning=None if warning == "all" else warning,
 )
 order = [int(r) for r, s in zip(view["row"], view["status"]) if s == "ok"]
-st.session_state.setdefault("wl_order", {})[str(folder)] = order  # the Study page steps in this order
+st.session_state.setdefault(AppKeys.WORKLIST_ORDER, {})[str(folder)] = order  # the Study page steps in this order
 n_rev = int(table["reviewed"].sum())
 st.caption(
     f"{len(view)} of {len(table)} images shown; {n_rev} reviewed; "
@@ -91,9 +88,9 @@ if st.button(
     disabled=not unreviewed,
     type="primary",
     icon=":material/play_arrow:",
-    key="wl_start",
+    key=AppKeys.WORKLIST_START,
 ):
-    st.session_state["study_request"] = {"row": unreviewed[0]}
+    st.session_state[AppKeys.STUDY_REQUEST] = {"row": unreviewed[0]}
     st.switch_page(ui.STUDY_PAGE, query_params={"study": str(results.at[unreviewed[0], "path"])})
 shown = list(WORKLIST_COLUMNS)
 if finding != "(any)":
@@ -114,7 +111,7 @@ event = st.dataframe(
     view,
     hide_index=True,
     column_order=shown,
-    key=f"worklist_table_{fk}",
+    key=keys.table,
     on_select="rerun",
     selection_mode="single-row",
     column_config={
@@ -133,11 +130,11 @@ selected = event.selection.rows if event is not None else []
 if selected:
     row = view.iloc[selected[0]]
     if row["status"] == "ok":
-        st.session_state["study_request"] = {"row": int(row["row"])}
+        st.session_state[AppKeys.STUDY_REQUEST] = {"row": int(row["row"])}
         st.switch_page(ui.STUDY_PAGE, query_params={"study": str(results.at[int(row["row"]), "path"])})
     else:
         st.warning(
             f"{md_escape(row['file'])} was not scored: {md_escape(row['reason'] or 'no reason recorded.')} "
             "There is nothing to review."
         )
-ui.export_buttons(store, key="export_worklist")
+ui.export_buttons(store, key=AppKeys.EXPORT_WORKLIST)

@@ -12,6 +12,8 @@ Modules, one concern each:
 - :mod:`~medxray.review.model_card`: the model card from checkpoint metadata.
 - :mod:`~medxray.review.safe`: what the app reads from files is data: paths kept under their root
   (:func:`~medxray.review.safe.contained_path`) and text shown as text (:func:`~medxray.review.safe.md_escape`).
+- :mod:`~medxray.review.session_keys`: every session-state and widget key of the app (typed key
+  objects; no key is typed by hand).
 - :mod:`~medxray.review.ui`: the Streamlit caches, notices, identity and results-folder widgets the
   pages in ``app/`` use; :mod:`~medxray.review.ui_study`: the Study page's widgets and keyboard flow.
 

@@ -28,6 +28,7 @@ from medxray.labels import display_name
 from medxray.review import ReviewStore
 from medxray.review.model_card import synthetic_banner
 from medxray.review.safe import md_escape
+from medxray.review.session_keys import AppKeys
 from medxray.review.settings import (
     IDENTITY_TYPED,
     NO_CHECKPOINT_HELP,
@@ -102,8 +103,14 @@ def model_state(cfg: AppSettings) -> ModelState:
     """The shared predictor, or the reason there is none (never raises into the page)."""
     if cfg.checkpoint is None:
         return ModelState(None, "", None)
+    try:  # a model registry is read at every script run: a promotion reaches the next study, no restart
+        from medxray.site.registry import current_checkpoint
+
+        path = current_checkpoint(cfg.checkpoint) if cfg.checkpoint.is_dir() else cfg.checkpoint
+    except MedxrayError as exc:
+        return ModelState(None, "", str(exc))
     try:
-        fp = file_fingerprint(cfg.checkpoint)
+        fp = file_fingerprint(path)
     except OSError:
         return ModelState(
             None,
@@ -112,7 +119,7 @@ def model_state(cfg: AppSettings) -> ModelState:
             "or `medxray finetune`, then start the app with `medxray app --checkpoint PATH`",
         )
     try:
-        return ModelState(_load_predictor(str(cfg.checkpoint), fp, cfg.backend), f"{fp}:{cfg.backend}", None)
+        return ModelState(_load_predictor(str(path), fp, cfg.backend), f"{fp}:{cfg.backend}", None)
     except MedxrayError as exc:
         return ModelState(None, fp, str(exc))
     except Exception as exc:  # a bug, but the page must stay usable: log it, show one line
@@ -193,16 +200,18 @@ def reviewer(cfg: AppSettings) -> tuple[str, str]:
     deployed = reviewer_identity(cfg, headers=st.context.headers, user=user, proxy_secret=_proxy_secret(cfg))
     if deployed is not None:
         if not deployed.name and cfg.login:
-            st.button("Sign in to review", on_click=st.login, key="sign_in")
+            st.button("Sign in to review", on_click=st.login, key=AppKeys.SIGN_IN)
         elif not deployed.name:
             st.error(f"Reviewer refused: {md_escape(deployed.problem)}.", icon=":material/gpp_bad:")
         else:
             st.caption(f"Reviewer: **{md_escape(deployed.name)}** (from the {deployed.source})")
         return deployed.name, deployed.source
-    if "reviewer_name" not in st.session_state:
-        st.session_state["reviewer_name"] = unquote(str((st.context.cookies or {}).get(REVIEWER_COOKIE, "")))[:200]
+    if AppKeys.REVIEWER_NAME not in st.session_state:
+        st.session_state[AppKeys.REVIEWER_NAME] = unquote(str((st.context.cookies or {}).get(REVIEWER_COOKIE, "")))[
+            :200
+        ]
     name = st.text_input(
-        "Reviewer name", key="reviewer_name", help="Remembered for this browser session; saved with every review."
+        "Reviewer name", key=AppKeys.REVIEWER_NAME, help="Remembered for this browser session; saved with every review."
     ).strip()
     if name:
         # Session cookie (no expiry: gone when the browser closes), read back by st.context.cookies.
@@ -223,10 +232,6 @@ def _js_string(text: str) -> str:
 # -- thresholds (sidebar; shared by all pages of a session, never written to the checkpoint) -----
 
 
-def _thr_key(name: str) -> str:
-    return f"thr_{name}"
-
-
 def label_names_and_defaults(ms: ModelState, results_labels: list[str] | None = None) -> tuple[list[str], dict]:
     if ms.predictor is not None:
         labels = list(ms.predictor.label_names)
@@ -241,18 +246,18 @@ def threshold_controls(labels: list[str], defaults: dict[str, float]) -> None:
         return
     with st.sidebar.expander("Operating thresholds", expanded=False):
         st.caption("From the checkpoint; changes apply to this browser session only.")
-        if st.button("Reset to checkpoint thresholds", key="thr_reset"):
+        if st.button("Reset to checkpoint thresholds", key=AppKeys.THRESHOLDS_RESET):
             for n in labels:
-                st.session_state[_thr_key(n)] = float(defaults[n])
+                st.session_state[AppKeys.threshold(n)] = float(defaults[n])
         for n in labels:
-            key = _thr_key(n)
+            key = AppKeys.threshold(n)
             if key not in st.session_state:
                 st.session_state[key] = float(defaults[n])
             st.slider(md_escape(display_name(n)), min_value=0.0, max_value=1.0, step=0.01, key=key)
 
 
 def thresholds(labels: list[str], defaults: dict[str, float]) -> dict[str, float]:
-    return {n: float(st.session_state.get(_thr_key(n), defaults.get(n, 0.5))) for n in labels}
+    return {n: float(st.session_state.get(AppKeys.threshold(n), defaults.get(n, 0.5))) for n in labels}
 
 
 def export_buttons(store: ReviewStore | None, *, key: str, where: Any = None) -> None:
@@ -275,7 +280,7 @@ def export_buttons(store: ReviewStore | None, *, key: str, where: Any = None) ->
         file_name="medxray_review_history.csv",
         mime="text/csv",
         on_click="ignore",
-        key=f"{key}_history",
+        key=AppKeys.export_history(key),
         help="Who changed which verdict or note, and when",
     )
 
@@ -305,7 +310,7 @@ def results_folder_picker(cfg: AppSettings) -> None:
     if not cfg.results:
         return
     options = _candidates(tuple(str(r) for r in cfg.results)) or [str(cfg.results[0])]
-    current = st.session_state.get("results_dir")
+    current = st.session_state.get(AppKeys.RESULTS_DIR)
     if current and current not in options:
         options = [current] + options
     with st.container(horizontal=True):
@@ -313,15 +318,15 @@ def results_folder_picker(cfg: AppSettings) -> None:
             "Results folder",
             options,
             index=options.index(current) if current in options else 0,
-            key="results_choice",
+            key=AppKeys.RESULTS_CHOICE,
             help="Folders with a results.csv inside the folders this app was started with (--results)",
         )
         typed = st.text_input(
             "Or type a folder inside them",
-            key="results_typed",
+            key=AppKeys.RESULTS_TYPED,
             placeholder="e.g. " + str(cfg.results[0] / "night-2024-05-01"),
         )
-    st.session_state["results_dir"] = typed.strip() or chosen
+    st.session_state[AppKeys.RESULTS_DIR] = typed.strip() or chosen
 
 
 def current_results(cfg: AppSettings) -> tuple[Path | None, Any, str | None]:
@@ -332,7 +337,7 @@ def current_results(cfg: AppSettings) -> tuple[Path | None, Any, str | None]:
     """
     if not cfg.results:
         return None, None, None
-    asked = str(st.session_state.get("results_dir") or _candidates(tuple(str(r) for r in cfg.results))[0])
+    asked = str(st.session_state.get(AppKeys.RESULTS_DIR) or _candidates(tuple(str(r) for r in cfg.results))[0])
     try:
         folder = allowed_results_folder(asked, cfg.results)
     except MedxrayError as exc:

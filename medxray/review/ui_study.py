@@ -28,6 +28,7 @@ from medxray.errors import DataError, MedxrayError
 from medxray.labels import display_name
 from medxray.review import ReviewStore
 from medxray.review.safe import md_escape
+from medxray.review.session_keys import AppKeys, StudyKeys
 from medxray.review.settings import AppSettings, user_message
 from medxray.review.study import NEGATIVE_COLOUR, POSITIVE_COLOUR, StudyImage, StudyPrediction, window_range
 from medxray.review.ui import load_study_data, predict, review_store, reviewer
@@ -57,35 +58,35 @@ def shortcut_help() -> None:
 
 def _go(row: int | None) -> None:
     if row is not None:
-        st.session_state["study_row"] = int(row)
+        st.session_state[AppKeys.STUDY_ROW] = int(row)
 
 
 def choose_results_study(results: pd.DataFrame, order: list[int], reviewed_rows: set[int]) -> int | None:
     """The results row on screen: from the URL (?study=), the worklist, or J/K/N; keeps the URL in step."""
     paths = results["path"].astype(str)
     wanted = st.query_params.get("study")
-    if wanted and st.session_state.get("study_url_seen") != wanted:
-        st.session_state["study_url_seen"] = wanted
+    if wanted and st.session_state.get(AppKeys.STUDY_URL_SEEN) != wanted:
+        st.session_state[AppKeys.STUDY_URL_SEEN] = wanted
         hit = [int(i) for i in results.index[paths == wanted]]
         if hit:
-            st.session_state["study_row"] = hit[0]
+            st.session_state[AppKeys.STUDY_ROW] = hit[0]
         else:
             st.warning(f"The link names {md_escape(wanted)}, which is not in this results folder.")
     if not order:
         st.info("The results folder has no successfully scored images.")
         return None
-    if st.session_state.get("study_row") not in order:
-        st.session_state["study_row"] = order[0]
-    current = int(st.session_state["study_row"])
+    if st.session_state.get(AppKeys.STUDY_ROW) not in order:
+        st.session_state[AppKeys.STUDY_ROW] = order[0]
+    current = int(st.session_state[AppKeys.STUDY_ROW])
     with st.container(horizontal=True, vertical_alignment="bottom"):
-        st.selectbox("Study", order, key="study_row", format_func=lambda i: Path(paths[i]).name)
+        st.selectbox("Study", order, key=AppKeys.STUDY_ROW, format_func=lambda i: Path(paths[i]).name)
         st.button(
             "Previous",
             shortcut="K",
             on_click=_go,
             args=(step_row(order, current, -1),),
             disabled=step_row(order, current, -1) is None,
-            key="nav_prev",
+            key=AppKeys.NAV_PREV,
             icon=":material/arrow_back:",
         )
         st.button(
@@ -94,7 +95,7 @@ def choose_results_study(results: pd.DataFrame, order: list[int], reviewed_rows:
             on_click=_go,
             args=(step_row(order, current, 1),),
             disabled=step_row(order, current, 1) is None,
-            key="nav_next",
+            key=AppKeys.NAV_NEXT,
             icon=":material/arrow_forward:",
         )
         nxt = next_unreviewed(order, current, reviewed_rows)
@@ -104,13 +105,13 @@ def choose_results_study(results: pd.DataFrame, order: list[int], reviewed_rows:
             on_click=_go,
             args=(nxt,),
             disabled=nxt is None,
-            key="nav_unreviewed",
+            key=AppKeys.NAV_UNREVIEWED,
             icon=":material/skip_next:",
         )
     done = len(reviewed_rows & set(order))
     st.caption(f"Study {order.index(current) + 1} of {len(order)}; {done} reviewed.")
     st.query_params["study"] = paths[current]
-    st.session_state["study_url_seen"] = paths[current]
+    st.session_state[AppKeys.STUDY_URL_SEEN] = paths[current]
     return current
 
 
@@ -128,7 +129,7 @@ def open_results_study(cfg: AppSettings, folder: Path, row: dict) -> StudyImage 
 def open_upload(cfg: AppSettings) -> StudyImage | None:
     uploaded = st.file_uploader(
         "DICOM, PNG or JPEG chest radiograph",
-        key="upload",
+        key=AppKeys.UPLOAD,
         max_upload_size=cfg.max_upload_mb,
         help="DICOM files without a .dcm extension are recognised by their content.",
     )
@@ -141,7 +142,7 @@ def open_upload(cfg: AppSettings) -> StudyImage | None:
                 f"{uploaded.name} is {uploaded.size / 2**20:.1f} MB, above this app's upload limit of "
                 f"{cfg.max_upload_mb} MB; export a smaller image or start the app with a larger --max-upload-mb"
             )
-        st.session_state.setdefault("upload_t0", {}).setdefault(uploaded.file_id, time.monotonic())
+        st.session_state.setdefault(AppKeys.UPLOAD_T0, {}).setdefault(uploaded.file_id, time.monotonic())
         return load_study_data(uploaded.getvalue(), uploaded.name, cfg)
     except Exception as exc:
         _show_error(exc, "reading an upload")
@@ -182,12 +183,12 @@ def prediction_for(ms: Any, study: StudyImage, row: dict | None) -> StudyPredict
 # -- viewing -------------------------------------------------------------------------------------
 
 
-def _apply_preset(study: StudyImage, suffix: str) -> None:
+def _apply_preset(study: StudyImage, keys: StudyKeys) -> None:
     if study.raw is None:
         return
-    preset = st.session_state.get(f"preset_{suffix}", PRESET_DEFAULT)
+    preset = st.session_state.get(keys.preset, PRESET_DEFAULT)
     win = preset_window(study, preset) or _default_window(study)
-    st.session_state[f"wc_{suffix}"], st.session_state[f"ww_{suffix}"] = _clamped(study, win)
+    st.session_state[keys.window_center], st.session_state[keys.window_width] = _clamped(study, win)
 
 
 def _default_window(study: StudyImage) -> tuple[float, float]:
@@ -202,34 +203,34 @@ def _clamped(study: StudyImage, win: tuple[float, float]) -> tuple[float, float]
     return float(min(max(win[0], lo), hi)), float(min(max(win[1], step), 2 * span))
 
 
-def _reset_view(study: StudyImage, suffix: str) -> None:
-    st.session_state[f"preset_{suffix}"] = PRESET_DEFAULT
-    st.session_state[f"invert_{suffix}"] = False
-    st.session_state[f"zoom_{suffix}"] = 1.0
-    st.session_state[f"panx_{suffix}"] = st.session_state[f"pany_{suffix}"] = 50
-    _apply_preset(study, suffix)
+def _reset_view(study: StudyImage, keys: StudyKeys) -> None:
+    st.session_state[keys.preset] = PRESET_DEFAULT
+    st.session_state[keys.invert] = False
+    st.session_state[keys.zoom] = 1.0
+    st.session_state[keys.pan_x] = st.session_state[keys.pan_y] = 50
+    _apply_preset(study, keys)
 
 
 def view_controls(study: StudyImage) -> tuple[ViewState, str]:
     """Window presets (file default, lung, mediastinum, bone), invert, zoom and pan; display only."""
-    suffix = study.sha256[:16]
+    keys = StudyKeys.for_sha256(study.sha256)
     with st.container(horizontal=True, vertical_alignment="bottom"):
         preset = st.selectbox(
             "Window",
             PRESETS,
-            key=f"preset_{suffix}",
+            key=keys.preset,
             on_change=_apply_preset,
-            args=(study, suffix),
+            args=(study, keys),
             help="Chest presets from this image's own grey levels",
         )
-        invert = st.toggle("Invert", key=f"invert_{suffix}")
-        zoom = st.select_slider("Zoom", ZOOM_LEVELS, value=1.0, key=f"zoom_{suffix}", format_func=lambda z: f"{z:g}x")
-        st.button("Reset view", shortcut="V", on_click=_reset_view, args=(study, suffix), key=f"reset_{suffix}")
+        invert = st.toggle("Invert", key=keys.invert)
+        zoom = st.select_slider("Zoom", ZOOM_LEVELS, value=1.0, key=keys.zoom, format_func=lambda z: f"{z:g}x")
+        st.button("Reset view", shortcut="V", on_click=_reset_view, args=(study, keys), key=keys.reset_view)
     cx = cy = 50
     if zoom > 1:
         with st.container(horizontal=True):
-            cx = st.slider("Pan left-right", 0, 100, 50, key=f"panx_{suffix}", format="%d%%")
-            cy = st.slider("Pan up-down", 0, 100, 50, key=f"pany_{suffix}", format="%d%%")
+            cx = st.slider("Pan left-right", 0, 100, 50, key=keys.pan_x, format="%d%%")
+            cy = st.slider("Pan up-down", 0, 100, 50, key=keys.pan_y, format="%d%%")
     window = None
     if study.raw is not None:
         c0, w0 = _clamped(study, _default_window(study))
@@ -241,8 +242,8 @@ def view_controls(study: StudyImage) -> tuple[ViewState, str]:
                 "always reads the file's default window."
             )
             cols = st.columns(2)
-            center = cols[0].slider("Window center", float(lo), float(hi), c0, step, key=f"wc_{suffix}")
-            width = cols[1].slider("Window width", float(step), float(2 * (hi - lo)), w0, step, key=f"ww_{suffix}")
+            center = cols[0].slider("Window center", float(lo), float(hi), c0, step, key=keys.window_center)
+            width = cols[1].slider("Window width", float(step), float(2 * (hi - lo)), w0, step, key=keys.window_width)
         if (center, width) != (c0, w0):
             window = (float(center), float(width))
     elif preset != PRESET_DEFAULT:
@@ -276,7 +277,7 @@ def findings_dataframe(table: pd.DataFrame) -> None:
 
 def current_finding(study: StudyImage, table: pd.DataFrame, where: Any) -> str:
     """The finding whose map is shown and which A/D/U apply to; each new image starts on its own top finding."""
-    key = f"cam_finding_{study.sha256[:16]}"
+    key = StudyKeys.for_sha256(study.sha256).current_finding
     names = list(table["finding"])
     if st.session_state.get(key) not in names:
         st.session_state[key] = names[0]
@@ -295,11 +296,10 @@ def _step_finding(key: str, names: list[str], step: int) -> None:
     st.session_state[key] = names[min(max(i, 0), len(names) - 1)]
 
 
-def _set_verdict(suffix: str, names: list[str], verdict: str) -> None:
-    key = f"cam_finding_{suffix}"
-    cur = st.session_state.get(key, names[0])
-    st.session_state[f"verdict_{suffix}_{cur}"] = verdict
-    _step_finding(key, names, 1)
+def _set_verdict(keys: StudyKeys, names: list[str], verdict: str) -> None:
+    cur = st.session_state.get(keys.current_finding, names[0])
+    st.session_state[keys.verdict(cur)] = verdict
+    _step_finding(keys.current_finding, names, 1)
 
 
 CHANGED_SINCE_REVIEW = (
@@ -317,13 +317,13 @@ def _save(
     who: tuple[str, str],
     advance_to: int | None,
 ) -> None:
-    suffix = study.sha256[:16]
+    keys = StudyKeys.for_sha256(study.sha256)
     names = list(table["finding"])
-    verdicts = {n: st.session_state.get(f"verdict_{suffix}_{n}") for n in names}
+    verdicts = {n: st.session_state.get(keys.verdict(n)) for n in names}
     verdicts = {n: v for n, v in verdicts.items() if v in ("agree", "disagree", "unsure")}
-    name = st.session_state.get("reviewer_name", "") if who[1] == "typed" else who[0]
+    name = st.session_state.get(AppKeys.REVIEWER_NAME, "") if who[1] == "typed" else who[0]
     if who[1] != "typed" and not name:  # the deployment could not name the reviewer: never fall back to a guess
-        st.session_state["review_flash"] = (
+        st.session_state[AppKeys.REVIEW_FLASH] = (
             "error",
             "Review not saved: the reviewer is unknown (see the message above the review).",
         )
@@ -333,7 +333,7 @@ def _save(
             study.key,
             verdicts,
             reviewer=name,
-            note=st.session_state.get(f"note_{suffix}", ""),
+            note=st.session_state.get(keys.note, ""),
             model_version=pred.model_version,
             probabilities=pred.as_dict(),
             thresholds=dict(zip(table["finding"], table["threshold"])),
@@ -342,19 +342,19 @@ def _save(
             content_sha256=study.sha256,
         )
     except MedxrayError as exc:
-        st.session_state["review_flash"] = ("error", f"Review not saved: {md_escape(exc)}")
+        st.session_state[AppKeys.REVIEW_FLASH] = ("error", f"Review not saved: {md_escape(exc)}")
         return
     n = len(saved.findings)
     plural = "s" if n != 1 else ""
     msg = f"Review saved for {md_escape(study.name or 'this image')} ({n} finding{plural}, review #{saved.review_id})."
-    if advance_to is not None and st.session_state.get("auto_advance", True):
-        st.session_state["study_row"] = int(advance_to)
+    if advance_to is not None and st.session_state.get(AppKeys.AUTO_ADVANCE, True):
+        st.session_state[AppKeys.STUDY_ROW] = int(advance_to)
         msg += " Opened the next unreviewed study."
-    st.session_state["review_flash"] = ("success", msg)
+    st.session_state[AppKeys.REVIEW_FLASH] = ("success", msg)
 
 
 def show_flash() -> None:
-    flash = st.session_state.pop("review_flash", None)
+    flash = st.session_state.pop(AppKeys.REVIEW_FLASH, None)
     if flash:
         (st.success if flash[0] == "success" else st.error)(flash[1])
 
@@ -381,33 +381,41 @@ def review_panel(
         )
         if latest.content_sha256 and latest.content_sha256 != study.sha256:  # same UIDs, another file
             st.warning(CHANGED_SINCE_REVIEW)
-    suffix = study.sha256[:16]
+    keys = StudyKeys.for_sha256(study.sha256)
     names = list(table["finding"])
     previous = latest.verdicts if latest else {}
     with st.container(horizontal=True):
-        st.button("Agree", shortcut="A", on_click=_set_verdict, args=(suffix, names, "agree"), key="v_agree")
-        st.button("Disagree", shortcut="D", on_click=_set_verdict, args=(suffix, names, "disagree"), key="v_disagree")
-        st.button("Unsure", shortcut="U", on_click=_set_verdict, args=(suffix, names, "unsure"), key="v_unsure")
+        st.button("Agree", shortcut="A", on_click=_set_verdict, args=(keys, names, "agree"), key=AppKeys.VERDICT_AGREE)
+        st.button(
+            "Disagree",
+            shortcut="D",
+            on_click=_set_verdict,
+            args=(keys, names, "disagree"),
+            key=AppKeys.VERDICT_DISAGREE,
+        )
+        st.button(
+            "Unsure", shortcut="U", on_click=_set_verdict, args=(keys, names, "unsure"), key=AppKeys.VERDICT_UNSURE
+        )
         st.button(
             "Previous finding",
             shortcut="Up",
             on_click=_step_finding,
-            args=(f"cam_finding_{suffix}", names, -1),
-            key="f_prev",
+            args=(keys.current_finding, names, -1),
+            key=AppKeys.FINDING_PREV,
             icon=":material/arrow_upward:",
         )
         st.button(
             "Next finding",
             shortcut="Down",
             on_click=_step_finding,
-            args=(f"cam_finding_{suffix}", names, 1),
-            key="f_next",
+            args=(keys.current_finding, names, 1),
+            key=AppKeys.FINDING_NEXT,
             icon=":material/arrow_downward:",
         )
-    current = st.session_state.get(f"cam_finding_{suffix}")
+    current = st.session_state.get(keys.current_finding)
     for _, r in table.iterrows():
         n = str(r["finding"])
-        key = f"verdict_{suffix}_{n}"
+        key = keys.verdict(n)
         if key not in st.session_state:
             st.session_state[key] = previous.get(n) if previous.get(n) in VERDICT_CHOICES else VERDICT_CHOICES[0]
         mark = "positive" if r["positive"] else "negative"
@@ -416,7 +424,7 @@ def review_panel(
     st.text_area(
         "Note",
         value=latest.note if latest else "",
-        key=f"note_{suffix}",
+        key=keys.note,
         help="Do not type patient names or identifiers here.",
     )
     with st.container(horizontal=True, vertical_alignment="center"):
@@ -424,13 +432,13 @@ def review_panel(
             "Save review",
             shortcut="Ctrl+Enter",
             type="primary",
-            key="save_review",
+            key=AppKeys.SAVE_REVIEW,
             on_click=_save,
             disabled=who[1] != "typed" and not who[0],
             args=(cfg, store, study, pred, table, who, advance_to if in_worklist else None),
         )
         if in_worklist:
-            st.checkbox("Then open the next unreviewed study", value=True, key="auto_advance")
+            st.checkbox("Then open the next unreviewed study", value=True, key=AppKeys.AUTO_ADVANCE)
     history = list(store.iter_history_rows(study.key.value))
     if history:
         with st.expander(f"Review history ({len(history)} change{'s' if len(history) != 1 else ''})"):
