@@ -26,6 +26,7 @@ nav = st.navigation(
         st.Page(HERE / ui.STUDY_PAGE, title="Study", icon=":material/radiology:", default=True),
         st.Page(HERE / ui.WORKLIST_PAGE, title="Worklist", icon=":material/list_alt:"),
         st.Page(HERE / ui.MODEL_CARD_PAGE, title="Model card", icon=":material/description:"),
+        st.Page(HERE / "app_pages" / "monitoring.py", title="Monitoring", icon=":material/monitoring:"),
     ]
 )
 

@@ -422,11 +422,7 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         return _emit_recipes(args)
     mods = None if args.modalities.strip().lower() == "any" else [
         m.strip().upper() for m in args.modalities.split(",") if m.strip()]
-    checkpoint = args.checkpoint
-    if Path(checkpoint).is_dir():  # a model registry (medxray site promote): its current version, read now
-        from medxray.site.registry import current_checkpoint
-
-        checkpoint = str(current_checkpoint(checkpoint))
+    checkpoint = args.checkpoint  # a file, or a model registry whose current version each run reads
     cfg = ScoreConfig(
         input_dir=args.input, checkpoint=checkpoint, out=args.out, workers=args.workers,
         batch_size=args.batch_size, cams=args.cams, cam_method=args.cam_method, sr=args.sr, shard=args.shard,

@@ -267,8 +267,11 @@ def node_config_from_mapping(data: dict[str, Any], base: Path | None = None) -> 
     d["ae_title"] = check_ae_title(d["ae_title"], "ae_title")
     d["port"] = _port(d["port"], "port")
     d["checkpoint"], d["work_dir"] = rel(d["checkpoint"]), rel(d["work_dir"])
-    if not Path(d["checkpoint"]).is_file():
-        raise ConfigError(f"checkpoint: {d['checkpoint']} does not exist (check the path)")
+    if not Path(d["checkpoint"]).is_file() and not (Path(d["checkpoint"]) / "CURRENT").is_file():
+        raise ConfigError(
+            f"checkpoint: {d['checkpoint']} is neither a checkpoint file nor a model registry with a current "
+            "version (check the path, or promote a version with `medxray site promote`)"
+        )
     d["destination"] = _dest(d["destination"], rel)
     d["allowed_calling_aes"] = _callers(d["allowed_calling_aes"])
     d["tls"] = tls_config_from_mapping(d.get("tls"), "tls", rel)

@@ -433,10 +433,10 @@ def check_app_settings(cfg: AppSettings) -> None:
     """Fail fast, before starting a server, on settings that cannot work."""
     from medxray.errors import CheckpointError
 
-    if cfg.checkpoint is not None and not cfg.checkpoint.is_file():
+    if cfg.checkpoint is not None and not cfg.checkpoint.is_file() and not (cfg.checkpoint / "CURRENT").is_file():
         raise CheckpointError(
-            f"checkpoint {cfg.checkpoint} does not exist; train one with `make demo` or "
-            "`medxray finetune`, or leave out --checkpoint to browse results only"
+            f"checkpoint {cfg.checkpoint} is neither a checkpoint file nor a model registry with a current version; "
+            "train one with `make demo` or `medxray finetune`, or leave out --checkpoint to browse results only"
         )
     for root in cfg.results:
         if not root.is_dir():

@@ -47,6 +47,14 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
     out = Path(cfg.out)
     if not in_root.exists():
         raise DataError(f"input {in_root} does not exist; give the folder holding the DICOM files")
+    registry = follows_registry(cfg.checkpoint)
+    if registry is not None:  # a model registry: its current version now; the next call sees a promotion
+        from dataclasses import replace
+
+        from medxray.site.registry import current_checkpoint
+
+        cfg = replace(cfg, checkpoint=str(current_checkpoint(registry)))
+        log.info("model registry %s: scoring with its current version %s", registry, cfg.checkpoint)
     if not Path(cfg.checkpoint).is_file():
         raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist (check the path)")
     if not zipfile.is_zipfile(cfg.checkpoint):  # not a torch.save file: fail now, with load's own message
@@ -70,7 +78,10 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
             raise CheckpointError(f"checkpoint {cfg.checkpoint} lists no label_names; it cannot name result columns")
         columns = result_columns(labels)
         out.mkdir(parents=True, exist_ok=True)
-        identity = run_identity(cfg, checkpoint_identity(cfg.checkpoint), shard)
+        # A run that follows a registry may change model version between calls (every row names its
+        # model_version); the findings (the columns) must stay the same.
+        ckpt_id = f"registry:{registry}:{','.join(labels)}" if registry else checkpoint_identity(cfg.checkpoint)
+        identity = run_identity(cfg, ckpt_id, shard)
         results_path = out / results_name(shard)
         run_path = out / run_name(shard)
         lock = lock_out(out / lock_name(shard), cfg.lock_wait)
@@ -224,6 +235,20 @@ def writing_to(exc: OSError, out: Path) -> bool:
         return Path(exc.filename).resolve().is_relative_to(out.resolve())
     except (OSError, ValueError):
         return False
+
+
+def follows_registry(checkpoint: str | Any) -> Path | None:
+    """The resolved model registry folder when ``checkpoint`` names one (``medxray site promote``),
+    else None (a checkpoint file). A registry is read again at every scoring call, so a long-lived
+    caller (the DICOM node) picks up a promotion or a rollback at its next batch."""
+    p = Path(checkpoint).expanduser()
+    if not p.is_dir():
+        return None
+    from medxray.site.registry import is_registry
+
+    if not is_registry(p):
+        raise CheckpointError(f"{p} is a folder but not a model registry (versions/, CURRENT); give a checkpoint file")
+    return p.resolve()
 
 
 def run_identity(cfg: ScoreConfig, ckpt_id: str, shard: tuple[int, int] | None) -> dict[str, Any]:
