@@ -45,8 +45,9 @@ def _norm(text: str) -> str:
     return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
-def finding_columns(header: Sequence[str], label_names: Sequence[str],
-                    columns: Mapping[str, str] | None = None) -> dict[str, int]:
+def finding_columns(
+    header: Sequence[str], label_names: Sequence[str], columns: Mapping[str, str] | None = None
+) -> dict[str, int]:
     """Index of each finding's column in ``header``.
 
     An explicit ``columns`` mapping (finding -> column) wins. Otherwise, per finding, the first
@@ -64,17 +65,21 @@ def finding_columns(header: Sequence[str], label_names: Sequence[str],
     for n in label_names:
         if n in columns:
             if columns[n] not in header:
-                raise DataError(f"--columns maps {n} to {columns[n]!r}, which is not a column of the file "
-                                f"({', '.join(header[:8])}...)")
+                raise DataError(
+                    f"--columns maps {n} to {columns[n]!r}, which is not a column of the file "
+                    f"({', '.join(header[:8])}...)"
+                )
             out[n] = header.index(columns[n])
             continue
         idx = next((header.index(pre + n) for pre in PREFIXES if pre + n in header), None)
         if idx is None:
             idx = next((normed.index(_norm(pre + n)) for pre in PREFIXES if _norm(pre + n) in normed), None)
         if idx is None:
-            raise DataError(f"no column for {n!r} (tried {n}, p_{n}, prob_{n}, pred_{n}, score_{n} and the same "
-                            f"without case/spaces/underscores) among {', '.join(header[:12])}; name it with "
-                            f"--columns {n}=COLUMN")
+            raise DataError(
+                f"no column for {n!r} (tried {n}, p_{n}, prob_{n}, pred_{n}, score_{n} and the same "
+                f"without case/spaces/underscores) among {', '.join(header[:12])}; name it with "
+                f"--columns {n}=COLUMN"
+            )
         out[n] = idx
     return out
 
@@ -92,8 +97,9 @@ def parse_columns(text: str | None) -> dict[str, str]:
     return out
 
 
-def read_predictions(path: str | Path, label_names: Sequence[str],
-                     columns: Mapping[str, str] | None = None) -> tuple[list[str], np.ndarray]:
+def read_predictions(
+    path: str | Path, label_names: Sequence[str], columns: Mapping[str, str] | None = None
+) -> tuple[list[str], np.ndarray]:
     """(image names, (N, C) float64 probabilities in ``label_names`` order) from a predictions CSV.
 
     Finding columns are found by :func:`finding_columns`. Raises :class:`DataError` naming the row
@@ -137,8 +143,10 @@ def read_predictions(path: str | Path, label_names: Sequence[str],
             except ValueError:
                 raise DataError(f"{p} line {line}, column {header[c]}: {row[c]!r} is not a number") from None
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-                raise DataError(f"{p} line {line}, column {header[c]}: {row[c]} is not a probability in [0, 1]; "
-                                f"convert scores first (e.g. the sigmoid of a logit)")
+                raise DataError(
+                    f"{p} line {line}, column {header[c]}: {row[c]} is not a probability in [0, 1]; "
+                    f"convert scores first (e.g. the sigmoid of a logit)"
+                )
             values[i, j] = v
         names.append(name)
     if not names:
@@ -147,9 +155,18 @@ def read_predictions(path: str | Path, label_names: Sequence[str],
 
 
 def evaluate_predictions(
-    predictions: str | Path, *, dataset: str = "chestxray14", data_root: str | Path | None = None,
-    split: str = "test", out_dir: str | Path | None = None, threshold_split: str | None = "val",
-    n_bootstrap: int = 1000, seed: int = 0, val_fraction: float = 0.1, split_seed: int = 0, view: str = "all",
+    predictions: str | Path,
+    *,
+    dataset: str = "chestxray14",
+    data_root: str | Path | None = None,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    threshold_split: str | None = "val",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    view: str = "all",
     columns: Mapping[str, str] | None = None,
 ) -> EvalResult:
     """Score an external predictions file on ``split`` of the official ChestX-ray14 labels; write the
@@ -167,10 +184,14 @@ def evaluate_predictions(
     from medxray.labels import CHESTXRAY14_FINDINGS
 
     if dataset != "chestxray14":
-        raise ConfigError(f"--predictions scores ChestX-ray14 predictions against its official labels; "
-                          f"dataset {dataset!r} is not supported")
+        raise ConfigError(
+            f"--predictions scores ChestX-ray14 predictions against its official labels; "
+            f"dataset {dataset!r} is not supported"
+        )
     if split not in (*SPLITS, FILE_SPLIT) or (threshold_split is not None and threshold_split not in SPLITS):
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)} or file, threshold split one of {', '.join(SPLITS)}")
+        raise ConfigError(
+            f"split must be one of {', '.join(SPLITS)} or file, threshold split one of {', '.join(SPLITS)}"
+        )
     if split == FILE_SPLIT:
         threshold_split = None
     label_names = list(CHESTXRAY14_FINDINGS)
@@ -183,25 +204,42 @@ def evaluate_predictions(
         from types import SimpleNamespace
 
         recs = [parts[k] for k in SPLITS if parts.get(k) is not None]
-        parts = {**parts, FILE_SPLIT: SimpleNamespace(
-            names=[n for r in recs for n in r.names], patients=[x for r in recs for x in r.patients],
-            labels=np.concatenate([r.labels for r in recs]), mask=np.concatenate([r.mask for r in recs]))}
+        parts = {
+            **parts,
+            FILE_SPLIT: SimpleNamespace(
+                names=[n for r in recs for n in r.names],
+                patients=[x for r in recs for x in r.patients],
+                labels=np.concatenate([r.labels for r in recs]),
+                mask=np.concatenate([r.mask for r in recs]),
+            ),
+        }
 
     def take(which: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         rec = parts[which]
         idx = [(k, row_of[n]) for k, n in enumerate(rec.names) if n in row_of]
         ks, rs = [k for k, _ in idx], [r for _, r in idx]
-        return ([rec.names[k] for k in ks], probs[rs], rec.labels[ks].astype(np.float32), rec.mask[ks].astype(np.float32))
+        return (
+            [rec.names[k] for k in ks],
+            probs[rs],
+            rec.labels[ks].astype(np.float32),
+            rec.mask[ks].astype(np.float32),
+        )
 
     ev_names, P, Y, M = take(split)
     if not ev_names:
-        raise DataError(f"no image of {path.name} is on the {split} split ({len(names)} rows); check the image names "
-                        f"(as in the label file, e.g. 00000003_000.png) or choose another --split")
+        raise DataError(
+            f"no image of {path.name} is on the {split} split ({len(names)} rows); check the image names "
+            f"(as in the label file, e.g. 00000003_000.png) or choose another --split"
+        )
     known = {n for rec in parts.values() for n in rec.names}
     unknown = [n for n in names if n not in known]
     if unknown:
-        log.warning("%d row(s) of %s are not images of the label file's splits and are ignored (first: %s)",
-                    len(unknown), path.name, unknown[0])
+        log.warning(
+            "%d row(s) of %s are not images of the label file's splits and are ignored (first: %s)",
+            len(unknown),
+            path.name,
+            unknown[0],
+        )
     th_split = threshold_split if threshold_split and threshold_split != split else split
     th_set = None
     if th_split != split:
@@ -212,22 +250,45 @@ def evaluate_predictions(
             log.warning("%s has no row on the %s split: choosing thresholds on %s itself", path.name, th_split, split)
             th_split = split
     out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval-{split}"
-    summary = {"prevalence": {split: {n: float(Y[M[:, c] > 0.5, c].mean()) if (M[:, c] > 0.5).any() else None
-                                      for c, n in enumerate(label_names)}},
-               "patients": {split: len({parts[split].patients[i] for i, n in enumerate(parts[split].names)
-                                        if n in row_of})}}
+    summary = {
+        "prevalence": {
+            split: {
+                n: float(Y[M[:, c] > 0.5, c].mean()) if (M[:, c] > 0.5).any() else None
+                for c, n in enumerate(label_names)
+            }
+        },
+        "patients": {split: len({parts[split].patients[i] for i, n in enumerate(parts[split].names) if n in row_of})},
+    }
     result, _ = assess(
-        out, label_names=label_names, names=ev_names, probs=P, labels=Y, masks=M, split=split, dataset=dataset,
-        threshold_set=th_set, threshold_split=th_split, n_bootstrap=n_bootstrap, seed=seed,
-        source_lines=[f"Predictions file: `{path}` ({len(names)} rows; {len(unknown)} not in the label file)",
-                      f"Labels: {Path(info['files']['labels']).name} (content SHA-256 `{info['label_sha256'][:16]}`); "
-                      f"val = patient-disjoint {val_fraction:g} of train_val, seed {split_seed}"],
-        summary=summary, precision="as given in the file",
+        out,
+        label_names=label_names,
+        names=ev_names,
+        probs=P,
+        labels=Y,
+        masks=M,
+        split=split,
+        dataset=dataset,
+        threshold_set=th_set,
+        threshold_split=th_split,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        source_lines=[
+            f"Predictions file: `{path}` ({len(names)} rows; {len(unknown)} not in the label file)",
+            f"Labels: {Path(info['files']['labels']).name} (content SHA-256 `{info['label_sha256'][:16]}`); "
+            f"val = patient-disjoint {val_fraction:g} of train_val, seed {split_seed}",
+        ],
+        summary=summary,
+        precision="as given in the file",
         extra=_extra(path, names, unknown, info),
     )
     return result
 
 
 def _extra(path: Path, names: Sequence[str], unknown: Sequence[str], info: dict[str, Any]) -> dict[str, Any]:
-    return {"predictions_file": str(path), "rows": len(names), "rows_not_in_label_file": len(unknown),
-            "data_manifest_hash": info["label_sha256"], "tta": False}
+    return {
+        "predictions_file": str(path),
+        "rows": len(names),
+        "rows_not_in_label_file": len(unknown),
+        "data_manifest_hash": info["label_sha256"],
+        "tta": False,
+    }

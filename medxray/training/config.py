@@ -31,8 +31,18 @@ POS_WEIGHTS: tuple[str, ...] = ("none", "balanced")
 VIEWS: tuple[str, ...] = ("all", "PA", "AP")
 # Options a resumed run may change; everything else must match the stored config.
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
-    {"epochs", "device", "num_workers", "progress", "tensorboard", "early_stopping_patience", "eval_batch_size",
-     "resume", "out", "max_steps_per_epoch"}
+    {
+        "epochs",
+        "device",
+        "num_workers",
+        "progress",
+        "tensorboard",
+        "early_stopping_patience",
+        "eval_batch_size",
+        "resume",
+        "out",
+        "max_steps_per_epoch",
+    }
 )
 
 
@@ -145,10 +155,23 @@ def make_config(config_file: str | os.PathLike | None = None, **overrides: Any) 
 
 
 # Names other trainers use for our options, for the "did you mean" hint.
-_ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "max_epochs": "epochs", "bs": "batch_size",
-            "arch": "model", "architecture": "model", "root": "data_root", "workers": "num_workers",
-            "lr_scheduler": "scheduler", "patience": "early_stopping_patience", "amp": "precision",
-            "img_size": "image_size", "input_size": "image_size", "output_dir": "out", "resume_from": "resume"}
+_ALIASES = {
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "bs": "batch_size",
+    "arch": "model",
+    "architecture": "model",
+    "root": "data_root",
+    "workers": "num_workers",
+    "lr_scheduler": "scheduler",
+    "patience": "early_stopping_patience",
+    "amp": "precision",
+    "img_size": "image_size",
+    "input_size": "image_size",
+    "output_dir": "out",
+    "resume_from": "resume",
+}
 
 
 def _check_keys(mapping: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -180,6 +203,7 @@ def build_config(values: Mapping[str, Any]) -> TrainConfig:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """The data root (and a CSV manifest) as absolute paths, so the checkpoint that stores this config can be
     evaluated from any folder; the working directory the run was started in means nothing later."""
+
     def absolute(p: str) -> str:
         return str(Path(p).expanduser().resolve())
 
@@ -196,6 +220,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Reject values that cannot work, each with a message naming the option."""
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
@@ -210,15 +235,20 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.image_size >= 16, f"image size must be >= 16 pixels, got {cfg.image_size}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"learning rate must be a positive number, got {cfg.lr}")
     need(0.0 < cfg.val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {cfg.val_fraction}")
-    need(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), f"betas must be two numbers in [0, 1), got {cfg.betas}")
+    need(
+        len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas),
+        f"betas must be two numbers in [0, 1), got {cfg.betas}",
+    )
     need(0 < cfg.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {cfg.plateau_factor}")
     need(cfg.early_stopping_patience >= 0, "early_stopping_patience must be >= 0 (0 = off)")
     need(0 <= cfg.freeze_blocks <= 4, "freeze_blocks must be 0-4 (dense blocks kept fixed, counted from the stem)")
     need(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers must be >= 0")
     need(cfg.max_steps_per_epoch is None or cfg.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1")
     dev = cfg.device
-    need(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
-         f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    need(
+        dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+        f"device must be auto, cpu, cuda or cuda:N, got {dev!r}",
+    )
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -42,13 +42,13 @@ from medxray.checkpoint import save_checkpoint
 from medxray.data.loading import make_loader
 from medxray.errors import ConfigError, MedxrayError
 from medxray.evaluation.metrics import auroc_per_class
-from medxray.training.init_from import bn_eval, check_site_lock, freeze, init_config, load_init_weights
 from medxray.fileio import atomic_output, atomic_write_text, json_line, to_jsonable
 from medxray.hardware import default_num_workers, resolve_device, resolve_precision
 from medxray.ood import stats_for_run
 from medxray.training import distributed as mdist
 from medxray.training.config import TrainConfig, absolute_paths, make_config, save_config, validate_config
 from medxray.training.data import build_run_splits, check_run_data, epoch_dataset, positive_weights
+from medxray.training.init_from import bn_eval, check_site_lock, freeze, init_config, load_init_weights
 from medxray.training.state import (
     RUN_FILES,
     checkpoint_metadata,
@@ -131,16 +131,29 @@ def check_before_data(cfg: TrainConfig) -> None:
 class _Run:
     """State of one fine-tuning run (model, optimiser, data, bookkeeping)."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, precision: str, info: mdist.DistInfo,
-                 splits: Any, resume_state: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        precision: str,
+        info: mdist.DistInfo,
+        splits: Any,
+        resume_state: dict[str, Any] | None,
+    ) -> None:
         self.cfg, self.device, self.precision, self.info = cfg, device, precision, info
         self.resume_state = resume_state
         self.run_dir = self._run_dir()
         self.splits = splits if splits is not None else build_run_splits(cfg, info)
         self.label_names = list(self.splits.label_names)
         self.manifest_hash = str(getattr(self.splits, "manifest_hash", "") or "")
-        check_run_data(cfg, self.splits, info, label_names=self.label_names, manifest_hash=self.manifest_hash,
-                       resume_state=resume_state)
+        check_run_data(
+            cfg,
+            self.splits,
+            info,
+            label_names=self.label_names,
+            manifest_hash=self.manifest_hash,
+            resume_state=resume_state,
+        )
         check_site_lock(cfg, self.splits)
         self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device)
         self._build_model()
@@ -181,15 +194,25 @@ class _Run:
         from medxray.models import create_model
 
         cfg = self.cfg
-        pretrained = None if (self.resume_state is not None or cfg.pretrained.lower() in ("none", "")) else cfg.pretrained
-        self.model = create_model(cfg.model, num_classes=len(self.label_names), pretrained=pretrained,
-                                  memory_efficient=cfg.memory_efficient, drop_rate=cfg.drop_rate)
+        pretrained = (
+            None if (self.resume_state is not None or cfg.pretrained.lower() in ("none", "")) else cfg.pretrained
+        )
+        self.model = create_model(
+            cfg.model,
+            num_classes=len(self.label_names),
+            pretrained=pretrained,
+            memory_efficient=cfg.memory_efficient,
+            drop_rate=cfg.drop_rate,
+        )
         if cfg.init_from and self.resume_state is None:
             load_init_weights(self.model, cfg.init_from, self.label_names)
         if cfg.freeze_blocks or cfg.freeze_bn:
-            log.info("frozen: %d parameters (stem + %d dense block(s)%s)", freeze(self.model, cfg.freeze_blocks,
-                                                                               cfg.freeze_bn),
-                     cfg.freeze_blocks, ", BatchNorm" if cfg.freeze_bn else "")
+            log.info(
+                "frozen: %d parameters (stem + %d dense block(s)%s)",
+                freeze(self.model, cfg.freeze_blocks, cfg.freeze_bn),
+                cfg.freeze_blocks,
+                ", BatchNorm" if cfg.freeze_bn else "",
+            )
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -249,20 +272,33 @@ class _Run:
     # ---- bookkeeping --------------------------------------------------------------------
 
     def metadata(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        return checkpoint_metadata(self.cfg, label_names=self.label_names, manifest_hash=self.manifest_hash,
-                                   run_name=self.run_dir.name, epoch=epoch, metrics=metrics,
-                                   data_summary=getattr(self.splits, "summary", None))
+        return checkpoint_metadata(
+            self.cfg,
+            label_names=self.label_names,
+            manifest_hash=self.manifest_hash,
+            run_name=self.run_dir.name,
+            epoch=epoch,
+            metrics=metrics,
+            data_summary=getattr(self.splits, "summary", None),
+        )
 
     def _write_run_info(self) -> None:
         if not self.info.is_main:
             return
         save_config(self.cfg, self.run_dir / RUN_FILES["config"])
         summary = getattr(self.splits, "summary", {}) or {}
-        info = {"versions": versions(), "git_commit": git_commit(), "data_manifest_hash": self.manifest_hash,
-                "data_summary": summary, "device": str(self.device), "precision": self.precision,
-                "world_size": self.info.world_size, "num_workers": self.num_workers,
-                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": sys.argv}
+        info = {
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "data_manifest_hash": self.manifest_hash,
+            "data_summary": summary,
+            "device": str(self.device),
+            "precision": self.precision,
+            "world_size": self.info.world_size,
+            "num_workers": self.num_workers,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": sys.argv,
+        }
         atomic_write_text(self.run_dir / RUN_FILES["run"], json.dumps(to_jsonable(info), indent=2, default=str))
 
     # ---- training ------------------------------------------------------------------------
@@ -276,9 +312,19 @@ class _Run:
         if self.stopped or self.start_epoch >= cfg.epochs:
             log.info("run %s already finished (%s); nothing to do", self.run_dir, self.stopped or "all epochs done")
         else:
-            log.info("training %s (%s) on %s, %s, %d train / %d val images, %d epochs, batch %d, %d px -> %s",
-                     cfg.model, f"pretrained={cfg.pretrained}", self.device, self.precision, len(self.splits.train),
-                     len(self.splits.val), cfg.epochs, cfg.batch_size, cfg.image_size, self.run_dir)
+            log.info(
+                "training %s (%s) on %s, %s, %d train / %d val images, %d epochs, batch %d, %d px -> %s",
+                cfg.model,
+                f"pretrained={cfg.pretrained}",
+                self.device,
+                self.precision,
+                len(self.splits.train),
+                len(self.splits.val),
+                cfg.epochs,
+                cfg.batch_size,
+                cfg.image_size,
+                self.run_dir,
+            )
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 if self.stopped:
@@ -290,14 +336,25 @@ class _Run:
             if self.tb is not None:
                 self.tb.close()
         if self.info.is_main:  # feature statistics of the best weights: the scorer's OOD check (medxray.ood)
-            stats_for_run(self.run_dir / RUN_FILES["best"], self.splits.train, self.splits.val, device=self.device,
-                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=self.num_workers)
+            stats_for_run(
+                self.run_dir / RUN_FILES["best"],
+                self.splits.train,
+                self.splits.val,
+                device=self.device,
+                batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                num_workers=self.num_workers,
+            )
         mdist.barrier(self.info)
         return FinetuneResult(
-            run_dir=self.run_dir, best_checkpoint=self.run_dir / RUN_FILES["best"],
-            last_checkpoint=self.run_dir / RUN_FILES["last"], best_epoch=self.best_epoch,
-            best_val_auroc=self.best_auroc, epochs_completed=len(self.history), stopped_reason=self.stopped or "",
-            history=self.history, label_names=self.label_names,
+            run_dir=self.run_dir,
+            best_checkpoint=self.run_dir / RUN_FILES["best"],
+            last_checkpoint=self.run_dir / RUN_FILES["last"],
+            best_epoch=self.best_epoch,
+            best_val_auroc=self.best_auroc,
+            epochs_completed=len(self.history),
+            stopped_reason=self.stopped or "",
+            history=self.history,
+            label_names=self.label_names,
             data_summary=dict(getattr(self.splits, "summary", {}) or {}),
         )
 
@@ -305,13 +362,25 @@ class _Run:
         from torch.utils.data import DistributedSampler
 
         cfg = self.cfg
-        sampler = DistributedSampler(self.splits.train, num_replicas=self.info.world_size, rank=self.info.rank,
-                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler = DistributedSampler(
+            self.splits.train,
+            num_replicas=self.info.world_size,
+            rank=self.info.rank,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=True,
+        )
         sampler.set_epoch(epoch)
         seed = cfg.seed * 1_000_003 + epoch
-        return make_loader(epoch_dataset(self.splits.train, seed), batch_size=cfg.batch_size, sampler=sampler,
-                           drop_last=True, seed=seed, num_workers=self.num_workers,
-                           pin_memory=self.device.type == "cuda")
+        return make_loader(
+            epoch_dataset(self.splits.train, seed),
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            seed=seed,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _epoch(self, epoch: int) -> None:
         cfg = self.cfg
@@ -320,9 +389,16 @@ class _Run:
         t_train = time.perf_counter() - t0
         # Validate with the plain module: DDP's forward may run collectives, and shards differ in size.
         mdist.broadcast_buffers(self.model, self.info)
-        val = predict_dataset(self.model, self.splits.val, device=self.device,
-                              precision=self.precision, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                              channels_last=cfg.channels_last, num_workers=self.num_workers, info=self.info)
+        val = predict_dataset(
+            self.model,
+            self.splits.val,
+            device=self.device,
+            precision=self.precision,
+            batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+            channels_last=cfg.channels_last,
+            num_workers=self.num_workers,
+            info=self.info,
+        )
         aurocs = auroc_per_class(val["probs"], val["labels"], val["masks"])
         finite = [a for a in aurocs if math.isfinite(a)]
         mean_auroc = float(np.mean(finite)) if finite else float("nan")
@@ -338,36 +414,63 @@ class _Run:
         elif self.scheduler is not None:
             self.scheduler.step()
         row = {
-            "epoch": epoch + 1, "train_loss": train["loss"], "val_loss": val["loss"], "val_mean_auroc": mean_auroc,
-            "val_auroc": dict(zip(self.label_names, aurocs)), "lr": lr, "train_images": train["images"],
-            "train_images_per_s": train["images"] / max(t_train, 1e-9), "epoch_time_s": time.perf_counter() - t0,
-            "val_images": len(self.splits.val), "val_images_scored": len(val["names"]),
-            "val_images_unique": len(set(val["index"].tolist())), "best": improved,
+            "epoch": epoch + 1,
+            "train_loss": train["loss"],
+            "val_loss": val["loss"],
+            "val_mean_auroc": mean_auroc,
+            "val_auroc": dict(zip(self.label_names, aurocs)),
+            "lr": lr,
+            "train_images": train["images"],
+            "train_images_per_s": train["images"] / max(t_train, 1e-9),
+            "epoch_time_s": time.perf_counter() - t0,
+            "val_images": len(self.splits.val),
+            "val_images_scored": len(val["names"]),
+            "val_images_unique": len(set(val["index"].tolist())),
+            "best": improved,
             "world_size": self.info.world_size,
         }
         self.history.append(to_jsonable(row))
         if cfg.early_stopping_patience and self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 < cfg.epochs:
             self.stopped = f"early stopping: no better val mean AUROC for {self.bad_epochs} epochs"
         if self.info.is_main:
-            metrics = {"val_mean_auroc": mean_auroc, "val_auroc": row["val_auroc"], "val_loss": val["loss"],
-                       "epoch": epoch + 1, "selected_by": "val_mean_auroc" if finite else "val_loss"}
+            metrics = {
+                "val_mean_auroc": mean_auroc,
+                "val_auroc": row["val_auroc"],
+                "val_loss": val["loss"],
+                "epoch": epoch + 1,
+                "selected_by": "val_mean_auroc" if finite else "val_loss",
+            }
             if improved:
-                save_checkpoint(self.run_dir / RUN_FILES["best"], self.model.state_dict(),
-                                self.metadata(epoch + 1, metrics))
+                save_checkpoint(
+                    self.run_dir / RUN_FILES["best"], self.model.state_dict(), self.metadata(epoch + 1, metrics)
+                )
                 self._write_val_predictions(val)
             best_meta = {"val_mean_auroc": self.best_auroc, "best_epoch": self.best_epoch}
-            save_training_checkpoint(self.run_dir, self.model.state_dict(),
-                                     self.metadata(epoch + 1, {**metrics, **best_meta}),
-                                     self._training_state(epoch + 1), keep_previous=self.last_is_good)
+            save_training_checkpoint(
+                self.run_dir,
+                self.model.state_dict(),
+                self.metadata(epoch + 1, {**metrics, **best_meta}),
+                self._training_state(epoch + 1),
+                keep_previous=self.last_is_good,
+            )
             self.last_is_good = True
             with open(self.run_dir / RUN_FILES["metrics"], "a") as fh:
                 fh.write(json_line(row) + "\n")
             if self.tb is not None:
                 for k in ("train_loss", "val_loss", "val_mean_auroc", "lr", "train_images_per_s"):
                     self.tb.add_scalar(k, row[k], epoch + 1)
-        log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean AUROC %.4f%s  lr %.2g  %.1f img/s  %.0fs",
-                 epoch + 1, cfg.epochs, train["loss"], val["loss"], mean_auroc, " (best)" if improved else "",
-                 lr, row["train_images_per_s"], row["epoch_time_s"])
+        log.info(
+            "epoch %d/%d  train loss %.4f  val loss %.4f  val mean AUROC %.4f%s  lr %.2g  %.1f img/s  %.0fs",
+            epoch + 1,
+            cfg.epochs,
+            train["loss"],
+            val["loss"],
+            mean_auroc,
+            " (best)" if improved else "",
+            lr,
+            row["train_images_per_s"],
+            row["epoch_time_s"],
+        )
         if self.stopped:
             log.info("%s (best epoch %d)", self.stopped, self.best_epoch)
         mdist.barrier(self.info)
@@ -387,8 +490,16 @@ class _Run:
                     break
                 x = batch["image"]
                 value = train_step(
-                    self.net, x, batch["label"], batch["mask"], self.optimizer, self.scaler, device=self.device,
-                    precision=self.precision, channels_last=cfg.channels_last, pos_weight=self.pos_weight,
+                    self.net,
+                    x,
+                    batch["label"],
+                    batch["mask"],
+                    self.optimizer,
+                    self.scaler,
+                    device=self.device,
+                    precision=self.precision,
+                    channels_last=cfg.channels_last,
+                    pos_weight=self.pos_weight,
                     grad_clip_norm=cfg.grad_clip_norm,
                     check=functools.partial(self._check_loss, epoch, step),
                 )
@@ -413,11 +524,16 @@ class _Run:
 
     def _diverged(self, epoch: int, step: int, value: float) -> None:
         last = self.run_dir / RUN_FILES["last"]
-        kept = (f"the last good checkpoint {last} (epoch {self.start_epoch if not self.history else self.history[-1]['epoch']}) "
-                f"is kept; lower --lr (or use --precision fp32) and resume with --resume {self.run_dir}"
-                if last.exists() else "no epoch had completed, so there is no checkpoint; lower --lr and start again")
+        good_epoch = self.start_epoch if not self.history else self.history[-1]["epoch"]
+        kept = (
+            f"the last good checkpoint {last} (epoch {good_epoch}) "
+            f"is kept; lower --lr (or use --precision fp32) and resume with --resume {self.run_dir}"
+            if last.exists()
+            else "no epoch had completed, so there is no checkpoint; lower --lr and start again"
+        )
         raise TrainingDivergedError(
-            f"training loss became non-finite ({value}) at epoch {epoch + 1}, batch {step + 1}; the run stopped and {kept}"
+            f"training loss became non-finite ({value}) at epoch {epoch + 1}, batch {step + 1}; "
+            f"the run stopped and {kept}"
         )
 
     def _training_state(self, epoch: int) -> dict[str, Any]:
