@@ -154,3 +154,11 @@ def test_key_objects_are_frozen_and_equal_by_value():
     with pytest.raises(AttributeError):
         a.study_id = "0" * 16  # type: ignore[misc]
     assert len({StudyKeys.for_sha256(hashlib.sha256(bytes([i])).hexdigest()) for i in range(50)}) == 50
+
+
+def test_the_key_module_is_plain_python():
+    # unit-testable without Streamlit, importable by anything in medxray.review without a circle
+    tree = ast.parse((ROOT / "medxray" / "review" / "session_keys.py").read_text(encoding="utf-8"))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "dataclasses", "hashlib", "typing"}, imported
