@@ -291,6 +291,12 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("medxray.dicom.header", ("medxray.dicom.reader", "medxray.dicom.voi", "pydicom"), "duck-typed data sets"),
     ("medxray.modelinput", ("torch", "monai"), "the input contract runs in the torch-free decode workers"),
     ("medxray.checkpoint_meta", ("torch",), "typed metadata, readable without torch"),
+    ("medxray.scoring.messages", ("torch",), "the torch-free decode workers build these messages"),
+    (
+        "medxray.scoring.workers",
+        ("torch", "monai", "medxray.scoring.engine", "medxray.scoring.run", "medxray.scoring.journal"),
+        "spawned decode workers stay light; the engine imports them",
+    ),
 ]
 
 # Modules that may import nothing of medxray but the listed modules (and their own package, where named).
@@ -299,6 +305,7 @@ ONLY: list[tuple[str, tuple[str, ...]]] = [
     ("medxray.fileio", ("medxray.errors",)),
     ("medxray.modelinput", ("medxray.errors",)),
     ("medxray.checkpoint_meta", ("medxray.errors",)),
+    ("medxray.scoring.messages", ()),
     ("medxray.dicom.reader", ("medxray.dicom", "medxray.errors", "medxray.limits")),
     ("medxray.dicom.bits", ("medxray.dicom.codes",)),
     ("medxray.dicom.header", ("medxray.dicom.codes",)),
