@@ -62,7 +62,9 @@ def test_cli_app_refuses_missing_checkpoint_without_traceback(tmp_path, capsys):
 
     rc = main(["app", "--checkpoint", str(tmp_path / "missing.pt"), "--reviews", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert rc == 2 and "does not exist" in err and "Traceback" not in err
+    # one line naming the path and what to do (a registry folder is accepted too, so not "does not exist")
+    assert rc == 2 and "missing.pt" in err and "make demo" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_on_a_text_file_says_not_a_checkpoint(capsys):
