@@ -6,6 +6,7 @@ loaded once per checkpoint version with ``st.cache_resource`` and shared by all 
 in eval mode, CAMs come from features and head weights (no hooks) and nothing here mutates it.
 Per-image work is cached with ``st.cache_data`` keyed by the file's SHA-256. The Study page's
 widgets (navigation, viewing, review with keyboard shortcuts) are in :mod:`medxray.review.ui_study`.
+Every session-state and widget key comes from :mod:`medxray.review.session_keys` (none is typed here).
 
 Only this module and :mod:`medxray.review.ui_study` import streamlit; nothing in ``medxray``
 imports them (only the pages in ``app/`` do).
