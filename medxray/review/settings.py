@@ -434,9 +434,14 @@ def check_app_settings(cfg: AppSettings) -> None:
     from medxray.errors import CheckpointError
 
     if cfg.checkpoint is not None and not cfg.checkpoint.is_file() and not (cfg.checkpoint / "CURRENT").is_file():
+        what = (
+            "is a folder but not a model registry with a current version"
+            if cfg.checkpoint.is_dir()
+            else "does not exist"
+        )
         raise CheckpointError(
-            f"checkpoint {cfg.checkpoint} is neither a checkpoint file nor a model registry with a current version; "
-            "train one with `make demo` or `medxray finetune`, or leave out --checkpoint to browse results only"
+            f"checkpoint {cfg.checkpoint} {what}; train one with `make demo` or `medxray finetune` (or promote one "
+            "with `medxray site promote`), or leave out --checkpoint to browse results only"
         )
     for root in cfg.results:
         if not root.is_dir():
