@@ -45,6 +45,8 @@ def layout_lines(root: Path = PACKAGE) -> list[str]:
     def entry(name: str, text: str) -> list[str]:
         head = f"  {name:<{INDENT - 2}}"
         body = textwrap.wrap(text, WIDTH - INDENT) or [""]
+        if len(head) >= INDENT:  # a name wider than the column: the description starts on the next line
+            return [head.rstrip()] + [" " * INDENT + ln for ln in body]
         return [head + body[0]] + [" " * INDENT + ln for ln in body[1:]]
 
     lines = [f"{root.name}/".ljust(INDENT) + first_sentence(root / "__init__.py")]
