@@ -29,8 +29,9 @@ import shutil
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, overload
 
 import numpy as np
 import torch
@@ -97,6 +98,48 @@ class _FeatureHead(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Predictor
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """What :meth:`Predictor.run` returns for a preprocessed batch of N images.
+
+    * ``probabilities``: (N, C) float32, the sigmoid of the logits, one column per
+      :attr:`Predictor.label_names` entry (multi-label, as in CheXNet, Rajpurkar et al. 2017);
+    * ``ood``: (N,) Mahalanobis distances of the pooled last feature map to the training features
+      (:class:`medxray.ood.OODStats`, Lee et al. 2018; compare with ``Predictor.ood.threshold``),
+      or None when not asked for or when the checkpoint has no OOD statistics;
+    * ``maps``: (N, K, S, S) float32 in [0, 1] at the network input size S
+      (:func:`medxray.cam.compute_maps`), or None when not asked for;
+    * ``map_classes``: the K column indices (into ``probabilities``) of ``maps``; () without maps;
+    * ``map_method``: the :data:`medxray.cam.MAP_METHODS` key of ``maps``, or None.
+
+    Raises ValueError when the shapes disagree.
+    """
+
+    probabilities: np.ndarray
+    ood: np.ndarray | None = None
+    maps: np.ndarray | None = None
+    map_classes: tuple[int, ...] = ()
+    map_method: str | None = None
+
+    def __post_init__(self) -> None:
+        probs = self.probabilities
+        if not isinstance(probs, np.ndarray) or probs.ndim != 2:
+            raise ValueError(f"Prediction.probabilities must be (N, C), got {np.shape(probs)}")
+        n = probs.shape[0]
+        if self.ood is not None and np.shape(self.ood) != (n,):
+            raise ValueError(f"Prediction.ood must be ({n},), got {np.shape(self.ood)}")
+        object.__setattr__(self, "map_classes", tuple(int(c) for c in self.map_classes))
+        k = len(self.map_classes)
+        if self.maps is None:
+            if k or self.map_method is not None:
+                raise ValueError("Prediction: map_classes / map_method without maps")
+        elif np.ndim(self.maps) != 4 or np.shape(self.maps)[:2] != (n, k):
+            raise ValueError(f"Prediction.maps must be ({n}, {k}, S, S), got {np.shape(self.maps)}")
+
+    def __len__(self) -> int:
+        return int(self.probabilities.shape[0])
 
 
 class Predictor:
@@ -401,15 +444,66 @@ class Predictor:
             return torch.zeros((0, 3, self.image_size, self.image_size))
         return torch.stack([preprocess(img, self.image_size) for img in images])
 
-    def predict_tensor(self, x: torch.Tensor, with_ood: bool = False) -> Any:
-        """Probabilities (N, C) for an already preprocessed batch (the scorer's path).
+    def run(
+        self,
+        x: torch.Tensor,
+        *,
+        ood: bool = False,
+        maps: bool | str | Sequence[int | str] = False,
+        method: str | None = None,
+        wanted: np.ndarray | None = None,
+    ) -> Prediction:
+        """Score a preprocessed batch (N, 3, S, S): a :class:`Prediction`.
+
+        ``ood=True`` adds the OOD distances (:meth:`ood_distance`; None without statistics).
+        ``maps``: False (none), True (every finding), or the findings (column indices or names)
+        to compute maps for, with ``method`` (default: the checkpoint's ``cam_method``) and
+        ``wanted`` (N, K) bool limiting which (image, finding) maps are computed, as in
+        :meth:`maps_tensor`. Without maps: one forward pass per chunk of ``batch_size`` images on
+        the predictor's backend. With maps on the torch backend, and for ``cam`` on any backend,
+        probabilities, OOD features and maps all come from the map pass; on OpenVINO with a
+        gradient method the probabilities come from OpenVINO (the numbers the scorer writes) and
+        the maps from an eager torch pass (OpenVINO has no gradients).
+        Raises :class:`~medxray.errors.InputShapeError` for a batch of another shape and
+        :class:`~medxray.errors.ConfigError` for an unknown finding or map method.
+        """
+        if maps is False:
+            if wanted is not None:
+                raise ConfigError("wanted selects maps: give the maps= findings too")
+            logits, feats = self.forward(x, want_features=ood and self.ood is not None)
+            return Prediction(_sigmoid(logits), self.ood_distance(feats) if ood else None)
+        from medxray.cam import check_method
+
+        name = check_method(method or self.cam_method)
+        chosen = None if maps is True else [maps] if isinstance(maps, str) else list(maps)
+        cls = self.class_indices(chosen)
+        cls = list(range(len(self.label_names))) if cls is None else cls
+        if self.backend == "torch" or name == "cam":
+            logits, feats, m = self._map_pass(x, cls, name, wanted, want_features=ood and self.ood is not None)
+            probs, distances = _sigmoid(logits), self.ood_distance(feats)
+        else:
+            first = self.run(x, ood=ood)
+            probs, distances = first.probabilities, first.ood
+            m = self._map_pass(x, cls, name, wanted, want_features=False)[2]
+        return Prediction(probs, distances if ood else None, m, tuple(cls), name)
+
+    @overload
+    def predict_tensor(self, x: torch.Tensor, with_ood: Literal[False] = False) -> np.ndarray: ...
+    @overload
+    def predict_tensor(self, x: torch.Tensor, with_ood: Literal[True]) -> tuple[np.ndarray, np.ndarray | None]: ...
+    @overload
+    def predict_tensor(self, x: torch.Tensor, with_ood: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]: ...
+    def predict_tensor(
+        self, x: torch.Tensor, with_ood: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C) float32 for an already preprocessed batch: :meth:`run` without maps.
 
         ``with_ood=True`` returns ``(probs, ood)``: ``ood`` the (N,) OOD distances of
-        :meth:`ood_distance` from the same forward pass, or None when the checkpoint has no OOD statistics.
+        :meth:`ood_distance` from the same forward pass, or None when the checkpoint has no OOD
+        statistics. Kept for compatibility; new code calls :meth:`run`.
         """
-        logits, feats = self.forward(x, want_features=with_ood and self.ood is not None)
-        probs = _sigmoid(logits)
-        return (probs, self.ood_distance(feats)) if with_ood else probs
+        pred = self.run(x, ood=with_ood)
+        return (pred.probabilities, pred.ood) if with_ood else pred.probabilities
 
     def ood_distance(self, feats: np.ndarray | None) -> np.ndarray | None:
         """Mahalanobis distances (N,) of feature maps (N, F, h, w) to the training features
@@ -519,40 +613,79 @@ class Predictor:
         feats = np.concatenate(feats_p) if want_features and feats_p else None
         return np.concatenate(logits_p), feats, np.concatenate(maps_p)
 
+    @overload
+    def predict_tensor_with_cams(
+        self,
+        x: torch.Tensor,
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        with_ood: Literal[False] = False,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+    @overload
+    def predict_tensor_with_cams(
+        self,
+        x: torch.Tensor,
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        *,
+        with_ood: Literal[True],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+    @overload
     def predict_tensor_with_cams(
         self,
         x: torch.Tensor,
         classes: Sequence[int | str] | None = None,
         method: str | None = None,
         with_ood: bool = False,
-    ) -> Any:
-        """Probabilities (N, C) and the maps (N, K, S, S) of :meth:`maps_tensor`; ``with_ood=True``
-        adds a third value, the OOD distances of :meth:`predict_tensor`.
-
-        One forward pass per chunk: on the torch backend, and for ``cam`` on any backend, the
-        probabilities, OOD features and maps all come from the map pass. On OpenVINO with a
-        gradient method the probabilities come from OpenVINO (the numbers the scorer writes,
-        a few ms per image) and the maps from the torch pass, since OpenVINO has no gradients.
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+    def predict_tensor_with_cams(
+        self,
+        x: torch.Tensor,
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        with_ood: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(probs, maps)``: probabilities (N, C) and the maps (N, K, S, S) of :meth:`maps_tensor`
+        (``classes`` default: all C); ``with_ood=True`` adds a third value, the OOD distances (N,)
+        or None. :meth:`run` with maps (one forward pass per chunk; see there for the backends).
+        Kept for compatibility; new code calls :meth:`run`.
         """
-        from medxray.cam import check_method
+        pred = self.run(x, ood=with_ood, maps=True if classes is None else classes, method=method)
+        assert pred.maps is not None  # asked for
+        return (pred.probabilities, pred.maps, pred.ood) if with_ood else (pred.probabilities, pred.maps)
 
-        name = check_method(method or self.cam_method)
-        need_feats = with_ood and self.ood is not None
-        if self.backend == "torch" or name == "cam":
-            logits, feats, maps = self._map_pass(x, classes, name, None, want_features=need_feats)
-            probs, ood = _sigmoid(logits), self.ood_distance(feats)
-        else:
-            probs, ood = self.predict_tensor(x, with_ood=True)
-            maps = self.maps_tensor(x, classes, name)
-        return (probs, maps, ood) if with_ood else (probs, maps)
-
+    @overload
+    def predict_with_cams(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        with_ood: Literal[False] = False,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+    @overload
+    def predict_with_cams(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        *,
+        with_ood: Literal[True],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+    @overload
     def predict_with_cams(
         self,
         images: Sequence[np.ndarray],
         classes: Sequence[int | str] | None = None,
         method: str | None = None,
         with_ood: bool = False,
-    ) -> Any:
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+    def predict_with_cams(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[int | str] | None = None,
+        method: str | None = None,
+        with_ood: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Probabilities (N, C) and maps (N, K, S, S) in [0, 1] at the network input size S.
 
         ``classes`` are column indices or finding names (default: all C); see

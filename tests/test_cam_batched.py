@@ -171,33 +171,34 @@ def test_overlays_are_drawn_at_display_size_in_the_worker(tmp_path):
 
     from medxray.display import DISPLAY_LONG_SIDE
     from medxray.scoring.config import ScoreConfig
+    from medxray.scoring.messages import DecodedImage, PostTask
     from medxray.scoring.workers import decode_job, post_job
 
     assert ScoreConfig(input_dir=tmp_path, checkpoint=tmp_path, out=tmp_path).overlay_max_side == DISPLAY_LONG_SIDE
     path = get_testdata_file("RG1_UNCR.dcm")
     full = decode_job(path, SIZE, None, None, True)
     small = decode_job(path, SIZE, None, None, DISPLAY_LONG_SIDE)
-    assert full["status"] == small["status"] == "ok"
-    (h, w), (hs, ws) = full["display"].shape, small["display"].shape
+    assert isinstance(full, DecodedImage) and isinstance(small, DecodedImage)
+    assert full.display is not None and small.display is not None
+    (h, w), (hs, ws) = full.display.shape, small.display.shape
     assert max(h, w) > 1800 and max(hs, ws) == DISPLAY_LONG_SIDE
     assert abs(hs / ws - h / w) < 0.01, "aspect ratio kept"
-    assert small["display"].dtype == np.uint8
-    np.testing.assert_array_equal(small["x"], full["x"])  # the network input does not depend on it
+    assert small.display.dtype == np.uint8
+    np.testing.assert_array_equal(small.x, full.x)  # the network input does not depend on it
     cam = np.zeros((SIZE, SIZE), np.float32)
     cam[10:30, 20:40] = 1.0
     res = post_job(
-        {
-            "out": str(tmp_path),
-            "stem": "rg1",
-            "classes": ["Effusion"],
-            "class_probs": [0.9],
-            "cams": cam[None],
-            "display": small["display"],
-            "cam_method": "layercam-denseblock1",
-            "overlay_max_side": DISPLAY_LONG_SIDE,
-            "sr": None,
-        }
+        PostTask(
+            out=str(tmp_path),
+            stem="rg1",
+            classes=("Effusion",),
+            class_probs=(0.9,),
+            cams=cam[None],
+            display=small.display,
+            cam_method="layercam-denseblock1",
+            overlay_max_side=DISPLAY_LONG_SIDE,
+        )
     )
-    assert not res["failed"]
-    with Image.open(tmp_path / res["cam_dir"] / "Effusion.png") as im:
+    assert not res.failed
+    with Image.open(tmp_path / res.cam_dir / "Effusion.png") as im:
         assert im.size[1] == hs and im.size[0] > ws  # the image plus its colour bar

@@ -166,14 +166,15 @@ def test_decode_worker_input_is_the_predictors_for_a_dicom_file():
     from pydicom.data import get_testdata_file
 
     from medxray.dicom import read_dicom
+    from medxray.scoring.messages import DecodedImage
     from medxray.scoring.workers import decode_job
 
     path = get_testdata_file("RG1_UNCR.dcm")
     rec = decode_job(path, SIZE, None, None, True)
-    assert rec["status"] == "ok"
+    assert isinstance(rec, DecodedImage)
     pixels = read_dicom(path, keep_raw=False).pixels
     assert pixels.dtype == np.float32 and 0.0 <= pixels.min() and pixels.max() <= 1.0
-    assert np.array_equal(rec["x"], preprocess(pixels, SIZE).numpy())
+    assert np.array_equal(rec.x, preprocess(pixels, SIZE).numpy())
 
 
 def test_unit_range_rules():

@@ -16,6 +16,7 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from medxray.dicom import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, read_dicom  # noqa: E402
+from medxray.scoring.messages import DecodedImage  # noqa: E402
 from medxray.scoring.workers import decode_job, new_decode_pool  # noqa: E402
 
 SIZE = 224
@@ -34,9 +35,9 @@ def test_decode_workers_never_import_torch_or_monai_and_run_in_the_background():
         if hasattr(os, "SCHED_IDLE"):
             assert pool.submit(eval, "__import__('os').sched_getscheduler(0)").result(timeout=60) == os.SCHED_IDLE
     for r in results:
-        assert r["status"] == "ok", r
-        assert r["x"].shape == (3, SIZE, SIZE) and r["x"].dtype == np.float32
-        assert r["display"] is None
+        assert isinstance(r, DecodedImage), r
+        assert r.x.shape == (3, SIZE, SIZE) and r.x.dtype == np.float32
+        assert r.display is None
 
 
 def test_decode_job_input_matches_the_monai_list_on_the_full_decode():
@@ -45,7 +46,7 @@ def test_decode_job_input_matches_the_monai_list_on_the_full_decode():
     for name, tol in (("RG1_UNCR.dcm", 1e-3), ("RG1_J2KR.dcm", None)):
         f = get_testdata_file(name)
         ref = preprocess_array(read_dicom(f, keep_raw=False).pixels, SIZE).numpy()
-        got = decode_job(f, SIZE, DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, False)["x"]
+        got = decode_job(f, SIZE, DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, False).x
         # On the normalised scale a [0, 1] difference d becomes d / std (<= d / 0.224).
         d = np.abs(ref - got)
         if tol is not None:
@@ -57,7 +58,7 @@ def test_decode_job_input_matches_the_monai_list_on_the_full_decode():
 def test_cam_runs_still_decode_in_full_for_the_overlays():
     f = get_testdata_file("RG1_UNCR.dcm")
     r = decode_job(f, SIZE, DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, True)
-    assert r["status"] == "ok" and r["display"].shape == (1955, 1841)
+    assert isinstance(r, DecodedImage) and r.display is not None and r.display.shape == (1955, 1841)
 
 
 def test_default_split_uses_every_core_for_both_stages():

@@ -235,13 +235,13 @@ def predict_study(predictor: Any, pixels: np.ndarray) -> StudyPrediction:
     the gradient methods cost one backward pass per finding."""
     from medxray.scoring.gate import ood_verdict
 
-    probs, ood = predictor.predict_tensor(predictor.preprocess([pixels]), with_ood=True)
+    pred = predictor.run(predictor.preprocess([pixels]), ood=True)
     threshold = getattr(getattr(predictor, "ood", None), "threshold", None)
     # the scorer's text for the same check (policy "warn": the app never hides a study)
-    _, ood_warning = ood_verdict(None if ood is None else float(ood[0]), threshold, "warn")
+    _, ood_warning = ood_verdict(None if pred.ood is None else float(pred.ood[0]), threshold, "warn")
     return StudyPrediction(
         label_names=list(predictor.label_names),
-        probabilities=np.asarray(probs[0], np.float32),
+        probabilities=np.asarray(pred.probabilities[0], np.float32),
         cams=None,
         model_version=str(getattr(predictor, "model_version", "") or ""),
         warnings=[ood_warning] if ood_warning else [],
@@ -250,9 +250,9 @@ def predict_study(predictor: Any, pixels: np.ndarray) -> StudyPrediction:
 
 
 def finding_map(predictor: Any, pixels: np.ndarray, finding: str) -> np.ndarray:
-    """The map (S, S) in [0, 1] the app shows for ``finding``: :meth:`Predictor.predict_with_cams`
+    """The map (S, S) in [0, 1] the app shows for ``finding``: :meth:`Predictor.maps_tensor`
     (medxray.cam.compute_maps with the checkpoint's method), the arrays evaluation scores."""
-    return np.asarray(predictor.predict_with_cams([pixels], classes=[finding])[1][0, 0], np.float32)
+    return np.asarray(predictor.maps_tensor(predictor.preprocess([pixels]), [finding])[0, 0], np.float32)
 
 
 def default_thresholds(label_names: Sequence[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:

@@ -22,6 +22,7 @@ Modules (each imports only those above it):
 * :mod:`~medxray.scoring.discovery`: walking the input, ``k/n`` shards, per-file output names;
 * :mod:`~medxray.scoring.scheduler`: ``--shard auto`` from SLURM / Kubernetes, the job recipes (``--emit``);
 * :mod:`~medxray.scoring.journal`: results.csv columns, :class:`ResultsJournal`, :func:`read_results`;
+* :mod:`~medxray.scoring.messages`: the typed messages between the worker processes and the engine;
 * :mod:`~medxray.scoring.config`: :class:`ScoreConfig`, :func:`load_score_config`, :class:`ScoreSummary`;
 * :mod:`~medxray.scoring.workers`: the decode pool and the jobs run in it (decode, CAM/SR outputs);
 * :mod:`~medxray.scoring.engine`: :class:`ScoringEngine`, pool + batched inference + crash isolation;
@@ -43,6 +44,7 @@ from medxray.scoring.config import (
 from medxray.scoring.discovery import in_shard, iter_input_files, output_stem, parse_shard
 from medxray.scoring.engine import ScoringEngine, WorkItem
 from medxray.scoring.journal import RESULT_COLUMNS, RESULTS_NAME, ResultsJournal, read_results, result_columns
+from medxray.scoring.messages import DecodedImage, DecodeFailure, PostResult, PostTask, SRRequest
 from medxray.scoring.run import RUN_NAME, score_directory
 from medxray.scoring.workers import CAMS_DIR, SR_DIR, decode_job, new_decode_pool, post_job
 
@@ -50,9 +52,14 @@ __all__ = [
     "CAMS_DIR",
     "CAM_METHODS",
     "CAM_MODES",
+    "DecodeFailure",
+    "DecodedImage",
     "RESULTS_NAME",
     "RESULT_COLUMNS",
     "RUN_NAME",
+    "PostResult",
+    "PostTask",
+    "SRRequest",
     "SR_DIR",
     "ResultsJournal",
     "ScoreConfig",

@@ -16,6 +16,7 @@ from medxray.errors import ConfigError
 from medxray.fileio import load_yaml_mapping
 from medxray.limits import pixel_limit
 from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
+from medxray.scoring.messages import DecodeResult
 from medxray.scoring.scheduler import resolve_shard
 
 CAM_MODES = ("positive", "all", "none")
@@ -65,8 +66,9 @@ class ScoreConfig:
     # image over the checkpoint's out-of-distribution threshold gets: warn (ok + warning) | skip
     accept_body_parts: Sequence[str] | str | None = DEFAULT_ACCEPT_BODY_PARTS
     ood_policy: str = "warn"
-    # Test/extension hook: a picklable top-level function replacing the decode step.
-    decode_fn: Callable[..., dict] | None = None
+    # Test/extension hook: a picklable top-level function replacing the decode step (same arguments as
+    # medxray.scoring.workers.decode_job; returns a medxray.scoring.messages.DecodedImage or DecodeFailure).
+    decode_fn: Callable[..., DecodeResult] | None = None
 
 
 @dataclass

@@ -3,6 +3,8 @@ with crash isolation (a file that kills a worker gets an error row, the batch go
 
 :class:`ScoringEngine` takes :class:`WorkItem` s, writes one journal row per item and knows
 nothing about folders, shards or run records (that is :mod:`medxray.scoring.run`).
+What the worker processes return is typed (:mod:`medxray.scoring.messages`); anything else is
+a TypeError.
 
 Must not import :mod:`medxray.scoring.run` (which imports this); torch, tqdm and the CAM code
 are imported lazily.
@@ -15,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +26,13 @@ from medxray.scoring.config import ScoreConfig
 from medxray.scoring.discovery import output_stem
 from medxray.scoring.gate import accepted_body_parts, header_gate, ood_verdict
 from medxray.scoring.journal import ResultsJournal
+from medxray.scoring.messages import DecodedImage, DecodeFailure, PostResult, PostTask, SRRequest
 from medxray.scoring.workers import decode_job, new_decode_pool, ping, post_job
+
+if TYPE_CHECKING:
+    import torch
+
+    from medxray.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +42,9 @@ class WorkItem:
     rel: str
     path: Path
     attempts: int = 0
-    decoded: dict[str, Any] | None = None
+    decoded: DecodedImage | None = None
     row: dict[str, Any] = field(default_factory=dict)
-    payload: dict[str, Any] | None = None  # the post job, kept until it succeeds
+    payload: PostTask | None = None  # the post job, kept until it succeeds
 
 
 class ScoringEngine:
@@ -63,7 +71,7 @@ class ScoringEngine:
 
         self.cfg = cfg
         self.image_size = image_size
-        self.p: Any = None
+        self.p: Predictor | None = None
         self.journal = journal
         self.out = out
         self.workers = workers
@@ -101,6 +109,7 @@ class ScoringEngine:
 
     def _submit(self, kind: str, item: WorkItem) -> None:
         assert self.pool is not None
+        fut: Future[object]
         if kind == "decode":
             fut = self.pool.submit(
                 self.decode_fn,
@@ -111,6 +120,7 @@ class ScoringEngine:
                 self.want_display,
             )
         else:
+            assert item.payload is not None, "a post job is launched with its task"
             fut = self.pool.submit(post_job, item.payload)
         self.inflight[fut] = (kind, item)
 
@@ -144,7 +154,7 @@ class ScoringEngine:
     def _more_decodes_coming(self) -> bool:
         return bool(self.queue) or self._n_decoding() > 0 or any(k == "decode" for k, _ in self.suspects)
 
-    def run(self, predictor: Any) -> None:
+    def run(self, predictor: Predictor) -> None:
         self.p = predictor
         self.cam_method = map_method_name(self.cfg.cam_method, predictor.cam_method)
         while True:
@@ -177,34 +187,44 @@ class ScoringEngine:
             self._pool_broke([(kind, item)])
             return
         except Exception as exc:  # the job raised although jobs catch: record, keep going
+            log.error("%s: the %s job raised %s", item.rel, kind, failure_line(exc))
             res = (
-                {"status": "error", "reason": f"decode_failed: worker error {type(exc).__name__}"}
+                DecodeFailure(f"decode_failed: worker error {type(exc).__name__}")
                 if kind == "decode"
-                else {"note": f"outputs failed ({type(exc).__name__})", "failed": ["outputs"]}
+                else PostResult(note=f"outputs failed ({type(exc).__name__})", failed=("outputs",))
             )
         self._handle(kind, item, res)
 
-    def _handle(self, kind: str, item: WorkItem, res: dict[str, Any]) -> None:
+    def _handle(self, kind: str, item: WorkItem, res: object) -> None:
+        """Act on a job's message; a message of another type is a bug: TypeError, the run stops."""
         if kind == "decode":
-            if res.get("status") == "ok":
-                skip, warns = header_gate(res.get("meta") or {}, self.accept)
+            if isinstance(res, DecodedImage):
+                skip, warns = header_gate(res.meta, self.accept)
                 if skip is not None:  # not a chest radiograph by its header: not scored
                     self._write({**meta_columns(item.rel, res), "status": "skipped", "reason": skip})
                     return
-                res["warnings"] = [*(res.get("warnings") or []), *warns]
-                item.decoded = res
+                item.decoded = res.with_warnings(warns)
                 self.ready.append(item)
+            elif isinstance(res, DecodeFailure):
+                self._write({"path": item.rel, "status": "error", "reason": res.reason})
             else:
-                self._write({"path": item.rel, "status": "error", "reason": res.get("reason", "error")})
+                raise TypeError(
+                    f"the decode job returned {type(res).__name__}; it must return "
+                    "medxray.scoring.messages.DecodedImage or DecodeFailure"
+                )
             return
+        if not isinstance(res, PostResult):
+            raise TypeError(
+                f"the post job returned {type(res).__name__}; it must return medxray.scoring.messages.PostResult"
+            )
         row = item.row
-        row["cam_dir"], row["sr_file"] = res.get("cam_dir", ""), res.get("sr_file", "")
-        if res.get("note"):
-            row["reason"] = res["note"]
+        row["cam_dir"], row["sr_file"] = res.cam_dir, res.sr_file
+        if res.note:
+            row["reason"] = res.note
         item.payload = None
         self._write(row)
-        if res.get("failed"):
-            self._output_failed(item.rel, res.get("note", ""))
+        if res.failed:
+            self._output_failed(item.rel, res.note)
 
     def _output_failed(self, rel: str, why: str) -> None:
         """A scored file whose CAM overlays / SR were not written: a failure of the run (the row
@@ -280,10 +300,14 @@ class ScoringEngine:
     def _infer(self, batch: list[WorkItem]) -> None:
         import torch
 
-        x = torch.from_numpy(np.stack([it.decoded["x"] for it in batch]))
+        assert self.p is not None  # set by run()
+        decoded = [it.decoded for it in batch]
+        assert all(d is not None for d in decoded), "only decoded items are batched"
+        x = torch.from_numpy(np.stack([d.x for d in decoded if d is not None]))
         # probabilities and OOD distances from one forward pass on the predictor's backend
-        probs, ood = self.p.predict_tensor(x, with_ood=True)
-        threshold = getattr(getattr(self.p, "ood", None), "threshold", None)
+        pred = self.p.run(x, ood=True)
+        probs, ood = pred.probabilities, pred.ood
+        threshold = self.p.ood.threshold if self.p.ood is not None else None
         positives = self.p.positive(probs)
         names = self.p.label_names
         # maps (THE map definition, medxray.cam.compute_maps): only for the images that need one,
@@ -291,20 +315,20 @@ class ScoringEngine:
         cams = None
         if self.cfg.cams != "none":
             cams = self._maps(x, positives, names)
-        for i, it in enumerate(batch):
-            d = it.decoded
-            meta = d["meta"]
-            window = d.get("window")
+        for i, (it, d) in enumerate(zip(batch, decoded)):
+            assert d is not None
+            meta = d.meta
+            window = d.window
             distance = None if ood is None else float(ood[i])
             skip, ood_warning = ood_verdict(distance, threshold, self.cfg.ood_policy)
-            warns = [*(d.get("warnings") or []), *([ood_warning] if ood_warning else [])]
+            warns = [*d.warnings, *([ood_warning] if ood_warning else [])]
             row = {
                 **meta_columns(it.rel, d),
                 "status": "ok",
                 "reason": "",
                 "positive_findings": ";".join(positives[i]),
                 "warnings": "; ".join(warns),
-                "is_lateral": bool(d.get("is_lateral")),
+                "is_lateral": d.is_lateral,
                 "window_center": window[0] if window else "",
                 "window_width": window[1] if window else "",
                 "ood_distance": "" if distance is None else f"{distance:.2f}",
@@ -322,29 +346,29 @@ class ScoringEngine:
             sr = None
             if self.cfg.sr:
                 keys = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality")
-                sr = {
-                    "source": {k: meta.get(k, "") for k in keys},
-                    "label_names": names,
-                    "probabilities": [float(v) for v in probs[i]],
-                    "positives": positives[i],
-                    "model_name": self.p.model_name,
-                    "model_version": self.p.model_version,
-                    "thresholds": self.p.thresholds,
-                }
-            display = d.get("display")
+                sr = SRRequest(
+                    source={k: meta.get(k, "") for k in keys},
+                    label_names=tuple(names),
+                    probabilities=tuple(float(v) for v in probs[i]),
+                    positives=tuple(positives[i]),
+                    model_name=self.p.model_name,
+                    model_version=self.p.model_version,
+                    thresholds=self.p.thresholds,
+                )
+            display = d.display
             it.decoded = None  # free the decoded pixels of this file
             if classes or sr is not None:
-                it.payload = {
-                    "out": str(self.out),
-                    "stem": output_stem(it.rel),
-                    "classes": [names[c] for c in classes],
-                    "class_probs": [float(probs[i, c]) for c in classes],
-                    "cams": cams[0][cams[2][i], [cams[1][c] for c in classes]] if classes else None,
-                    "display": display if classes else None,
-                    "cam_method": self.cam_method,
-                    "overlay_max_side": self.cfg.overlay_max_side,
-                    "sr": sr,
-                }
+                it.payload = PostTask(
+                    out=str(self.out),
+                    stem=output_stem(it.rel),
+                    classes=tuple(names[c] for c in classes),
+                    class_probs=tuple(float(probs[i, c]) for c in classes),
+                    cams=cams[0][cams[2][i], [cams[1][c] for c in classes]] if cams is not None and classes else None,
+                    display=display if classes else None,
+                    cam_method=self.cam_method,
+                    overlay_max_side=self.cfg.overlay_max_side,
+                    sr=sr,
+                )
                 self._launch("post", it)
             else:
                 self._write(row)
@@ -354,7 +378,7 @@ class ScoringEngine:
         return list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives]
 
     def _maps(
-        self, x: Any, positives: list[list[str]], names: list[str]
+        self, x: torch.Tensor, positives: list[list[str]], names: list[str]
     ) -> tuple[np.ndarray, dict[int, int], dict[int, int]] | None:
         """Maps (M, K, S, S) for the M images of the batch that need one, only for the (image,
         class) pairs they need; with the column of each class and the row of each image."""
@@ -367,6 +391,8 @@ class ScoringEngine:
         mask = np.zeros((len(rows), len(wanted)), dtype=bool)
         for r, i in enumerate(rows):
             mask[r, [col[c] for c in per_image[i]]] = True
+        assert self.p is not None  # set by run()
+        # maps only: the probabilities came from run() above (on OpenVINO, run(maps=) would score again)
         maps = self.p.maps_tensor(x[rows], wanted, method=self.cam_method, wanted=mask)
         return maps, col, {i: r for r, i in enumerate(rows)}
 
@@ -382,9 +408,9 @@ def map_method_name(configured: str, checkpoint_method: str) -> str:
     return {"checkpoint": checkpoint_method, "gradcam": "gradcam-denseblock4"}.get(configured, configured)
 
 
-def meta_columns(rel: str, decoded: dict[str, Any]) -> dict[str, Any]:
+def meta_columns(rel: str, decoded: DecodedImage) -> dict[str, Any]:
     """The identifying-free header columns of a row (UIDs, modality, view, size, the reader's warnings)."""
-    meta = decoded.get("meta") or {}
+    meta = decoded.meta
     return {
         "path": rel,
         "sop_instance_uid": meta.get("sop_instance_uid", ""),
@@ -392,8 +418,14 @@ def meta_columns(rel: str, decoded: dict[str, Any]) -> dict[str, Any]:
         "series_instance_uid": meta.get("series_instance_uid", ""),
         "modality": meta.get("modality", ""),
         "view_position": meta.get("view_position", ""),
-        "warnings": "; ".join(decoded.get("warnings") or []),
-        "is_lateral": bool(decoded.get("is_lateral")),
+        "warnings": "; ".join(decoded.warnings),
+        "is_lateral": decoded.is_lateral,
         "rows": meta.get("rows"),
         "columns": meta.get("columns"),
     }
+
+
+def failure_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters) for a log line."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

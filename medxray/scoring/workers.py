@@ -1,8 +1,10 @@
 """Jobs that run in the scorer's spawned worker processes (top-level functions, so they pickle).
 
 * :func:`new_decode_pool`: the process pool (spawned, each worker initialised by :func:`worker_init`);
-* :func:`decode_job`: read + preprocess one file; returns an error record instead of raising;
+* :func:`decode_job`: read + preprocess one file; returns a :class:`DecodeFailure` instead of raising;
 * :func:`post_job`: write one image's CAM overlays and/or DICOM SR, atomically;
+
+What crosses the process boundary is typed: :mod:`medxray.scoring.messages`.
 * :func:`ping`: a no-op used to warm the pool and to prove a fresh worker can run.
 
 Must not import the engine, the run or the journal; DICOM, inference and CAM code is imported
@@ -15,12 +17,16 @@ import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from medxray.dicom import write_sr
 from medxray.errors import DicomError
+from medxray.scoring.messages import DecodedImage, DecodeFailure, DecodeResult, PostResult, PostTask
+
+if TYPE_CHECKING:
+    from medxray.dicom import DicomImage
 
 CAMS_DIR = "cams"
 SR_DIR = "sr"
@@ -63,7 +69,7 @@ def background_priority() -> None:
     get little CPU; the scorer is a batch job, so it yields.
     """
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined,unused-ignore]  # Linux only
     except (AttributeError, OSError):
         try:
             os.nice(19)
@@ -88,8 +94,9 @@ def decode_job(
     allowed_modalities: Sequence[str] | None,
     max_pixels: int | None,
     want_display: bool | int,
-) -> dict[str, Any]:
-    """Read + preprocess one file; never raises for a bad file (returns an error record).
+) -> DecodeResult:
+    """Read + preprocess one file: a :class:`DecodedImage`, or a :class:`DecodeFailure` for a bad
+    file (never raises for one).
 
     Without CAM overlays to draw, the file is decoded at the model's size (``reduce_to``:
     :mod:`medxray.dicom.reduce`); the network input is computed with numpy
@@ -110,24 +117,22 @@ def decode_job(
             reduce_to=None if want_display else image_size,
         )
     except DicomError as exc:
-        return {"status": "error", "reason": str(exc)}
+        return DecodeFailure(str(exc))
     except MemoryError:
-        return {"status": "error", "reason": "too_large: not enough memory to decode this image"}
+        return DecodeFailure("too_large: not enough memory to decode this image")
     except Exception as exc:  # a bug or a codec failure we did not anticipate: keep the batch going
-        return {"status": "error", "reason": f"decode_failed: unexpected {type(exc).__name__} while decoding"}
-    x = model_input(img.pixels, image_size)
-    return {
-        "status": "ok",
-        "meta": img.meta,
-        "window": img.window,
-        "warnings": img.warnings,
-        "is_lateral": img.is_lateral,
-        "x": x,
-        "display": display_for(img, want_display),
-    }
+        return DecodeFailure(f"decode_failed: unexpected {type(exc).__name__} while decoding")
+    return DecodedImage(
+        x=model_input(img.pixels, image_size),
+        meta=img.meta,
+        window=img.window,
+        warnings=tuple(img.warnings),
+        is_lateral=img.is_lateral,
+        display=display_for(img, want_display),
+    )
 
 
-def display_for(img: Any, want_display: bool | int) -> np.ndarray | None:
+def display_for(img: DicomImage, want_display: bool | int) -> np.ndarray | None:
     """The uint8 display image of a read DICOM at ``want_display``'s long side (see :func:`decode_job`)."""
     if not want_display:
         return None
@@ -137,39 +142,39 @@ def display_for(img: Any, want_display: bool | int) -> np.ndarray | None:
     return display if want_display is True else fit_display(display, int(want_display))
 
 
-def post_job(task: dict[str, Any]) -> dict[str, Any]:
+def post_job(task: PostTask) -> PostResult:
     """Write CAM overlays and/or the SR for one scored image (atomically); report what was written.
 
-    Returns ``cam_dir`` / ``sr_file`` (relative to OUT, empty when not written), ``failed`` (the
-    outputs that could not be written, e.g. on a full disk) and ``note`` (why, one line).
+    The :class:`PostResult` names ``cam_dir`` / ``sr_file`` (relative to OUT, empty when not
+    written), ``failed`` (the outputs that could not be written, e.g. on a full disk) and
+    ``note`` (why, one line).
     """
-    out = Path(task["out"])
-    result: dict[str, Any] = {"cam_dir": "", "sr_file": "", "note": "", "failed": []}
-    notes = []
-    if task.get("cams") is not None and len(task["classes"]):
+    out = Path(task.out)
+    cam_dir_written = sr_written = ""
+    notes, failed = [], []
+    if task.draws_overlays and task.cams is not None and task.display is not None:
         try:
             from medxray.cam import overlay_with_legend, save_png
             from medxray.display import fit_display
 
-            display = fit_display(task["display"], task.get("overlay_max_side"))  # already done by decode_job
-            cam_dir = Path(CAMS_DIR) / task["stem"]
-            for name, prob, cam in zip(task["classes"], task["class_probs"], task["cams"]):
-                title = f"{name} p={prob:.2f} ({task['cam_method'].upper()})"
+            display = fit_display(task.display, task.overlay_max_side)  # already done by decode_job
+            cam_dir = Path(CAMS_DIR) / task.stem
+            for name, prob, cam in zip(task.classes, task.class_probs, task.cams):
+                title = f"{name} p={prob:.2f} ({task.cam_method.upper()})"
                 save_png(out / cam_dir / f"{name}.png", overlay_with_legend(display, cam, title, finding=name))
-            result["cam_dir"] = cam_dir.as_posix()
+            cam_dir_written = cam_dir.as_posix()
         except Exception as exc:
             notes.append(f"cam overlays failed ({failure_text(exc)})")
-            result["failed"].append("cams")
-    if task.get("sr") is not None:
+            failed.append("cams")
+    if task.sr is not None:
         try:
-            rel = Path(SR_DIR) / f"{task['stem']}.dcm"
-            write_sr(out / rel, **task["sr"])
-            result["sr_file"] = rel.as_posix()
+            rel = Path(SR_DIR) / f"{task.stem}.dcm"
+            write_sr(out / rel, **task.sr.keywords())
+            sr_written = rel.as_posix()
         except Exception as exc:
             notes.append(f"SR failed ({failure_text(exc)})")
-            result["failed"].append("sr")
-    result["note"] = "; ".join(notes)
-    return result
+            failed.append("sr")
+    return PostResult(cam_dir=cam_dir_written, sr_file=sr_written, note="; ".join(notes), failed=tuple(failed))
 
 
 def failure_text(exc: BaseException) -> str:

@@ -83,11 +83,10 @@ def score_paths(
                 failed[i] = str(exc)
         if not imgs:
             continue
-        out = pred.predict_tensor(pred.preprocess(imgs), with_ood=has_ood)
-        p, dist = out if has_ood else (out, None)
-        probs[idx] = p
-        if ood is not None and dist is not None:
-            ood[idx] = pred.ood.flags(dist)
+        res = pred.run(pred.preprocess(imgs), ood=has_ood)
+        probs[idx] = res.probabilities
+        if ood is not None and res.ood is not None:
+            ood[idx] = pred.ood.flags(res.ood)
     if failed:
         log.warning(
             "%d of %d site image(s) could not be read (first: %s)", len(failed), len(paths), next(iter(failed.values()))
