@@ -267,10 +267,13 @@ def node_config_from_mapping(data: dict[str, Any], base: Path | None = None) -> 
     d["ae_title"] = check_ae_title(d["ae_title"], "ae_title")
     d["port"] = _port(d["port"], "port")
     d["checkpoint"], d["work_dir"] = rel(d["checkpoint"]), rel(d["work_dir"])
-    if not Path(d["checkpoint"]).is_file() and not (Path(d["checkpoint"]) / "CURRENT").is_file():
+    ckpt = Path(d["checkpoint"])
+    if not ckpt.exists():
+        raise ConfigError(f"checkpoint: {ckpt} does not exist (check the path)")
+    if not ckpt.is_file() and not (ckpt / "CURRENT").is_file():
         raise ConfigError(
-            f"checkpoint: {d['checkpoint']} is neither a checkpoint file nor a model registry with a current "
-            "version (check the path, or promote a version with `medxray site promote`)"
+            f"checkpoint: {ckpt} is a folder but not a model registry with a current version "
+            "(give a checkpoint file, or promote a version with `medxray site promote`)"
         )
     d["destination"] = _dest(d["destination"], rel)
     d["allowed_calling_aes"] = _callers(d["allowed_calling_aes"])
