@@ -172,7 +172,8 @@ def test_map_geometry_follows_the_image(trained, partial_root):
         for m in pred.model.modules():
             if isinstance(m, torch.nn.Conv2d):
                 m.weight.copy_((m.weight + m.weight.flip(-1)) / 2)
-    files = sorted((partial_root / "images").iterdir())[::60][:4]
+    # 8 images: a 3-epoch 64 px model has positive evidence for only ~2 of 14 findings per image
+    files = sorted((partial_root / "images").iterdir())[::30][:8]
     imgs = [read_image(p)[0].astype(np.float32) / 255.0 for p in files]
     for method in ("gradcam-denseblock2", "gradcam-denseblock3"):
         _, maps = pred.predict_with_cams(imgs, method=method)
