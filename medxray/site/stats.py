@@ -8,7 +8,7 @@
 * Population stability index over the reference's deciles (Yurdakul 2018; the credit-scoring
   convention: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 major shift), with the small-sample
   noise floor subtracted before the levels apply (PSI is asymptotically chi-square scaled by
-  1/n_e + 1/n_a), so a quiet day of 30 images does not look like drift.
+  1/n_e + 1/n_a; the floor is its 99.7% quantile), so a quiet day of 30 images does not look like drift.
 
 Pure NumPy/SciPy; no medxray imports.
 """
@@ -95,12 +95,21 @@ def psi(expected: Sequence[float], actual: Sequence[float], pseudo: float = 0.5)
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def psi_noise_floor(n_bins: int, n_expected: int, n_actual: int) -> float:
-    """The PSI two samples of one distribution show on average, (bins - 1) * (1/n_e + 1/n_a): PSI is
-    asymptotically a chi-square statistic over that scale. Alert levels apply to PSI above this floor."""
+PSI_NULL_QUANTILE = 0.997  # a finding's PSI must beat 99.7% of same-distribution samples before a level applies
+
+
+def psi_noise_floor(n_bins: int, n_expected: int, n_actual: int, quantile: float = PSI_NULL_QUANTILE) -> float:
+    """The PSI that two samples of one distribution stay below with probability ``quantile``:
+    PSI is asymptotically chi-square with bins - 1 degrees of freedom scaled by 1/n_e + 1/n_a, so the
+    floor is chi2.ppf(quantile, bins - 1) * (1/n_e + 1/n_a). The mean alone (bins - 1 times the
+    scale) would be exceeded by 0.25 on roughly one finding in ten on a day of 60 images against a
+    30-image reference; 14 findings a day would then raise a false alert most days. Levels apply to
+    PSI above this floor. NaN when either sample is empty."""
+    from scipy.stats import chi2
+
     if n_expected <= 0 or n_actual <= 0:
         return float("nan")
-    return (n_bins - 1) * (1.0 / n_expected + 1.0 / n_actual)
+    return float(chi2.ppf(quantile, n_bins - 1)) * (1.0 / n_expected + 1.0 / n_actual)
 
 
 def psi_level(value: float) -> str:
