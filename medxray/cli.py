@@ -367,7 +367,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             tta=args.tta,
             n_bootstrap=args.bootstrap,
             threshold_split=th_split,
-            write_thresholds=args.write_thresholds,
+            write_back=args.write_thresholds,
             localisation=args.localisation,
             cam_threshold=args.cam_threshold,
             cam_method=args.cam_method,

@@ -165,6 +165,7 @@ def evaluate(
     seed: int = 0,
     threshold_split: str | None = "val",
     write_thresholds: bool = True,
+    write_back: bool | None = None,
     localisation: bool = True,
     cam_threshold: float = 0.5,
     num_workers: int | None = None,
@@ -298,7 +299,7 @@ def evaluate(
             "data_manifest_hash": getattr(splits, "manifest_hash", None),
         },
     )
-    if write_thresholds:
+    if write_thresholds if write_back is None else write_back:
         merged_metrics = dict(meta.metrics)
         merged_metrics.update(
             {
