@@ -1,4 +1,6 @@
-"""The display size of map overlays, and shrinking an image to it; torch-free (decode workers use it).
+"""The display size of map overlays, shrinking an image to it, and the one [0, 1] -> 8-bit conversion.
+
+Torch-free (decode workers use it).
 
 Overlays (:func:`medxray.cam.overlay_with_legend`, the one renderer of the scorer's PNGs, the
 node's Secondary Captures and the app) are drawn at a display size, not at the detector's
@@ -13,6 +15,22 @@ import numpy as np
 # scorer's default --overlay-max-side; the node's SC (pacs.results.NODE_OVERLAY_MAX_SIDE) and the
 # app's display (review.study.DISPLAY_MAX_SIDE) are this constant.
 DISPLAY_LONG_SIDE = 1024
+
+
+def to_uint8(image01: np.ndarray) -> np.ndarray:
+    """A display image in [0, 1] as 8-bit grey levels: ``rint(clip(x, 0, 1) * 255)``.
+
+    The one float -> uint8 conversion of medxray (the DICOM reader's display image and flat-image
+    check, map overlays, the review app). Values are clipped to [0, 1] first, computed in float32
+    and rounded to the nearest level, halves to even (``numpy.rint``), so level ``k`` holds
+    ``[(k - 0.5) / 255, (k + 0.5) / 255]``. Any shape; returns a new uint8 array of the same
+    shape. NaN has no grey level: callers pass finite values (the reader's are). Raises nothing
+    for numeric input.
+    """
+    out = np.clip(np.asarray(image01, dtype=np.float32), 0.0, 1.0)
+    out *= np.float32(255.0)
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
 
 
 def fit_display(gray_u8: np.ndarray, max_side: int | None = DISPLAY_LONG_SIDE) -> np.ndarray:
