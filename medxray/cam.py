@@ -347,7 +347,9 @@ def _to_gray_u8(image01: np.ndarray) -> np.ndarray:
     img = np.asarray(image01)
     if img.dtype == np.uint8:
         return img
-    return np.rint(np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    from medxray.display import to_uint8  # the one [0, 1] -> uint8 rounding (clip, rint)
+
+    return to_uint8(img)
 
 
 DISPLAY_FLOOR = 0.2  # map values below this leave the radiograph untinted
