@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from medxray.display import DISPLAY_LONG_SIDE
+from medxray.display import DISPLAY_LONG_SIDE, to_uint8  # noqa: F401  (to_uint8: re-exported for the app)
 from medxray.errors import DataError
 from medxray.labels import display_name
 from medxray.review.store import ImageKey
@@ -205,10 +205,6 @@ def display_image(
     else:
         img = study.pixels
     return np.clip(_downsample(img, max_side), 0.0, 1.0)
-
-
-def to_uint8(img01: np.ndarray) -> np.ndarray:
-    return (np.clip(img01, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 # -- predictions ---------------------------------------------------------------------------------
