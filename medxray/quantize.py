@@ -15,7 +15,8 @@ Predictor (precision ``auto`` or ``int8`` on OpenVINO) loads the int8 model only
 record says it passed (:func:`load_int8`); otherwise it runs bf16/fp32 and logs the recorded
 reason. The reference "fp32" is the same OpenVINO graph compiled with an f32 precision hint.
 
-Must not import :mod:`medxray.inference` (which imports this), the scoring, the app or the CLI;
+Must not import :mod:`medxray.inference` or :mod:`medxray.backends` (whose OpenVINO backend imports
+this), the scoring, the app or the CLI;
 nncf and openvino are imported lazily (the ``openvino`` extra).
 """
 
