@@ -1,11 +1,12 @@
 """In-repo DenseNet-BC: one table of variants, one builder, ImageNet initialisation."""
 
-from medxray.models.densenet import DenseNet
+from medxray.models.densenet import DenseNet, FeatureInfo
 from medxray.models.registry import count_parameters, create_model, describe_variants, measure_gmacs
 from medxray.models.variants import VARIANTS, Variant, get_variant
 
 __all__ = [
     "DenseNet",
+    "FeatureInfo",
     "VARIANTS",
     "Variant",
     "count_parameters",

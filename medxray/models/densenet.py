@@ -16,11 +16,18 @@ Pieces, in the paper's terms:
 Memory-efficient mode recomputes the concat-BN-ReLU-1x1(-BN-ReLU) part in the backward pass
 (``torch.utils.checkpoint``, non-reentrant), so the concatenations are never stored; outputs,
 gradients and BatchNorm running statistics equal the plain mode's.
+
+Stage contract (the one timm's models keep: ``feature_info``, forward to / from an intermediate
+stage): every child of ``model.features`` is a *stage*, described by :class:`FeatureInfo` (its
+output channels and its stride relative to the input); :meth:`DenseNet.forward_to` and
+:meth:`DenseNet.forward_from` split the forward pass at any stage, so map code (Grad-CAM,
+LayerCAM) runs the network itself instead of replaying it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,7 +35,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from medxray.errors import InputShapeError
+from medxray.errors import ConfigError, InputShapeError
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One stage of ``model.features``: what it outputs (timm's ``feature_info`` entry).
+
+    ``module``: the child's name in ``model.features`` (``"conv0"``, ``"pool0"``,
+    ``"denseblock1"``, ``"transition1"``, ``"norm5"``, ...). ``num_chs``: channels of its output.
+    ``reduction``: the total stride from the input to its output (output side = input side /
+    ``reduction`` when the input side is a multiple of it; e.g. 32 for ``norm5`` of an ImageNet
+    variant, so 7x7 at 224 px).
+    """
+
+    module: str
+    num_chs: int
+    reduction: int
+
+
+def _stage_call(mod: nn.Module, h: Tensor) -> Tensor:
+    """One stage on ``h``; a ReLU runs out of place, so neither the caller's tensor nor a tapped
+    stage output is overwritten (``features.relu0`` is in place in the plain forward pass)."""
+    return F.relu(h) if isinstance(mod, nn.ReLU) else mod(h)
 
 
 class DenseLayer(nn.Module):
@@ -174,30 +203,49 @@ class DenseNet(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         features = nn.Sequential()
+        info: list[FeatureInfo] = []
+
+        def add(name: str, module: nn.Module, num_chs: int, reduction: int) -> None:
+            features.add_module(name, module)
+            info.append(FeatureInfo(name, num_chs, reduction))
+
         if stem == "imagenet":
-            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 7, stride=2, padding=3, bias=False))
-            features.add_module("norm0", nn.BatchNorm2d(num_init_features))
-            features.add_module("relu0", nn.ReLU(inplace=True))
-            features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            add(
+                "conv0",
+                nn.Conv2d(in_chans, num_init_features, 7, stride=2, padding=3, bias=False),
+                num_init_features,
+                2,
+            )
+            add("norm0", nn.BatchNorm2d(num_init_features), num_init_features, 2)
+            add("relu0", nn.ReLU(inplace=True), num_init_features, 2)
+            add("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1), num_init_features, 4)
+            stride = 4
         elif stem == "cifar":
             # The paper's CIFAR nets go straight into the first block (which starts with BN-ReLU).
-            features.add_module("conv0", nn.Conv2d(in_chans, num_init_features, 3, stride=1, padding=1, bias=False))
+            add(
+                "conv0",
+                nn.Conv2d(in_chans, num_init_features, 3, stride=1, padding=1, bias=False),
+                num_init_features,
+                1,
+            )
+            stride = 1
         else:
             raise ValueError(f"unknown stem {stem!r}")
 
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
-            features.add_module(
-                f"denseblock{i + 1}",
-                DenseBlock(num_layers, channels, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient),
-            )
+            block = DenseBlock(num_layers, channels, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient)
             channels += num_layers * growth_rate
+            add(f"denseblock{i + 1}", block, channels, stride)
             if i != len(block_config) - 1:
                 out = int(math.floor(compression * channels))
-                features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
+                stride *= 2  # the transition's 2x2 average pooling
+                add(f"transition{i + 1}", Transition(channels, out, drop_rate), out, stride)
                 channels = out
-        features.add_module("norm5", nn.BatchNorm2d(channels))
+        add("norm5", nn.BatchNorm2d(channels), channels, stride)
         self.features = features
+        self.feature_info: tuple[FeatureInfo, ...] = tuple(info)
+        self._stage_index = {f.module: k for k, f in enumerate(info)}
         self.num_features = channels
         self.classifier = nn.Linear(channels, num_classes)
         self._init_weights()
@@ -213,11 +261,62 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Last feature map after norm5 + ReLU, shape (N, num_features, h, w): the CAM input."""
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise InputShapeError(f"model expects input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Last feature map after norm5 + ReLU, shape (N, num_features, h, w): the CAM input."""
+        self._check_input(x)
         return F.relu(self.features(x))
+
+    def stage_index(self, stage: str) -> int:
+        """Position of ``stage`` in :attr:`feature_info`; ConfigError naming the valid stages if unknown."""
+        try:
+            return self._stage_index[stage]
+        except (KeyError, TypeError):
+            valid = ", ".join(f.module for f in self.feature_info)
+            raise ConfigError(f"unknown model stage {stage!r}; this model's stages are: {valid}") from None
+
+    def forward_to(self, x: Tensor, stage: str) -> Tensor:
+        """Run ``features`` on the input batch ``x`` (N, in_chans, H, W) up to and including ``stage``.
+
+        Returns that stage's output, (N, num_chs, ~H / reduction, ~W / reduction) as its
+        :class:`FeatureInfo` says. Raises ConfigError for an unknown stage (listing the valid
+        ones), InputShapeError for an input of the wrong rank or channel count.
+        """
+        self._check_input(x)
+        last = self.stage_index(stage)
+        for mod in list(self.features.children())[: last + 1]:
+            x = _stage_call(mod, x)
+        return x
+
+    def forward_from(self, h: Tensor, stage: str, taps: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        """Continue the forward pass from ``h``, the output of ``stage`` (see :meth:`forward_to`).
+
+        Returns (the last feature map after norm5 + ReLU, (N, num_features, h, w), exactly what
+        :meth:`forward_features` returns and :meth:`forward_head` pools; ``{tap: output}`` for
+        each stage named in ``taps``). A tap must be ``stage`` itself (its output is ``h``) or a
+        later stage. ``h`` is not modified in place, so it may be a leaf that requires grad
+        (gradients with respect to ``h`` and the taps flow through the returned tensors).
+        Raises ConfigError for an unknown stage or tap, or a tap before ``stage``.
+        """
+        first = self.stage_index(stage)
+        wanted: dict[int, str] = {}
+        for t in (taps,) if isinstance(taps, str) else taps:
+            k = self.stage_index(t)
+            if k < first:
+                raise ConfigError(f"tap {t!r} comes before stage {stage!r}; taps must be {stage!r} or a later stage")
+            wanted[k] = t
+        out: dict[str, Tensor] = {}
+        if first in wanted:
+            out[wanted[first]] = h
+        for k, mod in enumerate(self.features.children()):
+            if k > first:
+                h = _stage_call(mod, h)
+                if k in wanted:
+                    out[wanted[k]] = h
+        return F.relu(h), out
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Global average pool + linear head on a feature map from :meth:`forward_features`."""
