@@ -186,6 +186,7 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
         n_bootstrap=opts.bootstrap,
         device=opts.device,
         batch_size=32,
+        write_back=True,  # the scorer and the app below read the thresholds and map figures from it
     )
     timings["evaluate"] = time.perf_counter() - t
 

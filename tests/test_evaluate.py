@@ -195,6 +195,7 @@ def test_evaluate_writes_report_plots_and_thresholds(phantom_root, random_checkp
         precision="fp32",
         batch_size=16,
         num_workers=0,
+        write_back=True,
     )
     assert res.n_images == len((out / "predictions.csv").read_text().splitlines()) - 1 > 10
     for f in ("report.md", "report.html", "roc.png", "pr.png", "reliability.png", "metrics.json", "predictions.csv"):
@@ -252,7 +253,6 @@ def test_evaluate_tta_changes_scores_not_shapes(phantom_root, random_checkpoint,
         precision="fp32",
         batch_size=16,
         num_workers=0,
-        write_thresholds=False,
         localisation=False,
         threshold_split=None,
     )
@@ -314,7 +314,6 @@ def _compare_evaluation_and_display_maps(phantom_root, random_checkpoint, tmp_pa
         precision="fp32",
         batch_size=1,
         num_workers=0,
-        write_thresholds=False,
         threshold_split=None,
     )
     assert seen, "evaluation scored no map"

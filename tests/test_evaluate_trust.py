@@ -151,7 +151,6 @@ def test_bf16_is_an_option_and_the_report_names_it(phantom_root, tmp_path):
         n_bootstrap=0,
         batch_size=16,
         num_workers=0,
-        write_thresholds=False,
         localisation=False,
         threshold_split=None,
     )

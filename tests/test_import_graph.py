@@ -199,6 +199,16 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ),
     ("medxray.evaluation.run", ("medxray.training", "medxray.train"), "shared helpers come from hardware/fileio/data"),
     (
+        "medxray.evaluation.stages",
+        ("medxray.training", "medxray.train", "medxray.evaluation.run"),
+        "the stages evaluate() runs in order",
+    ),
+    (
+        "medxray.evaluation.score",
+        ("medxray.training", "medxray.train", "medxray.evaluation.run", "medxray.evaluation.stages"),
+        "one scoring pass; promote uses it too",
+    ),
+    (
         "medxray.evaluation.external",
         ("torch", "medxray.models", "medxray.training", "medxray.evaluation.run"),
         "scores predictions files without a model",

@@ -110,6 +110,7 @@ def trained(partial_root, tmp_path_factory):
         n_bootstrap=1000,
         num_workers=0,
         localisation=False,
+        write_back=True,
     )
     return {"cache": cache, "finetune": res, "eval": ev, "test": test, "run": run}
 

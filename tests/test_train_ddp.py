@@ -82,7 +82,6 @@ def test_two_process_gloo_epoch_scores_each_val_image_once(phantom_root, tmp_pat
         n_bootstrap=0,
         precision="fp32",
         num_workers=0,
-        write_thresholds=False,
         localisation=False,
         threshold_split=None,
     )

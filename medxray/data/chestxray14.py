@@ -36,8 +36,8 @@ from medxray.data.core import (
     split_summary,
 )
 from medxray.data.manifest import (
-    PHANTOM_MARKER,
     content_sha256,
+    is_phantom_root,
     known_content_hashes,
     open_text,
     read_name_list,
@@ -372,7 +372,7 @@ def build(
     from medxray.data.cache import find_cache
 
     root = check_root(data_root)
-    synthetic = (root / PHANTOM_MARKER).is_file()
+    synthetic = is_phantom_root(root)
     if synthetic:
         log.warning(
             "data root %s holds SYNTHETIC phantom images (medxray data synth), not real radiographs; "

@@ -29,6 +29,19 @@ MANIFEST_FILE = "manifest.yaml"
 PHANTOM_MARKER = "MEDXRAY_PHANTOM.json"
 
 
+def is_phantom_root(data_root: str | os.PathLike | None) -> bool:
+    """Whether ``data_root`` holds phantom images drawn by :func:`medxray.data.synthetic.synthesize`.
+
+    True when the folder holds :data:`PHANTOM_MARKER` as a regular file; False for ``None``, an empty
+    path, a missing folder or a folder without the marker. The one phantom test every reader uses
+    (the ChestX-ray14 loader, the evaluation's report note and checkpoint write-back). Raises only
+    what :meth:`pathlib.Path.is_file` raises (an unreadable folder: :class:`PermissionError`).
+    """
+    if data_root is None or not str(data_root):
+        return False
+    return (Path(data_root).expanduser() / PHANTOM_MARKER).is_file()
+
+
 def manifests_root() -> Path:
     """The ``data_manifests/`` folder next to the package (source checkout or editable install)."""
     root = Path(medxray.__file__).resolve().parent.parent / "data_manifests"

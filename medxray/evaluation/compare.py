@@ -291,7 +291,6 @@ def compare_sources(
                     out_dir=out / tag,
                     n_bootstrap=n_bootstrap,
                     seed=seed,
-                    write_thresholds=False,
                     localisation=False,
                     **evaluate_options,
                 )
