@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from medxray import __version__
 from medxray.errors import MedxrayError, output_error
@@ -22,6 +22,96 @@ log = logging.getLogger("medxray")
 
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on usage errors already; keep its one-line message, no traceback."""
+
+
+class TableChoices:
+    """The keys of a library table (a dict or tuple), read when argparse first needs them.
+
+    ``load`` returns the table; it imports its module lazily, so building the parser (and
+    `medxray --help`) never imports torch: argparse reads the choices only to validate a value
+    typed for the option or to format that subcommand's help. A row added to the table is
+    accepted and listed without a CLI edit.
+    """
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load = load
+
+    def _keys(self) -> tuple[str, ...]:
+        return tuple(self._load())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._keys()
+
+
+def add_table_option(parser: argparse.ArgumentParser, *flags: str, table: TableChoices, **kwargs) -> argparse.Action:
+    """``parser.add_argument(*flags, **kwargs)`` with ``choices=table``.
+
+    The choices are set on the returned action after ``add_argument``: argparse formats a
+    metavar-less option once while adding it, which would read (and import) the table at build time.
+    """
+    action = parser.add_argument(*flags, **kwargs)
+    action.choices = table
+    return action
+
+
+def _map_methods() -> Iterable[str]:
+    from medxray.cam import MAP_METHODS
+
+    return MAP_METHODS
+
+
+def _score_cam_methods() -> Iterable[str]:
+    from medxray.scoring.config import CAM_METHODS
+
+    return CAM_METHODS
+
+
+def _score_cam_modes() -> Sequence[str]:
+    from medxray.scoring.config import CAM_MODES
+
+    return CAM_MODES
+
+
+def _ood_policies() -> Sequence[str]:
+    from medxray.scoring.gate import OOD_POLICIES
+
+    return OOD_POLICIES
+
+
+def _backends() -> Sequence[str]:
+    from medxray.inference import BACKENDS
+
+    return BACKENDS
+
+
+def _predictor_precisions() -> Sequence[str]:
+    from medxray.inference import PRECISIONS
+
+    return PRECISIONS
+
+
+def _precisions() -> Sequence[str]:
+    from medxray.hardware import PRECISIONS
+
+    return PRECISIONS
+
+
+def _architectures() -> Iterable[str]:
+    from medxray.models.variants import VARIANTS
+
+    return VARIANTS
+
+
+def _datasets() -> Sequence[str]:
+    from medxray.data import DATASETS
+
+    return DATASETS
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -82,9 +172,10 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     p.add_argument("--browser", action="store_true", help="open a web browser on the app")
-    p.add_argument(
+    add_table_option(
+        p,
         "--backend",
-        choices=("auto", "torch", "openvino"),
+        table=TableChoices(_backends),
         default="auto",
         help="inference backend (default auto: OpenVINO on CPU, torch on CUDA)",
     )
@@ -154,7 +245,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", help="chestxray14 (default), chexpert or csv")
     p.add_argument("--data-root", dest="data_root", help="folder with the dataset's images and label file")
-    p.add_argument("--model", help="architecture (default densenet121; see `medxray models`)")
+    add_table_option(
+        p,
+        "--model",
+        table=TableChoices(_architectures),
+        metavar="MODEL",
+        help="architecture (default densenet121; see `medxray models`)",
+    )
     p.add_argument(
         "--pretrained",
         help="imagenet (default; needs torchvision's file in the torch hub cache), "
@@ -173,7 +270,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", help="continue the run in this directory after its last completed epoch")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="seed of weights init, data order and augmentation (default 0)")
-    p.add_argument("--precision", help="auto (default: bf16 where supported), bf16, fp16 (CUDA) or fp32")
+    add_table_option(
+        p,
+        "--precision",
+        table=TableChoices(_precisions),
+        metavar="PRECISION",
+        help="auto (default: bf16 where supported), bf16, fp16 (CUDA) or fp32",
+    )
     p.add_argument("--scheduler", help="plateau (default: lr/10 on val-loss plateau), cosine or none")
     p.add_argument("--pos-weight", dest="pos_weight", help="none (default) or balanced (negatives/positives per class)")
     p.add_argument(
@@ -312,19 +415,21 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="CAM box localisation on images with ground-truth boxes (default on)",
     )
     p.add_argument("--cam-threshold", type=float, default=0.5, help="CAM level that makes boxes (default 0.5)")
-    p.add_argument(
+    add_table_option(
+        p,
         "--cam-method",
+        table=TableChoices(_map_methods),
         default=None,
-        help="map method scored and recorded in the checkpoint: cam, gradcam-denseblock4, "
-        "gradcam-denseblock3, gradcam-denseblock2, layercam-denseblock3, layercam-denseblock2, "
-        "layercam-denseblock1 or layercam (default: the checkpoint's "
+        metavar="CAM_METHOD",
+        help="map method scored and recorded in the checkpoint: %(choices)s (default: the checkpoint's "
         "recorded method, else the measured best; see bench/localisation.py)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument(
+    add_table_option(
+        p,
         "--precision",
-        choices=("fp32", "bf16", "fp16", "auto"),
+        table=TableChoices(_precisions),
         default="fp32",
         help="fp32 (default: exact, hardware-independent numbers), bf16/fp16 (faster, probabilities "
         "coarser), auto (bf16 where native); the report names the one used",
@@ -536,15 +641,19 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
         help="decode processes (default: one per CPU core at background priority; all but one with CUDA)",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
+    add_table_option(
+        p,
         "--cams",
-        choices=("positive", "all", "none"),
+        table=TableChoices(_score_cam_modes),
         default="positive",
         help="CAM overlay PNGs for positive findings (default), all findings, or none",
     )
-    p.add_argument(
+    add_table_option(
+        p,
         "--cam-method",
+        table=TableChoices(_score_cam_methods),
         default="checkpoint",
+        metavar="CAM_METHOD",
         help="map method: 'checkpoint' (default: the method its localisation figures were measured "
         "with) or one of those `medxray evaluate --help` lists",
     )
@@ -606,8 +715,8 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
         "OUT is mounted; the checkpoint's folder comes read-only from PVC medxray-models",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    add_table_option(p, "--backend", table=TableChoices(_backends), default="auto")
+    add_table_option(p, "--precision", table=TableChoices(_predictor_precisions), default="auto")
     p.add_argument(
         "--threads",
         type=int,
@@ -635,9 +744,10 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
         help="comma-separated Body Part Examined values scored (default CHEST; 'any' turns the check off); "
         "others get status skipped, code not_chest; a file naming none is scored with a warning",
     )
-    p.add_argument(
+    add_table_option(
+        p,
         "--ood-policy",
-        choices=("warn", "skip"),
+        table=TableChoices(_ood_policies),
         default="warn",
         help="an image the model's features place outside its training images: ok with a warning "
         "(default) or skipped with code out_of_distribution (needs OOD statistics in the "
@@ -821,10 +931,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare the preprocessing cache, synthesise phantom data, verify a data root")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     dsub.required = True
-    datasets = ("chestxray14", "chexpert", "csv")
+    datasets = TableChoices(_datasets)
 
     pr = dsub.add_parser("prepare", help="decode + resize every image once into a uint8 memmap cache (resumable)")
-    pr.add_argument("--dataset", choices=datasets, default="chestxray14")
+    add_table_option(pr, "--dataset", table=datasets, default="chestxray14")
     pr.add_argument("--data-root", required=True, help="folder holding images/ (or images_001/images ...)")
     pr.add_argument("--size", type=int, default=256, help="cached side length in pixels (>= training size)")
     pr.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, max 8)")
@@ -849,7 +959,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     sy.set_defaults(func=_run_data_synth)
 
     ve = dsub.add_parser("verify", help="check the shipped manifests and, with --data-root, a data root and its cache")
-    ve.add_argument("--dataset", choices=datasets, default="chestxray14")
+    add_table_option(ve, "--dataset", table=datasets, default="chestxray14")
     ve.add_argument("--data-root", default=None)
     ve.add_argument("--decode", default="200", help="decode this many images to check them, or 'all' (default 200)")
     ve.add_argument("--cache-dir", default=None)

@@ -135,10 +135,12 @@ def _subparsers(*paths):
 
 def test_finetune_names_a_bad_model_before_touching_data_and_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "new" / "run"
-    rc, _, err = run(
-        ["finetune", "--model", "densenet999", "--data-root", tmp_path / "no-such-root", "--out", out], capsys
+    with pytest.raises(SystemExit) as info:  # refused by argparse: the choices are the variant table's keys
+        run(["finetune", "--model", "densenet999", "--data-root", tmp_path / "no-such-root", "--out", out], capsys)
+    err = capsys.readouterr().err
+    assert (
+        info.value.code == 2 and "densenet999" in err and "data" not in err.split("densenet999")[0].split("error:")[-1]
     )
-    assert rc == 2 and "densenet999" in err and "data" not in err.split("densenet999")[0].split("error:")[-1]
     assert not out.exists() and not out.parent.exists()
     rc, _, err = run(
         ["finetune", "--pretrained", tmp_path / "nope.pth", "--data-root", tmp_path / "no-such-root", "--out", out],
