@@ -36,6 +36,16 @@ def test_parameter_counts_match_paper(name):
     assert count_parameters(create_model(name, num_classes=classes)) == PAPER_PARAMS[name]
 
 
+def test_variant_rows_are_keyword_only():
+    # a positional row could silently swap two int fields (growth_rate / num_init_features)
+    from medxray.models import Variant
+
+    with pytest.raises(TypeError):
+        Variant(32, (6, 12, 24, 16), 64, "imagenet", True, 0.5, 224, 1000)  # type: ignore[misc]
+    v = Variant(**dataclasses.asdict(VARIANTS["densenet121"]))
+    assert v == VARIANTS["densenet121"]
+
+
 def test_table_covers_contract_names():
     assert set(VARIANTS) == set(PAPER_PARAMS)
 

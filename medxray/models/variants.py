@@ -12,34 +12,136 @@ from dataclasses import dataclass
 from medxray.errors import ConfigError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Variant:
-    """One row of the table: everything needed to build a variant and describe it."""
+    """One row of the table: everything needed to build a variant and describe it (keyword-only)."""
 
-    growth_rate: int
-    block_config: tuple[int, ...]
-    num_init_features: int
-    stem: str  # "imagenet" | "cifar"
-    bottleneck: bool
-    compression: float
-    input_size: int
+    growth_rate: int  # k, maps each dense layer adds
+    block_config: tuple[int, ...]  # layers per dense block
+    num_init_features: int  # stem output channels (2k for DenseNet-BC)
+    stem: str  # "imagenet" (7x7/2 conv + 3x3/2 max pool) | "cifar" (one 3x3 conv)
+    bottleneck: bool  # B: 1x1 conv to 4k channels before each 3x3 conv
+    compression: float  # C: theta, the transitions' channel factor (1.0 = plain DenseNet)
+    input_size: int  # the paper's input side in pixels
     paper_classes: int  # the class count the paper's parameter counts use
     imagenet_file: str | None = None  # torchvision's released weights file, if any
 
 
 VARIANTS: dict[str, Variant] = {
-    # name                 k   blocks             init stem       B      theta  size  classes  torchvision weights
-    "densenet121": Variant(32, (6, 12, 24, 16), 64, "imagenet", True, 0.5, 224, 1000, "densenet121-a639ec97.pth"),
-    "densenet169": Variant(32, (6, 12, 32, 32), 64, "imagenet", True, 0.5, 224, 1000, "densenet169-b2777c0a.pth"),
-    "densenet201": Variant(32, (6, 12, 48, 32), 64, "imagenet", True, 0.5, 224, 1000, "densenet201-c1103571.pth"),
-    "densenet161": Variant(48, (6, 12, 36, 24), 96, "imagenet", True, 0.5, 224, 1000, "densenet161-8d451a50.pth"),
-    "densenet264": Variant(32, (6, 12, 64, 48), 64, "imagenet", True, 0.5, 224, 1000),
-    "densenet_40_k12": Variant(12, (12, 12, 12), 16, "cifar", False, 1.0, 32, 10),
-    "densenet_100_k12": Variant(12, (32, 32, 32), 16, "cifar", False, 1.0, 32, 10),
-    "densenet_100_k24": Variant(24, (32, 32, 32), 16, "cifar", False, 1.0, 32, 10),
-    "densenet_bc_100_k12": Variant(12, (16, 16, 16), 24, "cifar", True, 0.5, 32, 10),
-    "densenet_bc_250_k24": Variant(24, (41, 41, 41), 48, "cifar", True, 0.5, 32, 10),
-    "densenet_bc_190_k40": Variant(40, (31, 31, 31), 80, "cifar", True, 0.5, 32, 10),
+    "densenet121": Variant(
+        growth_rate=32,
+        block_config=(6, 12, 24, 16),
+        num_init_features=64,
+        stem="imagenet",
+        bottleneck=True,
+        compression=0.5,
+        input_size=224,
+        paper_classes=1000,
+        imagenet_file="densenet121-a639ec97.pth",
+    ),
+    "densenet169": Variant(
+        growth_rate=32,
+        block_config=(6, 12, 32, 32),
+        num_init_features=64,
+        stem="imagenet",
+        bottleneck=True,
+        compression=0.5,
+        input_size=224,
+        paper_classes=1000,
+        imagenet_file="densenet169-b2777c0a.pth",
+    ),
+    "densenet201": Variant(
+        growth_rate=32,
+        block_config=(6, 12, 48, 32),
+        num_init_features=64,
+        stem="imagenet",
+        bottleneck=True,
+        compression=0.5,
+        input_size=224,
+        paper_classes=1000,
+        imagenet_file="densenet201-c1103571.pth",
+    ),
+    "densenet161": Variant(
+        growth_rate=48,
+        block_config=(6, 12, 36, 24),
+        num_init_features=96,
+        stem="imagenet",
+        bottleneck=True,
+        compression=0.5,
+        input_size=224,
+        paper_classes=1000,
+        imagenet_file="densenet161-8d451a50.pth",
+    ),
+    "densenet264": Variant(
+        growth_rate=32,
+        block_config=(6, 12, 64, 48),
+        num_init_features=64,
+        stem="imagenet",
+        bottleneck=True,
+        compression=0.5,
+        input_size=224,
+        paper_classes=1000,
+    ),
+    "densenet_40_k12": Variant(
+        growth_rate=12,
+        block_config=(12, 12, 12),
+        num_init_features=16,
+        stem="cifar",
+        bottleneck=False,
+        compression=1.0,
+        input_size=32,
+        paper_classes=10,
+    ),
+    "densenet_100_k12": Variant(
+        growth_rate=12,
+        block_config=(32, 32, 32),
+        num_init_features=16,
+        stem="cifar",
+        bottleneck=False,
+        compression=1.0,
+        input_size=32,
+        paper_classes=10,
+    ),
+    "densenet_100_k24": Variant(
+        growth_rate=24,
+        block_config=(32, 32, 32),
+        num_init_features=16,
+        stem="cifar",
+        bottleneck=False,
+        compression=1.0,
+        input_size=32,
+        paper_classes=10,
+    ),
+    "densenet_bc_100_k12": Variant(
+        growth_rate=12,
+        block_config=(16, 16, 16),
+        num_init_features=24,
+        stem="cifar",
+        bottleneck=True,
+        compression=0.5,
+        input_size=32,
+        paper_classes=10,
+    ),
+    "densenet_bc_250_k24": Variant(
+        growth_rate=24,
+        block_config=(41, 41, 41),
+        num_init_features=48,
+        stem="cifar",
+        bottleneck=True,
+        compression=0.5,
+        input_size=32,
+        paper_classes=10,
+    ),
+    "densenet_bc_190_k40": Variant(
+        growth_rate=40,
+        block_config=(31, 31, 31),
+        num_init_features=80,
+        stem="cifar",
+        bottleneck=True,
+        compression=0.5,
+        input_size=32,
+        paper_classes=10,
+    ),
 }
 
 
