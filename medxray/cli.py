@@ -114,6 +114,18 @@ def _datasets() -> Sequence[str]:
     return DATASETS
 
 
+# Options with a fixed set of values take it from these tables (each read on first use).
+MAP_METHOD_CHOICES = TableChoices(_map_methods)
+SCORE_CAM_METHOD_CHOICES = TableChoices(_score_cam_methods)
+SCORE_CAM_MODE_CHOICES = TableChoices(_score_cam_modes)
+OOD_POLICY_CHOICES = TableChoices(_ood_policies)
+BACKEND_CHOICES = TableChoices(_backends)
+PREDICTOR_PRECISION_CHOICES = TableChoices(_predictor_precisions)
+PRECISION_CHOICES = TableChoices(_precisions)
+ARCHITECTURE_CHOICES = TableChoices(_architectures)
+DATASET_CHOICES = TableChoices(_datasets)
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model variants with parameter counts and GFLOPs")
     p.add_argument(
@@ -175,7 +187,7 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     add_table_option(
         p,
         "--backend",
-        table=TableChoices(_backends),
+        table=BACKEND_CHOICES,
         default="auto",
         help="inference backend (default auto: OpenVINO on CPU, torch on CUDA)",
     )
@@ -248,7 +260,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     add_table_option(
         p,
         "--model",
-        table=TableChoices(_architectures),
+        table=ARCHITECTURE_CHOICES,
         metavar="MODEL",
         help="architecture (default densenet121; see `medxray models`)",
     )
@@ -273,7 +285,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     add_table_option(
         p,
         "--precision",
-        table=TableChoices(_precisions),
+        table=PRECISION_CHOICES,
         metavar="PRECISION",
         help="auto (default: bf16 where supported), bf16, fp16 (CUDA) or fp32",
     )
@@ -418,7 +430,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_table_option(
         p,
         "--cam-method",
-        table=TableChoices(_map_methods),
+        table=MAP_METHOD_CHOICES,
         default=None,
         metavar="CAM_METHOD",
         help="map method scored and recorded in the checkpoint: %(choices)s (default: the checkpoint's "
@@ -429,7 +441,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_table_option(
         p,
         "--precision",
-        table=TableChoices(_precisions),
+        table=PRECISION_CHOICES,
         default="fp32",
         help="fp32 (default: exact, hardware-independent numbers), bf16/fp16 (faster, probabilities "
         "coarser), auto (bf16 where native); the report names the one used",
@@ -644,14 +656,14 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     add_table_option(
         p,
         "--cams",
-        table=TableChoices(_score_cam_modes),
+        table=SCORE_CAM_MODE_CHOICES,
         default="positive",
         help="CAM overlay PNGs for positive findings (default), all findings, or none",
     )
     add_table_option(
         p,
         "--cam-method",
-        table=TableChoices(_score_cam_methods),
+        table=SCORE_CAM_METHOD_CHOICES,
         default="checkpoint",
         metavar="CAM_METHOD",
         help="map method: 'checkpoint' (default: the method its localisation figures were measured "
@@ -715,8 +727,8 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
         "OUT is mounted; the checkpoint's folder comes read-only from PVC medxray-models",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    add_table_option(p, "--backend", table=TableChoices(_backends), default="auto")
-    add_table_option(p, "--precision", table=TableChoices(_predictor_precisions), default="auto")
+    add_table_option(p, "--backend", table=BACKEND_CHOICES, default="auto")
+    add_table_option(p, "--precision", table=PREDICTOR_PRECISION_CHOICES, default="auto")
     p.add_argument(
         "--threads",
         type=int,
@@ -747,7 +759,7 @@ def _add_score_dicom(sub: argparse._SubParsersAction) -> None:
     add_table_option(
         p,
         "--ood-policy",
-        table=TableChoices(_ood_policies),
+        table=OOD_POLICY_CHOICES,
         default="warn",
         help="an image the model's features place outside its training images: ok with a warning "
         "(default) or skipped with code out_of_distribution (needs OOD statistics in the "
@@ -931,10 +943,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare the preprocessing cache, synthesise phantom data, verify a data root")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     dsub.required = True
-    datasets = TableChoices(_datasets)
 
     pr = dsub.add_parser("prepare", help="decode + resize every image once into a uint8 memmap cache (resumable)")
-    add_table_option(pr, "--dataset", table=datasets, default="chestxray14")
+    add_table_option(pr, "--dataset", table=DATASET_CHOICES, default="chestxray14")
     pr.add_argument("--data-root", required=True, help="folder holding images/ (or images_001/images ...)")
     pr.add_argument("--size", type=int, default=256, help="cached side length in pixels (>= training size)")
     pr.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count, max 8)")
@@ -959,7 +970,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     sy.set_defaults(func=_run_data_synth)
 
     ve = dsub.add_parser("verify", help="check the shipped manifests and, with --data-root, a data root and its cache")
-    add_table_option(ve, "--dataset", table=datasets, default="chestxray14")
+    add_table_option(ve, "--dataset", table=DATASET_CHOICES, default="chestxray14")
     ve.add_argument("--data-root", default=None)
     ve.add_argument("--decode", default="200", help="decode this many images to check them, or 'all' (default 200)")
     ve.add_argument("--cache-dir", default=None)
