@@ -221,6 +221,22 @@ def test_unknown_names_and_sources():
         create_model("densenet121", pretrained="imagenet21k")
 
 
+def test_no_pretrained_sentinel(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from medxray.models import NO_PRETRAINED, wants_pretrained
+
+    assert NO_PRETRAINED == "none"  # the documented CLI / config spelling
+    for value in (None, "", "none", "None", "NONE"):
+        assert not wants_pretrained(value), value
+    for value in ("imagenet", "weights.pth", Path("none.pth"), "nonexistent"):
+        assert wants_pretrained(value), value
+    # create_model really skips loading for the sentinel: a loader that fails proves it is not called
+    monkeypatch.setattr("medxray.models.registry.load_pretrained", lambda *a: pytest.fail(f"loaded {a[2]!r}"))
+    for value in (None, "", "None"):
+        create_model("densenet_40_k12", num_classes=10, pretrained=value)
+
+
 def test_wrong_channel_count_input():
     m = create_model("densenet_bc_100_k12", num_classes=10).eval()
     with pytest.raises(InputShapeError, match=r"\(N, 3, H, W\)"):

@@ -15,7 +15,7 @@ import torch
 from medxray.errors import ConfigError
 from medxray.models.densenet import DenseNet
 from medxray.models.variants import VARIANTS, get_variant
-from medxray.models.weights import load_pretrained
+from medxray.models.weights import load_pretrained, wants_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ def create_model(
 ) -> DenseNet:
     """Build a variant from :data:`VARIANTS`, optionally initialised from ImageNet weights.
 
-    ``pretrained``: ``None`` (random init), ``"imagenet"`` (torchvision's weights via the torch
-    hub cache) or a path to a torchvision-format state dict.
+    ``pretrained``: ``None`` or ``"none"`` (random init, see :func:`wants_pretrained`),
+    ``"imagenet"`` (torchvision's weights via the torch hub cache) or a path to a
+    torchvision-format state dict.
     """
     v = get_variant(name)
     if int(num_classes) < 1:
@@ -53,7 +54,7 @@ def create_model(
         in_chans=int(in_chans),
         memory_efficient=memory_efficient,
     )
-    if pretrained is not None and str(pretrained).lower() not in ("none", ""):
+    if wants_pretrained(pretrained):
         load_pretrained(model, name, pretrained)
     return model
 

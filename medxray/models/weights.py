@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeGuard
 
 import torch
 
@@ -25,6 +25,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHTS_BASE_URL = "https://download.pytorch.org/models/"
+
+# The ``pretrained`` value (``--pretrained``, ``TrainConfig.pretrained``) that means "random
+# initialisation"; :func:`wants_pretrained` is the one test for it.
+NO_PRETRAINED = "none"
+
+
+def wants_pretrained(value: str | os.PathLike | None) -> TypeGuard[str | os.PathLike]:
+    """False for no initial weights (None, ``""`` or :data:`NO_PRETRAINED` in any case), else True
+    (``"imagenet"`` or a path to a torchvision-format state dict)."""
+    return value is not None and str(value).lower() not in (NO_PRETRAINED, "")
+
 
 # torchvision's released DenseNet files predate its current module names and spell dense-layer
 # parameters "denselayer1.norm.1.weight" where the model has "denselayer1.norm1.weight".
