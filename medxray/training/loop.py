@@ -51,6 +51,7 @@ from medxray.training.data import build_run_splits, check_run_data, epoch_datase
 from medxray.training.init_from import bn_eval, check_site_lock, freeze, init_config, load_init_weights
 from medxray.training.state import (
     RUN_FILES,
+    BestTracking,
     checkpoint_metadata,
     deterministic_algorithms,
     git_commit,
@@ -84,6 +85,33 @@ class FinetuneResult:
     history: list[dict[str, Any]]
     label_names: list[str]
     data_summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """One validation pass over the whole validation set (every image scored once, all ranks).
+
+    ``aurocs`` holds the per-class AUROC in label order (NaN where a class lacks positives or
+    negatives among its known labels); ``mean_auroc`` is their mean over the finite ones (NaN when
+    none is). ``loss`` is the masked mean BCE. ``predictions`` is
+    :func:`medxray.training.steps.predict_dataset`'s result (``index``, ``names``, ``probs``,
+    ``labels``, ``masks`` of shape (N, C), ``loss``).
+    """
+
+    loss: float
+    aurocs: tuple[float, ...]
+    mean_auroc: float
+    predictions: Mapping[str, Any]
+
+    @property
+    def selected_by(self) -> str:
+        """What selects the best epoch: ``val_mean_auroc``, or ``val_loss`` when no AUROC is finite."""
+        return "val_mean_auroc" if any(math.isfinite(a) for a in self.aurocs) else "val_loss"
+
+    @property
+    def score(self) -> float:
+        """The monitored score, higher is better: the mean AUROC, else the negated loss."""
+        return self.mean_auroc if self.selected_by == "val_mean_auroc" else -self.loss
 
 
 def finetune(config: TrainConfig | Mapping[str, Any], *, splits: Any = None) -> FinetuneResult:
@@ -161,10 +189,7 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
-        self.best_score = -math.inf
-        self.best_epoch = 0
-        self.best_auroc = float("nan")
-        self.bad_epochs = 0
+        self.best = BestTracking.start(cfg.early_stopping_patience)
         self.stopped: str | None = None
         self.last_is_good = True  # the last.pt on disk may become last.prev.pt at the next save
         if resume_state is not None:
@@ -246,10 +271,7 @@ class _Run:
         set_rng_states(st["rng"], self.device)
         self.start_epoch = int(st["epoch"])
         self.history = list(st.get("history", []))
-        self.best_score = float(st.get("best_score", -math.inf))
-        self.best_epoch = int(st.get("best_epoch", 0))
-        self.best_auroc = float(st.get("best_auroc", float("nan")))
-        self.bad_epochs = int(st.get("bad_epochs", 0))
+        self.best = BestTracking.from_state(st, self.cfg.early_stopping_patience)
         self.stopped = st.get("stopped")
         # resumed from last.prev.pt because last.pt is bad: the next save replaces last.pt, keeps last.prev.pt
         self.last_is_good = st.get("resumed_from", RUN_FILES["last"]) == RUN_FILES["last"]
@@ -349,8 +371,8 @@ class _Run:
             run_dir=self.run_dir,
             best_checkpoint=self.run_dir / RUN_FILES["best"],
             last_checkpoint=self.run_dir / RUN_FILES["last"],
-            best_epoch=self.best_epoch,
-            best_val_auroc=self.best_auroc,
+            best_epoch=self.best.best_epoch,
+            best_val_auroc=self.best.best_auroc,
             epochs_completed=len(self.history),
             stopped_reason=self.stopped or "",
             history=self.history,
@@ -383,11 +405,27 @@ class _Run:
         )
 
     def _epoch(self, epoch: int) -> None:
-        cfg = self.cfg
+        """Train one epoch (0-based ``epoch``), validate, track the best, step the schedule, write."""
         t0 = time.perf_counter()
         train = self._train_epoch(epoch)
         t_train = time.perf_counter() - t0
-        # Validate with the plain module: DDP's forward may run collectives, and shards differ in size.
+        val = self._validate()
+        self.best = self.best.update(epoch + 1, val.score, val.mean_auroc)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._step_scheduler(val.loss)
+        row = self._history_row(epoch, train, val, lr, t_train, time.perf_counter() - t0)
+        self.history.append(to_jsonable(row))
+        if self.best.should_stop and epoch + 1 < self.cfg.epochs:
+            self.stopped = f"early stopping: no better val mean AUROC for {self.best.bad_epochs} epochs"
+        if self.info.is_main:
+            self._write_epoch(epoch + 1, row, val)
+        self._log_epoch(row, train, val)
+        mdist.barrier(self.info)
+
+    def _validate(self) -> ValidationResult:
+        """Score the validation set with the plain module (DDP's forward may run collectives, and
+        shards differ in size) after rank 0's BatchNorm buffers are broadcast."""
+        cfg = self.cfg
         mdist.broadcast_buffers(self.model, self.info)
         val = predict_dataset(
             self.model,
@@ -402,78 +440,85 @@ class _Run:
         aurocs = auroc_per_class(val["probs"], val["labels"], val["masks"])
         finite = [a for a in aurocs if math.isfinite(a)]
         mean_auroc = float(np.mean(finite)) if finite else float("nan")
-        score = mean_auroc if finite else -val["loss"]
-        improved = score > self.best_score
-        if improved:
-            self.best_score, self.best_epoch, self.best_auroc, self.bad_epochs = score, epoch + 1, mean_auroc, 0
-        else:
-            self.bad_epochs += 1
-        lr = self.optimizer.param_groups[0]["lr"]
+        return ValidationResult(loss=val["loss"], aurocs=tuple(aurocs), mean_auroc=mean_auroc, predictions=val)
+
+    def _step_scheduler(self, val_loss: float) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(val["loss"])
+            self.scheduler.step(val_loss)
         elif self.scheduler is not None:
             self.scheduler.step()
-        row = {
+
+    def _history_row(
+        self,
+        epoch: int,
+        train: Mapping[str, float],
+        val: ValidationResult,
+        lr: float,
+        t_train: float,
+        t_epoch: float,
+    ) -> dict[str, Any]:
+        """One line of ``metrics.jsonl`` / the run's history (epoch counted from 1, times in seconds)."""
+        pred = val.predictions
+        return {
             "epoch": epoch + 1,
             "train_loss": train["loss"],
-            "val_loss": val["loss"],
-            "val_mean_auroc": mean_auroc,
-            "val_auroc": dict(zip(self.label_names, aurocs)),
+            "val_loss": val.loss,
+            "val_mean_auroc": val.mean_auroc,
+            "val_auroc": dict(zip(self.label_names, val.aurocs)),
             "lr": lr,
             "train_images": train["images"],
             "train_images_per_s": train["images"] / max(t_train, 1e-9),
-            "epoch_time_s": time.perf_counter() - t0,
+            "epoch_time_s": t_epoch,
             "val_images": len(self.splits.val),
-            "val_images_scored": len(val["names"]),
-            "val_images_unique": len(set(val["index"].tolist())),
-            "best": improved,
+            "val_images_scored": len(pred["names"]),
+            "val_images_unique": len(set(pred["index"].tolist())),
+            "best": self.best.improved,
             "world_size": self.info.world_size,
         }
-        self.history.append(to_jsonable(row))
-        if cfg.early_stopping_patience and self.bad_epochs >= cfg.early_stopping_patience and epoch + 1 < cfg.epochs:
-            self.stopped = f"early stopping: no better val mean AUROC for {self.bad_epochs} epochs"
-        if self.info.is_main:
-            metrics = {
-                "val_mean_auroc": mean_auroc,
-                "val_auroc": row["val_auroc"],
-                "val_loss": val["loss"],
-                "epoch": epoch + 1,
-                "selected_by": "val_mean_auroc" if finite else "val_loss",
-            }
-            if improved:
-                save_checkpoint(
-                    self.run_dir / RUN_FILES["best"], self.model.state_dict(), self.metadata(epoch + 1, metrics)
-                )
-                self._write_val_predictions(val)
-            best_meta = {"val_mean_auroc": self.best_auroc, "best_epoch": self.best_epoch}
-            save_training_checkpoint(
-                self.run_dir,
-                self.model.state_dict(),
-                self.metadata(epoch + 1, {**metrics, **best_meta}),
-                self._training_state(epoch + 1),
-                keep_previous=self.last_is_good,
-            )
-            self.last_is_good = True
-            with open(self.run_dir / RUN_FILES["metrics"], "a") as fh:
-                fh.write(json_line(row) + "\n")
-            if self.tb is not None:
-                for k in ("train_loss", "val_loss", "val_mean_auroc", "lr", "train_images_per_s"):
-                    self.tb.add_scalar(k, row[k], epoch + 1)
+
+    def _write_epoch(self, epoch: int, row: Mapping[str, Any], val: ValidationResult) -> None:
+        """Rank 0's files for completed ``epoch`` (1-based): ``best.pt`` and ``val_predictions.csv``
+        when it is the best, ``last.pt`` (keeping ``last.prev.pt``), a ``metrics.jsonl`` line, TensorBoard."""
+        metrics = {
+            "val_mean_auroc": val.mean_auroc,
+            "val_auroc": row["val_auroc"],
+            "val_loss": val.loss,
+            "epoch": epoch,
+            "selected_by": val.selected_by,
+        }
+        if self.best.improved:
+            save_checkpoint(self.run_dir / RUN_FILES["best"], self.model.state_dict(), self.metadata(epoch, metrics))
+            self._write_val_predictions(val.predictions)
+        best_meta = {"val_mean_auroc": self.best.best_auroc, "best_epoch": self.best.best_epoch}
+        save_training_checkpoint(
+            self.run_dir,
+            self.model.state_dict(),
+            self.metadata(epoch, {**metrics, **best_meta}),
+            self._training_state(epoch),
+            keep_previous=self.last_is_good,
+        )
+        self.last_is_good = True
+        with open(self.run_dir / RUN_FILES["metrics"], "a") as fh:
+            fh.write(json_line(row) + "\n")
+        if self.tb is not None:
+            for k in ("train_loss", "val_loss", "val_mean_auroc", "lr", "train_images_per_s"):
+                self.tb.add_scalar(k, row[k], epoch)
+
+    def _log_epoch(self, row: Mapping[str, Any], train: Mapping[str, float], val: ValidationResult) -> None:
         log.info(
             "epoch %d/%d  train loss %.4f  val loss %.4f  val mean AUROC %.4f%s  lr %.2g  %.1f img/s  %.0fs",
-            epoch + 1,
-            cfg.epochs,
+            row["epoch"],
+            self.cfg.epochs,
             train["loss"],
-            val["loss"],
-            mean_auroc,
-            " (best)" if improved else "",
-            lr,
+            val.loss,
+            val.mean_auroc,
+            " (best)" if self.best.improved else "",
+            row["lr"],
             row["train_images_per_s"],
             row["epoch_time_s"],
         )
         if self.stopped:
-            log.info("%s (best epoch %d)", self.stopped, self.best_epoch)
-        mdist.barrier(self.info)
+            log.info("%s (best epoch %d)", self.stopped, self.best.best_epoch)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
@@ -544,10 +589,7 @@ class _Run:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states(self.device),
             "history": self.history,
-            "best_score": self.best_score,
-            "best_epoch": self.best_epoch,
-            "best_auroc": self.best_auroc,
-            "bad_epochs": self.bad_epochs,
+            **self.best.to_state(),
             "stopped": self.stopped,
             "config": self.cfg.to_dict(),
         }

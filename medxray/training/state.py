@@ -1,10 +1,11 @@
 """Run state on disk and in the process: run-directory layout, resuming, checkpoint metadata, RNG states, versions.
 
 Holds what makes a run reproducible and resumable: the files of a run directory
-(:data:`RUN_FILES`), :func:`prepare_resume` (stored config + allowed overrides + the last epoch's
-training state), the metadata stored in every checkpoint, RNG state capture and restore
-(:func:`rng_states`, :func:`scoped_rng`), deterministic algorithms, and the library versions and
-git commit recorded with each run.
+(:data:`RUN_FILES`), the best-epoch / early-stopping state (:class:`BestTracking`),
+:func:`prepare_resume` (stored config + allowed overrides + the last epoch's training state),
+the metadata stored in every checkpoint, RNG state capture and restore (:func:`rng_states`,
+:func:`scoped_rng`), deterministic algorithms, and the library versions and git commit recorded
+with each run.
 
 Must not import the training loop (:mod:`medxray.training.loop`), models or evaluation.
 """
@@ -15,12 +16,13 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import platform
 import random
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +44,91 @@ RUN_FILES = {
     "best": "best.pt",
     "val_predictions": "val_predictions.csv",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class BestTracking:
+    """Best-epoch selection and early stopping as a value: :meth:`update` returns the next state.
+
+    An epoch's monitored ``score`` improves on the best so far when ``score > best_score +
+    min_delta`` (``mode="max"``) or ``score < best_score - min_delta`` (``mode="min"``), the rule of
+    Keras' and Lightning's ``EarlyStopping`` callbacks; a NaN score never improves. After
+    ``patience`` epochs in a row without improvement, :attr:`should_stop` is true (``patience`` 0:
+    never). The fine-tuning loop monitors the validation mean AUROC (the validation loss, negated,
+    when no class has both labels), ``mode="max"``, ``min_delta=0`` (Rajpurkar et al. 2017, CheXNet).
+
+    ``best_auroc`` is the validation mean AUROC of the best epoch (NaN when it was selected by the
+    loss); ``best_epoch`` counts from 1 (0: none yet). :meth:`to_state` / :meth:`from_state` give
+    the four keys stored in ``last.pt``'s training state, so a resumed run continues the count.
+    Raises ``ValueError`` for an unknown ``mode``, a negative ``patience`` or ``min_delta``.
+    """
+
+    patience: int = 0
+    min_delta: float = 0.0
+    mode: Literal["max", "min"] = "max"
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_auroc: float = math.nan
+    bad_epochs: int = 0
+    improved: bool = False  # whether the last update's epoch became the best
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', not {self.mode!r}")
+        if self.patience < 0 or not self.min_delta >= 0:
+            raise ValueError(f"patience ({self.patience}) and min_delta ({self.min_delta}) must be >= 0")
+
+    @classmethod
+    def start(cls, patience: int = 0, *, min_delta: float = 0.0, mode: Literal["max", "min"] = "max") -> BestTracking:
+        """The state before the first epoch: no best yet (best score -inf for ``max``, +inf for ``min``)."""
+        return cls(patience, min_delta, mode, best_score=-math.inf if mode == "max" else math.inf)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Any],
+        patience: int = 0,
+        *,
+        min_delta: float = 0.0,
+        mode: Literal["max", "min"] = "max",
+    ) -> BestTracking:
+        """The state saved by :meth:`to_state` (keys missing in older checkpoints take the start values)."""
+        first = cls.start(patience, min_delta=min_delta, mode=mode)
+        return dataclasses.replace(
+            first,
+            best_score=float(state.get("best_score", first.best_score)),
+            best_epoch=int(state.get("best_epoch", 0)),
+            best_auroc=float(state.get("best_auroc", math.nan)),
+            bad_epochs=int(state.get("bad_epochs", 0)),
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        """``best_score``, ``best_epoch``, ``best_auroc``, ``bad_epochs`` for the training state."""
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_auroc": self.best_auroc,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def is_better(self, score: float) -> bool:
+        """Whether ``score`` improves on the best by more than ``min_delta`` (False for NaN)."""
+        if self.mode == "max":
+            return score > self.best_score + self.min_delta
+        return score < self.best_score - self.min_delta
+
+    def update(self, epoch: int, score: float, auroc: float = math.nan) -> BestTracking:
+        """The state after ``epoch`` (1-based) scored ``score``; ``auroc`` is kept when it is the best."""
+        if self.is_better(score):
+            return dataclasses.replace(
+                self, best_score=score, best_epoch=epoch, best_auroc=auroc, bad_epochs=0, improved=True
+            )
+        return dataclasses.replace(self, bad_epochs=self.bad_epochs + 1, improved=False)
+
+    @property
+    def should_stop(self) -> bool:
+        """``patience`` epochs in a row without improvement (never when ``patience`` is 0)."""
+        return bool(self.patience) and self.bad_epochs >= self.patience
 
 
 def versions() -> dict[str, str]:
