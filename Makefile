@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 
 # Lint (ruff: pycodestyle, pyflakes, bugbear, import order), format check, and mypy on the typed core
 # (the model, the DICOM reader and writers, maps, inference, the checkpoint metadata, the input contract).
-TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/checkpoint.py \
+TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/backends medxray/checkpoint.py \
          medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -17,18 +17,17 @@ Inputs are 2-D float arrays in [0, 1] (:func:`medxray.dicom.read_dicom` ``.pixel
 through THE deterministic transform list of :mod:`medxray.data.transforms`, so a checkpoint
 scores an image here exactly as evaluation does. A predictor is safe to share between threads:
 the torch model is only read, and each thread gets its own OpenVINO infer request.
+
+The backends themselves (eager torch; OpenVINO conversion, IR cache, compilation, per-thread
+infer requests) live in :mod:`medxray.backends`; the Predictor chooses one, verifies it against
+fp32 eager, batches, and adds the OOD distances and maps.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, overload
@@ -36,11 +35,13 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, overload
 import numpy as np
 import torch
 
+from medxray.backends import Backend, OpenVINOBackend, TorchBackend
+from medxray.backends.openvino import load_or_convert, openvino_cache_dir
 from medxray.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from medxray.checkpoint_meta import CheckpointMeta
 from medxray.errors import CheckpointError, ConfigError, InputShapeError
 from medxray.fileio import file_sha256
-from medxray.hardware import cpu_has_native_bf16, openvino_core, resolve_device
+from medxray.hardware import cpu_has_native_bf16, resolve_device
 from medxray.modelinput import model_input
 from medxray.ood import OODStats, pooled, stats_from_checkpoint
 
@@ -55,7 +56,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: OpenVINO, only behind the
 
 
 # ---------------------------------------------------------------------------------------------
-# hardware
+# network input
 # ---------------------------------------------------------------------------------------------
 
 
@@ -64,35 +65,6 @@ def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:
     :func:`medxray.modelinput.model_input` as a tensor (uint8 / uint16 scaled by bit depth, float
     in [0, 1]; raises :class:`medxray.errors.ImageValueError` / ``InputShapeError`` otherwise)."""
     return torch.from_numpy(model_input(image, image_size))
-
-
-def openvino_cache_dir() -> Path | None:
-    """Where converted OpenVINO models are cached: $MEDXRAY_CACHE_DIR/openvino or ~/.cache/medxray/openvino.
-
-    ``MEDXRAY_CACHE_DIR=off`` disables the cache; an unwritable location disables it silently.
-    """
-    base = os.environ.get("MEDXRAY_CACHE_DIR")
-    if base and base.lower() in ("off", "0", "none"):
-        return None
-    root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medxray"
-    d = root / "openvino"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return d if os.access(d, os.W_OK) else None
-
-
-class _FeatureHead(torch.nn.Module):
-    """Wrapper exported to OpenVINO: one graph with both logits and the CAM feature map."""
-
-    def __init__(self, model: DenseNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model.forward_features(x)
-        return self.model.forward_head(feats), feats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,11 +164,7 @@ class Predictor:
         # the caller that owns the process (the scorer) sets and restores it around its run.
         self._num_threads = num_threads
         self.model = model.eval().to(self.device)
-        self._cl_model: DenseNet | None = None
-        self._ov_compiled: Any = None
-        self._ov_key: str | None = None
-        self._ov_local = threading.local()
-        self.backend, self.precision = self._choose(backend, precision)
+        self._backend: Backend = self._choose(backend, precision)
         if verify and self.precision != "int8" and not (self.backend == "torch" and self.precision == "fp32"):
             self._verify_or_fall_back()
         log.info(
@@ -228,7 +196,7 @@ class Predictor:
         kwargs.setdefault("ood", stats_from_checkpoint(ckpt))
         return cls(model, ckpt.metadata, device=device, backend=backend, source=src, **kwargs)
 
-    def _choose(self, backend: str, precision: str) -> tuple[str, str]:
+    def _choose(self, backend: str, precision: str) -> Backend:
         if backend == "openvino" and self.device.type != "cpu":
             raise ConfigError("the openvino backend runs on the CPU; use --device cpu or the torch backend")
         if backend == "auto":
@@ -241,45 +209,45 @@ class Predictor:
                 precision = "bf16" if cpu_has_native_bf16() else "fp32"
         if backend == "openvino":
             try:
-                precision = self._build_openvino(precision, want_int8)
+                ov = OpenVINOBackend(
+                    self.model,
+                    architecture=self.architecture,
+                    image_size=self.image_size,
+                    precision=precision,
+                    want_int8=want_int8,
+                    num_threads=self._num_threads,
+                )
             except Exception as exc:  # not installed, or an op it cannot convert
                 log.warning(
                     "OpenVINO backend unavailable (%s: %s); using torch",
                     type(exc).__name__,
                     str(exc).splitlines()[0][:200] if str(exc) else "",
                 )
-                backend = "torch"
-        if backend == "torch" and self.device.type == "cpu" and precision == "bf16":
-            self._cl_model = self.model.to(memory_format=torch.channels_last)
-        return backend, precision
-
-    def _build_openvino(self, precision: str, want_int8: bool = False) -> str:
-        import openvino as ov
-
-        core = openvino_core()
-        ov_model = self._load_or_convert_openvino(ov)
-        self.int8_note = ""
-        if want_int8:
-            from medxray.quantize import load_int8
-
-            q_model, self.int8_note = load_int8(str(self._ov_key), openvino_cache_dir())
-            if q_model is not None:
-                ov_model, precision = q_model, "int8"  # compiled with f32 for the rest, as the gate measured it
             else:
-                log.info("int8 not used (%s); running %s", self.int8_note, precision)
-        config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-        }
-        if self._num_threads is not None:
-            config["INFERENCE_NUM_THREADS"] = max(1, int(self._num_threads))
-        self._ov_compiled = core.compile_model(ov_model, "CPU", config)
-        return precision
+                if want_int8 and ov.precision != "int8":
+                    log.info("int8 not used (%s); running %s", ov.int8_note, ov.precision)
+                return ov
+        return TorchBackend(self.model, self.device, precision)
+
+    @property
+    def backend(self) -> str:
+        """The backend running the forward passes: "torch" or "openvino" (:mod:`medxray.backends`)."""
+        return self._backend.name
+
+    @property
+    def precision(self) -> str:
+        """The precision of the forward passes: "fp32", "bf16" or "int8" (OpenVINO only)."""
+        return self._backend.precision
+
+    @property
+    def int8_note(self) -> str:
+        """Why the int8 model is not used ("" when it is, or when it was not asked for)."""
+        return self._backend.int8_note if isinstance(self._backend, OpenVINOBackend) else ""
 
     @property
     def weights_key(self) -> str | None:
         """The weight hash naming this model's cached OpenVINO IRs (None off the OpenVINO backend)."""
-        return self._ov_key if self.backend == "openvino" else None
+        return self._backend.key if isinstance(self._backend, OpenVINOBackend) else None
 
     @property
     def cache_dir(self) -> Path | None:
@@ -287,50 +255,9 @@ class Predictor:
         return openvino_cache_dir()
 
     def openvino_fp32_model(self) -> Any:
-        """The fp32 OpenVINO model (logits, features) of these weights, from the cache or converted."""
-        import openvino as ov
-
-        return self._load_or_convert_openvino(ov)
-
-    def _load_or_convert_openvino(self, ov: Any) -> Any:
-        """Convert the model once; cache the fp32 IR by a hash of the weights (conversion takes seconds)."""
-        s = self.image_size
-        cache = openvino_cache_dir()
-        xml = None
-        self._ov_key = self._weights_key(ov.__version__)
-        if cache is not None:
-            xml = cache / f"{self._ov_key}.xml"
-            if xml.is_file() and xml.with_suffix(".bin").is_file():
-                try:
-                    return openvino_core().read_model(str(xml))
-                except Exception as exc:  # a damaged cache entry: convert again
-                    log.debug("ignoring OpenVINO cache entry %s: %s", xml.name, exc)
-        wrapper = _FeatureHead(self.model).eval()
-        with torch.no_grad(), warnings.catch_warnings():
-            # Conversion traces the model; its tracer warnings are about our input-shape check
-            # (a Python branch the trace freezes), which is exactly what we want frozen.
-            warnings.simplefilter("ignore")
-            ov_model = ov.convert_model(wrapper, example_input=torch.zeros(1, 3, s, s), input=[(-1, 3, s, s)])
-        if xml is not None:
-            try:
-                tmp = Path(tempfile.mkdtemp(prefix=".ov-", dir=xml.parent))
-                try:
-                    ov.save_model(ov_model, str(tmp / xml.name), compress_to_fp16=False)
-                    os.replace(tmp / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
-                    os.replace(tmp / xml.name, xml)  # the .xml appears last: its presence means complete
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except OSError as exc:
-                log.debug("cannot cache the OpenVINO model in %s: %s", xml.parent, exc)
-        return ov_model
-
-    def _weights_key(self, ov_version: str) -> str:
-        h = hashlib.sha256()
-        h.update(f"{self.architecture}|{self.image_size}|{ov_version}|featurehead-v1".encode())
-        for name, t in self.model.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:32]
+        """The fp32 OpenVINO model (logits, features) of these weights, from the cache or converted
+        (:func:`medxray.backends.openvino.load_or_convert`)."""
+        return load_or_convert(self.model, self.architecture, self.image_size)[0]
 
     def _verify_or_fall_back(self) -> None:
         """Compare with fp32 eager on two fixed synthetic radiograph-like inputs.
@@ -339,7 +266,7 @@ class Predictor:
         version, precision and CPU flags give the same numbers): the fp32 eager reference pass
         costs seconds of one-time kernel set-up, which a nightly run should not pay every time.
         """
-        record = self._verification_record()
+        record = self._backend.verification_record()
         diff: float | None = None
         if record is not None and record.is_file():
             try:
@@ -365,18 +292,9 @@ class Predictor:
                 diff,
                 PROB_TOLERANCE,
             )
-            self.backend, self.precision, self._ov_compiled, self._cl_model = "torch", "fp32", None, None
             self.model = self.model.to(memory_format=torch.contiguous_format)
+            self._backend = TorchBackend(self.model, self.device, "fp32")
         self.verified_max_diff = diff
-
-    def _verification_record(self) -> Path | None:
-        if self.backend != "openvino" or self._ov_key is None:
-            return None
-        cache = openvino_cache_dir()
-        if cache is None:
-            return None
-        flags = "bf16native" if cpu_has_native_bf16() else "nobf16"
-        return cache / f"{self._ov_key}.{self.precision}.{flags}.verified.json"
 
     def _synthetic_batch(self) -> torch.Tensor:
         s = 128
@@ -387,33 +305,6 @@ class Predictor:
 
     # -- core forward ----------------------------------------------------------------------
 
-    def _ov_request(self) -> Any:
-        req = getattr(self._ov_local, "request", None)
-        if req is None:
-            req = self._ov_compiled.create_infer_request()
-            self._ov_local.request = req
-        return req
-
-    def _forward_torch(self, x: torch.Tensor, want_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        x = x.to(self.device, non_blocking=True)
-        model = self.model
-        if self._cl_model is not None:
-            model = self._cl_model
-            x = x.contiguous(memory_format=torch.channels_last)
-        bf16 = self.precision == "bf16"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            feats = model.forward_features(x)
-            logits = model.forward_head(feats)
-        logits_np = logits.float().cpu().numpy()
-        feats_np = feats.float().cpu().numpy() if want_features else None
-        return logits_np, feats_np
-
-    def _forward_ov(self, x: torch.Tensor, want_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        res = self._ov_request().infer({0: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
-        logits = np.array(res[0], dtype=np.float32, copy=True)
-        feats = np.array(res[1], dtype=np.float32, copy=True) if want_features else None
-        return logits, feats
-
     def forward(self, x: torch.Tensor, want_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, C) and, when asked, the feature map (N, F, h, w) for a preprocessed batch."""
         if x.dim() != 4 or x.shape[1] != 3:
@@ -421,10 +312,7 @@ class Predictor:
         outs_l, outs_f = [], []
         for i in range(0, x.shape[0], self.batch_size):
             chunk = x[i : i + self.batch_size]
-            if self.backend == "openvino":
-                lg, ft = self._forward_ov(chunk, want_features)
-            else:
-                lg, ft = self._forward_torch(chunk, want_features)
+            lg, ft = self._backend.infer(chunk, want_features)
             outs_l.append(lg)
             if ft is not None:
                 outs_f.append(ft)

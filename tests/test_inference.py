@@ -137,6 +137,7 @@ def test_falls_back_to_fp32_when_a_backend_disagrees(scoring_checkpoint, monkeyp
         p = Predictor.from_checkpoint(scoring_checkpoint, device="cpu", backend="torch", precision="bf16")
     assert (p.backend, p.precision) == ("torch", "fp32")
     assert "falling back to torch fp32" in caplog.text
+    assert p.model.features.conv0.weight.is_contiguous(), "the bf16 channels_last layout is undone"
 
 
 def test_predictor_thread_safe(fast, images):

@@ -1,0 +1,184 @@
+"""The OpenVINO backend: the model converted once, cached as IR by weight hash, compiled for the CPU.
+
+Conversion (``openvino.convert_model``, tracing the model) takes seconds, so the fp32 IR is
+cached in :func:`openvino_cache_dir` under a hash of the architecture, input size, OpenVINO
+version and weights (:func:`weights_key`); the int8 IR of :mod:`medxray.quantize` sits next to
+it under the same key and is used only where its accuracy gate passed. One graph gives both
+outputs, the logits and the last feature map (for the OOD distance and CAM), so the Predictor
+never needs a second pass for them. Each calling thread gets its own infer request, so one
+backend serves several threads.
+
+openvino is imported lazily (the ``openvino`` extra); building an :class:`OpenVINOBackend`
+raises whatever the missing package or an unconvertible operation raises, and the Predictor
+then falls back to torch. Must not import :mod:`medxray.inference`, the scoring, the app or the
+CLI (they import it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from medxray.hardware import cpu_has_native_bf16, openvino_core
+
+if TYPE_CHECKING:
+    from medxray.models.densenet import DenseNet
+
+log = logging.getLogger(__name__)
+
+
+def openvino_cache_dir() -> Path | None:
+    """Where converted OpenVINO models are cached: $MEDXRAY_CACHE_DIR/openvino or ~/.cache/medxray/openvino.
+
+    ``MEDXRAY_CACHE_DIR=off`` disables the cache; an unwritable location disables it silently.
+    """
+    base = os.environ.get("MEDXRAY_CACHE_DIR")
+    if base and base.lower() in ("off", "0", "none"):
+        return None
+    root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medxray"
+    d = root / "openvino"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return d if os.access(d, os.W_OK) else None
+
+
+class _FeatureHead(torch.nn.Module):
+    """Wrapper exported to OpenVINO: one graph with both logits and the CAM feature map."""
+
+    def __init__(self, model: DenseNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.forward_features(x)
+        return self.model.forward_head(feats), feats
+
+
+def weights_key(model: torch.nn.Module, architecture: str, image_size: int, ov_version: str) -> str:
+    """32 hex digits naming the converted IRs of ``model``: SHA-256 of the architecture, input
+    size S, OpenVINO version, graph layout and every tensor of the state dict (names and bytes)."""
+    h = hashlib.sha256()
+    h.update(f"{architecture}|{image_size}|{ov_version}|featurehead-v1".encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def load_or_convert(model: DenseNet, architecture: str, image_size: int) -> tuple[Any, str]:
+    """(the fp32 OpenVINO model with outputs (logits, features) and input (-1, 3, S, S), its
+    :func:`weights_key`): read from the cache, or converted once and cached (written to a temporary
+    folder and moved in, the .xml last, so a present .xml means a complete entry; a damaged entry
+    is converted again). Raises ImportError without openvino, or what conversion raises."""
+    import openvino as ov
+
+    s = image_size
+    cache = openvino_cache_dir()
+    xml = None
+    key = weights_key(model, architecture, image_size, ov.__version__)
+    if cache is not None:
+        xml = cache / f"{key}.xml"
+        if xml.is_file() and xml.with_suffix(".bin").is_file():
+            try:
+                return openvino_core().read_model(str(xml)), key
+            except Exception as exc:  # a damaged cache entry: convert again
+                log.debug("ignoring OpenVINO cache entry %s: %s", xml.name, exc)
+    wrapper = _FeatureHead(model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # Conversion traces the model; its tracer warnings are about our input-shape check
+        # (a Python branch the trace freezes), which is exactly what we want frozen.
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(wrapper, example_input=torch.zeros(1, 3, s, s), input=[(-1, 3, s, s)])
+    if xml is not None:
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".ov-", dir=xml.parent))
+            try:
+                ov.save_model(ov_model, str(tmp / xml.name), compress_to_fp16=False)
+                os.replace(tmp / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
+                os.replace(tmp / xml.name, xml)  # the .xml appears last: its presence means complete
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            log.debug("cannot cache the OpenVINO model in %s: %s", xml.parent, exc)
+    return ov_model, key
+
+
+class OpenVINOBackend:
+    """``model`` converted (or read from the IR cache) and compiled for the CPU.
+
+    ``precision`` "bf16" or "fp32" is the ``INFERENCE_PRECISION_HINT`` (bf16 only where the CPU has
+    it natively, the caller's choice); with ``want_int8`` the int8 IR of :mod:`medxray.quantize`
+    replaces the graph when its gate passed (compiled with f32 for the layers it leaves in float,
+    as the gate measured it) and :attr:`precision` becomes "int8"; :attr:`int8_note` says why not
+    otherwise. ``num_threads`` sets ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default).
+    Raises ImportError without openvino, or what conversion / compilation raises.
+    """
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        model: DenseNet,
+        *,
+        architecture: str,
+        image_size: int,
+        precision: str,
+        want_int8: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        import openvino  # noqa: F401  (ImportError here, before any work, when it is not installed)
+
+        core = openvino_core()
+        ov_model, self.key = load_or_convert(model, architecture, image_size)
+        self.int8_note = ""
+        if want_int8:
+            from medxray.quantize import load_int8
+
+            q_model, self.int8_note = load_int8(self.key, openvino_cache_dir())
+            if q_model is not None:
+                ov_model, precision = q_model, "int8"
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if num_threads is not None:
+            config["INFERENCE_NUM_THREADS"] = max(1, int(num_threads))
+        self.precision = precision
+        self.compiled: Any = core.compile_model(ov_model, "CPU", config)
+        self._local = threading.local()
+
+    def _request(self) -> Any:
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self.compiled.create_infer_request()
+            self._local.request = req
+        return req
+
+    def infer(self, x: torch.Tensor, want_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, C) and, when asked, the feature map (N, F, h, w), float32, for a CPU batch
+        (N, 3, S, S), on this thread's infer request (outputs copied out of its buffers)."""
+        res = self._request().infer({0: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        logits = np.array(res[0], dtype=np.float32, copy=True)
+        feats = np.array(res[1], dtype=np.float32, copy=True) if want_features else None
+        return logits, feats
+
+    def verification_record(self) -> Path | None:
+        """The JSON file next to the IR caching the comparison with fp32 eager: same weights,
+        OpenVINO version, precision and CPU bf16 flags give the same numbers (None without a cache)."""
+        cache = openvino_cache_dir()
+        if cache is None:
+            return None
+        flags = "bf16native" if cpu_has_native_bf16() else "nobf16"
+        return cache / f"{self.key}.{self.precision}.{flags}.verified.json"

@@ -1,0 +1,177 @@
+"""medxray.backends: the OpenVINO backend (IR cache by weight hash, per-thread infer requests) and
+the eager torch backend give the Predictor the same logits and feature maps; the Predictor trusts
+a recorded fp32 comparison and falls back to torch fp32 when it says the backend disagrees.
+
+A small DenseNet (densenet_40_k12, 64 px, 14 findings) converted once per module (conversion
+traces the whole graph: the slow part); inputs are the real RG1 chest radiograph of pydicom-data
+and a flipped, noisier copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from conftest import make_test_checkpoint  # noqa: E402
+
+from medxray.backends import OpenVINOBackend, TorchBackend, openvino_cache_dir  # noqa: E402
+from medxray.backends.openvino import load_or_convert, weights_key  # noqa: E402
+from medxray.checkpoint import model_from_checkpoint  # noqa: E402
+from medxray.inference import PROB_TOLERANCE, Predictor, preprocess  # noqa: E402
+from medxray.models import create_model  # noqa: E402
+
+ARCH, SIZE = "densenet_40_k12", 64
+pytestmark = pytest.mark.slow  # ~55 s here, half of it the one conversion (tracing the graph)
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    from pydicom.data import get_testdata_file
+
+    from medxray.dicom import read_dicom
+
+    rg1 = read_dicom(get_testdata_file("RG1_UNCR.dcm")).pixels
+    rng = np.random.default_rng(7)
+    noisy = np.clip(rg1[:, ::-1] + 0.05 * rng.standard_normal(rg1.shape).astype(np.float32), 0, 1)
+    return torch.stack([preprocess(rg1, SIZE), preprocess(noisy, SIZE)])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("ov-backend-cache")
+    mp.setenv("MEDXRAY_CACHE_DIR", str(root))
+    yield root / "openvino"
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, cache):
+    return make_test_checkpoint(tmp_path_factory.mktemp("ckpt") / "d40.pt", architecture=ARCH, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> torch.nn.Module:
+    return model_from_checkpoint(checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def ov(model, cache) -> OpenVINOBackend:
+    """Converted once here; the Predictor test below finds these weights in the IR cache."""
+    return OpenVINOBackend(model, architecture=ARCH, image_size=SIZE, precision="fp32")
+
+
+def test_openvino_and_torch_backends_give_the_same_logits_and_features(model, ov, batch):
+    eager = TorchBackend(model, torch.device("cpu"), "fp32")
+    assert (eager.name, eager.precision, ov.name, ov.precision) == ("torch", "fp32", "openvino", "fp32")
+    lg_ref, ft_ref = eager.infer(batch, want_features=True)
+    lg, ft = ov.infer(batch, want_features=True)
+    assert lg_ref.shape == lg.shape == (2, 14) and lg.dtype == np.float32
+    assert ft is not None and ft_ref is not None and ft.shape == ft_ref.shape and ft.ndim == 4
+    np.testing.assert_allclose(lg, lg_ref, atol=1e-3)
+    np.testing.assert_allclose(ft, ft_ref, atol=1e-3)
+    assert ov.infer(batch, want_features=False)[1] is None and eager.infer(batch, False)[1] is None
+    with torch.no_grad():  # the backends' logits are the model's own forward pass
+        np.testing.assert_allclose(model(batch).numpy(), lg_ref, atol=1e-5)
+    assert ov.int8_note == ""  # int8 not asked for
+
+
+def test_ir_cache_is_named_by_the_weights_and_survives_a_damaged_entry(model, ov, cache, monkeypatch):
+    import openvino
+
+    key = ov.key
+    xml = cache / f"{key}.xml"
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    assert not list(cache.glob(".ov-*")), "the temporary conversion folder is removed"
+
+    real_convert = openvino.convert_model
+    calls: list[int] = []
+
+    def counting_convert(*a, **k):
+        calls.append(1)
+        return real_convert(*a, **k)
+
+    monkeypatch.setattr(openvino, "convert_model", counting_convert)
+    assert load_or_convert(model, ARCH, SIZE)[1] == key and not calls, "read from the cache"
+    # the key follows every weight and the input size
+    other = create_model(ARCH, num_classes=14)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.classifier.bias[0] += 1e-3
+    assert weights_key(other, ARCH, SIZE, openvino.__version__) != key
+    assert weights_key(model, ARCH, SIZE + 32, openvino.__version__) != key
+    assert weights_key(model, ARCH, SIZE, openvino.__version__) == key
+    # a damaged entry is converted again and rewritten whole
+    xml.write_text("<not an IR", encoding="utf-8")
+    ov_model, again = load_or_convert(model, ARCH, SIZE)
+    assert again == key and len(calls) == 1
+    assert xml.read_text(encoding="utf-8").startswith("<?xml")
+    assert [o.get_partial_shape().rank.get_length() for o in ov_model.outputs] == [2, 4]
+
+
+def test_cache_off_records_nothing(model, ov, monkeypatch):
+    assert ov.verification_record() == openvino_cache_dir() / f"{ov.key}.fp32.{_flags()}.verified.json"
+    monkeypatch.setenv("MEDXRAY_CACHE_DIR", "off")
+    assert openvino_cache_dir() is None
+    assert ov.verification_record() is None
+    assert TorchBackend(model, torch.device("cpu"), "fp32").verification_record() is None
+
+
+def test_each_thread_gets_its_own_infer_request(ov, batch):
+    serial = [ov.infer(batch[i : i + 1], True) for i in range(2)]
+    requests: dict[int, list[object]] = {}
+    results: dict[int, list[tuple]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            for _ in range(3):
+                requests.setdefault(t, []).append(ov._request())
+                results.setdefault(t, []).append(ov.infer(batch[t % 2 : t % 2 + 1], True))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    assert not errors
+    per_thread = [set(map(id, reqs)) for reqs in requests.values()]
+    assert all(len(s) == 1 for s in per_thread), "a thread reuses its request"
+    assert len(set.union(*per_thread)) == 4, "no two threads share a request"
+    for t, outs in results.items():
+        for lg, ft in outs:
+            np.testing.assert_array_equal(lg, serial[t % 2][0])
+            np.testing.assert_array_equal(ft, serial[t % 2][1])
+
+
+def test_predictor_trusts_the_recorded_comparison_and_falls_back_on_it(checkpoint, ov, cache, caplog):
+    ckpt = checkpoint
+    p = Predictor.from_checkpoint(ckpt, device="cpu", backend="openvino", precision="fp32")
+    assert (p.backend, p.precision, p.weights_key) == ("openvino", "fp32", ov.key)
+    records = list(cache.glob(f"{p.weights_key}.fp32.*.verified.json"))
+    assert len(records) == 1, "the fp32 comparison is recorded next to the IR"
+    measured = json.loads(records[0].read_text(encoding="utf-8"))["max_abs_prob_diff"]
+    assert measured == p.verified_max_diff < PROB_TOLERANCE
+    # a record saying this backend disagrees is believed without measuring again
+    records[0].write_text(json.dumps({"max_abs_prob_diff": 0.5}), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="medxray.inference"):
+        q = Predictor.from_checkpoint(ckpt, device="cpu", backend="openvino", precision="fp32")
+    assert (q.backend, q.precision, q.weights_key, q.verified_max_diff) == ("torch", "fp32", None, 0.5)
+    assert "falling back to torch fp32" in caplog.text
+    images = [b[0].numpy() * 0.2 + 0.5 for b in torch.rand(2, 1, 80, 72)]
+    np.testing.assert_allclose(q.predict(images), p.predict(images), atol=1e-3)
+
+
+def _flags() -> str:
+    from medxray.hardware import cpu_has_native_bf16
+
+    return "bf16native" if cpu_has_native_bf16() else "nobf16"
