@@ -115,6 +115,7 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
     from medxray.data.prepare import prepare_cache
     from medxray.data.synthetic import synthesize
     from medxray.evaluation.run import evaluate
+    from medxray.models import NO_PRETRAINED
     from medxray.training.config import make_config
     from medxray.training.loop import finetune
 
@@ -151,7 +152,7 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
         dataset="chestxray14",
         data_root=str(data_root),
         model=opts.model,
-        pretrained="none",
+        pretrained=NO_PRETRAINED,
         image_size=opts.image_size,
         epochs=opts.epochs,
         batch_size=opts.batch_size,

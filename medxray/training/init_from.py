@@ -30,12 +30,13 @@ log = logging.getLogger(__name__)
 def init_config(cfg: Any) -> Any:
     """``cfg`` with the architecture of ``cfg.init_from`` and ``pretrained="none"``."""
     from medxray.checkpoint import load_checkpoint
+    from medxray.models import NO_PRETRAINED
 
     meta = load_checkpoint(cfg.init_from).metadata
     arch = str(meta.get("architecture") or "")
     if cfg.model != arch:
         log.info("--init-from: using the checkpoint's architecture %s", arch)
-    return dataclasses.replace(cfg, model=arch, pretrained="none")
+    return dataclasses.replace(cfg, model=arch, pretrained=NO_PRETRAINED)
 
 
 def load_init_weights(model: torch.nn.Module, path: str, label_names: Sequence[str]) -> None:

@@ -148,11 +148,12 @@ def check_before_data(cfg: TrainConfig) -> None:
     ``pretrained`` path that is not a file).
     """
     from medxray.errors import WeightsError
+    from medxray.models import wants_pretrained
     from medxray.models.variants import get_variant
 
     get_variant(cfg.model)
     p = str(cfg.pretrained)
-    if not cfg.resume and p.lower() not in ("imagenet", "none", "") and not Path(p).expanduser().is_file():
+    if not cfg.resume and wants_pretrained(p) and p.lower() != "imagenet" and not Path(p).expanduser().is_file():
         raise WeightsError(f"--pretrained {p}: no such file; pass a torchvision-format state dict, imagenet or none")
 
 
@@ -216,12 +217,10 @@ class _Run:
         return run_dir  # made in __init__ once data and model are ready: a failed start leaves no folder
 
     def _build_model(self) -> None:
-        from medxray.models import create_model
+        from medxray.models import create_model, wants_pretrained
 
         cfg = self.cfg
-        pretrained = (
-            None if (self.resume_state is not None or cfg.pretrained.lower() in ("none", "")) else cfg.pretrained
-        )
+        pretrained = None if (self.resume_state is not None or not wants_pretrained(cfg.pretrained)) else cfg.pretrained
         self.model = create_model(
             cfg.model,
             num_classes=len(self.label_names),
