@@ -48,6 +48,9 @@ class TableChoices:
     def __contains__(self, value: object) -> bool:
         return value in self._keys()
 
+    def __repr__(self) -> str:  # names the table, not its rows (tests/test_cli_contract.py records it)
+        return f"TableChoices({self._load.__name__})"
+
 
 def add_table_option(parser: argparse.ArgumentParser, *flags: str, table: TableChoices, **kwargs) -> argparse.Action:
     """``parser.add_argument(*flags, **kwargs)`` with ``choices=table``.
