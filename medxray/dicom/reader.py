@@ -25,15 +25,16 @@ called) and :func:`read_dicom`/:class:`DicomImage`. Sniffing, size-limited loadi
 live in :mod:`medxray.dicom.source`, where the stored bits are in :mod:`medxray.dicom.bits`,
 header checks in :mod:`medxray.dicom.header`, the LUTs and windows in
 :mod:`medxray.dicom.voi`, refusal codes in :mod:`medxray.dicom.codes`. Must not import the
-writers (:mod:`medxray.dicom.sr`) nor anything of medxray outside this package and
-:mod:`medxray.errors`; only :class:`DicomError` may leave it.
+writers (:mod:`medxray.dicom.sr`) nor anything of medxray outside this package,
+:mod:`medxray.errors`, :mod:`medxray.limits` (the pixel limit) and :mod:`medxray.display` (the
+one [0, 1] -> uint8 rounding); only :class:`DicomError` may leave it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -70,10 +71,12 @@ from medxray.dicom.voi import (
     apply_window,
     auto_window,
     grey_levels,
+    invert_monochrome1,
     modality_lut_params,
     window_from_file,
     window_problem,
 )
+from medxray.display import to_uint8
 from medxray.errors import DicomError
 from medxray.limits import DEFAULT_MAX_PIXELS as SHARED_DEFAULT_MAX_PIXELS
 from medxray.limits import pixel_limit
@@ -134,7 +137,7 @@ class DicomImage:
 
     def display_uint8(self) -> np.ndarray:
         """The display image as 8-bit grayscale (for PNG overlays and thumbnails)."""
-        return np.rint(self.pixels * 255.0).astype(np.uint8)
+        return to_uint8(self.pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,136 +243,308 @@ def read_dicom(
     frees the stored values once the display image exists (the batch scorer never needs ``raw``).
     ``reduce_to=S`` returns ``pixels`` already area-resized to S x S (images larger than S), decoded
     the cheap way: a JPEG 2000 resolution level, integer sums before the LUTs (:mod:`medxray.dicom.reduce`).
-    Raises :class:`DicomError` (with ``.code``) for anything it refuses.
+    Raises :class:`DicomError` (with ``.code``) for anything it refuses; its message ends with the
+    stage that refused, ``[stage: name]`` (:data:`DECODE_STAGES`).
     """
-    max_pixels = pixel_limit(max_pixels)
-    max_bytes = max_pixels * _MAX_FILE_BYTES_PER_PIXEL + _MAX_HEADER_BYTES
-    data, _name = read_source(source, max_bytes)
+    return _run_stages(_Decoding(source, allowed_modalities, pixel_limit(max_pixels), keep_raw, reduce_to))
+
+
+# ---------------------------------------------------------------------------------------------
+# the reader's stages: a file -> DicomImage, one named step at a time
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Decoding:
+    """What the reader's stages hand on to each other for one file (private; one per call)."""
+
+    source: DicomSource
+    allowed_modalities: Iterable[str] | None
+    max_pixels: int
+    keep_raw: bool
+    reduce_to: int | None
+    data: bytes | None = None
+    kind: str = ""
+    ds: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    warns: list[str] = field(default_factory=list)
+    bits_allocated: int = 0
+    padding: tuple[int, int] | None = None
+    modality_lut: Any = None
+    # reduce_to: the stored values' range over which the LUT chain is affine (None: not affine)
+    affine: tuple[float, float] | None = None
+    container: np.ndarray | None = None
+    stored: np.ndarray | None = None
+    pad_mask: np.ndarray | None = None
+    shrink: bool = False
+    early: bool = False
+    lateral: bool = False
+    raw: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    window: tuple[float, float] | None = None
+
+    def need(self, name: str) -> np.ndarray:
+        """The array an earlier stage made (a stage table out of order is a programming error)."""
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"decode stage order: {name} is not computed yet")
+        return value
+
+
+def _read(st: _Decoding) -> None:
+    """The file's bytes, size-limited before anything is read into memory (Rows x Columns limit x 4
+    bytes + 64 MiB of header), recognised as DICOM by content (PS3.10 7.1 preamble and ``DICM``, or a
+    data set without preamble): :mod:`medxray.dicom.source`."""
+    max_bytes = st.max_pixels * _MAX_FILE_BYTES_PER_PIXEL + _MAX_HEADER_BYTES
+    data, _name = read_source(st.source, max_bytes)
     if not data:
         raise refusal(NOT_DICOM, "the file is empty (0 bytes)")
     kind = sniff_dicom(data[:132])
     if kind is None:
         raise refusal(NOT_DICOM, "not a DICOM file (no DICM marker and no DICOM data set at the start)")
-    ds = None
-    try:
-        ds = parse_dataset(data, kind, max_pixels)
-        del data
-        return _decode(ds, allowed_modalities, max_pixels, keep_raw, reduce_to)
-    except DicomError:
-        raise
-    except MemoryError:
-        raise refusal(TOO_LARGE, "not enough memory to decode this image") from None
-    except Exception as exc:  # a damaged attribute surfaces lazily in pydicom, in many types
-        text = one_line(scrub_phi(str(exc), ds), 160) if ds is not None else ""
-        raise refusal(
-            UNREADABLE, f"a header attribute cannot be interpreted ({type(exc).__name__}{': ' + text if text else ''})"
-        ) from None
+    st.data, st.kind = data, kind
 
 
-def _decode(
-    ds: Any,
-    allowed_modalities: Iterable[str] | None,
-    max_pixels: int | None,
-    keep_raw: bool,
-    reduce_to: int | None = None,
-) -> DicomImage:
-    """Checks, decoding, LUTs and window for a parsed data set (see :func:`read_dicom`)."""
-    check_image(ds, allowed_modalities, max_pixels)
-    ts = ds.file_meta.TransferSyntaxUID
-    meta = safe_meta(ds, ts)
-    warns: list[str] = []
-    bits_alloc = int(ds.BitsAllocated)
-    pad = padding_range(ds)
-    mlut = modality_lut_params(ds)
-    # reduce_to: the stored values' range over which the LUT chain is affine (None: not affine)
-    affine = affine_window(ds, mlut, pad) if reduce_to else None
+def _parse(st: _Decoding) -> None:
+    """The data set, parsed by pydicom (:func:`~medxray.dicom.source.parse_dataset`: damage and
+    truncation are refusals); the file's bytes are let go."""
+    data, st.data = st.data, None
+    st.ds = parse_dataset(data, st.kind, st.max_pixels)  # type: ignore[arg-type]
 
-    def stored_values(reduced: bool) -> tuple[np.ndarray, str | None]:
-        container = decode_j2k_reduced(ds, reduce_to) if reduced else None  # type: ignore[arg-type]
-        container = decode_stored(ds) if container is None else container
-        return locate_stored_bits(
-            container,
-            int_attr(ds, "BitsStored", bits_alloc) or bits_alloc,
-            int_attr(ds, "HighBit"),
-            meta["pixel_representation"] == 1,
-            compressed=bool(ts.is_compressed),
-        )
 
-    # A JPEG 2000 resolution level averages the stored values before the LUTs: the same picture only
-    # when the chain is affine and the window clips nothing (the clipped cases decode in full).
-    stored, bits_note = stored_values(affine is not None)
+def _header(st: _Decoding) -> None:
+    """Refuse what is not one 2-D grayscale image of an allowed modality and size before any
+    pixel is decoded (PS3.3 C.7.6.3 Image Pixel Module: :func:`~medxray.dicom.header.check_image`);
+    read the allow-listed, non-identifying metadata (:func:`~medxray.dicom.header.safe_meta`)."""
+    check_image(st.ds, st.allowed_modalities, st.max_pixels)
+    st.meta = safe_meta(st.ds, st.ds.file_meta.TransferSyntaxUID)
+    st.bits_allocated = int(st.ds.BitsAllocated)
+
+
+def _lut_parameters(st: _Decoding) -> None:
+    """Pixel Padding Value / Range Limit (PS3.3 C.7.5.1.1.2) and the Modality LUT (C.11.1), read
+    before any pixel; with ``reduce_to``, the stored range over which the LUT chain is affine
+    (:func:`~medxray.dicom.reduce.affine_window`)."""
+    st.padding = padding_range(st.ds)
+    st.modality_lut = modality_lut_params(st.ds)
+    st.affine = affine_window(st.ds, st.modality_lut, st.padding) if st.reduce_to else None
+
+
+def _decompress(st: _Decoding, *, reduced: bool | None = None) -> None:
+    """The pixel container (PS3.5 A.4 encapsulated or native, :func:`decode_stored`): a JPEG 2000
+    resolution level instead (:func:`~medxray.dicom.reduce.decode_j2k_reduced`) when ``reduce_to``
+    is asked and the LUT chain is affine. ``reduced=False``: the whole frame whatever."""
+    if reduced is None:
+        reduced = st.affine is not None
+    container = decode_j2k_reduced(st.ds, st.reduce_to) if reduced else None  # type: ignore[arg-type]
+    st.container = decode_stored(st.ds) if container is None else container
+
+
+def _locate_bits(st: _Decoding) -> tuple[np.ndarray, str | None]:
+    return locate_stored_bits(
+        st.need("container"),
+        int_attr(st.ds, "BitsStored", st.bits_allocated) or st.bits_allocated,
+        int_attr(st.ds, "HighBit"),
+        st.meta["pixel_representation"] == 1,
+        compressed=bool(st.ds.file_meta.TransferSyntaxUID.is_compressed),
+    )
+
+
+def _stored_values(st: _Decoding) -> None:
+    """Bits Stored / High Bit / Pixel Representation applied to the container and checked against
+    its values (PS3.3 C.7.6.3.1; PS3.5 8.1.1; :func:`~medxray.dicom.bits.locate_stored_bits`).
+
+    A resolution level averages the stored values before the LUTs: the same picture only when the
+    window clips nothing, so a reduced frame with values outside the affine range is decoded again
+    in full.
+    """
+    stored, note = _locate_bits(st)
     if (
-        affine is not None
-        and stored.shape != (int(ds.Rows), int(ds.Columns))
-        and (int(stored.min()) < affine[0] or int(stored.max()) > affine[1])
+        st.affine is not None
+        and stored.shape != (int(st.ds.Rows), int(st.ds.Columns))
+        and (int(stored.min()) < st.affine[0] or int(stored.max()) > st.affine[1])
     ):
-        stored, bits_note = stored_values(False)
-    if bits_note:
-        warns.append(bits_note)
-    pad_mask = ((stored >= pad[0]) & (stored <= pad[1])) if pad is not None else None
-    if pad_mask is not None and not pad_mask.any():
-        pad_mask = None
-    # reduce_to: area-resize the stored integers now (clipped to the window's affine part, which is exact)
-    # when the LUT chain is affine, else the display image below
-    shrink = can_reduce(stored.shape, reduce_to)
-    early = False
-    if shrink and affine is not None:
-        small = area_reduce_clipped(stored, reduce_to, *affine)  # type: ignore[arg-type]
-        if small is not None:
-            stored, early = small, True
-    lateral = is_lateral_view(ds, meta)
+        _decompress(st, reduced=False)
+        stored, note = _locate_bits(st)
+    st.container = None
+    st.stored = stored
+    if note:
+        st.warns.append(note)
 
-    raw = apply_modality_lut(stored, mlut)
-    window: tuple[float, float] | None = None
-    pixels: np.ndarray | None = None
-    if ds.get("VOILUTSequence", None):
-        try:
-            pixels = apply_voi_lut_seq(raw, ds)
-            meta["window_source"] = "voi_lut"
-        except DicomError as exc:
-            warns.append(voi_lut_ignored_warning(str(exc).split(": ", 1)[-1]))
-    if pixels is None:
-        from_file = window_from_file(ds)
-        problem = window_problem(*from_file) if from_file is not None else None
-        if from_file is not None and problem is None:
-            center, width, func = from_file
-            meta["window_source"] = "file"
-        else:
-            if from_file is not None:
-                warns.append(window_undefined_warning(*from_file, problem or ""))
-            auto = auto_window(raw, pad_mask)
-            if auto is None:
-                raise refusal(FLAT_IMAGE, "every pixel is padding (Pixel Padding Value / Range Limit): no image left")
-            (center, width), func = auto, "LINEAR_EXACT"
-            meta["window_source"] = "percentile"
-        meta["voi_lut_function"] = func
-        window = (float(center), float(width))
-        pixels = apply_window(raw, center, width, func, out=None if keep_raw else raw)
-    if meta["photometric"] == "MONOCHROME1":
-        np.subtract(np.float32(1.0), pixels, out=pixels)
-    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-    if pad_mask is not None:
-        pixels[pad_mask] = 0.0  # padding is background: black whatever the photometric interpretation
-        meta["padding_fraction"] = float(pad_mask.mean())
-    if shrink and not early:
-        pixels, pad_mask = area_reduce(pixels, reduce_to, pad_mask)  # type: ignore[arg-type]
-    levels = grey_levels(pixels, pad_mask)
+
+def _padding_mask(st: _Decoding) -> None:
+    """The stored values that are padding (PS3.3 C.7.5.1.1.2), or None when no pixel is."""
+    if st.padding is None:
+        return
+    stored = st.need("stored")
+    mask = (stored >= st.padding[0]) & (stored <= st.padding[1])
+    st.pad_mask = mask if mask.any() else None
+
+
+def _reduce_stored(st: _Decoding) -> None:
+    """``reduce_to``: area-resize the stored integers now when the LUT chain is affine, clipped to
+    the window's affine part, which is exact (:func:`~medxray.dicom.reduce.area_reduce_clipped`);
+    otherwise the display image is resized at the end (:func:`_reduce_display`)."""
+    stored = st.need("stored")
+    st.shrink = can_reduce(stored.shape, st.reduce_to)
+    if st.shrink and st.affine is not None:
+        small = area_reduce_clipped(stored, st.reduce_to, *st.affine)  # type: ignore[arg-type]
+        if small is not None:
+            st.stored, st.early = small, True
+
+
+def _view(st: _Decoding) -> None:
+    """Lateral projection or not (View Position, PS3.3 C.8.11.5; View Code Sequence; descriptions)."""
+    st.lateral = is_lateral_view(st.ds, st.meta)
+
+
+def _modality_lut(st: _Decoding) -> None:
+    """Stored values -> modality values (PS3.3 C.11.1: Rescale Slope/Intercept or the LUT Sequence)."""
+    st.raw = apply_modality_lut(st.need("stored"), st.modality_lut)
+
+
+def _voi_lut(st: _Decoding) -> None:
+    """The VOI LUT Sequence, when the file has one (PS3.3 C.11.2.1.1); a table that cannot be used
+    is a warning, and the window stage decides instead."""
+    if not st.ds.get("VOILUTSequence", None):
+        return
+    try:
+        st.pixels = apply_voi_lut_seq(st.need("raw"), st.ds)
+        st.meta["window_source"] = "voi_lut"
+    except DicomError as exc:
+        st.warns.append(voi_lut_ignored_warning(str(exc).split(": ", 1)[-1]))
+
+
+def _window(st: _Decoding) -> None:
+    """Without a VOI LUT: the file's Window Center/Width with its VOI LUT Function (PS3.3 C.11.2.1.2,
+    C.11.2.1.3) when the standard defines it, else the 0.5-99.5 percentile window of the pixels that
+    are not padding (a warning says why); refuses an image that is all padding."""
+    if st.pixels is not None:
+        return
+    raw, meta = st.need("raw"), st.meta
+    from_file = window_from_file(st.ds)
+    problem = window_problem(*from_file) if from_file is not None else None
+    if from_file is not None and problem is None:
+        center, width, func = from_file
+        meta["window_source"] = "file"
+    else:
+        if from_file is not None:
+            st.warns.append(window_undefined_warning(*from_file, problem or ""))
+        auto = auto_window(raw, st.pad_mask)
+        if auto is None:
+            raise refusal(FLAT_IMAGE, "every pixel is padding (Pixel Padding Value / Range Limit): no image left")
+        (center, width), func = auto, "LINEAR_EXACT"
+        meta["window_source"] = "percentile"
+    meta["voi_lut_function"] = func
+    st.window = (float(center), float(width))
+    st.pixels = apply_window(raw, center, width, func, out=None if st.keep_raw else raw)
+
+
+def _monochrome1(st: _Decoding) -> None:
+    """MONOCHROME1 inverted so that air is dark (PS3.3 C.7.6.3.1.2; :func:`~medxray.dicom.voi.invert_monochrome1`)."""
+    invert_monochrome1(st.need("pixels"), st.meta["photometric"])
+
+
+def _padding(st: _Decoding) -> None:
+    """Padding shown black whatever the Photometric Interpretation (PS3.3 C.7.5.1.1.2); the display
+    image made contiguous float32."""
+    pixels = np.ascontiguousarray(st.need("pixels"), dtype=np.float32)
+    if st.pad_mask is not None:
+        pixels[st.pad_mask] = 0.0
+        st.meta["padding_fraction"] = float(st.pad_mask.mean())
+    st.pixels = pixels
+
+
+def _reduce_display(st: _Decoding) -> None:
+    """``reduce_to`` when the stored values could not be resized: area-resize the display image
+    (:func:`~medxray.dicom.reduce.area_reduce`, the padding mask with it)."""
+    if st.shrink and not st.early:
+        st.pixels, st.pad_mask = area_reduce(st.need("pixels"), st.reduce_to, st.pad_mask)  # type: ignore[arg-type]
+
+
+def _grey_levels(st: _Decoding) -> None:
+    """Refuse an image with fewer than :data:`~medxray.dicom.voi.MIN_GREY_LEVELS` 8-bit grey levels
+    outside the padding (``flat_image``: blank, or a window that hides it)."""
+    levels = grey_levels(st.need("pixels"), st.pad_mask)
     if levels < MIN_GREY_LEVELS:
-        shown = f"window {window[0]:g}/{window[1]:g} {meta['voi_lut_function']}" if window else "the VOI LUT"
+        w = st.window
+        shown = f"window {w[0]:g}/{w[1]:g} {st.meta['voi_lut_function']}" if w else "the VOI LUT"
         raise refusal(
             FLAT_IMAGE,
             f"after the LUTs and {shown} the image has {levels} grey level(s); "
             f"a radiograph has many: the image is blank or the window hides it",
         )
-    if lateral:
-        warns.append(LATERAL_WARNING)
+
+
+@dataclass(frozen=True)
+class DecodeStage:
+    """One named step of :func:`read_dicom`; ``run`` reads and fills the reader's state and raises
+    :class:`DicomError` to refuse (the refusal's message then ends ``[stage: name]``)."""
+
+    name: str
+    run: Callable[[_Decoding], None]
+
+
+#: The reader's steps in order (as pydicom keeps its processing steps in a named list). Output pixels
+#: are pinned bit for bit by tests/test_dicom_pinned.py.
+DECODE_STAGES: tuple[DecodeStage, ...] = (
+    DecodeStage("read", _read),
+    DecodeStage("parse", _parse),
+    DecodeStage("header", _header),
+    DecodeStage("lut_parameters", _lut_parameters),
+    DecodeStage("decompress", _decompress),
+    DecodeStage("stored_values", _stored_values),
+    DecodeStage("padding_mask", _padding_mask),
+    DecodeStage("reduce_stored", _reduce_stored),
+    DecodeStage("view", _view),
+    DecodeStage("modality_lut", _modality_lut),
+    DecodeStage("voi_lut", _voi_lut),
+    DecodeStage("window", _window),
+    DecodeStage("monochrome1", _monochrome1),
+    DecodeStage("padding", _padding),
+    DecodeStage("reduce_display", _reduce_display),
+    DecodeStage("grey_levels", _grey_levels),
+)
+
+
+def _at_stage(exc: DicomError, stage: str) -> DicomError:
+    """``exc`` with the stage that refused named at the end of its message (same code)."""
+    code = getattr(exc, "code", None) or UNREADABLE
+    text = str(exc)
+    text = text[len(code) + 2 :] if text.startswith(code + ": ") else text
+    return refusal(code, f"{text} [stage: {stage}]")
+
+
+def _unreadable(exc: Exception, ds: Any, stage: str) -> DicomError:
+    """``unreadable`` for a damaged attribute that surfaced (lazily, in pydicom) as ``exc`` in ``stage``;
+    the exception's text is shown with the file's patient identifiers blanked (none before parsing)."""
+    text = one_line(scrub_phi(str(exc), ds), 160) if ds is not None else ""
+    what = f"{type(exc).__name__}{': ' + text if text else ''}"
+    return refusal(UNREADABLE, f"a header attribute cannot be interpreted ({what}) [stage: {stage}]")
+
+
+def _run_stages(st: _Decoding) -> DicomImage:
+    """Run :data:`DECODE_STAGES` (see :func:`read_dicom`): every failure but KeyboardInterrupt and
+    SystemExit becomes a :class:`DicomError` whose message names the stage."""
+    for stage in DECODE_STAGES:
+        try:
+            stage.run(st)
+        except DicomError as exc:
+            raise _at_stage(exc, stage.name) from None
+        except MemoryError:
+            raise refusal(TOO_LARGE, f"not enough memory to decode this image [stage: {stage.name}]") from None
+        except Exception as exc:  # a damaged attribute surfaces lazily in pydicom, in many types
+            raise _unreadable(exc, st.ds, stage.name) from None
+    if st.lateral:
+        st.warns.append(LATERAL_WARNING)
+    raw, pixels = st.need("raw"), st.need("pixels")
     return DicomImage(
         pixels=pixels,
-        meta=meta,
-        window=window,
-        warnings=warns,
-        is_lateral=lateral,
-        _stored=stored if keep_raw else None,
-        _modality_lut=mlut,
-        _raw=raw if keep_raw and raw is not pixels else None,
+        meta=st.meta,
+        window=st.window,
+        warnings=st.warns,
+        is_lateral=st.lateral,
+        _stored=st.stored if st.keep_raw else None,
+        _modality_lut=st.modality_lut,
+        _raw=raw if st.keep_raw and raw is not pixels else None,
     )

@@ -7,6 +7,7 @@ width <= 0, an unknown function, a non-finite value) is not applied: :func:`wind
 names why and the reader takes the automatic window, :func:`auto_window` (0.5-99.5 percentiles
 of the pixels that are not padding, PS3.3 C.7.5.1.1.2). :func:`rewindow` re-applies another
 window (app sliders). :func:`grey_levels` counts what survives the window.
+:func:`invert_monochrome1` is the one MONOCHROME1 inversion (PS3.3 C.7.6.3.1.2).
 
 Which stage is pydicom's and which is ours, and why (each "why" is a test in
 tests/test_dicom_standard.py that fails on pydicom's function):
@@ -31,10 +32,12 @@ as they are (only their storage is read as above).
 * windows: ours, float32 in place and usable without a data set (:func:`rewindow`); a test proves
   equal values to ``pydicom.pixels.apply_windowing`` for every function the standard defines.
 
-All arrays are 2-D; outputs are float32 (the window maps to [0, 1]). MONOCHROME1 inversion is
-applied by the reader and by :func:`rewindow`, not by the window functions.
+All arrays are 2-D; outputs are float32 (the window maps to [0, 1]). MONOCHROME1 inversion
+(:func:`invert_monochrome1`) is applied by the reader and by :func:`rewindow`, not by the window
+functions.
 
-Must not import the reader (:mod:`medxray.dicom.reader` imports this) nor pydicom.
+Must not import the reader (:mod:`medxray.dicom.reader` imports this) nor pydicom; imports
+:mod:`medxray.display` for the one [0, 1] -> uint8 rounding.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import numpy as np
 
 from medxray.dicom.codes import UNREADABLE, UNSUPPORTED, refusal
 from medxray.dicom.header import first_float, int_attr, lut_descriptor, text_attr
+from medxray.display import to_uint8
 
 #: An image with fewer 8-bit grey levels than this ("a handful"; each on >= 1/10000 of the pixels) is flat.
 MIN_GREY_LEVELS = 5
@@ -254,7 +258,7 @@ def grey_levels(pixels: np.ndarray, exclude: np.ndarray | None = None) -> int:
         sample = sample[~exclude[::step, ::step]]
     if sample.size == 0:
         return 0
-    counts = np.bincount(np.rint(np.clip(sample, 0.0, 1.0) * 255.0).astype(np.int64).ravel(), minlength=256)
+    counts = np.bincount(to_uint8(sample).ravel(), minlength=256)
     return int((counts >= max(1, sample.size // 10_000)).sum())
 
 
@@ -263,7 +267,16 @@ def rewindow(image: Rewindowable, center: float, width: float, func: str = "LINE
 
     Raises ValueError for a window the standard does not define (e.g. LINEAR with width < 1).
     """
-    pixels = apply_window(image.raw, center, width, func.upper())
-    if image.meta.get("photometric") == "MONOCHROME1":
+    return invert_monochrome1(apply_window(image.raw, center, width, func.upper()), image.meta.get("photometric"))
+
+
+def invert_monochrome1(pixels: np.ndarray, photometric: str | None) -> np.ndarray:
+    """``pixels`` (a float display image in [0, 1], any shape) shown so that air is dark.
+
+    MONOCHROME1 means "the minimum sample value is intended to be displayed as white" (DICOM PS3.3
+    C.7.6.3.1.2): its display image is inverted, ``1 - x``, in place; any other Photometric
+    Interpretation (MONOCHROME2: minimum is black) is returned untouched. Returns ``pixels``.
+    """
+    if photometric == "MONOCHROME1":
         np.subtract(np.float32(1.0), pixels, out=pixels)
     return pixels
