@@ -21,7 +21,9 @@ Metadata is an allow-list of non-identifying attributes: patient names, IDs and 
 never leave this package.
 
 This module holds the decoding of stored values (:func:`decode_stored`, the one place codecs are
-called) and :func:`read_dicom`/:class:`DicomImage`. Sniffing, size-limited loading and parsing
+called), :func:`read_dicom`/:class:`DicomImage`, and the reader's steps as a table of named stages,
+:data:`DECODE_STAGES` (as pydicom names its processing steps); a refusal's message ends with the
+stage that refused, ``[stage: name]``. Sniffing, size-limited loading and parsing
 live in :mod:`medxray.dicom.source`, where the stored bits are in :mod:`medxray.dicom.bits`,
 header checks in :mod:`medxray.dicom.header`, the LUTs and windows in
 :mod:`medxray.dicom.voi`, refusal codes in :mod:`medxray.dicom.codes`. Must not import the
@@ -84,7 +86,9 @@ from medxray.limits import pixel_limit
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DECODE_STAGES",
     "DEFAULT_ALLOWED_MODALITIES",
+    "DecodeStage",
     "DEFAULT_MAX_PIXELS",
     "DicomImage",
     "DicomSource",
