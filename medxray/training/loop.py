@@ -14,7 +14,8 @@ resumed run ends with the same weights as an uninterrupted one.
 The same code runs under ``torchrun`` (DDP; gloo on CPU, NCCL on CUDA): rank 0 writes files,
 and validation is sharded by index and gathered so each image is scored exactly once.
 
-Configuration lives in :mod:`medxray.training.config`, resume/RNG/metadata state in
+Configuration lives in :mod:`medxray.training.config`, resume/RNG/metadata state and the
+best-epoch / early-stopping rule (:class:`~medxray.training.state.BestTracking`) in
 :mod:`medxray.training.state`, the run's data in :mod:`medxray.training.data`, the loss, step,
 optimiser and validation pass in :mod:`medxray.training.steps`, DDP helpers in
 :mod:`medxray.training.distributed`. This module must not import evaluation beyond
@@ -404,7 +405,11 @@ class _Run:
         )
 
     def _epoch(self, epoch: int) -> None:
-        """Train one epoch (0-based ``epoch``), validate, track the best, step the schedule, write."""
+        """Train one epoch (0-based ``epoch``), validate, track the best, step the schedule, write.
+
+        The learning rate recorded is the one the epoch trained with (read before the scheduler
+        steps); early stopping only ends a run that has epochs left.
+        """
         t0 = time.perf_counter()
         train = self._train_epoch(epoch)
         t_train = time.perf_counter() - t0

@@ -54,8 +54,9 @@ class BestTracking:
     min_delta`` (``mode="max"``) or ``score < best_score - min_delta`` (``mode="min"``), the rule of
     Keras' and Lightning's ``EarlyStopping`` callbacks; a NaN score never improves. After
     ``patience`` epochs in a row without improvement, :attr:`should_stop` is true (``patience`` 0:
-    never). The fine-tuning loop monitors the validation mean AUROC (the validation loss, negated,
-    when no class has both labels), ``mode="max"``, ``min_delta=0`` (Rajpurkar et al. 2017, CheXNet).
+    never). The fine-tuning loop monitors the validation mean AUROC (CheXNet's model selection,
+    Rajpurkar et al. 2017; the validation loss, negated, when no class has both labels) with
+    ``mode="max"`` and ``min_delta=0``.
 
     ``best_auroc`` is the validation mean AUROC of the best epoch (NaN when it was selected by the
     loss); ``best_epoch`` counts from 1 (0: none yet). :meth:`to_state` / :meth:`from_state` give
