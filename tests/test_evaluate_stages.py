@@ -163,3 +163,18 @@ def test_phantom_marker_alone_decides_loader_report_and_write_back(phantom_root,
         _evaluate(checkpoint, root, out, write_back=True, threshold_split=None, localisation=False)
         assert (PHANTOM_NOTE[:40] in (out / "report.md").read_text()) is synthetic
         assert load_checkpoint(checkpoint).metadata["localisation"]["source"] == ("phantom" if synthetic else "real")
+
+
+def test_cli_still_writes_back_by_default_and_not_with_no_write_thresholds(phantom_root, checkpoint, tmp_path, capsys):
+    from medxray.checkpoint import load_checkpoint
+    from medxray.cli import main
+
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data-root", str(phantom_root), "--split", "test"]
+    args += ["--bootstrap", "10", "--num-workers", "0", "--no-localisation", "--batch-size", "16"]
+    before = _snapshot(checkpoint)
+    assert main([*args, "--out", str(tmp_path / "off"), "--no-write-thresholds"]) == 0
+    assert _snapshot(checkpoint) == before
+    assert main([*args, "--out", str(tmp_path / "on")]) == 0
+    assert _snapshot(checkpoint)[0] != before[0]
+    assert load_checkpoint(checkpoint).metadata["threshold_split"] == "val"
+    assert "report:" in capsys.readouterr().out
