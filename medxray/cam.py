@@ -28,8 +28,9 @@ one model can serve many threads, as in the Streamlit app):
 * ``layercam``: LayerCAM fused over denseblock2 (28x28 at 224 px), denseblock3 and denseblock4:
   shallow maps scaled by ``tanh(2 M / max M)`` as in the paper, fused by element-wise maximum.
 
-Gradient methods run ``model.features`` stage by stage, detach the earliest wanted stage's
-output with ``requires_grad``, continue the forward pass from it, and take
+Gradient methods run the model to the earliest wanted stage (``model.forward_to``), detach
+that output with ``requires_grad``, continue from it with ``model.forward_from`` (which hands
+back the wanted stages' outputs; stages are validated against ``model.feature_info``), and take
 ``torch.autograd.grad`` with respect to those activations only (nothing is written into
 parameters' ``.grad``). One forward pass serves every map of a batch: all the wanted
 (image, class) pairs' vector-Jacobian products are taken together as batched gradients
@@ -174,8 +175,8 @@ def maps_from_features(
 
 
 def feature_stages(model: DenseNet) -> list[str]:
-    """Names of the stages of ``model.features`` (possible map stages)."""
-    return [name for name, _ in model.features.named_children()]
+    """Names of the stages of ``model.features`` (possible map stages), from ``model.feature_info``."""
+    return [f.module for f in model.feature_info]
 
 
 def compute_maps(
@@ -274,24 +275,17 @@ def _gradient_maps(
     for s in spec.stages:
         if s not in names:
             raise ConfigError(f"unknown map stage {s!r}; this model's stages are {names}")
-    children = list(model.features.named_children())
-    first = min(names.index(s) for s in spec.stages)
+    first = names[min(names.index(s) for s in spec.stages)]
     n, k = int(x.shape[0]), len(cls)
     slots = [list(range(k)) if want is None else torch.nonzero(want[i]).flatten().tolist() for i in range(n)]
     n_slots = max((len(s) for s in slots), default=0)
     dev = x.device
     with torch.enable_grad(), torch.inference_mode(False), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        h = x.detach().clone()
         with torch.no_grad():
-            for _, mod in children[: first + 1]:
-                h = mod(h)
+            h = model.forward_to(x.detach().clone(), first)
         h = h.detach().requires_grad_(True)
-        acts = {children[first][0]: h}
-        for nm, mod in children[first + 1 :]:
-            h = mod(h)
-            if nm in spec.stages:
-                acts[nm] = h
-        feats = F.relu(h)
+        # the rest of the network from the earliest wanted stage, with its taps (models.densenet)
+        feats, acts = model.forward_from(h, first, taps=spec.stages)
         logits = model.forward_head(feats)
         taps = [acts[s] for s in spec.stages]
         raw = [torch.zeros((n, k, *a.shape[-2:]), dtype=torch.float32, device=dev) for a in taps]

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medxray.errors import ConfigError
-from medxray.scoring.config import ScoreConfig
+from medxray.scoring.config import ScoreConfig, default_threads
 from medxray.scoring.discovery import output_stem
 from medxray.scoring.gate import accepted_body_parts, header_gate, ood_verdict
 from medxray.scoring.journal import ResultsJournal
+from medxray.scoring.mapstreams import MapStreams
 from medxray.scoring.messages import DecodedImage, DecodeFailure, PostResult, PostTask, SRRequest
 from medxray.scoring.workers import decode_job, new_decode_pool, ping, post_job
 
@@ -93,6 +94,8 @@ class ScoringEngine:
         self.quarantine = False
         self.base_row = dict(base_row)
         self.accept = accepted_body_parts(cfg.accept_body_parts)
+        # gradient maps as one single-threaded stream per inference thread (see mapstreams)
+        self.map_streams = MapStreams(int(cfg.threads or default_threads(workers)))
         self.bar = tqdm(
             total=total,
             unit="file",
@@ -145,6 +148,7 @@ class ScoringEngine:
 
     def close(self) -> None:
         self.bar.close()
+        self.map_streams.close()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
@@ -393,7 +397,7 @@ class ScoringEngine:
             mask[r, [col[c] for c in per_image[i]]] = True
         assert self.p is not None  # set by run()
         # maps only: the probabilities came from run() above (on OpenVINO, run(maps=) would score again)
-        maps = self.p.maps_tensor(x[rows], wanted, method=self.cam_method, wanted=mask)
+        maps = self.map_streams.maps(self.p, x[rows], wanted, self.cam_method, mask)
         return maps, col, {i: r for r, i in enumerate(rows)}
 
     def _write(self, row: dict[str, Any]) -> None:
