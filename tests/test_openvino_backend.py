@@ -3,7 +3,8 @@ the eager torch backend give the Predictor the same logits and feature maps; the
 a recorded fp32 comparison and falls back to torch fp32 when it says the backend disagrees.
 
 A small DenseNet (densenet_40_k12, 64 px, 14 findings) converted once per module (conversion
-traces the whole graph: the slow part); inputs are the real RG1 chest radiograph of pydicom-data
+traces the whole graph: the slow part; the file takes 20 s on a quiet 2-core CPU, 55 s under
+load); inputs are the real RG1 chest radiograph of pydicom-data
 and a flipped, noisier copy.
 """
 
@@ -28,7 +29,6 @@ from medxray.inference import PROB_TOLERANCE, Predictor, preprocess  # noqa: E40
 from medxray.models import create_model  # noqa: E402
 
 ARCH, SIZE = "densenet_40_k12", 64
-pytestmark = pytest.mark.slow  # ~55 s here, half of it the one conversion (tracing the graph)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,33 @@ def _flags() -> str:
     from medxray.hardware import cpu_has_native_bf16
 
     return "bf16native" if cpu_has_native_bf16() else "nobf16"
+
+
+def test_int8_is_used_only_behind_a_passed_gate_record(model, ov, cache):
+    """No record: fp32 with the reason; a refused record: fp32 with the recorded reason."""
+    asked = OpenVINOBackend(model, architecture=ARCH, image_size=SIZE, precision="fp32", want_int8=True)
+    assert asked.precision == "fp32" and "no int8 model for these weights" in asked.int8_note
+    record = cache / f"{ov.key}.int8.json"
+    record.write_text(json.dumps({"passed": False, "reason": "AUROC of Mass moved by 0.0100"}), encoding="utf-8")
+    try:
+        refused = OpenVINOBackend(model, architecture=ARCH, image_size=SIZE, precision="fp32", want_int8=True)
+    finally:
+        record.unlink()
+    assert refused.precision == "fp32"
+    assert refused.int8_note == "int8 refused at conversion: AUROC of Mass moved by 0.0100"
+
+
+def test_a_model_openvino_cannot_convert_runs_on_torch(checkpoint, tmp_path, monkeypatch, caplog):
+    import openvino
+
+    def unconvertible(*a, **k):
+        raise RuntimeError("Model wasn't fully converted: aten::something_new\nmore detail")
+
+    monkeypatch.setenv("MEDXRAY_CACHE_DIR", str(tmp_path / "empty-cache"))  # nothing cached to read
+    monkeypatch.setattr(openvino, "convert_model", unconvertible)
+    with caplog.at_level(logging.WARNING, logger="medxray.inference"):
+        p = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="fp32")
+    assert (p.backend, p.precision, p.weights_key, p.int8_note) == ("torch", "fp32", None, "")
+    assert "OpenVINO backend unavailable (RuntimeError: Model wasn't fully converted" in caplog.text
+    assert "more detail" not in caplog.text, "one line of the reason"
+    assert p.predict([np.full((70, 60), 0.4, np.float32)]).shape == (1, 14)
