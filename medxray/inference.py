@@ -131,7 +131,7 @@ class Predictor:
         source: str | None = None,
         ood: OODStats | None = None,
     ) -> None:
-        from medxray.data.transforms import check_preprocessing
+        from medxray.modelinput import check_preprocessing
 
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -188,7 +188,7 @@ class Predictor:
     ) -> "Predictor":
         """Load (weights_only) and build; raises :class:`CheckpointError` for an unusable checkpoint."""
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
-        from medxray.data.transforms import check_preprocessing
+        from medxray.modelinput import check_preprocessing
 
         check_preprocessing(ckpt.meta.preprocessing)  # fail before building the model
         model = model_from_checkpoint(ckpt)

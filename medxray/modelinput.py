@@ -37,11 +37,11 @@ numpy and :mod:`medxray.errors` (the decode workers never import torch or MONAI)
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medxray.errors import ImageValueError, InputShapeError
+from medxray.errors import CheckpointError, ImageValueError, InputShapeError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -164,3 +164,35 @@ def model_input(
             f"expected a 2-D grayscale image (H, W), got shape {tuple(arr.shape)}; convert a colour image to gray first"
         )
     return normalise(area_resize(unit_range(arr, bits_stored=bits_stored), int(size)), mean, std)
+
+
+# Grayscale scaled to [0, 1] by the stored bit depth (0 = black, i.e. air is dark, after any
+# MONOCHROME1 inversion), resized to a square, replicated to 3 channels and normalised with the
+# ImageNet statistics the DenseNet was initialised with.
+INTENSITY_CONVENTION = "gray01-bitdepth/square-area-resize/rgb-replicate/imagenet-norm/v1"
+DEFAULT_IMAGE_SIZE = 224
+
+
+def preprocessing_config(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Any]:
+    """JSON-able description of the deterministic transforms, stored in checkpoints."""
+    return {
+        "intensity": INTENSITY_CONVENTION,
+        "image_size": int(image_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "channels": 3,
+    }
+
+
+def check_preprocessing(preprocessing: Mapping[str, Any]) -> int:
+    """Validate a checkpoint's stored preprocessing against this code; return its image size.
+
+    Raises :class:`medxray.errors.CheckpointError` when the checkpoint's intensity convention is
+    not :data:`INTENSITY_CONVENTION` (its network input would mean something else)."""
+    conv = preprocessing.get("intensity")
+    if conv != INTENSITY_CONVENTION:
+        raise CheckpointError(
+            f"checkpoint was trained with intensity convention {conv!r}, this medxray uses "
+            f"{INTENSITY_CONVENTION!r}; re-train or use the medxray version that wrote it"
+        )
+    return int(preprocessing.get("image_size", DEFAULT_IMAGE_SIZE))

@@ -321,8 +321,8 @@ def calibrate_checkpoint(
     """
     from medxray.checkpoint import load_checkpoint, model_from_checkpoint
     from medxray.data import DATASETS, build_datasets
-    from medxray.data.transforms import check_preprocessing
     from medxray.hardware import default_num_workers, resolve_device
+    from medxray.modelinput import check_preprocessing
 
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.metadata

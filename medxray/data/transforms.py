@@ -28,31 +28,18 @@ from monai.transforms import (
 )
 
 from medxray.data.imageio import read_image
-from medxray.modelinput import (  # the input contract, torch-free for the decode workers
+from medxray.modelinput import (  # noqa: F401  (the input contract, torch-free; constants re-exported)
+    DEFAULT_IMAGE_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INTENSITY_CONVENTION,
     area_resize,
+    check_preprocessing,
     model_input,
     normalise,
+    preprocessing_config,
     unit_range,
 )
-
-# Grayscale scaled to [0, 1] by the stored bit depth (0 = black, i.e. air is dark, after any
-# MONOCHROME1 inversion), resized to a square, replicated to 3 channels and normalised with the
-# ImageNet statistics the DenseNet was initialised with.
-INTENSITY_CONVENTION = "gray01-bitdepth/square-area-resize/rgb-replicate/imagenet-norm/v1"
-DEFAULT_IMAGE_SIZE = 224
-
-
-def preprocessing_config(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Any]:
-    """JSON-able description of the deterministic transforms, stored in checkpoints."""
-    return {
-        "intensity": INTENSITY_CONVENTION,
-        "image_size": int(image_size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "channels": 3,
-    }
 
 
 class ScaleByBitDepthd(MapTransform):
@@ -317,19 +304,6 @@ class ReadRadiographd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = read_image(d[key])[0]
         return d
-
-
-def check_preprocessing(preprocessing: Mapping[str, Any]) -> int:
-    """Validate a checkpoint's stored preprocessing against this code; return its image size."""
-    from medxray.errors import CheckpointError
-
-    conv = preprocessing.get("intensity")
-    if conv != INTENSITY_CONVENTION:
-        raise CheckpointError(
-            f"checkpoint was trained with intensity convention {conv!r}, this medxray uses "
-            f"{INTENSITY_CONVENTION!r}; re-train or use the medxray version that wrote it"
-        )
-    return int(preprocessing.get("image_size", DEFAULT_IMAGE_SIZE))
 
 
 def preprocess_array(image: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:

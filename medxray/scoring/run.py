@@ -68,8 +68,8 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
     lock = None
     try:
         from medxray.checkpoint import load_checkpoint
-        from medxray.data.transforms import check_preprocessing
         from medxray.inference import checkpoint_identity
+        from medxray.modelinput import check_preprocessing
 
         ckpt = load_checkpoint(cfg.checkpoint)  # CheckpointError for a missing / unsafe / foreign file
         image_size = check_preprocessing(ckpt.meta.preprocessing)
