@@ -240,6 +240,12 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
         ("medxray.training.loop", "medxray.checkpoint", "medxray.evaluation"),
         "shared with bench/train_step.py",
     ),
+    (
+        "medxray.cli",
+        ("torch", "monai", "streamlit", "pandas"),
+        "thin entry points: handlers call the library, which imports these (`medxray --help` stays fast)",
+    ),
+    ("medxray.cli.common", ("medxray.cli.",), "every command module imports it; it imports none of them"),
     ("medxray.pacs.scp", ("torch", "medxray.scoring.engine"), "the listener stays light"),
     ("medxray.pacs.config", ("pynetdicom", "torch", "medxray.scoring.engine"), "loading a config is cheap"),
     ("medxray.pacs.spool", ("pynetdicom", "torch", "medxray.scoring.engine"), "file handling only"),
