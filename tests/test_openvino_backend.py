@@ -135,7 +135,7 @@ def test_each_thread_gets_its_own_infer_request(ov, batch):
         try:
             start.wait()
             for _ in range(3):
-                requests.setdefault(t, []).append(ov._request())
+                requests.setdefault(t, []).append(ov._requests()[0])
                 results.setdefault(t, []).append(ov.infer(batch[t % 2 : t % 2 + 1], True))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -205,3 +205,20 @@ def test_a_model_openvino_cannot_convert_runs_on_torch(checkpoint, tmp_path, mon
     assert "OpenVINO backend unavailable (RuntimeError: Model wasn't fully converted" in caplog.text
     assert "more detail" not in caplog.text, "one line of the reason"
     assert p.predict([np.full((70, 60), 0.4, np.float32)]).shape == (1, 14)
+
+
+def test_streams_split_a_batch_and_give_the_one_stream_numbers(model, ov, batch):
+    """With ``num_threads`` the backend compiles that many one-thread streams and splits each
+    batch over them (the scorer's setting); the numbers are the latency-stream ones, in order."""
+    three = OpenVINOBackend(model, architecture=ARCH, image_size=SIZE, precision="fp32", num_threads=3)
+    assert (three.streams, ov.streams) == (3, 1)
+    x = torch.cat([batch, batch.flip(0), batch[:1]])  # 5 images: parts of 2, 2 and 1
+    lg_ref, ft_ref = ov.infer(x, want_features=True)
+    lg, ft = three.infer(x, want_features=True)
+    assert ft is not None and ft_ref is not None
+    np.testing.assert_allclose(lg, lg_ref, atol=1e-4)
+    np.testing.assert_allclose(ft, ft_ref, atol=1e-4)
+    assert not np.allclose(lg[0], lg[1])  # different images stay in their own rows
+    one, none = three.infer(x[:1], want_features=False)
+    np.testing.assert_allclose(one, lg_ref[:1], atol=1e-4)
+    assert none is None
