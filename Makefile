@@ -35,9 +35,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Lint (ruff: pycodestyle, pyflakes, bugbear, import order), format check, and mypy on the typed core
-# (the model, the DICOM reader and writers, maps, inference, the checkpoint metadata, the input contract).
+# (the model, the DICOM reader and writers, maps, inference, the checkpoint metadata, the input contract, the CLI).
 TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/backends medxray/checkpoint.py \
-         medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py
+         medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/cli
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
