@@ -231,7 +231,10 @@ def load_int8(key: str, cache: Path | None) -> tuple[Any | None, str]:
     try:
         rec = json.loads(record.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return None, "no int8 model for these weights (run quantize_predictor / `medxray quantize` once)"
+        return (
+            None,
+            "no int8 model for these weights (run medxray.quantize.quantize_predictor once; no CLI command yet)",
+        )
     except (OSError, ValueError) as exc:
         return None, f"unreadable int8 gate record ({type(exc).__name__})"
     if not rec.get("passed"):
