@@ -22,6 +22,7 @@ import csv
 import datetime
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -106,6 +107,56 @@ def choose_thresholds(ops: Mapping[str, Any], label_names: Sequence[str]) -> tup
     return youden, spec90, fallback
 
 
+@dataclass(frozen=True)
+class _Scores:
+    """The numbers of one scored split (:func:`_score`), in ``label_names`` order where per class."""
+
+    aurocs: list[float]
+    mean_auroc: float  # over the finite per-class AUROCs; nan when none
+    boot: dict[str, Any]  # bootstrap_auroc's result: per_class and mean 95% CIs, n_boot
+    auprc: list[float]
+    calib: dict[str, Any]  # calibration's result
+    ops: dict[str, Any]  # operating_points on the threshold split
+    youden: dict[str, float]
+    spec90: dict[str, float]
+    fallback: list[str]  # findings given FALLBACK_THRESHOLD
+    at_youden: list[tuple[float, float]]  # (sensitivity, specificity) on this split
+    at_spec90: list[tuple[float, float]]
+
+
+def _score(
+    P: np.ndarray,
+    Y: np.ndarray,
+    M: np.ndarray,
+    label_names: list[str],
+    threshold_set: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    n_bootstrap: int,
+    seed: int,
+) -> _Scores:
+    """AUROC with bootstrap CIs, AUPRC, calibration, and the operating points chosen on
+    ``threshold_set`` (or on P, Y, M themselves) applied to P, Y, M."""
+    aurocs = auroc_per_class(P, Y, M)
+    finite = [a for a in aurocs if math.isfinite(a)]
+    boot = bootstrap_auroc(P, Y, M, n_boot=n_bootstrap, seed=seed)
+    auprc = auprc_per_class(P, Y, M)
+    calib = calibration(P, Y, M)
+    ops = operating_points(*(threshold_set if threshold_set is not None else (P, Y, M)), label_names)
+    youden, spec90, fallback = choose_thresholds(ops, label_names)
+    return _Scores(
+        aurocs=aurocs,
+        mean_auroc=float(np.mean(finite)) if finite else float("nan"),
+        boot=boot,
+        auprc=auprc,
+        calib=calib,
+        ops=ops,
+        youden=youden,
+        spec90=spec90,
+        fallback=fallback,
+        at_youden=sens_spec_at(P, Y, M, [youden[n] for n in label_names]),
+        at_spec90=sens_spec_at(P, Y, M, [spec90[n] for n in label_names]),
+    )
+
+
 def assess(
     out: Path,
     *,
@@ -139,21 +190,12 @@ def assess(
     out.mkdir(parents=True, exist_ok=True)
     P, Y, M = probs, labels, masks
     names, label_names = list(names), list(label_names)
-    aurocs = auroc_per_class(P, Y, M)
-    finite = [a for a in aurocs if math.isfinite(a)]
-    mean_auroc = float(np.mean(finite)) if finite else float("nan")
-    boot = bootstrap_auroc(P, Y, M, n_boot=n_bootstrap, seed=seed)
-    auprc = auprc_per_class(P, Y, M)
-    calib = calibration(P, Y, M)
-    ops = operating_points(*(threshold_set if threshold_set is not None else (P, Y, M)), label_names)
-    youden, spec90, fallback = choose_thresholds(ops, label_names)
-    at_youden = sens_spec_at(P, Y, M, [youden[n] for n in label_names])
-    at_spec90 = sens_spec_at(P, Y, M, [spec90[n] for n in label_names])
+    s = _score(P, Y, M, label_names, threshold_set, n_bootstrap, seed)
     coverage = official_test_coverage(names, dataset)
     cov_note = coverage_note(coverage, split, len(names))
 
     files = write_predictions(out, label_names, names, P, Y, M, localisation_records)
-    files.update(write_plots(out, label_names, P, Y, M, aurocs, calib))
+    files.update(write_plots(out, label_names, P, Y, M, s.aurocs, s.calib))
     metrics = {
         **dict(extra or {}),
         "dataset": dataset,
@@ -162,20 +204,7 @@ def assess(
         "precision": precision,
         "coverage": coverage,
         "coverage_note": cov_note,
-        "mean_auroc": mean_auroc,
-        "mean_auroc_ci95": list(boot["mean"]),
-        "n_bootstrap": boot["n_boot"],
-        "auroc": dict(zip(label_names, aurocs)),
-        "auroc_ci95": {n: list(ci) for n, ci in zip(label_names, boot["per_class"])},
-        "auprc": dict(zip(label_names, auprc)),
-        "ece": calib["ece"],
-        "ece_per_class": dict(zip(label_names, calib["per_class"])),
-        "threshold_split": threshold_split,
-        "thresholds_youden": youden,
-        "thresholds_spec90": spec90,
-        "thresholds_fallback": fallback,
-        "at_youden": {n: {"sensitivity": s, "specificity": sp} for n, (s, sp) in zip(label_names, at_youden)},
-        "at_spec90": {n: {"sensitivity": s, "specificity": sp} for n, (s, sp) in zip(label_names, at_spec90)},
+        **_metrics_fields(s, label_names, threshold_split),
         "localisation": localisation,
         "data_summary": dict(summary or {}),
         "evaluated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -188,15 +217,15 @@ def assess(
         split=split,
         n_images=int(len(P)),
         label_names=label_names,
-        auroc=dict(zip(label_names, aurocs)),
-        auroc_ci=dict(zip(label_names, boot["per_class"])),
-        mean_auroc=mean_auroc,
-        mean_auroc_ci=tuple(boot["mean"]),
-        auprc=dict(zip(label_names, auprc)),
-        thresholds=youden,
+        auroc=dict(zip(label_names, s.aurocs)),
+        auroc_ci=dict(zip(label_names, s.boot["per_class"])),
+        mean_auroc=s.mean_auroc,
+        mean_auroc_ci=tuple(s.boot["mean"]),
+        auprc=dict(zip(label_names, s.auprc)),
+        thresholds=s.youden,
         threshold_split=threshold_split,
-        operating_points=ops,
-        calibration=calib,
+        operating_points=s.ops,
+        calibration=s.calib,
         localisation=dict(localisation) if localisation else None,
         report_md=out / "report.md",
         report_html=out / "report.html",
@@ -204,7 +233,7 @@ def assess(
         precision=precision,
         coverage=coverage,
         coverage_note=cov_note,
-        thresholds_fallback=fallback,
+        thresholds_fallback=s.fallback,
     )
     write_report(
         result,
@@ -213,11 +242,31 @@ def assess(
         source_lines=source_lines,
         summary=summary or {},
         note=note,
-        at_youden=at_youden,
-        at_spec90=at_spec90,
+        at_youden=s.at_youden,
+        at_spec90=s.at_spec90,
         reference_note=reference_label(coverage, split) if dataset == "chestxray14" else None,
     )
     return result, metrics
+
+
+def _metrics_fields(s: _Scores, label_names: list[str], threshold_split: str) -> dict[str, Any]:
+    """The ``metrics.json`` keys of the scores, in the file's order (AUROC ... at_spec90)."""
+    return {
+        "mean_auroc": s.mean_auroc,
+        "mean_auroc_ci95": list(s.boot["mean"]),
+        "n_bootstrap": s.boot["n_boot"],
+        "auroc": dict(zip(label_names, s.aurocs)),
+        "auroc_ci95": {n: list(ci) for n, ci in zip(label_names, s.boot["per_class"])},
+        "auprc": dict(zip(label_names, s.auprc)),
+        "ece": s.calib["ece"],
+        "ece_per_class": dict(zip(label_names, s.calib["per_class"])),
+        "threshold_split": threshold_split,
+        "thresholds_youden": s.youden,
+        "thresholds_spec90": s.spec90,
+        "thresholds_fallback": s.fallback,
+        "at_youden": {n: {"sensitivity": a, "specificity": b} for n, (a, b) in zip(label_names, s.at_youden)},
+        "at_spec90": {n: {"sensitivity": a, "specificity": b} for n, (a, b) in zip(label_names, s.at_spec90)},
+    }
 
 
 def write_predictions(

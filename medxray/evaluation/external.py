@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Mapping, Sequence
 
@@ -154,6 +155,38 @@ def read_predictions(
     return names, values
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The file's rows on one split, in the split's order: image names, (N, C) probabilities,
+    (N, C) labels and (N, C) label masks (1 = known)."""
+
+    names: list[str]
+    probs: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Matched:
+    """A predictions file matched against the label file's splits."""
+
+    parts: Mapping[str, Any]  # split -> records (names, patients, labels, mask)
+    probs: np.ndarray  # (rows, C) as read
+    row_of: dict[str, int]  # image name -> row of the file
+
+    def take(self, which: str) -> _Rows:
+        """The file's rows on split ``which``."""
+        rec = self.parts[which]
+        idx = [(k, self.row_of[n]) for k, n in enumerate(rec.names) if n in self.row_of]
+        ks, rs = [k for k, _ in idx], [r for _, r in idx]
+        return _Rows(
+            [rec.names[k] for k in ks],
+            self.probs[rs],
+            rec.labels[ks].astype(np.float32),
+            rec.mask[ks].astype(np.float32),
+        )
+
+
 def evaluate_predictions(
     predictions: str | Path,
     *,
@@ -183,89 +216,29 @@ def evaluate_predictions(
     from medxray.data.chestxray14 import split_records
     from medxray.labels import CHESTXRAY14_FINDINGS
 
-    if dataset != "chestxray14":
-        raise ConfigError(
-            f"--predictions scores ChestX-ray14 predictions against its official labels; "
-            f"dataset {dataset!r} is not supported"
-        )
-    if split not in (*SPLITS, FILE_SPLIT) or (threshold_split is not None and threshold_split not in SPLITS):
-        raise ConfigError(
-            f"split must be one of {', '.join(SPLITS)} or file, threshold split one of {', '.join(SPLITS)}"
-        )
-    if split == FILE_SPLIT:
-        threshold_split = None
+    threshold_split = _check_splits(dataset, split, threshold_split)
     label_names = list(CHESTXRAY14_FINDINGS)
     path = Path(predictions).expanduser().resolve()
     names, probs = read_predictions(path, label_names, columns)
     parts, info = split_records(data_root, val_fraction=val_fraction, split_seed=split_seed, view=view)
-    row_of = {n: i for i, n in enumerate(names)}
-
-    if split == FILE_SPLIT:  # every official split, restricted below to the file's images
-        from types import SimpleNamespace
-
-        recs = [parts[k] for k in SPLITS if parts.get(k) is not None]
-        parts = {
-            **parts,
-            FILE_SPLIT: SimpleNamespace(
-                names=[n for r in recs for n in r.names],
-                patients=[x for r in recs for x in r.patients],
-                labels=np.concatenate([r.labels for r in recs]),
-                mask=np.concatenate([r.mask for r in recs]),
-            ),
-        }
-
-    def take(which: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        rec = parts[which]
-        idx = [(k, row_of[n]) for k, n in enumerate(rec.names) if n in row_of]
-        ks, rs = [k for k, _ in idx], [r for _, r in idx]
-        return (
-            [rec.names[k] for k in ks],
-            probs[rs],
-            rec.labels[ks].astype(np.float32),
-            rec.mask[ks].astype(np.float32),
-        )
-
-    ev_names, P, Y, M = take(split)
-    if not ev_names:
+    if split == FILE_SPLIT:
+        parts = _with_file_split(parts)
+    matched = _Matched(parts, probs, {n: i for i, n in enumerate(names)})
+    ev = matched.take(split)
+    if not ev.names:
         raise DataError(
             f"no image of {path.name} is on the {split} split ({len(names)} rows); check the image names "
             f"(as in the label file, e.g. 00000003_000.png) or choose another --split"
         )
-    known = {n for rec in parts.values() for n in rec.names}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        log.warning(
-            "%d row(s) of %s are not images of the label file's splits and are ignored (first: %s)",
-            len(unknown),
-            path.name,
-            unknown[0],
-        )
-    th_split = threshold_split if threshold_split and threshold_split != split else split
-    th_set = None
-    if th_split != split:
-        th_names, Pt, Yt, Mt = take(th_split)
-        if th_names:
-            th_set = (Pt, Yt, Mt)
-        else:
-            log.warning("%s has no row on the %s split: choosing thresholds on %s itself", path.name, th_split, split)
-            th_split = split
-    out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval-{split}"
-    summary = {
-        "prevalence": {
-            split: {
-                n: float(Y[M[:, c] > 0.5, c].mean()) if (M[:, c] > 0.5).any() else None
-                for c, n in enumerate(label_names)
-            }
-        },
-        "patients": {split: len({parts[split].patients[i] for i, n in enumerate(parts[split].names) if n in row_of})},
-    }
+    unknown = _unknown_rows(path, names, parts)
+    th_split, th_set = _threshold_rows(matched, path, split, threshold_split)
     result, _ = assess(
-        out,
+        Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval-{split}",
         label_names=label_names,
-        names=ev_names,
-        probs=P,
-        labels=Y,
-        masks=M,
+        names=ev.names,
+        probs=ev.probs,
+        labels=ev.labels,
+        masks=ev.masks,
         split=split,
         dataset=dataset,
         threshold_set=th_set,
@@ -277,11 +250,88 @@ def evaluate_predictions(
             f"Labels: {Path(info['files']['labels']).name} (content SHA-256 `{info['label_sha256'][:16]}`); "
             f"val = patient-disjoint {val_fraction:g} of train_val, seed {split_seed}",
         ],
-        summary=summary,
+        summary=_summary(matched, ev, split, label_names),
         precision="as given in the file",
         extra=_extra(path, names, unknown, info),
     )
     return result
+
+
+def _check_splits(dataset: str, split: str, threshold_split: str | None) -> str | None:
+    """The threshold split to use (None for ``split="file"``); ConfigError for an unsupported
+    dataset or an unknown split name."""
+    if dataset != "chestxray14":
+        raise ConfigError(
+            f"--predictions scores ChestX-ray14 predictions against its official labels; "
+            f"dataset {dataset!r} is not supported"
+        )
+    if split not in (*SPLITS, FILE_SPLIT) or (threshold_split is not None and threshold_split not in SPLITS):
+        raise ConfigError(
+            f"split must be one of {', '.join(SPLITS)} or file, threshold split one of {', '.join(SPLITS)}"
+        )
+    return None if split == FILE_SPLIT else threshold_split
+
+
+def _with_file_split(parts: Mapping[str, Any]) -> dict[str, Any]:
+    """``parts`` plus a ``"file"`` split of every official split's records (in split order), which
+    :meth:`_Matched.take` then restricts to the file's images."""
+    from types import SimpleNamespace
+
+    recs = [parts[k] for k in SPLITS if parts.get(k) is not None]
+    return {
+        **parts,
+        FILE_SPLIT: SimpleNamespace(
+            names=[n for r in recs for n in r.names],
+            patients=[x for r in recs for x in r.patients],
+            labels=np.concatenate([r.labels for r in recs]),
+            mask=np.concatenate([r.mask for r in recs]),
+        ),
+    }
+
+
+def _unknown_rows(path: Path, names: Sequence[str], parts: Mapping[str, Any]) -> list[str]:
+    """The file's image names on none of the label file's splits (logged once as ignored)."""
+    known = {n for rec in parts.values() for n in rec.names}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        log.warning(
+            "%d row(s) of %s are not images of the label file's splits and are ignored (first: %s)",
+            len(unknown),
+            path.name,
+            unknown[0],
+        )
+    return unknown
+
+
+def _threshold_rows(
+    matched: _Matched, path: Path, split: str, threshold_split: str | None
+) -> tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """(split the thresholds are chosen on, its (P, Y, M) or None = ``split`` itself): falls back
+    to ``split`` with a warning when the file has no row on ``threshold_split``."""
+    th_split = threshold_split if threshold_split and threshold_split != split else split
+    if th_split == split:
+        return th_split, None
+    th = matched.take(th_split)
+    if th.names:
+        return th_split, (th.probs, th.labels, th.masks)
+    log.warning("%s has no row on the %s split: choosing thresholds on %s itself", path.name, th_split, split)
+    return split, None
+
+
+def _summary(matched: _Matched, ev: _Rows, split: str, label_names: Sequence[str]) -> dict[str, Any]:
+    """The report's data summary on ``split``: per-finding prevalence among known labels and the
+    number of distinct patients of the file's rows."""
+    Y, M = ev.labels, ev.masks
+    rec = matched.parts[split]
+    return {
+        "prevalence": {
+            split: {
+                n: float(Y[M[:, c] > 0.5, c].mean()) if (M[:, c] > 0.5).any() else None
+                for c, n in enumerate(label_names)
+            }
+        },
+        "patients": {split: len({rec.patients[i] for i, n in enumerate(rec.names) if n in matched.row_of})},
+    }
 
 
 def _extra(path: Path, names: Sequence[str], unknown: Sequence[str], info: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -118,6 +119,18 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+@dataclass(frozen=True)
+class _ReportContext:
+    """What every section of :func:`write_report` reads besides the result itself."""
+
+    res: EvalResult
+    metrics: Mapping[str, Any]
+    summary: Mapping[str, Any]
+    dataset: str
+    is_cx14: bool  # ChestX-ray14's 14 findings: the published reference columns apply
+    reference_note: str | None
+
+
 def write_report(
     res: EvalResult,
     metrics: Mapping[str, Any],
@@ -139,26 +152,44 @@ def write_report(
     reference columns when the evaluated images are not the full official test list.
     ``source_lines``: what produced the probabilities (checkpoint or predictions file).
     """
-    from medxray.labels import CHESTXRAY14_FINDINGS, CHEXNET_AUROC, WANG2017_AUROC
+    from medxray.labels import CHESTXRAY14_FINDINGS
 
-    names = res.label_names
-    is_cx14 = list(names) == list(CHESTXRAY14_FINDINGS) and dataset == "chestxray14"
+    ctx = _ReportContext(
+        res=res,
+        metrics=metrics,
+        summary=summary,
+        dataset=dataset,
+        is_cx14=list(res.label_names) == list(CHESTXRAY14_FINDINGS) and dataset == "chestxray14",
+        reference_note=reference_note,
+    )
+    blocks: list[tuple] = [
+        *_intro_blocks(ctx, source_lines, note),
+        *_auroc_blocks(ctx),
+        *_operating_point_blocks(ctx, at_youden, at_spec90),
+        *_calibration_blocks(res),
+        *_localisation_blocks(res.localisation),
+    ]
+    atomic_write_text(res.out_dir / "report.md", render_markdown(blocks))
+    atomic_write_text(res.out_dir / "report.html", render_html(blocks))
+
+
+def _intro_blocks(ctx: _ReportContext, source_lines: Sequence[str], note: str | None) -> list[tuple]:
+    """Title, coverage line, caller's note, what the numbers rest on, and how they compare with the
+    published ChestX-ray14 numbers (official test list or not)."""
+    res, metrics, summary = ctx.res, ctx.metrics, ctx.summary
     blocks: list[tuple] = [("h1", "medxray evaluation report")]
     if res.coverage_note:
-        blocks.append(("p" if reference_note is None else "warn", res.coverage_note))
+        blocks.append(("p" if ctx.reference_note is None else "warn", res.coverage_note))
     if note:
         blocks.append(("warn", note))
+    patients = summary.get("patients", {}).get(res.split)
     blocks.append(
         (
             "list",
             [
                 *source_lines,
-                f"Data: dataset `{dataset}`, split **{res.split}** ({res.n_images} images"
-                + (
-                    f", {summary.get('patients', {}).get(res.split)} patients"
-                    if summary.get("patients", {}).get(res.split)
-                    else ""
-                )
+                f"Data: dataset `{ctx.dataset}`, split **{res.split}** ({res.n_images} images"
+                + (f", {patients} patients" if patients else "")
                 + f"), data manifest hash `{str(metrics.get('data_manifest_hash') or '')[:16]}`",
                 f"Numeric precision of the probabilities: **{res.precision}**; test-time augmentation: "
                 f"{'TenCrop (10 crops averaged)' if metrics.get('tta') else 'none'}; "
@@ -167,94 +198,100 @@ def write_report(
             ],
         )
     )
-    if is_cx14 and res.split == "test" and reference_note is None:
-        blocks.append(
-            (
-                "p",
-                "The test split is ChestX-ray14's official patient-wise test list (test_list.txt, Wang et al. "
-                "2017), complete. Wang et al.'s numbers are on that same list. CheXNet's come from its own random "
-                "70/10/20 patient split, which was never released, so they are a guide and not a like-for-like "
-                "comparison.",
-            )
-        )
-    elif is_cx14 and res.split == "test":
-        blocks.append(
-            (
-                "p",
-                "These images are part of ChestX-ray14's official test list only. The published numbers beside "
-                "them are on the full list (Wang et al.) or on CheXNet's own unreleased split: they are shown "
-                "for orientation and are not comparable with ours.",
-            )
-        )
-    elif is_cx14:
-        blocks.append(
-            (
-                "p",
-                f"These numbers are on the {res.split} split, not the official test list; the published "
-                "numbers beside them are test-set numbers and are not comparable.",
-            )
-        )
+    comparability = _comparability_text(ctx)
+    if comparability:
+        blocks.append(("p", comparability))
+    return blocks
 
+
+def _comparability_text(ctx: _ReportContext) -> str | None:
+    """Whether the published ChestX-ray14 numbers are like-for-like with ours; None off ChestX-ray14."""
+    if not ctx.is_cx14:
+        return None
+    if ctx.res.split == "test" and ctx.reference_note is None:
+        return (
+            "The test split is ChestX-ray14's official patient-wise test list (test_list.txt, Wang et al. "
+            "2017), complete. Wang et al.'s numbers are on that same list. CheXNet's come from its own random "
+            "70/10/20 patient split, which was never released, so they are a guide and not a like-for-like "
+            "comparison."
+        )
+    if ctx.res.split == "test":
+        return (
+            "These images are part of ChestX-ray14's official test list only. The published numbers beside "
+            "them are on the full list (Wang et al.) or on CheXNet's own unreleased split: they are shown "
+            "for orientation and are not comparable with ours."
+        )
+    return (
+        f"These numbers are on the {ctx.res.split} split, not the official test list; the published "
+        "numbers beside them are test-set numbers and are not comparable."
+    )
+
+
+def _auroc_blocks(ctx: _ReportContext) -> list[tuple]:
+    """The per-class AUROC table (95% CI, AUPRC, prevalence; CheXNet and Wang et al. on ChestX-ray14)
+    with a mean row."""
+    from medxray.labels import CHEXNET_AUROC, WANG2017_AUROC
+
+    res = ctx.res
     header = ["Finding", "AUROC (95% CI)", "AUPRC", "prevalence"]
-    ref_suffix = f" ({reference_note})" if reference_note else ""
-    if is_cx14:
+    ref_suffix = f" ({ctx.reference_note})" if ctx.reference_note else ""
+    if ctx.is_cx14:
         header += [f"CheXNet 2017{ref_suffix}", f"Wang et al. 2017{ref_suffix}"]
+    prevalence = ctx.summary.get("prevalence", {}).get(res.split) or {}
     rows = []
-    for n in names:
+    for n in res.label_names:
         lo, hi = res.auroc_ci[n]
-        prev = None
-        if summary.get("prevalence", {}).get(res.split):
-            prev = summary["prevalence"][res.split].get(n)
-        row = [n, f"{_fmt(res.auroc[n])} ({_fmt(lo)}-{_fmt(hi)})", _fmt(res.auprc[n]), _fmt(prev)]
-        if is_cx14:
+        row = [n, f"{_fmt(res.auroc[n])} ({_fmt(lo)}-{_fmt(hi)})", _fmt(res.auprc[n]), _fmt(prevalence.get(n))]
+        if ctx.is_cx14:
             row += [_fmt(CHEXNET_AUROC.get(n, float("nan"))), _fmt(WANG2017_AUROC.get(n, float("nan")))]
         rows.append(row)
+    finite_auprc = any(math.isfinite(v) for v in res.auprc.values())
     mean_row = [
         "**mean**",
         f"**{_fmt(res.mean_auroc)}** ({_fmt(res.mean_auroc_ci[0])}-{_fmt(res.mean_auroc_ci[1])})",
-        _fmt(
-            float(np.nanmean([v for v in res.auprc.values()]))
-            if any(math.isfinite(v) for v in res.auprc.values())
-            else None
-        ),
+        _fmt(float(np.nanmean(list(res.auprc.values()))) if finite_auprc else None),
         "",
     ]
-    if is_cx14:
+    if ctx.is_cx14:
         mean_row += [
             _fmt(float(np.mean(list(CHEXNET_AUROC.values())))),
             _fmt(float(np.mean(list(WANG2017_AUROC.values())))),
         ]
     rows.append(mean_row)
-    blocks += [("h2", "Per-class AUROC"), ("table", header, rows)]
+    return [("h2", "Per-class AUROC"), ("table", header, rows)]
 
-    op_rows = []
-    spec90 = metrics["thresholds_spec90"]
+
+def _operating_point_blocks(
+    ctx: _ReportContext, at_youden: Sequence[tuple[float, float]], at_spec90: Sequence[tuple[float, float]]
+) -> list[tuple]:
+    """Youden and 90%-specificity thresholds with their (sensitivity, specificity), one row per finding
+    (``at_youden``/``at_spec90`` in ``label_names`` order); a warning names the 0.5 fallbacks."""
+    res = ctx.res
+    spec90 = ctx.metrics["thresholds_spec90"]
     fallback = set(res.thresholds_fallback)
-    for i, n in enumerate(names):
-        th = _fmt(res.thresholds[n]) + (" (fallback)" if n in fallback else "")
-        op_rows.append(
-            [
-                n,
-                th,
-                _fmt(at_youden[i][0]),
-                _fmt(at_youden[i][1]),
-                _fmt(spec90[n]),
-                _fmt(at_spec90[i][0]),
-                _fmt(at_spec90[i][1]),
-            ]
-        )
-    blocks += [
+    op_rows = [
+        [
+            n,
+            _fmt(res.thresholds[n]) + (" (fallback)" if n in fallback else ""),
+            _fmt(at_youden[i][0]),
+            _fmt(at_youden[i][1]),
+            _fmt(spec90[n]),
+            _fmt(at_spec90[i][0]),
+            _fmt(at_spec90[i][1]),
+        ]
+        for i, n in enumerate(res.label_names)
+    ]
+    where = (
+        " The Youden thresholds are written into the checkpoint's metadata, where the scorer and the viewer read them."
+        if res.checkpoint
+        else ""
+    )
+    blocks: list[tuple] = [
         ("h2", "Operating points"),
         (
             "p",
             f"Thresholds were chosen on the **{res.threshold_split}** split and are applied here to the "
-            f"{res.split} split (positive = probability >= threshold)."
-            + (
-                " The Youden thresholds are written into the checkpoint's metadata, where the scorer and the "
-                "viewer read them."
-                if res.checkpoint
-                else ""
-            ),
+            f"{res.split} split (positive = probability >= threshold)." + where,
         ),
     ]
     if fallback:
@@ -266,22 +303,16 @@ def write_report(
                 f"no threshold could be chosen; their operating points mean nothing.",
             )
         )
-    blocks += [
-        (
-            "table",
-            [
-                "Finding",
-                "Youden threshold",
-                "sensitivity",
-                "specificity",
-                "90%-spec. threshold",
-                "sensitivity",
-                "specificity",
-            ],
-            op_rows,
-        )
-    ]
-    blocks += [
+    header = ["Finding", "Youden threshold", "sensitivity", "specificity"]
+    header += ["90%-spec. threshold", "sensitivity", "specificity"]
+    blocks.append(("table", header, op_rows))
+    return blocks
+
+
+def _calibration_blocks(res: EvalResult) -> list[tuple]:
+    """Expected calibration error with the reliability diagram, then the ROC and PR curve images
+    (the files :func:`write_plots` wrote)."""
+    return [
         ("h2", "Calibration"),
         (
             "p",
@@ -293,34 +324,36 @@ def write_report(
         ("img", "roc.png", "ROC curves"),
         ("img", "pr.png", "PR curves"),
     ]
-    if res.localisation:
-        loc = res.localisation
-        lrows = []
-        for n, s in list(loc["per_finding"].items()) + [("**all**", loc["overall"])]:
-            lrows.append(
-                [n, str(s["n"])]
-                + [_fmt(s["iobb_accuracy"][str(t)]) for t in IOBB_THRESHOLDS]
-                + [_fmt(s["mean_iobb"]), _fmt(s["pointing_game"])]
-            )
-        blocks += [
-            ("h2", "Localisation (class activation maps)"),
-            (
-                "p",
-                f"Map method: **{loc.get('method', 'not recorded')}** (medxray.cam.compute_maps, the maps "
-                "the app and the scorer show). "
-                "On images with ground-truth boxes: the finding's map is normalised to [0, 1], thresholded, and "
-                "each connected region's bounding box is compared with the ground truth. A box counts as "
-                "correct when IoBB (intersection over the predicted box's area) exceeds T, as in Wang et al. "
-                "2017. Pointing game: the CAM's maximum lies inside the ground-truth box.",
-            ),
-            (
-                "table",
-                ["Finding", "boxes"] + [f"IoBB>{t}" for t in IOBB_THRESHOLDS] + ["mean IoBB", "pointing game"],
-                lrows,
-            ),
-        ]
-    atomic_write_text(res.out_dir / "report.md", render_markdown(blocks))
-    atomic_write_text(res.out_dir / "report.html", render_html(blocks))
+
+
+def _localisation_blocks(loc: Mapping[str, Any] | None) -> list[tuple]:
+    """IoBB accuracy at each of :data:`IOBB_THRESHOLDS`, mean IoBB and pointing game per finding
+    and overall (Wang et al. 2017); nothing when no localisation was run."""
+    if not loc:
+        return []
+    lrows = [
+        [n, str(s["n"])]
+        + [_fmt(s["iobb_accuracy"][str(t)]) for t in IOBB_THRESHOLDS]
+        + [_fmt(s["mean_iobb"]), _fmt(s["pointing_game"])]
+        for n, s in list(loc["per_finding"].items()) + [("**all**", loc["overall"])]
+    ]
+    return [
+        ("h2", "Localisation (class activation maps)"),
+        (
+            "p",
+            f"Map method: **{loc.get('method', 'not recorded')}** (medxray.cam.compute_maps, the maps "
+            "the app and the scorer show). "
+            "On images with ground-truth boxes: the finding's map is normalised to [0, 1], thresholded, and "
+            "each connected region's bounding box is compared with the ground truth. A box counts as "
+            "correct when IoBB (intersection over the predicted box's area) exceeds T, as in Wang et al. "
+            "2017. Pointing game: the CAM's maximum lies inside the ground-truth box.",
+        ),
+        (
+            "table",
+            ["Finding", "boxes"] + [f"IoBB>{t}" for t in IOBB_THRESHOLDS] + ["mean IoBB", "pointing game"],
+            lrows,
+        ),
+    ]
 
 
 def render_markdown(blocks: Sequence[tuple]) -> str:
