@@ -45,8 +45,11 @@ float32. The Predictor uses bf16 maps where it runs its model in bf16; measured 
 fp32 in tests/test_cam_batched.py and the README. Which method is the default was measured (``bench/localisation.py``);
 checkpoints record the method their localisation figures were measured with.
 
-This module imports only torch, numpy, matplotlib/PIL (display), medxray.display, medxray.errors and
-medxray.fileio.
+The method table itself (:class:`MapMethod`, :data:`MAP_METHODS`, :data:`DEFAULT_MAP_METHOD`,
+:func:`check_method`) lives in the torch-free :mod:`medxray.mapmethods` and is re-exported here.
+
+This module imports only torch, numpy, matplotlib/PIL (display), medxray.display, medxray.errors,
+medxray.fileio and medxray.mapmethods.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ import torch.nn.functional as F
 from medxray.display import DISPLAY_LONG_SIDE, fit_display  # noqa: F401  (re-exported: the display size)
 from medxray.errors import ConfigError
 from medxray.fileio import atomic_write_bytes
+from medxray.mapmethods import DEFAULT_MAP_METHOD, MAP_METHODS, MapMethod, check_method  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from medxray.models.densenet import DenseNet
@@ -75,31 +79,6 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MapMethod:
-    """One row of the method table: ``kind`` is cam / gradcam / layercam; ``stages`` are
-    ``model.features`` children whose outputs the map is computed on."""
-
-    kind: str
-    stages: tuple[str, ...] = ()
-    description: str = ""
-
-
-MAP_METHODS: dict[str, MapMethod] = {
-    "cam": MapMethod("cam", (), "CAM on the last feature map (Zhou et al. 2016)"),
-    "gradcam-denseblock4": MapMethod("gradcam", ("denseblock4",), "Grad-CAM at denseblock4 (Selvaraju et al. 2017)"),
-    "gradcam-denseblock3": MapMethod("gradcam", ("denseblock3",), "Grad-CAM at denseblock3, 2x finer"),
-    "gradcam-denseblock2": MapMethod("gradcam", ("denseblock2",), "Grad-CAM at denseblock2, 4x finer"),
-    "layercam-denseblock2": MapMethod("layercam", ("denseblock2",), "LayerCAM at denseblock2, 4x finer"),
-    "layercam-denseblock1": MapMethod("layercam", ("denseblock1",), "LayerCAM at denseblock1, 8x finer"),
-    "layercam-denseblock3": MapMethod("layercam", ("denseblock3",), "LayerCAM at denseblock3 (Jiang et al. 2021)"),
-    "layercam": MapMethod(
-        "layercam",
-        ("denseblock2", "denseblock3", "denseblock4"),
-        "LayerCAM fused over denseblock2-4 (Jiang et al. 2021)",
-    ),
-}
-DEFAULT_MAP_METHOD = "layercam-denseblock1"  # measured best on the phantom: see bench/localisation.py, README
 LAYERCAM_GAMMA = 2.0  # tanh scaling of shallow-layer maps before fusion (Jiang et al. 2021, Sec. III-C)
 EVIDENCE_EPS = 1e-6  # a map whose maximum (in raw units) is below this has no positive evidence
 MAP_PRECISIONS = ("fp32", "bf16")
@@ -126,15 +105,6 @@ class MapResult:
     method: str
     features: torch.Tensor | None = None
     precision: str = "fp32"
-
-
-def check_method(method: str | None) -> str:
-    """The method name, or :data:`DEFAULT_MAP_METHOD` for None; ConfigError (a ValueError) for an
-    unknown one."""
-    name = DEFAULT_MAP_METHOD if method in (None, "", "default") else str(method)
-    if name not in MAP_METHODS:
-        raise ConfigError(f"unknown CAM method {name!r}; choose one of {', '.join(MAP_METHODS)}")
-    return name
 
 
 def class_activation_maps(

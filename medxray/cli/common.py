@@ -58,7 +58,7 @@ def add_table_option(parser: argparse.ArgumentParser, *flags: str, table: TableC
 
 
 def _map_methods() -> Iterable[str]:
-    from medxray.cam import MAP_METHODS
+    from medxray.mapmethods import MAP_METHODS
 
     return MAP_METHODS
 

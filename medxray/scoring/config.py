@@ -15,25 +15,15 @@ from medxray.dicom import DEFAULT_ALLOWED_MODALITIES
 from medxray.errors import ConfigError
 from medxray.fileio import load_yaml_mapping
 from medxray.limits import pixel_limit
+from medxray.mapmethods import MAP_METHODS
 from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
 from medxray.scoring.messages import DecodeResult
 from medxray.scoring.scheduler import resolve_shard
 
 CAM_MODES = ("positive", "all", "none")
 # "checkpoint" = the method the checkpoint's localisation figures were measured with (evaluate records
-# it); the others are medxray.cam.MAP_METHODS keys, plus "gradcam" as the older name of gradcam-denseblock4
-CAM_METHODS = (
-    "checkpoint",
-    "gradcam",
-    "cam",
-    "gradcam-denseblock4",
-    "gradcam-denseblock3",
-    "gradcam-denseblock2",
-    "layercam-denseblock3",
-    "layercam-denseblock2",
-    "layercam-denseblock1",
-    "layercam",
-)  # tests/test_cam.py keeps it in step
+# it), "gradcam" the older name of gradcam-denseblock4, then every medxray.mapmethods.MAP_METHODS key
+CAM_METHODS: tuple[str, ...] = ("checkpoint", "gradcam", *MAP_METHODS)
 
 
 @dataclass
