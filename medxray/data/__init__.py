@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from medxray.data.core import DatasetSplits, Records, XrayDataset
-from medxray.data.imageio import read_image
 from medxray.errors import ConfigError
+from medxray.lazyexports import lazy_exports
+
+if TYPE_CHECKING:
+    from medxray.data.core import DatasetSplits, Records, XrayDataset
+    from medxray.data.imageio import read_image
+
+# The torch-using parts load on first use (PEP 562), so the CLI lists DATASETS without torch.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {"DatasetSplits": "core", "Records": "core", "XrayDataset": "core", "read_image": "imageio"},
+)
 
 DATASETS = ("chestxray14", "chexpert", "csv")
 
