@@ -8,8 +8,9 @@ Each run is ``score_directory`` end to end in its own fresh process (start-up, m
 the OpenVINO conversion cache as a user meets them; the cache is warmed once first), on the
 same copies of a real chest CR: ``--cams none`` and then the default (``--cams positive``, the
 checkpoint's map method, overlays at the display size). Printed: images/s of both, their ratio
-(target >= 0.3), the maps drawn per image beside it, seconds per map, and the quiet-machine
-verdict of :mod:`quiet` (other processes' CPU sampled before each timed phase).
+(target >= 0.3), the maps drawn per image beside it, seconds per map, the app's latency for one
+finding's map (target <= 0.3 s), and the quiet-machine verdict of :mod:`quiet` (other processes'
+CPU sampled before each timed phase).
 
 Without ``--checkpoint`` the model is a random DenseNet-121 whose head is spread like a trained
 model's (as the tests' checkpoints) and whose thresholds are set so that exactly
@@ -119,6 +120,51 @@ def child(src: str, ckpt: str, out: str, cams: str, batch: int) -> None:
     )
 
 
+def app_child(ckpt: str, rg1: str, reps: int) -> None:
+    """The app's path for one finding's map, timed after the finding is chosen: the Predictor as
+    the app loads it (backend auto), :func:`medxray.review.study.finding_map` on the study's
+    pixels and the overlay the Study page draws (:func:`medxray.review.viewing.cam_view` at the
+    display size). The first call (kernel warm-up) is reported apart; prints JSON."""
+    from medxray.inference import Predictor
+    from medxray.review.study import display_image, finding_map, load_study_file, predict_study
+    from medxray.review.viewing import ViewState, cam_view
+
+    p = Predictor.from_checkpoint(ckpt, device="auto", backend="auto")
+    study = load_study_file(rg1)
+    display = display_image(study, None)
+    pred = predict_study(p, study.pixels)  # what the page has when a finding is chosen
+    times = []
+    for k in range(reps + 1):
+        finding = p.label_names[k % len(p.label_names)]
+        t0 = time.perf_counter()
+        cam = finding_map(p, study.pixels, finding, pred.network_input)
+        cam_view(display, cam, ViewState(), finding=finding)
+        times.append(time.perf_counter() - t0)
+    steady = sorted(times[1:])
+    print(
+        json.dumps(
+            {
+                "first": times[0],
+                "median": steady[len(steady) // 2],
+                "worst": steady[-1],
+                "display": list(display.shape),
+                "backend": f"{p.backend}/{p.map_precision}",
+            }
+        )
+    )
+
+
+def run_app_child(ckpt: Path, rg1: Path, reps: int) -> dict:
+    r = subprocess.run(
+        [sys.executable, str(HERE), "--app-child", str(ckpt), "--child-ckpt", str(rg1), "--reps", str(reps)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"app child failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def run_child(src: Path, ckpt: Path, out: Path, cams: str, batch: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     r = subprocess.run(
@@ -156,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-ckpt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--app-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=9, help="app phase: maps timed after the first")
     a = ap.parse_args(argv)
+    if a.app_child:
+        app_child(a.app_child, a.child_ckpt, a.reps)
+        return 0
     if a.child:
         child(a.child, a.child_ckpt, a.child_out, a.cams, a.batch_size)
         return 0
@@ -192,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{pos['steady'] / none['steady']:.2f} steady (target >= 0.3), with "
             f"{pos['maps'] / max(pos['n'], 1):.2f} maps per image; {per_map:.3f} s per map "
             f"(extra wall time / maps), {a.image_size} px"
+        )
+        samples.append(sample("app map"))
+        print(samples[-1].line(), flush=True)
+        app = run_app_child(ckpt, rg1, a.reps)
+        print(
+            f"app: a finding's map after it is chosen (finding_map + overlay at {app['display'][1]}x"
+            f"{app['display'][0]} display, {app['backend']} maps): median {app['median']:.3f} s, worst "
+            f"{app['worst']:.3f} s over {a.reps} (target <= 0.3 s); first call {app['first']:.3f} s"
         )
         print(verdict(samples))
     finally:

@@ -224,3 +224,6 @@ def test_app_prediction_is_one_forward_and_maps_come_per_finding(fp32, images):
     m = finding_map(fp32, images[0], "Effusion")
     assert m.shape == (SCORING_IMAGE_SIZE, SCORING_IMAGE_SIZE)
     np.testing.assert_allclose(m, fp32.predict_with_cams(images[:1], classes=["Effusion"])[1][0, 0], atol=1e-6)
+    # from the prediction's own network input (what the app page passes): the same map, no second preprocess
+    assert pred.network_input is not None and pred.network_input.shape == (3, SCORING_IMAGE_SIZE, SCORING_IMAGE_SIZE)
+    np.testing.assert_array_equal(finding_map(fp32, images[0], "Effusion", pred.network_input), m)

@@ -89,7 +89,7 @@ if pred is not None and show_cam:
         cam = (
             pred.cams[pred.label_names.index(finding)]
             if pred.cams is not None
-            else ui.finding_map(ms.fingerprint, study.sha256, finding, ms.predictor, study.pixels)
+            else ui.finding_map(ms.fingerprint, study.sha256, finding, ms.predictor, study.pixels, pred.network_input)
         )
         right.image(
             cam_view(display, cam, view, alpha=alpha, style=style, finding=display_name(finding)),

@@ -220,6 +220,9 @@ class StudyPrediction:
     model_version: str = ""
     warnings: list[str] = field(default_factory=list)  # the model's own (out of distribution), codes.py texts
     live: bool = False  # from a loaded model (maps on demand), not from a results.csv row
+    # the network input (3, S, S) float32 the probabilities came from (live only): a finding's map
+    # starts from it instead of preprocessing the full-resolution image again
+    network_input: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {n: float(p) for n, p in zip(self.label_names, self.probabilities)}
@@ -231,7 +234,8 @@ def predict_study(predictor: Any, pixels: np.ndarray) -> StudyPrediction:
     the gradient methods cost one backward pass per finding."""
     from medxray.scoring.gate import ood_verdict
 
-    pred = predictor.run(predictor.preprocess([pixels]), ood=True)
+    x = predictor.preprocess([pixels])
+    pred = predictor.run(x, ood=True)
     threshold = getattr(getattr(predictor, "ood", None), "threshold", None)
     # the scorer's text for the same check (policy "warn": the app never hides a study)
     _, ood_warning = ood_verdict(None if pred.ood is None else float(pred.ood[0]), threshold, "warn")
@@ -242,13 +246,21 @@ def predict_study(predictor: Any, pixels: np.ndarray) -> StudyPrediction:
         model_version=str(getattr(predictor, "model_version", "") or ""),
         warnings=[ood_warning] if ood_warning else [],
         live=True,
+        network_input=np.asarray(x[0], np.float32),
     )
 
 
-def finding_map(predictor: Any, pixels: np.ndarray, finding: str) -> np.ndarray:
+def finding_map(
+    predictor: Any, pixels: np.ndarray, finding: str, network_input: np.ndarray | None = None
+) -> np.ndarray:
     """The map (S, S) in [0, 1] the app shows for ``finding``: :meth:`Predictor.maps_tensor`
-    (medxray.cam.compute_maps with the checkpoint's method), the arrays evaluation scores."""
-    return np.asarray(predictor.maps_tensor(predictor.preprocess([pixels]), [finding])[0, 0], np.float32)
+    (medxray.cam.compute_maps with the checkpoint's method), the arrays evaluation scores.
+    ``network_input``: the image's preprocessed input (3, S, S) when already at hand
+    (:attr:`StudyPrediction.network_input`), else ``pixels`` are preprocessed here."""
+    import torch
+
+    x = predictor.preprocess([pixels]) if network_input is None else torch.from_numpy(network_input)[None]
+    return np.asarray(predictor.maps_tensor(x, [finding])[0, 0], np.float32)
 
 
 def default_thresholds(label_names: Sequence[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:

@@ -154,10 +154,18 @@ def predict(model_fingerprint: str, sha256: str, _predictor: Any, _pixels: np.nd
 
 
 @st.cache_data(max_entries=256, show_spinner="Computing the map...")
-def finding_map(model_fingerprint: str, sha256: str, finding: str, _predictor: Any, _pixels: np.ndarray) -> np.ndarray:
-    """The finding's map once per (checkpoint version, image content, finding)."""
+def finding_map(
+    model_fingerprint: str,
+    sha256: str,
+    finding: str,
+    _predictor: Any,
+    _pixels: np.ndarray,
+    _network_input: np.ndarray | None = None,
+) -> np.ndarray:
+    """The finding's map once per (checkpoint version, image content, finding); ``_network_input``
+    (the prediction's preprocessed image, same content) spares preprocessing it again."""
     del model_fingerprint, sha256
-    return study_finding_map(_predictor, _pixels, finding)
+    return study_finding_map(_predictor, _pixels, finding, _network_input)
 
 
 def review_store(cfg: AppSettings) -> ReviewStore | None:
