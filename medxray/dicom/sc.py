@@ -27,8 +27,8 @@ from medxray.dicom.sr import (
     check_source_uids,
     copy_patient_study,
     result_uid,
+    save_result,
 )
-from medxray.fileio import atomic_output
 
 SC_SERIES_NUMBER = 9902
 SC_SERIES_DESCRIPTION = "medxray CAM overlays - NOT FOR CLINICAL USE"
@@ -52,6 +52,66 @@ def burn_in_banner(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
     for i, text in enumerate(lines):
         draw.text((size // 2, size // 4 + i * (size + size // 3)), text, fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
+
+
+def _banner_pixels(
+    rgb: np.ndarray, finding: str, probability: float, model_name: str, model_version: str
+) -> np.ndarray:
+    """The SC's pixel data: ``rgb`` (H, W, 3) with the not-for-clinical-use banner and the
+    finding, probability and model burned in on top (:func:`burn_in_banner`); (H + band, W, 3)
+    uint8. ValueError for an array that is not (H, W, 3)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"a Secondary Capture overlay must be (H, W, 3) RGB, got shape {rgb.shape}")
+    return burn_in_banner(
+        rgb.astype(np.uint8),
+        [
+            f"{BANNER} - research software output",
+            f"{finding} p={probability:.2f} - {model_name} {model_version} (CAM)"[:120],
+        ],
+    )
+
+
+def _source_orientation(source_dataset: Any | None) -> tuple[str, str] | None:
+    """The source's Patient Orientation (0020,0020) when it has both values, else None (unknown:
+    never made up)."""
+    if source_dataset is None:
+        return None
+    value = list(source_dataset.get("PatientOrientation") or [])
+    if len(value) == 2 and all(value):
+        return (str(value[0]), str(value[1]))
+    return None
+
+
+def _describe_sc(
+    sc: Any,
+    *,
+    source: dict[str, str],
+    source_dataset: Any | None,
+    finding: str,
+    probability: float,
+    model_name: str,
+    model_version: str,
+) -> None:
+    """Fill in what :class:`highdicom.sc.SCImage` leaves to us, in place: Laterality (Type 2C,
+    L/R from the source or empty), the Patient/General Study modules (:func:`copy_patient_study`),
+    Burned In Annotation YES, Image Type DERIVED\\SECONDARY, comments and derivation description
+    (truncated to their VR lengths) and the Source Image Sequence pointing at the scored image
+    (PS3.3 C.7.6.1.1.4)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    lat = str(source_dataset.get("Laterality", "") or "") if source_dataset is not None else ""
+    sc.Laterality = lat if lat in ("L", "R") else None  # Type 2C (General Series): empty = not paired/unknown
+    copy_patient_study(sc, source_dataset)
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ImageComments = f"{finding}: class activation map, p={probability:.4f}. {NOT_FOR_CLINICAL_USE}"[:10240]
+    sc.DerivationDescription = f"CAM overlay of {finding} computed by {model_name} {model_version}"[:1024]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source["sop_class_uid"]
+    ref.ReferencedSOPInstanceUID = source["sop_instance_uid"]
+    sc.SourceImageSequence = DicomSequence([ref])
 
 
 def write_cam_sc(
@@ -78,26 +138,11 @@ def write_cam_sc(
     ValueError for an array that is not (H, W, 3) uint8-compatible.
     """
     import highdicom as hd
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import ExplicitVRLittleEndian
 
     check_source_uids(source)
-    rgb = np.asarray(overlay_rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"a Secondary Capture overlay must be (H, W, 3) RGB, got shape {rgb.shape}")
-    pixels = burn_in_banner(
-        rgb.astype(np.uint8),
-        [
-            f"{BANNER} - research software output",
-            f"{finding} p={probability:.2f} - {model_name} {model_version} (CAM)"[:120],
-        ],
-    )
-    orientation = None
-    if source_dataset is not None:
-        value = list(source_dataset.get("PatientOrientation") or [])
-        if len(value) == 2 and all(value):
-            orientation = (str(value[0]), str(value[1]))
+    pixels = _banner_pixels(overlay_rgb, finding, probability, model_name, model_version)
+    orientation = _source_orientation(source_dataset)
     study_uid = source["study_instance_uid"]
     sc = hd.sc.SCImage(
         pixel_array=pixels,
@@ -123,17 +168,13 @@ def write_cam_sc(
     )
     if orientation is None:
         sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2C: present, empty = unknown (never made up)
-    lat = str(source_dataset.get("Laterality", "") or "") if source_dataset is not None else ""
-    sc.Laterality = lat if lat in ("L", "R") else None  # type: ignore[assignment]  # Type 2C (General Series): empty = not paired/unknown
-    copy_patient_study(sc, source_dataset)
-    sc.BurnedInAnnotation = "YES"
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.ImageComments = f"{finding}: class activation map, p={probability:.4f}. {NOT_FOR_CLINICAL_USE}"[:10240]
-    sc.DerivationDescription = f"CAM overlay of {finding} computed by {model_name} {model_version}"[:1024]
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = source["sop_class_uid"]
-    ref.ReferencedSOPInstanceUID = source["sop_instance_uid"]
-    sc.SourceImageSequence = DicomSequence([ref])
-    with atomic_output(path, "wb") as fh:
-        sc.save_as(fh, enforce_file_format=True)
-    return Path(path)
+    _describe_sc(
+        sc,
+        source=source,
+        source_dataset=source_dataset,
+        finding=finding,
+        probability=probability,
+        model_name=model_name,
+        model_version=model_version,
+    )
+    return save_result(sc, path)

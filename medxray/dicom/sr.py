@@ -146,6 +146,99 @@ def result_uid(source: Mapping[str, str], model_version: str, kind: str) -> str:
     return generate_uid(entropy_srcs=["medxray-result-v2", *parts, model_version, kind])
 
 
+# Header attributes of the evidence item that highdicom requires present (Type 2, empty here):
+# the SR's own Patient/Study modules come from :func:`copy_patient_study`, never from the evidence.
+_EVIDENCE_EMPTY_KEYWORDS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def save_result(dataset: Any, path: str | os.PathLike) -> Path:
+    """Write a result object (SR or SC) atomically as a DICOM file (PS3.10 file meta enforced);
+    returns ``path``. OSError from the file system is left to the caller."""
+    with atomic_output(path, "wb") as fh:
+        dataset.save_as(fh, enforce_file_format=True)
+    return Path(path)
+
+
+def _evidence_reference(source: Mapping[str, str]) -> Any:
+    """The evidence item (a pydicom Dataset) highdicom needs to reference the source image
+    (PS3.3 C.17.2 SR Document General module, Current Requested Procedure Evidence Sequence):
+    the source's four UIDs and modality, every identifying attribute present but empty."""
+    from pydicom.dataset import Dataset
+
+    ref = Dataset()
+    ref.SOPClassUID = source["sop_class_uid"]
+    ref.SOPInstanceUID = source["sop_instance_uid"]
+    ref.StudyInstanceUID = source["study_instance_uid"]
+    ref.SeriesInstanceUID = source["series_instance_uid"]
+    ref.Modality = source.get("modality", "")
+    for kw in _EVIDENCE_EMPTY_KEYWORDS:
+        setattr(ref, kw, None)
+    return ref
+
+
+def _header_items(source: Mapping[str, str], model_name: str, model_version: str) -> list[Any]:
+    """The content items before the findings: the not-for-clinical-use comment, the algorithm's
+    name and version (DCM 111001/111003, truncated to 64 characters) and the source image
+    (DCM 121112 Source of Measurement)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    comment = codes.DCM.Comment if hasattr(codes.DCM, "Comment") else hd.sr.CodedConcept("121106", "DCM", "Comment")
+    return [
+        hd.sr.TextContentItem(name=comment, value=NOT_FOR_CLINICAL_USE, relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"),
+            value=model_name[:64],
+            relationship_type="CONTAINS",
+        ),
+        hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"),
+            value=model_version[:64],
+            relationship_type="CONTAINS",
+        ),
+        hd.sr.ImageContentItem(
+            name=hd.sr.CodedConcept("121112", "DCM", "Source of Measurement"),
+            referenced_sop_class_uid=source["sop_class_uid"],
+            referenced_sop_instance_uid=source["sop_instance_uid"],
+            relationship_type="CONTAINS",
+        ),
+    ]
+
+
+def _finding_items(label_names: Sequence[str], probabilities: Sequence[float], positives: Sequence[str]) -> list[Any]:
+    """One NUM item per finding (private code ``MXF<nnn>``, probability rounded to 6 places, UCUM
+    "1" = no units) and a closing TEXT item (DCM 121071 Finding) naming the findings above
+    threshold (at most 1024 characters)."""
+    import highdicom as hd
+
+    unit = hd.sr.CodedConcept("1", "UCUM", "no units")
+    items: list[Any] = []
+    for i, (name, p) in enumerate(zip(label_names, probabilities)):
+        concept = hd.sr.CodedConcept(f"MXF{i + 1:03d}", CODING_SCHEME, f"Probability of {name}"[:64])
+        items.append(
+            hd.sr.NumContentItem(name=concept, value=round(float(p), 6), unit=unit, relationship_type="CONTAINS")
+        )
+    findings = ", ".join(positives) if positives else "none above threshold"
+    items.append(
+        hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+            value=f"Above threshold: {findings}"[:1024],
+            relationship_type="CONTAINS",
+        )
+    )
+    return items
+
+
 def write_sr(
     path: str | os.PathLike,
     *,
@@ -171,72 +264,15 @@ def write_sr(
     UIDs are missing or invalid (PS3.5 9.1): no SR is written then.
     """
     import highdicom as hd
-    from pydicom.dataset import Dataset
-    from pydicom.sr.codedict import codes
 
     check_source_uids(source)
-    ref = Dataset()
-    ref.SOPClassUID = source["sop_class_uid"]
-    ref.SOPInstanceUID = source["sop_instance_uid"]
-    ref.StudyInstanceUID = source["study_instance_uid"]
-    ref.SeriesInstanceUID = source["series_instance_uid"]
-    ref.Modality = source.get("modality", "")
-    for kw in (
-        "PatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-    ):
-        setattr(ref, kw, None)
-
-    scheme = CODING_SCHEME
-    title = hd.sr.CodedConcept("MX0001", scheme, "Chest radiograph AI findings (not for clinical use)")
+    title = hd.sr.CodedConcept("MX0001", CODING_SCHEME, "Chest radiograph AI findings (not for clinical use)")
     root = hd.sr.ContainerContentItem(name=title, template_id=None)
-    items = [
-        hd.sr.TextContentItem(
-            name=codes.DCM.Comment if hasattr(codes.DCM, "Comment") else hd.sr.CodedConcept("121106", "DCM", "Comment"),
-            value=NOT_FOR_CLINICAL_USE,
-            relationship_type="CONTAINS",
-        ),
-        hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"),
-            value=model_name[:64],
-            relationship_type="CONTAINS",
-        ),
-        hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"),
-            value=model_version[:64],
-            relationship_type="CONTAINS",
-        ),
-        hd.sr.ImageContentItem(
-            name=hd.sr.CodedConcept("121112", "DCM", "Source of Measurement"),
-            referenced_sop_class_uid=source["sop_class_uid"],
-            referenced_sop_instance_uid=source["sop_instance_uid"],
-            relationship_type="CONTAINS",
-        ),
-    ]
-    unit = hd.sr.CodedConcept("1", "UCUM", "no units")
-    for i, (name, p) in enumerate(zip(label_names, probabilities)):
-        concept = hd.sr.CodedConcept(f"MXF{i + 1:03d}", scheme, f"Probability of {name}"[:64])
-        items.append(
-            hd.sr.NumContentItem(name=concept, value=round(float(p), 6), unit=unit, relationship_type="CONTAINS")
-        )
-    findings = ", ".join(positives) if positives else "none above threshold"
-    items.append(
-        hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
-            value=f"Above threshold: {findings}"[:1024],
-            relationship_type="CONTAINS",
-        )
+    root.ContentSequence = hd.sr.ContentSequence(
+        _header_items(source, model_name, model_version) + _finding_items(label_names, probabilities, positives)
     )
-    root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
-        evidence=[ref],
+        evidence=[_evidence_reference(source)],
         content=root,
         series_instance_uid=result_uid(source, model_version, "sr-series"),
         series_number=9901,
@@ -253,6 +289,4 @@ def write_sr(
     )
     copy_patient_study(sr, source_dataset)
     sr.CodingSchemeIdentificationSequence = coding_scheme_identification()
-    with atomic_output(path, "wb") as fh:
-        sr.save_as(fh, enforce_file_format=True)
-    return Path(path)
+    return save_result(sr, path)
