@@ -159,29 +159,41 @@ def compare_arrays(
     return res
 
 
+_CSV_HEADER = [
+    "finding",
+    "auroc_a",
+    "auroc_b",
+    "diff_b_minus_a",
+    "diff_ci95_lo",
+    "diff_ci95_hi",
+    "se",
+    "z",
+    "p_delong",
+    "p_holm",
+    "n",
+    "positives",
+    "verdict",
+]
+_JSON_KEYS = ["auc_a", "auc_b", "diff", "diff_ci95", "se", "z", "p", "p_holm", "n", "positives", "verdict"]
+
+
 def write_comparison(res: Comparison, out: Path, note: str | None = None) -> dict[str, Path]:
-    """``comparison.csv``, ``comparison.json`` and ``comparison.md`` in ``out``."""
+    """``comparison.csv``, ``comparison.json`` and ``comparison.md`` in ``out``; also set as ``res.files``."""
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["auc_a", "auc_b", "diff", "diff_ci95", "se", "z", "p", "p_holm", "n", "positives", "verdict"]
-    with atomic_output(out / "comparison.csv", "w", newline="") as fh:
+    _write_comparison_csv(res, out / "comparison.csv")
+    findings = {n: {k: r[k] for k in _JSON_KEYS} for n, r in res.rows.items()}
+    doc = {"a": res.a, "b": res.b, "n_images": res.n_images, "findings": findings}
+    atomic_write_text(out / "comparison.json", json.dumps(json.loads(json_line(doc)), indent=2))
+    atomic_write_text(out / "comparison.md", _comparison_markdown(res, note))
+    res.files = {k: out / f"comparison.{k}" for k in ("md", "csv", "json")}
+    return res.files
+
+
+def _write_comparison_csv(res: Comparison, path: Path) -> None:
+    """One row per finding: both AUROCs, B - A with its 95% CI, DeLong's z and p, Holm's p, verdict."""
+    with atomic_output(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(
-            [
-                "finding",
-                "auroc_a",
-                "auroc_b",
-                "diff_b_minus_a",
-                "diff_ci95_lo",
-                "diff_ci95_hi",
-                "se",
-                "z",
-                "p_delong",
-                "p_holm",
-                "n",
-                "positives",
-                "verdict",
-            ]
-        )
+        w.writerow(_CSV_HEADER)
         for name, r in res.rows.items():
             w.writerow(
                 [
@@ -199,22 +211,15 @@ def write_comparison(res: Comparison, out: Path, note: str | None = None) -> dic
                     r["verdict"],
                 ]
             )
-    atomic_write_text(
-        out / "comparison.json",
-        json.dumps(
-            json.loads(
-                json_line(
-                    {
-                        "a": res.a,
-                        "b": res.b,
-                        "n_images": res.n_images,
-                        "findings": {n: {k: r[k] for k in keys} for n, r in res.rows.items()},
-                    }
-                )
-            ),
-            indent=2,
-        ),
-    )
+
+
+def _comparison_markdown(res: Comparison, note: str | None = None) -> str:
+    """The comparison as Markdown: what A and B are, the method (paired bootstrap CI, DeLong's test
+    (DeLong et al. 1988; Sun and Xu 2014), Holm's adjustment) and one table row per finding."""
+
+    def f(v: float, d: int = 3) -> str:
+        return f"{v:.{d}f}" if math.isfinite(v) else "n/a"
+
     lines = [
         "# medxray model comparison\n",
         f"A = `{res.a}`  \nB = `{res.b}`  \n{res.n_images} images, the same for both.\n",
@@ -228,19 +233,13 @@ def write_comparison(res: Comparison, out: Path, note: str | None = None) -> dic
         "| Finding | AUROC A | AUROC B | B - A (95% CI) | p (DeLong) | p (Holm) | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
-
-    def f(v: float, d: int = 3) -> str:
-        return f"{v:.{d}f}" if math.isfinite(v) else "n/a"
-
     for name, r in res.rows.items():
         lo, hi = r["diff_ci95"]
         lines.append(
             f"| {name} | {f(r['auc_a'])} | {f(r['auc_b'])} | {f(r['diff'])} ({f(lo)} to {f(hi)}) | "
             f"{r['p']:.3g} | {r['p_holm']:.3g} | {r['verdict'].split(' (')[0]} |"
         )
-    atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
-    res.files = {k: out / f"comparison.{k}" for k in ("md", "csv", "json")}
-    return res.files
+    return "\n".join(lines) + "\n"
 
 
 def is_predictions_file(path: str | Path) -> bool:

@@ -259,13 +259,28 @@ def _volumes(a: RecipeArgs) -> tuple[list[dict], list[dict]]:
     return mounts, volumes
 
 
-def render_k8s(a: RecipeArgs) -> dict[str, str]:
-    """``score-indexed-job.yaml`` (batch/v1 Indexed Job, one completion index per shard, retried per index
-    with ``backoffLimitPerIndex``, preemption not counted) and ``merge-job.yaml`` (run it once the
-    first Job is Complete). INPUT and OUT must lie under ``mount_path`` (the shared ReadWriteMany volume)."""
-    import yaml
+_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+_K8S_HEAD = (
+    "# medxray: score {input_dir} in {shards} shards as a Kubernetes Indexed Job (issue 23).\n"
+    "# Written by `medxray score-dicom --emit k8s`. Run:\n"
+    "#   kubectl apply -f score-indexed-job.yaml\n"
+    "#   kubectl wait --for=condition=complete job/medxray-score --timeout=24h\n"
+    "#   kubectl apply -f merge-job.yaml\n"
+    "# A failed index is retried (backoffLimitPerIndex) and resumes from its shard's journal.\n"
+)
+_K8S_MERGE_HEAD = (
+    "# medxray: merge the shards once job/medxray-score is Complete (see score-indexed-job.yaml).\n"
+    "# Idempotent; it refuses an incomplete run and names the missing shards.\n"
+)
 
-    a.check()
+
+def _k8s_check_paths(a: RecipeArgs) -> None:
+    """ConfigError unless INPUT_DIR and --out lie under the shared volume's ``mount_path``."""
     root = a.mount_path.rstrip("/") + "/"
     for name, value in (("INPUT_DIR", a.input_dir), ("--out", a.out)):
         if not str(value).startswith(root):
@@ -273,98 +288,99 @@ def render_k8s(a: RecipeArgs) -> dict[str, str]:
                 f"{name} {value} is not under the shared volume's mount path {a.mount_path} "
                 "(--k8s-mount); give paths as the pods see them"
             )
+
+
+def _k8s_job(name: str, labels: dict, spec: dict, container: dict, mounts: list[dict], volumes: list[dict]) -> dict:
+    """A batch/v1 Job manifest: ``spec`` plus a never-restarting non-root pod template running
+    ``container`` with ``mounts`` of ``volumes`` (locked down: no privilege escalation, read-only
+    root, no capabilities)."""
+    pod = {
+        "restartPolicy": "Never",
+        "securityContext": dict(_POD_SECURITY),
+        # keys in manifest order: the container's own, its security context, then its mounts
+        "containers": [{**container, "securityContext": _CONTAINER_SECURITY, "volumeMounts": mounts}],
+        "volumes": volumes,
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {**spec, "template": {"metadata": {"labels": dict(labels)}, "spec": pod}},
+    }
+
+
+def _k8s_score_job(a: RecipeArgs, labels: dict) -> dict:
+    """The Indexed Job: one completion index per shard, retried per index; preemption not counted,
+    exit 2 (usage error, unusable checkpoint) not retried."""
     mounts, volumes = _volumes(a)
-    labels = {"app.kubernetes.io/name": "medxray", "app.kubernetes.io/component": "score"}
     res_req = {"cpu": str(a.cpus), "memory": f"{a.memory_gb}Gi"}
     res_lim = {"memory": f"{a.memory_gb}Gi", **({"nvidia.com/gpu": str(a.gpus)} if a.gpus else {})}
     if a.gpus:
         res_req["nvidia.com/gpu"] = str(a.gpus)
-    security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
-    score_job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "medxray-score", "labels": labels},
-        "spec": {
-            "completionMode": "Indexed",
-            "completions": a.shards,
-            "parallelism": a.parallelism or a.shards,
-            "backoffLimitPerIndex": a.max_retries,
-            "podFailurePolicy": {
-                "rules": [
-                    # preempted or evicted: retry without counting it against the index's limit
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                    # exit 2 = a usage error or unusable checkpoint: retrying cannot help
-                    {"action": "FailIndex", "onExitCodes": {"containerName": "score", "operator": "In", "values": [2]}},
-                ]
-            },
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
-                    "containers": [
-                        {
-                            "name": "score",
-                            "image": a.image,
-                            "command": _score_argv(a, str(a.cpus), str(a.cpus)),
-                            # Kubernetes exports JOB_COMPLETION_INDEX but not completions
-                            "env": [
-                                {"name": SHARD_COUNT_ENV, "value": str(a.shards)},
-                                {"name": "MEDXRAY_CACHE_DIR", "value": "/tmp/medxray-cache"},
-                                {"name": "HOME", "value": "/tmp"},
-                            ],  # the root file system is read-only
-                            "resources": {"requests": res_req, "limits": res_lim},
-                            "securityContext": security,
-                            "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}],
-                        }
-                    ],
-                    "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
-                },
-            },
+    spec = {
+        "completionMode": "Indexed",
+        "completions": a.shards,
+        "parallelism": a.parallelism or a.shards,
+        "backoffLimitPerIndex": a.max_retries,
+        "podFailurePolicy": {
+            "rules": [
+                # preempted or evicted: retry without counting it against the index's limit
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # exit 2 = a usage error or unusable checkpoint: retrying cannot help
+                {"action": "FailIndex", "onExitCodes": {"containerName": "score", "operator": "In", "values": [2]}},
+            ]
         },
     }
+    container = {
+        "name": "score",
+        "image": a.image,
+        "command": _score_argv(a, str(a.cpus), str(a.cpus)),
+        # Kubernetes exports JOB_COMPLETION_INDEX but not completions
+        "env": [
+            {"name": SHARD_COUNT_ENV, "value": str(a.shards)},
+            {"name": "MEDXRAY_CACHE_DIR", "value": "/tmp/medxray-cache"},
+            {"name": "HOME", "value": "/tmp"},
+        ],  # the root file system is read-only
+        "resources": {"requests": res_req, "limits": res_lim},
+    }
+    mounts = [*mounts, {"name": "tmp", "mountPath": "/tmp"}]
+    return _k8s_job("medxray-score", labels, spec, container, mounts, [*volumes, {"name": "tmp", "emptyDir": {}}])
+
+
+def _k8s_merge_job(a: RecipeArgs, labels: dict) -> dict:
+    """The merge Job (one pod, two retries) on the data volume only."""
+    _, volumes = _volumes(a)
     merge_labels = {**labels, "app.kubernetes.io/component": "merge"}
-    merge_job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "medxray-merge", "labels": merge_labels},
-        "spec": {
-            "completions": 1,
-            "backoffLimit": 2,
-            "template": {
-                "metadata": {"labels": dict(merge_labels)},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
-                    "containers": [
-                        {
-                            "name": "merge",
-                            "image": a.image,
-                            "command": [a.command, "score-dicom", "--merge", a.out],
-                            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
-                            "securityContext": security,
-                            "volumeMounts": [{"name": "data", "mountPath": a.mount_path}],
-                        }
-                    ],
-                    "volumes": [volumes[0]],
-                },
-            },
-        },
+    container = {
+        "name": "merge",
+        "image": a.image,
+        "command": [a.command, "score-dicom", "--merge", a.out],
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
     }
-    head = (
-        f"# medxray: score {a.input_dir} in {a.shards} shards as a Kubernetes Indexed Job (issue 23).\n"
-        "# Written by `medxray score-dicom --emit k8s`. Run:\n"
-        "#   kubectl apply -f score-indexed-job.yaml\n"
-        "#   kubectl wait --for=condition=complete job/medxray-score --timeout=24h\n"
-        "#   kubectl apply -f merge-job.yaml\n"
-        "# A failed index is retried (backoffLimitPerIndex) and resumes from its shard's journal.\n"
+    mounts = [{"name": "data", "mountPath": a.mount_path}]
+    return _k8s_job(
+        "medxray-merge", merge_labels, {"completions": 1, "backoffLimit": 2}, container, mounts, [volumes[0]]
     )
-    merge_head = (
-        "# medxray: merge the shards once job/medxray-score is Complete (see score-indexed-job.yaml).\n"
-        "# Idempotent; it refuses an incomplete run and names the missing shards.\n"
-    )
-    dump = lambda d: yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=100)  # noqa: E731
-    return {"score-indexed-job.yaml": head + dump(score_job), "merge-job.yaml": merge_head + dump(merge_job)}
+
+
+def render_k8s(a: RecipeArgs) -> dict[str, str]:
+    """``score-indexed-job.yaml`` (batch/v1 Indexed Job, one completion index per shard, retried per index
+    with ``backoffLimitPerIndex``, preemption not counted) and ``merge-job.yaml`` (run it once the
+    first Job is Complete). INPUT and OUT must lie under ``mount_path`` (the shared ReadWriteMany volume)."""
+    import yaml
+
+    a.check()
+    _k8s_check_paths(a)
+    labels = {"app.kubernetes.io/name": "medxray", "app.kubernetes.io/component": "score"}
+
+    def dump(d: dict) -> str:
+        return yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=100)
+
+    head = _K8S_HEAD.format(input_dir=a.input_dir, shards=a.shards)
+    return {
+        "score-indexed-job.yaml": head + dump(_k8s_score_job(a, labels)),
+        "merge-job.yaml": _K8S_MERGE_HEAD + dump(_k8s_merge_job(a, labels)),
+    }
 
 
 def render_recipes(engine: str, a: RecipeArgs) -> dict[str, str]:
