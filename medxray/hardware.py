@@ -1,7 +1,8 @@
 """Device and precision facts shared by training, evaluation and inference.
 
-Holds device resolution, the native-bf16 check, the precision table and its resolution, the
-autocast context and the default loader worker count. Must not import training, evaluation,
+Holds device resolution, the native-bf16 check, the precision table (defined in the torch-free
+:mod:`medxray.precision`, re-exported here) and its resolution, the autocast context and the
+default loader worker count. Must not import training, evaluation,
 data or model code: everything that runs a model imports this module, not the other way round.
 """
 
@@ -16,10 +17,9 @@ from typing import Any
 import torch
 
 from medxray.errors import ConfigError
+from medxray.precision import PRECISIONS  # noqa: F401  (re-exported: the table lives in a torch-free module)
 
 log = logging.getLogger(__name__)
-
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 
 
 @lru_cache(maxsize=1)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, overload
 import numpy as np
 import torch
 
-from medxray.backends import Backend, OpenVINOBackend, TorchBackend
+from medxray.backends import BACKENDS, PRECISIONS, Backend, OpenVINOBackend, TorchBackend  # tables re-exported
 from medxray.backends.openvino import load_or_convert, openvino_cache_dir
 from medxray.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from medxray.checkpoint_meta import CheckpointMeta
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROB_TOLERANCE = 0.01
-BACKENDS = ("auto", "torch", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16", "int8")  # int8: OpenVINO, only behind the gate of medxray.quantize
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,12 +75,13 @@ def test_the_help_lists_every_row(capsys):
 
 
 def test_a_row_added_to_a_table_appears_without_a_cli_edit(monkeypatch, capsys):
-    from medxray import cam, hardware, inference
+    from medxray import backends, cam, precision
     from medxray.models import variants
 
+    # each table is patched where it is defined (medxray.cam, .inference and .hardware re-export them)
     monkeypatch.setitem(cam.MAP_METHODS, "gradcam-test", cam.MapMethod("gradcam", ("denseblock1",), "test row"))
-    monkeypatch.setattr(inference, "BACKENDS", (*inference.BACKENDS, "testvino"))
-    monkeypatch.setattr(hardware, "PRECISIONS", (*hardware.PRECISIONS, "fp8"))
+    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, "testvino"))
+    monkeypatch.setattr(precision, "PRECISIONS", (*precision.PRECISIONS, "fp8"))
     monkeypatch.setitem(variants.VARIANTS, "densenet_test", variants.VARIANTS["densenet_40_k12"])
     parser = build_parser()
     ns = parser.parse_args(["evaluate", "--checkpoint", "c.pt", "--cam-method", "gradcam-test", "--precision", "fp8"])
@@ -105,6 +106,61 @@ def test_help_and_parsing_without_table_options_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _help_argvs() -> list[list[str]]:
+    """``[cmd, "--help"]`` for every subcommand of the real parser (and every ``data`` action)."""
+    import argparse
+
+    def subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        act = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        return dict(act.choices) if act else {}
+
+    out = []
+    for name, p in subparsers(build_parser()).items():
+        out.append([name, "--help"])
+        out += [[name, inner, "--help"] for inner in subparsers(p)]
+    return out
+
+
+def test_every_subcommands_help_lists_its_tables_without_torch_monai_or_streamlit():
+    """Each `medxray <cmd> --help` formats its choices from the library tables: those modules must stay
+    light. One fresh process; after each help the heavy modules loaded so far are recorded, so the
+    first command that pulls one in is named."""
+    argvs = _help_argvs()
+    assert ["score-dicom", "--help"] in argvs and ["data", "prepare", "--help"] in argvs and len(argvs) >= 10
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from medxray.cli import main\n"
+        f"argvs = {argvs!r}\n"
+        "seen = {}\n"
+        "for argv in argvs:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n            main(argv)\n"
+        "        except SystemExit as e:\n            assert e.code == 0, (argv, e.code)\n"
+        "    assert out.getvalue().startswith('usage: medxray'), argv\n"
+        "    seen[' '.join(argv)] = [m for m in ('torch', 'monai', 'streamlit') if m in sys.modules]\n"
+        "print(json.dumps(seen))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(seen) == len(argvs)
+    assert {cmd: mods for cmd, mods in seen.items() if mods} == {}
+
+
+def test_each_table_is_read_from_its_torch_free_home_and_re_exported_unchanged():
+    from medxray import backends, cam, hardware, inference, mapmethods, precision
+    from medxray.scoring import config as score_config
+
+    assert cam.MAP_METHODS is mapmethods.MAP_METHODS and cam.MapMethod is mapmethods.MapMethod
+    assert cam.DEFAULT_MAP_METHOD == mapmethods.DEFAULT_MAP_METHOD and cam.check_method is mapmethods.check_method
+    assert inference.BACKENDS is backends.BACKENDS and inference.PRECISIONS is backends.PRECISIONS
+    assert hardware.PRECISIONS is precision.PRECISIONS
+    assert score_config.CAM_METHODS == ("checkpoint", "gradcam", *mapmethods.MAP_METHODS)
 
 
 def test_an_unknown_choice_exits_2_with_one_usage_message_in_a_real_process():

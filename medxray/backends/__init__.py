@@ -9,19 +9,37 @@ OOD distances or maps: the Predictor orchestrates those.
 * :class:`~medxray.backends.openvino.OpenVINOBackend`: the model converted to OpenVINO once (IR
   cache by weight hash), compiled for the CPU, one infer request per thread.
 
+The tables of what the Predictor accepts, :data:`BACKENDS` and :data:`PRECISIONS`, are defined here
+and re-exported by :mod:`medxray.inference`. This ``__init__`` imports no torch or numpy: the backend
+classes load on first use (PEP 562, :mod:`medxray.lazyexports`), so the CLI lists the tables without
+torch.
+
 Must not import :mod:`medxray.inference`, the scoring, the app or the CLI (they import it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-import torch
+from medxray.lazyexports import lazy_exports
 
-from medxray.backends.eager import TorchBackend
-from medxray.backends.openvino import OpenVINOBackend, openvino_cache_dir
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from medxray.backends.eager import TorchBackend
+    from medxray.backends.openvino import OpenVINOBackend, openvino_cache_dir
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {"TorchBackend": "eager", "OpenVINOBackend": "openvino", "openvino_cache_dir": "openvino"},
+)
+
+# ``backend=`` values of medxray.inference.Predictor
+BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
+# ``precision=`` values of the Predictor; int8: OpenVINO, only behind the gate of medxray.quantize
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
 
 
 class Backend(Protocol):
@@ -48,4 +66,4 @@ class Backend(Protocol):
         ...
 
 
-__all__ = ["Backend", "OpenVINOBackend", "TorchBackend", "openvino_cache_dir"]
+__all__ = ["BACKENDS", "Backend", "OpenVINOBackend", "PRECISIONS", "TorchBackend", "openvino_cache_dir"]

@@ -1,11 +1,12 @@
 """What the command modules share: the parser class and the choices read from the library's tables.
 
 An option with fixed choices takes them from the table that defines them (:class:`TableChoices`),
-so a row added there is accepted and listed in ``--help`` without a CLI edit. The tables live in
-modules that import torch; each loader here imports its table only when argparse first needs it:
-`medxray --help` and a command line that does not use the option import none of them, while
-`medxray score-dicom --help` (which lists the choices) or a typed ``--backend`` does (about 2.5-3 s
-on a 2-core machine, measured, against 0.1 s before the choices came from the tables).
+so a row added there is accepted and listed in ``--help`` without a CLI edit. Each loader here
+imports its table only when argparse first needs it (to validate a typed value or to format a
+subcommand's help), and every table lives in a module that imports no torch, monai or streamlit:
+:mod:`medxray.mapmethods`, :mod:`medxray.backends` (its ``__init__``), :mod:`medxray.precision`,
+:mod:`medxray.models.variants`, :mod:`medxray.data` (its ``__init__``), :mod:`medxray.scoring.config`
+and :mod:`medxray.scoring.gate` (tests/test_cli_choices.py checks it for every subcommand's help).
 """
 
 from __future__ import annotations
@@ -82,19 +83,19 @@ def _ood_policies() -> Sequence[str]:
 
 
 def _backends() -> Sequence[str]:
-    from medxray.inference import BACKENDS
+    from medxray.backends import BACKENDS
 
     return BACKENDS
 
 
 def _predictor_precisions() -> Sequence[str]:
-    from medxray.inference import PRECISIONS
+    from medxray.backends import PRECISIONS
 
     return PRECISIONS
 
 
 def _precisions() -> Sequence[str]:
-    from medxray.hardware import PRECISIONS
+    from medxray.precision import PRECISIONS
 
     return PRECISIONS
 
