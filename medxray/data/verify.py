@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,100 @@ def verify_manifests() -> dict[str, Any]:
     return {"sha256": "ok", **got}
 
 
+_SUMMARY_KEYS = (
+    "data_root",
+    "synthetic",
+    "counts",
+    "patients",
+    "missing_dropped",
+    "malformed_rows",
+    "cache",
+    "label_sha256",
+)
+
+
+@dataclass(frozen=True)
+class DecodeCheck:
+    """What decoding a sample of a data root's images found."""
+
+    decoded: int  # images tried
+    unreadable: list[str]  # the DataError message of each unreadable image
+    sizes: Counter  # (H, W) -> images of that size
+    bit_depths: Counter  # bits per sample -> images
+
+
+def decode_sample(paths: list[str], decode: int | None) -> DecodeCheck:
+    """Decode ``decode`` images spread evenly over ``paths`` (None or at least ``len(paths)`` =
+    all, 0 = none) with :func:`medxray.data.imageio.read_image`; unreadable files are counted,
+    never raised."""
+    from medxray.data.imageio import read_image
+
+    if decode is None or decode >= len(paths):
+        sample = paths
+    else:
+        sample = [paths[i] for i in np.linspace(0, len(paths) - 1, num=max(decode, 0), dtype=int)] if decode else []
+    bad: list[str] = []
+    sizes: Counter = Counter()
+    depths: Counter = Counter()
+    for p in sample:
+        try:
+            arr, hw = read_image(p)
+        except DataError as exc:
+            bad.append(str(exc))
+            continue
+        sizes[hw] += 1
+        depths[arr.dtype.itemsize * 8] += 1
+    return DecodeCheck(decoded=len(sample), unreadable=bad, sizes=sizes, bit_depths=depths)
+
+
+def _cache_reports(dataset: str, data_root: str | os.PathLike, cache_dir: Any) -> dict[str, dict[str, Any]]:
+    """:func:`medxray.data.cache.verify_cache` (full CRC check) of every cache of ``dataset`` in the
+    cache root, by folder name; a cache that cannot be read reports ``{"error": message}``."""
+    from medxray.data.cache import cache_root, verify_cache
+
+    out: dict[str, dict[str, Any]] = {}
+    croot = cache_root(data_root, cache_dir)
+    for d in sorted(croot.glob(f"{dataset}_*")) if croot.is_dir() else []:
+        try:
+            out[d.name] = verify_cache(d, full=True)
+        except DataError as exc:
+            out[d.name] = {"error": str(exc)}
+    return out
+
+
+def _missing_problem(report: dict[str, Any], summary: dict[str, Any], allow_missing: bool) -> str | None:
+    """The problem missing images are (None when there are none or ``allow_missing``; then the
+    report gets a ``missing_note`` instead)."""
+    if not report.get("missing_dropped"):
+        return None
+    note = (
+        f"{report['missing_dropped']} image(s) of the label file are missing from the data root "
+        f"(per split: {summary.get('missing_dropped_by_split')})"
+    )
+    if allow_missing:
+        report["missing_note"] = note + "; allowed (--allow-missing): they are left out"
+        return None
+    return (
+        note + "; download them, or for a partial download pass --allow-missing to "
+        "`medxray data verify`, `medxray data prepare` and `medxray finetune`"
+    )
+
+
+def _cache_problems(caches: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per cache that is unreadable, fails its CRCs or is unfinished, with what to do."""
+    problems = []
+    for name, cc in caches.items():
+        if cc.get("error"):
+            problems.append(f"cache {name}: {cc['error']}")
+        elif cc.get("crc_mismatch"):
+            problems.append(
+                f"cache {name}: {cc['crc_mismatch']} row(s) fail their CRC; delete it and re-run `medxray data prepare`"
+            )
+        elif cc.get("state") != "complete":
+            problems.append(f"cache {name} is unfinished ({cc.get('todo')} to do); re-run `medxray data prepare`")
+    return problems
+
+
 def verify_data(
     dataset: str = "chestxray14",
     data_root: str | os.PathLike | None = None,
@@ -57,8 +152,6 @@ def verify_data(
     raised. Only an unusable root or label file raises :class:`DataError`.
     """
     from medxray.data import build_datasets
-    from medxray.data.cache import verify_cache
-    from medxray.data.imageio import read_image
 
     report: dict[str, Any] = {"dataset": dataset}
     if dataset == "chestxray14":
@@ -69,78 +162,26 @@ def verify_data(
     options["allow_missing"] = True  # always counted here; whether they are a problem is the caller's flag
     splits = build_datasets(dataset, data_root, augment=False, **options)
     s = splits.summary
-    report.update(
-        {
-            k: s.get(k)
-            for k in (
-                "data_root",
-                "synthetic",
-                "counts",
-                "patients",
-                "missing_dropped",
-                "malformed_rows",
-                "cache",
-                "label_sha256",
-            )
-        }
-    )
+    report.update({k: s.get(k) for k in _SUMMARY_KEYS})
     report["manifest_hash"] = splits.manifest_hash
     recs = [ds for ds in (splits.train, splits.val, splits.test) if ds is not None]
-    paths = [p for ds in recs for p in ds.records.paths if p]
-    if decode is None or decode >= len(paths):
-        sample = paths
-    else:
-        sample = [paths[i] for i in np.linspace(0, len(paths) - 1, num=max(decode, 0), dtype=int)] if decode else []
-    bad, sizes, depths = [], Counter(), Counter()
-    for p in sample:
-        try:
-            arr, hw = read_image(p)
-        except DataError as exc:
-            bad.append(str(exc))
-            continue
-        sizes[hw] += 1
-        depths[arr.dtype.itemsize * 8] += 1
-    report["decoded"] = len(sample)
-    report["unreadable"] = len(bad)
-    report["unreadable_first"] = bad[:5]
-    report["sizes"] = {f"{h}x{w}": n for (h, w), n in sizes.most_common(5)}
-    report["bit_depths"] = dict(depths)
+    check = decode_sample([p for ds in recs for p in ds.records.paths if p], decode)
+    report["decoded"] = check.decoded
+    report["unreadable"] = len(check.unreadable)
+    report["unreadable_first"] = check.unreadable[:5]
+    report["sizes"] = {f"{h}x{w}": n for (h, w), n in check.sizes.most_common(5)}
+    report["bit_depths"] = dict(check.bit_depths)
     if dataset == "chestxray14" and not s.get("synthetic"):  # a phantom's boxes are in its own pixels
-        report["unexpected_size"] = sum(n for hw, n in sizes.items() if hw != (1024, 1024))
+        report["unexpected_size"] = sum(n for hw, n in check.sizes.items() if hw != (1024, 1024))
     if check_cache:
-        from medxray.data.cache import cache_root
-
-        croot = cache_root(data_root, options.get("cache_dir"))
-        for d in sorted(croot.glob(f"{dataset}_*")) if croot.is_dir() else []:
-            try:
-                report.setdefault("caches", {})[d.name] = verify_cache(d, full=True)
-            except DataError as exc:
-                report.setdefault("caches", {})[d.name] = {"error": str(exc)}
-    problems = []
-    if report.get("missing_dropped"):
-        note = (
-            f"{report['missing_dropped']} image(s) of the label file are missing from the data root "
-            f"(per split: {s.get('missing_dropped_by_split')})"
-        )
-        if allow_missing:
-            report["missing_note"] = note + "; allowed (--allow-missing): they are left out"
-        else:
-            problems.append(
-                note + "; download them, or for a partial download pass --allow-missing to "
-                "`medxray data verify`, `medxray data prepare` and `medxray finetune`"
-            )
-    if bad:
-        problems.append(f"{len(bad)} of {len(sample)} decoded image(s) unreadable")
+        caches = _cache_reports(dataset, data_root, options.get("cache_dir"))
+        if caches:
+            report["caches"] = caches
+    problems = [p for p in [_missing_problem(report, s, allow_missing)] if p]
+    if check.unreadable:
+        problems.append(f"{len(check.unreadable)} of {check.decoded} decoded image(s) unreadable")
     if report.get("unexpected_size"):
         problems.append(f"{report['unexpected_size']} image(s) not 1024x1024")
-    for name, cc in (report.get("caches") or {}).items():
-        if cc.get("error"):
-            problems.append(f"cache {name}: {cc['error']}")
-        elif cc.get("crc_mismatch"):
-            problems.append(
-                f"cache {name}: {cc['crc_mismatch']} row(s) fail their CRC; delete it and re-run `medxray data prepare`"
-            )
-        elif cc.get("state") != "complete":
-            problems.append(f"cache {name} is unfinished ({cc.get('todo')} to do); re-run `medxray data prepare`")
+    problems += _cache_problems(report.get("caches") or {})
     report["problems"] = problems
     return report
