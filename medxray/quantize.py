@@ -101,6 +101,13 @@ def accuracy_gate(
     elif drop > GATE_AUROC:
         worst = max(a_ref, key=lambda n: abs(a_ref[n] - a_q[n]))
         why.append(f"AUROC of {worst} moved by {drop:.4f} (> {GATE_AUROC})")
+        n_pos = int(np.asarray(y_val[:, label_names.index(worst)]).sum())
+        step = 1.0 / (n_pos * (len(y_val) - n_pos))  # one swapped positive/negative pair
+        if 3 * step > GATE_AUROC:  # the tolerance is fewer than 3 swapped pairs: the split cannot resolve it
+            why[-1] += (
+                f" [{n_pos} positives among {len(y_val)} images: one swapped pair moves this AUROC by {step:.4f};"
+                " a larger validation split resolves the gate]"
+            )
     if ptail > GATE_PROB:
         why.append(
             f"more than {1 - GATE_PROB_QUANTILE:.0%} of the check set's probabilities differ from fp32 by more "

@@ -197,3 +197,25 @@ def test_probability_criterion_is_a_tail_quantile_with_a_cap():
     outlier[0, 0] += 0.06
     bad = accuracy_gate(["a", "b"], val, val, y, ref, outlier)
     assert not bad.passed and bad.reason == "probabilities differ by up to 0.0600 on the check set (> 0.05)"
+
+
+def test_auroc_failure_on_a_small_split_says_the_split_is_too_small():
+    """One swapped positive/negative pair moves AUROC by 1 / (positives x negatives): on 7 positives
+    among 90 images (0.0017) three swaps exceed 0.005, and the reason says so; on 400 it does not."""
+    from medxray.quantize import accuracy_gate
+
+    def gate(n: int, n_pos: int, swaps: int):
+        y = np.zeros((n, 1), np.int64)
+        y[:n_pos] = 1
+        ref = np.linspace(0.9, 0.1, n)[:, None]  # every positive above every negative
+        q = ref.copy()
+        for k in range(swaps):  # swap the lowest positives with the highest negatives
+            q[n_pos - 1 - k, 0], q[n_pos + k, 0] = q[n_pos + k, 0], q[n_pos - 1 - k, 0]
+        return accuracy_gate(["a"], ref, q, y, ref[:10], ref[:10])
+
+    small = gate(90, 7, 2)  # 2 positives each below 2 negatives: 4 of 581 pairs
+    assert not small.passed and "7 positives among 90 images" in small.reason and "0.0017" in small.reason
+    big = gate(400, 60, 4)  # 16 of 20,400 pairs: 0.0008, within the gate
+    assert big.passed, big.reason
+    big_fail = gate(400, 60, 12)  # 144 pairs: 0.0071
+    assert not big_fail.passed and "positives among" not in big_fail.reason
