@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -468,6 +469,147 @@ def _init_render(seed: int, size: int) -> None:
     _render_state.update(seed=seed, size=size)
 
 
+_PHANTOM_README_TEXT = (
+    "SYNTHETIC PHANTOM DATA - NOT REAL RADIOGRAPHS\n\n"
+    "Written by `medxray data synth` (medxray.data.synthetic). The file names, patients, views and labels are\n"
+    "real rows of the NIH ChestX-ray14 manifest (Wang et al., CVPR 2017); the images are drawings: a chest-like\n"
+    "background plus one artificial pattern per positive finding, whose box is in BBox_List_2017.csv.\n"
+    "Use it for demos and tests only. Nothing measured on it says anything about real radiographs.\n"
+)
+
+
+@dataclass(frozen=True)
+class PhantomPlan:
+    """Which manifest rows a phantom root holds and where each image goes."""
+
+    table: Any  # medxray.data.chestxray14 label table (the shipped label file)
+    tv_rows: list[int]  # train_val rows of ``table``
+    test_rows: list[int]  # test rows of ``table``
+    rows: list[int]  # all rows, sorted by image name
+    tasks: list[tuple[int, str, str, tuple[str, ...]]]  # (index, folder, image name, positive findings)
+
+    def counts(self, n_boxes: int) -> dict[str, Any]:
+        """The phantom marker's ``counts``: images, split sizes, patients, boxes, positives per finding."""
+        table, rows = self.table, self.rows
+        return {
+            "images": len(rows),
+            "train_val": len(self.tv_rows),
+            "test": len(self.test_rows),
+            "patients": len({table.patients[i] for i in rows}),
+            "boxes": n_boxes,
+            "positives": {f: int(table.labels[rows, c].sum()) for c, f in enumerate(CHESTXRAY14_FINDINGS)},
+        }
+
+
+def _check_synth_args(n_images: int, layout: str, image_size: int) -> None:
+    """:class:`ConfigError` for fewer than 2 images, an unknown layout or images under 64 pixels."""
+    if n_images < 2:
+        raise ConfigError(f"--images must be at least 2, got {n_images}")
+    if layout not in ("flat", "nested"):
+        raise ConfigError(f"layout must be 'flat' or 'nested', got {layout!r}")
+    if int(image_size) < 64:
+        raise ConfigError(f"image_size must be at least 64, got {image_size}")
+
+
+def _reuse_or_clear(out: Path, params: dict[str, Any], overwrite: bool) -> bool:
+    """True when ``out`` already holds the phantom ``params`` describe (nothing to do). A phantom
+    with other parameters is cleared (images and caches) with ``overwrite``, else refused; any
+    other non-empty path is refused (:class:`DataError`), so nothing of the user's is touched."""
+    marker = out / PHANTOM_MARKER
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except ValueError:
+            old = {}
+        if all(old.get(k) == v for k, v in params.items()):
+            log.warning("phantom data root %s already exists (SYNTHETIC images, not real radiographs); reusing it", out)
+            return True
+        if not overwrite:
+            raise DataError(
+                f"{out} already holds a phantom data root with other parameters ({old.get('n_images')} "
+                f"images, seed {old.get('seed')}); pass --overwrite to replace it, or choose a new --out"
+            )
+        # an older phantom with other parameters: clear its images and any cache built from them
+        for d in [out / "images", out / "medxray_cache", *out.glob("images_[0-9][0-9][0-9]")]:
+            if d.is_dir():
+                shutil.rmtree(d)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not an empty folder or a phantom data root; choose a new --out folder")
+    return False
+
+
+def plan_phantom(out: Path, n_images: int, seed: int, layout: str, test_fraction: float) -> PhantomPlan:
+    """Choose the rows (:func:`select_rows`) and give each image its folder: ``images/`` (flat) or
+    about 12 ``images_NNN/images/`` folders as NIH/Kaggle split the archive (nested)."""
+    from medxray.data.chestxray14 import read_label_file, resolve_files
+
+    tv_rows, test_rows = select_rows(n_images, seed, test_fraction=test_fraction)
+    table = read_label_file(resolve_files(None)["labels"])
+    rows = sorted(tv_rows + test_rows, key=lambda i: table.names[i])
+    if layout == "flat":
+        folders = [out / "images"] * len(rows)
+    else:  # about 12 archive folders as NIH/Kaggle split them
+        per = max(1, math.ceil(len(rows) / 12))
+        folders = [out / f"images_{k // per + 1:03d}" / "images" for k in range(len(rows))]
+    tasks = []
+    for k, (i, folder) in enumerate(zip(rows, folders)):
+        findings = tuple(f for f, v in zip(CHESTXRAY14_FINDINGS, table.labels[i]) if v)
+        tasks.append((k, str(folder), table.names[i], findings))
+    return PhantomPlan(table=table, tv_rows=tv_rows, test_rows=test_rows, rows=rows, tasks=tasks)
+
+
+def _render_all(
+    tasks: list[tuple[int, str, str, tuple[str, ...]]], seed: int, image_size: int, workers: int | None, progress: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """Draw and write every image (in chunks of 16, in this process or a forked pool); returns
+    each image's boxes by name."""
+    from tqdm.auto import tqdm
+
+    chunks = [tasks[j : j + 16] for j in range(0, len(tasks), 16)]
+    workers = max(1, min(len(chunks), int(workers if workers is not None else min(os.cpu_count() or 1, 8))))
+    boxes: dict[str, list[dict[str, Any]]] = {}
+    bar = tqdm(total=len(tasks), desc="phantom images (synthetic)", unit="img", disable=not progress)
+    try:
+        if workers == 1:
+            _init_render(int(seed), int(image_size))
+            for res in map(_render_chunk, chunks):
+                boxes.update(res)
+                bar.update(len(res))
+            _render_state.clear()
+        else:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            with ctx.Pool(workers, initializer=_init_render, initargs=(int(seed), int(image_size))) as pool:
+                for res in pool.imap_unordered(_render_chunk, chunks):
+                    boxes.update(res)
+                    bar.update(len(res))
+    finally:
+        bar.close()
+    return boxes
+
+
+def _write_lists(out: Path, plan: PhantomPlan, boxes: dict[str, list[dict[str, Any]]]) -> int:
+    """Write the root's label file (the chosen rows of the shipped one), the two official split
+    lists, ``BBox_List_2017.csv`` in NIH's format and the README; returns the number of boxes."""
+    table = plan.table
+
+    def by_name(rows: list[int]) -> list[int]:
+        return sorted(rows, key=lambda i: table.names[i])
+
+    label_name = Path(table.path).name.removesuffix(".gz")
+    (out / label_name).write_text(table.header + "\n" + "".join(table.lines[i] + "\n" for i in plan.rows))
+    (out / "train_val_list.txt").write_text("".join(table.names[i] + "\n" for i in by_name(plan.tv_rows)))
+    (out / "test_list.txt").write_text("".join(table.names[i] + "\n" for i in by_name(plan.test_rows)))
+    lines = [BOX_HEADER]
+    for name in (table.names[i] for i in plan.rows):
+        for b in boxes[name]:
+            lines.append(
+                f"{name},{BOX_NAME.get(b['finding'], b['finding'])},{b['x']:.1f},{b['y']:.1f},{b['w']:.1f},{b['h']:.1f}"
+            )
+    (out / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
+    (out / PHANTOM_README).write_text(_PHANTOM_README_TEXT)
+    return len(lines) - 1
+
+
 def synthesize(
     out_dir: str | os.PathLike,
     n_images: int = 1000,
@@ -488,17 +630,8 @@ def synthesize(
     that is not a phantom root is refused, so that nothing of the user's is overwritten; a phantom
     root with other parameters is replaced only with ``overwrite`` (else :class:`DataError`).
     """
-    from tqdm.auto import tqdm
-
-    from medxray.data.chestxray14 import read_label_file, resolve_files
-
     n_images = int(n_images)
-    if n_images < 2:
-        raise ConfigError(f"--images must be at least 2, got {n_images}")
-    if layout not in ("flat", "nested"):
-        raise ConfigError(f"layout must be 'flat' or 'nested', got {layout!r}")
-    if int(image_size) < 64:
-        raise ConfigError(f"image_size must be at least 64, got {image_size}")
+    _check_synth_args(n_images, layout, image_size)
     out = Path(out_dir).expanduser()
     params = {
         "synthetic": True,
@@ -510,26 +643,8 @@ def synthesize(
         "layout": layout,
         "test_fraction": test_fraction,
     }
-    marker = out / PHANTOM_MARKER
-    if marker.is_file():
-        try:
-            old = json.loads(marker.read_text())
-        except ValueError:
-            old = {}
-        if all(old.get(k) == v for k, v in params.items()):
-            log.warning("phantom data root %s already exists (SYNTHETIC images, not real radiographs); reusing it", out)
-            return out
-        if not overwrite:
-            raise DataError(
-                f"{out} already holds a phantom data root with other parameters ({old.get('n_images')} "
-                f"images, seed {old.get('seed')}); pass --overwrite to replace it, or choose a new --out"
-            )
-        # an older phantom with other parameters: clear its images and any cache built from them
-        for d in [out / "images", out / "medxray_cache", *out.glob("images_[0-9][0-9][0-9]")]:
-            if d.is_dir():
-                shutil.rmtree(d)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not an empty folder or a phantom data root; choose a new --out folder")
+    if _reuse_or_clear(out, params, overwrite):
+        return out
     log.warning(
         "writing %d SYNTHETIC phantom images to %s: real ChestX-ray14 manifest rows drawn as artificial "
         "patterns, NOT real radiographs (for demos and tests only)",
@@ -537,81 +652,23 @@ def synthesize(
         out,
     )
     t0 = time.perf_counter()
-    tv_rows, test_rows = select_rows(n_images, seed, test_fraction=test_fraction)
-    table = read_label_file(resolve_files(None)["labels"])
-    rows = sorted(tv_rows + test_rows, key=lambda i: table.names[i])
+    plan = plan_phantom(out, n_images, seed, layout, test_fraction)
     out.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    if layout == "flat":
-        folders = [out / "images"] * len(rows)
-    else:  # about 12 archive folders as NIH/Kaggle split them
-        per = max(1, math.ceil(len(rows) / 12))
-        folders = [out / f"images_{k // per + 1:03d}" / "images" for k in range(len(rows))]
-    for f in set(folders):
+    (out / PHANTOM_MARKER).unlink(missing_ok=True)
+    for f in {Path(t[1]) for t in plan.tasks}:
         f.mkdir(parents=True, exist_ok=True)
-    tasks = []
-    for k, (i, folder) in enumerate(zip(rows, folders)):
-        findings = tuple(f for f, v in zip(CHESTXRAY14_FINDINGS, table.labels[i]) if v)
-        tasks.append((k, str(folder), table.names[i], findings))
-    chunks = [tasks[j : j + 16] for j in range(0, len(tasks), 16)]
-    workers = max(1, min(len(chunks), int(workers if workers is not None else min(os.cpu_count() or 1, 8))))
-    boxes: dict[str, list[dict[str, Any]]] = {}
-    bar = tqdm(total=len(rows), desc="phantom images (synthetic)", unit="img", disable=not progress)
-    try:
-        if workers == 1:
-            _init_render(int(seed), int(image_size))
-            for res in map(_render_chunk, chunks):
-                boxes.update(res)
-                bar.update(len(res))
-            _render_state.clear()
-        else:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            with ctx.Pool(workers, initializer=_init_render, initargs=(int(seed), int(image_size))) as pool:
-                for res in pool.imap_unordered(_render_chunk, chunks):
-                    boxes.update(res)
-                    bar.update(len(res))
-    finally:
-        bar.close()
-    names = [table.names[i] for i in rows]
-    label_name = Path(table.path).name.removesuffix(".gz")
-    (out / label_name).write_text(table.header + "\n" + "".join(table.lines[i] + "\n" for i in rows))
-    (out / "train_val_list.txt").write_text(
-        "".join(table.names[i] + "\n" for i in sorted(tv_rows, key=lambda i: table.names[i]))
-    )
-    (out / "test_list.txt").write_text(
-        "".join(table.names[i] + "\n" for i in sorted(test_rows, key=lambda i: table.names[i]))
-    )
-    lines = [BOX_HEADER]
-    for name in names:
-        for b in boxes[name]:
-            lines.append(
-                f"{name},{BOX_NAME.get(b['finding'], b['finding'])},{b['x']:.1f},{b['y']:.1f},{b['w']:.1f},{b['h']:.1f}"
-            )
-    (out / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
-    (out / PHANTOM_README).write_text(
-        "SYNTHETIC PHANTOM DATA - NOT REAL RADIOGRAPHS\n\n"
-        "Written by `medxray data synth` (medxray.data.synthetic). The file names, patients, views and labels are\n"
-        "real rows of the NIH ChestX-ray14 manifest (Wang et al., CVPR 2017); the images are drawings: a chest-like\n"
-        "background plus one artificial pattern per positive finding, whose box is in BBox_List_2017.csv.\n"
-        "Use it for demos and tests only. Nothing measured on it says anything about real radiographs.\n"
-    )
-    counts = {
-        "images": len(rows),
-        "train_val": len(tv_rows),
-        "test": len(test_rows),
-        "patients": len({table.patients[i] for i in rows}),
-        "boxes": len(lines) - 1,
-        "positives": {f: int(table.labels[rows, c].sum()) for c, f in enumerate(CHESTXRAY14_FINDINGS)},
-    }
-    marker.write_text(
+    boxes = _render_all(plan.tasks, seed, image_size, workers, progress)
+    n_boxes = _write_lists(out, plan, boxes)
+    counts = plan.counts(n_boxes)
+    (out / PHANTOM_MARKER).write_text(
         json.dumps({**params, "counts": counts, "note": "SYNTHETIC phantom images, not real radiographs"}, indent=1)
     )
     log.warning(
         "phantom data root ready: %s (%d SYNTHETIC images, %d train_val / %d test, %.1f s)",
         out,
-        len(rows),
-        len(tv_rows),
-        len(test_rows),
+        len(plan.rows),
+        len(plan.tv_rows),
+        len(plan.test_rows),
         time.perf_counter() - t0,
     )
     return out
