@@ -84,6 +84,7 @@ class ScoringEngine:
         )
         self.decode_fn = cfg.decode_fn or decode_job
         self.written = 0
+        self.batches = 0  # batches inferred
         self.outputs_failed = 0  # scored files whose CAM overlays / SR could not be written
         self.max_buffer = max(2 * self.bs, self.bs + 4 * workers)
         self.pool: ProcessPoolExecutor | None = None
@@ -170,9 +171,12 @@ class ScoringEngine:
                     self.quarantine = False
             if not self.quarantine:
                 self._top_up()
-            if self.ready and (len(self.ready) >= self.bs or not self._more_decodes_coming()):
+            # the first batch goes as soon as anything is decoded (the first row is not kept
+            # waiting for a full batch); later ones wait for a full batch while decodes are coming
+            if self.ready and (len(self.ready) >= self.bs or not self.batches or not self._more_decodes_coming()):
                 batch, self.ready = self.ready[: self.bs], self.ready[self.bs :]
                 self._infer(batch)
+                self.batches += 1
                 continue
             if not self.inflight:
                 if self.queue or self.suspects or self.ready:
@@ -316,9 +320,8 @@ class ScoringEngine:
         names = self.p.label_names
         # maps (THE map definition, medxray.cam.compute_maps): only for the images that need one,
         # each only for its own classes (one forward pass, batched backward passes)
-        cams = None
-        if self.cfg.cams != "none":
-            cams = self._maps(x, positives, names)
+        per_image = [self._classes_for(pos, names) if self.cfg.cams != "none" else [] for pos in positives]
+        cams = self._maps(x, per_image) if any(per_image) else None
         for i, (it, d) in enumerate(zip(batch, decoded)):
             assert d is not None
             meta = d.meta
@@ -344,9 +347,7 @@ class ScoringEngine:
             for j, n in enumerate(names):
                 row[f"p_{n}"] = f"{float(probs[i, j]):.4f}"
             it.row = row
-            classes: list[int] = []
-            if cams is not None:
-                classes = self._classes_for(positives[i], names)
+            classes = per_image[i]
             sr = None
             if self.cfg.sr:
                 keys = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "modality")
@@ -381,15 +382,11 @@ class ScoringEngine:
         """The class indices image's maps are drawn for: every class (``--cams all``) or its positives."""
         return list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives]
 
-    def _maps(
-        self, x: torch.Tensor, positives: list[list[str]], names: list[str]
-    ) -> tuple[np.ndarray, dict[int, int], dict[int, int]] | None:
-        """Maps (M, K, S, S) for the M images of the batch that need one, only for the (image,
-        class) pairs they need; with the column of each class and the row of each image."""
-        per_image = [self._classes_for(pos, names) for pos in positives]
+    def _maps(self, x: torch.Tensor, per_image: list[list[int]]) -> tuple[np.ndarray, dict[int, int], dict[int, int]]:
+        """Maps (M, K, S, S) for the M images of the batch that need one (``per_image``: each
+        image's class indices, at least one non-empty), only for the (image, class) pairs they
+        need; with the column of each class and the row of each image."""
         rows = [i for i, c in enumerate(per_image) if c]
-        if not rows:
-            return None
         wanted = sorted({c for i in rows for c in per_image[i]})
         col = {c: k for k, c in enumerate(wanted)}
         mask = np.zeros((len(rows), len(wanted)), dtype=bool)
