@@ -37,7 +37,8 @@ $(STAMP): pyproject.toml
 # Lint (ruff: pycodestyle, pyflakes, bugbear, import order), format check, and mypy on the typed core
 # (the model, the DICOM reader and writers, maps, inference, the checkpoint metadata, the input contract, the CLI).
 TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/backends medxray/checkpoint.py \
-         medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/cli
+         medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/cli \
+         medxray/scoring/messages.py medxray/scoring/mapstreams.py medxray/evaluation/stages.py
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
