@@ -25,13 +25,14 @@ import numpy as np
 from medxray.data.core import (
     DatasetSplits,
     Records,
-    XrayDataset,
     assert_patient_disjoint,
     check_view,
-    drop_missing,
+    csv_rows,
+    drop_missing_splits,
     filter_view,
     limit_per_patient,
     patient_val_split,
+    split_datasets,
     split_hash,
     split_summary,
 )
@@ -97,9 +98,52 @@ def read_label_file(path: str | os.PathLike) -> LabelTable:
     return _read_label_file_cached(str(p), st.st_size, st.st_mtime_ns)
 
 
+_LABEL_COLUMNS = {"name": "Image Index", "labels": "Finding Labels", "patient": "Patient ID", "view": "View Position"}
+_FINDING_INDEX = {f: i for i, f in enumerate(CHESTXRAY14_FINDINGS)}
+
+
+def _label_columns(path: str, header_row: list[str] | None) -> dict[str, int]:
+    """Column index of each of :data:`_LABEL_COLUMNS` in the label file's header;
+    :class:`DataError` for an empty file or a missing column."""
+    if not header_row:
+        raise DataError(f"label file {path} is empty; expected the ChestX-ray14 Data_Entry_2017 CSV")
+    cols = [c.strip() for c in header_row]
+    missing = [v for v in _LABEL_COLUMNS.values() if v not in cols]
+    if missing:
+        raise DataError(
+            f"label file {path} lacks the column(s) {', '.join(missing)} (found: {', '.join(cols[:8])}); "
+            f"expected NIH's Data_Entry_2017_v2020.csv"
+        )
+    return {k: cols.index(v) for k, v in _LABEL_COLUMNS.items()}
+
+
+def _label_row(row: list[str], ix: dict[str, int], seen: set[str]) -> tuple[str | None, list[str]]:
+    """(why the row is malformed or None, its findings from the "|"-separated Finding Labels).
+    Malformed: too few fields, no image file name, no patient, no or unknown findings, "No
+    Finding" with findings, an image already seen."""
+    width = max(ix.values()) + 1
+    if len(row) < width:
+        return f"{len(row)} fields, expected at least {width}", []
+    name = row[ix["name"]].strip()
+    found = [t.strip() for t in row[ix["labels"]].strip().split("|") if t.strip()]
+    unknown = [t for t in found if t != NO_FINDING and t not in _FINDING_INDEX]
+    if not name or not name.lower().endswith(IMAGE_SUFFIXES):
+        return "no image file name", found
+    if not row[ix["patient"]].strip():
+        return "no patient id", found
+    if not found:
+        return "empty Finding Labels", found
+    if unknown:
+        return f"unknown finding {unknown[0]!r}", found
+    if NO_FINDING in found and len(found) > 1:
+        return "'No Finding' together with findings", found
+    if name in seen:
+        return f"duplicate image {name}", found
+    return None, found
+
+
 @functools.lru_cache(maxsize=4)
 def _read_label_file_cached(path: str, size: int, mtime_ns: int) -> LabelTable:
-    finding_index = {f: i for i, f in enumerate(CHESTXRAY14_FINDINGS)}
     names: list[str] = []
     patients: list[str] = []
     views: list[str] = []
@@ -107,61 +151,25 @@ def _read_label_file_cached(path: str, size: int, mtime_ns: int) -> LabelTable:
     rows_labels: list[list[int]] = []
     bad: list[str] = []
     seen: set[str] = set()
-    try:
-        with open_text(path) as fh:
-            reader = csv.reader(fh)
-            header_row = next(reader, None)
-            if not header_row:
-                raise DataError(f"label file {path} is empty; expected the ChestX-ray14 Data_Entry_2017 CSV")
-            cols = [c.strip() for c in header_row]
-            need = {"name": "Image Index", "labels": "Finding Labels", "patient": "Patient ID", "view": "View Position"}
-            missing = [v for v in need.values() if v not in cols]
-            if missing:
-                raise DataError(
-                    f"label file {path} lacks the column(s) {', '.join(missing)} (found: {', '.join(cols[:8])}); "
-                    f"expected NIH's Data_Entry_2017_v2020.csv"
-                )
-            ix = {k: cols.index(v) for k, v in need.items()}
-            width = max(ix.values()) + 1
-            for lineno, row in enumerate(reader, start=2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                reason = None
-                if len(row) < width:
-                    reason = f"{len(row)} fields, expected at least {width}"
-                else:
-                    name = row[ix["name"]].strip()
-                    patient = row[ix["patient"]].strip()
-                    text = row[ix["labels"]].strip()
-                    found = [t.strip() for t in text.split("|") if t.strip()]
-                    unknown = [t for t in found if t != NO_FINDING and t not in finding_index]
-                    if not name or not name.lower().endswith(IMAGE_SUFFIXES):
-                        reason = "no image file name"
-                    elif not patient:
-                        reason = "no patient id"
-                    elif not found:
-                        reason = "empty Finding Labels"
-                    elif unknown:
-                        reason = f"unknown finding {unknown[0]!r}"
-                    elif NO_FINDING in found and len(found) > 1:
-                        reason = "'No Finding' together with findings"
-                    elif name in seen:
-                        reason = f"duplicate image {name}"
-                if reason is not None:
-                    bad.append(f"line {lineno}: {reason}")
-                    continue
-                seen.add(name)
-                vec = [0] * len(CHESTXRAY14_FINDINGS)
-                for t in found:
-                    if t != NO_FINDING:
-                        vec[finding_index[t]] = 1
-                names.append(name)
-                patients.append(patient)
-                views.append(row[ix["view"]].strip().upper())
-                lines.append(",".join(row))
-                rows_labels.append(vec)
-    except (UnicodeDecodeError, csv.Error, OSError, EOFError) as exc:
-        raise DataError(f"label file {path} is not a readable CSV ({exc}); re-download it") from None
+    unreadable = "label file {path} is not a readable CSV ({exc}); re-download it"
+    with csv_rows(path, unreadable) as (header_row, rows):
+        ix = _label_columns(path, header_row)
+        for lineno, row in rows:
+            reason, found = _label_row(row, ix, seen)
+            if reason is not None:
+                bad.append(f"line {lineno}: {reason}")
+                continue
+            name = row[ix["name"]].strip()
+            seen.add(name)
+            vec = [0] * len(CHESTXRAY14_FINDINGS)
+            for t in found:
+                if t != NO_FINDING:
+                    vec[_FINDING_INDEX[t]] = 1
+            names.append(name)
+            patients.append(row[ix["patient"]].strip())
+            views.append(row[ix["view"]].strip().upper())
+            lines.append(",".join(row))
+            rows_labels.append(vec)
     if not names:
         raise DataError(
             f"label file {path} has no usable rows ({len(bad)} malformed; first: "
@@ -172,7 +180,7 @@ def _read_label_file_cached(path: str, size: int, mtime_ns: int) -> LabelTable:
     return LabelTable(
         path=path,
         content_sha256=content_sha256(path),
-        header=",".join(header_row),
+        header=",".join(header_row or []),
         names=tuple(names),
         patients=tuple(patients),
         views=tuple(views),
@@ -352,6 +360,43 @@ def split_records(
     return parts, info
 
 
+def _is_phantom_with_warning(root: Path) -> bool:
+    """Whether ``root`` is a phantom root (:func:`is_phantom_root`); warns when it is."""
+    synthetic = is_phantom_root(root)
+    if synthetic:
+        log.warning(
+            "data root %s holds SYNTHETIC phantom images (medxray data synth), not real radiographs; "
+            "results on it say nothing about clinical performance",
+            root,
+        )
+    return synthetic
+
+
+def _image_sources(
+    root: Path, image_size: int, label_sha256: str, use_cache: bool, cache_dir: str | os.PathLike | None
+) -> tuple[dict[str, str], Any | None]:
+    """The image files under ``root`` by name (:func:`scan_images`) and the finished cache that
+    fits (None when ``use_cache`` is off or none fits); :class:`DataError` when there is neither."""
+    from medxray.data.cache import find_cache
+
+    on_disk = scan_images(root)
+    cache = find_cache(root, "chestxray14", image_size, label_sha256, cache_dir=cache_dir) if use_cache else None
+    if not on_disk and cache is None:
+        raise DataError(
+            f"no images found under {root} (looked in images/, images_*/images/ and the root itself); "
+            f"download them as data_manifests/chestxray14/README.md says, or generate phantom data "
+            f"with `medxray data synth --out DIR`"
+        )
+    return on_disk, cache
+
+
+def _boxes_of(parts: dict[str, Records], box_file: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    """The boxes of ``box_file`` (:func:`read_box_file`) of the images kept in ``parts``."""
+    all_boxes, _ = read_box_file(box_file)
+    used = {n for rec in parts.values() for n in rec.names}
+    return {n: b for n, b in all_boxes.items() if n in used}
+
+
 def build(
     data_root: str | os.PathLike,
     *,
@@ -369,58 +414,26 @@ def build(
     on_bad_image: str = "mask",
 ) -> DatasetSplits:
     """ChestX-ray14 datasets for training (see :func:`medxray.data.build_datasets`)."""
-    from medxray.data.cache import find_cache
-
     root = check_root(data_root)
-    synthetic = is_phantom_root(root)
-    if synthetic:
-        log.warning(
-            "data root %s holds SYNTHETIC phantom images (medxray data synth), not real radiographs; "
-            "results on it say nothing about clinical performance",
-            root,
-        )
+    synthetic = _is_phantom_with_warning(root)
     parts, info = split_records(
         root, val_fraction=val_fraction, split_seed=split_seed, view=view, max_per_patient=max_per_patient
     )
-    on_disk = scan_images(root)
-    cache = (
-        find_cache(root, "chestxray14", image_size, info["label_sha256"], cache_dir=cache_dir) if use_cache else None
-    )
-    if not on_disk and cache is None:
-        raise DataError(
-            f"no images found under {root} (looked in images/, images_*/images/ and the root itself); "
-            f"download them as data_manifests/chestxray14/README.md says, or generate phantom data "
-            f"with `medxray data synth --out DIR`"
-        )
-    missing: dict[str, int] = {}
-    datasets: dict[str, XrayDataset | None] = {}
-    for split, rec in parts.items():
+    on_disk, cache = _image_sources(root, image_size, info["label_sha256"], use_cache, cache_dir)
+    for rec in parts.values():
         rec.paths = [on_disk.get(n, "") for n in rec.names]
-        rows = cache.rows_for(rec.names) if cache is not None else None
-        rec, missing[split] = drop_missing(
-            rec,
-            allow_missing=allow_missing,
-            root=root,
-            available=lambda i, rec=rec, rows=rows: bool(rec.paths[i]) or (rows is not None and rows[i] >= 0),
-            what=f"{split} images",
-        )
-        parts[split] = rec
-    for split, rec in parts.items():
-        datasets[split] = XrayDataset(
-            rec,
-            CHESTXRAY14_FINDINGS,
-            image_size,
-            augment=augment and split == "train",
-            aug_options=aug_options,
-            aug_seed=split_seed if aug_seed is None else aug_seed,
-            on_bad_image=on_bad_image,
-            split=split,
-            cache=cache,
-            cache_rows=cache.rows_for(rec.names) if cache is not None else None,
-        )
-    all_boxes, _ = read_box_file(info["files"]["boxes"])
-    used = {n for rec in parts.values() for n in rec.names}
-    boxes = {n: b for n, b in all_boxes.items() if n in used}
+    parts, missing = drop_missing_splits(parts, root=root, cache=cache, allow_missing=allow_missing)
+    datasets = split_datasets(
+        parts,
+        CHESTXRAY14_FINDINGS,
+        image_size,
+        cache=cache,
+        augment=augment,
+        aug_options=aug_options,
+        aug_seed=split_seed if aug_seed is None else aug_seed,
+        on_bad_image=on_bad_image,
+    )
+    boxes = _boxes_of(parts, info["files"]["boxes"])
     summary = {
         "dataset": "chestxray14",
         "data_root": str(root),

@@ -9,18 +9,21 @@ training iterates.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from medxray.data.imageio import read_image
+from medxray.data.manifest import open_text
 from medxray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,24 @@ class Records:
             mask=self.mask[idx],
             orig_sizes=None if self.orig_sizes is None else self.orig_sizes[idx],
         )
+
+
+@contextlib.contextmanager
+def csv_rows(
+    path: str | os.PathLike, unreadable: str
+) -> Iterator[tuple[list[str] | None, Iterator[tuple[int, list[str]]]]]:
+    """Open a label CSV (plain or gzip, :func:`medxray.data.manifest.open_text`) for reading:
+    yields (the header row or None for an empty file, the other non-blank rows as (1-based line
+    number, fields)). Undecodable text, a CSV syntax error or an I/O error anywhere inside the
+    ``with`` block becomes one :class:`DataError` with the message ``unreadable`` formatted with
+    ``path`` and ``exc``."""
+    try:
+        with open_text(path) as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            yield header, ((n, row) for n, row in enumerate(reader, start=2) if row and any(c.strip() for c in row))
+    except (UnicodeDecodeError, csv.Error, OSError, EOFError) as exc:
+        raise DataError(unreadable.format(path=path, exc=exc)) from None
 
 
 def check_view(view: str) -> str:
@@ -370,6 +391,129 @@ def _has_dicom_marker(path: str) -> bool:
         return False
 
 
+def drop_missing_splits(
+    parts: dict[str, Records], *, root: Path, cache: Any | None, allow_missing: bool
+) -> tuple[dict[str, Records], dict[str, int]]:
+    """:func:`drop_missing` on every split: a record is available when its path (already resolved,
+    "" = not on disk) is set or ``cache`` (a :class:`medxray.data.cache.PixelCache`) holds its row.
+    Returns (the kept records by split, the records dropped by split); raises as
+    :func:`drop_missing` does unless ``allow_missing``."""
+    kept: dict[str, Records] = {}
+    missing: dict[str, int] = {}
+    for split, rec in parts.items():
+        rows = cache.rows_for(rec.names) if cache is not None else None
+        kept[split], missing[split] = drop_missing(
+            rec,
+            allow_missing=allow_missing,
+            root=root,
+            available=lambda i, rec=rec, rows=rows: bool(rec.paths[i]) or (rows is not None and rows[i] >= 0),
+            what=f"{split} images",
+        )
+    return kept, missing
+
+
+def split_datasets(
+    parts: dict[str, Records],
+    label_names: Sequence[str],
+    image_size: int,
+    *,
+    cache: Any | None,
+    augment: bool,
+    aug_options: dict[str, Any] | None,
+    aug_seed: int,
+    on_bad_image: str,
+) -> dict[str, XrayDataset]:
+    """One :class:`XrayDataset` per split, reading ``cache`` where it holds a row; only the train
+    split is augmented (when ``augment``)."""
+    return {
+        split: XrayDataset(
+            rec,
+            label_names,
+            image_size,
+            augment=augment and split == "train",
+            aug_options=aug_options,
+            aug_seed=aug_seed,
+            on_bad_image=on_bad_image,
+            split=split,
+            cache=cache,
+            cache_rows=cache.rows_for(rec.names) if cache is not None else None,
+        )
+        for split, rec in parts.items()
+    }
+
+
+def _given_parts(
+    dataset: str, root: Path, pool: Records, given: Sequence[str] | None, val_fraction: float, split_seed: int
+) -> dict[str, Records]:
+    """The pool cut by its given split names; without val rows, val is a seeded patient-disjoint
+    share of train (:func:`patient_val_split`). :class:`DataError` for no train rows or a patient
+    in two splits."""
+    if given is None:
+        given = ["train"] * len(pool)
+    given_arr = np.asarray(given, dtype=object)
+    parts: dict[str, Records] = {s: pool.subset(np.flatnonzero(given_arr == s)) for s in ("train", "val", "test")}
+    if len(parts["train"]) == 0:
+        raise DataError(f"{dataset}: no training rows under {root}; check the label file and its split column")
+    if len(parts["val"]) == 0:
+        tr = parts["train"]
+        is_val = patient_val_split(tr.patients, tr.labels, tr.mask, val_fraction, split_seed)
+        parts["train"], parts["val"] = tr.subset(np.flatnonzero(~is_val)), tr.subset(np.flatnonzero(is_val))
+    assert_patient_disjoint({k: v for k, v in parts.items() if len(v)})
+    return parts
+
+
+def _assemble(
+    dataset: str,
+    root: Path,
+    label_names: Sequence[str],
+    label_identity: str,
+    parts: dict[str, Records],
+    datasets: dict[str, XrayDataset],
+    missing: dict[str, int],
+    cache: Any | None,
+    *,
+    image_size: int,
+    val_fraction: float,
+    split_seed: int,
+    view: str,
+    max_per_patient: int | None,
+    extra_summary: dict[str, Any] | None,
+) -> DatasetSplits:
+    """The :class:`DatasetSplits` of a pool split by :func:`make_splits`. Its summary holds counts,
+    patients, prevalence and unknown labels per split, the settings, missing files dropped and the
+    cache used, then ``extra_summary``; its manifest hash (:func:`split_hash`) covers the label
+    identity, the split members, view, max_per_patient and ``extra_summary["options"]``."""
+    summary = {
+        "dataset": dataset,
+        "data_root": str(root),
+        "synthetic": False,
+        "image_size": int(image_size),
+        "label_names": list(label_names),
+        **split_summary(dict(parts), label_names),
+        "unknown_labels": {s: int((r.mask < 0.5).sum()) for s, r in parts.items()},
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "view": view,
+        "max_per_patient": max_per_patient,
+        "missing_dropped": sum(missing.values()),
+        "missing_dropped_by_split": missing,
+        "cache": None if cache is None else str(cache.path),
+        "label_sha256": label_identity,
+        **(extra_summary or {}),
+    }
+    options = sorted((extra_summary or {}).get("options", {}).items())
+    extra = f"{dataset} view={view} max_per_patient={max_per_patient} {options}"
+    return DatasetSplits(
+        train=datasets["train"],
+        val=datasets["val"],
+        test=datasets.get("test"),
+        label_names=list(label_names),
+        manifest_hash=split_hash(label_identity, parts, extra),
+        summary=summary,
+        boxes={},
+    )
+
+
 def make_splits(
     dataset: str,
     root: Path,
@@ -401,17 +545,7 @@ def make_splits(
     from medxray.data.cache import find_cache
 
     view = check_view(view)
-    if given is None:
-        given = ["train"] * len(pool)
-    given_arr = np.asarray(given, dtype=object)
-    parts: dict[str, Records] = {s: pool.subset(np.flatnonzero(given_arr == s)) for s in ("train", "val", "test")}
-    if len(parts["train"]) == 0:
-        raise DataError(f"{dataset}: no training rows under {root}; check the label file and its split column")
-    if len(parts["val"]) == 0:
-        tr = parts["train"]
-        is_val = patient_val_split(tr.patients, tr.labels, tr.mask, val_fraction, split_seed)
-        parts["train"], parts["val"] = tr.subset(np.flatnonzero(~is_val)), tr.subset(np.flatnonzero(is_val))
-    assert_patient_disjoint({k: v for k, v in parts.items() if len(v)})
+    parts = _given_parts(dataset, root, pool, given, val_fraction, split_seed)
     has_test = len(parts["test"]) > 0
     parts = {
         k: limit_per_patient(filter_view(r, view), max_per_patient, split_seed)
@@ -419,58 +553,32 @@ def make_splits(
         if k != "test" or has_test
     }
     cache = find_cache(root, dataset, image_size, label_identity, cache_dir=cache_dir) if use_cache else None
-    missing: dict[str, int] = {}
-    for split, rec in list(parts.items()):
-        rows = cache.rows_for(rec.names) if cache is not None else None
+    for rec in parts.values():
         rec.paths = [p if p and os.path.isfile(p) else "" for p in rec.paths]
-        parts[split], missing[split] = drop_missing(
-            rec,
-            allow_missing=allow_missing,
-            root=root,
-            available=lambda i, rec=rec, rows=rows: bool(rec.paths[i]) or (rows is not None and rows[i] >= 0),
-            what=f"{split} images",
-        )
-    datasets = {
-        split: XrayDataset(
-            rec,
-            label_names,
-            image_size,
-            augment=augment and split == "train",
-            aug_options=aug_options,
-            aug_seed=split_seed if aug_seed is None else aug_seed,
-            on_bad_image=on_bad_image,
-            split=split,
-            cache=cache,
-            cache_rows=cache.rows_for(rec.names) if cache is not None else None,
-        )
-        for split, rec in parts.items()
-    }
-    summary = {
-        "dataset": dataset,
-        "data_root": str(root),
-        "synthetic": False,
-        "image_size": int(image_size),
-        "label_names": list(label_names),
-        **split_summary(dict(parts), label_names),
-        "unknown_labels": {s: int((r.mask < 0.5).sum()) for s, r in parts.items()},
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "view": view,
-        "max_per_patient": max_per_patient,
-        "missing_dropped": sum(missing.values()),
-        "missing_dropped_by_split": missing,
-        "cache": None if cache is None else str(cache.path),
-        "label_sha256": label_identity,
-        **(extra_summary or {}),
-    }
-    options = sorted((extra_summary or {}).get("options", {}).items())
-    extra = f"{dataset} view={view} max_per_patient={max_per_patient} {options}"
-    return DatasetSplits(
-        train=datasets["train"],
-        val=datasets["val"],
-        test=datasets.get("test"),
-        label_names=list(label_names),
-        manifest_hash=split_hash(label_identity, parts, extra),
-        summary=summary,
-        boxes={},
+    parts, missing = drop_missing_splits(parts, root=root, cache=cache, allow_missing=allow_missing)
+    datasets = split_datasets(
+        parts,
+        label_names,
+        image_size,
+        cache=cache,
+        augment=augment,
+        aug_options=aug_options,
+        aug_seed=split_seed if aug_seed is None else aug_seed,
+        on_bad_image=on_bad_image,
+    )
+    return _assemble(
+        dataset,
+        root,
+        label_names,
+        label_identity,
+        parts,
+        datasets,
+        missing,
+        cache,
+        image_size=image_size,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        view=view,
+        max_per_patient=max_per_patient,
+        extra_summary=extra_summary,
     )
