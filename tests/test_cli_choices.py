@@ -153,14 +153,17 @@ def test_every_subcommands_help_lists_its_tables_without_torch_monai_or_streamli
 
 
 def test_each_table_is_read_from_its_torch_free_home_and_re_exported_unchanged():
-    from medxray import backends, cam, hardware, inference, mapmethods, precision
+    from medxray import backends, cam, hardware, inference, mapmethods, precision, scoreoptions
     from medxray.scoring import config as score_config
+    from medxray.scoring import gate
 
     assert cam.MAP_METHODS is mapmethods.MAP_METHODS and cam.MapMethod is mapmethods.MapMethod
     assert cam.DEFAULT_MAP_METHOD == mapmethods.DEFAULT_MAP_METHOD and cam.check_method is mapmethods.check_method
     assert inference.BACKENDS is backends.BACKENDS and inference.PRECISIONS is backends.PRECISIONS
     assert hardware.PRECISIONS is precision.PRECISIONS
-    assert score_config.CAM_METHODS == ("checkpoint", "gradcam", *mapmethods.MAP_METHODS)
+    assert score_config.CAM_METHODS is scoreoptions.CAM_METHODS and score_config.CAM_MODES is scoreoptions.CAM_MODES
+    assert gate.OOD_POLICIES is scoreoptions.OOD_POLICIES
+    assert scoreoptions.CAM_METHODS == ("checkpoint", "gradcam", *mapmethods.MAP_METHODS)
 
 
 def test_an_unknown_choice_exits_2_with_one_usage_message_in_a_real_process():

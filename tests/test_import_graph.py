@@ -315,7 +315,7 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("medxray.precision", ("medxray.", "torch"), "the CLI lists the precision table without torch"),
     ("medxray.lazyexports", ("medxray.", "torch"), "the packages' lazy __init__ files import it"),
     ("medxray.models.variants", ("torch", "numpy"), "the CLI lists the variant table without torch"),
-    ("medxray.scoring.gate", ("torch", "monai"), "the CLI lists OOD_POLICIES without torch"),
+    ("medxray.scoreoptions", ("torch", "numpy", "medxray.scoring"), "the CLI lists score-dicom's choices fast"),
     ("medxray.checkpoint_meta", ("torch",), "typed metadata, readable without torch"),
     ("medxray.scoring.messages", ("torch",), "the torch-free decode workers build these messages"),
     (
@@ -333,6 +333,7 @@ ONLY: list[tuple[str, tuple[str, ...]]] = [
     ("medxray.checkpoint_meta", ("medxray.errors",)),
     ("medxray.mapmethods", ("medxray.errors",)),
     ("medxray.models.variants", ("medxray.errors",)),
+    ("medxray.scoreoptions", ("medxray.mapmethods",)),
     ("medxray.scoring.messages", ()),
     ("medxray.dicom.reader", ("medxray.dicom", "medxray.errors", "medxray.limits", "medxray.display")),
     ("medxray.dicom.bits", ("medxray.dicom.codes",)),

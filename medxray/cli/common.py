@@ -5,8 +5,8 @@ so a row added there is accepted and listed in ``--help`` without a CLI edit. Ea
 imports its table only when argparse first needs it (to validate a typed value or to format a
 subcommand's help), and every table lives in a module that imports no torch, monai or streamlit:
 :mod:`medxray.mapmethods`, :mod:`medxray.backends` (its ``__init__``), :mod:`medxray.precision`,
-:mod:`medxray.models.variants`, :mod:`medxray.data` (its ``__init__``), :mod:`medxray.scoring.config`
-and :mod:`medxray.scoring.gate` (tests/test_cli_choices.py checks it for every subcommand's help).
+:mod:`medxray.models.variants`, :mod:`medxray.data` (its ``__init__``) and :mod:`medxray.scoreoptions`
+(tests/test_cli_choices.py checks it for every subcommand's help).
 """
 
 from __future__ import annotations
@@ -65,19 +65,19 @@ def _map_methods() -> Iterable[str]:
 
 
 def _score_cam_methods() -> Iterable[str]:
-    from medxray.scoring.config import CAM_METHODS
+    from medxray.scoreoptions import CAM_METHODS
 
     return CAM_METHODS
 
 
 def _score_cam_modes() -> Sequence[str]:
-    from medxray.scoring.config import CAM_MODES
+    from medxray.scoreoptions import CAM_MODES
 
     return CAM_MODES
 
 
 def _ood_policies() -> Sequence[str]:
-    from medxray.scoring.gate import OOD_POLICIES
+    from medxray.scoreoptions import OOD_POLICIES
 
     return OOD_POLICIES
 

@@ -15,15 +15,10 @@ from medxray.dicom import DEFAULT_ALLOWED_MODALITIES
 from medxray.errors import ConfigError
 from medxray.fileio import load_yaml_mapping
 from medxray.limits import pixel_limit
-from medxray.mapmethods import MAP_METHODS
+from medxray.scoreoptions import CAM_METHODS, CAM_MODES  # the tables, re-exported
 from medxray.scoring.gate import DEFAULT_ACCEPT_BODY_PARTS, accepted_body_parts, check_ood_policy
 from medxray.scoring.messages import DecodeResult
 from medxray.scoring.scheduler import resolve_shard
-
-CAM_MODES = ("positive", "all", "none")
-# "checkpoint" = the method the checkpoint's localisation figures were measured with (evaluate records
-# it), "gradcam" the older name of gradcam-denseblock4, then every medxray.mapmethods.MAP_METHODS key
-CAM_METHODS: tuple[str, ...] = ("checkpoint", "gradcam", *MAP_METHODS)
 
 
 @dataclass

@@ -33,9 +33,9 @@ from medxray.dicom.codes import (
     out_of_distribution_warning,
 )
 from medxray.errors import ConfigError
+from medxray.scoreoptions import OOD_POLICIES  # the table, re-exported
 
 DEFAULT_ACCEPT_BODY_PARTS: tuple[str, ...] = ("CHEST",)
-OOD_POLICIES = ("warn", "skip")
 
 # Anatomic Region Sequence codes that name the chest: SNOMED CT 51185008 (thoracic structure, CID 4031
 # "Chest") and 43799004 ("Thorax"), SNOMED RT T-D3000, and their code meanings.
