@@ -29,7 +29,7 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -93,10 +93,9 @@ def calibrate_site(
 ) -> dict[str, Any]:
     """Write the recalibrated version to ``out``; returns its provenance (also in ``<out>.calibration.json``)."""
     from medxray.checkpoint import load_checkpoint, save_checkpoint
-    from medxray.site.images import score_paths
-    from medxray.site.labels import read_manifest, side_paths
+    from medxray.site.labelled import score_labelled
+    from medxray.site.labels import read_manifest
     from medxray.site.lockset import check_unlocked, default_lock_path, load_lock
-    from medxray.site.reference import embed, validation_reference
 
     rule, target = parse_operating_point(operating_point)
     out = Path(out).expanduser()
@@ -109,66 +108,24 @@ def calibrate_site(
     check_unlocked(((r.patient_id, r.image) for r in use), lock, what="threshold fitting")
     if not use:
         raise DataError(f"{labels} has no train/val rows outside the locked test set to calibrate on")
-    scored = score_paths(checkpoint, [r.image for r in use], device=device)
-    col = {n: i for i, n in enumerate(scored.label_names)}
-    ok = np.array([i not in scored.failed for i in range(len(use))])
-    old = {n: float((ckpt.metadata.get("thresholds") or {}).get(n, 0.5)) for n in scored.label_names}
+    ls = score_labelled([checkpoint], names, use, device=device)
+    old = {n: float((ckpt.metadata.get("thresholds") or {}).get(n, 0.5)) for n in ls.scored[0].label_names}
     new = dict(old)
     record: dict[str, Any] = {}
     rng = np.random.default_rng(seed)
-    for n in names:
-        if n not in col:
-            continue
-        y = np.array([r.labels[names.index(n)] for r in use])[ok]
-        m = np.array([r.mask[names.index(n)] for r in use])[ok] > 0.5
-        p, y = scored.probs[ok, col[n]][m], y[m]
-        npos, nneg = int((y > 0.5).sum()), int((y < 0.5).sum())
-        if npos < min_positives or nneg < min_positives:
-            record[n] = {
-                "threshold": old[n],
-                "kept": True,
-                "positives": npos,
-                "negatives": nneg,
-                "reason": f"kept the old threshold {old[n]:.3f}: {npos} positive(s) and {nneg} negative(s) "
-                f"at the site, fewer than {min_positives} needed",
-            }
-            continue
-        t = choose_threshold(p, y, rule, target)
-        boots = []
-        for _ in range(n_boot):
-            i = rng.integers(0, len(p), len(p))
-            if 0 < (y[i] > 0.5).sum() < len(i):
-                boots.append(choose_threshold(p[i], y[i], rule, target))
-        pred, yy = p >= t, y > 0.5
-        tp, tn = int((pred & yy).sum()), int((~pred & ~yy).sum())
-        new[n] = t
-        record[n] = {
-            "threshold": t,
-            "old_threshold": old[n],
-            "kept": False,
-            "positives": npos,
-            "negatives": nneg,
-            "threshold_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
-            if boots
-            else [math.nan, math.nan],
-            "sensitivity": tp / npos,
-            "sensitivity_ci95": list(wilson(tp, npos)),
-            "specificity": tn / nneg,
-            "specificity_ci95": list(wilson(tn, nneg)),
-        }
-    studies = set()
-    keys = side_paths(labels)["keys"]
-    if keys.is_file():
-        with open(keys, newline="") as fh:
-            by_image = {r["image"]: r.get("study_instance_uid", "") for r in csv.DictReader(fh)}
-        studies = {by_image.get(r.image) or r.image for r in use}
+    for c, n in enumerate(ls.findings):
+        m = ls.masks[:, c] > 0.5
+        record[n] = _fit_finding(
+            ls.probs[0][:, c][m], ls.labels[:, c][m], old[n], rule, target, min_positives, n_boot, rng
+        )
+        new[n] = record[n]["threshold"]
     today = datetime.now(timezone.utc).date().isoformat()
     prov = {
         "site": site,
         "date": today,
         "operating_point": operating_point,
-        "n_images": int(ok.sum()),
-        "n_studies": len(studies) or int(ok.sum()),
+        "n_images": ls.n_images,
+        "n_studies": _n_studies(labels, use) or ls.n_images,
         "n_patients": len({r.patient_id for r in use}),
         "source_checkpoint": str(Path(checkpoint).resolve()),
         "source_sha256": _sha(checkpoint),
@@ -177,16 +134,7 @@ def calibrate_site(
         "locked_images_excluded": sum(1 for r in rows if r.split == "test"),
         "findings": record,
     }
-    meta = dict(ckpt.metadata)
-    ref = validation_reference(checkpoint, meta)
-    if ref is not None and "validation_reference" not in meta:
-        meta["validation_reference"] = embed(ref)
-    meta["thresholds"] = new
-    meta["threshold_source"] = f"site calibration at {site} ({operating_point}, {today})"
-    old_version = str(meta.get("model_version") or "unversioned")
-    meta["model_version"] = f"{old_version}+{re.sub(r'[^A-Za-z0-9._-]+', '-', site)}-cal-{today}"
-    meta["parent_version"] = old_version
-    meta["site_calibration"] = to_jsonable(prov)
+    meta = _calibrated_metadata(checkpoint, ckpt.metadata, new, prov)
     save_checkpoint(out, ckpt.state_dict, meta, **ckpt.extra)
     atomic_write_text(Path(f"{out}.calibration.json"), json.dumps(to_jsonable(prov), indent=1) + "\n")
     kept = [n for n, r in record.items() if r["kept"]]
@@ -195,3 +143,86 @@ def calibrate_site(
             "kept the old threshold for %d finding(s) with too few site positives: %s", len(kept), ", ".join(kept)
         )
     return prov
+
+
+def _fit_finding(
+    p: np.ndarray,
+    y: np.ndarray,
+    old: float,
+    rule: str,
+    target: float | None,
+    min_positives: int,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """One finding's new threshold (:func:`choose_threshold` on the known-label images ``p``, ``y``)
+    with a percentile-bootstrap 95% CI (``n_boot`` resamples drawn from ``rng``) and the
+    sensitivity/specificity it gives (Wilson CIs); the ``old`` one kept when either class has
+    fewer than ``min_positives`` images."""
+    npos, nneg = int((y > 0.5).sum()), int((y < 0.5).sum())
+    if npos < min_positives or nneg < min_positives:
+        return {
+            "threshold": old,
+            "kept": True,
+            "positives": npos,
+            "negatives": nneg,
+            "reason": f"kept the old threshold {old:.3f}: {npos} positive(s) and {nneg} negative(s) "
+            f"at the site, fewer than {min_positives} needed",
+        }
+    t = choose_threshold(p, y, rule, target)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(p), len(p))
+        if 0 < (y[i] > 0.5).sum() < len(i):
+            boots.append(choose_threshold(p[i], y[i], rule, target))
+    pred, yy = p >= t, y > 0.5
+    tp, tn = int((pred & yy).sum()), int((~pred & ~yy).sum())
+    return {
+        "threshold": t,
+        "old_threshold": old,
+        "kept": False,
+        "positives": npos,
+        "negatives": nneg,
+        "threshold_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+        if boots
+        else [math.nan, math.nan],
+        "sensitivity": tp / npos,
+        "sensitivity_ci95": list(wilson(tp, npos)),
+        "specificity": tn / nneg,
+        "specificity_ci95": list(wilson(tn, nneg)),
+    }
+
+
+def _n_studies(labels: str | os.PathLike, use: Sequence[Any]) -> int:
+    """Distinct studies among ``use`` (by Study Instance UID from the labels' key file; an image
+    without one counts alone); 0 when there is no key file."""
+    from medxray.site.labels import side_paths
+
+    keys = side_paths(labels)["keys"]
+    if not keys.is_file():
+        return 0
+    with open(keys, newline="") as fh:
+        by_image = {r["image"]: r.get("study_instance_uid", "") for r in csv.DictReader(fh)}
+    return len({by_image.get(r.image) or r.image for r in use})
+
+
+def _calibrated_metadata(
+    checkpoint: str | os.PathLike, metadata: Mapping[str, Any], thresholds: dict[str, float], prov: dict[str, Any]
+) -> dict[str, Any]:
+    """The new version's metadata: the site thresholds and their source, a new model version
+    ``<old>+<site>-cal-<date>`` with its parent, the provenance, and the validation reference
+    embedded when the source only pointed to it."""
+    from medxray.site.reference import embed, validation_reference
+
+    site, today, operating_point = prov["site"], prov["date"], prov["operating_point"]
+    meta = dict(metadata)
+    ref = validation_reference(checkpoint, meta)
+    if ref is not None and "validation_reference" not in meta:
+        meta["validation_reference"] = embed(ref)
+    meta["thresholds"] = thresholds
+    meta["threshold_source"] = f"site calibration at {site} ({operating_point}, {today})"
+    old_version = str(meta.get("model_version") or "unversioned")
+    meta["model_version"] = f"{old_version}+{re.sub(r'[^A-Za-z0-9._-]+', '-', site)}-cal-{today}"
+    meta["parent_version"] = old_version
+    meta["site_calibration"] = to_jsonable(prov)
+    return meta

@@ -166,24 +166,25 @@ def _day_stats(
     return st
 
 
-def monitor(
-    results: Sequence[str | os.PathLike],
-    checkpoint: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    reviews: str | os.PathLike | None = None,
-    as_of: str | None = None,
-    min_images: int = MIN_IMAGES,
-) -> MonitorResult:
-    """Update the monitor's state and write its outputs (module docstring)."""
-    from medxray.checkpoint import load_checkpoint
-    from medxray.scoring.journal import RESULTS_NAME
-    from medxray.scoring.journal import read_results as read_journal
-    from medxray.site.reference import validation_reference
-    from medxray.site.registry import current_checkpoint
+@dataclass(frozen=True)
+class _Baseline:
+    """What the deployed checkpoint says to expect: its findings and thresholds, the OOD threshold
+    and expected flag rate, and per finding the validation reference's score histogram (quantile
+    bin edges, counts) and positive rate at the threshold (empty without a reference)."""
 
-    ck_path = current_checkpoint(checkpoint)
-    meta = load_checkpoint(ck_path).metadata
+    names: list[str]
+    thresholds: dict[str, float]
+    ood_threshold: Any  # as stored in the checkpoint's ``ood`` metadata (None: no OOD statistics)
+    ood_expected: float | None
+    ref_hist: dict[str, tuple[list[float], list[int]]]
+    ref_pos: dict[str, float]
+    has_reference: bool
+
+
+def _baseline(ck_path: Any, meta: Mapping[str, Any]) -> _Baseline:
+    """The :class:`_Baseline` of the checkpoint at ``ck_path`` with metadata ``meta``."""
+    from medxray.site.reference import validation_reference
+
     names = list(meta.get("label_names") or [])
     thresholds = {n: float((meta.get("thresholds") or {}).get(n, 0.5)) for n in names}
     ood_meta = meta.get("ood") if isinstance(meta.get("ood"), Mapping) else {}
@@ -199,63 +200,36 @@ def monitor(
             edges = quantile_edges(ref.probs[:, c])
             ref_hist[n] = (edges, histogram(ref.probs[:, c], edges))
             ref_pos[n] = float((ref.probs[:, c] >= thresholds.get(n, 0.5)).mean())
+    return _Baseline(names, thresholds, ood_thr, ood_expected, ref_hist, ref_pos, ref is not None)
+
+
+def monitor(
+    results: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    reviews: str | os.PathLike | None = None,
+    as_of: str | None = None,
+    min_images: int = MIN_IMAGES,
+) -> MonitorResult:
+    """Update the monitor's state and write its outputs (module docstring)."""
+    from medxray.checkpoint import load_checkpoint
+    from medxray.site.registry import current_checkpoint
+
+    ck_path = current_checkpoint(checkpoint)
+    meta = load_checkpoint(ck_path).metadata
+    base = _baseline(ck_path, meta)
+    names = base.names
     now = _parse_time(as_of) if as_of else datetime.now(timezone.utc)
     if now is None:
         raise ConfigError(f"--as-of must be an ISO date/time (e.g. 2026-01-31T08:00:00Z), got {as_of!r}")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     seen = _load_seen(out / SEEN)
-    added = 0
-    rows: list[dict[str, Any]] = []
-    for d in results:
-        d = Path(d).expanduser()
-        f = d / RESULTS_NAME if d.is_dir() else d
-        if not f.is_file():
-            raise DataError(f"--results {d}: no {RESULTS_NAME}; pass the scorer's --out folder")
-        header, recs, _ = read_journal(f)
-        col = {h: i for i, h in enumerate(header)}
-        for rec in recs:
-
-            def get(k: str, rec: list[str] = rec, col: dict[str, int] = col) -> str:
-                return rec[col[k]] if k in col else ""
-
-            key = f"{f.parent.resolve()}::{get('path')}"
-            t = _parse_time(get("scored_at_utc")) if get("scored_at_utc") else None
-            if t is None:
-                if key not in seen:
-                    seen[key] = now.isoformat(timespec="seconds")
-                    added += 1
-                t = _parse_time(seen[key])
-            dist = get("ood_distance")
-            try:
-                is_ood = ood_thr is not None and dist != "" and float(dist) > float(ood_thr)
-            except ValueError:
-                is_ood = False
-            is_ood = is_ood or (get("status") == "skipped" and "ood" in get("reason").lower())
-            probs = {}
-            for n in names:
-                try:
-                    probs[n] = float(get(f"p_{n}"))
-                except ValueError:
-                    pass
-            rows.append(
-                {
-                    "time": t,
-                    "status": get("status"),
-                    "ood": is_ood,
-                    "probs": probs,
-                    "positives": set(x for x in get("positive_findings").replace("|", ";").split(";") if x),
-                    "sop": get("sop_instance_uid"),
-                    "name": Path(get("path")).name,
-                }
-            )
-    if added:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["key", "first_seen_utc"])
-        for k, v in sorted(seen.items()):
-            w.writerow([k, v])
-        atomic_write_text(out / SEEN, buf.getvalue())
+    n_seen = len(seen)
+    rows = [r for d in results for r in _read_results(d, base, seen, now)]
+    if len(seen) > n_seen:
+        _save_seen(out / SEEN, seen)
     res = MonitorResult()
     by_day: dict[str, list[dict[str, Any]]] = defaultdict(list)
     by_week: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -264,21 +238,79 @@ def monitor(
         by_day[day.isoformat()].append(r)
         iso = day.isocalendar()
         by_week[f"{iso[0]}-W{iso[1]:02d}"].append(r)
+    stats = (names, base.thresholds, base.ref_hist, base.ref_pos, base.ood_expected, min_images)
     for day in sorted(by_day):
-        res.days[day] = _day_stats(
-            by_day[day], names, thresholds, ref_hist, ref_pos, ood_expected, min_images, day, res.alerts
-        )
+        res.days[day] = _day_stats(by_day[day], *stats, day, res.alerts)
     for wk in sorted(by_week):
-        res.weeks[wk] = _day_stats(
-            by_week[wk], names, thresholds, ref_hist, ref_pos, ood_expected, min_images, wk, None
-        )
+        res.weeks[wk] = _day_stats(by_week[wk], *stats, wk, None)
     if reviews is not None:
         _add_reviews(res, reviews, rows, names)
-    res.files = _write(res, out, names, meta, ref is not None)
+    res.files = _write(res, out, names, meta, base.has_reference)
     for a in res.alerts:
         if a.day == max(res.days, default=""):
             log.warning("monitor %s: %s", a.level.upper(), a.message)
     return res
+
+
+def _read_results(d: str | os.PathLike, base: _Baseline, seen: dict[str, str], now: datetime) -> list[dict[str, Any]]:
+    """The scorer's result rows of one ``--out`` folder (or results file) as monitor rows (time,
+    status, OOD flag, probabilities, positive findings, SOP Instance UID, file name). A row without
+    a scoring time takes the time it was first seen, recorded in ``seen`` (updated in place)."""
+    from medxray.scoring.journal import RESULTS_NAME
+    from medxray.scoring.journal import read_results as read_journal
+
+    d = Path(d).expanduser()
+    f = d / RESULTS_NAME if d.is_dir() else d
+    if not f.is_file():
+        raise DataError(f"--results {d}: no {RESULTS_NAME}; pass the scorer's --out folder")
+    header, recs, _ = read_journal(f)
+    col = {h: i for i, h in enumerate(header)}
+    rows = []
+    for rec in recs:
+
+        def get(k: str, rec: list[str] = rec) -> str:
+            return rec[col[k]] if k in col else ""
+
+        key = f"{f.parent.resolve()}::{get('path')}"
+        t = _parse_time(get("scored_at_utc")) if get("scored_at_utc") else None
+        if t is None:
+            if key not in seen:
+                seen[key] = now.isoformat(timespec="seconds")
+            t = _parse_time(seen[key])
+        dist = get("ood_distance")
+        try:
+            is_ood = base.ood_threshold is not None and dist != "" and float(dist) > float(base.ood_threshold)
+        except ValueError:
+            is_ood = False
+        is_ood = is_ood or (get("status") == "skipped" and "ood" in get("reason").lower())
+        probs = {}
+        for n in base.names:
+            try:
+                probs[n] = float(get(f"p_{n}"))
+            except ValueError:
+                pass
+        rows.append(
+            {
+                "time": t,
+                "status": get("status"),
+                "ood": is_ood,
+                "probs": probs,
+                "positives": set(x for x in get("positive_findings").replace("|", ";").split(";") if x),
+                "sop": get("sop_instance_uid"),
+                "name": Path(get("path")).name,
+            }
+        )
+    return rows
+
+
+def _save_seen(path: Path, seen: Mapping[str, str]) -> None:
+    """``seen.csv``: when each result row without a scoring time was first seen, sorted by key."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["key", "first_seen_utc"])
+    for k, v in sorted(seen.items()):
+        w.writerow([k, v])
+    atomic_write_text(path, buf.getvalue())
 
 
 def _add_reviews(

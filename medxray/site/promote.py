@@ -108,31 +108,13 @@ def promote(
     dry_run: bool = False,
 ) -> GateResult:
     """Run the gate (module docstring); promote into ``registry`` when it passes (unless ``dry_run``)."""
-    from medxray.checkpoint import load_checkpoint
     from medxray.evaluation.compare import compare_arrays, write_comparison
-    from medxray.site import registry as reg
-    from medxray.site.images import score_paths
-    from medxray.site.labels import read_manifest
-    from medxray.site.lockset import default_lock_path, load_lock
+    from medxray.site.labelled import score_labelled
 
     if not 0 <= margin < 0.5:
         raise ConfigError(f"--margin must be in [0, 0.5) (an AUROC difference), got {margin}")
-    a_path, b_path = Path(reg.current_checkpoint(deployed)), Path(candidate).expanduser()
-    meta_a, meta_b = load_checkpoint(a_path).metadata, load_checkpoint(b_path).metadata
-    if list(meta_a.get("label_names", [])) != list(meta_b.get("label_names", [])):
-        raise ConfigError(
-            "the candidate and the deployed model predict different findings; the gate compares models of one label set"
-        )
-    lock = load_lock(lock_path or default_lock_path(labels))
-    if lock is None:
-        raise ConfigError(
-            "there is no locked site test set yet; `medxray site labels` freezes one once enough "
-            "patients are labelled (--lock-min-patients). The gate never compares on unlocked data"
-        )
-    names, rows = read_manifest(labels)
-    locked = [r for r in rows if lock.holds(r.patient_id, r.image)]
-    if not locked:
-        raise DataError(f"none of the labelled images of {labels} is in the locked set")
+    a_path, b_path, meta_a = _gate_pair(candidate, deployed)
+    lock, names, locked = _locked_rows(labels, lock_path)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (
         Path(out_dir)
@@ -140,19 +122,9 @@ def promote(
         else Path(registry).expanduser() / "gate" / f"{stamp}-{b_path.parent.name}-{b_path.stem}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    sa = score_paths(a_path, [r.image for r in locked], device=device)
-    sb = score_paths(b_path, [r.image for r in locked], device=device)
-    ok = np.array([i not in sa.failed and i not in sb.failed for i in range(len(locked))])
-    common = [n for n in names if n in sa.label_names]
-    ca, cb = [sa.label_names.index(n) for n in common], [sb.label_names.index(n) for n in common]
-    Y = np.array([[r.labels[names.index(n)] for n in common] for r in locked])[ok]
-    M = np.array([[r.mask[names.index(n)] for n in common] for r in locked])[ok]
-    comp = compare_arrays(
-        common, Y, M, sa.probs[ok][:, ca], sb.probs[ok][:, cb], a=str(a_path), b=str(b_path), n_boot=n_boot
-    )
-    write_comparison(
-        comp, out / "locked", note=f"locked site test set ({int(ok.sum())} images, lock {lock.sha256[:12]})"
-    )
+    ls = score_labelled([a_path, b_path], names, locked, device=device)
+    comp = compare_arrays(ls.findings, ls.labels, ls.masks, *ls.probs, a=str(a_path), b=str(b_path), n_boot=n_boot)
+    write_comparison(comp, out / "locked", note=f"locked site test set ({ls.n_images} images, lock {lock.sha256[:12]})")
     res = GateResult(promoted=False)
     res.figures["margin"] = margin
     res.figures["report_dir"] = str(out)
@@ -171,52 +143,87 @@ def promote(
             a_path, b_path, root_meta, out, n_boot, margin, min_positives, res
         )
         res.figures["original_validation"]["source_checkpoint"] = str(root_path)
-    lk = res.figures["locked"]
+    res.reasons.extend(_locked_verdict(res.figures["locked"], min_positives))
+    res.promoted = not res.reasons
+    gate = {
+        "promoted": res.promoted,
+        "reasons": res.reasons,
+        "untested": res.untested,
+        "figures": res.figures,
+        "candidate": str(b_path),
+        "deployed": str(a_path),
+    }
+    atomic_write_text(out / "gate.json", json.dumps(to_jsonable(gate), indent=1) + "\n")
+    if res.promoted and not dry_run:
+        res.record = _register(registry, a_path, b_path, approver, {"gate": str(out / "gate.json"), **res.figures})
+    return res
+
+
+def _gate_pair(candidate: str | os.PathLike, deployed: str | os.PathLike) -> tuple[Path, Path, dict[str, Any]]:
+    """(deployed checkpoint path, candidate path, deployed metadata); ConfigError when the two
+    predict different findings."""
+    from medxray.checkpoint import load_checkpoint
+    from medxray.site import registry as reg
+
+    a_path, b_path = Path(reg.current_checkpoint(deployed)), Path(candidate).expanduser()
+    meta_a, meta_b = load_checkpoint(a_path).metadata, load_checkpoint(b_path).metadata
+    if list(meta_a.get("label_names", [])) != list(meta_b.get("label_names", [])):
+        raise ConfigError(
+            "the candidate and the deployed model predict different findings; the gate compares models of one label set"
+        )
+    return a_path, b_path, meta_a
+
+
+def _locked_rows(labels: str | os.PathLike, lock_path: str | os.PathLike | None) -> tuple[Any, list[str], list[Any]]:
+    """(the lock, the manifest's findings, its rows in the locked site test set); ConfigError with
+    no lock yet, DataError when no labelled row is locked."""
+    from medxray.site.labels import read_manifest
+    from medxray.site.lockset import default_lock_path, load_lock
+
+    lock = load_lock(lock_path or default_lock_path(labels))
+    if lock is None:
+        raise ConfigError(
+            "there is no locked site test set yet; `medxray site labels` freezes one once enough "
+            "patients are labelled (--lock-min-patients). The gate never compares on unlocked data"
+        )
+    names, rows = read_manifest(labels)
+    locked = [r for r in rows if lock.holds(r.patient_id, r.image)]
+    if not locked:
+        raise DataError(f"none of the labelled images of {labels} is in the locked set")
+    return lock, names, locked
+
+
+def _locked_verdict(lk: dict[str, Any], min_positives: int) -> list[str]:
+    """The gate's reasons on the locked set as a whole: nothing testable, or no mean AUROC gain
+    (over the tested findings)."""
     if not lk["tested"]:
-        res.reasons.append(
+        return [
             f"no finding has {min_positives} positives and negatives in the locked set: nothing "
             "could be compared, so nothing is promoted"
-        )
-    elif not lk["mean_auc_b"] > lk["mean_auc_a"]:
-        res.reasons.append(
+        ]
+    if not lk["mean_auc_b"] > lk["mean_auc_a"]:
+        return [
             f"mean AUROC on the locked set does not improve: {lk['mean_auc_b']:.3f} vs deployed "
             f"{lk['mean_auc_a']:.3f} ({lk['mean_auc_b'] - lk['mean_auc_a']:+.3f})"
-        )
-    res.promoted = not res.reasons
-    atomic_write_text(
-        out / "gate.json",
-        json.dumps(
-            to_jsonable(
-                {
-                    "promoted": res.promoted,
-                    "reasons": res.reasons,
-                    "untested": res.untested,
-                    "figures": res.figures,
-                    "candidate": str(b_path),
-                    "deployed": str(a_path),
-                }
-            ),
-            indent=1,
-        )
-        + "\n",
-    )
-    if res.promoted and not dry_run:
-        cur = reg.current_version(registry)
-        if cur is None:  # first use: the deployed model becomes the registry's first version
-            cur = reg.register(registry, a_path)
-            reg.set_current(registry, cur)
-            reg.record(registry, "initial", to=cur, frm=None, approver=approver)
-        new = reg.register(registry, b_path)
-        reg.set_current(registry, new)
-        res.record = reg.record(
-            registry,
-            "promote",
-            to=new,
-            frm=cur,
-            approver=approver,
-            figures={"gate": str(out / "gate.json"), **res.figures},
-        )
-    return res
+        ]
+    return []
+
+
+def _register(
+    registry: str | os.PathLike, a_path: Path, b_path: Path, approver: str | None, figures: dict[str, Any]
+) -> Any:
+    """Register the candidate and make it current; on first use the deployed model is registered
+    first as the initial version. Returns the registry's promote record."""
+    from medxray.site import registry as reg
+
+    cur = reg.current_version(registry)
+    if cur is None:  # first use: the deployed model becomes the registry's first version
+        cur = reg.register(registry, a_path)
+        reg.set_current(registry, cur)
+        reg.record(registry, "initial", to=cur, frm=None, approver=approver)
+    new = reg.register(registry, b_path)
+    reg.set_current(registry, new)
+    return reg.record(registry, "promote", to=new, frm=cur, approver=approver, figures=figures)
 
 
 def lineage_root(path: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:

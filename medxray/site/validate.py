@@ -112,7 +112,7 @@ def validate_site(
     """Score the labelled site images with ``checkpoint`` and write the report (module docstring)."""
     from medxray.checkpoint import load_checkpoint
     from medxray.evaluation.metrics import calibration
-    from medxray.site.images import score_paths
+    from medxray.site.labelled import score_labelled
     from medxray.site.labels import read_manifest
     from medxray.site.reference import validation_reference
 
@@ -120,15 +120,10 @@ def validate_site(
     names, rows = read_manifest(labels)
     if not rows:
         raise DataError(f"{labels} has no labelled images")
-    scored = score_paths(checkpoint, [r.image for r in rows], device=device)
-    col = {n: i for i, n in enumerate(scored.label_names)}
-    common = [n for n in names if n in col]
+    ls = score_labelled([checkpoint], names, rows, device=device)
+    common, Y, M, P, ok, scored = ls.findings, ls.labels, ls.masks, ls.probs[0], ls.kept, ls.scored[0]
     if not common:
         raise DataError(f"none of the findings of {labels} ({', '.join(names[:5])}) is an output of the checkpoint")
-    ok = np.array([i not in scored.failed for i in range(len(rows))])
-    Y = np.array([[r.labels[names.index(n)] for n in common] for r in rows])[ok]
-    M = np.array([[r.mask[names.index(n)] for n in common] for r in rows])[ok]
-    P = scored.probs[ok][:, [col[n] for n in common]]
     thresholds = {n: float((ckpt.metadata.get("thresholds") or {}).get(n, 0.5)) for n in common}
     ref = validation_reference(checkpoint, ckpt.metadata)
     cal = calibration(P, Y, M)
@@ -145,35 +140,47 @@ def validate_site(
         site["ece"] = cal["per_class"][c]
         row: dict[str, Any] = {"site": site, "validation": None, "tests": {}}
         if ref is not None and n in ref.label_names:
-            rc = ref.label_names.index(n)
-            kk = ref.masks[:, rc] > 0.5
-            v = finding_figures(
-                ref.probs[kk, rc], ref.labels[kk, rc], thresholds[n], min_positives=min_positives, n_boot=200, seed=c
+            row["validation"], row["tests"], worse = _against_reference(
+                site, ref, n, thresholds[n], min_positives=min_positives, seed=c, alpha=alpha
             )
-            v["ece"] = calibration(ref.probs[kk, rc][:, None], ref.labels[kk, rc][:, None], np.ones((kk.sum(), 1)))[
-                "ece"
-            ]
-            row["validation"] = v
-            for rate in RATES:
-                row["tests"][rate] = two_proportion_p(site[rate]["k"], site[rate]["n"], v[rate]["k"], v[rate]["n"])
-            row["tests"]["auroc"] = (
-                unpaired_auc_p(site["auroc"]["value"], site["auroc"]["se"], v["auroc"]["value"], v["auroc"]["se"])
-                if site["auroc"]["testable"]
-                else float("nan")
-            )
-            worse = []
-            for key in ("auroc", "sensitivity", "specificity"):
-                sv, vv = site[key]["value"], v[key]["value"]
-                pv = row["tests"][key]
-                if math.isfinite(pv) and pv < alpha and sv < vv:
-                    worse.append(f"{key} {sv:.3f} vs {vv:.3f} in validation (p {pv:.2g})")
             if worse:
                 res.worse.append(f"{n}: " + "; ".join(worse))
         res.findings[n] = row
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    res.files = _write(res, out, P, Y, M, common, cal, scored.failed, rows)
+    res.files = _write(res, out, P, Y, M, common, cal, scored.failed)
     return res
+
+
+def _against_reference(
+    site: dict[str, Any], ref: Any, name: str, threshold: float, *, min_positives: int, seed: int, alpha: float
+) -> tuple[dict[str, Any], dict[str, float], list[str]]:
+    """One finding's figures on the checkpoint's validation reference (200 bootstrap resamples), the
+    site-vs-validation p-values (two-proportion z-test per rate, Hanley-McNeil z-test for AUROC;
+    unadjusted), and the ways the site is significantly worse (p < ``alpha``, site below validation)."""
+    from medxray.evaluation.metrics import calibration
+
+    rc = ref.label_names.index(name)
+    kk = ref.masks[:, rc] > 0.5
+    v = finding_figures(
+        ref.probs[kk, rc], ref.labels[kk, rc], threshold, min_positives=min_positives, n_boot=200, seed=seed
+    )
+    v["ece"] = calibration(ref.probs[kk, rc][:, None], ref.labels[kk, rc][:, None], np.ones((kk.sum(), 1)))["ece"]
+    tests: dict[str, float] = {}
+    for rate in RATES:
+        tests[rate] = two_proportion_p(site[rate]["k"], site[rate]["n"], v[rate]["k"], v[rate]["n"])
+    tests["auroc"] = (
+        unpaired_auc_p(site["auroc"]["value"], site["auroc"]["se"], v["auroc"]["value"], v["auroc"]["se"])
+        if site["auroc"]["testable"]
+        else float("nan")
+    )
+    worse = []
+    for key in ("auroc", "sensitivity", "specificity"):
+        sv, vv = site[key]["value"], v[key]["value"]
+        pv = tests[key]
+        if math.isfinite(pv) and pv < alpha and sv < vv:
+            worse.append(f"{key} {sv:.3f} vs {vv:.3f} in validation (p {pv:.2g})")
+    return v, tests, worse
 
 
 def _fmt_rate(d: dict[str, Any] | None) -> str:
@@ -225,6 +232,32 @@ def reliability_plot(path: Path, P: np.ndarray, Y: np.ndarray, M: np.ndarray, na
         fig.savefig(fh, format="png")
 
 
+_TABLE_HEAD = [
+    "Finding",
+    "t",
+    "n (pos)",
+    "AUROC site",
+    "AUROC val",
+    "p",
+    "Sens site",
+    "Sens val",
+    "p",
+    "Spec site",
+    "Spec val",
+    "p",
+    "PPV site",
+    "NPV site",
+    "ECE site",
+    "ECE val",
+]
+_LIMITS = [
+    "Labels are reviewer verdicts on the model's calls, not an independent reference standard: "
+    "verification bias (only reviewed images count) and reviewer noise both apply.",
+    "PPV and NPV depend on the site's prevalence; validation PPV/NPV are not comparable across sites.",
+    "Findings with fewer than the minimum positives have no AUROC interval or test.",
+]
+
+
 def _write(
     res: SiteValidation,
     out: Path,
@@ -234,12 +267,54 @@ def _write(
     names: Sequence[str],
     cal: dict[str, Any],
     failed: dict[int, str],
-    rows: Sequence[Any],
 ) -> dict[str, Path]:
+    """``reliability.png`` and ``site_validation.{md,html,json}`` in ``out``; returns their paths by kind."""
     from medxray.evaluation.report import render_html, render_markdown
-    from medxray.labels import display_name
 
     reliability_plot(out / "reliability.png", P, Y, M, names)
+    blocks = _summary_blocks(res, len(failed))
+    blocks += [
+        ("h2", "Per finding"),
+        ("table", _TABLE_HEAD, [_table_row(n, r) for n, r in res.findings.items()]),
+        (
+            "p",
+            "Rates with 95% Wilson intervals (k/n); AUROC with a 95% percentile-bootstrap interval where "
+            f"the site has enough positives; p: two-proportion z-test (rates) or Hanley-McNeil z-test "
+            f"(AUROC), site vs validation, unadjusted. Overall ECE {cal['ece']:.3f}.",
+        ),
+        ("h2", "Calibration"),
+        ("img", "reliability.png", "reliability plot"),
+        ("h2", "Limits"),
+        ("list", _LIMITS),
+    ]
+    files = {
+        "md": out / "site_validation.md",
+        "html": out / "site_validation.html",
+        "json": out / "site_validation.json",
+        "reliability": out / "reliability.png",
+    }
+    atomic_write_text(files["md"], render_markdown(blocks))
+    atomic_write_text(
+        files["html"], render_html(blocks).replace("medxray evaluation report", "medxray site validation")
+    )
+    doc = {
+        "checkpoint": res.checkpoint,
+        "model_version": res.model_version,
+        "images": res.n_images,
+        "ood_flag_rate": res.ood_rate,
+        "reference": res.reference_source,
+        "worse": res.worse,
+        "unreadable": len(failed),
+        "ece": cal["ece"],
+        "findings": res.findings,
+    }
+    atomic_write_text(files["json"], json.dumps(to_jsonable(doc), indent=1, allow_nan=True) + "\n")
+    return files
+
+
+def _summary_blocks(res: SiteValidation, n_unreadable: int) -> list[tuple]:
+    """The report's head: title, the verdict against the validation reference, what was scored,
+    unreadable images, the out-of-distribution flag rate."""
     blocks: list[tuple] = [("h1", f"Site validation of {res.model_version}")]
     if res.worse:
         blocks.append(
@@ -263,102 +338,33 @@ def _write(
             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
         )
     )
-    if failed:
-        blocks.append(("warn", f"{len(failed)} image(s) could not be read and are left out."))
+    if n_unreadable:
+        blocks.append(("warn", f"{n_unreadable} image(s) could not be read and are left out."))
     ood = "n/a (the checkpoint has no OOD statistics)" if res.ood_rate is None else f"{res.ood_rate:.1%}"
     blocks.append(("p", f"Out-of-distribution flag rate: {ood}; by construction about 5% of validation images."))
-    head = [
-        "Finding",
-        "t",
-        "n (pos)",
-        "AUROC site",
-        "AUROC val",
-        "p",
-        "Sens site",
-        "Sens val",
-        "p",
-        "Spec site",
-        "Spec val",
-        "p",
-        "PPV site",
-        "NPV site",
-        "ECE site",
-        "ECE val",
+    return blocks
+
+
+def _table_row(name: str, r: dict[str, Any]) -> list[str]:
+    """One finding's row of the per-finding table (columns of ``_TABLE_HEAD``)."""
+    from medxray.labels import display_name
+
+    s, v, t = r["site"], r["validation"], r["tests"]
+    return [
+        display_name(name),
+        f"{s['threshold']:.3f}",
+        f"{s['n']} ({s['positives']})",
+        _fmt_rate(s["auroc"]),
+        _fmt_rate(v["auroc"]) if v else "n/a",
+        _p(t.get("auroc", float("nan"))),
+        _fmt_rate(s["sensitivity"]),
+        _fmt_rate(v["sensitivity"]) if v else "n/a",
+        _p(t.get("sensitivity", float("nan"))),
+        _fmt_rate(s["specificity"]),
+        _fmt_rate(v["specificity"]) if v else "n/a",
+        _p(t.get("specificity", float("nan"))),
+        _fmt_rate(s["ppv"]),
+        _fmt_rate(s["npv"]),
+        f"{s['ece']:.3f}" if math.isfinite(s["ece"]) else "n/a",
+        f"{v['ece']:.3f}" if v and math.isfinite(v["ece"]) else "n/a",
     ]
-    table = []
-    for n, r in res.findings.items():
-        s, v, t = r["site"], r["validation"], r["tests"]
-        table.append(
-            [
-                display_name(n),
-                f"{s['threshold']:.3f}",
-                f"{s['n']} ({s['positives']})",
-                _fmt_rate(s["auroc"]),
-                _fmt_rate(v["auroc"]) if v else "n/a",
-                _p(t.get("auroc", float("nan"))),
-                _fmt_rate(s["sensitivity"]),
-                _fmt_rate(v["sensitivity"]) if v else "n/a",
-                _p(t.get("sensitivity", float("nan"))),
-                _fmt_rate(s["specificity"]),
-                _fmt_rate(v["specificity"]) if v else "n/a",
-                _p(t.get("specificity", float("nan"))),
-                _fmt_rate(s["ppv"]),
-                _fmt_rate(s["npv"]),
-                f"{s['ece']:.3f}" if math.isfinite(s["ece"]) else "n/a",
-                f"{v['ece']:.3f}" if v and math.isfinite(v["ece"]) else "n/a",
-            ]
-        )
-    blocks += [
-        ("h2", "Per finding"),
-        ("table", head, table),
-        (
-            "p",
-            "Rates with 95% Wilson intervals (k/n); AUROC with a 95% percentile-bootstrap interval where "
-            f"the site has enough positives; p: two-proportion z-test (rates) or Hanley-McNeil z-test "
-            f"(AUROC), site vs validation, unadjusted. Overall ECE {cal['ece']:.3f}.",
-        ),
-        ("h2", "Calibration"),
-        ("img", "reliability.png", "reliability plot"),
-        ("h2", "Limits"),
-        (
-            "list",
-            [
-                "Labels are reviewer verdicts on the model's calls, not an independent reference standard: "
-                "verification bias (only reviewed images count) and reviewer noise both apply.",
-                "PPV and NPV depend on the site's prevalence; validation PPV/NPV are not comparable across sites.",
-                "Findings with fewer than the minimum positives have no AUROC interval or test.",
-            ],
-        ),
-    ]
-    files = {
-        "md": out / "site_validation.md",
-        "html": out / "site_validation.html",
-        "json": out / "site_validation.json",
-        "reliability": out / "reliability.png",
-    }
-    atomic_write_text(files["md"], render_markdown(blocks))
-    atomic_write_text(
-        files["html"], render_html(blocks).replace("medxray evaluation report", "medxray site validation")
-    )
-    atomic_write_text(
-        files["json"],
-        json.dumps(
-            to_jsonable(
-                {
-                    "checkpoint": res.checkpoint,
-                    "model_version": res.model_version,
-                    "images": res.n_images,
-                    "ood_flag_rate": res.ood_rate,
-                    "reference": res.reference_source,
-                    "worse": res.worse,
-                    "unreadable": len(failed),
-                    "ece": cal["ece"],
-                    "findings": res.findings,
-                }
-            ),
-            indent=1,
-            allow_nan=True,
-        )
-        + "\n",
-    )
-    return files
