@@ -309,13 +309,33 @@ def _num(v: Any) -> float | None:
 def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLike | None = None) -> ModelCard:
     """Build the model card; every fact comes from the checkpoint, missing ones are said to be missing."""
     meta = dict(metadata)
+    arch = meta.get("architecture", "unknown")
+    metrics = metrics_table(meta.get("metrics") or {})
+    synth = is_synthetic(meta)
+    loc_table, loc_note = localisation_table(meta)
+    return ModelCard(
+        title=f"medxray model card: {arch}",
+        summary=_summary_table(meta, checkpoint_path),
+        training=_training_table(meta),
+        metrics=metrics,
+        thresholds=_thresholds_table(meta),
+        localisation=loc_table,
+        localisation_note=loc_note,
+        intended_use=_intended_use(meta),
+        limitations=_limitations(meta, has_metrics=bool(len(metrics)), synthetic=synth),
+        provenance=provenance_table(meta),
+        synthetic=synth,
+    )
+
+
+def _summary_table(meta: Mapping[str, Any], checkpoint_path: str | os.PathLike | None) -> pd.DataFrame:
+    """What the model is: architecture, initialisation, version, findings, input, creation, code."""
     labels = list(meta.get("label_names") or [])
     prep = meta.get("preprocessing") or {}
-    arch = meta.get("architecture", "unknown")
     init = _first(meta, "pretrained", "init", "initialisation", "initialization", "config.pretrained")
-    summary = _kv(
+    return _kv(
         [
-            ("architecture", arch),
+            ("architecture", meta.get("architecture", "unknown")),
             ("initialisation", init if init is not None else "not recorded"),
             ("model version", meta.get("model_version")),
             ("findings", f"{len(labels)}: " + ", ".join(display_name(n) for n in labels) if labels else None),
@@ -331,7 +351,11 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
             ("software versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()) or None),
         ]
     )
-    training = _kv(
+
+
+def _training_table(meta: Mapping[str, Any]) -> pd.DataFrame:
+    """How it was trained: data set, split, manifest hash, counts, epochs, optimiser settings."""
+    return _kv(
         [
             ("dataset", _first(meta, "dataset", "data.dataset", "config.dataset")),
             ("split", _first(meta, "split", "data.split", "split_description", "config.split")),
@@ -348,13 +372,17 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
             ("batch size", _first(meta, "batch_size", "config.batch_size")),
         ]
     )
-    metrics = metrics_table(meta.get("metrics") or {})
+
+
+def _thresholds_table(meta: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per finding: its operating threshold and how it was chosen (0.5 fallbacks named)."""
+    labels = list(meta.get("label_names") or [])
     thr = meta.get("thresholds") or {}
     how = _first(meta, "threshold_method", "thresholds_method", "threshold_policy")
     if how is None and meta.get("threshold_split"):
         how = f"Youden's J on the {meta['threshold_split']} split (medxray evaluate)"
     fallback = set(meta.get("thresholds_fallback") or [])  # medxray evaluate: nothing to choose on
-    thresholds = pd.DataFrame(
+    return pd.DataFrame(
         [
             (
                 display_name(n),
@@ -367,49 +395,42 @@ def model_card(metadata: Mapping[str, Any], *, checkpoint_path: str | os.PathLik
         ],
         columns=["finding", "threshold", "how chosen"],
     )
-    # intended_use and limitations are Markdown on the page: text from the checkpoint is escaped (shown as text)
-    intended = (
-        md_escape(meta.get("intended_use"))
-        if meta.get("intended_use")
-        else str(
-            (
-                "Research and education: helping a radiologist or ML engineer explore what a DenseNet "
-                "fine-tuned on chest radiographs predicts for frontal (PA/AP) adult chest X-rays, and record "
-                "agreement per finding. It is a second look for research, not a device."
-            )
-        )
-    )
-    limitations = [md_escape(x) for x in (meta.get("limitations") or [])] + [
-        "Trained on the labels of its training set; ChestX-ray14 labels were mined from reports by NLP "
-        "and are noisy (estimated accuracy around 90%), so the model learns their errors too.",
-        "Frontal views only: lateral views, paediatric films and non-chest images are out of scope.",
-        "Performance depends on the scanner, population and prevalence; validate locally before any use.",
-        "Class activation maps are coarse (computed at a stage 8-16x coarser than the input, then "
-        "upsampled) and show where evidence was found, not the outline of a lesion.",
-        "Thresholds trade sensitivity against specificity for the validation set they were chosen on.",
-    ]
-    if not len(metrics):
+
+
+# intended_use and limitations are Markdown on the page: text from the checkpoint is escaped (shown as text)
+_DEFAULT_INTENDED_USE = (
+    "Research and education: helping a radiologist or ML engineer explore what a DenseNet "
+    "fine-tuned on chest radiographs predicts for frontal (PA/AP) adult chest X-rays, and record "
+    "agreement per finding. It is a second look for research, not a device."
+)
+_GENERAL_LIMITATIONS = [
+    "Trained on the labels of its training set; ChestX-ray14 labels were mined from reports by NLP "
+    "and are noisy (estimated accuracy around 90%), so the model learns their errors too.",
+    "Frontal views only: lateral views, paediatric films and non-chest images are out of scope.",
+    "Performance depends on the scanner, population and prevalence; validate locally before any use.",
+    "Class activation maps are coarse (computed at a stage 8-16x coarser than the input, then "
+    "upsampled) and show where evidence was found, not the outline of a lesion.",
+    "Thresholds trade sensitivity against specificity for the validation set they were chosen on.",
+]
+
+
+def _intended_use(meta: Mapping[str, Any]) -> str:
+    """The checkpoint's intended use (Markdown-escaped), else the project's default statement."""
+    return md_escape(meta.get("intended_use")) if meta.get("intended_use") else _DEFAULT_INTENDED_USE
+
+
+def _limitations(meta: Mapping[str, Any], *, has_metrics: bool, synthetic: bool | None) -> list[str]:
+    """Most important first: synthetic training data (or not recorded), no metrics, then the
+    checkpoint's own (Markdown-escaped) and the general limitations."""
+    limitations = [md_escape(x) for x in (meta.get("limitations") or [])] + list(_GENERAL_LIMITATIONS)
+    if not has_metrics:
         limitations.insert(0, "This checkpoint records no evaluation metrics: run `medxray evaluate` on it.")
-    synth = is_synthetic(meta)
-    if synth:
+    if synthetic:
         limitations.insert(
             0,
             "Trained and evaluated on synthetic phantom images: its metrics measure the phantom, "
             "not performance on radiographs.",
         )
-    elif synth is None:
+    elif synthetic is None:
         limitations.insert(0, "The checkpoint does not record whether it was trained on real or synthetic images.")
-    loc_table, loc_note = localisation_table(meta)
-    return ModelCard(
-        title=f"medxray model card: {arch}",
-        summary=summary,
-        training=training,
-        metrics=metrics,
-        thresholds=thresholds,
-        localisation=loc_table,
-        localisation_note=loc_note,
-        intended_use=intended,
-        limitations=limitations,
-        provenance=provenance_table(meta),
-        synthetic=synth,
-    )
+    return limitations
