@@ -38,7 +38,8 @@ $(STAMP): pyproject.toml
 # (the model, the DICOM reader and writers, maps, inference, the checkpoint metadata, the input contract, the CLI).
 TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/backends medxray/checkpoint.py \
          medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/cli \
-         medxray/scoring/messages.py medxray/scoring/mapstreams.py medxray/evaluation/stages.py
+         medxray/scoring/messages.py medxray/scoring/mapstreams.py medxray/evaluation/stages.py \
+         medxray/mapmethods.py medxray/precision.py medxray/scoreoptions.py medxray/lazyexports.py
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
