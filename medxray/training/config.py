@@ -24,7 +24,7 @@ import yaml
 from medxray.data import DATASETS
 from medxray.errors import ConfigError
 from medxray.fileio import atomic_write_text, load_yaml_mapping
-from medxray.hardware import PRECISIONS
+from medxray.precision import PRECISIONS
 
 SCHEDULERS: tuple[str, ...] = ("plateau", "cosine", "none")
 POS_WEIGHTS: tuple[str, ...] = ("none", "balanced")
