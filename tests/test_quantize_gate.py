@@ -219,3 +219,43 @@ def test_auroc_failure_on_a_small_split_says_the_split_is_too_small():
     assert big.passed, big.reason
     big_fail = gate(400, 60, 12)  # 144 pairs: 0.0071
     assert not big_fail.passed and "positives among" not in big_fail.reason
+
+
+@pytest.mark.slow
+def test_scorer_runs_the_accepted_int8_model(trained, accepted, cache, tmp_path):
+    """score-dicom's engine with ``precision="int8"`` runs the accepted model (its summary says so) and
+    writes probabilities within the gate's tolerance of the same scorer at fp32, on 16 of the gate's
+    check films stored as 8-bit DICOM with the full 8-bit window (centre 128, width 256), so that the
+    scorer's input equals the PNG's. (Without a window the reader stretches each film's min..max to
+    0..1: films unlike the calibration set, on which this int8 model moved one probability by 0.066.)"""
+    import csv
+
+    from dicom_corpus import make_dataset
+
+    from medxray.labels import CHESTXRAY14_FINDINGS as LABELS
+    from medxray.quantize import GATE_PROB, GATE_PROB_MAX, GATE_PROB_QUANTILE
+    from medxray.scoring import ScoreConfig, score_directory
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, im in enumerate(trained["check"][:16]):
+        ds = make_dataset(f"q{i}", np.asarray(im), bits_allocated=8, bits_stored=8, window=(128.0, 256.0))
+        ds.save_as(src / f"q{i:02d}.dcm", enforce_file_format=True)
+
+    def score(precision: str) -> tuple[str, np.ndarray]:
+        out = tmp_path / precision
+        cfg = ScoreConfig(
+            src, trained["ckpt"], out, cams="none", backend="openvino", precision=precision, workers=1, progress=False
+        )
+        summary = score_directory(cfg)
+        assert summary.ok == 16 and summary.error == 0
+        with open(out / "results.csv", newline="", encoding="utf-8") as fh:
+            rows = sorted(csv.DictReader(fh), key=lambda r: r["path"])
+        return summary.backend, np.array([[float(r[f"p_{n}"]) for n in LABELS] for r in rows])
+
+    backend_q, got = score("int8")
+    backend_f, ref = score("fp32")
+    assert backend_q == "openvino/int8/cpu" and backend_f == "openvino/fp32/cpu"
+    diff = np.abs(got - ref)
+    assert np.quantile(diff, GATE_PROB_QUANTILE) <= GATE_PROB and diff.max() <= GATE_PROB_MAX
+    assert diff.max() > 0, "int8 and fp32 wrote identical probabilities: is the scorer running int8?"
