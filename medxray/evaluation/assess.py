@@ -211,29 +211,19 @@ def assess(
     }
     files["metrics"] = out / "metrics.json"
     atomic_write_text(files["metrics"], json.dumps(json.loads(json_line(metrics)), indent=2))
-    result = EvalResult(
-        out_dir=out,
+    result = _eval_result(
+        out,
+        s,
+        label_names,
+        files,
         checkpoint=checkpoint,
         split=split,
         n_images=int(len(P)),
-        label_names=label_names,
-        auroc=dict(zip(label_names, s.aurocs)),
-        auroc_ci=dict(zip(label_names, s.boot["per_class"])),
-        mean_auroc=s.mean_auroc,
-        mean_auroc_ci=tuple(s.boot["mean"]),
-        auprc=dict(zip(label_names, s.auprc)),
-        thresholds=s.youden,
         threshold_split=threshold_split,
-        operating_points=s.ops,
-        calibration=s.calib,
         localisation=dict(localisation) if localisation else None,
-        report_md=out / "report.md",
-        report_html=out / "report.html",
-        files=files,
         precision=precision,
         coverage=coverage,
         coverage_note=cov_note,
-        thresholds_fallback=s.fallback,
     )
     write_report(
         result,
@@ -247,6 +237,48 @@ def assess(
         reference_note=reference_label(coverage, split) if dataset == "chestxray14" else None,
     )
     return result, metrics
+
+
+def _eval_result(
+    out: Path,
+    s: _Scores,
+    label_names: list[str],
+    files: dict[str, Path],
+    *,
+    checkpoint: Path | None,
+    split: str,
+    n_images: int,
+    threshold_split: str,
+    localisation: dict[str, Any] | None,
+    precision: str,
+    coverage: dict[str, Any] | None,
+    coverage_note: str | None,
+) -> EvalResult:
+    """The :class:`EvalResult` of the scores, with the Youden thresholds as the operating ones."""
+    return EvalResult(
+        out_dir=out,
+        checkpoint=checkpoint,
+        split=split,
+        n_images=n_images,
+        label_names=label_names,
+        auroc=dict(zip(label_names, s.aurocs)),
+        auroc_ci=dict(zip(label_names, s.boot["per_class"])),
+        mean_auroc=s.mean_auroc,
+        mean_auroc_ci=tuple(s.boot["mean"]),
+        auprc=dict(zip(label_names, s.auprc)),
+        thresholds=s.youden,
+        threshold_split=threshold_split,
+        operating_points=s.ops,
+        calibration=s.calib,
+        localisation=localisation,
+        report_md=out / "report.md",
+        report_html=out / "report.html",
+        files=files,
+        precision=precision,
+        coverage=coverage,
+        coverage_note=coverage_note,
+        thresholds_fallback=s.fallback,
+    )
 
 
 def _metrics_fields(s: _Scores, label_names: list[str], threshold_split: str) -> dict[str, Any]:

@@ -53,37 +53,52 @@ def write_plots(
     ``P``, ``Y``, ``M``: (N, C) probabilities, labels, masks; ``aurocs``: per-class AUROC for the
     legend; ``calib``: :func:`medxray.evaluation.metrics.calibration`'s result.
     """
+    files: dict[str, Path] = {}
+    for kind in ("roc", "pr"):
+        files[kind] = out / f"{kind}.png"
+        _save_figure(_curves_figure(kind, label_names, P, Y, M, aurocs), files[kind])
+    files["reliability"] = out / "reliability.png"
+    _save_figure(_reliability_figure(calib), files["reliability"])
+    return files
+
+
+def _curves_figure(
+    kind: str, label_names: Sequence[str], P: np.ndarray, Y: np.ndarray, M: np.ndarray, aurocs: Sequence[float]
+) -> Any:
+    """ROC (``kind="roc"``: AUROC in the legend) or precision-recall (``"pr"``: prevalence in the
+    legend) curves, one per finding with both classes among its known labels."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    files: dict[str, Path] = {}
     colors = [__import__("matplotlib").colormaps["tab20"](i % 20) for i in range(len(label_names))]
-    for kind in ("roc", "pr"):
-        fig = _figure(7.5, 6)
-        ax = fig.add_subplot(1, 1, 1)
-        for c, name in enumerate(label_names):
-            k = M[:, c] > 0.5
-            y = Y[k, c] > 0.5
-            if not 0 < y.sum() < len(y):
-                continue
-            if kind == "roc":
-                fpr, tpr, _ = roc_curve(y, P[k, c])
-                ax.plot(fpr, tpr, color=colors[c], lw=1.3, label=f"{name} ({aurocs[c]:.3f})")
-            else:
-                prec, rec, _ = precision_recall_curve(y, P[k, c])
-                ax.plot(rec, prec, color=colors[c], lw=1.3, label=f"{name} (prev. {y.mean():.2f})")
+    fig = _figure(7.5, 6)
+    ax = fig.add_subplot(1, 1, 1)
+    for c, name in enumerate(label_names):
+        k = M[:, c] > 0.5
+        y = Y[k, c] > 0.5
+        if not 0 < y.sum() < len(y):
+            continue
         if kind == "roc":
-            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-            ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity", title="ROC curves (AUROC)")
+            fpr, tpr, _ = roc_curve(y, P[k, c])
+            ax.plot(fpr, tpr, color=colors[c], lw=1.3, label=f"{name} ({aurocs[c]:.3f})")
         else:
-            ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall curves")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "upper right", ncol=1)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        files[kind] = out / f"{kind}.png"
-        _save_figure(fig, files[kind])
+            prec, rec, _ = precision_recall_curve(y, P[k, c])
+            ax.plot(rec, prec, color=colors[c], lw=1.3, label=f"{name} (prev. {y.mean():.2f})")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity", title="ROC curves (AUROC)")
+    else:
+        ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall curves")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "upper right", ncol=1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
+
+def _reliability_figure(calib: Mapping[str, Any]) -> Any:
+    """Reliability diagram (observed frequency against mean predicted probability per bin, ECE in
+    the title) above the bins' pair counts (log scale)."""
     fig = _figure(5.5, 6)
     ax = fig.add_subplot(2, 1, (1, 1))
     bins = calib["bins"]
@@ -104,9 +119,7 @@ def write_plots(
     ax2.set(xlim=(0, 1), xlabel="predicted probability", ylabel="pairs (image, finding)")
     ax2.set_yscale("log")
     fig.tight_layout()
-    files["reliability"] = out / "reliability.png"
-    _save_figure(fig, files["reliability"])
-    return files
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
