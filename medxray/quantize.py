@@ -12,7 +12,7 @@ conversion time:
 
 The probability criterion is a tail quantile plus a cap, not a plain maximum: the maximum over
 N x C probabilities grows with the check set (one int8 model of a phantom-trained densenet121 at
-64 px: 0.017-0.025 on 56 images, 0.034 on 600; 99.9th percentile 0.021), so a maximum of 0.02
+64 px: 0.021-0.025 on 56 images, 0.034 on 600; 99.9th percentile 0.021), so a maximum of 0.02
 judged the size of the check set rather than the model. bf16 on the same sets: max 0.003-0.005.
 The AUROC criterion needs a validation split large enough to resolve it: one swapped
 positive/negative pair moves a finding's AUROC by 1 / (positives x negatives) (0.0017 for 7
