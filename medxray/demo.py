@@ -22,9 +22,10 @@ import logging
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -110,14 +111,17 @@ class DemoResult:
     localisation: dict[str, Any] | None = None
 
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall-clock seconds of the block as ``timings[key]`` (not on an error)."""
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
+
+
 def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None = None) -> DemoResult:
     """Run every step and return where the results are; ``echo`` receives the human-readable story."""
-    from medxray.data.prepare import prepare_cache
-    from medxray.data.synthetic import synthesize
     from medxray.evaluation.run import evaluate
-    from medxray.models import NO_PRETRAINED
-    from medxray.training.config import make_config
-    from medxray.training.loop import finetune
 
     opts = opts or DemoOptions()
     say = echo or log.info
@@ -126,86 +130,34 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     _check_scoring_available(opts)
+    _say_intro(opts, say)
+    data_root = _phantom_data(opts, out, say, timings)
+    res = _train(opts, data_root, out, say, timings)
 
-    say("medxray demo" + (" (quick smoke version)" if opts.quick else ""))
-    say(f"NOTE: {SYNTHETIC_NOTE}")
-    say(
-        "NOTE: the network starts from random weights (--pretrained none): ImageNet weights cannot be "
-        "downloaded on this machine. With the weights in the torch hub cache, `medxray finetune` uses them "
-        "by default."
-    )
-
-    t = time.perf_counter()
-    say(f"[1/6] synthesising {opts.images} phantom images ({opts.phantom_size} px PNG, NIH layout) ...")
-    data_root = synthesize(
-        out / "phantom_data", n_images=opts.images, seed=opts.seed, image_size=opts.phantom_size, overwrite=True
-    )  # the demo's own folder: a re-run with other options replaces it
-    timings["synthesise"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    say(f"[2/6] preprocessing cache at {opts.image_size} px ...")
-    prepare_cache("chestxray14", data_root, size=opts.image_size, progress=False)
-    timings["cache"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    cfg = make_config(
-        dataset="chestxray14",
-        data_root=str(data_root),
-        model=opts.model,
-        pretrained=NO_PRETRAINED,
-        image_size=opts.image_size,
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        val_fraction=opts.val_fraction,
-        seed=opts.seed,
-        device=opts.device,
-        early_stopping_patience=0,
-        augment=opts.augment,
-        scheduler="cosine",
-        progress=True,
-    )
-    cfg = _run_config(cfg, out)
-    say(
-        f"[3/6] fine-tuning {opts.model} for {opts.epochs} epochs at {opts.image_size} px on the phantom train split "
-        f"-> {cfg.out or cfg.resume}"
-    )
-    res = finetune(cfg)
-    timings["finetune"] = time.perf_counter() - t
-    say(
-        f"      best epoch {res.best_epoch}: validation mean AUROC {res.best_val_auroc:.3f} "
-        f"({timings['finetune'] / 60:.1f} min)"
-    )
-
-    t = time.perf_counter()
-    say("[4/6] evaluating on the phantom test split (bootstrap CIs, thresholds, calibration, CAM localisation) ...")
-    ev = evaluate(
-        res.best_checkpoint,
-        data_root=data_root,
-        split="test",
-        out_dir=out / "evaluation",
-        n_bootstrap=opts.bootstrap,
-        device=opts.device,
-        batch_size=32,
-        write_back=True,  # the scorer and the app below read the thresholds and map figures from it
-    )
-    timings["evaluate"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    say(f"[5/6] CAM overlays for {opts.cam_images} test images with ground-truth boxes ...")
-    cams = render_cam_examples(
-        res.best_checkpoint, data_root, out / "cam_examples", n=opts.cam_images, device=opts.device
-    )
-    timings["cams"] = time.perf_counter() - t
-
+    with _timed(timings, "evaluate"):
+        say("[4/6] evaluating on the phantom test split (bootstrap CIs, thresholds, calibration, CAM localisation) ...")
+        ev = evaluate(
+            res.best_checkpoint,
+            data_root=data_root,
+            split="test",
+            out_dir=out / "evaluation",
+            n_bootstrap=opts.bootstrap,
+            device=opts.device,
+            batch_size=32,
+            write_back=True,  # the scorer and the app below read the thresholds and map figures from it
+        )
+    with _timed(timings, "cams"):
+        say(f"[5/6] CAM overlays for {opts.cam_images} test images with ground-truth boxes ...")
+        cams = render_cam_examples(
+            res.best_checkpoint, data_root, out / "cam_examples", n=opts.cam_images, device=opts.device
+        )
     rg1: dict[str, Any] = {}
     scoring_dir = None
     if opts.score_rg1:
-        t = time.perf_counter()
-        say("[6/6] scoring a real chest radiograph (RG1_UNCI.dcm from pydicom-data) with the new checkpoint ...")
-        scoring_dir = out / "scoring"
-        rg1 = score_rg1(res.best_checkpoint, out / "dicom_input", scoring_dir, device=opts.device)
-        timings["score_rg1"] = time.perf_counter() - t
+        with _timed(timings, "score_rg1"):
+            say("[6/6] scoring a real chest radiograph (RG1_UNCI.dcm from pydicom-data) with the new checkpoint ...")
+            scoring_dir = out / "scoring"
+            rg1 = score_rg1(res.best_checkpoint, out / "dicom_input", scoring_dir, device=opts.device)
     timings["total"] = time.perf_counter() - t_all
 
     ok = opts.quick or (
@@ -232,6 +184,72 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
     _write_summary(result, opts)
     _tell(result, opts, ev, say)
     return result
+
+
+def _say_intro(opts: DemoOptions, say: Callable[[str], None]) -> None:
+    """The story's opening: what the demo is, that its data are synthetic and its weights random."""
+    say("medxray demo" + (" (quick smoke version)" if opts.quick else ""))
+    say(f"NOTE: {SYNTHETIC_NOTE}")
+    say(
+        "NOTE: the network starts from random weights (--pretrained none): ImageNet weights cannot be "
+        "downloaded on this machine. With the weights in the torch hub cache, `medxray finetune` uses them "
+        "by default."
+    )
+
+
+def _phantom_data(opts: DemoOptions, out: Path, say: Callable[[str], None], timings: dict[str, float]) -> Path:
+    """Steps 1-2: synthesise the phantom set under ``out/phantom_data`` (NIH layout) and build its
+    preprocessing cache; returns the data root."""
+    from medxray.data.prepare import prepare_cache
+    from medxray.data.synthetic import synthesize
+
+    with _timed(timings, "synthesise"):
+        say(f"[1/6] synthesising {opts.images} phantom images ({opts.phantom_size} px PNG, NIH layout) ...")
+        data_root = synthesize(
+            out / "phantom_data", n_images=opts.images, seed=opts.seed, image_size=opts.phantom_size, overwrite=True
+        )  # the demo's own folder: a re-run with other options replaces it
+    with _timed(timings, "cache"):
+        say(f"[2/6] preprocessing cache at {opts.image_size} px ...")
+        prepare_cache("chestxray14", data_root, size=opts.image_size, progress=False)
+    return data_root
+
+
+def _train(opts: DemoOptions, data_root: Path, out: Path, say: Callable[[str], None], timings: dict[str, float]) -> Any:
+    """Step 3: fine-tune from random weights on the phantom train split (cosine schedule, no early
+    stopping); returns :func:`medxray.training.loop.finetune`'s result."""
+    from medxray.models import NO_PRETRAINED
+    from medxray.training.config import make_config
+    from medxray.training.loop import finetune
+
+    with _timed(timings, "finetune"):
+        cfg = make_config(
+            dataset="chestxray14",
+            data_root=str(data_root),
+            model=opts.model,
+            pretrained=NO_PRETRAINED,
+            image_size=opts.image_size,
+            epochs=opts.epochs,
+            batch_size=opts.batch_size,
+            lr=opts.lr,
+            val_fraction=opts.val_fraction,
+            seed=opts.seed,
+            device=opts.device,
+            early_stopping_patience=0,
+            augment=opts.augment,
+            scheduler="cosine",
+            progress=True,
+        )
+        cfg = _run_config(cfg, out)
+        say(
+            f"[3/6] fine-tuning {opts.model} for {opts.epochs} epochs at {opts.image_size} px on the phantom "
+            f"train split -> {cfg.out or cfg.resume}"
+        )
+        res = finetune(cfg)
+    say(
+        f"      best epoch {res.best_epoch}: validation mean AUROC {res.best_val_auroc:.3f} "
+        f"({timings['finetune'] / 60:.1f} min)"
+    )
+    return res
 
 
 def localisation_reached(loc: dict[str, Any] | None, opts: DemoOptions) -> bool:

@@ -87,15 +87,14 @@ def _load_seen(path: Path) -> dict[str, str]:
 
 def _day_stats(
     rows: Sequence[dict[str, Any]],
-    names: Sequence[str],
-    thresholds: Mapping[str, float],
-    ref_hist: Mapping[str, list[int]],
-    ref_pos_rate: Mapping[str, float],
-    ood_expected: float | None,
+    base: _Baseline,
     min_images: int,
     day: str,
     alerts: list[Alert] | None,
 ) -> dict[str, Any]:
+    """One day's (or week's) figures: images, errors, OOD flag rate, and per finding the positive-call
+    rate and PSI against the validation reference (raw and above its noise floor). With ``alerts``
+    (days only, from ``min_images`` scored images) the alerts raised are appended to it."""
     ok = [r for r in rows if r["status"] in ("ok", "skipped")]
     n = len(ok)
     flagged = sum(1 for r in ok if r["ood"])
@@ -109,50 +108,24 @@ def _day_stats(
         "psi_level": {},
     }
     scored = [r for r in ok if r["status"] == "ok"]
-    for f in names:
+    for f in base.names:
         k = sum(1 for r in scored if f in r["positives"])
         st["positive_rate"][f] = k / len(scored) if scored else float("nan")
         vals = [r["probs"][f] for r in scored if f in r["probs"]]
         raw = float("nan")
         v = float("nan")
-        if f in ref_hist and vals:
-            edges, counts = ref_hist[f]
+        if f in base.ref_hist and vals:
+            edges, counts = base.ref_hist[f]
             raw = psi(counts, histogram(np.asarray(vals), edges))
             v = max(0.0, raw - psi_noise_floor(len(counts), int(sum(counts)), len(vals)))
         st["psi"][f] = v
         st.setdefault("psi_raw", {})[f] = raw
         st["psi_level"][f] = psi_level(v)
-        if alerts is None or len(scored) < min_images:
-            continue
-        if math.isfinite(v) and v >= PSI_WARN:
-            lvl = "alert" if v >= PSI_ALERT else "warn"
-            alerts.append(
-                Alert(
-                    day,
-                    "psi",
-                    f,
-                    lvl,
-                    f"{f}: score distribution shifted from validation (PSI {v:.2f}, "
-                    f"{lvl} level {PSI_ALERT if lvl == 'alert' else PSI_WARN:g})",
-                )
-            )
-        r0 = ref_pos_rate.get(f)
-        if r0 is not None and r0 > 0:
-            lo, hi = wilson(k, len(scored), z=ALERT_Z)
-            rate = k / len(scored)
-            if (rate > 2 * r0 and lo > r0) or (rate < r0 / 2 and hi < r0):
-                alerts.append(
-                    Alert(
-                        day,
-                        "positive_rate",
-                        f,
-                        "alert",
-                        f"{f}: positive-call rate {rate:.1%} (99.7% CI {lo:.1%}-{hi:.1%}) vs {r0:.1%} in validation",
-                    )
-                )
-    if alerts is not None and ood_expected is not None and n >= min_images:
+        if alerts is not None and len(scored) >= min_images:
+            alerts.extend(_finding_alerts(day, f, v, k, len(scored), base.ref_pos.get(f)))
+    if alerts is not None and base.ood_expected is not None and n >= min_images:
         lo, hi = wilson(flagged, n, z=ALERT_Z)
-        if lo > 2 * ood_expected:
+        if lo > 2 * base.ood_expected:
             alerts.append(
                 Alert(
                     day,
@@ -160,10 +133,43 @@ def _day_stats(
                     "",
                     "alert",
                     f"out-of-distribution flag rate {flagged / n:.1%} (99.7% CI {lo:.1%}-{hi:.1%}); "
-                    f"about {ood_expected:.0%} expected",
+                    f"about {base.ood_expected:.0%} expected",
                 )
             )
     return st
+
+
+def _finding_alerts(day: str, f: str, v: float, k: int, n_scored: int, r0: float | None) -> list[Alert]:
+    """A finding's alerts of one day: PSI ``v`` at the warn/alert level, and a positive-call rate
+    (``k`` of ``n_scored``) whose 99.7% Wilson interval lies beyond half or twice the validation
+    rate ``r0``."""
+    out = []
+    if math.isfinite(v) and v >= PSI_WARN:
+        lvl = "alert" if v >= PSI_ALERT else "warn"
+        out.append(
+            Alert(
+                day,
+                "psi",
+                f,
+                lvl,
+                f"{f}: score distribution shifted from validation (PSI {v:.2f}, "
+                f"{lvl} level {PSI_ALERT if lvl == 'alert' else PSI_WARN:g})",
+            )
+        )
+    if r0 is not None and r0 > 0:
+        lo, hi = wilson(k, n_scored, z=ALERT_Z)
+        rate = k / n_scored
+        if (rate > 2 * r0 and lo > r0) or (rate < r0 / 2 and hi < r0):
+            out.append(
+                Alert(
+                    day,
+                    "positive_rate",
+                    f,
+                    "alert",
+                    f"{f}: positive-call rate {rate:.1%} (99.7% CI {lo:.1%}-{hi:.1%}) vs {r0:.1%} in validation",
+                )
+            )
+    return out
 
 
 @dataclass(frozen=True)
@@ -238,11 +244,10 @@ def monitor(
         by_day[day.isoformat()].append(r)
         iso = day.isocalendar()
         by_week[f"{iso[0]}-W{iso[1]:02d}"].append(r)
-    stats = (names, base.thresholds, base.ref_hist, base.ref_pos, base.ood_expected, min_images)
     for day in sorted(by_day):
-        res.days[day] = _day_stats(by_day[day], *stats, day, res.alerts)
+        res.days[day] = _day_stats(by_day[day], base, min_images, day, res.alerts)
     for wk in sorted(by_week):
-        res.weeks[wk] = _day_stats(by_week[wk], *stats, wk, None)
+        res.weeks[wk] = _day_stats(by_week[wk], base, min_images, wk, None)
     if reviews is not None:
         _add_reviews(res, reviews, rows, names)
     res.files = _write(res, out, names, meta, base.has_reference)
