@@ -376,6 +376,54 @@ def render_phantom(
 # choosing manifest rows
 
 
+def _pick_patients(
+    avail: np.ndarray,
+    pos: np.ndarray,
+    n_img: np.ndarray,
+    budget: int,
+    positive_fraction: float,
+    rng: np.random.Generator,
+) -> list[int]:
+    """Patients (indices into ``n_img``) for one split of ``budget`` images, see :func:`select_rows`.
+
+    ``avail`` (P,) bool: the patients that may be taken (cleared as they are); ``pos`` (P, C):
+    positive images per patient and finding; ``n_img`` (P,): images per patient. First the
+    finding furthest below ``positive_fraction`` of the budget draws a patient (probability
+    ~ density of that finding cubed), until every finding is reached or has no candidate left;
+    then patients weighted by 1 / images^2 fill the rest.
+    """
+    target = np.maximum(1, np.ceil(positive_fraction * budget)) * np.ones(pos.shape[1])
+    have = np.zeros(pos.shape[1])
+    used, chosen = 0, []
+    active = np.ones(pos.shape[1], bool)
+    while used < budget and active.any():
+        lack = np.where(active, (target - have) / target, -np.inf)
+        c = int(np.argmax(lack))
+        if lack[c] <= 0:
+            break
+        cand = np.flatnonzero(avail & (pos[:, c] > 0) & (n_img <= budget - used))
+        if len(cand) == 0:
+            active[c] = False
+            continue
+        density = pos[cand, c] / n_img[cand]
+        p = density**3
+        pick = int(rng.choice(cand, p=p / p.sum()))
+        avail[pick] = False
+        chosen.append(pick)
+        used += int(n_img[pick])
+        have += pos[pick]
+    while used < budget:
+        cand = np.flatnonzero(avail & (n_img <= budget - used))
+        if len(cand) == 0:
+            break
+        w = 1.0 / n_img[cand] ** 2  # favour small patients so the total lands exactly
+        pick = int(rng.choice(cand, p=w / w.sum()))
+        avail[pick] = False
+        chosen.append(pick)
+        used += int(n_img[pick])
+    return chosen
+
+
 def select_rows(
     n_images: int,
     seed: int = 0,
@@ -412,35 +460,7 @@ def select_rows(
     result = []
     for split_mask, budget in ((in_tv, n_images - n_test), (in_test, n_test)):
         avail = split_mask & (n_img <= max_patient_images)
-        target = np.maximum(1, np.ceil(positive_fraction * budget)) * np.ones(pos.shape[1])
-        have = np.zeros(pos.shape[1])
-        used, chosen = 0, []
-        active = np.ones(pos.shape[1], bool)
-        while used < budget and active.any():
-            lack = np.where(active, (target - have) / target, -np.inf)
-            c = int(np.argmax(lack))
-            if lack[c] <= 0:
-                break
-            cand = np.flatnonzero(avail & (pos[:, c] > 0) & (n_img <= budget - used))
-            if len(cand) == 0:
-                active[c] = False
-                continue
-            density = pos[cand, c] / n_img[cand]
-            p = density**3
-            pick = int(rng.choice(cand, p=p / p.sum()))
-            avail[pick] = False
-            chosen.append(pick)
-            used += int(n_img[pick])
-            have += pos[pick]
-        while used < budget:
-            cand = np.flatnonzero(avail & (n_img <= budget - used))
-            if len(cand) == 0:
-                break
-            w = 1.0 / n_img[cand] ** 2  # favour small patients so the total lands exactly
-            pick = int(rng.choice(cand, p=w / w.sum()))
-            avail[pick] = False
-            chosen.append(pick)
-            used += int(n_img[pick])
+        chosen = _pick_patients(avail, pos, n_img, budget, positive_fraction, rng)
         result.append(sorted(int(i) for g in chosen for i in groups[g]))
     return result[0], result[1]
 
