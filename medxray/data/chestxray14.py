@@ -295,6 +295,21 @@ def scan_images(root: Path) -> dict[str, str]:
 # splits
 
 
+def _listed_records(table: LabelTable, index: dict[str, int], names: Sequence[str]) -> tuple[Records, int]:
+    """Records (empty paths, every label known) of the ``names`` that have a row in ``table``
+    (``index``: name -> row), and how many names have none."""
+    idx = [index[n] for n in names if n in index]
+    rec = Records(
+        names=[table.names[i] for i in idx],
+        paths=[""] * len(idx),
+        patients=[table.patients[i] for i in idx],
+        views=[table.views[i] for i in idx],
+        labels=table.labels[idx].astype(np.float32),
+        mask=np.ones((len(idx), len(CHESTXRAY14_FINDINGS)), dtype=np.float32),
+    )
+    return rec, len(names) - len(idx)
+
+
 def split_records(
     data_root: str | os.PathLike | None = None,
     *,
@@ -316,26 +331,14 @@ def split_records(
     index = table.index()
     view = check_view(view)
 
-    def records(names: Sequence[str]) -> tuple[Records, int]:
-        idx = [index[n] for n in names if n in index]
-        rec = Records(
-            names=[table.names[i] for i in idx],
-            paths=[""] * len(idx),
-            patients=[table.patients[i] for i in idx],
-            views=[table.views[i] for i in idx],
-            labels=table.labels[idx].astype(np.float32),
-            mask=np.ones((len(idx), len(CHESTXRAY14_FINDINGS)), dtype=np.float32),
-        )
-        return rec, len(names) - len(idx)
-
     overlap = set(train_val) & set(test)
     if overlap:
         raise DataError(
             f"{len(overlap)} image(s) are in both {files['train_val_list'].name} and "
             f"{files['test_list'].name}; fix the split lists"
         )
-    tv, unl_tv = records(train_val)
-    te, unl_te = records(test)
+    tv, unl_tv = _listed_records(table, index, train_val)
+    te, unl_te = _listed_records(table, index, test)
     if unl_tv + unl_te:
         log.warning(
             "%d image(s) in the split lists have no (valid) row in %s and are left out",
