@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -375,15 +375,45 @@ def review_panel(
     who = reviewer(cfg)
     latest = store.latest(study.key.value)
     if latest is not None:
-        st.caption(
-            f"Last reviewed by {md_escape(latest.reviewer)} at {md_escape(latest.saved_at_utc)} (UTC); "
-            "saving again adds a new review, the latest one counts, the history keeps every change."
-        )
-        if latest.content_sha256 and latest.content_sha256 != study.sha256:  # same UIDs, another file
-            st.warning(CHANGED_SINCE_REVIEW)
+        _last_review_caption(latest, study)
     keys = StudyKeys.for_sha256(study.sha256)
     names = list(table["finding"])
-    previous = latest.verdicts if latest else {}
+    _verdict_buttons(keys, names)
+    _finding_radios(table, keys, latest.verdicts if latest else {})
+    st.text_area(
+        "Note",
+        value=latest.note if latest else "",
+        key=keys.note,
+        help="Do not type patient names or identifiers here.",
+    )
+    with st.container(horizontal=True, vertical_alignment="center"):
+        st.button(
+            "Save review",
+            shortcut="Ctrl+Enter",
+            type="primary",
+            key=AppKeys.SAVE_REVIEW,
+            on_click=_save,
+            disabled=who[1] != "typed" and not who[0],
+            args=(cfg, store, study, pred, table, who, advance_to if in_worklist else None),
+        )
+        if in_worklist:
+            st.checkbox("Then open the next unreviewed study", value=True, key=AppKeys.AUTO_ADVANCE)
+    _review_history(store, study)
+
+
+def _last_review_caption(latest: Any, study: StudyImage) -> None:
+    """Who reviewed the study last and when (shown as text); a warning when the file changed since."""
+    st.caption(
+        f"Last reviewed by {md_escape(latest.reviewer)} at {md_escape(latest.saved_at_utc)} (UTC); "
+        "saving again adds a new review, the latest one counts, the history keeps every change."
+    )
+    if latest.content_sha256 and latest.content_sha256 != study.sha256:  # same UIDs, another file
+        st.warning(CHANGED_SINCE_REVIEW)
+
+
+def _verdict_buttons(keys: StudyKeys, names: list[str]) -> None:
+    """One row of buttons with keyboard shortcuts: agree / disagree / unsure on the current finding
+    (A/D/U), previous / next finding (Up/Down)."""
     with st.container(horizontal=True):
         st.button("Agree", shortcut="A", on_click=_set_verdict, args=(keys, names, "agree"), key=AppKeys.VERDICT_AGREE)
         st.button(
@@ -412,6 +442,11 @@ def review_panel(
             key=AppKeys.FINDING_NEXT,
             icon=":material/arrow_downward:",
         )
+
+
+def _finding_radios(table: pd.DataFrame, keys: StudyKeys, previous: Mapping[str, str]) -> None:
+    """One verdict radio per finding (probability, call at its threshold), preset from the latest
+    review; the current finding is marked."""
     current = st.session_state.get(keys.current_finding)
     for _, r in table.iterrows():
         n = str(r["finding"])
@@ -421,24 +456,10 @@ def review_panel(
         mark = "positive" if r["positive"] else "negative"
         label = f"{md_escape(display_name(n))}: p = {r['probability']:.3f} ({mark} at {r['threshold']:.2f})"
         st.radio(("▶ " if n == current else "") + label, VERDICT_CHOICES, horizontal=True, key=key)
-    st.text_area(
-        "Note",
-        value=latest.note if latest else "",
-        key=keys.note,
-        help="Do not type patient names or identifiers here.",
-    )
-    with st.container(horizontal=True, vertical_alignment="center"):
-        st.button(
-            "Save review",
-            shortcut="Ctrl+Enter",
-            type="primary",
-            key=AppKeys.SAVE_REVIEW,
-            on_click=_save,
-            disabled=who[1] != "typed" and not who[0],
-            args=(cfg, store, study, pred, table, who, advance_to if in_worklist else None),
-        )
-        if in_worklist:
-            st.checkbox("Then open the next unreviewed study", value=True, key=AppKeys.AUTO_ADVANCE)
+
+
+def _review_history(store: ReviewStore, study: StudyImage) -> None:
+    """Every stored change of the study's reviews, in an expander (nothing when never reviewed)."""
     history = list(store.iter_history_rows(study.key.value))
     if history:
         with st.expander(f"Review history ({len(history)} change{'s' if len(history) != 1 else ''})"):
