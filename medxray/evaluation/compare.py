@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -267,33 +267,10 @@ def compare_sources(
     kinds = {is_predictions_file(a), is_predictions_file(b)}
     if len(kinds) != 1:
         raise ConfigError("--compare takes two checkpoints or two predictions files (.csv), not one of each")
-    results = []
-    for tag, src in (("A", a), ("B", b)):
-        if is_predictions_file(src):
-            from medxray.evaluation.external import evaluate_predictions
-
-            opts = {
-                k: v
-                for k, v in evaluate_options.items()
-                if k == "threshold_split" or (k in ("dataset", "data_root") and v is not None)
-            }
-            results.append(
-                evaluate_predictions(src, split=split, out_dir=out / tag, n_bootstrap=n_bootstrap, seed=seed, **opts)
-            )
-        else:
-            from medxray.evaluation.run import evaluate
-
-            results.append(
-                evaluate(
-                    src,
-                    split=split,
-                    out_dir=out / tag,
-                    n_bootstrap=n_bootstrap,
-                    seed=seed,
-                    localisation=False,
-                    **evaluate_options,
-                )
-            )
+    results = [
+        _evaluate_source(src, out / tag, split, n_bootstrap, seed, evaluate_options)
+        for tag, src in (("A", a), ("B", b))
+    ]
     ra, rb = results
     if ra.label_names != rb.label_names:
         raise DataError(f"{a} and {b} predict different findings; compare models of the same label set")
@@ -313,6 +290,29 @@ def compare_sources(
     cov = ra.coverage_note
     write_comparison(comp, out, note="; ".join(x for x in (cov, note) if x) or None)
     return comp, ra, rb
+
+
+def _evaluate_source(
+    src: str | Path, out: Path, split: str, n_bootstrap: int, seed: int, evaluate_options: Mapping[str, Any]
+) -> Any:
+    """Evaluate one side of a comparison into ``out``: a predictions CSV with
+    :func:`~medxray.evaluation.external.evaluate_predictions` (of the options only the threshold
+    split, dataset and data root apply), a checkpoint with :func:`~medxray.evaluation.run.evaluate`
+    (no localisation, thresholds not written back). Returns its EvalResult."""
+    if is_predictions_file(src):
+        from medxray.evaluation.external import evaluate_predictions
+
+        opts = {
+            k: v
+            for k, v in evaluate_options.items()
+            if k == "threshold_split" or (k in ("dataset", "data_root") and v is not None)
+        }
+        return evaluate_predictions(src, split=split, out_dir=out, n_bootstrap=n_bootstrap, seed=seed, **opts)
+    from medxray.evaluation.run import evaluate
+
+    return evaluate(
+        src, split=split, out_dir=out, n_bootstrap=n_bootstrap, seed=seed, localisation=False, **evaluate_options
+    )
 
 
 def read_scored(path: Path, label_names: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
