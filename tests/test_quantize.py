@@ -1,9 +1,7 @@
-"""int8 post-training quantisation behind the accuracy gate (issue 14 item 5), on a small model
-and real NIH chest images from the shared sample (as a partial download).
-
-Not here yet: the accept path end to end. On a random-init densenet_bc_100_k12 (64 px) NNCF's
-int8 differs from fp32 by up to 0.029 in probability and 0.1 in one finding's AUROC, so the gate
-rightly refuses it; proving acceptance needs a (briefly) trained small model."""
+"""int8 post-training quantisation behind the accuracy gate, on a small random model and real NIH
+chest images from the shared sample (as a partial download): the gate's arithmetic, and one
+OpenVINO Core per process. The gate's accept and reject paths on a trained model are
+tests/test_quantize_gate.py."""
 
 from __future__ import annotations
 
@@ -29,7 +27,8 @@ def real_inputs():
     from medxray.data.imageio import read_image
 
     files = sorted((SAMPLE / "images").glob("*.png"))[:96]
-    assert len(files) == 96, f"the shared NIH sample is missing at {SAMPLE}"
+    if len(files) < 96:
+        pytest.skip(f"the shared NIH sample (96 of its PNGs) is not at {SAMPLE}")
     imgs = []
     for f in files:
         arr = np.asarray(read_image(f)[0])
@@ -56,17 +55,6 @@ def _split(p: Predictor, imgs):
     probs = p.predict_tensor(p.preprocess(val_imgs))
     y = (probs > np.median(probs, axis=0)).astype(np.int64)
     return x[:32], val, y, x[80:96]
-
-
-@pytest.mark.slow
-def test_gate_refuses_a_broken_calibration_and_the_predictor_says_why(tmp_path, real_inputs):
-    p = _predictor(tmp_path, seed=1)
-    calib, val, y, check = _split(p, real_inputs)
-    broken = np.full_like(calib, 0.0)  # every calibration image blank: activation ranges collapse
-    res = quantize_predictor(p, broken, val, y, check)
-    assert not res.passed, res
-    q = _predictor(tmp_path, seed=1, precision="auto")
-    assert q.precision in ("bf16", "fp32") and "refused at conversion" in q.int8_note
 
 
 def test_gate_logic():
