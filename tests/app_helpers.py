@@ -14,7 +14,6 @@ from medxray.labels import CHESTXRAY14_FINDINGS
 
 APP_ENTRY = Path(__file__).resolve().parent.parent / "app" / "medxray_app.py"
 # Real NIH ChestX-ray14 PNGs beside the clone (CI has ../shared too); the app never reads it.
-NIH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample" / "images"
 
 
 def rg1_path() -> str:
@@ -173,9 +172,9 @@ PHANTOM_PROVENANCE = {
 
 
 def nih_pngs(n: int) -> list[Path]:
-    files = sorted(NIH_SAMPLE.glob("*.png"))
-    assert len(files) >= n, f"the NIH sample at {NIH_SAMPLE} has {len(files)} PNGs, need {n}"
-    return files[:n]
+    from conftest import nih_sample_pngs
+
+    return nih_sample_pngs()[:n]
 
 
 def make_review_folder(out: Path, *, n_dicom: int = 4, n_png: int = 8, seed: int = 0) -> tuple[Path, list[dict]]:

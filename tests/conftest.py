@@ -76,6 +76,20 @@ def dicom_corpus(tmp_path_factory: pytest.TempPathFactory):
 # ---- OOD / body-part gate fixtures (issue 16 item 8) --------------------------------------
 
 NIH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample" / "images"
+NIH_SAMPLE_COUNT = 240
+
+
+def nih_sample_pngs() -> list[Path]:
+    """The 240 real NIH sample PNGs beside the repository (../shared), sorted by name. Skips the
+    calling test when the sample is not there (a clone on its own); fails when it is there but
+    incomplete (a damaged copy must not pass as a smaller test)."""
+    if not NIH_SAMPLE.is_dir():
+        pytest.skip(f"the NIH sample is not beside this clone ({NIH_SAMPLE}); CI has ../shared")
+    pngs = sorted(NIH_SAMPLE.glob("*.png"))
+    assert len(pngs) == NIH_SAMPLE_COUNT, (
+        f"the NIH sample must hold {NIH_SAMPLE_COUNT} PNGs beside the repository, found {len(pngs)} in {NIH_SAMPLE}"
+    )
+    return pngs
 
 
 def nih_manifest(folder: Path, n_val: int = 80, limit: int | None = None) -> Path:
@@ -83,13 +97,7 @@ def nih_manifest(folder: Path, n_val: int = 80, limit: int | None = None) -> Pat
     patient from the official file name, the last patients' images (up to ``n_val``) as validation."""
     import csv
 
-    if not NIH_SAMPLE.is_dir():
-        pytest.skip(f"the NIH sample is not beside this clone ({NIH_SAMPLE}); CI has ../shared")
-    pngs = sorted(NIH_SAMPLE.glob("*.png"))
-    assert len(pngs) == 240, (
-        f"the NIH sample must hold 240 PNGs beside the repository, found {len(pngs)} in {NIH_SAMPLE}"
-    )
-    pngs = pngs[:limit]
+    pngs = nih_sample_pngs()[:limit]
     patients = sorted({p.name.split("_")[0] for p in pngs})
     val_patients: set[str] = set()
     for pid in reversed(patients):

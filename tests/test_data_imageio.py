@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import nih_sample_pngs
 from PIL import Image
 
 from medxray.data.imageio import MIN_IMAGE_SIDE, decode_image, read_image, to_float01
 from medxray.errors import DataError
 from medxray.review.study import load_study_bytes
-
-NIH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample" / "images"
 
 
 def _encode(arr: np.ndarray, fmt: str, mode: str | None = None, **kw) -> bytes:
@@ -34,8 +33,7 @@ def _ramp(h: int = 48, w: int = 40, top: int = 255) -> np.ndarray:
 
 
 def test_real_nih_png_gives_the_same_pixels_to_training_and_to_the_app():
-    paths = sorted(NIH_SAMPLE.glob("*.png"))
-    assert len(paths) == 240, f"the NIH sample is expected at {NIH_SAMPLE}"
+    paths = nih_sample_pngs()
     for path in paths[:3]:
         arr, hw = read_image(path)
         assert arr.dtype == np.uint8 and hw == (1024, 1024)

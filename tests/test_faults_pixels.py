@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import NIH_SAMPLE
 
 from medxray.data.imageio import decode_image, read_image
 from medxray.dicom import DEFAULT_MAX_PIXELS as DICOM_DEFAULT
@@ -25,8 +26,7 @@ from medxray.errors import ConfigError, DataError, DicomError
 from medxray.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
 from medxray.review.study import load_study_bytes
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample" / "images"
-NIH_PNG = SAMPLE / "00000075_000.png"  # 1024 x 1024 = 1,048,576 pixels
+NIH_PNG = NIH_SAMPLE / "00000075_000.png"  # 1024 x 1024 = 1,048,576 pixels
 
 
 def png_header_only(path: Path, width: int, height: int, color_type: int = 6) -> Path:

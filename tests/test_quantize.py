@@ -13,12 +13,11 @@ import pytest
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from conftest import make_test_checkpoint  # noqa: E402
+from conftest import make_test_checkpoint, nih_sample_pngs  # noqa: E402
 
 from medxray.inference import Predictor  # noqa: E402
 from medxray.quantize import accuracy_gate, quantize_predictor  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample"
 SIZE = 64
 
 
@@ -26,9 +25,7 @@ SIZE = 64
 def real_inputs():
     from medxray.data.imageio import read_image
 
-    files = sorted((SAMPLE / "images").glob("*.png"))[:96]
-    if len(files) < 96:
-        pytest.skip(f"the shared NIH sample (96 of its PNGs) is not at {SAMPLE}")
+    files = nih_sample_pngs()[:96]
     imgs = []
     for f in files:
         arr = np.asarray(read_image(f)[0])

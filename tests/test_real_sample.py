@@ -19,18 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import nih_sample_pngs
 from PIL import Image
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "chestxray14-sample"
 SIZE = 64  # 2x2 CAMs: enough to exercise the map path; keeps the module under 2 CPU-minutes
 
 
 def sample_pngs() -> list[Path]:
-    if not (SAMPLE / "images").is_dir():
-        pytest.skip(f"the NIH sample is not beside this clone ({SAMPLE}); CI has ../shared")
-    pngs = sorted((SAMPLE / "images").glob("*.png"))
-    assert len(pngs) == 240, f"expected the 240 real NIH PNGs under {SAMPLE} (CI has ../shared beside the clone)"
-    return pngs
+    return nih_sample_pngs()
 
 
 @pytest.fixture(scope="module")
