@@ -400,6 +400,42 @@ def _boxes_of(parts: dict[str, Records], box_file: str | os.PathLike) -> dict[st
     return {n: b for n, b in all_boxes.items() if n in used}
 
 
+def _summary(
+    root: Path,
+    synthetic: bool,
+    parts: dict[str, Records],
+    missing: dict[str, int],
+    cache: Any | None,
+    boxes: dict[str, list[dict[str, Any]]],
+    info: dict[str, Any],
+    image_size: int,
+    val_fraction: float,
+    split_seed: int,
+    view: str,
+    max_per_patient: int | None,
+) -> dict[str, Any]:
+    """:attr:`DatasetSplits.summary` of ChestX-ray14: counts, patients and prevalence per split, the
+    settings, missing files dropped, the cache used, boxes kept and :func:`split_records`'s info."""
+    return {
+        "dataset": "chestxray14",
+        "data_root": str(root),
+        "synthetic": synthetic,
+        "image_size": int(image_size),
+        "label_names": list(CHESTXRAY14_FINDINGS),
+        **split_summary(parts, CHESTXRAY14_FINDINGS),
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "view": check_view(view),
+        "max_per_patient": max_per_patient,
+        "missing_dropped": sum(missing.values()),
+        "missing_dropped_by_split": missing,
+        "cache": None if cache is None else str(cache.path),
+        "boxes": sum(len(b) for b in boxes.values()),
+        "split_note": "test = official NIH test list; val = seeded patient-disjoint share of train_val",
+        **info,
+    }
+
+
 def build(
     data_root: str | os.PathLike,
     *,
@@ -437,24 +473,9 @@ def build(
         on_bad_image=on_bad_image,
     )
     boxes = _boxes_of(parts, info["files"]["boxes"])
-    summary = {
-        "dataset": "chestxray14",
-        "data_root": str(root),
-        "synthetic": synthetic,
-        "image_size": int(image_size),
-        "label_names": list(CHESTXRAY14_FINDINGS),
-        **split_summary(parts, CHESTXRAY14_FINDINGS),
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "view": check_view(view),
-        "max_per_patient": max_per_patient,
-        "missing_dropped": sum(missing.values()),
-        "missing_dropped_by_split": missing,
-        "cache": None if cache is None else str(cache.path),
-        "boxes": sum(len(b) for b in boxes.values()),
-        "split_note": "test = official NIH test list; val = seeded patient-disjoint share of train_val",
-        **info,
-    }
+    summary = _summary(
+        root, synthetic, parts, missing, cache, boxes, info, image_size, val_fraction, split_seed, view, max_per_patient
+    )
     extra = f"chestxray14 view={summary['view']} max_per_patient={max_per_patient}"
     return DatasetSplits(
         train=datasets["train"],

@@ -114,6 +114,16 @@ def _describe_sc(
     sc.SourceImageSequence = DicomSequence([ref])
 
 
+def _overlay_series_uid(source: dict[str, str], model_version: str) -> str:
+    """The overlays' Series Instance UID: one series per source series and model version
+    (:func:`medxray.dicom.sr.result_uid` with the source SOP Instance UID left out on purpose)."""
+    return result_uid(
+        {"study_instance_uid": source["study_instance_uid"], "series_instance_uid": source["series_instance_uid"]},
+        model_version,
+        "sc-series",
+    )
+
+
 def write_cam_sc(
     path: str | os.PathLike,
     *,
@@ -143,19 +153,13 @@ def write_cam_sc(
     check_source_uids(source)
     pixels = _banner_pixels(overlay_rgb, finding, probability, model_name, model_version)
     orientation = _source_orientation(source_dataset)
-    study_uid = source["study_instance_uid"]
     sc = hd.sc.SCImage(
         pixel_array=pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        study_instance_uid=study_uid,
-        # one overlay series per source series and model (the source SOP UID is left out on purpose)
-        series_instance_uid=result_uid(
-            {"study_instance_uid": study_uid, "series_instance_uid": source["series_instance_uid"]},
-            model_version,
-            "sc-series",
-        ),
+        study_instance_uid=source["study_instance_uid"],
+        series_instance_uid=_overlay_series_uid(source, model_version),
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=result_uid(source, model_version, f"sc:{finding}"),
         instance_number=int(instance_number),
