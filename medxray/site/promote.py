@@ -30,12 +30,16 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medxray.errors import ConfigError, DataError
 from medxray.fileio import atomic_write_text, to_jsonable
+
+if TYPE_CHECKING:
+    from medxray.site.labels import ManifestRow
+    from medxray.site.lockset import SiteLock
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +178,9 @@ def _gate_pair(candidate: str | os.PathLike, deployed: str | os.PathLike) -> tup
     return a_path, b_path, meta_a
 
 
-def _locked_rows(labels: str | os.PathLike, lock_path: str | os.PathLike | None) -> tuple[Any, list[str], list[Any]]:
+def _locked_rows(
+    labels: str | os.PathLike, lock_path: str | os.PathLike | None
+) -> tuple[SiteLock, list[str], list[ManifestRow]]:
     """(the lock, the manifest's findings, its rows in the locked site test set); ConfigError with
     no lock yet, DataError when no labelled row is locked."""
     from medxray.site.labels import read_manifest

@@ -22,13 +22,16 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from medxray.errors import DataError
 from medxray.fileio import atomic_output, atomic_write_text, to_jsonable
 from medxray.site.stats import hanley_mcneil_se, two_proportion_p, unpaired_auc_p, wilson
+
+if TYPE_CHECKING:
+    from medxray.site.reference import Reference
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ def validate_site(
 
 
 def _against_reference(
-    site: dict[str, Any], ref: Any, name: str, threshold: float, *, min_positives: int, seed: int, alpha: float
+    site: dict[str, Any], ref: Reference, name: str, threshold: float, *, min_positives: int, seed: int, alpha: float
 ) -> tuple[dict[str, Any], dict[str, float], list[str]]:
     """One finding's figures on the checkpoint's validation reference (200 bootstrap resamples), the
     site-vs-validation p-values (two-proportion z-test per rate, Hanley-McNeil z-test for AUROC;
