@@ -196,21 +196,6 @@ def assess(
 
     files = write_predictions(out, label_names, names, P, Y, M, localisation_records)
     files.update(write_plots(out, label_names, P, Y, M, s.aurocs, s.calib))
-    metrics = {
-        **dict(extra or {}),
-        "dataset": dataset,
-        "split": split,
-        "n_images": int(len(P)),
-        "precision": precision,
-        "coverage": coverage,
-        "coverage_note": cov_note,
-        **_metrics_fields(s, label_names, threshold_split),
-        "localisation": localisation,
-        "data_summary": dict(summary or {}),
-        "evaluated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    files["metrics"] = out / "metrics.json"
-    atomic_write_text(files["metrics"], json.dumps(json.loads(json_line(metrics)), indent=2))
     result = _eval_result(
         out,
         s,
@@ -225,6 +210,9 @@ def assess(
         coverage=coverage,
         coverage_note=cov_note,
     )
+    metrics = _metrics(result, s, dataset=dataset, extra=extra, localisation=localisation, summary=summary)
+    files["metrics"] = out / "metrics.json"
+    atomic_write_text(files["metrics"], json.dumps(json.loads(json_line(metrics)), indent=2))
     write_report(
         result,
         metrics,
@@ -279,6 +267,32 @@ def _eval_result(
         coverage_note=coverage_note,
         thresholds_fallback=s.fallback,
     )
+
+
+def _metrics(
+    res: EvalResult,
+    s: _Scores,
+    *,
+    dataset: str,
+    extra: Mapping[str, Any] | None,
+    localisation: Mapping[str, Any] | None,
+    summary: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``metrics.json`` document of an evaluation: ``extra`` keys first, then what was scored,
+    the scores (:func:`_metrics_fields`), localisation, the data summary and the time (UTC)."""
+    return {
+        **dict(extra or {}),
+        "dataset": dataset,
+        "split": res.split,
+        "n_images": res.n_images,
+        "precision": res.precision,
+        "coverage": res.coverage,
+        "coverage_note": res.coverage_note,
+        **_metrics_fields(s, res.label_names, res.threshold_split),
+        "localisation": localisation,
+        "data_summary": dict(summary or {}),
+        "evaluated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _metrics_fields(s: _Scores, label_names: list[str], threshold_split: str) -> dict[str, Any]:
