@@ -119,21 +119,8 @@ def calibrate_site(
             ls.probs[0][:, c][m], ls.labels[:, c][m], old[n], rule, target, min_positives, n_boot, rng
         )
         new[n] = record[n]["threshold"]
-    today = datetime.now(timezone.utc).date().isoformat()
-    prov = {
-        "site": site,
-        "date": today,
-        "operating_point": operating_point,
-        "n_images": ls.n_images,
-        "n_studies": _n_studies(labels, use) or ls.n_images,
-        "n_patients": len({r.patient_id for r in use}),
-        "source_checkpoint": str(Path(checkpoint).resolve()),
-        "source_sha256": _sha(checkpoint),
-        "labels_sha256": _sha(labels),
-        "lock_sha256": lock.sha256 if lock else None,
-        "locked_images_excluded": sum(1 for r in rows if r.split == "test"),
-        "findings": record,
-    }
+    prov = _provenance(checkpoint, labels, ls.n_images, use, rows, lock, site=site, operating_point=operating_point)
+    prov["findings"] = record
     meta = _calibrated_metadata(checkpoint, ckpt.metadata, new, prov)
     save_checkpoint(out, ckpt.state_dict, meta, **ckpt.extra)
     atomic_write_text(Path(f"{out}.calibration.json"), json.dumps(to_jsonable(prov), indent=1) + "\n")
@@ -143,6 +130,35 @@ def calibrate_site(
             "kept the old threshold for %d finding(s) with too few site positives: %s", len(kept), ", ".join(kept)
         )
     return prov
+
+
+def _provenance(
+    checkpoint: str | os.PathLike,
+    labels: str | os.PathLike,
+    n_images: int,
+    use: Sequence[Any],
+    rows: Sequence[Any],
+    lock: Any,
+    *,
+    site: str,
+    operating_point: str,
+) -> dict[str, Any]:
+    """Where a calibrated version came from: site, date (UTC), operating point, the images, studies
+    and patients fitted on, the source checkpoint, labels and lock (SHA-256), the locked images
+    left out; the caller adds the per-finding ``findings`` record last."""
+    return {
+        "site": site,
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "operating_point": operating_point,
+        "n_images": n_images,
+        "n_studies": _n_studies(labels, use) or n_images,
+        "n_patients": len({r.patient_id for r in use}),
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+        "source_sha256": _sha(checkpoint),
+        "labels_sha256": _sha(labels),
+        "lock_sha256": lock.sha256 if lock else None,
+        "locked_images_excluded": sum(1 for r in rows if r.split == "test"),
+    }
 
 
 def _fit_finding(

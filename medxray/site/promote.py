@@ -119,13 +119,7 @@ def promote(
         raise ConfigError(f"--margin must be in [0, 0.5) (an AUROC difference), got {margin}")
     a_path, b_path, meta_a = _gate_pair(candidate, deployed)
     lock, names, locked = _locked_rows(labels, lock_path)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = (
-        Path(out_dir)
-        if out_dir
-        else Path(registry).expanduser() / "gate" / f"{stamp}-{b_path.parent.name}-{b_path.stem}"
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = _gate_dir(out_dir, registry, b_path)
     ls = score_labelled([a_path, b_path], names, locked, device=device)
     comp = compare_arrays(ls.findings, ls.labels, ls.masks, *ls.probs, a=str(a_path), b=str(b_path), n_boot=n_boot)
     write_comparison(comp, out / "locked", note=f"locked site test set ({ls.n_images} images, lock {lock.sha256[:12]})")
@@ -161,6 +155,18 @@ def promote(
     if res.promoted and not dry_run:
         res.record = _register(registry, a_path, b_path, approver, {"gate": str(out / "gate.json"), **res.figures})
     return res
+
+
+def _gate_dir(out_dir: str | os.PathLike | None, registry: str | os.PathLike, candidate: Path) -> Path:
+    """The gate's report folder (created): ``out_dir``, else ``<registry>/gate/<UTC time>-<run>-<file>``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = (
+        Path(out_dir)
+        if out_dir
+        else Path(registry).expanduser() / "gate" / f"{stamp}-{candidate.parent.name}-{candidate.stem}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _gate_pair(candidate: str | os.PathLike, deployed: str | os.PathLike) -> tuple[Path, Path, dict[str, Any]]:
