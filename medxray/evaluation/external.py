@@ -245,16 +245,24 @@ def evaluate_predictions(
         threshold_split=th_split,
         n_bootstrap=n_bootstrap,
         seed=seed,
-        source_lines=[
-            f"Predictions file: `{path}` ({len(names)} rows; {len(unknown)} not in the label file)",
-            f"Labels: {Path(info['files']['labels']).name} (content SHA-256 `{info['label_sha256'][:16]}`); "
-            f"val = patient-disjoint {val_fraction:g} of train_val, seed {split_seed}",
-        ],
+        source_lines=_source_lines(path, len(names), len(unknown), info, val_fraction, split_seed),
         summary=_summary(matched, ev, split, label_names),
         precision="as given in the file",
         extra=_extra(path, names, unknown, info),
     )
     return result
+
+
+def _source_lines(
+    path: Path, n_rows: int, n_unknown: int, info: Mapping[str, Any], val_fraction: float, split_seed: int
+) -> list[str]:
+    """The report's lines on what was scored: the file (rows, rows not in the label file) and the
+    labels (file, content SHA-256, how val was carved out of train_val)."""
+    return [
+        f"Predictions file: `{path}` ({n_rows} rows; {n_unknown} not in the label file)",
+        f"Labels: {Path(info['files']['labels']).name} (content SHA-256 `{info['label_sha256'][:16]}`); "
+        f"val = patient-disjoint {val_fraction:g} of train_val, seed {split_seed}",
+    ]
 
 
 def _check_splits(dataset: str, split: str, threshold_split: str | None) -> str | None:
