@@ -151,22 +151,10 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
         cams = render_cam_examples(
             res.best_checkpoint, data_root, out / "cam_examples", n=opts.cam_images, device=opts.device
         )
-    rg1: dict[str, Any] = {}
-    scoring_dir = None
-    if opts.score_rg1:
-        with _timed(timings, "score_rg1"):
-            say("[6/6] scoring a real chest radiograph (RG1_UNCI.dcm from pydicom-data) with the new checkpoint ...")
-            scoring_dir = out / "scoring"
-            rg1 = score_rg1(res.best_checkpoint, out / "dicom_input", scoring_dir, device=opts.device)
+    scoring_dir, rg1 = _score_rg1_step(opts, res.best_checkpoint, out, say, timings)
     timings["total"] = time.perf_counter() - t_all
-
-    ok = opts.quick or (
-        math.isfinite(ev.mean_auroc)
-        and ev.mean_auroc >= opts.target_auroc
-        and localisation_reached(ev.localisation, opts)
-    )
     result = DemoResult(
-        ok=ok,
+        ok=opts.quick or _targets_reached(ev, opts),
         mean_auroc=ev.mean_auroc,
         target_auroc=opts.target_auroc,
         out=out,
@@ -184,6 +172,29 @@ def run_demo(opts: DemoOptions | None = None, echo: Callable[[str], None] | None
     _write_summary(result, opts)
     _tell(result, opts, ev, say)
     return result
+
+
+def _score_rg1_step(
+    opts: DemoOptions, checkpoint: Path, out: Path, say: Callable[[str], None], timings: dict[str, float]
+) -> tuple[Path | None, dict[str, Any]]:
+    """Step 6 (with ``opts.score_rg1``): score pydicom-data's RG1_UNCI.dcm into ``out/scoring``;
+    returns (that folder, :func:`score_rg1`'s summary), or (None, {}) when skipped."""
+    if not opts.score_rg1:
+        return None, {}
+    with _timed(timings, "score_rg1"):
+        say("[6/6] scoring a real chest radiograph (RG1_UNCI.dcm from pydicom-data) with the new checkpoint ...")
+        scoring_dir = out / "scoring"
+        return scoring_dir, score_rg1(checkpoint, out / "dicom_input", scoring_dir, device=opts.device)
+
+
+def _targets_reached(ev: Any, opts: DemoOptions) -> bool:
+    """Whether the full demo met its targets: a finite mean AUROC of at least ``opts.target_auroc``
+    and the localisation targets (:func:`localisation_reached`)."""
+    return (
+        math.isfinite(ev.mean_auroc)
+        and ev.mean_auroc >= opts.target_auroc
+        and localisation_reached(ev.localisation, opts)
+    )
 
 
 def _say_intro(opts: DemoOptions, say: Callable[[str], None]) -> None:
