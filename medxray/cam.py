@@ -445,8 +445,12 @@ def overlay_with_legend(
     return np.asarray(canvas)
 
 
-def save_png(path: str | os.PathLike, rgb: np.ndarray, *, compress_level: int = 3) -> Path:
-    """Write an RGB array as PNG through a temp file + rename (a kill never leaves half a PNG)."""
+def save_png(path: str | os.PathLike, rgb: np.ndarray, *, compress_level: int = 1) -> Path:
+    """Write an RGB array as PNG through a temp file + rename (a kill never leaves half a PNG).
+
+    ``compress_level`` 1 (zlib's fastest): encoding is most of an overlay's cost in the scorer;
+    measured on a 1024 px RG1 overlay: 54 ms and 0.92 MB at level 1, 73 ms / 0.82 MB at 3, 174 ms
+    / 0.78 MB at 6."""
     from PIL import Image
 
     buf = io.BytesIO()

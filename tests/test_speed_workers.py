@@ -23,7 +23,7 @@ SIZE = 224
 HEAVY = "sorted({m.split('.')[0] for m in __import__('sys').modules} & {'torch', 'monai', 'torchvision'})"
 
 
-def test_decode_workers_never_import_torch_or_monai_and_run_in_the_background():
+def test_decode_workers_never_import_torch_or_monai_and_share_the_cores_fairly():
     files = [get_testdata_file(n) for n in ("RG1_UNCR.dcm", "RG1_J2KI.dcm")]
     with new_decode_pool(1, SIZE) as pool:
         assert pool.submit(eval, HEAVY).result(timeout=120) == []  # after start-up
@@ -32,8 +32,10 @@ def test_decode_workers_never_import_torch_or_monai_and_run_in_the_background():
             for f in files
         ]
         assert pool.submit(eval, HEAVY).result(timeout=60) == []  # after decoding real files
-        if hasattr(os, "SCHED_IDLE"):
-            assert pool.submit(eval, "__import__('os').sched_getscheduler(0)").result(timeout=60) == os.SCHED_IDLE
+        # the scorer's own priority: at SCHED_IDLE the overlay jobs starved behind the map streams
+        assert pool.submit(eval, "__import__('os').nice(0)").result(timeout=60) == os.nice(0)
+        if hasattr(os, "SCHED_OTHER"):
+            assert pool.submit(eval, "__import__('os').sched_getscheduler(0)").result(timeout=60) == os.SCHED_OTHER
     for r in results:
         assert isinstance(r, DecodedImage), r
         assert r.x.shape == (3, SIZE, SIZE) and r.x.dtype == np.float32

@@ -40,7 +40,7 @@ def add_score_dicom(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=None,
-        help="decode processes (default: one per CPU core at background priority; all but one with CUDA)",
+        help="decode processes (default: one per CPU core; all but one with CUDA)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     add_table_option(

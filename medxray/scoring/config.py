@@ -28,9 +28,7 @@ class ScoreConfig:
     input_dir: str | os.PathLike
     checkpoint: str | os.PathLike
     out: str | os.PathLike
-    workers: int | None = (
-        None  # decode processes (background priority); None = one per core on CPU, all but one with CUDA
-    )
+    workers: int | None = None  # decode processes; None = one per core on CPU, all but one with CUDA
     batch_size: int = 16
     cams: str = "positive"  # positive | all | none
     cam_method: str = "checkpoint"  # a CAM_METHODS entry
@@ -141,10 +139,10 @@ def n_cores() -> int:
 
 
 def default_workers(device: str = "cpu") -> int:
-    """Decode processes. On CPU one per core: they run at background priority
-    (:func:`medxray.scoring.workers.background_priority`), so inference takes every core while it
-    has a batch and decoding fills the rest; no fixed split can idle a core whichever stage is
-    the slower (issue 14: a fixed 1+1 split left most of a core idle). With a GPU, all cores but one decode."""
+    """Decode processes. On CPU one per core, sharing the cores with the single-threaded
+    inference streams (:func:`medxray.scoring.workers.worker_init` says why and what was
+    measured); no fixed split can idle a core whichever stage is the slower (issue 14: a fixed
+    1+1 split left most of a core idle). With a GPU, all cores but one decode."""
     n = n_cores()
     if device != "cpu":
         return max(1, n - 1)
