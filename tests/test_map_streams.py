@@ -70,3 +70,19 @@ def test_one_stream_is_a_plain_call(predictor):
     out = streams.maps(predictor, x, [2], "cam", wanted)
     assert out.shape == (2, 1, 64, 64)
     assert streams._pool is None  # no thread was started
+
+
+def test_one_intraop_thread_for_a_block_then_the_old_count():
+    from medxray.scoring.mapstreams import one_intraop_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_intraop_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_intraop_thread():
+            raise RuntimeError("a failing map")
+        assert torch.get_num_threads() == 2  # restored on the way out of an error too
+    finally:
+        torch.set_num_threads(before)

@@ -259,8 +259,11 @@ def finding_map(
     (:attr:`StudyPrediction.network_input`), else ``pixels`` are preprocessed here."""
     import torch
 
+    from medxray.scoring.mapstreams import one_intraop_thread
+
     x = predictor.preprocess([pixels]) if network_input is None else torch.from_numpy(network_input)[None]
-    return np.asarray(predictor.maps_tensor(x, [finding])[0, 0], np.float32)
+    with one_intraop_thread():  # one image: no faster on more threads, and robust beside other work
+        return np.asarray(predictor.maps_tensor(x, [finding])[0, 0], np.float32)
 
 
 def default_thresholds(label_names: Sequence[str], thresholds: Mapping[str, float] | None) -> dict[str, float]:
