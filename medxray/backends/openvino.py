@@ -178,20 +178,19 @@ class OpenVINOBackend:
         one per stream, run together (outputs copied out of the requests' buffers)."""
         arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
         reqs = self._requests()
-        parts = np.array_split(arr, min(len(reqs), len(arr))) if len(arr) > 1 else [arr]
-        if len(parts) == 1:
-            res = reqs[0].infer({0: arr})
-            outs = [(np.array(res[0], dtype=np.float32, copy=True), res[1] if want_features else None)]
-        else:
-            for req, part in zip(reqs, parts):
-                req.start_async({0: part})
-            outs = []
-            for req in reqs[: len(parts)]:
-                req.wait()
-                feat = req.get_output_tensor(1).data if want_features else None
-                outs.append((np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True), feat))
-        logits = np.concatenate([o[0] for o in outs])
-        feats = np.concatenate([np.array(o[1], dtype=np.float32, copy=True) for o in outs]) if want_features else None
+        parts = np.array_split(arr, max(1, min(len(reqs), len(arr))))
+        used = reqs[: len(parts)]
+        for req, part in zip(used, parts):
+            req.start_async({0: part})
+        for req in used:
+            req.wait()
+        # np.concatenate copies the outputs out of the requests' buffers
+        logits = np.concatenate([req.get_output_tensor(0).data for req in used]).astype(np.float32, copy=False)
+        feats = (
+            np.concatenate([req.get_output_tensor(1).data for req in used]).astype(np.float32, copy=False)
+            if want_features
+            else None
+        )
         return logits, feats
 
     def verification_record(self) -> Path | None:
