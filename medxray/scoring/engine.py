@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medxray.errors import ConfigError
-from medxray.scoring.config import ScoreConfig, default_threads
+from medxray.scoring.config import ScoreConfig
 from medxray.scoring.discovery import output_stem
 from medxray.scoring.gate import accepted_body_parts, header_gate, ood_verdict
 from medxray.scoring.journal import ResultsJournal
@@ -55,7 +55,8 @@ class ScoringEngine:
     worker dies (a codec segfault, the OOM killer), every job that was in flight becomes a
     suspect and the engine enters quarantine: suspects run one at a time, alone, so a file
     that kills a worker while running alone is the culprit and gets an error row; the others
-    finish normally. Then normal mode resumes.
+    finish normally. Then normal mode resumes. ``threads``: the inference threads (decided once
+    by the caller); gradient maps run as that many single-threaded streams.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class ScoringEngine:
         workers: int,
         total: int,
         base_row: dict[str, str],
+        threads: int = 1,
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -96,7 +98,7 @@ class ScoringEngine:
         self.base_row = dict(base_row)
         self.accept = accepted_body_parts(cfg.accept_body_parts)
         # gradient maps as one single-threaded stream per inference thread (see mapstreams)
-        self.map_streams = MapStreams(int(cfg.threads or default_threads(workers)))
+        self.map_streams = MapStreams(threads)
         self.bar = tqdm(
             total=total,
             unit="file",

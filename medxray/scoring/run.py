@@ -172,7 +172,8 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
     if summary.skipped:
         log.info("resuming: %d of %d files already have a row", summary.skipped, len(files))
     base_row = {"model": ckpt.meta.display_name, "model_version": ckpt.meta.version_label}
-    engine = ScoringEngine(cfg, image_size, journal, out, workers, len(todo), base_row)
+    threads = max(1, int(cfg.threads or default_threads(workers)))  # inference threads = map streams
+    engine = ScoringEngine(cfg, image_size, journal, out, workers, len(todo), base_row, threads)
     t_work = time.perf_counter()
     predictor = None
     import torch
@@ -183,8 +184,7 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
             engine.start(todo, pool)  # workers decode while the model loads / converts
         else:
             pool.shutdown(wait=False, cancel_futures=True)
-        threads = cfg.threads or default_threads(workers)
-        torch.set_num_threads(max(1, int(threads)))  # leave cores to the decoders; restored below
+        torch.set_num_threads(threads)  # restored below
         predictor = Predictor.from_checkpoint(
             ckpt,
             device=cfg.device,
