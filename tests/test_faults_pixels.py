@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NIH_SAMPLE
+from conftest import NIH_SAMPLE, nih_sample_pngs
 
 from medxray.data.imageio import decode_image, read_image
 from medxray.dicom import DEFAULT_MAX_PIXELS as DICOM_DEFAULT
@@ -70,6 +70,7 @@ def test_the_environment_limits_every_decoder(monkeypatch, tmp_path):
     and in a DataLoader worker process; the real 1955x1841 RG1 CR by the DICOM reader."""
     from pydicom.data import get_testdata_file
 
+    assert NIH_PNG in nih_sample_pngs()  # skips without ../shared (CI has it)
     monkeypatch.setenv(MAX_PIXELS_ENV, "1000000")
     with pytest.raises(DataError, match="1024x1024 pixels, more than the 1 megapixels"):
         read_image(NIH_PNG)
