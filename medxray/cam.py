@@ -30,7 +30,8 @@ one model can serve many threads, as in the Streamlit app):
 
 Gradient methods run the model to the earliest wanted stage (``model.forward_to``), detach
 that output with ``requires_grad``, continue from it with ``model.forward_from`` (which hands
-back the wanted stages' outputs; stages are validated against ``model.feature_info``), and take
+back the wanted stages' outputs; stages are validated against ``model.feature_info``; BatchNorm
+runs as its eval-mode affine map, ``frozen_bn=True``, whose backward pass is one multiply), and take
 ``torch.autograd.grad`` with respect to those activations only (nothing is written into
 parameters' ``.grad``). One forward pass serves every map of a batch: all the wanted
 (image, class) pairs' vector-Jacobian products are taken together as batched gradients
@@ -255,7 +256,7 @@ def _gradient_maps(
             h = model.forward_to(x.detach().clone(), first)
         h = h.detach().requires_grad_(True)
         # the rest of the network from the earliest wanted stage, with its taps (models.densenet)
-        feats, acts = model.forward_from(h, first, taps=spec.stages)
+        feats, acts = model.forward_from(h, first, taps=spec.stages, frozen_bn=True)
         logits = model.forward_head(feats)
         taps = [acts[s] for s in spec.stages]
         raw = [torch.zeros((n, k, *a.shape[-2:]), dtype=torch.float32, device=dev) for a in taps]
@@ -305,6 +306,20 @@ def _colormap_lut(cmap: str) -> np.ndarray:
     from matplotlib import colormaps
 
     return np.rint(colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
+
+
+@lru_cache(maxsize=8)
+def _blend_table(cmap: str, alpha: float) -> np.ndarray:
+    """(257 * 256, 3) uint8: entry ``k * 256 + g`` is colour-map level k blended with opacity
+    ``alpha`` over grey g (rounded as ``rint(g (1 - alpha) + colour alpha)`` in float32); the
+    256 entries from ``256 * 256`` on are the untinted greys."""
+    grey = np.arange(256, dtype=np.float32)[None, :, None]
+    heat = _colormap_lut(cmap).astype(np.float32)[:, None, :]
+    blend = np.rint(grey * (1.0 - alpha) + heat * alpha).astype(np.uint8)  # (256, 256, 3)
+    plain = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    table = np.concatenate([blend, plain]).reshape(-1, 3)
+    table.flags.writeable = False
+    return table
 
 
 def _to_gray_u8(image01: np.ndarray) -> np.ndarray:
@@ -361,14 +376,15 @@ def overlay(
     if cam.shape != gray.shape:
         cam = upsample_cam(cam, gray.shape)
     cam = np.clip(cam, 0.0, 1.0)
+    if style == "fill":
+        # one gather from a (257 x 256) table of blended colours: row k < 256 is map level k over
+        # each grey value, row 256 (below the floor) the grey itself
+        idx = np.rint(cam * 255.0).astype(np.uint16)
+        idx[cam < max(float(floor), 1e-6)] = 256
+        table = _blend_table(cmap, float(np.clip(alpha, 0.0, 1.0)))
+        return np.take(table, idx.astype(np.intp) * 256 + gray, axis=0)
     lut = _colormap_lut(cmap)
     out = np.repeat(gray[..., None], 3, axis=2)
-    if style == "fill":
-        a = float(np.clip(alpha, 0.0, 1.0))
-        tint = cam >= max(float(floor), 1e-6)
-        heat = lut[np.rint(cam[tint] * 255.0).astype(np.uint8)].astype(np.float32)
-        out[tint] = np.rint(out[tint].astype(np.float32) * (1.0 - a) + heat * a).astype(np.uint8)
-        return out
     width = max(1, round(max(gray.shape) / 256))
     for level in CONTOUR_LEVELS:
         if level < floor:

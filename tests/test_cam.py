@@ -211,6 +211,28 @@ def test_overlay_untinted_below_floor_contour_and_legend(tmp_path):
     assert not [f for f in (tmp_path / "sub").iterdir() if f.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("alpha,floor,cmap", [(0.4, 0.2, "jet"), (0.73, 0.05, "viridis"), (1.0, 0.5, "jet")])
+def test_fill_overlay_is_the_per_pixel_blend(alpha, floor, cmap):
+    """The table-gather overlay equals the blend written out pixel by pixel: rint(g (1 - a) + c a)
+    in float32 where the map is >= floor, the grey itself below (values at the floor included)."""
+    from matplotlib import colormaps
+
+    rng = np.random.default_rng(7)
+    img = rng.random((90, 70)).astype(np.float32)
+    cam = rng.random((90, 70)).astype(np.float32) ** 2
+    cam[:3] = floor
+    cam[3:6] = np.nextafter(np.float32(floor), np.float32(0))
+    got = overlay(img, cam, alpha=alpha, floor=floor, cmap=cmap)
+    lut = np.rint(colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
+    grey = np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    want = np.repeat(grey[..., None], 3, axis=2)
+    for (y, x), c in np.ndenumerate(cam):
+        if c >= floor:
+            heat = lut[int(np.rint(c * 255.0))].astype(np.float32)
+            want[y, x] = np.rint(np.float32(grey[y, x]) * (1.0 - alpha) + heat * alpha).astype(np.uint8)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_no_positive_evidence_is_said_in_words(monkeypatch):
     img = np.full((120, 160), 0.1, np.float32)
     empty = np.zeros((4, 4), np.float32)

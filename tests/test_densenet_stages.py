@@ -97,8 +97,9 @@ def test_feature_info_densenet121_known_numbers():
     }
 
 
+@pytest.mark.parametrize("frozen_bn", [False, True])
 @pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet_40_k12", "densenet_bc_100_k12"])
-def test_forward_to_then_from_equals_the_model_at_every_stage(name):
+def test_forward_to_then_from_equals_the_model_at_every_stage(name, frozen_bn):
     m = _model(name, seed=1)
     side = _side(name)
     x = torch.randn(2, 3, side, side)
@@ -111,7 +112,7 @@ def test_forward_to_then_from_equals_the_model_at_every_stage(name):
             torch.testing.assert_close(h, seen[s], rtol=1e-5, atol=1e-5)
             later = stages[k:]
             h_before = h.clone()
-            final, taps = m.forward_from(h, s, taps=later)
+            final, taps = m.forward_from(h, s, taps=later, frozen_bn=frozen_bn)
             assert torch.equal(h, h_before), f"forward_from({s!r}) changed its input in place"
             torch.testing.assert_close(m.forward_head(final), y, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(final, feats, rtol=1e-5, atol=1e-5)
@@ -121,7 +122,8 @@ def test_forward_to_then_from_equals_the_model_at_every_stage(name):
             assert m.forward_from(h, s)[1] == {}
 
 
-def test_gradients_through_forward_from_equal_the_full_model():
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_gradients_through_forward_from_equal_the_full_model(frozen_bn):
     """The map code's use: a leaf at one stage, taps after it, gradients of one logit."""
     m = _model("densenet121", seed=2)
     x = torch.randn(2, 3, 64, 64)
@@ -140,12 +142,32 @@ def test_gradients_through_forward_from_equal_the_full_model():
         with torch.no_grad():
             h = m.forward_to(x, stage)
         h = h.requires_grad_(True)
-        final, taps = m.forward_from(h, stage, taps=("denseblock2", "denseblock3"))
+        final, taps = m.forward_from(h, stage, taps=("denseblock2", "denseblock3"), frozen_bn=frozen_bn)
         logits = m.forward_head(final)
         torch.testing.assert_close(logits, y.detach(), rtol=1e-5, atol=1e-5)
         got = torch.autograd.grad(logits[0, 3], [taps["denseblock2"], taps["denseblock3"]])
         for g, r in zip(got, ref):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_bn_runs_no_batch_norm_kernel_and_only_in_eval_mode(monkeypatch):
+    """frozen_bn=True: every BatchNorm after the stage is the affine map (no F.batch_norm call, so
+    the backward pass has no native_batch_norm_backward), and training mode is refused."""
+    m = _model("densenet121", seed=3)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        h = m.forward_to(x, "denseblock1")
+    calls = []
+    real = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m.forward_from(h, "denseblock1")
+    n_native = len(calls)
+    assert n_native == 2 * (12 + 24 + 16) + 3 + 1  # blocks 2-4: two BNs per layer; 3 transitions; norm5
+    calls.clear()
+    m.forward_from(h, "denseblock1", frozen_bn=True)
+    assert calls == []
+    with pytest.raises(ConfigError, match="eval"):
+        m.train().forward_from(h, "denseblock1", frozen_bn=True)
 
 
 def test_stage_errors_name_the_valid_stages():

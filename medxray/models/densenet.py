@@ -54,10 +54,44 @@ class FeatureInfo:
     reduction: int
 
 
-def _stage_call(mod: nn.Module, h: Tensor) -> Tensor:
+def frozen_batch_norm(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``norm`` in eval mode as the affine map it is: ``x * s + t`` per channel, with
+    ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s`` (Ioffe & Szegedy
+    2015, Alg. 2, inference; the arithmetic of torchvision's ``FrozenBatchNorm2d``).
+
+    ``x`` (N, C, H, W) of any float dtype (s and t are cast to it). ``s`` and ``t`` are computed
+    without autograd, so gradients flow to ``x`` only: the map path's backward is then one
+    multiply per layer instead of ``native_batch_norm_backward`` (measured 0.04 s of a 0.2 s
+    single-image map). Equals ``norm(x)`` in eval mode to float rounding (~1e-7 relative in fp32).
+    """
+    with torch.no_grad():
+        var, mean = norm.running_var, norm.running_mean
+        assert var is not None and mean is not None  # every BatchNorm here tracks running statistics
+        s = torch.rsqrt(var + norm.eps)
+        if norm.weight is not None:
+            s = s * norm.weight
+        t = -mean * s if norm.bias is None else norm.bias - mean * s
+    shape = (1, -1, 1, 1)
+    return torch.addcmul(t.to(x.dtype).view(shape), x, s.to(x.dtype).view(shape))
+
+
+def _stage_call(mod: nn.Module, h: Tensor, frozen_bn: bool = False) -> Tensor:
     """One stage on ``h``; a ReLU runs out of place, so neither the caller's tensor nor a tapped
-    stage output is overwritten (``features.relu0`` is in place in the plain forward pass)."""
-    return F.relu(h) if isinstance(mod, nn.ReLU) else mod(h)
+    stage output is overwritten (``features.relu0`` is in place in the plain forward pass).
+    ``frozen_bn``: every BatchNorm inside runs as :func:`frozen_batch_norm` (eval mode only)."""
+    if isinstance(mod, nn.ReLU):
+        return F.relu(h)
+    if not frozen_bn:
+        return mod(h)
+    if isinstance(mod, nn.BatchNorm2d):
+        return frozen_batch_norm(mod, h)
+    if isinstance(mod, DenseBlock):
+        return mod.run(h, frozen_bn=True)
+    if isinstance(mod, Transition):
+        for child in mod.children():
+            h = _stage_call(child, h, frozen_bn=True)
+        return h
+    return mod(h)
 
 
 class DenseLayer(nn.Module):
@@ -93,15 +127,17 @@ class DenseLayer(nn.Module):
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else x
 
-    def _bn(self, norm: nn.BatchNorm2d, x: Tensor, recompute: bool) -> Tensor:
+    def _bn(self, norm: nn.BatchNorm2d, x: Tensor, recompute: bool, frozen: bool = False) -> Tensor:
         """BatchNorm; a checkpoint recomputation normalises alike but must not count the batch twice."""
+        if frozen:
+            return frozen_batch_norm(norm, x)
         if not recompute:
             return norm(x)
         # Same op as the first pass (so checkpoint sees the same saved tensors), with momentum 0
         # so the running statistics stay as the first pass left them.
         return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, 0.0, norm.eps)
 
-    def _bottleneck(self, inputs: Sequence[Tensor], recompute: bool = False) -> Tensor:
+    def _bottleneck(self, inputs: Sequence[Tensor], recompute: bool = False, frozen_bn: bool = False) -> Tensor:
         """concat -> BN -> ReLU -> conv1 (-> BN -> ReLU for bottleneck layers).
 
         This is the part memory-efficient mode recomputes in the backward pass; for bottleneck
@@ -109,13 +145,17 @@ class DenseLayer(nn.Module):
         BN input is kept.
         """
         x = inputs[0] if len(inputs) == 1 else torch.cat(list(inputs), 1)
-        out = self._dropout(self.conv1(self.relu1(self._bn(self.norm1, x, recompute))))
+        out = self._dropout(self.conv1(self.relu1(self._bn(self.norm1, x, recompute, frozen_bn))))
         if self.bottleneck:
-            out = self.relu2(self._bn(self.norm2, out, recompute))
+            out = self.relu2(self._bn(self.norm2, out, recompute, frozen_bn))
         return out
 
-    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        if self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
+    def forward(self, inputs: Sequence[Tensor], frozen_bn: bool = False) -> Tensor:
+        """The layer's ``growth_rate`` new maps from the list of earlier maps. ``frozen_bn``
+        (eval mode): BatchNorm as :func:`frozen_batch_norm`, the gradient-map path."""
+        if frozen_bn:
+            out = self._bottleneck(inputs, frozen_bn=True)
+        elif self.memory_efficient and self.training and any(t.requires_grad for t in inputs):
             calls: list[None] = []
 
             def run(*ins: Tensor) -> Tensor:
@@ -154,12 +194,16 @@ class DenseBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)
+
+    def run(self, x: Tensor, frozen_bn: bool = False) -> Tensor:
+        """The block on ``x``; ``frozen_bn`` as in :meth:`DenseLayer.forward`."""
         # Keep the pieces separately; each layer concatenates what it needs. Gradients then
         # accumulate in place per piece, and in memory-efficient mode (where each layer's
         # concatenation sits inside its checkpointed function) no concatenation is kept at all.
         feats = [x]
         for layer in self.children():
-            feats.append(layer(feats))
+            feats.append(layer(feats, frozen_bn=frozen_bn) if frozen_bn else layer(feats))
         return torch.cat(feats, 1)
 
 
@@ -291,7 +335,9 @@ class DenseNet(nn.Module):
             x = _stage_call(mod, x)
         return x
 
-    def forward_from(self, h: Tensor, stage: str, taps: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_from(
+        self, h: Tensor, stage: str, taps: Sequence[str] = (), *, frozen_bn: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Continue the forward pass from ``h``, the output of ``stage`` (see :meth:`forward_to`).
 
         Returns (the last feature map after norm5 + ReLU, (N, num_features, h, w), exactly what
@@ -299,8 +345,13 @@ class DenseNet(nn.Module):
         each stage named in ``taps``). A tap must be ``stage`` itself (its output is ``h``) or a
         later stage. ``h`` is not modified in place, so it may be a leaf that requires grad
         (gradients with respect to ``h`` and the taps flow through the returned tensors).
-        Raises ConfigError for an unknown stage or tap, or a tap before ``stage``.
+        ``frozen_bn=True`` (eval mode only) runs every BatchNorm as :func:`frozen_batch_norm`, the
+        same function to float rounding whose backward pass is one multiply: what the gradient
+        maps use. Raises ConfigError for an unknown stage or tap, a tap before ``stage``, or
+        ``frozen_bn`` in training mode.
         """
+        if frozen_bn and self.training:
+            raise ConfigError("frozen_bn is eval-mode BatchNorm (running statistics); call model.eval() first")
         first = self.stage_index(stage)
         wanted: dict[int, str] = {}
         for t in (taps,) if isinstance(taps, str) else taps:
@@ -313,7 +364,7 @@ class DenseNet(nn.Module):
             out[wanted[first]] = h
         for k, mod in enumerate(self.features.children()):
             if k > first:
-                h = _stage_call(mod, h)
+                h = _stage_call(mod, h, frozen_bn)
                 if k in wanted:
                     out[wanted[k]] = h
         return F.relu(h), out
