@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 # Lint (ruff: pycodestyle, pyflakes, bugbear, import order), format check, and mypy on the typed core
 # (the model, the DICOM reader and writers, maps, inference, the checkpoint metadata, the input contract, the CLI).
 TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/backends medxray/checkpoint.py \
-         medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/cli \
+         medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/overlay.py medxray/cli \
          medxray/scoring/messages.py medxray/scoring/mapstreams.py medxray/evaluation/stages.py \
          medxray/mapmethods.py medxray/precision.py medxray/scoreoptions.py medxray/lazyexports.py
 lint: setup

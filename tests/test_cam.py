@@ -179,6 +179,17 @@ def test_upsample_cam_to_original_size():
         upsample_cam(np.zeros((1, 2, 2)), (4, 4))
 
 
+@pytest.mark.parametrize(
+    "src,dst", [((7, 7), (224, 224)), ((56, 56), (1024, 964)), ((13, 5), (20, 3)), ((1, 1), (4, 6))]
+)
+def test_upsample_cam_is_torchs_half_pixel_bilinear(src, dst):
+    """The numpy resampling of the torch-free overlay module equals F.interpolate(bilinear,
+    align_corners=False), the resampling of the map definition, to float rounding."""
+    cam = np.random.default_rng(3).random(src).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(cam)[None, None], size=dst, mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(upsample_cam(cam, dst), ref[0, 0].clamp(0, 1).numpy(), rtol=0, atol=5e-6)
+
+
 def test_overlay_untinted_below_floor_contour_and_legend(tmp_path):
     img = np.tile(np.linspace(0, 1, 80, dtype=np.float32), (60, 1))
     cam = np.zeros((3, 3), np.float32)

@@ -167,6 +167,7 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("medxray.limits", ("medxray.",), "decode workers import it; only medxray.errors (checked below)"),
     ("medxray.fileio", ("medxray.",), "leaf: only medxray.errors (checked below)"),
     ("medxray.display", ("medxray.", "torch", "monai"), "decode workers import it; numpy and PIL only"),
+    ("medxray.overlay", ("torch", "monai"), "decode workers draw overlays with it: torch-free (checked below)"),
     ("medxray.training.distributed", ("medxray.",), "every training module builds on it"),
     ("medxray.evaluation.result", ("medxray.",), "shared by the job and the report"),
     (
@@ -329,6 +330,7 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
 ONLY: list[tuple[str, tuple[str, ...]]] = [
     ("medxray.limits", ("medxray.errors",)),
     ("medxray.fileio", ("medxray.errors",)),
+    ("medxray.overlay", ("medxray.display", "medxray.fileio")),
     ("medxray.modelinput", ("medxray.errors",)),
     ("medxray.checkpoint_meta", ("medxray.errors",)),
     ("medxray.mapmethods", ("medxray.errors",)),

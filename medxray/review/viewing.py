@@ -126,7 +126,7 @@ def cam_view(
     stay aligned at any zoom; drawing (floor, colour bar, contour, the "no positive evidence"
     words) is :func:`medxray.cam.overlay_with_legend`.
     """
-    from medxray.cam import overlay_with_legend, upsample_cam
+    from medxray.overlay import overlay_with_legend, upsample_cam
 
     full = upsample_cam(np.asarray(cam, dtype=np.float32), display01.shape[:2])
     shown = apply_view(display01, view)

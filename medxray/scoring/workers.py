@@ -143,8 +143,8 @@ def post_job(task: PostTask) -> PostResult:
     notes, failed = [], []
     if task.draws_overlays and task.cams is not None and task.display is not None:
         try:
-            from medxray.cam import overlay_with_legend, save_png
             from medxray.display import fit_display
+            from medxray.overlay import overlay_with_legend, save_png
 
             display = fit_display(task.display, task.overlay_max_side)  # already done by decode_job
             cam_dir = Path(CAMS_DIR) / task.stem
