@@ -164,30 +164,14 @@ def quantize_predictor(
     if predictor.backend != "openvino" or predictor.weights_key is None:
         raise ConfigError("int8 quantisation needs the OpenVINO backend (pip install 'medxray[openvino]')")
     try:
-        import nncf
+        import nncf  # noqa: F401  (missing nncf: the ConfigError below, before any work)
         import openvino as ov
     except ImportError as exc:
         raise ConfigError(
             f"int8 quantisation needs nncf and openvino ({exc}); pip install 'medxray[openvino]'"
         ) from None
     fp32 = predictor.openvino_fp32_model()
-    data = nncf.Dataset([np.ascontiguousarray(c[None], np.float32) for c in calibration])
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-    # Activation ranges: the min / max over the whole calibration set (NNCF's MINMAX), not NNCF's
-    # default for activations (MEAN_MINMAX: the mean of each sample's min / max), which clips the rare
-    # large activations that DenseNet's concatenated, BN-rescaled features carry. Measured on a
-    # phantom-trained densenet121 at 64 px: mean |logit change| 0.36 -> 0.042, max probability change
-    # 0.58 -> 0.034 on 600 images (tests/test_quantize_gate.py runs that model).
-    advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
-    q_model = nncf.quantize(
-        fp32,
-        data,
-        subset_size=min(subset_size, len(calibration)),
-        target_device=nncf.TargetDevice.CPU,
-        advanced_parameters=advanced,
-    )
+    q_model = quantize_model(fp32, calibration, subset_size=subset_size)
     core = openvino_core()
     cfg = {"INFERENCE_PRECISION_HINT": "f32"}
     ref_c, q_c = core.compile_model(fp32, "CPU", cfg), core.compile_model(q_model, "CPU", cfg)
@@ -226,6 +210,30 @@ def quantize_predictor(
         except OSError as exc:
             log.warning("cannot cache the int8 model in %s: %s", xml.parent, exc)
     return result
+
+
+def quantize_model(fp32: Any, calibration: np.ndarray, *, subset_size: int = 300) -> Any:
+    """The NNCF int8 graph of the OpenVINO model ``fp32``, calibrated on ``calibration`` (N, 3, S, S)
+    float32 preprocessed inputs (at most ``subset_size`` of them). No gate: see
+    :func:`quantize_predictor`. Raises ImportError without nncf."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    data = nncf.Dataset([np.ascontiguousarray(c[None], np.float32) for c in calibration])
+    # Activation ranges: the min / max over the whole calibration set (NNCF's MINMAX), not NNCF's
+    # default for activations (MEAN_MINMAX: the mean of each sample's min / max), which clips the rare
+    # large activations that DenseNet's concatenated, BN-rescaled features carry. Measured on a
+    # phantom-trained densenet121 at 64 px: mean |logit change| 0.36 -> 0.042, max probability change
+    # 0.58 -> 0.034 on 600 images (tests/test_quantize_gate.py runs that model).
+    advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    return nncf.quantize(
+        fp32,
+        data,
+        subset_size=min(subset_size, len(calibration)),
+        target_device=nncf.TargetDevice.CPU,
+        advanced_parameters=advanced,
+    )
 
 
 def load_int8(key: str, cache: Path | None) -> tuple[Any | None, str]:

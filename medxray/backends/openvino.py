@@ -24,7 +24,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -115,6 +115,35 @@ def load_or_convert(model: DenseNet, architecture: str, image_size: int) -> tupl
     return ov_model, key
 
 
+def compile_config(precision: str, num_threads: int | None) -> tuple[dict[str, Any], int]:
+    """(OpenVINO CPU ``compile_model`` config, number of streams) for a graph run at ``precision``.
+
+    "bf16" sets ``INFERENCE_PRECISION_HINT`` bf16; "fp32" and "int8" set f32 (an int8 graph's
+    layers left in float run in f32, as the accuracy gate measured them). ``num_threads`` None:
+    one latency-tuned stream; else ``num_threads`` streams of one thread each (see
+    :class:`OpenVINOBackend`)."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if num_threads is None:
+        config["PERFORMANCE_HINT"] = "LATENCY"
+        return config, 1
+    streams = max(1, int(num_threads))
+    config.update({"NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": streams})
+    return config, streams
+
+
+def run_on_streams(reqs: Sequence[Any], arr: np.ndarray) -> list[Any]:
+    """Run the batch ``arr`` (N, ...) float32 split into contiguous parts, one per infer request
+    (one request per stream), all started before any is waited for; returns the requests used,
+    in batch order (their outputs hold the parts' results)."""
+    parts = np.array_split(arr, max(1, min(len(reqs), len(arr))))
+    used = list(reqs[: len(parts)])
+    for req, part in zip(used, parts):
+        req.start_async({0: part})
+    for req in used:
+        req.wait()
+    return used
+
+
 class OpenVINOBackend:
     """``model`` converted (or read from the IR cache) and compiled for the CPU.
 
@@ -153,13 +182,7 @@ class OpenVINOBackend:
             q_model, self.int8_note = load_int8(self.key, openvino_cache_dir())
             if q_model is not None:
                 ov_model, precision = q_model, "int8"
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-        if num_threads is None:
-            config["PERFORMANCE_HINT"] = "LATENCY"
-            self.streams = 1
-        else:  # one single-threaded stream per thread (see the class docstring)
-            self.streams = max(1, int(num_threads))
-            config.update({"NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": self.streams})
+        config, self.streams = compile_config(precision, num_threads)
         self.precision = precision
         self.compiled: Any = core.compile_model(ov_model, "CPU", config)
         self._local = threading.local()
@@ -174,16 +197,9 @@ class OpenVINOBackend:
 
     def infer(self, x: torch.Tensor, want_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, C) and, when asked, the feature map (N, F, h, w), float32, for a CPU batch
-        (N, 3, S, S), on this thread's infer requests: the batch split into contiguous parts,
-        one per stream, run together (outputs copied out of the requests' buffers)."""
-        arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-        reqs = self._requests()
-        parts = np.array_split(arr, max(1, min(len(reqs), len(arr))))
-        used = reqs[: len(parts)]
-        for req, part in zip(used, parts):
-            req.start_async({0: part})
-        for req in used:
-            req.wait()
+        (N, 3, S, S), on this thread's infer requests (:func:`run_on_streams`; outputs copied out
+        of the requests' buffers)."""
+        used = run_on_streams(self._requests(), np.ascontiguousarray(x.numpy(), dtype=np.float32))
         # np.concatenate copies the outputs out of the requests' buffers
         logits = np.concatenate([req.get_output_tensor(0).data for req in used]).astype(np.float32, copy=False)
         feats = (
