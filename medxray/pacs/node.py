@@ -4,7 +4,8 @@
 the outbox sender (:mod:`medxray.pacs.sender`, a thread), then loops in the main thread: a
 series idle for ``idle_seconds`` moves from ``incoming/`` to ``inbox/``, the batch engine
 scores the inbox (:func:`medxray.pacs.results.score_inbox`), and new rows become SR / SC objects
-in the outbox. On start it first finishes what a killed run left (unscored inbox files,
+in the outbox, written in parallel by the node's result workers (spawned processes, one per core
+up to four, that exit with the node). On start it first finishes what a killed run left (unscored inbox files,
 unqueued rows, unsent objects). SIGTERM / SIGINT stop it cleanly; SIGKILL loses nothing either.
 Must not be imported by medxray.scoring or medxray.dicom.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from medxray.errors import MedxrayError
 from medxray.pacs.config import NodeConfig, is_loopback_host
-from medxray.pacs.results import ResultPolicy, queue_results, score_inbox, unscored
+from medxray.pacs.results import ResultPolicy, new_results_pool, queue_results, score_inbox, unscored
 from medxray.pacs.scp import start_scp
 from medxray.pacs.sender import CStoreDestination, OutboxSender
 from medxray.pacs.spool import Spool
@@ -51,6 +52,7 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
     sender = OutboxSender(spool, CStoreDestination(cfg.destination, cfg.ae_title), cfg.retry_initial_s, cfg.retry_max_s)
     thread = sender.start()
     restore = _install_signal_handlers(stop)
+    writers = new_results_pool()  # SR / SC objects of a scored batch written in parallel
     if cfg.destination.tls is None and not is_loopback_host(cfg.destination.host):
         log.warning(
             "results go to %s over plain TCP (patient data unencrypted on the network); add destination.tls",
@@ -66,7 +68,7 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
         dirty = bool(unscored(spool))  # a killed run may have left inbox files without a row
         if dirty:
             log.info("resuming: %d received file(s) not scored yet", len(unscored(spool)))
-        if queue_results(spool, policy):  # ... or rows whose objects never reached the outbox
+        if queue_results(spool, policy, writers):  # ... or rows whose objects never reached the outbox
             sender.wake.set()
         while not stop.is_set():
             if spool.promote_idle(cfg.idle_seconds):
@@ -89,12 +91,13 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                     dirty = True
                     stop.wait(ENGINE_RETRY_S)
                     continue
-                if queue_results(spool, policy):
+                if queue_results(spool, policy, writers):
                     sender.wake.set()
                 continue
             stop.wait(poll_s)
     finally:
         server.shutdown()
+        writers.shutdown(wait=True, cancel_futures=True)
         sender.stop_event.set()
         sender.wake.set()
         thread.join(timeout=60)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from medxray.display import DISPLAY_LONG_SIDE
@@ -76,42 +78,146 @@ def result_rows(spool: Spool) -> list[dict[str, str]]:
     return [dict(zip(header, r)) for r in rows]
 
 
-def queue_results(spool: Spool, policy: ResultPolicy) -> int:
-    """Write SR (+ SC) objects of every ok row not queued yet into the outbox; returns objects queued."""
+@dataclass(frozen=True)
+class ObjectJob:
+    """One ``ok`` row's result objects to write; picklable, so a worker process can do it.
+
+    ``src``: the scored inbox file (its header gives the patient and study modules); ``row``: its
+    results row; ``content_sha256``: the data set digest of a changed re-send ("" otherwise);
+    ``scored``: the engine's output folder (the CAM overlay PNGs); ``tmp_dir``: where objects
+    are written before they move into the outbox."""
+
+    src: str
+    row: dict[str, str]
+    content_sha256: str
+    policy: ResultPolicy
+    scored: str
+    tmp_dir: str
+
+
+@dataclass(frozen=True)
+class ObjectResult:
+    """What :func:`build_objects` wrote: ``objects`` (SOP Instance UID, temp file) in order, or
+    ``refused`` (a DicomError: the source cannot be referenced, so no result), or ``os_error``
+    (disk trouble: nothing kept, the row is retried on the next pass)."""
+
+    objects: tuple[tuple[str, str], ...] = ()
+    refused: str = ""
+    os_error: str = ""
+
+
+def queue_results(spool: Spool, policy: ResultPolicy, pool: Executor | None = None) -> int:
+    """Write SR (+ SC) objects of every ok row not queued yet into the outbox; returns objects queued.
+
+    ``pool``: an executor (the node's result workers) that writes the rows' objects in parallel
+    (:func:`build_objects`; 0.27 core-s per file with an SR and three SCs, measured on RG1);
+    None writes them here, one row after another. Rows move into the outbox in results order."""
+    pending = [row for row in result_rows(spool) if row["path"] not in spool.queued]
+    jobs = [_job(spool, row, policy) for row in pending if row["status"] == "ok"]
+    built = dict(zip((j.row["path"] for j in jobs), _build_all(jobs, pool)))
     n = 0
-    for row in result_rows(spool):
+    for row in pending:
         key = row["path"]
-        if key in spool.queued:
+        res = built.get(key)
+        if res is not None and res.os_error:  # disk trouble: leave the row unqueued, retry on the next pass
+            log.error("cannot write result objects for %s: %s", key, res.os_error)
             continue
-        if row["status"] == "ok":
-            try:
-                n += _queue_row(spool, row, policy)
-            except DicomError as exc:  # e.g. invalid_uid: the source cannot be referenced
-                spool.record(
-                    {
-                        "path": key,
-                        "status": "no_result",
-                        "reason": str(exc),
-                        "sop_instance_uid": row.get("sop_instance_uid", ""),
-                    }
-                )
-                log.warning("%s: no result object (%s)", key, str(exc).split(":", 1)[0])
-            except OSError as exc:  # disk trouble: leave the row unqueued, retry on the next pass
-                log.error("cannot write result objects for %s: %s", key, exc)
-                continue
+        if res is not None and res.refused:  # e.g. invalid_uid: the source cannot be referenced
+            spool.record(
+                {
+                    "path": key,
+                    "status": "no_result",
+                    "reason": res.refused,
+                    "sop_instance_uid": row.get("sop_instance_uid", ""),
+                }
+            )
+            log.warning("%s: no result object (%s)", key, res.refused.split(":", 1)[0])
+        elif res is not None:
+            n += sum(spool.put_outbox(uid, Path(tmp)) is not None for uid, tmp in res.objects)
         spool.queued.add(key)
     return n
 
 
-def _queue_row(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> int:
+RESULT_WORKERS_MAX = 4  # result-object writers: SR + SC building is pure Python (highdicom, pydicom)
+
+
+def new_results_pool(workers: int | None = None) -> Executor:
+    """The node's result workers: spawned processes (at most :data:`RESULT_WORKERS_MAX`, default
+    one per core) that write rows' objects in parallel (:func:`queue_results`); each exits with
+    the node. Shut it down with ``shutdown(cancel_futures=True)``."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = workers or max(1, min(RESULT_WORKERS_MAX, os.cpu_count() or 1))
+    return ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_results_worker_init)
+
+
+def _results_worker_init() -> None:
+    """Tie the worker's life to the node's; silence pydicom's per-file warnings in the worker."""
+    import warnings
+
+    from medxray.procutil import exit_with_parent
+
+    exit_with_parent()
+    warnings.simplefilter("ignore")
+
+
+def _job(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> ObjectJob:
+    src = spool.inbox / row["path"]
+    # a changed re-send: its own result objects, named by its content
+    digest = spool.content_digest(row["path"]) if is_version_name(src.name) else ""
+    return ObjectJob(str(src), dict(row), digest, policy, str(spool.scored), str(spool.tmp_path("x").parent))
+
+
+def _build_all(jobs: list[ObjectJob], pool: Executor | None) -> list[ObjectResult]:
+    """:func:`build_objects` of every job, on ``pool`` when there is more than one; a pool that
+    broke (a worker killed) is not fatal: its jobs are done here instead."""
+    if pool is None or len(jobs) < 2:
+        return [build_objects(j) for j in jobs]
+    futures = [pool.submit(build_objects, j) for j in jobs]
+    out = []
+    for job, fut in zip(jobs, futures):
+        try:
+            out.append(fut.result())
+        except BrokenExecutor:
+            log.warning("a result worker died; writing %s's result objects in the node itself", job.row["path"])
+            out.append(build_objects(job))
+    return out
+
+
+def build_objects(job: ObjectJob) -> ObjectResult:
+    """Write one row's Comprehensive SR and CAM Secondary Captures (at most
+    ``policy.sc_max_findings``, most probable positive findings first) to temp files.
+
+    Never raises a DicomError or an OSError: they come back as ``refused`` / ``os_error`` (temp
+    files already written are removed). Result UIDs are deterministic (:func:`result_uid`)."""
+    written: list[tuple[str, str]] = []
+    try:
+        _write_objects(job, written)
+    except DicomError as exc:
+        _discard(written)
+        return ObjectResult(refused=str(exc))
+    except OSError as exc:
+        _discard(written)
+        return ObjectResult(os_error=str(exc))
+    return ObjectResult(objects=tuple(written))
+
+
+def _discard(written: list[tuple[str, str]]) -> None:
+    for _, tmp in written:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _write_objects(job: ObjectJob, written: list[tuple[str, str]]) -> None:
     import numpy as np
     from pydicom import dcmread
 
     from medxray.dicom.sc import write_cam_sc
     from medxray.dicom.sr import result_uid, write_sr
 
-    src_path = spool.inbox / row["path"]
-    header = dcmread(src_path, stop_before_pixels=True)
+    row, policy = job.row, job.policy
+    header = dcmread(job.src, stop_before_pixels=True)
     source = {
         "sop_class_uid": str(header.get("SOPClassUID", "")),
         "sop_instance_uid": str(header.get("SOPInstanceUID", "")),
@@ -119,51 +225,51 @@ def _queue_row(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> int:
         "series_instance_uid": str(header.get("SeriesInstanceUID", "")),
         "modality": str(header.get("Modality", "")),
     }
-    if is_version_name(src_path.name):  # a changed re-send: its own result objects, named by its content
-        source["content_sha256"] = spool.content_digest(row["path"])
+    if job.content_sha256:
+        source["content_sha256"] = job.content_sha256
     keep = None if policy.deidentified_sr else header
     labels = [c[2:] for c in row if c.startswith("p_")]
     probs = [float(row[f"p_{n}"]) for n in labels]
     positives = [p for p in row.get("positive_findings", "").split(";") if p]
     model, version = row.get("model", ""), row.get("model_version", "")
-    n = 0
-    sr_uid = result_uid(source, version, "sr")
-    if sr_uid not in spool.sent:
-        tmp = spool.tmp_path(f"{uuid.uuid4().hex}.dcm")
-        write_sr(
-            tmp,
+
+    def tmp() -> Path:
+        return Path(job.tmp_dir) / f"{uuid.uuid4().hex}.dcm"
+
+    path = tmp()
+    write_sr(
+        path,
+        source=source,
+        label_names=labels,
+        probabilities=probs,
+        positives=positives,
+        model_name=model,
+        model_version=version,
+        thresholds={},
+        source_dataset=keep,
+    )
+    written.append((result_uid(source, version, "sr"), str(path)))
+    if not (policy.secondary_capture and row.get("cam_dir")):
+        return
+    from PIL import Image
+
+    top = sorted(positives, key=lambda f: -probs[labels.index(f)])[: policy.sc_max_findings]
+    for i, finding in enumerate(top, start=1):
+        png = Path(job.scored) / row["cam_dir"] / f"{finding}.png"
+        if not png.is_file():
+            continue
+        with Image.open(png) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        path = tmp()
+        write_cam_sc(
+            path,
+            overlay_rgb=rgb,
             source=source,
-            label_names=labels,
-            probabilities=probs,
-            positives=positives,
+            finding=finding,
+            probability=probs[labels.index(finding)],
             model_name=model,
             model_version=version,
-            thresholds={},
+            instance_number=i,
             source_dataset=keep,
         )
-        n += spool.put_outbox(sr_uid, tmp) is not None
-    if policy.secondary_capture and row.get("cam_dir"):
-        from PIL import Image
-
-        top = sorted(positives, key=lambda f: -probs[labels.index(f)])[: policy.sc_max_findings]
-        for i, finding in enumerate(top, start=1):
-            png = spool.scored / row["cam_dir"] / f"{finding}.png"
-            uid = result_uid(source, version, f"sc:{finding}")
-            if uid in spool.sent or not png.is_file():
-                continue
-            with Image.open(png) as im:
-                rgb = np.asarray(im.convert("RGB"))
-            tmp = spool.tmp_path(f"{uuid.uuid4().hex}.dcm")
-            write_cam_sc(
-                tmp,
-                overlay_rgb=rgb,
-                source=source,
-                finding=finding,
-                probability=probs[labels.index(finding)],
-                model_name=model,
-                model_version=version,
-                instance_number=i,
-                source_dataset=keep,
-            )
-            n += spool.put_outbox(uid, tmp) is not None
-    return n
+        written.append((result_uid(source, version, f"sc:{finding}"), str(path)))
