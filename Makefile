@@ -57,7 +57,7 @@ demo: setup
 
 # Benchmarks are not tests: each prints its ratio against a peer measured in the same run.
 bench: setup system-deps
-	for b in model_step train_step loader score_dicom pacs_push localisation; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+	for b in model_step train_step loader score_dicom int8_layers maps pacs_push localisation; do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 # Coverage-guided fuzzing of the DICOM reader and the image decoder (atheris), and mutation fuzzing of
 # the DICOM node's network path (malformed associations/PDUs sent to a running serve-dicom); not part of `make test`.
