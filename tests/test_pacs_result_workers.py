@@ -3,7 +3,9 @@ parallel processes are the objects the node writes itself, refusals and all."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from concurrent.futures import BrokenExecutor
 from pathlib import Path
 
 import pydicom
@@ -42,6 +44,7 @@ def test_result_workers_write_the_objects_the_node_writes_itself(tmp_path, scori
     _inbox_with_rg1(tmp_path / "inline", 3)
     score_inbox(Spool(tmp_path / "inline"), str(scoring_checkpoint), policy)
     shutil.copytree(tmp_path / "inline", tmp_path / "pool")
+    shutil.copytree(tmp_path / "inline", tmp_path / "broken")
 
     inline, parallel = Spool(tmp_path / "inline"), Spool(tmp_path / "pool")
     n_inline = queue_results(inline, policy)
@@ -69,3 +72,14 @@ def test_result_workers_write_the_objects_the_node_writes_itself(tmp_path, scori
         rows = result_rows(spool)
         assert len(rows) == 4 and all(r["path"] in spool.queued for r in rows)
     assert not list((tmp_path / "pool" / "tmp").glob("*.dcm"))  # nothing left behind
+
+    # result workers killed (e.g. by the OOM killer): the node writes the objects itself and keeps going
+    dead = new_results_pool(1)
+    try:
+        with pytest.raises(BrokenExecutor):
+            dead.submit(os._exit, 1).result()
+        broken = Spool(tmp_path / "broken")
+        assert queue_results(broken, policy, dead) == n_inline
+    finally:
+        dead.shutdown(wait=True, cancel_futures=True)
+    assert sorted(p.name for p in broken.outbox.glob("*.dcm")) == names

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from concurrent.futures import BrokenExecutor, Executor
+from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,21 +167,29 @@ def _job(spool: Spool, row: dict[str, str], policy: ResultPolicy) -> ObjectJob:
     src = spool.inbox / row["path"]
     # a changed re-send: its own result objects, named by its content
     digest = spool.content_digest(row["path"]) if is_version_name(src.name) else ""
-    return ObjectJob(str(src), dict(row), digest, policy, str(spool.scored), str(spool.tmp_path("x").parent))
+    return ObjectJob(str(src), dict(row), digest, policy, str(spool.scored), str(spool.tmp_dir()))
 
 
 def _build_all(jobs: list[ObjectJob], pool: Executor | None) -> list[ObjectResult]:
-    """:func:`build_objects` of every job, on ``pool`` when there is more than one; a pool that
-    broke (a worker killed) is not fatal: its jobs are done here instead."""
+    """:func:`build_objects` of every job, on ``pool`` when there is more than one. A pool that
+    broke (a worker killed, e.g. by the OOM killer) is not fatal: the jobs it did not finish are
+    done here, one after another, now and on every later call (the node keeps serving)."""
     if pool is None or len(jobs) < 2:
         return [build_objects(j) for j in jobs]
-    futures = [pool.submit(build_objects, j) for j in jobs]
+    futures: list[Future[ObjectResult] | None] = []
+    for job in jobs:
+        try:
+            futures.append(pool.submit(build_objects, job))
+        except BrokenExecutor:
+            futures.append(None)
     out = []
     for job, fut in zip(jobs, futures):
         try:
+            if fut is None:
+                raise BrokenExecutor("the result workers are gone")
             out.append(fut.result())
         except BrokenExecutor:
-            log.warning("a result worker died; writing %s's result objects in the node itself", job.row["path"])
+            log.warning("result workers unavailable; writing %s's result objects in the node itself", job.row["path"])
             out.append(build_objects(job))
     return out
 

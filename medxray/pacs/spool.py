@@ -423,10 +423,14 @@ class Spool:
         os.replace(data_path, dest)
         return dest
 
-    def tmp_path(self, name: str) -> Path:
+    def tmp_dir(self) -> Path:
+        """Where result objects are written before they move into the outbox (created if missing)."""
         d = self.work / "tmp"
         d.mkdir(exist_ok=True)
-        return d / name
+        return d
+
+    def tmp_path(self, name: str) -> Path:
+        return self.tmp_dir() / name
 
 
 def glob_escape(name: str) -> str:
