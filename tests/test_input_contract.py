@@ -203,19 +203,3 @@ def test_unit_range_rules():
     t = ScaleByBitDepthd("image", bits_stored=12)({"image": torch.tensor([[4095, 0]], dtype=torch.int32)})["image"]
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.tolist() == [[1.0, 0.0]]
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
-
-
-@pytest.mark.parametrize(
-    "shape,size",
-    [((1955, 1841), 224), ((2500, 2048), 224), ((1024, 1024), 224), ((300, 257), 64), ((100, 500), 224), ((5, 7), 3)],
-)
-def test_area_resize_is_the_averaging_matrix_product(shape, size):
-    """Bin sums (reduceat, shrinking axes) give the adaptive-average-pooling matrix product
-    P_h @ image @ P_w.T, the definition, to float32 rounding; growing axes use the matrix itself."""
-    from medxray.modelinput import _pool_matrix, area_resize
-
-    img = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
-    ref = _pool_matrix(shape[0], size).astype(np.float64) @ img @ _pool_matrix(shape[1], size).T.astype(np.float64)
-    got = area_resize(img, size)
-    assert got.shape == (size, size) and got.dtype == np.float32 and got.flags.c_contiguous
-    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
