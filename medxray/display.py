@@ -2,7 +2,7 @@
 
 Torch-free (decode workers use it).
 
-Overlays (:func:`medxray.cam.overlay_with_legend`, the one renderer of the scorer's PNGs, the
+Overlays (:func:`medxray.overlay.overlay_with_legend`, the one renderer of the scorer's PNGs, the
 node's Secondary Captures and the app) are drawn at a display size, not at the detector's
 2-3k pixels: :data:`DISPLAY_LONG_SIDE` on the long side by default. Imports only numpy and PIL.
 """

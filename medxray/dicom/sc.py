@@ -1,7 +1,7 @@
 """DICOM writer: a Secondary Capture image of a CAM overlay, for a PACS viewer.
 
 :func:`write_cam_sc` turns one RGB overlay (the image with the class-activation map of one
-finding blended in and a colour legend, :func:`medxray.cam.overlay_with_legend`) into a
+finding blended in and a colour legend, :func:`medxray.overlay.overlay_with_legend`) into a
 Secondary Capture Image (PS3.3 A.8.1) with highdicom: "NOT FOR CLINICAL USE" and the finding
 burned into the pixels (Burned In Annotation YES), its own series with a clear Series
 Description, the Patient / General Study modules copied from the source (or emptied for

@@ -124,7 +124,7 @@ def cam_view(
 
     The map is upsampled to the full display first and cropped with the image, so image and map
     stay aligned at any zoom; drawing (floor, colour bar, contour, the "no positive evidence"
-    words) is :func:`medxray.cam.overlay_with_legend`.
+    words) is :func:`medxray.overlay.overlay_with_legend`.
     """
     from medxray.overlay import overlay_with_legend, upsample_cam
 
