@@ -136,16 +136,16 @@ def overlay(
     if style not in ("fill", "contour"):
         raise ValueError(f"overlay style must be 'fill' or 'contour', got {style!r}")
     cam = np.asarray(cam01, dtype=np.float32)
-    if cam.shape != gray.shape:
-        cam = upsample_cam(cam, gray.shape)
-    cam = np.clip(cam, 0.0, 1.0)
+    # upsample_cam already clips to [0, 1]; a map at the image's size is clipped here
+    cam = upsample_cam(cam, gray.shape) if cam.shape != gray.shape else np.clip(cam, 0.0, 1.0)
     if style == "fill":
         # one gather from a (257 x 256) table of blended colours: row k < 256 is map level k over
         # each grey value, row 256 (below the floor) the grey itself
-        idx = np.rint(cam * 255.0).astype(np.uint16)
+        idx = np.rint(cam * 255.0).astype(np.intp)
         idx[cam < max(float(floor), 1e-6)] = 256
-        table = _blend_table(cmap, float(np.clip(alpha, 0.0, 1.0)))
-        return np.take(table, idx.astype(np.intp) * 256 + gray, axis=0)
+        idx *= 256
+        idx += gray
+        return np.take(_blend_table(cmap, float(np.clip(alpha, 0.0, 1.0))), idx, axis=0)
     lut = _colormap_lut(cmap)
     out = np.repeat(gray[..., None], 3, axis=2)
     width = max(1, round(max(gray.shape) / 256))
