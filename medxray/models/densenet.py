@@ -203,7 +203,7 @@ class DenseBlock(nn.Module):
         # concatenation sits inside its checkpointed function) no concatenation is kept at all.
         feats = [x]
         for layer in self.children():
-            feats.append(layer(feats, frozen_bn=frozen_bn) if frozen_bn else layer(feats))
+            feats.append(layer(feats, frozen_bn=frozen_bn))
         return torch.cat(feats, 1)
 
 
