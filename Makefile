@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml
 TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxray/backends medxray/checkpoint.py \
          medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/overlay.py medxray/cli \
          medxray/scoring/messages.py medxray/scoring/mapstreams.py medxray/evaluation/stages.py \
-         medxray/mapmethods.py medxray/precision.py medxray/scoreoptions.py medxray/lazyexports.py
+         medxray/mapmethods.py medxray/precision.py medxray/scoreoptions.py medxray/lazyexports.py \
+         medxray/pacs/queuer.py
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -251,6 +251,7 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("medxray.pacs.config", ("pynetdicom", "torch", "medxray.scoring.engine"), "loading a config is cheap"),
     ("medxray.pacs.spool", ("pynetdicom", "torch", "medxray.scoring.engine"), "file handling only"),
     ("medxray.pacs.results", ("pynetdicom",), "builds objects, sends nothing"),
+    ("medxray.pacs.queuer", ("pynetdicom", "torch"), "a thread over results; the engine runs in the main loop"),
     ("medxray.pacs.sender", ("torch", "medxray.scoring.engine"), "the sender stays light"),
     ("medxray.pacs.pull", ("pynetdicom",), "goes through the sender"),
     (

@@ -4,8 +4,9 @@
 the outbox sender (:mod:`medxray.pacs.sender`, a thread), then loops in the main thread: a
 series idle for ``idle_seconds`` moves from ``incoming/`` to ``inbox/``, the batch engine
 scores the inbox (:func:`medxray.pacs.results.score_inbox`), and new rows become SR / SC objects
-in the outbox, written in parallel by the node's result workers (spawned processes, one per core
-up to four, that exit with the node). On start it first finishes what a killed run left (unscored inbox files,
+in the outbox while the engine is still scoring (:class:`medxray.pacs.queuer.ResultQueuer`, a
+thread), written in parallel by the node's result workers (spawned processes, one per core up to
+four, that exit with the node). On start it first finishes what a killed run left (unscored inbox files,
 unqueued rows, unsent objects). SIGTERM / SIGINT stop it cleanly; SIGKILL loses nothing either.
 Must not be imported by medxray.scoring or medxray.dicom.
 """
@@ -20,7 +21,8 @@ from typing import Any
 
 from medxray.errors import MedxrayError
 from medxray.pacs.config import NodeConfig, is_loopback_host
-from medxray.pacs.results import ResultPolicy, new_results_pool, queue_results, score_inbox, unscored
+from medxray.pacs.queuer import ResultQueuer
+from medxray.pacs.results import ResultPolicy, new_results_pool, result_rows, score_inbox, unscored
 from medxray.pacs.scp import start_scp
 from medxray.pacs.sender import CStoreDestination, OutboxSender
 from medxray.pacs.spool import Spool
@@ -53,6 +55,8 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
     thread = sender.start()
     restore = _install_signal_handlers(stop)
     writers = new_results_pool()  # SR / SC objects of a scored batch written in parallel
+    # ... on their own thread, while the engine scores the rest of the batch
+    queuer = ResultQueuer(spool, policy, writers, sender.wake.set)
     if cfg.destination.tls is None and not is_loopback_host(cfg.destination.host):
         log.warning(
             "results go to %s over plain TCP (patient data unencrypted on the network); add destination.tls",
@@ -68,8 +72,7 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
         dirty = bool(unscored(spool))  # a killed run may have left inbox files without a row
         if dirty:
             log.info("resuming: %d received file(s) not scored yet", len(unscored(spool)))
-        if queue_results(spool, policy, writers):  # ... or rows whose objects never reached the outbox
-            sender.wake.set()
+        queuer.start()  # its first pass: rows whose objects never reached the outbox
         while not stop.is_set():
             if spool.promote_idle(cfg.idle_seconds):
                 dirty = True
@@ -78,7 +81,8 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                 if not unscored(spool):  # e.g. a duplicate send of an already scored instance
                     continue
                 try:
-                    score_inbox(spool, cfg.checkpoint, policy)
+                    with queuer.scoring():
+                        score_inbox(spool, cfg.checkpoint, policy)
                 except MedxrayError:
                     raise  # unusable checkpoint / config: one message, exit 2
                 except Exception as exc:  # e.g. decode workers killed by the OOM killer: keep the node up
@@ -91,12 +95,11 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                     dirty = True
                     stop.wait(ENGINE_RETRY_S)
                     continue
-                if queue_results(spool, policy, writers):
-                    sender.wake.set()
                 continue
             stop.wait(poll_s)
     finally:
         server.shutdown()
+        queuer.stop()
         writers.shutdown(wait=True, cancel_futures=True)
         sender.stop_event.set()
         sender.wake.set()
@@ -125,10 +128,16 @@ def _install_signal_handlers(stop: threading.Event) -> Any:
 
 
 def wait_idle(spool: Spool, timeout: float) -> bool:
-    """Test/ops helper: True once nothing is incoming, unscored or queued (or False at ``timeout``)."""
+    """Test/ops helper: True once nothing is incoming, unscored, scored without its result
+    objects, or in the outbox (or False at ``timeout``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not spool.pending_series() and not unscored(spool) and not spool.outbox_files():
+        if (
+            not spool.pending_series()
+            and not unscored(spool)
+            and all(r["path"] in spool.queued for r in result_rows(spool))
+            and not spool.outbox_files()
+        ):
             return True
         time.sleep(0.2)
     return False

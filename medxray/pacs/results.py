@@ -112,7 +112,19 @@ def queue_results(spool: Spool, policy: ResultPolicy, pool: Executor | None = No
     ``pool``: an executor (the node's result workers) that writes the rows' objects in parallel
     (:func:`build_objects`; 0.27 core-s per file with an SR and three SCs, measured on RG1);
     None writes them here, one row after another. Rows move into the outbox in results order."""
+    n, _ = queue_some(spool, policy, pool, None)
+    return n
+
+
+def queue_some(spool: Spool, policy: ResultPolicy, pool: Executor | None, max_rows: int | None) -> tuple[int, bool]:
+    """:func:`queue_results` for at most ``max_rows`` of the rows not queued yet (None: all), the
+    earliest first; returns (objects queued, whether rows are left). A row whose objects could
+    not be written for disk trouble stays unqueued (retried on a later call) and does not count
+    as left over."""
     pending = [row for row in result_rows(spool) if row["path"] not in spool.queued]
+    more = max_rows is not None and len(pending) > max_rows
+    if more:
+        pending = pending[:max_rows]
     jobs = [_job(spool, row, policy) for row in pending if row["status"] == "ok"]
     built = dict(zip((j.row["path"] for j in jobs), _build_all(jobs, pool)))
     n = 0
@@ -121,6 +133,7 @@ def queue_results(spool: Spool, policy: ResultPolicy, pool: Executor | None = No
         res = built.get(key)
         if res is not None and res.os_error:  # disk trouble: leave the row unqueued, retry on the next pass
             log.error("cannot write result objects for %s: %s", key, res.os_error)
+            more = False  # not in this call's loop: it would fail again at once
             continue
         if res is not None and res.refused:  # e.g. invalid_uid: the source cannot be referenced
             spool.record(
@@ -135,7 +148,7 @@ def queue_results(spool: Spool, policy: ResultPolicy, pool: Executor | None = No
         elif res is not None:
             n += sum(spool.put_outbox(uid, Path(tmp)) is not None for uid, tmp in res.objects)
         spool.queued.add(key)
-    return n
+    return n, more
 
 
 RESULT_WORKERS_MAX = 4  # result-object writers: SR + SC building is pure Python (highdicom, pydicom)

@@ -171,6 +171,9 @@ class ScoringEngine:
                     self._submit(kind, item)  # alone
                 else:
                     self.quarantine = False
+            # finished jobs first: a post job's row is written (and a decode's image joins the
+            # batch) now, not after the next batch's inference and maps (seconds, with maps on)
+            self._collect_finished()
             if not self.quarantine:
                 self._top_up()
             # the first batch goes as soon as anything is decoded (the first row is not kept
@@ -188,6 +191,12 @@ class ScoringEngine:
             for fut in done:
                 if fut in self.inflight:  # a broken pool may already have collected it
                     self._collect(fut)
+
+    def _collect_finished(self) -> None:
+        """Collect every job that has finished, without waiting for any."""
+        for fut in [f for f in self.inflight if f.done()]:
+            if fut in self.inflight:  # a broken pool may already have collected it
+                self._collect(fut)
 
     def _collect(self, fut: Future) -> None:
         kind, item = self.inflight.pop(fut)
