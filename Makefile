@@ -40,7 +40,7 @@ TYPED := medxray/models medxray/dicom medxray/cam.py medxray/inference.py medxra
          medxray/checkpoint_meta.py medxray/modelinput.py medxray/display.py medxray/overlay.py medxray/cli \
          medxray/scoring/messages.py medxray/scoring/mapstreams.py medxray/evaluation/stages.py \
          medxray/mapmethods.py medxray/precision.py medxray/scoreoptions.py medxray/lazyexports.py \
-         medxray/pacs/queuer.py
+         medxray/pacs/queuer.py medxray/scoring/warm.py
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -57,6 +57,9 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
     writers = new_results_pool()  # SR / SC objects of a scored batch written in parallel
     # ... on their own thread, while the engine scores the rest of the batch
     queuer = ResultQueuer(spool, policy, writers, sender.wake.set)
+    from medxray.scoring.warm import WarmEngine
+
+    warm = WarmEngine()  # decode workers, checkpoint and model kept from one series to the next
     if cfg.destination.tls is None and not is_loopback_host(cfg.destination.host):
         log.warning(
             "results go to %s over plain TCP (patient data unencrypted on the network); add destination.tls",
@@ -82,7 +85,7 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
                     continue
                 try:
                     with queuer.scoring():
-                        score_inbox(spool, cfg.checkpoint, policy)
+                        score_inbox(spool, cfg.checkpoint, policy, warm)
                 except MedxrayError:
                     raise  # unusable checkpoint / config: one message, exit 2
                 except Exception as exc:  # e.g. decode workers killed by the OOM killer: keep the node up
@@ -100,6 +103,7 @@ def serve(cfg: NodeConfig, stop: threading.Event | None = None, poll_s: float = 
     finally:
         server.shutdown()
         queuer.stop()
+        warm.close()
         writers.shutdown(wait=True, cancel_futures=True)
         sender.stop_event.set()
         sender.wake.set()

@@ -20,11 +20,14 @@ import uuid
 from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medxray.display import DISPLAY_LONG_SIDE
 from medxray.errors import DicomError
 from medxray.pacs.spool import Spool, is_version_name
+
+if TYPE_CHECKING:
+    from medxray.scoring.warm import WarmEngine
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,11 @@ class ResultPolicy:
     scoring: dict[str, Any] = field(default_factory=dict)  # extra ScoreConfig options
 
 
-def score_inbox(spool: Spool, checkpoint: str, policy: ResultPolicy) -> Any:
-    """Run the batch engine over ``spool.inbox`` (files with a row are skipped); returns its summary."""
+def score_inbox(spool: Spool, checkpoint: str, policy: ResultPolicy, warm: WarmEngine | None = None) -> Any:
+    """Run the batch engine over ``spool.inbox`` (files with a row are skipped); returns its summary.
+
+    ``warm``: the node's decode workers, checkpoint and Predictor kept between runs
+    (:class:`medxray.scoring.warm.WarmEngine`)."""
     from medxray.scoring import ScoreConfig, score_directory
 
     opts = {
@@ -51,7 +57,7 @@ def score_inbox(spool: Spool, checkpoint: str, policy: ResultPolicy) -> Any:
         **policy.scoring,
     }
     cfg = ScoreConfig(input_dir=spool.inbox, checkpoint=checkpoint, out=spool.scored, sr=False, progress=False, **opts)
-    summary = score_directory(cfg)
+    summary = score_directory(cfg, warm)
     log.info("scored: %s", summary.line())
     return summary
 

@@ -149,12 +149,17 @@ class ScoringEngine:
         self.pool = pool or self._new_pool()
         self._top_up()
 
-    def close(self) -> None:
+    def close(self, keep_pool: bool = False) -> ProcessPoolExecutor | None:
+        """End the run: the progress bar, the map streams and the decode pool (shut down, or with
+        ``keep_pool`` returned as it is for the caller to reuse: the one the run ended with,
+        which replaced any pool a dead worker broke)."""
         self.bar.close()
         self.map_streams.close()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        pool, self.pool = self.pool, None
+        if pool is not None and not keep_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return None
+        return pool
 
     # -- main loop -------------------------------------------------------------------------
 

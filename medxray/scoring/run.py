@@ -28,6 +28,7 @@ from medxray.scoring.discovery import in_shard, iter_input_files, output_stem
 from medxray.scoring.engine import ScoringEngine, WorkItem
 from medxray.scoring.gate import accepted_body_parts
 from medxray.scoring.journal import RESULTS_NAME, ResultsJournal, csv_text, read_results, result_columns
+from medxray.scoring.warm import WarmEngine
 from medxray.scoring.workers import CAMS_DIR, SR_DIR, new_decode_pool, outputs_missing, ping
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,14 @@ log = logging.getLogger(__name__)
 RUN_NAME = "run.json"
 
 
-def score_directory(cfg: ScoreConfig) -> ScoreSummary:
+def score_directory(cfg: ScoreConfig, warm: WarmEngine | None = None) -> ScoreSummary:
     """Score every file under ``cfg.input_dir``; see :mod:`medxray.scoring` for the guarantees.
 
-    Raises :class:`ConfigError` / :class:`DataError` / :class:`CheckpointError` (exit code 2 at
-    the CLI) for unusable arguments; bad input files only ever become error rows.
+    ``warm``: decode workers, checkpoint and Predictor kept from an earlier run and left for the
+    next (:class:`medxray.scoring.warm.WarmEngine`; a long-lived caller such as the DICOM node);
+    None starts and drops them here. Raises :class:`ConfigError` / :class:`DataError` /
+    :class:`CheckpointError` (exit code 2 at the CLI) for unusable arguments; bad input files
+    only ever become error rows.
     """
     t_start = time.perf_counter()
     workers, shard = validate_config(cfg)
@@ -63,15 +67,22 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
         load_checkpoint(cfg.checkpoint)
     # Start the decode workers first: their imports (torch, MONAI) take seconds and overlap
     # everything below, including loading the model.
-    pool = new_decode_pool(workers)
-    warm = [pool.submit(ping) for _ in range(workers)]
+    if warm is not None:
+        pool = warm.decode_pool(workers, new_decode_pool)
+    else:
+        pool = new_decode_pool(workers)
+    pings = [pool.submit(ping) for _ in range(workers)]
     lock = None
     try:
         from medxray.checkpoint import load_checkpoint
         from medxray.inference import checkpoint_identity
         from medxray.modelinput import check_preprocessing
 
-        ckpt = load_checkpoint(cfg.checkpoint)  # CheckpointError for a missing / unsafe / foreign file
+        # CheckpointError for a missing / unsafe / foreign file
+        if warm is not None:
+            ckpt, ckpt_sha = warm.load_checkpoint(cfg.checkpoint)
+        else:
+            ckpt, ckpt_sha = load_checkpoint(cfg.checkpoint), ""
         image_size = check_preprocessing(ckpt.meta.preprocessing)
         labels = list(ckpt.meta.label_names)
         if not labels:
@@ -80,7 +91,8 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
         out.mkdir(parents=True, exist_ok=True)
         # A run that follows a registry may change model version between calls (every row names its
         # model_version); the findings (the columns) must stay the same.
-        ckpt_id = f"registry:{registry}:{','.join(labels)}" if registry else checkpoint_identity(cfg.checkpoint)
+        ckpt_sha = ckpt_sha or checkpoint_identity(cfg.checkpoint)
+        ckpt_id = f"registry:{registry}:{','.join(labels)}" if registry else ckpt_sha
         identity = run_identity(cfg, ckpt_id, shard)
         results_path = out / results_name(shard)
         run_path = out / run_name(shard)
@@ -92,13 +104,16 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
         files = [(r, p) for r, p in iter_input_files(in_root, exclude=[out]) if in_shard(r, shard)]
         journal = ResultsJournal(results_path, columns)
     except BaseException as exc:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if warm is not None:
+            warm.drop_pool()
+        else:
+            pool.shutdown(wait=False, cancel_futures=True)
         if lock is not None:
             lock.close()
         if isinstance(exc, OSError) and writing_to(exc, out):  # read-only / full OUT: one line, exit 2
             raise (output_error(exc, out) or exc) from None
         raise
-    del warm
+    del pings
     run = ScoringRun(
         cfg,
         pool,
@@ -115,9 +130,10 @@ def score_directory(cfg: ScoreConfig) -> ScoreSummary:
         journal,
         out,
         t_start,
+        ckpt_sha,
     )
     try:
-        return run_scoring(run)
+        return run_scoring(run, warm)
     finally:
         lock.close()  # the kernel also drops the lock when a killed run's process dies
 
@@ -141,9 +157,10 @@ class ScoringRun:
     journal: ResultsJournal
     out: Path
     t_start: float
+    checkpoint_sha: str  # content identity of the checkpoint file
 
 
-def run_scoring(run: ScoringRun) -> ScoreSummary:
+def run_scoring(run: ScoringRun, warm: WarmEngine | None = None) -> ScoreSummary:
     from medxray.inference import Predictor
 
     cfg, pool, workers, shard, out, journal = run.cfg, run.pool, run.workers, run.shard, run.out, run.journal
@@ -179,28 +196,44 @@ def run_scoring(run: ScoringRun) -> ScoreSummary:
     import torch
 
     threads_before = torch.get_num_threads()
+    finished = False
     try:
         if todo:
             engine.start(todo, pool)  # workers decode while the model loads / converts
-        else:
+        elif warm is None:
             pool.shutdown(wait=False, cancel_futures=True)
         torch.set_num_threads(threads)  # restored below
-        predictor = Predictor.from_checkpoint(
-            ckpt,
-            device=cfg.device,
-            backend=cfg.backend,
-            precision=cfg.precision,
-            batch_size=cfg.batch_size,
-            num_threads=threads,
-        )
+
+        def build() -> Predictor:
+            return Predictor.from_checkpoint(
+                ckpt,
+                device=cfg.device,
+                backend=cfg.backend,
+                precision=cfg.precision,
+                batch_size=cfg.batch_size,
+                num_threads=threads,
+            )
+
+        options = (run.checkpoint_sha, cfg.device, cfg.backend, cfg.precision, cfg.batch_size, threads)
+        predictor = warm.get_predictor(options, build) if warm is not None else build()
         if list(predictor.label_names) != labels:
             raise CheckpointError("checkpoint label names do not match its model head")
         summary.backend = f"{predictor.backend}/{predictor.precision}/{predictor.device}"
         if todo:
             engine.run(predictor)
+        finished = True
     finally:
         torch.set_num_threads(threads_before)
-        engine.close()
+        if warm is None:
+            engine.close()
+        else:
+            kept = engine.close(keep_pool=True) if todo else pool
+            if finished:
+                warm.keep_pool(kept)
+            else:  # a failed run's workers may still hold its jobs: not kept
+                warm.drop_pool()
+                if kept is not None:
+                    kept.shutdown(wait=False, cancel_futures=True)
         summary.scored = engine.written
         summary.outputs_failed = engine.outputs_failed
         rows = journal.finalize(keep=lambda r: r in scope)
