@@ -5,8 +5,9 @@
 
 Same files, same machine, same run:
 
-* folder: ``medxray.scoring.score_directory`` over the files (CAMs for positives + SR), wall
-  time from call to return;
+* folder: ``medxray.scoring.score_directory`` over the files (maps for the 3 most probable
+  positive findings, as the node draws them for its 3 Secondary Captures: ``max_maps`` =
+  ``sc_max_findings``; + SR), wall time from call to return;
 * push: a real Orthanc (Debian ``orthanc``, loopback, temporary storage) and ``medxray
   serve-dicom`` as a separate process; wall time from the start of ``storescu`` (all files, one
   association) until Orthanc holds one SR per file. This includes the C-STORE transfer, the
@@ -40,6 +41,8 @@ from pacs_fixtures import OrthancServer, free_port, storescu  # noqa: E402
 from quiet import sample, verdict  # noqa: E402
 from score_dicom import make_checkpoint, make_files  # noqa: E402
 
+SC_MAX_FINDINGS = 3  # medxray.pacs.config.NodeConfig.sc_max_findings: the node draws these maps only
+
 
 def folder_run(src: Path, ckpt: Path, out: Path, args: argparse.Namespace) -> float:
     from medxray.scoring import ScoreConfig, score_directory
@@ -51,6 +54,7 @@ def folder_run(src: Path, ckpt: Path, out: Path, args: argparse.Namespace) -> fl
             ckpt,
             out,
             cams="positive",
+            max_maps=SC_MAX_FINDINGS,  # the node's default: the same maps on both paths
             sr=True,
             batch_size=args.batch_size,
             workers=args.workers,
@@ -141,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         print(samples[-1].line(), flush=True)
         t_push = push_run(files, ckpt, root / "push", args)
     n = args.files
-    print(f"{n} RG1 copies, densenet121 at {args.image_size} px, CAMs for positives + SR (+ SC on the push path)")
+    print(
+        f"{n} RG1 copies, densenet121 at {args.image_size} px, maps for the {SC_MAX_FINDINGS} most probable positives"
+        " + SR (+ their SCs on the push path)"
+    )
     print(f"score-dicom folder : {t_folder:7.1f} s  {n / t_folder:6.2f} images/s")
     print(
         f"push (storescu -> serve-dicom -> SR in Orthanc): {t_push:7.1f} s  {n / t_push:6.2f} images/s "

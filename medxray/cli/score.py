@@ -60,6 +60,14 @@ def add_score_dicom(sub: argparse._SubParsersAction) -> None:
         "with) or one of those `medxray evaluate --help` lists",
     )
     p.add_argument(
+        "--max-maps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N maps (and overlay PNGs) per image, its most probable findings first "
+        "(default: one per finding --cams selects)",
+    )
+    p.add_argument(
         "--overlay-max-side",
         type=int,
         default=1024,
@@ -190,6 +198,7 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
         workers=args.workers,
         batch_size=args.batch_size,
         cams=args.cams,
+        max_maps=args.max_maps,
         cam_method=args.cam_method,
         sr=args.sr,
         shard=args.shard,
@@ -226,6 +235,7 @@ def _run_score_dicom(args: argparse.Namespace) -> int:
 _EMIT_PASS = (
     ("batch_size", "--batch-size"),
     ("cams", "--cams"),
+    ("max_maps", "--max-maps"),
     ("cam_method", "--cam-method"),
     ("overlay_max_side", "--overlay-max-side"),
     ("sr", "--sr"),

@@ -290,6 +290,10 @@ def node_config_from_mapping(data: dict[str, Any], base: Path | None = None) -> 
         )
     for key in BOUND_DEFAULTS:
         _bound(d, key)
+    if "sc_max_findings" in d:
+        v = d["sc_max_findings"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"sc_max_findings: {v!r} is not a count (0 or more Secondary Captures per image)")
     for key in ("idle_seconds", "retry_initial_s", "retry_max_s"):
         if key in d:
             try:

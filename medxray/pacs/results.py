@@ -51,8 +51,11 @@ def score_inbox(spool: Spool, checkpoint: str, policy: ResultPolicy, warm: WarmE
     (:class:`medxray.scoring.warm.WarmEngine`)."""
     from medxray.scoring import ScoreConfig, score_directory
 
+    sc = policy.secondary_capture and policy.sc_max_findings > 0
     opts = {
-        "cams": "positive" if policy.secondary_capture else "none",
+        "cams": "positive" if sc else "none",
+        # maps only for the findings that get a Secondary Capture (an overlay nobody receives is waste)
+        "max_maps": policy.sc_max_findings if sc else None,
         "overlay_max_side": NODE_OVERLAY_MAX_SIDE,
         **policy.scoring,
     }
@@ -280,11 +283,13 @@ def _write_objects(job: ObjectJob, written: list[tuple[str, str]]) -> None:
         return
     from PIL import Image
 
-    top = sorted(positives, key=lambda f: -probs[labels.index(f)])[: policy.sc_max_findings]
-    for i, finding in enumerate(top, start=1):
-        png = Path(job.scored) / row["cam_dir"] / f"{finding}.png"
-        if not png.is_file():
-            continue
+    def overlay_png(finding: str) -> Path:
+        return Path(job.scored) / row["cam_dir"] / f"{finding}.png"
+
+    # the most probable positives that have an overlay (the engine drew at most sc_max_findings)
+    drawn = [f for f in sorted(positives, key=lambda f: -probs[labels.index(f)]) if overlay_png(f).is_file()]
+    for i, finding in enumerate(drawn[: policy.sc_max_findings], start=1):
+        png = overlay_png(finding)
         with Image.open(png) as im:
             rgb = np.asarray(im.convert("RGB"))
         path = tmp()

@@ -31,6 +31,7 @@ class ScoreConfig:
     workers: int | None = None  # decode processes; None = one per core on CPU, all but one with CUDA
     batch_size: int = 16
     cams: str = "positive"  # positive | all | none
+    max_maps: int | None = None  # at most this many maps per image, the most probable findings first; None = no cap
     cam_method: str = "checkpoint"  # a CAM_METHODS entry
     sr: bool = False
     shard: str | tuple[int, int] | None = None  # "k/n", 1-based, or "auto" (from SLURM / Kubernetes: scheduler.py)
@@ -118,6 +119,8 @@ def validate_config(cfg: ScoreConfig) -> tuple[int, tuple[int, int] | None]:
         raise ConfigError(f"--cam-method must be one of {', '.join(CAM_METHODS)}, got {cfg.cam_method!r}")
     if int(cfg.batch_size) < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.max_maps is not None and int(cfg.max_maps) < 1:
+        raise ConfigError(f"--max-maps must be >= 1 (or unset for no cap; --cams none for no maps), got {cfg.max_maps}")
     accepted_body_parts(cfg.accept_body_parts)
     check_ood_policy(cfg.ood_policy)
     on_gpu = str(cfg.device) == "cuda" or (str(cfg.device) == "auto" and cuda_available())

@@ -28,7 +28,7 @@ from medxray.scoring.gate import accepted_body_parts, header_gate, ood_verdict
 from medxray.scoring.journal import ResultsJournal
 from medxray.scoring.mapstreams import MapStreams
 from medxray.scoring.messages import DecodedImage, DecodeFailure, PostResult, PostTask, SRRequest
-from medxray.scoring.workers import decode_job, new_decode_pool, ping, post_job
+from medxray.scoring.workers import decode_job, mapped_classes, new_decode_pool, ping, post_job
 
 if TYPE_CHECKING:
     import torch
@@ -336,7 +336,8 @@ class ScoringEngine:
         names = self.p.label_names
         # maps (THE map definition, medxray.cam.compute_maps): only for the images that need one,
         # each only for its own classes (one forward pass, batched backward passes)
-        per_image = [self._classes_for(pos, names) if self.cfg.cams != "none" else [] for pos in positives]
+        mapped = self.cfg.cams != "none"
+        per_image = [self._classes_for(pos, names, probs[i]) if mapped else [] for i, pos in enumerate(positives)]
         cams = self._maps(x, per_image) if any(per_image) else None
         for i, (it, d) in enumerate(zip(batch, decoded)):
             assert d is not None
@@ -394,9 +395,11 @@ class ScoringEngine:
             else:
                 self._write(row)
 
-    def _classes_for(self, positives: list[str], names: list[str]) -> list[int]:
-        """The class indices image's maps are drawn for: every class (``--cams all``) or its positives."""
-        return list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives]
+    def _classes_for(self, positives: list[str], names: list[str], probs: np.ndarray) -> list[int]:
+        """The class indices an image's maps are drawn for: every class (``--cams all``) or its
+        positives, at most ``max_maps`` of them (:func:`medxray.scoring.workers.mapped_classes`)."""
+        wanted = list(range(len(names))) if self.cfg.cams == "all" else [names.index(n) for n in positives]
+        return mapped_classes(wanted, probs, self.cfg.max_maps)
 
     def _maps(self, x: torch.Tensor, per_image: list[list[int]]) -> tuple[np.ndarray, dict[int, int], dict[int, int]]:
         """Maps (M, K, S, S) for the M images of the batch that need one (``per_image``: each

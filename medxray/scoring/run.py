@@ -172,7 +172,8 @@ def run_scoring(run: ScoringRun, warm: WarmEngine | None = None) -> ScoreSummary
     redo = [
         r
         for r, _ in files
-        if r in journal.done and outputs_missing(dict(zip(columns, journal.done[r])), out, cfg.cams, bool(cfg.sr))
+        if r in journal.done
+        and outputs_missing(dict(zip(columns, journal.done[r])), out, cfg.cams, bool(cfg.sr), cfg.max_maps)
     ]
     if redo:
         journal.forget(redo)
@@ -289,6 +290,7 @@ def run_identity(cfg: ScoreConfig, ckpt_id: str, shard: tuple[int, int] | None) 
         "input": str(Path(cfg.input_dir).resolve()),
         "checkpoint_sha256_16": ckpt_id,
         "cams": cfg.cams,
+        **({"max_maps": int(cfg.max_maps)} if cfg.max_maps is not None else {}),  # absent: as before the option
         "cam_method": cfg.cam_method,
         "sr": bool(cfg.sr),
         "shard": list(shard) if shard else None,

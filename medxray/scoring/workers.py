@@ -173,10 +173,20 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
 
 
-def outputs_missing(row: Mapping[str, str], out: Path, cams: str, sr: bool) -> list[str]:
+def mapped_classes(wanted: Sequence[int], probs: Sequence[float], max_maps: int | None) -> list[int]:
+    """The classes of ``wanted`` an image gets maps for: all of them, or with ``max_maps`` the
+    ``max_maps`` most probable (``probs`` indexed by class; ties by class order), in class order."""
+    if max_maps is None or len(wanted) <= int(max_maps):
+        return list(wanted)
+    top = sorted(wanted, key=lambda c: (-float(probs[c]), c))[: int(max_maps)]
+    return sorted(top)
+
+
+def outputs_missing(row: Mapping[str, str], out: Path, cams: str, sr: bool, max_maps: int | None = None) -> list[str]:
     """Which outputs an ``ok`` results row should have but OUT lacks: ``"cams"`` (an overlay PNG
     per class that ``cams`` selects: every ``p_*`` column for "all", the positive findings for
-    "positive") and/or ``"sr"``. A re-run redoes rows with missing outputs."""
+    "positive"; with ``max_maps``, that many of them) and/or ``"sr"``. A re-run redoes rows with
+    missing outputs."""
     if row.get("status") != "ok":
         return []
     missing = []
@@ -187,7 +197,10 @@ def outputs_missing(row: Mapping[str, str], out: Path, cams: str, sr: bool) -> l
             else [n for n in (row.get("positive_findings") or "").split(";") if n]
         )
         cam_dir = row.get("cam_dir") or ""
-        if names and (not cam_dir or not all((out / cam_dir / f"{n}.png").is_file() for n in names)):
+        # which ones a cap kept is the engine's choice by unrounded probabilities: count, not names
+        need = len(names) if max_maps is None else min(len(names), int(max_maps))
+        have = sum((out / cam_dir / f"{n}.png").is_file() for n in names) if cam_dir else 0
+        if need and have < need:
             missing.append("cams")
     if sr and not (row.get("sr_file") and (out / row["sr_file"]).is_file()):
         missing.append("sr")
