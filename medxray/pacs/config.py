@@ -77,9 +77,15 @@ class Destination:
     host: str
     port: int
     tls: TlsConfig | None = None
+    # C-STORE associations used at once (1-8): a PACS answers each object only once it is stored
+    # (written and synced), so two send lanes keep the link busy while the PACS writes
+    associations: int = 2
 
     def describe(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
+MAX_ASSOCIATIONS = 8  # a bound on the connections the node opens to its destination at once
 
 
 @dataclass(frozen=True)
@@ -158,9 +164,16 @@ def _dest(raw: Any, rel: Any = str) -> Destination:
             "destination: give a mapping with ae_title, host and port of the PACS that receives "
             "results (e.g. {ae_title: ORTHANC, host: 127.0.0.1, port: 4242})"
         )
-    unknown = sorted(set(raw) - {"ae_title", "host", "port", "tls"})
+    unknown = sorted(set(raw) - {"ae_title", "host", "port", "tls", "associations"})
     if unknown:
-        raise ConfigError(f"destination: unknown key(s) {', '.join(unknown)}; valid: ae_title, host, port, tls")
+        raise ConfigError(
+            f"destination: unknown key(s) {', '.join(unknown)}; valid: ae_title, host, port, tls, associations"
+        )
+    lanes = raw.get("associations", 2)
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= MAX_ASSOCIATIONS:
+        raise ConfigError(
+            f"destination.associations: {lanes!r} is not a number of associations from 1 to {MAX_ASSOCIATIONS}"
+        )
     ae = check_ae_title(raw.get("ae_title"), "destination.ae_title")
     host = str(raw.get("host") or "").strip()
     port = _port(raw.get("port"), "destination.port")
@@ -171,7 +184,7 @@ def _dest(raw: Any, rel: Any = str) -> Destination:
             f"destination.host: unknown destination host {host!r} (it does not resolve); "
             "give the PACS's IP address or a resolvable name"
         ) from None
-    return Destination(ae, host, port, tls_config_from_mapping(raw.get("tls"), "destination.tls", rel))
+    return Destination(ae, host, port, tls_config_from_mapping(raw.get("tls"), "destination.tls", rel), lanes)
 
 
 def _networks(raw: Any, key: str) -> tuple[Network, ...]:

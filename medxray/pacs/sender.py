@@ -42,6 +42,7 @@ class CStoreDestination:
 
     def __init__(self, dest: Destination, calling_aet: str) -> None:
         self.dest, self.calling_aet = dest, calling_aet
+        self.lanes = max(1, int(dest.associations))  # associations OutboxSender uses at once
 
     def describe(self) -> str:
         return self.dest.describe()
@@ -114,8 +115,9 @@ class CStoreDestination:
 class OrthancRestDestination:
     """POST each file to Orthanc's REST API (``/instances``)."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, lanes: int = 2) -> None:
         self.url, self.timeout = url.rstrip("/"), timeout
+        self.lanes = max(1, int(lanes))  # POSTs in flight at once (Orthanc serves several HTTP threads)
 
     def describe(self) -> str:
         return self.url
@@ -153,6 +155,7 @@ class OutboxSender:
         self.failures = 0
         self.next_try = 0.0
         self.sent_count = 0
+        self._count_lock = threading.Lock()  # the lanes' threads count their sends
         self.stop_event = threading.Event()
         self.wake = threading.Event()
 
@@ -163,16 +166,44 @@ class OutboxSender:
     def send_once(self) -> int:
         """One attempt over (up to ``batch``) queued objects; returns how many were sent.
 
-        Raises DestinationDown when the destination is unreachable (the queue stays as it is).
+        The objects are dealt over the destination's ``lanes`` (its associations, or HTTP requests,
+        at once; one thread each): a PACS confirms an object only once it has stored it, so one
+        lane leaves the link idle while the PACS writes. Raises DestinationDown when the
+        destination is unreachable (the queue stays as it is; what other lanes sent is recorded).
         """
         files = self.spool.outbox_files()[: self.batch]
-        n = 0
+        lanes = max(1, min(int(getattr(self.dest, "lanes", 1)), len(files)))
+        before = self.sent_count
+        if lanes == 1:
+            self._send_lane(files)
+            return self.sent_count - before
+        errors: list[BaseException] = []
+
+        def lane(i: int) -> None:
+            try:
+                self._send_lane(files[i::lanes])
+            except BaseException as exc:  # re-raised below, after every lane ended
+                errors.append(exc)
+
+        threads = [threading.Thread(target=lane, args=(i,), name=f"medxray-send-{i}") for i in range(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return self.sent_count - before
+
+    def _send_lane(self, files: list[Path]) -> None:
+        """Send ``files`` over one association (or one HTTP connection at a time); settle each as
+        its answer comes (:attr:`sent_count` counts it at once, also when a later one fails)."""
         for path, outcome, detail in self.dest.send(files):
             uid = path.stem
             if outcome == SENT:
                 self.spool.sent.add(uid)  # first the ledger, then the file: a kill re-sends nothing
                 path.unlink(missing_ok=True)
-                n += 1
+                with self._count_lock:
+                    self.sent_count += 1
             elif outcome == REFUSED:
                 failed = self.spool.outbox / "failed"
                 failed.mkdir(exist_ok=True)
@@ -180,8 +211,6 @@ class OutboxSender:
                 log.error("%s refused %s (%s); moved to %s", self.dest.describe(), uid, detail, failed)
             else:
                 log.warning("%s could not store %s now (%s); will retry", self.dest.describe(), uid, detail)
-        self.sent_count += n
-        return n
 
     def step(self) -> bool:
         """Try once if it is time and there is work; returns True when something was sent."""
