@@ -142,12 +142,12 @@ def overlay(
         # one gather from a (257 x 256) table of blended colours: row k < 256 is map level k over
         # each grey value, row 256 (below the floor) the grey itself
         # (float32 arithmetic is exact on these integers, < 2**24; one int32 cast at the end)
-        level = cam * np.float32(255.0)
-        np.copyto(level, np.float32(256.0), where=cam < max(float(floor), 1e-6))
-        np.rint(level, out=level)
-        level *= np.float32(256.0)
-        level += gray
-        return np.take(_blend_table(cmap, float(np.clip(alpha, 0.0, 1.0))), level.astype(np.int32), axis=0)
+        row = cam * np.float32(255.0)
+        np.copyto(row, np.float32(256.0), where=cam < max(float(floor), 1e-6))
+        np.rint(row, out=row)
+        row *= np.float32(256.0)
+        row += gray
+        return np.take(_blend_table(cmap, float(np.clip(alpha, 0.0, 1.0))), row.astype(np.int32), axis=0)
     lut = _colormap_lut(cmap)
     out = np.repeat(gray[..., None], 3, axis=2)
     width = max(1, round(max(gray.shape) / 256))
