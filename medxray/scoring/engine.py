@@ -192,10 +192,8 @@ class ScoringEngine:
                 if self.queue or self.suspects or self.ready:
                     continue
                 break
-            done, _ = wait(list(self.inflight), return_when=FIRST_COMPLETED)
-            for fut in done:
-                if fut in self.inflight:  # a broken pool may already have collected it
-                    self._collect(fut)
+            wait(list(self.inflight), return_when=FIRST_COMPLETED)
+            self._collect_finished()
 
     def _collect_finished(self) -> None:
         """Collect every job that has finished, without waiting for any."""
