@@ -111,3 +111,26 @@ def test_a_failed_run_keeps_no_workers(tmp_path, scoring_checkpoint, monkeypatch
         assert s.ok == 1 and warm.pool is not None
     finally:
         warm.close()
+
+
+def test_a_pool_the_engine_replaced_is_kept_for_the_next_run():
+    """A run whose workers broke ends with the engine's replacement pool: that one is reused."""
+    from medxray.scoring.workers import new_decode_pool
+
+    warm = WarmEngine()
+    started: list[int] = []
+
+    def new_pool(n):
+        started.append(n)
+        return new_decode_pool(n)
+
+    try:
+        first = warm.decode_pool(1, new_pool)
+        replacement = new_decode_pool(1)  # as ScoringEngine._pool_broke starts one
+        warm.keep_pool(replacement, 1)
+        with pytest.raises(RuntimeError):
+            first.submit(int)  # the one it replaced is shut down
+        assert warm.decode_pool(1, new_pool) is replacement and started == [1]
+        assert warm.decode_pool(2, new_pool) is not replacement and started == [1, 2]  # another size: new
+    finally:
+        warm.close()

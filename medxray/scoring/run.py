@@ -230,7 +230,7 @@ def run_scoring(run: ScoringRun, warm: WarmEngine | None = None) -> ScoreSummary
         else:
             kept = engine.close(keep_pool=True) if todo else pool
             if finished:
-                warm.keep_pool(kept)
+                warm.keep_pool(kept, workers)
             else:  # a failed run's workers may still hold its jobs: not kept
                 warm.drop_pool()
                 if kept is not None:

@@ -60,13 +60,12 @@ class WarmEngine:
         self.pool, self.pool_workers = new_pool(workers), workers
         return self.pool
 
-    def keep_pool(self, pool: ProcessPoolExecutor | None) -> None:
-        """After a run: the pool the engine ended with (it may have replaced a broken one)."""
+    def keep_pool(self, pool: ProcessPoolExecutor | None, workers: int) -> None:
+        """After a run: the pool the engine ended with (it may have replaced a broken one), of
+        ``workers`` workers."""
         if pool is not self.pool:
             self.drop_pool()
-        self.pool = pool
-        if pool is None:
-            self.pool_workers = 0
+        self.pool, self.pool_workers = pool, (workers if pool is not None else 0)
 
     def drop_pool(self) -> None:
         if self.pool is not None:
