@@ -169,11 +169,7 @@ def _dest(raw: Any, rel: Any = str) -> Destination:
         raise ConfigError(
             f"destination: unknown key(s) {', '.join(unknown)}; valid: ae_title, host, port, tls, associations"
         )
-    lanes = raw.get("associations", 2)
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= MAX_ASSOCIATIONS:
-        raise ConfigError(
-            f"destination.associations: {lanes!r} is not a number of associations from 1 to {MAX_ASSOCIATIONS}"
-        )
+    lanes = _count(raw.get("associations", Destination.associations), "destination.associations", 1, MAX_ASSOCIATIONS)
     ae = check_ae_title(raw.get("ae_title"), "destination.ae_title")
     host = str(raw.get("host") or "").strip()
     port = _port(raw.get("port"), "destination.port")
@@ -247,6 +243,15 @@ def _bound(d: dict[str, Any], key: str) -> None:
     d[key] = value if key.endswith("timeout") else int(value)
 
 
+def _count(value: Any, key: str, lo: int, hi: int | None) -> int:
+    """``value`` when it is a whole number from ``lo`` to ``hi`` (None: no upper end), else
+    ConfigError naming ``key``; no float, string or true/false is taken for one."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        span = f"from {lo} to {hi}" if hi is not None else f"of {lo} or more"
+        raise ConfigError(f"{key}: {value!r} is not a whole number {span}")
+    return value
+
+
 def _port(value: Any, key: str) -> int:
     try:
         port = int(value)
@@ -304,9 +309,7 @@ def node_config_from_mapping(data: dict[str, Any], base: Path | None = None) -> 
     for key in BOUND_DEFAULTS:
         _bound(d, key)
     if "sc_max_findings" in d:
-        v = d["sc_max_findings"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"sc_max_findings: {v!r} is not a count (0 or more Secondary Captures per image)")
+        _count(d["sc_max_findings"], "sc_max_findings (Secondary Captures per image)", 0, None)
     for key in ("idle_seconds", "retry_initial_s", "retry_max_s"):
         if key in d:
             try:
