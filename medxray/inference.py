@@ -29,8 +29,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, overload
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, cast, overload
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: DenseNet,
+        model: DenseNet | Callable[[], DenseNet],
         metadata: Mapping[str, Any] | CheckpointMeta,
         *,
         device: str | torch.device = "auto",
@@ -128,6 +129,7 @@ class Predictor:
         verify: bool = True,
         source: str | None = None,
         ood: OODStats | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         from medxray.modelinput import check_preprocessing
 
@@ -140,7 +142,20 @@ class Predictor:
         self.image_size = check_preprocessing(self.meta.preprocessing)
         self.architecture = self.meta.architecture or "unknown"
         names = list(self.meta.label_names)
-        n_out = int(model.classifier.out_features)
+        # ``model`` may be a builder (from_checkpoint): then ``weights`` (its state dict) names it
+        # and the torch module is built only when something needs it (eager torch, a conversion,
+        # gradient maps); a cached OpenVINO model scoring without maps never builds it (~0.1-0.3 s)
+        self._model: DenseNet | None = cast("DenseNet", model) if isinstance(model, torch.nn.Module) else None
+        self._build_model: Callable[[], DenseNet] | None = None if self._model is not None else model
+        self._weights = None if self._model is not None else weights
+        if self._model is not None:
+            n_out = int(self._model.classifier.out_features)
+        elif weights is not None and isinstance(weights.get("classifier.weight"), torch.Tensor):
+            n_out = int(weights["classifier.weight"].shape[0])
+        else:  # a builder without weights: built now
+            assert self._build_model is not None
+            self._model = self._build_model()
+            n_out = int(self._model.classifier.out_features)
         if not names:
             names = [f"class_{i}" for i in range(n_out)]
         if len(names) != n_out:
@@ -161,7 +176,8 @@ class Predictor:
         # Only OpenVINO takes a thread count per model; torch's intra-op pool is process-wide, so
         # the caller that owns the process (the scorer) sets and restores it around its run.
         self._num_threads = num_threads
-        self.model = model.eval().to(self.device)
+        if self._model is not None:
+            self._model = self._model.eval().to(self.device)
         self._backend: Backend = self._choose(backend, precision)
         if verify and self.precision != "int8" and not (self.backend == "torch" and self.precision == "fp32"):
             self._verify_or_fall_back()
@@ -189,10 +205,31 @@ class Predictor:
         from medxray.modelinput import check_preprocessing
 
         check_preprocessing(ckpt.meta.preprocessing)  # fail before building the model
-        model = model_from_checkpoint(ckpt)
         src = None if isinstance(path, Checkpoint) else str(path)
         kwargs.setdefault("ood", stats_from_checkpoint(ckpt))
-        return cls(model, ckpt.metadata, device=device, backend=backend, source=src, **kwargs)
+        # built when first needed (see __init__); its errors (weights that do not fit the
+        # architecture) are CheckpointError then; a cached conversion proves they fit
+        return cls(
+            partial(model_from_checkpoint, ckpt),
+            ckpt.metadata,
+            device=device,
+            backend=backend,
+            source=src,
+            weights=ckpt.state_dict,
+            **kwargs,
+        )
+
+    @property
+    def model(self) -> DenseNet:
+        """The torch module (eval mode, on :attr:`device`), built on first use."""
+        if self._model is None:
+            assert self._build_model is not None
+            self._model = self._build_model().eval().to(self.device)
+        return self._model
+
+    @model.setter
+    def model(self, model: DenseNet) -> None:
+        self._model = model
 
     def _choose(self, backend: str, precision: str) -> Backend:
         if backend == "openvino" and self.device.type != "cpu":
@@ -208,7 +245,8 @@ class Predictor:
         if backend == "openvino":
             try:
                 ov = OpenVINOBackend(
-                    self.model,
+                    self._model if self._model is not None else lambda: self.model,
+                    weights=self._weights,
                     architecture=self.architecture,
                     image_size=self.image_size,
                     precision=precision,
@@ -255,7 +293,12 @@ class Predictor:
     def openvino_fp32_model(self) -> Any:
         """The fp32 OpenVINO model (logits, features) of these weights, from the cache or converted
         (:func:`medxray.backends.openvino.load_or_convert`)."""
-        return load_or_convert(self.model, self.architecture, self.image_size)[0]
+        return load_or_convert(
+            self._model if self._model is not None else lambda: self.model,
+            self.architecture,
+            self.image_size,
+            self._weights,
+        )[0]
 
     def _verify_or_fall_back(self) -> None:
         """Compare with fp32 eager on two fixed synthetic radiograph-like inputs.

@@ -222,3 +222,58 @@ def test_streams_split_a_batch_and_give_the_one_stream_numbers(model, ov, batch)
     one, none = three.infer(x[:1], want_features=False)
     np.testing.assert_allclose(one, lg_ref[:1], atol=1e-4)
     assert none is None
+
+
+def test_a_cached_model_scores_without_building_the_torch_module(checkpoint, ov, cache, batch):
+    """A converted, verified model starts from the IR and the compiled-graph cache: the torch
+    module (~0.1-0.3 s of a scorer's start) is built only when something needs it (gradient maps)."""
+    for record in cache.glob(f"{ov.key}.fp32.*.verified.json"):  # another test may have forged it
+        record.unlink()
+    first = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="fp32")
+    assert first._model is not None, "the first start compares with fp32 eager: that needs the module"
+    p = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="fp32")
+    assert (p.backend, p.weights_key, p.verified_max_diff) == ("openvino", ov.key, first.verified_max_diff)
+    assert p._model is None, "probabilities from a cached IR need no torch module"
+    probs = p.predict_tensor(batch)
+    assert probs.shape == (2, 14) and p._model is None
+    assert list((cache / "compiled" / ov.key).iterdir()), "the compiled graph is cached beside the IR"
+    res = p.run(batch, maps=[0], method="gradcam-denseblock3")
+    assert p._model is not None, "gradient maps build the module"
+    assert res.maps is not None and res.maps.shape[:2] == (2, 1) and res.map_classes == (0,)
+    np.testing.assert_allclose(res.probabilities, probs, atol=1e-3)
+    # the same weights as a module give the same key as the state dict the lazy path hashed
+    import openvino
+
+    assert weights_key(p.model, ARCH, SIZE, openvino.__version__) == ov.key
+
+
+def test_the_cache_keeps_the_most_recently_used_models(tmp_path):
+    """Disk bound: every file and compiled folder of the models beyond CACHE_MODELS most recently
+    used is deleted, and so are conversion leftovers older than an hour; nothing else is touched."""
+    import os
+    import time
+
+    from medxray.backends.openvino import prune_cache
+
+    cache = tmp_path / "openvino"
+    (cache / "compiled").mkdir(parents=True)
+    now = time.time()
+    keys = [f"{i:032x}" for i in range(6)]
+    for age, k in enumerate(reversed(keys)):  # keys[-1] newest ... keys[0] oldest
+        for name in (f"{k}.xml", f"{k}.bin", f"{k}.int8.xml", f"{k}.fp32.nobf16.verified.json"):
+            (cache / name).write_text("x", encoding="utf-8")
+        (cache / "compiled" / k).mkdir()
+        (cache / "compiled" / k / "123.blob").write_bytes(b"b")
+        os.utime(cache / f"{k}.xml", (now - 100 * (age + 1), now - 100 * (age + 1)))
+    stale, fresh = cache / ".ov-stale", cache / ".ov-fresh"
+    stale.mkdir(), fresh.mkdir()
+    os.utime(stale, (now - 7200, now - 7200))
+    (cache / "notes.txt").write_text("not ours", encoding="utf-8")
+    dropped = prune_cache(cache, keys[0], keep=3)  # the oldest is used now: it stays
+    assert sorted(dropped) == sorted(keys[1:4])
+    for k in keys[1:4]:
+        assert not list(cache.glob(f"{k}*")) and not (cache / "compiled" / k).exists()
+    for k in (keys[0], keys[4], keys[5]):
+        assert len(list(cache.glob(f"{k}*"))) == 4 and (cache / "compiled" / k / "123.blob").is_file()
+    assert not stale.exists() and fresh.is_dir() and (cache / "notes.txt").is_file()
+    assert prune_cache(cache, keys[0], keep=3) == [], "within the bound nothing more goes"
