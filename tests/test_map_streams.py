@@ -72,6 +72,32 @@ def test_one_stream_is_a_plain_call(predictor):
     assert streams._pool is None  # no thread was started
 
 
+def test_the_caller_works_while_the_streams_compute(predictor):
+    """``idle`` runs on the calling thread until every stream is done (the scorer writes the rows
+    of finished overlay jobs there); the maps are those of one call, with one stream or two."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(3, 3, 64, 64, generator=g) - 0.5) / 0.25
+    wanted = np.array([[1, 1], [0, 1], [1, 0]], dtype=bool)
+    ref = predictor.maps_tensor(x, [1, 3], method="layercam-denseblock1", wanted=wanted)
+    caller = threading.current_thread()
+    for k in (1, 2):
+        calls: list[int] = []
+
+        def idle(futures, calls=calls):
+            assert threading.current_thread() is caller and futures
+            calls.append(1)
+            for f in futures:  # returns once a stream is done, as the scorer's callback does
+                f.result()
+
+        streams = MapStreams(k)
+        try:
+            got = streams.maps(predictor, x, [1, 3], "layercam-denseblock1", wanted, idle=idle)
+        finally:
+            streams.close()
+        assert calls, f"{k} stream(s): the caller was called back while the maps computed"
+        assert float(np.abs(got - ref).max()) == 0.0
+
+
 def test_one_intraop_thread_for_a_block_then_the_old_count():
     from medxray.scoring.mapstreams import one_intraop_thread
 

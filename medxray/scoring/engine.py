@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -419,8 +419,15 @@ class ScoringEngine:
             mask[r, [col[c] for c in per_image[i]]] = True
         assert self.p is not None  # set by run()
         # maps only: the probabilities came from run() above (on OpenVINO, run(maps=) would score again)
-        maps = self.map_streams.maps(self.p, x[rows], wanted, self.cam_method, mask)
+        maps = self.map_streams.maps(self.p, x[rows], wanted, self.cam_method, mask, idle=self._while_mapping)
         return maps, col, {i: r for r, i in enumerate(rows)}
+
+    def _while_mapping(self, map_jobs: Sequence[Future]) -> None:
+        """While a batch's maps compute (seconds): write the rows of overlay jobs that finished,
+        take in finished decodes and keep the workers fed; returns when any job, or a map
+        stream, is done."""
+        wait([*map_jobs, *self.inflight], return_when=FIRST_COMPLETED)
+        self._collect_finished()
 
     def _write(self, row: dict[str, Any]) -> None:
         self.journal.write({**self.base_row, **row})

@@ -12,15 +12,16 @@ streams run on separate cores. The split balances (image, class) pairs, not imag
 :class:`MapStreams` changes nothing about the maps: every stream calls
 :meth:`medxray.inference.Predictor.maps_tensor` (THE map definition,
 :func:`medxray.cam.compute_maps`) on a contiguous slice of the batch. On a GPU, or with one
-stream, it is a plain call.
+stream, it is a plain call (on the CPU with an ``idle`` callback, one stream thread, so the
+caller can work while it computes).
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -95,13 +96,21 @@ class MapStreams:
         classes: Sequence[int],
         method: str,
         wanted: np.ndarray,
+        idle: Callable[[Sequence[Future]], None] | None = None,
     ) -> np.ndarray:
         """Maps (N, K, S, S) float32 in [0, 1] for the batch ``x`` (N, 3, S, S), the K
         ``classes``, only the (image, class) pairs ``wanted`` (N, K) bool marks (the others
         all 0): exactly what ``predictor.maps_tensor(x, classes, method, wanted=wanted)``
-        returns. Raises what that raises (ConfigError for an unknown method or class)."""
+        returns. Raises what that raises (ConfigError for an unknown method or class).
+
+        ``idle``: called on the calling thread, repeatedly, while the streams compute (with their
+        futures, to wait on beside the caller's own): the scorer collects finished decode and
+        overlay jobs and feeds its workers there, so a batch's seconds of maps do not hold back
+        the rows finished meanwhile or leave the workers without files. It must return soon
+        after one of the futures completes."""
         slices = balanced_slices(wanted.sum(axis=1).tolist(), self.streams)
-        if len(slices) <= 1 or str(getattr(predictor, "device", "cpu")) != "cpu":
+        on_cpu = str(getattr(predictor, "device", "cpu")) == "cpu"
+        if not on_cpu or (len(slices) <= 1 and idle is None):
             return predictor.maps_tensor(x, list(classes), method=method, wanted=wanted)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="medxray-maps", initializer=_one_thread)
@@ -109,6 +118,9 @@ class MapStreams:
             self._pool.submit(predictor.maps_tensor, x[s], list(classes), method=method, wanted=wanted[s])
             for s in slices
         ]
+        if idle is not None:
+            while not all(f.done() for f in futs):
+                idle(futs)
         return np.concatenate([f.result() for f in futs])
 
     def close(self) -> None:
