@@ -208,14 +208,19 @@ class Predictor:
         src = None if isinstance(path, Checkpoint) else str(path)
         kwargs.setdefault("ood", stats_from_checkpoint(ckpt))
         # built when first needed (see __init__); its errors (weights that do not fit the
-        # architecture) are CheckpointError then; a cached conversion proves they fit
+        # architecture) are CheckpointError then; a cached conversion proves they fit. Weights
+        # stored in another float type than the model's float32 are hashed as the built model's.
+        fp32 = all(
+            not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32)
+            for t in ckpt.state_dict.values()
+        )
         return cls(
             partial(model_from_checkpoint, ckpt),
             ckpt.metadata,
             device=device,
             backend=backend,
             source=src,
-            weights=ckpt.state_dict,
+            weights=ckpt.state_dict if fp32 else None,
             **kwargs,
         )
 

@@ -245,6 +245,14 @@ def test_a_cached_model_scores_without_building_the_torch_module(checkpoint, ov,
     import openvino
 
     assert weights_key(p.model, ARCH, SIZE, openvino.__version__) == ov.key
+    # weights stored as float64 are not hashed as stored: the module is built (float32), and its
+    # key is the float32 weights' key, so the cached IR serves it
+    from medxray.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    ck.state_dict = {k: v.double() if v.is_floating_point() else v for k, v in ck.state_dict.items()}
+    q = Predictor.from_checkpoint(ck, device="cpu", backend="openvino", precision="fp32")
+    assert q._model is not None and (q.backend, q.weights_key) == ("openvino", ov.key)
 
 
 def test_the_cache_keeps_the_most_recently_used_models(tmp_path):
