@@ -32,6 +32,10 @@ def test_decode_workers_never_import_torch_or_monai_and_share_the_cores_fairly()
             for f in files
         ]
         assert pool.submit(eval, HEAVY).result(timeout=60) == []  # after decoding real files
+        # one BLAS thread: the processes are the parallelism (numpy's BLAS loads before worker_init)
+        blas = "[i['num_threads'] for i in __import__('threadpoolctl').threadpool_info()]"
+        threads = pool.submit(eval, blas).result(timeout=60)
+        assert threads and set(threads) == {1}, threads
         # the scorer's own priority: at SCHED_IDLE the overlay jobs starved behind the map streams
         assert pool.submit(eval, "__import__('os').nice(0)").result(timeout=60) == os.nice(0)
         if hasattr(os, "SCHED_OTHER"):

@@ -45,7 +45,10 @@ def worker_init(image_size: int | None = None) -> None:
     with the default maps (48 RG1 files, 2 maps each) 1.8-2.1 vs 0.53-0.58 images/s and the first
     row after 10-12 s vs 56-60 s (the overlay jobs starved behind the map streams); ``--cams none``
     (200 files) steady 32.7-33.6 vs 27.3-30.8 images/s. A CAM/SR job imports torch later, with
-    one thread (``OMP_NUM_THREADS=1``: the processes are the parallelism).
+    one thread (``OMP_NUM_THREADS=1``: the processes are the parallelism). numpy's BLAS was
+    loaded with this module, one thread per core, before that variable is set, so it is limited
+    to one thread here too (threadpoolctl): each decode's area resize (a BLAS product) took
+    2 threads that spun beside the map streams (40 vs 21 core-ms per uncompressed CR).
 
     pydicom warns about every oddity of every odd file; in a worker those would flood the
     terminal under the progress bar. This runs only inside our own worker processes. First of
@@ -58,6 +61,9 @@ def worker_init(image_size: int | None = None) -> None:
 
     exit_with_parent()
     os.environ["OMP_NUM_THREADS"] = "1"  # this worker process only; read when a CAM job imports torch
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # numpy's BLAS, already loaded with one thread per core
     warnings.simplefilter("ignore")
     import medxray.dicom  # noqa: F401
     from medxray.modelinput import model_input
