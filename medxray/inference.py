@@ -236,6 +236,11 @@ class Predictor:
     def model(self, model: DenseNet) -> None:
         self._model = model
 
+    def _model_source(self) -> DenseNet | Callable[[], DenseNet]:
+        """The module when built, else a builder of :attr:`model` (for a backend that needs the
+        module only to convert it)."""
+        return self._model if self._model is not None else (lambda: self.model)
+
     def _choose(self, backend: str, precision: str) -> Backend:
         if backend == "openvino" and self.device.type != "cpu":
             raise ConfigError("the openvino backend runs on the CPU; use --device cpu or the torch backend")
@@ -250,7 +255,7 @@ class Predictor:
         if backend == "openvino":
             try:
                 ov = OpenVINOBackend(
-                    self._model if self._model is not None else lambda: self.model,
+                    self._model_source(),
                     weights=self._weights,
                     architecture=self.architecture,
                     image_size=self.image_size,
@@ -298,12 +303,7 @@ class Predictor:
     def openvino_fp32_model(self) -> Any:
         """The fp32 OpenVINO model (logits, features) of these weights, from the cache or converted
         (:func:`medxray.backends.openvino.load_or_convert`)."""
-        return load_or_convert(
-            self._model if self._model is not None else lambda: self.model,
-            self.architecture,
-            self.image_size,
-            self._weights,
-        )[0]
+        return load_or_convert(self._model_source(), self.architecture, self.image_size, self._weights)[0]
 
     def _verify_or_fall_back(self) -> None:
         """Compare with fp32 eager on two fixed synthetic radiograph-like inputs.

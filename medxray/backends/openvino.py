@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union, cast
@@ -72,8 +73,6 @@ def prune_cache(cache: Path, key: str, keep: int = CACHE_MODELS) -> list[str]:
     ``keep`` most recently used, and conversion leftovers older than an hour; returns the keys
     deleted. Best effort: a file another process removes first, or one we cannot remove, is
     skipped (the cache is only ever an optimisation)."""
-    import time
-
     try:
         os.utime(cache / f"{key}.xml")
     except OSError:
